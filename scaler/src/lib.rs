@@ -1,0 +1,18 @@
+//! scalecar-scaler: signals, scaling algorithms, behavior and the control
+//! loop.
+//!
+//! Role: record what the proxy sees per pool into lock-free windowed
+//! signals, and decide from them — through a registry of algorithms (KPA,
+//! HPA, SLO, plugins) — how many replicas each scale target should have.
+//!
+//! Not here: HTTP proxying, config parsing (see `scalecar-config`), wall
+//! clocks in decisions. The decision core is pure: time arrives as input.
+//!
+//! Invariants: recording is atomics-only and allocation-free; replicas never
+//! leave [min, max]; missing, stale or partial data never scales down, while
+//! zero traffic is data and may.
+
+pub mod algorithm;
+pub mod snapshot;
+
+pub use snapshot::{LatencySummary, WindowSnapshot, WindowValues};

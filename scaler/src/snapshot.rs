@@ -1,0 +1,81 @@
+//! What the signals hand to an algorithm: the values of the stable and the
+//! panic window of one pool at one instant. Plain data, cheap to copy, and
+//! the unit exchanged between recorder, algorithms, replay and peers.
+
+use std::time::Duration;
+
+use scalecar_config::Metric;
+
+/// Latency quantiles of one window. `None` where the window saw no sample.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct LatencySummary {
+    pub count: u64,
+    pub mean: Option<Duration>,
+    pub p50: Option<Duration>,
+    pub p90: Option<Duration>,
+    pub p99: Option<Duration>,
+}
+
+/// The values of one window (stable or panic). Gauges are exact
+/// time-weighted averages over the window; rates are per second.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct WindowValues {
+    /// The window's length.
+    pub duration: Duration,
+    /// How much of the window the recorder has actually covered (shorter
+    /// than `duration` just after start). Zero means no data at all.
+    pub observed: Duration,
+    /// Average requests in flight (admitted to an endpoint, not finished).
+    pub concurrency: f64,
+    /// Arrivals per second (measured at admission, never from completions).
+    pub rps: f64,
+    /// Average requests waiting in the proxy's queue.
+    pub queue: f64,
+    /// Average tokens in flight: prompt tokens of requests before their first
+    /// token plus prompt + generated tokens of requests in decode.
+    pub tokens: f64,
+    /// Prompt tokens admitted per second.
+    pub prompt_tokens_per_sec: f64,
+    /// Generated (decode) tokens per second.
+    pub decode_tokens_per_sec: f64,
+    pub arrivals: u64,
+    pub completions: u64,
+    pub ttft: LatencySummary,
+    pub itl: LatencySummary,
+    pub e2e: LatencySummary,
+    pub queue_wait: LatencySummary,
+}
+
+impl WindowValues {
+    /// The window's value of `metric`, summed over the pool (not per replica).
+    pub fn metric(&self, metric: Metric) -> f64 {
+        match metric {
+            Metric::Concurrency => self.concurrency,
+            Metric::Rps => self.rps,
+            Metric::Tokens => self.tokens,
+            Metric::Queue => self.concurrency + self.queue,
+        }
+    }
+
+    /// Whether the recorder covered any of this window.
+    pub fn has_data(&self) -> bool {
+        !self.observed.is_zero()
+    }
+}
+
+/// A pool's signals at one instant.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct WindowSnapshot {
+    /// Clock time the snapshot was taken at.
+    pub at: Duration,
+    pub stable: WindowValues,
+    pub panic: WindowValues,
+    /// Requests in flight right now.
+    pub in_flight_now: u64,
+    /// Requests queued at the proxy right now.
+    pub queued_now: u64,
+    /// Clock time of the last arrival or of the last moment a request was in
+    /// flight or queued; `None` if the pool never saw traffic. Scale to zero
+    /// counts its grace period from here.
+    pub last_activity: Option<Duration>,
+}
