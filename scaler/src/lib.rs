@@ -13,6 +13,10 @@
 //! zero traffic is data and may.
 
 pub mod algorithm;
+pub mod behavior;
+pub mod clock;
+pub mod pd;
+pub mod signals;
 pub mod snapshot;
 
 pub use snapshot::{LatencySummary, WindowSnapshot, WindowValues};

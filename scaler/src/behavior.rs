@@ -1,0 +1,1 @@
+//! What happens to a decision after the algorithm. (Being written.)

@@ -1,0 +1,1 @@
+//! Injectable time. (Being written: see the signals work.)

@@ -1,0 +1,1 @@
+//! Per-pool windowed signals. (Being written.)
