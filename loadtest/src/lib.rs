@@ -7,3 +7,5 @@
 //!
 //! Not here: anything of the proxy (this crate never depends on
 //! `scalecar-proxy`); end-to-end tests through the real proxy live there.
+
+pub mod loadgen;
