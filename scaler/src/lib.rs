@@ -18,5 +18,6 @@ pub mod clock;
 pub mod pd;
 pub mod signals;
 pub mod snapshot;
+pub mod target;
 
 pub use snapshot::{LatencySummary, WindowSnapshot, WindowValues};
