@@ -9,3 +9,4 @@
 //! `scalecar-proxy`); end-to-end tests through the real proxy live there.
 
 pub mod loadgen;
+pub mod plot;
