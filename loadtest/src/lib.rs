@@ -8,5 +8,7 @@
 //! Not here: anything of the proxy (this crate never depends on
 //! `scalecar-proxy`); end-to-end tests through the real proxy live there.
 
+pub mod cluster;
 pub mod loadgen;
 pub mod plot;
+pub mod sim;
