@@ -2,18 +2,31 @@
 //!
 //! Role: turn what users write — `scalecar.io/*` annotations on a workload,
 //! or the same keys without the prefix in a YAML file — into a typed,
-//! validated [`Policy`] with Knative's defaults filled in.
+//! validated [`Policy`] with Knative's defaults filled in, and read the
+//! config file of `scalecar run`.
 //!
 //! Not here: any network, any Kubernetes client, any clock. This crate is
 //! pure so that the proxy, the scaler and `scalecar replay` share one
 //! definition of what a valid policy is.
 //!
-//! Invariants: a `Policy` that exists is valid (min ≤ max, rates and
-//! percentages in range, durations within bounds); every rejection names the
-//! key, the value and what is allowed; no input panics.
+//! Invariants: a `Policy` that comes out of a parser is valid (min ≤ max,
+//! rates and percentages in range, durations within bounds); every
+//! rejection names the key, the value and what is allowed, and all of an
+//! input's problems are reported at once; no input panics.
 
+mod cron;
+mod error;
+mod file;
+mod keys;
 mod policy;
 
+pub use cron::MAX_FLOOR_DURATION;
+pub use error::{PolicyError, PolicyErrors};
+pub use file::{
+    AdminConfig, ConfigError, Limits, PoolConfig, ProxyConfig, Scalar, ScalecarConfig,
+    ScalerConfig, policy_keys_from_yaml_str,
+};
+pub use keys::{AnnotatedTarget, KeyContext, PREFIX, validate_group};
 pub use policy::{
     Cron, CronField, HpaBehavior, HpaRatePolicy, HpaRules, Metric, Policy, Role, ScheduleFloor,
     SelectPolicy, ShareBand,

@@ -111,14 +111,23 @@ impl Default for HpaBehavior {
             scale_up: HpaRules {
                 stabilization_window: Duration::ZERO,
                 policies: vec![
-                    HpaRatePolicy::Pods { value: 4, period: Duration::from_secs(15) },
-                    HpaRatePolicy::Percent { value: 100, period: Duration::from_secs(15) },
+                    HpaRatePolicy::Pods {
+                        value: 4,
+                        period: Duration::from_secs(15),
+                    },
+                    HpaRatePolicy::Percent {
+                        value: 100,
+                        period: Duration::from_secs(15),
+                    },
                 ],
                 select_policy: SelectPolicy::Max,
             },
             scale_down: HpaRules {
                 stabilization_window: Duration::from_secs(300),
-                policies: vec![HpaRatePolicy::Percent { value: 100, period: Duration::from_secs(15) }],
+                policies: vec![HpaRatePolicy::Percent {
+                    value: 100,
+                    period: Duration::from_secs(15),
+                }],
                 select_policy: SelectPolicy::Max,
             },
             tolerance: 0.1,

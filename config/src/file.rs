@@ -1,0 +1,583 @@
+//! The config file of `scalecar run`, and bare policy files of `scalecar
+//! replay`. YAML is read into a raw shape first (unknown fields rejected),
+//! then every field is checked with its path in the messages, e.g.
+//! `pools[1].endpoints[0]: "10.0.0.5" is not host:port`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::did_you_mean;
+use crate::keys::validate_group;
+use crate::policy::{Policy, Role};
+
+/// A YAML scalar as users write it: `target: 10` or `target: "10"`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum Scalar {
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(String),
+}
+
+impl Scalar {
+    fn into_string(self) -> String {
+        match self {
+            Scalar::Bool(b) => b.to_string(),
+            Scalar::Int(i) => i.to_string(),
+            Scalar::Float(f) => f.to_string(),
+            Scalar::Str(s) => s,
+        }
+    }
+}
+
+/// A config error: the field path and what is wrong there.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {message}")]
+    Read { path: String, message: String },
+    #[error("{0}")]
+    Yaml(String),
+    #[error("{}", .0.join("\n"))]
+    Invalid(Vec<String>),
+}
+
+/// Reads a bare policy (YAML map of keys without prefix) into strings.
+pub fn policy_keys_from_yaml_str(text: &str) -> Result<BTreeMap<String, String>, ConfigError> {
+    let raw: Option<BTreeMap<String, Scalar>> = serde_saphyr::from_str(text)
+        .map_err(|e| ConfigError::Yaml(format!("not a YAML map of policy keys: {e}")))?;
+    Ok(raw
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, v.into_string()))
+        .collect())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawFile {
+    proxy: Option<RawListen>,
+    admin: Option<RawListen>,
+    limits: Option<RawLimits>,
+    scaler: Option<RawScaler>,
+    pools: Option<Vec<RawPool>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListen {
+    listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawLimits {
+    max_header_bytes: Option<Scalar>,
+    max_body_bytes: Option<Scalar>,
+    header_timeout: Option<Scalar>,
+    request_timeout: Option<Scalar>,
+    connect_timeout: Option<Scalar>,
+    queue_length: Option<Scalar>,
+    queue_wait: Option<Scalar>,
+    shutdown_grace: Option<Scalar>,
+    activation_timeout: Option<Scalar>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScaler {
+    tick: Option<Scalar>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPool {
+    model: Option<String>,
+    role: Option<String>,
+    endpoints: Option<Vec<String>>,
+    policy: Option<BTreeMap<String, Scalar>>,
+}
+
+/// Where the proxy listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyConfig {
+    pub listen: SocketAddr,
+}
+
+/// Where the admin server (health, metrics, debug) listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+/// Bounds on what clients and upstreams may cost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    pub max_header_bytes: usize,
+    pub max_body_bytes: usize,
+    pub header_timeout: Duration,
+    pub request_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// Per pool.
+    pub queue_length: usize,
+    pub queue_wait: Duration,
+    pub shutdown_grace: Duration,
+    pub activation_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_header_bytes: 64 << 10,
+            max_body_bytes: 16 << 20,
+            header_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(600),
+            connect_timeout: Duration::from_secs(2),
+            queue_length: 1024,
+            queue_wait: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(30),
+            activation_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// The control loop's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScalerConfig {
+    pub tick: Duration,
+}
+
+impl Default for ScalerConfig {
+    fn default() -> Self {
+        ScalerConfig {
+            tick: Duration::from_secs(2),
+        }
+    }
+}
+
+/// One pool: a model in a role, its endpoints and its policy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolConfig {
+    pub model: String,
+    pub role: Role,
+    /// `host:port` strings, validated; resolved by the proxy.
+    pub endpoints: Vec<String>,
+    pub policy: Policy,
+}
+
+/// The whole config file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScalecarConfig {
+    pub proxy: ProxyConfig,
+    pub admin: AdminConfig,
+    pub limits: Limits,
+    pub scaler: ScalerConfig,
+    pub pools: Vec<PoolConfig>,
+}
+
+struct Checker {
+    errors: Vec<String>,
+}
+
+impl Checker {
+    fn fail(&mut self, path: &str, message: impl std::fmt::Display) {
+        self.errors.push(format!("{path}: {message}"));
+    }
+
+    fn addr(&mut self, path: &str, v: Option<String>, default: &str) -> SocketAddr {
+        let text = v.unwrap_or_else(|| default.to_string());
+        text.parse().unwrap_or_else(|_| {
+            self.fail(
+                path,
+                format!("{text:?} is not an address like 0.0.0.0:8080"),
+            );
+            SocketAddr::from(([0, 0, 0, 0], 0))
+        })
+    }
+
+    fn size(&mut self, path: &str, v: Option<Scalar>, default: usize, min: usize) -> usize {
+        let Some(v) = v else { return default };
+        let text = v.into_string();
+        match text.parse::<usize>() {
+            Ok(n) if n >= min => n,
+            _ => {
+                self.fail(path, format!("{text:?} is not a whole number ≥ {min}"));
+                default
+            }
+        }
+    }
+
+    fn duration(&mut self, path: &str, v: Option<Scalar>, default: Duration) -> Duration {
+        let Some(v) = v else { return default };
+        let text = v.into_string();
+        match humantime::parse_duration(&text) {
+            Ok(d) if !d.is_zero() => d,
+            Ok(_) => {
+                self.fail(path, format!("{text:?} must be greater than 0"));
+                default
+            }
+            Err(_) => {
+                self.fail(
+                    path,
+                    format!("{text:?} is not a duration (like 500ms, 30s, 2m)"),
+                );
+                default
+            }
+        }
+    }
+}
+
+fn valid_endpoint(e: &str) -> bool {
+    let Some((host, port)) = e.rsplit_once(':') else {
+        return false;
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    !host.is_empty()
+        && port.parse::<u16>().is_ok_and(|p| p > 0)
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.:_".contains(&b))
+}
+
+impl ScalecarConfig {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<ScalecarConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Self::from_yaml_str(&text).map_err(|e| match e {
+            ConfigError::Yaml(m) => ConfigError::Yaml(format!("{}: {m}", path.display())),
+            ConfigError::Invalid(list) => ConfigError::Invalid(
+                list.into_iter()
+                    .map(|m| format!("{}: {m}", path.display()))
+                    .collect(),
+            ),
+            other => other,
+        })
+    }
+
+    /// Parses and validates a config file's text.
+    pub fn from_yaml_str(text: &str) -> Result<ScalecarConfig, ConfigError> {
+        let raw: RawFile = serde_saphyr::from_str(text).map_err(|e| {
+            let message = e.to_string();
+            // serde names the unknown field; add a suggestion.
+            let hint = message
+                .split('`')
+                .nth(1)
+                .and_then(|field| {
+                    did_you_mean(
+                        field,
+                        [
+                            "proxy",
+                            "admin",
+                            "limits",
+                            "scaler",
+                            "pools",
+                            "listen",
+                            "max-header-bytes",
+                            "max-body-bytes",
+                            "header-timeout",
+                            "request-timeout",
+                            "connect-timeout",
+                            "queue-length",
+                            "queue-wait",
+                            "shutdown-grace",
+                            "activation-timeout",
+                            "tick",
+                            "model",
+                            "role",
+                            "endpoints",
+                            "policy",
+                        ],
+                    )
+                })
+                .filter(|_| message.contains("unknown field"))
+                .map(|s| format!(" (did you mean {s}?)"))
+                .unwrap_or_default();
+            ConfigError::Yaml(format!("{message}{hint}"))
+        })?;
+        let mut c = Checker { errors: Vec::new() };
+        let proxy = ProxyConfig {
+            listen: c.addr(
+                "proxy.listen",
+                raw.proxy.and_then(|p| p.listen),
+                "0.0.0.0:8080",
+            ),
+        };
+        let admin = AdminConfig {
+            listen: c.addr(
+                "admin.listen",
+                raw.admin.and_then(|p| p.listen),
+                "0.0.0.0:9090",
+            ),
+        };
+        let l = raw.limits.unwrap_or_default();
+        let d = Limits::default();
+        let limits = Limits {
+            max_header_bytes: c.size(
+                "limits.max-header-bytes",
+                l.max_header_bytes,
+                d.max_header_bytes,
+                1024,
+            ),
+            max_body_bytes: c.size(
+                "limits.max-body-bytes",
+                l.max_body_bytes,
+                d.max_body_bytes,
+                1024,
+            ),
+            header_timeout: c.duration("limits.header-timeout", l.header_timeout, d.header_timeout),
+            request_timeout: c.duration(
+                "limits.request-timeout",
+                l.request_timeout,
+                d.request_timeout,
+            ),
+            connect_timeout: c.duration(
+                "limits.connect-timeout",
+                l.connect_timeout,
+                d.connect_timeout,
+            ),
+            queue_length: c.size("limits.queue-length", l.queue_length, d.queue_length, 0),
+            queue_wait: c.duration("limits.queue-wait", l.queue_wait, d.queue_wait),
+            shutdown_grace: c.duration("limits.shutdown-grace", l.shutdown_grace, d.shutdown_grace),
+            activation_timeout: c.duration(
+                "limits.activation-timeout",
+                l.activation_timeout,
+                d.activation_timeout,
+            ),
+        };
+        let scaler = ScalerConfig {
+            tick: c.duration(
+                "scaler.tick",
+                raw.scaler.and_then(|s| s.tick),
+                Duration::from_secs(2),
+            ),
+        };
+        let raw_pools = raw.pools.unwrap_or_default();
+        if raw_pools.is_empty() {
+            c.fail(
+                "pools",
+                "at least one pool is needed (model, role, endpoints)",
+            );
+        }
+        let mut pools = Vec::new();
+        for (i, p) in raw_pools.into_iter().enumerate() {
+            let path = format!("pools[{i}]");
+            let model = match p.model {
+                Some(m) if !m.trim().is_empty() => m.trim().to_string(),
+                _ => {
+                    c.fail(
+                        &format!("{path}.model"),
+                        "is required (the served model name)",
+                    );
+                    continue;
+                }
+            };
+            let role = match p.role.as_deref() {
+                None => Role::Unified,
+                Some(r) => match Role::ALL.into_iter().find(|x| x.as_str() == r) {
+                    Some(role) => role,
+                    None => {
+                        c.fail(
+                            &format!("{path}.role"),
+                            format!("{r:?} must be unified, prefill or decode"),
+                        );
+                        continue;
+                    }
+                },
+            };
+            let endpoints = p.endpoints.unwrap_or_default();
+            for (j, e) in endpoints.iter().enumerate() {
+                if !valid_endpoint(e) {
+                    c.fail(
+                        &format!("{path}.endpoints[{j}]"),
+                        format!("{e:?} is not host:port"),
+                    );
+                }
+            }
+            let keys: BTreeMap<String, String> = p
+                .policy
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, v.into_string()))
+                .collect();
+            let policy = match Policy::from_pool_keys(&keys, role) {
+                Ok(p) => p,
+                Err(errors) => {
+                    for e in errors.iter() {
+                        c.fail(&format!("{path}.policy"), &e.message);
+                    }
+                    continue;
+                }
+            };
+            pools.push(PoolConfig {
+                model,
+                role,
+                endpoints,
+                policy,
+            });
+        }
+        // Across pools.
+        let mut seen = BTreeMap::new();
+        for (i, p) in pools.iter().enumerate() {
+            if let Some(first) = seen.insert((p.model.clone(), p.role), i) {
+                c.fail(
+                    &format!("pools[{i}]"),
+                    format!(
+                        "model {} role {} is already pools[{first}]",
+                        p.model, p.role
+                    ),
+                );
+            }
+        }
+        let mut models: BTreeMap<&str, Vec<Role>> = BTreeMap::new();
+        for p in &pools {
+            models.entry(p.model.as_str()).or_default().push(p.role);
+        }
+        for (model, roles) in &models {
+            let has = |r| roles.contains(&r);
+            if has(Role::Unified) && (has(Role::Prefill) || has(Role::Decode)) {
+                c.fail(
+                    "pools",
+                    format!("model {model} is both unified and disaggregated"),
+                );
+            } else if has(Role::Prefill) != has(Role::Decode) {
+                let missing = if has(Role::Prefill) {
+                    "decode"
+                } else {
+                    "prefill"
+                };
+                c.fail(
+                    "pools",
+                    format!(
+                        "model {model} has no {missing} pool (a disaggregated model needs both)"
+                    ),
+                );
+            }
+        }
+        let mut groups: BTreeMap<&str, Vec<(Role, &Policy)>> = BTreeMap::new();
+        for p in &pools {
+            if let Some(g) = &p.policy.group {
+                groups
+                    .entry(g.as_str())
+                    .or_default()
+                    .push((p.role, &p.policy));
+            }
+        }
+        for (g, members) in &groups {
+            if let Err(e) = validate_group(g, members) {
+                c.fail("pools", e.message);
+            }
+        }
+        if !c.errors.is_empty() {
+            return Err(ConfigError::Invalid(c.errors));
+        }
+        Ok(ScalecarConfig {
+            proxy,
+            admin,
+            limits,
+            scaler,
+            pools,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+proxy: { listen: "127.0.0.1:8080" }
+admin: { listen: "127.0.0.1:9090" }
+limits:
+  max-body-bytes: 1048576
+  queue-wait: 5s
+scaler: { tick: 1s }
+pools:
+  - model: llama-3-8b
+    role: unified
+    endpoints: ["10.0.0.5:8000", "model-0.svc:8000"]
+    policy: { max-concurrency: "64", target: 10, min-replicas: 0 }
+  - model: qwen
+    role: prefill
+    endpoints: ["127.0.0.1:8001"]
+    policy: { group: qwen-pd, preferred-share: 20-50 }
+  - model: qwen
+    role: decode
+    endpoints: ["127.0.0.1:8002"]
+    policy: { group: qwen-pd, preferred-share: "40-80" }
+"#;
+
+    #[test]
+    fn a_good_file() {
+        let c = ScalecarConfig::from_yaml_str(GOOD).unwrap();
+        assert_eq!(c.proxy.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.limits.max_body_bytes, 1 << 20);
+        assert_eq!(c.limits.queue_wait, Duration::from_secs(5));
+        assert_eq!(c.limits.queue_length, 1024);
+        assert_eq!(c.scaler.tick, Duration::from_secs(1));
+        assert_eq!(c.pools.len(), 3);
+        assert_eq!(c.pools[0].policy.max_concurrency, Some(64));
+        assert_eq!(c.pools[0].policy.target, 10.0);
+        assert_eq!(c.pools[0].policy.min_replicas, 0);
+        assert_eq!(c.pools[2].role, Role::Decode);
+    }
+
+    fn errors(text: &str) -> String {
+        ScalecarConfig::from_yaml_str(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_carry_the_field_path() {
+        let pool = "pools: [{model: m, endpoints: [\"1.2.3.4:80\"]}]";
+        for (text, want) in [
+            (format!("proxy: {{listen: nowhere}}\n{pool}"), "proxy.listen: \"nowhere\" is not an address"),
+            (format!("limits: {{queue-wait: 3x}}\n{pool}"), "limits.queue-wait: \"3x\" is not a duration"),
+            (format!("limits: {{queue-length: -1}}\n{pool}"), "limits.queue-length: \"-1\" is not a whole number"),
+            ("pools: [{model: m, endpoints: [\"10.0.0.5\"]}]".into(), "pools[0].endpoints[0]: \"10.0.0.5\" is not host:port"),
+            ("pools: [{model: m, policy: {min-replicas: 5, max-replicas: 3}}]".into(), "pools[0].policy: min-replicas 5 is greater than max-replicas 3"),
+            ("pools: [{model: m, role: both}]".into(), "pools[0].role: \"both\" must be unified"),
+            ("pools: [{role: decode}]".into(), "pools[0].model: is required"),
+            ("pools: []".into(), "pools: at least one pool"),
+            ("pools: [{model: m}, {model: m}]".into(), "pools[1]: model m role unified is already pools[0]"),
+            ("pools: [{model: m, role: prefill}]".into(), "model m has no decode pool"),
+            ("pools: [{model: m}, {model: m, role: decode}]".into(), "model m is both unified and disaggregated"),
+            ("pools: [{model: m, policy: {model: x}}]".into(), "pools[0].policy: model is not a policy key here"),
+            (
+                "pools: [{model: m, role: prefill, policy: {group: g, preferred-share: 70-90}}, {model: m, role: decode, policy: {group: g, preferred-share: 40-60}}]".into(),
+                "add up to 110 %",
+            ),
+        ] {
+            let err = errors(&text);
+            assert!(err.contains(want), "{text}\n→ {err}");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected_with_a_suggestion() {
+        let err = errors("limts: {}\npools: [{model: m}]");
+        assert!(
+            err.contains("limts") && err.contains("did you mean limits?"),
+            "{err}"
+        );
+        let err = errors("- just\n- a list");
+        assert!(!err.is_empty());
+    }
+
+    #[test]
+    fn bare_policy_files_accept_numbers_and_strings() {
+        let keys = policy_keys_from_yaml_str(
+            "algorithm: kpa\ntarget: 10\ntarget-utilization-percentage: \"100\"\nwindow: 20s\n",
+        )
+        .unwrap();
+        let p = Policy::from_keys(&keys, Role::Unified).unwrap();
+        assert_eq!((p.target, p.target_utilization), (10.0, 1.0));
+        assert_eq!(policy_keys_from_yaml_str("").unwrap().len(), 0);
+        assert!(policy_keys_from_yaml_str("target: [1, 2]").is_err());
+    }
+}

@@ -1,0 +1,904 @@
+//! The policy keys: `scalecar.io/<key>` on a workload, `<key>` in files and
+//! `--set`. Each key's value is parsed on its own, then the policy is
+//! checked as a whole; every problem is reported, not only the first.
+//!
+//! HPA behavior keys (for `algorithm: hpa`): `hpa-tolerance` (0.1),
+//! `hpa-scale-up-stabilization-window` (0s), `hpa-scale-down-stabilization-window`
+//! (300s), `hpa-scale-up-policies` (`pods=4/15s, percent=100/15s`),
+//! `hpa-scale-down-policies` (`percent=100/15s`), `hpa-scale-up-select-policy`
+//! and `hpa-scale-down-select-policy` (`max`, `min` or `disabled`).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::error::{PolicyError, PolicyErrors, did_you_mean};
+use crate::policy::{HpaRatePolicy, Metric, Policy, Role, ScheduleFloor, SelectPolicy, ShareBand};
+
+/// The annotation prefix.
+pub const PREFIX: &str = "scalecar.io/";
+
+/// Keys that say what a workload serves rather than how it scales.
+pub const IDENTITY_KEYS: [&str; 3] = ["model", "role", "port"];
+
+/// Every policy key.
+pub const POLICY_KEYS: [&str; 31] = [
+    "algorithm",
+    "metric",
+    "target",
+    "target-utilization-percentage",
+    "ttft-target",
+    "itl-target",
+    "min-replicas",
+    "max-replicas",
+    "initial-scale",
+    "activation-scale",
+    "window",
+    "panic-window-percentage",
+    "panic-threshold-percentage",
+    "max-scale-up-rate",
+    "max-scale-down-rate",
+    "scale-down-delay",
+    "scale-to-zero-grace-period",
+    "max-concurrency",
+    "group",
+    "preferred-share",
+    "schedule",
+    "hpa-tolerance",
+    "hpa-scale-up-stabilization-window",
+    "hpa-scale-down-stabilization-window",
+    "hpa-scale-up-policies",
+    "hpa-scale-down-policies",
+    "hpa-scale-up-select-policy",
+    "hpa-scale-down-select-policy",
+    // Reserved for the identity keys when allowed; listed for did-you-mean.
+    "model",
+    "role",
+    "port",
+];
+
+/// Where keys come from, for messages and for which keys are allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyContext {
+    /// Workload annotations: keys carry the `scalecar.io/` prefix; model,
+    /// role and port are allowed.
+    Annotations,
+    /// A pool in the config file: model and role are fields of the pool,
+    /// not policy keys.
+    Pool,
+    /// A bare policy (`scalecar replay`): scaling keys only.
+    Policy,
+}
+
+/// A workload's annotations, parsed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AnnotatedTarget {
+    pub model: String,
+    pub role: Role,
+    pub port: Option<u16>,
+    pub policy: Policy,
+}
+
+fn shown(ctx: KeyContext, key: &str) -> String {
+    match ctx {
+        KeyContext::Annotations => format!("{PREFIX}{key}"),
+        KeyContext::Pool | KeyContext::Policy => key.to_string(),
+    }
+}
+
+struct Reader<'a> {
+    ctx: KeyContext,
+    keys: &'a BTreeMap<String, String>,
+    errors: PolicyErrors,
+}
+
+impl Reader<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.keys.get(key).map(|v| v.trim())
+    }
+
+    fn fail(&mut self, key: &str, value: &str, problem: impl std::fmt::Display) {
+        let e = PolicyError::value(&shown(self.ctx, key), value, problem);
+        self.errors.push(e);
+    }
+
+    fn parse<T>(&mut self, key: &str, f: impl FnOnce(&str) -> Result<T, String>) -> Option<T> {
+        let value = self.get(key)?.to_string();
+        match f(&value) {
+            Ok(v) => Some(v),
+            Err(problem) => {
+                self.fail(key, &value, problem);
+                None
+            }
+        }
+    }
+
+    fn u32_in(&mut self, key: &str, lo: u32, hi: u32) -> Option<u32> {
+        self.parse(key, |v| {
+            let n: u32 = v.parse().map_err(|_| "is not an integer ≥ 0".to_string())?;
+            if n < lo || n > hi {
+                return Err(format!("must be in [{lo}, {hi}]"));
+            }
+            Ok(n)
+        })
+    }
+
+    fn f64_where(&mut self, key: &str, ok: impl Fn(f64) -> bool, allowed: &str) -> Option<f64> {
+        self.parse(key, |v| {
+            let x: f64 = v.parse().map_err(|_| "is not a number".to_string())?;
+            if !x.is_finite() || !ok(x) {
+                return Err(format!("must be {allowed}"));
+            }
+            Ok(x)
+        })
+    }
+
+    fn duration_in(&mut self, key: &str, lo: Duration, hi: Duration) -> Option<Duration> {
+        self.parse(key, |v| {
+            let d = humantime::parse_duration(v)
+                .map_err(|_| "is not a duration (like 500ms, 60s, 5m)".to_string())?;
+            if d < lo || d > hi {
+                return Err(format!(
+                    "must be between {} and {}",
+                    humantime::format_duration(lo),
+                    humantime::format_duration(hi)
+                ));
+            }
+            Ok(d)
+        })
+    }
+}
+
+fn parse_hpa_policies(v: &str) -> Result<Vec<HpaRatePolicy>, String> {
+    let mut out = Vec::new();
+    for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let bad =
+            || format!("entry {part:?} is not pods=N/PERIOD or percent=N/PERIOD (e.g. pods=4/15s)");
+        let (kind, rest) = part.split_once('=').ok_or_else(bad)?;
+        let (value, period) = rest.split_once('/').ok_or_else(bad)?;
+        let value: u32 = value.trim().parse().map_err(|_| bad())?;
+        let period = humantime::parse_duration(period.trim()).map_err(|_| bad())?;
+        if value == 0 || period.is_zero() || period > Duration::from_secs(1800) {
+            return Err(format!(
+                "entry {part:?}: value must be > 0 and the period in (0s, 30m] as in Kubernetes"
+            ));
+        }
+        out.push(match kind.trim() {
+            "pods" => HpaRatePolicy::Pods { value, period },
+            "percent" => HpaRatePolicy::Percent { value, period },
+            _ => return Err(bad()),
+        });
+    }
+    if out.is_empty() {
+        return Err("lists no policy".into());
+    }
+    Ok(out)
+}
+
+fn parse_select(v: &str) -> Result<SelectPolicy, String> {
+    match v.to_ascii_lowercase().as_str() {
+        "max" => Ok(SelectPolicy::Max),
+        "min" => Ok(SelectPolicy::Min),
+        "disabled" => Ok(SelectPolicy::Disabled),
+        _ => Err("must be max, min or disabled".into()),
+    }
+}
+
+fn parse_share(v: &str) -> Result<ShareBand, String> {
+    let bad = || "is not a percent band like 20-50".to_string();
+    let (a, b) = v.split_once('-').ok_or_else(bad)?;
+    let min: f64 = a.trim().trim_end_matches('%').parse().map_err(|_| bad())?;
+    let max: f64 = b.trim().trim_end_matches('%').parse().map_err(|_| bad())?;
+    if !(0.0..=100.0).contains(&min) || !(0.0..=100.0).contains(&max) {
+        return Err("must be within 0-100".into());
+    }
+    if min > max {
+        return Err(format!("has min {min} greater than max {max}"));
+    }
+    Ok(ShareBand {
+        min_percent: min,
+        max_percent: max,
+    })
+}
+
+fn parse_role(v: &str) -> Result<Role, String> {
+    Role::ALL
+        .into_iter()
+        .find(|r| r.as_str() == v)
+        .ok_or_else(|| "must be unified, prefill or decode".to_string())
+}
+
+fn check_unknown(ctx: KeyContext, keys: &BTreeMap<String, String>, errors: &mut PolicyErrors) {
+    for key in keys.keys() {
+        let identity = IDENTITY_KEYS.contains(&key.as_str());
+        let known = POLICY_KEYS.contains(&key.as_str());
+        if known && (!identity || ctx == KeyContext::Annotations) {
+            continue;
+        }
+        let message = if identity {
+            format!(
+                "{} is not a policy key here (it is set by the pool, not its policy)",
+                shown(ctx, key)
+            )
+        } else {
+            let candidates = POLICY_KEYS
+                .iter()
+                .copied()
+                .filter(|k| ctx == KeyContext::Annotations || !IDENTITY_KEYS.contains(k));
+            match did_you_mean(key, candidates) {
+                Some(s) => format!(
+                    "unknown key {}: did you mean {}?",
+                    shown(ctx, key),
+                    shown(ctx, s)
+                ),
+                None => format!("unknown key {}", shown(ctx, key)),
+            }
+        };
+        errors.push(PolicyError::combination(&shown(ctx, key), message));
+    }
+}
+
+/// Parses the policy keys of `keys` (without prefix) for a pool of `role`.
+fn parse_policy(
+    ctx: KeyContext,
+    keys: &BTreeMap<String, String>,
+    role: Role,
+) -> (Policy, PolicyErrors) {
+    let mut r = Reader {
+        ctx,
+        keys,
+        errors: PolicyErrors::default(),
+    };
+    check_unknown(ctx, keys, &mut r.errors);
+    let mut p = Policy::default();
+    if let Some(v) = r.parse("algorithm", |v| {
+        if !v.is_empty()
+            && v.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            Ok(v.to_string())
+        } else {
+            Err("is not an algorithm name (lowercase letters, digits and '-')".into())
+        }
+    }) {
+        p.algorithm = v;
+    }
+    if let Some(m) = r.parse("metric", |v| match v {
+        "concurrency" => Ok(Metric::Concurrency),
+        "rps" => Ok(Metric::Rps),
+        "tokens" => Ok(Metric::Tokens),
+        "queue" => Ok(Metric::Queue),
+        _ => Err("must be concurrency, rps, tokens or queue".into()),
+    }) {
+        p.metric = m;
+    }
+    p.target = match p.metric {
+        Metric::Concurrency | Metric::Queue => 100.0,
+        Metric::Rps => 200.0,
+        Metric::Tokens => 100_000.0,
+    };
+    if let Some(t) = r.f64_where("target", |x| x > 0.0, "a number greater than 0") {
+        p.target = t;
+    }
+    if let Some(u) = r.f64_where(
+        "target-utilization-percentage",
+        |x| (1.0..=100.0).contains(&x),
+        "in [1, 100]",
+    ) {
+        p.target_utilization = u / 100.0;
+    }
+    let hour = Duration::from_secs(3600);
+    p.ttft_target = r.duration_in("ttft-target", Duration::from_millis(1), hour);
+    p.itl_target = r.duration_in(
+        "itl-target",
+        Duration::from_micros(100),
+        Duration::from_secs(60),
+    );
+    if let Some(n) = r.u32_in("min-replicas", 0, 100_000) {
+        p.min_replicas = n;
+    }
+    p.max_replicas = r.u32_in("max-replicas", 1, 100_000);
+    if let Some(n) = r.u32_in("initial-scale", 0, 100_000) {
+        p.initial_scale = n;
+    }
+    if let Some(n) = r.u32_in("activation-scale", 1, 100_000) {
+        p.activation_scale = n;
+    }
+    if let Some(w) = r.duration_in("window", Duration::from_secs(6), hour) {
+        p.window = w;
+    }
+    if let Some(x) = r.f64_where(
+        "panic-window-percentage",
+        |x| (1.0..=100.0).contains(&x),
+        "in [1, 100]",
+    ) {
+        p.panic_window_percentage = x;
+    }
+    if let Some(x) = r.f64_where(
+        "panic-threshold-percentage",
+        |x| (110.0..=1000.0).contains(&x),
+        "in [110, 1000]",
+    ) {
+        p.panic_threshold_percentage = x;
+    }
+    if let Some(x) = r.f64_where("max-scale-up-rate", |x| x > 1.0, "greater than 1") {
+        p.max_scale_up_rate = x;
+    }
+    if let Some(x) = r.f64_where("max-scale-down-rate", |x| x > 1.0, "greater than 1") {
+        p.max_scale_down_rate = x;
+    }
+    if let Some(d) = r.duration_in("scale-down-delay", Duration::ZERO, hour) {
+        p.scale_down_delay = d;
+    }
+    if let Some(d) = r.duration_in("scale-to-zero-grace-period", Duration::ZERO, hour) {
+        p.scale_to_zero_grace_period = d;
+    }
+    p.max_concurrency = r.u32_in("max-concurrency", 1, 1_000_000);
+    p.group = r.parse("group", |v| {
+        if !v.is_empty()
+            && v.len() <= 63
+            && v.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        {
+            Ok(v.to_string())
+        } else {
+            Err("is not a group name (letters, digits, '-', '_', '.'; at most 63)".into())
+        }
+    });
+    p.preferred_share = r.parse("preferred-share", parse_share);
+    if let Some(s) = r.parse("schedule", ScheduleFloor::parse_list) {
+        p.schedule = s;
+    }
+    if let Some(t) = r.f64_where("hpa-tolerance", |x| (0.0..1.0).contains(&x), "in [0, 1)") {
+        p.hpa.tolerance = t;
+    }
+    let half_hour = Duration::from_secs(1800);
+    if let Some(d) = r.duration_in("hpa-scale-up-stabilization-window", Duration::ZERO, hour) {
+        p.hpa.scale_up.stabilization_window = d;
+    }
+    if let Some(d) = r.duration_in("hpa-scale-down-stabilization-window", Duration::ZERO, hour) {
+        p.hpa.scale_down.stabilization_window = d;
+    }
+    let _ = half_hour;
+    if let Some(v) = r.parse("hpa-scale-up-policies", parse_hpa_policies) {
+        p.hpa.scale_up.policies = v;
+    }
+    if let Some(v) = r.parse("hpa-scale-down-policies", parse_hpa_policies) {
+        p.hpa.scale_down.policies = v;
+    }
+    if let Some(v) = r.parse("hpa-scale-up-select-policy", parse_select) {
+        p.hpa.scale_up.select_policy = v;
+    }
+    if let Some(v) = r.parse("hpa-scale-down-select-policy", parse_select) {
+        p.hpa.scale_down.select_policy = v;
+    }
+    // The whole.
+    let mut errors = r.errors;
+    let name = |k: &str| shown(ctx, k);
+    if let Some(max) = p.max_replicas {
+        if p.min_replicas > max {
+            errors.push(PolicyError::combination(
+                &name("min-replicas"),
+                format!(
+                    "{} {} is greater than {} {max}",
+                    name("min-replicas"),
+                    p.min_replicas,
+                    name("max-replicas")
+                ),
+            ));
+        }
+        if p.activation_scale > max {
+            errors.push(PolicyError::combination(
+                &name("activation-scale"),
+                format!(
+                    "{} {} is greater than {} {max}",
+                    name("activation-scale"),
+                    p.activation_scale,
+                    name("max-replicas")
+                ),
+            ));
+        }
+        for f in &p.schedule {
+            if f.min_replicas > max {
+                errors.push(PolicyError::combination(
+                    &name("schedule"),
+                    format!(
+                        "{} entry {:?} asks for min {} above {} {max}",
+                        name("schedule"),
+                        f.cron.source,
+                        f.min_replicas,
+                        name("max-replicas")
+                    ),
+                ));
+            }
+        }
+    }
+    if p.panic_window() < Duration::from_secs(1) {
+        errors.push(PolicyError::combination(
+            &name("panic-window-percentage"),
+            format!(
+                "the panic window ({} % of {}) must be at least 1s, the signals' bucket",
+                p.panic_window_percentage,
+                humantime::format_duration(p.window)
+            ),
+        ));
+    }
+    if p.algorithm == "slo" {
+        let (key, set) = match role {
+            Role::Decode => ("itl-target", p.itl_target.is_some()),
+            Role::Unified | Role::Prefill => ("ttft-target", p.ttft_target.is_some()),
+        };
+        if !set {
+            errors.push(PolicyError::combination(
+                &name(key),
+                format!("algorithm slo for a {role} pool needs {}", name(key)),
+            ));
+        }
+    }
+    (p, errors)
+}
+
+impl Policy {
+    /// Parses policy keys without the prefix (a file's `policy:` map or
+    /// `scalecar replay --set`), for a pool of `role`.
+    pub fn from_keys(keys: &BTreeMap<String, String>, role: Role) -> Result<Policy, PolicyErrors> {
+        let (p, errors) = parse_policy(KeyContext::Policy, keys, role);
+        if errors.is_empty() {
+            Ok(p)
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// Parses a pool's `policy:` keys (model and role are the pool's own
+    /// fields there).
+    pub fn from_pool_keys(
+        keys: &BTreeMap<String, String>,
+        role: Role,
+    ) -> Result<Policy, PolicyErrors> {
+        let (p, errors) = parse_policy(KeyContext::Pool, keys, role);
+        if errors.is_empty() {
+            Ok(p)
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// Parses a workload's annotations: every `scalecar.io/` key; others
+    /// are not ours and are ignored.
+    pub fn from_annotations(
+        annotations: &BTreeMap<String, String>,
+    ) -> Result<AnnotatedTarget, PolicyErrors> {
+        let keys: BTreeMap<String, String> = annotations
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix(PREFIX).map(|k| (k.to_string(), v.clone())))
+            .collect();
+        let mut errors = PolicyErrors::default();
+        let model = match keys.get("model").map(|m| m.trim()) {
+            Some(m) if !m.is_empty() => m.to_string(),
+            Some(m) => {
+                errors.push(PolicyError::value(
+                    &format!("{PREFIX}model"),
+                    m,
+                    "must not be empty",
+                ));
+                String::new()
+            }
+            None => {
+                errors.push(PolicyError::combination(
+                    &format!("{PREFIX}model"),
+                    format!("{PREFIX}model is required (the served model name)"),
+                ));
+                String::new()
+            }
+        };
+        let role = match keys.get("role") {
+            Some(v) => parse_role(v.trim()).unwrap_or_else(|problem| {
+                errors.push(PolicyError::value(&format!("{PREFIX}role"), v, problem));
+                Role::Unified
+            }),
+            None => Role::Unified,
+        };
+        let port = keys
+            .get("port")
+            .and_then(|v| match v.trim().parse::<u16>() {
+                Ok(p) if p > 0 => Some(p),
+                _ => {
+                    errors.push(PolicyError::value(
+                        &format!("{PREFIX}port"),
+                        v,
+                        "must be a port in [1, 65535]",
+                    ));
+                    None
+                }
+            });
+        let (policy, policy_errors) = parse_policy(KeyContext::Annotations, &keys, role);
+        errors.0.extend(policy_errors.0);
+        if errors.is_empty() {
+            Ok(AnnotatedTarget {
+                model,
+                role,
+                port,
+                policy,
+            })
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// Checks the algorithm name against the registered ones.
+    pub fn validate_algorithm(&self, known: &[&str]) -> Result<(), PolicyError> {
+        if known.contains(&self.algorithm.as_str()) {
+            return Ok(());
+        }
+        let hint = did_you_mean(&self.algorithm, known.iter().copied())
+            .map(|s| format!(" (did you mean {s}?)"))
+            .unwrap_or_default();
+        Err(PolicyError::combination(
+            "algorithm",
+            format!(
+                "algorithm {:?} is not registered{hint}; registered: {}",
+                self.algorithm,
+                known.join(", ")
+            ),
+        ))
+    }
+}
+
+/// Checks the members of one PD group: one prefill and one decode pool, no
+/// unified pool, and preferred-share bands whose minimums fit in 100 %.
+pub fn validate_group(group: &str, members: &[(Role, &Policy)]) -> Result<(), PolicyError> {
+    let key = format!("group {group}");
+    let count = |role| members.iter().filter(|(r, _)| *r == role).count();
+    if count(Role::Unified) > 0 {
+        return Err(PolicyError::combination(
+            &key,
+            format!("group {group}: a unified pool cannot be in a PD group"),
+        ));
+    }
+    for role in [Role::Prefill, Role::Decode] {
+        match count(role) {
+            1 => {}
+            0 => {
+                return Err(PolicyError::combination(
+                    &key,
+                    format!("group {group} has no {role} pool"),
+                ));
+            }
+            n => {
+                return Err(PolicyError::combination(
+                    &key,
+                    format!("group {group} has {n} {role} pools; one is allowed"),
+                ));
+            }
+        }
+    }
+    let sum: f64 = members
+        .iter()
+        .filter_map(|(_, p)| p.preferred_share)
+        .map(|b| b.min_percent)
+        .sum();
+    if sum > 100.0 {
+        return Err(PolicyError::combination(
+            &key,
+            format!(
+                "group {group}: the preferred-share minimums add up to {sum} %, more than 100 %"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn annotations(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (format!("{PREFIX}{k}"), v.to_string()))
+            .collect()
+    }
+
+    fn error_of(pairs: &[(&str, &str)]) -> String {
+        let mut a = annotations(pairs);
+        a.entry(format!("{PREFIX}model"))
+            .or_insert_with(|| "m".into());
+        Policy::from_annotations(&a).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_are_knatives() {
+        let t = Policy::from_annotations(&annotations(&[("model", "llama")])).unwrap();
+        assert_eq!(t.model, "llama");
+        assert_eq!(t.role, Role::Unified);
+        assert_eq!(t.policy, Policy::default());
+        assert_eq!(t.policy.panic_window(), Duration::from_secs(6));
+    }
+
+    #[test]
+    fn every_key_parses() {
+        let t = Policy::from_annotations(&annotations(&[
+            ("model", "llama"),
+            ("role", "prefill"),
+            ("port", "8000"),
+            ("algorithm", "slo"),
+            ("metric", "tokens"),
+            ("target", "5000"),
+            ("target-utilization-percentage", "80"),
+            ("ttft-target", "500ms"),
+            ("itl-target", "50ms"),
+            ("min-replicas", "0"),
+            ("max-replicas", "20"),
+            ("initial-scale", "2"),
+            ("activation-scale", "3"),
+            ("window", "2m"),
+            ("panic-window-percentage", "5"),
+            ("panic-threshold-percentage", "300"),
+            ("max-scale-up-rate", "4"),
+            ("max-scale-down-rate", "1.5"),
+            ("scale-down-delay", "30s"),
+            ("scale-to-zero-grace-period", "1m"),
+            ("max-concurrency", "64"),
+            ("group", "llama-pd"),
+            ("preferred-share", "20-50"),
+            ("schedule", "0 9 * * 1-5 for 10h min 4"),
+            ("hpa-tolerance", "0.05"),
+            ("hpa-scale-up-stabilization-window", "10s"),
+            ("hpa-scale-down-stabilization-window", "2m"),
+            ("hpa-scale-up-policies", "pods=2/30s, percent=50/60s"),
+            ("hpa-scale-down-policies", "pods=1/60s"),
+            ("hpa-scale-up-select-policy", "min"),
+            ("hpa-scale-down-select-policy", "disabled"),
+        ]))
+        .unwrap();
+        let p = &t.policy;
+        assert_eq!((t.role, t.port), (Role::Prefill, Some(8000)));
+        assert_eq!(
+            (p.algorithm.as_str(), p.metric, p.target),
+            ("slo", Metric::Tokens, 5000.0)
+        );
+        assert!((p.target_utilization - 0.8).abs() < 1e-12);
+        assert_eq!(p.ttft_target, Some(Duration::from_millis(500)));
+        assert_eq!(p.itl_target, Some(Duration::from_millis(50)));
+        assert_eq!(
+            (
+                p.min_replicas,
+                p.max_replicas,
+                p.initial_scale,
+                p.activation_scale
+            ),
+            (0, Some(20), 2, 3)
+        );
+        assert_eq!(p.window, Duration::from_secs(120));
+        assert_eq!(p.panic_window(), Duration::from_secs(6));
+        assert_eq!(
+            (
+                p.panic_threshold_percentage,
+                p.max_scale_up_rate,
+                p.max_scale_down_rate
+            ),
+            (300.0, 4.0, 1.5)
+        );
+        assert_eq!(
+            (p.scale_down_delay, p.scale_to_zero_grace_period),
+            (Duration::from_secs(30), Duration::from_secs(60))
+        );
+        assert_eq!(p.max_concurrency, Some(64));
+        assert_eq!(p.group.as_deref(), Some("llama-pd"));
+        assert_eq!(
+            p.preferred_share,
+            Some(ShareBand {
+                min_percent: 20.0,
+                max_percent: 50.0
+            })
+        );
+        assert_eq!(p.schedule.len(), 1);
+        assert_eq!(p.hpa.tolerance, 0.05);
+        assert_eq!(p.hpa.scale_up.stabilization_window, Duration::from_secs(10));
+        assert_eq!(
+            p.hpa.scale_down.stabilization_window,
+            Duration::from_secs(120)
+        );
+        assert_eq!(
+            p.hpa.scale_up.policies,
+            vec![
+                HpaRatePolicy::Pods {
+                    value: 2,
+                    period: Duration::from_secs(30)
+                },
+                HpaRatePolicy::Percent {
+                    value: 50,
+                    period: Duration::from_secs(60)
+                }
+            ]
+        );
+        assert_eq!(p.hpa.scale_up.select_policy, SelectPolicy::Min);
+        assert_eq!(p.hpa.scale_down.select_policy, SelectPolicy::Disabled);
+    }
+
+    #[test]
+    fn target_default_follows_the_metric() {
+        let p = Policy::from_keys(&keys(&[("metric", "rps")]), Role::Unified).unwrap();
+        assert_eq!(p.target, 200.0);
+        let p = Policy::from_keys(&keys(&[("metric", "tokens")]), Role::Unified).unwrap();
+        assert_eq!(p.target, 100_000.0);
+    }
+
+    #[test]
+    fn rejections_name_key_value_and_what_is_allowed() {
+        for (pairs, want) in [
+            (
+                vec![("max-replicas", "abc")],
+                "scalecar.io/max-replicas: \"abc\" is not an integer",
+            ),
+            (
+                vec![("min-replicas", "5"), ("max-replicas", "3")],
+                "scalecar.io/min-replicas 5 is greater than scalecar.io/max-replicas 3",
+            ),
+            (
+                vec![("panic-threshold-percentage", "50")],
+                "scalecar.io/panic-threshold-percentage: \"50\" must be in [110, 1000]",
+            ),
+            (
+                vec![("window", "5s")],
+                "scalecar.io/window: \"5s\" must be between 6s and 1h",
+            ),
+            (
+                vec![("window", "soon")],
+                "scalecar.io/window: \"soon\" is not a duration",
+            ),
+            (
+                vec![("max-scale-up-rate", "1")],
+                "scalecar.io/max-scale-up-rate: \"1\" must be greater than 1",
+            ),
+            (
+                vec![("max-scale-down-rate", "0.5")],
+                "scalecar.io/max-scale-down-rate: \"0.5\" must be greater than 1",
+            ),
+            (
+                vec![("target", "0")],
+                "scalecar.io/target: \"0\" must be a number greater than 0",
+            ),
+            (
+                vec![("target", "NaN")],
+                "scalecar.io/target: \"NaN\" must be",
+            ),
+            (
+                vec![("target-utilization-percentage", "150")],
+                "must be in [1, 100]",
+            ),
+            (
+                vec![("metric", "gpu")],
+                "scalecar.io/metric: \"gpu\" must be concurrency, rps, tokens or queue",
+            ),
+            (
+                vec![("role", "both")],
+                "scalecar.io/role: \"both\" must be unified, prefill or decode",
+            ),
+            (
+                vec![("port", "70000")],
+                "scalecar.io/port: \"70000\" must be a port in [1, 65535]",
+            ),
+            (
+                vec![("preferred-share", "60-20")],
+                "scalecar.io/preferred-share: \"60-20\" has min 60 greater than max 20",
+            ),
+            (vec![("preferred-share", "10-120")], "must be within 0-100"),
+            (
+                vec![("schedule", "0 9 * * 1-5 for 10h")],
+                "scalecar.io/schedule: ",
+            ),
+            (vec![("algorithm", "KPA!")], "is not an algorithm name"),
+            (
+                vec![("algorithm", "slo")],
+                "algorithm slo for a unified pool needs scalecar.io/ttft-target",
+            ),
+            (
+                vec![("algorithm", "slo"), ("role", "decode")],
+                "algorithm slo for a decode pool needs scalecar.io/itl-target",
+            ),
+            (
+                vec![("window", "6s"), ("panic-window-percentage", "10")],
+                "must be at least 1s",
+            ),
+            (
+                vec![("activation-scale", "5"), ("max-replicas", "2")],
+                "activation-scale 5 is greater than scalecar.io/max-replicas 2",
+            ),
+            (
+                vec![("hpa-scale-up-policies", "pods=4")],
+                "is not pods=N/PERIOD",
+            ),
+            (
+                vec![("hpa-scale-down-select-policy", "most")],
+                "must be max, min or disabled",
+            ),
+            (
+                vec![("max-replica", "3")],
+                "unknown key scalecar.io/max-replica: did you mean scalecar.io/max-replicas?",
+            ),
+        ] {
+            let err = error_of(&pairs);
+            assert!(err.contains(want), "{pairs:?}: {err}");
+        }
+        let err = Policy::from_annotations(&annotations(&[("target", "3")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("scalecar.io/model is required"), "{err}");
+    }
+
+    #[test]
+    fn every_error_is_reported() {
+        let err = error_of(&[("max-replicas", "x"), ("window", "y"), ("bogus", "1")]);
+        assert_eq!(err.lines().count(), 3, "{err}");
+    }
+
+    #[test]
+    fn identity_keys_are_not_policy_keys_in_files() {
+        let err = Policy::from_keys(&keys(&[("model", "x")]), Role::Unified)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("model is not a policy key here"), "{err}");
+        let err = Policy::from_keys(&keys(&[("tagret", "3")]), Role::Unified)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "unknown key tagret: did you mean target?");
+    }
+
+    #[test]
+    fn other_annotations_are_ignored() {
+        let mut a = annotations(&[("model", "m")]);
+        a.insert("deployment.kubernetes.io/revision".into(), "3".into());
+        assert!(Policy::from_annotations(&a).is_ok());
+    }
+
+    #[test]
+    fn algorithm_must_be_registered() {
+        let p = Policy {
+            algorithm: "kap".into(),
+            ..Policy::default()
+        };
+        let e = p
+            .validate_algorithm(&["kpa", "hpa", "slo"])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "algorithm \"kap\" is not registered (did you mean kpa?); registered: kpa, hpa, slo"
+        );
+        assert!(Policy::default().validate_algorithm(&["kpa"]).is_ok());
+    }
+
+    #[test]
+    fn groups_are_validated() {
+        let band = |a, b| Policy {
+            preferred_share: Some(ShareBand {
+                min_percent: a,
+                max_percent: b,
+            }),
+            ..Policy::default()
+        };
+        let (p, d) = (band(20.0, 50.0), band(50.0, 80.0));
+        assert!(validate_group("g", &[(Role::Prefill, &p), (Role::Decode, &d)]).is_ok());
+        let (p, d) = (band(60.0, 70.0), band(50.0, 80.0));
+        let e = validate_group("g", &[(Role::Prefill, &p), (Role::Decode, &d)])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("add up to 110 %"), "{e}");
+        let e = validate_group("g", &[(Role::Prefill, &p)])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no decode pool"), "{e}");
+        let e = validate_group("g", &[(Role::Unified, &p), (Role::Decode, &d)])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unified pool cannot"), "{e}");
+    }
+}
