@@ -1,1 +1,507 @@
-//! Per-pool windowed signals. (Being written.)
+//! Per-pool windowed signals: what the proxy sees, recorded lock-free, read
+//! as exact window averages.
+//!
+//! Time is cut into slots (1 s by default) in a ring as long as the
+//! retention (the longest window the pool's policy uses). Each slot is
+//! tagged with its slot number; the first writer of a new second resets the
+//! slot it reuses, and readers only trust slots whose tag they expect, so a
+//! stale slot is never counted: data older than a window counts as zero.
+//!
+//! Gauges (requests in flight, queued, tokens in flight) are recorded as
+//! changes: per slot the net change Σδ and the "tail area" Σδ·(slot end − t).
+//! With the current level this gives the exact area under the gauge's curve
+//! for every slot, hence exact time-weighted averages — the arrival and
+//! departure times themselves, not samples of the level.
+//!
+//! Latencies go into HdrHistogram-layout atomic counters in a second ring of
+//! coarser slots (retention / 30, at least one slot).
+//!
+//! Memory per pool: counters 12 × 8 B per slot (61 slots for a 60 s
+//! retention: ~6 KB), histograms 4 × 2,944 × 4 B = 47 KB per histogram slot
+//! (31 slots for 60 s: ~1.5 MB). Fixed at creation; recording never
+//! allocates.
+
+pub mod histogram;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+
+use crate::clock::Clock;
+use crate::snapshot::{LatencySummary, WindowSnapshot, WindowValues};
+use histogram::AtomicCounts;
+
+/// How a pool's signals are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SignalsConfig {
+    /// Slot length of counters and gauges.
+    pub bucket: Duration,
+    /// The longest window that will be asked for.
+    pub retention: Duration,
+}
+
+impl Default for SignalsConfig {
+    fn default() -> Self {
+        SignalsConfig {
+            bucket: Duration::from_secs(1),
+            retention: Duration::from_secs(60),
+        }
+    }
+}
+
+impl SignalsConfig {
+    /// A config that keeps `window` (the policy's stable window).
+    pub fn for_window(window: Duration) -> Self {
+        SignalsConfig {
+            retention: window.max(Duration::from_secs(1)),
+            ..Self::default()
+        }
+    }
+}
+
+const RESETTING: u64 = u64::MAX;
+
+/// Gauges, by index.
+const IN_FLIGHT: usize = 0;
+const QUEUED: usize = 1;
+const PREFILL_TOKENS: usize = 2;
+const DECODE_TOKENS: usize = 3;
+const GAUGES: usize = 4;
+
+#[derive(Debug, Default)]
+struct GaugeSlot {
+    delta: AtomicI64,
+    /// Σ δ · (slot end − t), in level·µs.
+    tail: AtomicI64,
+}
+
+#[derive(Debug, Default)]
+struct CounterSlot {
+    /// Slot number + 1 (0: never used; RESETTING: being reset).
+    epoch: AtomicU64,
+    arrivals: AtomicU64,
+    completions: AtomicU64,
+    prompt_tokens: AtomicU64,
+    decode_tokens: AtomicU64,
+    gauges: [GaugeSlot; GAUGES],
+}
+
+impl CounterSlot {
+    fn reset(&self) {
+        self.arrivals.store(0, Ordering::Relaxed);
+        self.completions.store(0, Ordering::Relaxed);
+        self.prompt_tokens.store(0, Ordering::Relaxed);
+        self.decode_tokens.store(0, Ordering::Relaxed);
+        for g in &self.gauges {
+            g.delta.store(0, Ordering::Relaxed);
+            g.tail.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Latency histograms, by index.
+const TTFT: usize = 0;
+const ITL: usize = 1;
+const E2E: usize = 2;
+const QUEUE_WAIT: usize = 3;
+const LATENCIES: usize = 4;
+
+#[derive(Debug, Default)]
+struct HistSlot {
+    epoch: AtomicU64,
+    latencies: [AtomicCounts; LATENCIES],
+}
+
+impl HistSlot {
+    fn reset(&self) {
+        for h in &self.latencies {
+            h.reset();
+        }
+    }
+}
+
+trait Epoch {
+    fn epoch(&self) -> &AtomicU64;
+    fn clear(&self);
+}
+
+impl Epoch for CounterSlot {
+    fn epoch(&self) -> &AtomicU64 {
+        &self.epoch
+    }
+    fn clear(&self) {
+        self.reset();
+    }
+}
+
+impl Epoch for HistSlot {
+    fn epoch(&self) -> &AtomicU64 {
+        &self.epoch
+    }
+    fn clear(&self) {
+        self.reset();
+    }
+}
+
+/// The slot of `number` in `ring`, reset first if it still holds an older
+/// slot's data. A writer late with an old timestamp whose slot was already
+/// reused records into the newer slot (off by one slot, never lost).
+fn slot<S: Epoch>(ring: &[S], number: u64) -> Option<&S> {
+    let s = ring.get((number % ring.len() as u64) as usize)?;
+    let want = number + 1;
+    loop {
+        let e = s.epoch().load(Ordering::Acquire);
+        if e == RESETTING {
+            std::hint::spin_loop();
+            continue;
+        }
+        if e >= want {
+            return Some(s);
+        }
+        if s.epoch()
+            .compare_exchange(e, RESETTING, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            s.clear();
+            s.epoch().store(want, Ordering::Release);
+            return Some(s);
+        }
+    }
+}
+
+/// The signals of one pool.
+#[derive(Debug)]
+pub struct PoolSignals {
+    clock: Arc<dyn Clock>,
+    bucket_us: u64,
+    hist_slot_us: u64,
+    retention: Duration,
+    /// Clock time of creation, µs.
+    start_us: u64,
+    counters: Box<[CounterSlot]>,
+    hists: Box<[HistSlot]>,
+    levels: [AtomicI64; GAUGES],
+    /// Clock time of the last arrival + 1, µs (0: never).
+    last_arrival_us: AtomicU64,
+}
+
+fn micros(d: Duration) -> u64 {
+    d.as_micros().min(u128::from(u64::MAX)) as u64
+}
+
+impl PoolSignals {
+    pub fn new(config: SignalsConfig, clock: Arc<dyn Clock>) -> Self {
+        let bucket_us = micros(config.bucket).max(1000);
+        let retention_us = micros(config.retention).max(bucket_us);
+        let slots = retention_us.div_ceil(bucket_us) + 2;
+        let hist_slot_us = (retention_us / 30).max(bucket_us).div_ceil(bucket_us) * bucket_us;
+        let hist_slots = retention_us.div_ceil(hist_slot_us) + 2;
+        let start_us = micros(clock.now());
+        PoolSignals {
+            clock,
+            bucket_us,
+            hist_slot_us,
+            retention: Duration::from_micros(retention_us),
+            start_us,
+            counters: (0..slots).map(|_| CounterSlot::default()).collect(),
+            hists: (0..hist_slots).map(|_| HistSlot::default()).collect(),
+            levels: Default::default(),
+            last_arrival_us: AtomicU64::new(0),
+        }
+    }
+
+    fn now_us(&self) -> u64 {
+        micros(self.clock.now())
+    }
+
+    fn counter_slot(&self, now_us: u64) -> Option<&CounterSlot> {
+        slot(&self.counters, now_us / self.bucket_us)
+    }
+
+    fn gauge(&self, g: usize, delta: i64) {
+        if delta == 0 {
+            return;
+        }
+        let now = self.now_us();
+        if let Some(level) = self.levels.get(g) {
+            level.fetch_add(delta, Ordering::AcqRel);
+        }
+        let end = (now / self.bucket_us + 1) * self.bucket_us;
+        if let Some(s) = self.counter_slot(now).and_then(|s| s.gauges.get(g)) {
+            s.delta.fetch_add(delta, Ordering::Relaxed);
+            s.tail
+                .fetch_add(delta.saturating_mul((end - now) as i64), Ordering::Relaxed);
+        }
+    }
+
+    fn latency(&self, h: usize, d: Duration) {
+        let now = self.now_us();
+        if let Some(s) = slot(&self.hists, now / self.hist_slot_us).and_then(|s| s.latencies.get(h))
+        {
+            s.record(d);
+        }
+    }
+
+    fn tokens(n: u64) -> i64 {
+        i64::try_from(n).unwrap_or(i64::MAX)
+    }
+
+    /// A request reached the pool (before any queueing): counts toward the
+    /// arrival rate and the prompt tokens admitted.
+    pub fn arrival(&self, prompt_tokens: u64) {
+        let now = self.now_us();
+        if let Some(s) = self.counter_slot(now) {
+            s.arrivals.fetch_add(1, Ordering::Relaxed);
+            s.prompt_tokens.fetch_add(prompt_tokens, Ordering::Relaxed);
+        }
+        self.last_arrival_us.fetch_max(now + 1, Ordering::AcqRel);
+    }
+
+    pub fn queue_enter(&self) {
+        self.gauge(QUEUED, 1);
+    }
+
+    pub fn queue_leave(&self, waited: Duration) {
+        self.gauge(QUEUED, -1);
+        self.latency(QUEUE_WAIT, waited);
+    }
+
+    /// Sent to an endpoint: in flight, with its prompt tokens in prefill.
+    pub fn dispatch(&self, prompt_tokens: u64) {
+        self.gauge(IN_FLIGHT, 1);
+        self.gauge(PREFILL_TOKENS, Self::tokens(prompt_tokens));
+    }
+
+    /// The first token: its prompt tokens move from prefill to decode.
+    pub fn first_token(&self, prompt_tokens: u64, ttft: Duration) {
+        let n = Self::tokens(prompt_tokens);
+        self.gauge(PREFILL_TOKENS, -n);
+        self.gauge(DECODE_TOKENS, n);
+        self.latency(TTFT, ttft);
+    }
+
+    /// `n` tokens generated.
+    pub fn decode_tokens(&self, n: u64) {
+        self.gauge(DECODE_TOKENS, Self::tokens(n));
+        if let Some(s) = self.counter_slot(self.now_us()) {
+            s.decode_tokens.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    pub fn inter_token(&self, itl: Duration) {
+        self.latency(ITL, itl);
+    }
+
+    /// The request left its endpoint (done, failed or cancelled): it leaves
+    /// the in-flight count and its tokens leave whichever gauge holds them.
+    pub fn complete(
+        &self,
+        prompt_tokens: u64,
+        generated_tokens: u64,
+        first_token_seen: bool,
+        e2e: Option<Duration>,
+    ) {
+        self.gauge(IN_FLIGHT, -1);
+        if first_token_seen {
+            self.gauge(
+                DECODE_TOKENS,
+                -Self::tokens(prompt_tokens.saturating_add(generated_tokens)),
+            );
+        } else {
+            self.gauge(PREFILL_TOKENS, -Self::tokens(prompt_tokens));
+            // Tokens counted as generated without a first token (never
+            // happens through the proxy) still leave decode.
+            self.gauge(DECODE_TOKENS, -Self::tokens(generated_tokens));
+        }
+        if let Some(s) = self.counter_slot(self.now_us()) {
+            s.completions.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(d) = e2e {
+            self.latency(E2E, d);
+        }
+    }
+
+    fn level(&self, g: usize) -> u64 {
+        self.levels
+            .get(g)
+            .map_or(0, |l| l.load(Ordering::Acquire).max(0) as u64)
+    }
+
+    pub fn in_flight(&self) -> u64 {
+        self.level(IN_FLIGHT)
+    }
+
+    pub fn queued(&self) -> u64 {
+        self.level(QUEUED)
+    }
+
+    pub fn tokens_in_flight(&self) -> u64 {
+        self.level(PREFILL_TOKENS) + self.level(DECODE_TOKENS)
+    }
+
+    /// The longest window this pool keeps.
+    pub fn retention(&self) -> Duration {
+        self.retention
+    }
+
+    /// The stable and panic windows ending now. Windows longer than the
+    /// retention are cut to it.
+    pub fn snapshot(&self, stable: Duration, panic: Duration) -> WindowSnapshot {
+        let now = self.now_us();
+        // Prepare the next slots so writers rarely pay for a reset.
+        for ahead in 1..=2 {
+            let _ = slot(&self.counters, now / self.bucket_us + ahead);
+            let _ = slot(&self.hists, now / self.hist_slot_us + ahead);
+        }
+        let in_flight = self.in_flight();
+        let queued = self.queued();
+        let last_arrival = self.last_arrival_us.load(Ordering::Acquire);
+        let last_activity = if in_flight > 0 || queued > 0 {
+            Some(Duration::from_micros(now))
+        } else if last_arrival > 0 {
+            Some(Duration::from_micros(last_arrival - 1))
+        } else {
+            None
+        };
+        WindowSnapshot {
+            at: Duration::from_micros(now),
+            stable: self.window(now, stable),
+            panic: self.window(now, panic),
+            in_flight_now: in_flight,
+            queued_now: queued,
+            last_activity,
+        }
+    }
+
+    fn window(&self, now: u64, length: Duration) -> WindowValues {
+        let length = length.min(self.retention);
+        let b = self.bucket_us;
+        let current = now / b;
+        // Whole slots before the current one, then the current partial one.
+        let whole = (micros(length) / b).saturating_sub(1);
+        let first = current.saturating_sub(whole).max(self.start_us / b);
+        // Levels at the end of each slot, walking back from now.
+        let mut level_end: [i64; GAUGES] = std::array::from_fn(|g| self.level(g) as i64);
+        let mut area = [0i128; GAUGES];
+        let (mut arrivals, mut completions, mut prompt, mut decode) = (0u64, 0u64, 0u64, 0u64);
+        let mut covered = 0u64;
+        let mut number = current + 1;
+        while number > first {
+            number -= 1;
+            let slot_start = number * b;
+            let start = slot_start.max(self.start_us);
+            let end = if number == current {
+                now
+            } else {
+                slot_start + b
+            };
+            let span = end.saturating_sub(start);
+            covered += span;
+            let s = self
+                .counters
+                .get((number % self.counters.len() as u64) as usize);
+            let fresh = s.filter(|s| s.epoch.load(Ordering::Acquire) == number + 1);
+            for g in 0..GAUGES {
+                let (delta, tail) = fresh.and_then(|s| s.gauges.get(g)).map_or((0, 0), |x| {
+                    (
+                        x.delta.load(Ordering::Relaxed),
+                        x.tail.load(Ordering::Relaxed),
+                    )
+                });
+                let level_start = level_end[g] - delta;
+                // Changes after `end` (only in the current slot) did not
+                // happen yet within [start, end): take their tail back out.
+                let not_yet = i128::from(delta) * i128::from(slot_start + b - end);
+                area[g] +=
+                    i128::from(level_start.max(0)) * i128::from(span) + i128::from(tail) - not_yet;
+                level_end[g] = level_start;
+            }
+            if let Some(s) = fresh {
+                arrivals += s.arrivals.load(Ordering::Relaxed);
+                completions += s.completions.load(Ordering::Relaxed);
+                prompt += s.prompt_tokens.load(Ordering::Relaxed);
+                decode += s.decode_tokens.load(Ordering::Relaxed);
+            }
+        }
+        let secs = covered as f64 / 1e6;
+        let avg = |g: usize| {
+            if covered == 0 {
+                0.0
+            } else {
+                (area[g] as f64 / covered as f64).max(0.0)
+            }
+        };
+        let rate = |n: u64| if covered == 0 { 0.0 } else { n as f64 / secs };
+        let mut hists: [Histogram<u64>; LATENCIES] = std::array::from_fn(|_| histogram::empty());
+        self.merge_histograms(now, length, &mut hists);
+        let [ttft, itl, e2e, queue_wait] = hists.map(|h| summary(&h));
+        WindowValues {
+            duration: length,
+            observed: Duration::from_micros(covered),
+            concurrency: avg(IN_FLIGHT),
+            rps: rate(arrivals),
+            queue: avg(QUEUED),
+            tokens: avg(PREFILL_TOKENS) + avg(DECODE_TOKENS),
+            prompt_tokens_per_sec: rate(prompt),
+            decode_tokens_per_sec: rate(decode),
+            arrivals,
+            completions,
+            ttft,
+            itl,
+            e2e,
+            queue_wait,
+        }
+    }
+
+    fn merge_histograms(&self, now: u64, length: Duration, into: &mut [Histogram<u64>; LATENCIES]) {
+        let h = self.hist_slot_us;
+        let current = now / h;
+        let whole = micros(length).div_ceil(h).saturating_sub(1);
+        let first = current.saturating_sub(whole).max(self.start_us / h);
+        for number in first..=current {
+            let Some(s) = self.hists.get((number % self.hists.len() as u64) as usize) else {
+                continue;
+            };
+            if s.epoch.load(Ordering::Acquire) != number + 1 {
+                continue;
+            }
+            for (counts, hist) in s.latencies.iter().zip(into.iter_mut()) {
+                counts.add_to(hist);
+            }
+        }
+    }
+
+    /// The window's latency histograms (TTFT, ITL, end-to-end, queue wait),
+    /// for merging across gateway replicas.
+    pub fn window_histograms(&self, length: Duration) -> [Histogram<u64>; 4] {
+        let mut hists: [Histogram<u64>; LATENCIES] = std::array::from_fn(|_| histogram::empty());
+        self.merge_histograms(self.now_us(), length.min(self.retention), &mut hists);
+        hists
+    }
+}
+
+fn to_duration(units: u64) -> Duration {
+    histogram::UNIT * u32::try_from(units).unwrap_or(u32::MAX)
+}
+
+/// Quantiles of a histogram in [`histogram::UNIT`]s.
+pub fn summary(h: &Histogram<u64>) -> LatencySummary {
+    if h.is_empty() {
+        return LatencySummary::default();
+    }
+    let q = |p: f64| Some(to_duration(h.highest_equivalent(h.value_at_quantile(p))));
+    LatencySummary {
+        count: h.len(),
+        mean: Some(Duration::from_secs_f64(
+            h.mean() * histogram::UNIT.as_secs_f64(),
+        )),
+        p50: q(0.5),
+        p90: q(0.9),
+        p99: q(0.99),
+    }
+}
+
+#[cfg(test)]
+mod tests;

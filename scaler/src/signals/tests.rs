@@ -1,0 +1,319 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::clock::ManualClock;
+
+fn pool(retention_s: u64) -> (Arc<ManualClock>, PoolSignals) {
+    let clock = Arc::new(ManualClock::new(Duration::from_secs(1000)));
+    let config = SignalsConfig {
+        bucket: Duration::from_secs(1),
+        retention: Duration::from_secs(retention_s),
+    };
+    let signals = PoolSignals::new(config, clock.clone());
+    (clock, signals)
+}
+
+const S: fn(u64) -> Duration = Duration::from_secs;
+const MS: fn(u64) -> Duration = Duration::from_millis;
+
+#[test]
+fn constant_concurrency_averages_exactly() {
+    let (clock, p) = pool(60);
+    for _ in 0..3 {
+        p.dispatch(0);
+    }
+    clock.advance(S(60));
+    let s = p.snapshot(S(60), S(6));
+    assert!(
+        (s.stable.concurrency - 3.0).abs() < 1e-9,
+        "{}",
+        s.stable.concurrency
+    );
+    assert!(
+        (s.panic.concurrency - 3.0).abs() < 1e-9,
+        "{}",
+        s.panic.concurrency
+    );
+    assert_eq!(s.in_flight_now, 3);
+}
+
+#[test]
+fn half_a_window_in_flight_is_half() {
+    let (clock, p) = pool(60);
+    clock.advance(S(30));
+    p.dispatch(100);
+    clock.advance(MS(29_500));
+    p.complete(100, 0, false, None);
+    clock.advance(MS(500));
+    // Window of 60 s: 59 whole slots + the (empty) current one. The request
+    // was in flight for 29.5 s of the covered 59 s.
+    let s = p.snapshot(S(60), S(6));
+    assert!(
+        (s.stable.concurrency - 29.5 / 59.0).abs() < 1e-9,
+        "{}",
+        s.stable.concurrency
+    );
+    assert!(
+        (s.stable.tokens - 100.0 * 29.5 / 59.0).abs() < 1e-6,
+        "{}",
+        s.stable.tokens
+    );
+    // Panic window: 5 whole slots, the request in flight for 4.5 s of them.
+    assert!(
+        (s.panic.concurrency - 0.9).abs() < 1e-9,
+        "{}",
+        s.panic.concurrency
+    );
+    assert_eq!(s.stable.completions, 1);
+}
+
+#[test]
+fn gauges_inside_a_partial_slot_are_exact() {
+    let (clock, p) = pool(10);
+    clock.advance(S(10));
+    // 0.25 s into a slot, a request starts; 0.25 s later we look.
+    clock.advance(MS(250));
+    p.dispatch(0);
+    clock.advance(MS(250));
+    let s = p.snapshot(S(2), S(1));
+    // Panic window = the current partial slot (0.5 s): in flight half of it.
+    assert!(
+        (s.panic.concurrency - 0.5).abs() < 1e-9,
+        "{}",
+        s.panic.concurrency
+    );
+    assert_eq!(s.panic.observed, MS(500));
+    // Stable: one whole slot (idle) + the partial one: 0.25 / 1.5.
+    assert!(
+        (s.stable.concurrency - 0.25 / 1.5).abs() < 1e-9,
+        "{}",
+        s.stable.concurrency
+    );
+}
+
+#[test]
+fn data_older_than_the_window_counts_as_zero() {
+    let (clock, p) = pool(60);
+    for _ in 0..50 {
+        p.arrival(10);
+    }
+    p.dispatch(0);
+    p.complete(0, 0, false, None);
+    clock.advance(S(61));
+    let s = p.snapshot(S(60), S(6));
+    assert_eq!(s.stable.arrivals, 0);
+    assert_eq!(s.stable.rps, 0.0);
+    assert_eq!(s.stable.concurrency, 0.0);
+    // Idle is data, not missing data.
+    assert!(s.stable.has_data());
+    assert_eq!(s.last_activity, Some(S(1000)));
+}
+
+#[test]
+fn a_fresh_pool_has_no_data_then_idle_data() {
+    let (clock, p) = pool(60);
+    let s = p.snapshot(S(60), S(6));
+    assert!(!s.stable.has_data());
+    assert_eq!(s.last_activity, None);
+    clock.advance(S(3));
+    let s = p.snapshot(S(60), S(6));
+    assert_eq!(s.stable.observed, S(3));
+    assert_eq!(s.stable.concurrency, 0.0);
+}
+
+#[test]
+fn rates_and_tokens() {
+    let (clock, p) = pool(60);
+    clock.advance(S(60));
+    for i in 0..120 {
+        p.arrival(1000);
+        if i % 2 == 0 {
+            p.decode_tokens(3);
+        }
+        clock.advance(MS(500));
+    }
+    let s = p.snapshot(S(60), S(6));
+    // 59 whole slots + 0 partial: the last 118 arrivals fall inside.
+    assert!((s.stable.rps - 2.0).abs() < 1e-9, "{}", s.stable.rps);
+    assert!((s.stable.prompt_tokens_per_sec - 2000.0).abs() < 1e-6);
+    assert!((s.stable.decode_tokens_per_sec - 3.0).abs() < 1e-6);
+    assert!((s.panic.rps - 2.0).abs() < 1e-9, "{}", s.panic.rps);
+}
+
+#[test]
+fn queue_and_token_gauges() {
+    let (clock, p) = pool(10);
+    clock.advance(S(10));
+    p.arrival(400);
+    p.queue_enter();
+    clock.advance(S(1));
+    p.queue_leave(S(1));
+    p.dispatch(400);
+    clock.advance(S(1));
+    p.first_token(400, MS(800));
+    p.decode_tokens(10);
+    clock.advance(S(1));
+    assert_eq!(p.tokens_in_flight(), 410);
+    p.complete(400, 10, true, Some(S(2)));
+    clock.advance(S(1));
+    let s = p.snapshot(S(5), S(5));
+    // Over the 4 whole slots + empty current: queue 1 s, prefill 400 for
+    // 1 s, decode 410 for 1 s.
+    assert!(
+        (s.stable.queue - 1.0 / 4.0).abs() < 1e-9,
+        "{}",
+        s.stable.queue
+    );
+    assert!(
+        (s.stable.tokens - 810.0 / 4.0).abs() < 1e-9,
+        "{}",
+        s.stable.tokens
+    );
+    assert_eq!(p.in_flight() + p.queued() + p.tokens_in_flight(), 0);
+    assert_eq!(s.stable.ttft.count, 1);
+    let p90 = s.stable.ttft.p90.unwrap().as_secs_f64();
+    assert!((p90 - 0.8).abs() < 0.008, "{p90}");
+    assert_eq!(s.stable.queue_wait.count, 1);
+    assert_eq!(s.stable.e2e.count, 1);
+}
+
+#[test]
+fn latency_quantiles_are_within_one_percent() {
+    let (clock, p) = pool(60);
+    clock.advance(S(5));
+    for ms in 1..=1000 {
+        p.inter_token(MS(ms));
+    }
+    let s = p.snapshot(S(60), S(6));
+    let q = |d: Option<Duration>| d.unwrap().as_secs_f64() * 1000.0;
+    assert_eq!(s.stable.itl.count, 1000);
+    assert!((q(s.stable.itl.p50) - 500.0).abs() / 500.0 < 0.01);
+    assert!((q(s.stable.itl.p99) - 990.0).abs() / 990.0 < 0.01);
+    let hists = p.window_histograms(S(60));
+    assert_eq!(hists[1].len(), 1000);
+}
+
+#[test]
+fn histograms_forget_old_slots() {
+    let (clock, p) = pool(60);
+    p.first_token(0, S(5));
+    clock.advance(S(200));
+    p.first_token(0, MS(100));
+    let s = p.snapshot(S(60), S(6));
+    assert_eq!(s.stable.ttft.count, 1);
+    assert!(s.stable.ttft.p99.unwrap() < MS(102));
+}
+
+#[test]
+fn windows_longer_than_retention_are_cut() {
+    let (clock, p) = pool(10);
+    p.dispatch(0);
+    clock.advance(S(100));
+    let s = p.snapshot(S(3600), S(6));
+    assert_eq!(s.stable.duration, S(10));
+    assert!(s.stable.observed <= S(10));
+    assert!((s.stable.concurrency - 1.0).abs() < 1e-9);
+}
+
+#[test]
+fn concurrent_recording_loses_nothing() {
+    let clock = Arc::new(ManualClock::new(S(0)));
+    let p = Arc::new(PoolSignals::new(SignalsConfig::default(), clock.clone()));
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let p = p.clone();
+            let clock = clock.clone();
+            std::thread::spawn(move || {
+                for i in 0..10_000u64 {
+                    p.arrival(1);
+                    p.dispatch(2);
+                    p.inter_token(MS(5));
+                    p.complete(2, 0, false, None);
+                    if i % 1000 == 0 {
+                        clock.advance(MS(100));
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(p.in_flight(), 0);
+    assert_eq!(p.tokens_in_flight(), 0);
+    let s = p.snapshot(S(60), S(6));
+    assert_eq!(s.stable.arrivals, 40_000);
+    assert_eq!(s.stable.completions, 40_000);
+    assert_eq!(s.stable.itl.count, 40_000);
+}
+
+#[derive(Debug, Clone)]
+enum Event {
+    Arrive,
+    Start,
+    Finish,
+    Wait(u64),
+}
+
+fn event() -> impl Strategy<Value = Event> {
+    prop_oneof![
+        Just(Event::Arrive),
+        Just(Event::Start),
+        Just(Event::Finish),
+        (1u64..5_000).prop_map(Event::Wait)
+    ]
+}
+
+proptest! {
+    /// A window never counts data older than itself: the snapshot equals a
+    /// brute-force reference computed from the events inside the window.
+    #[test]
+    fn window_matches_a_reference(events in prop::collection::vec(event(), 1..200), window_s in 2u64..20) {
+        let (clock, p) = pool(30);
+        let origin = clock.now();
+        let mut t_ms = 0u64;
+        let mut level = 0i64;
+        let mut changes: Vec<(u64, i64)> = Vec::new(); // (ms, new level)
+        let mut arrivals: Vec<u64> = Vec::new();
+        for e in events {
+            match e {
+                Event::Arrive => { p.arrival(1); arrivals.push(t_ms); }
+                Event::Start => { p.dispatch(0); level += 1; changes.push((t_ms, level)); }
+                Event::Finish if level > 0 => { p.complete(0, 0, false, None); level -= 1; changes.push((t_ms, level)); }
+                Event::Finish => {}
+                Event::Wait(ms) => { clock.advance(MS(ms)); t_ms += ms; }
+            }
+        }
+        let s = p.snapshot(S(window_s), S(1));
+        // The covered span: whole seconds before the current one, plus the
+        // current partial second; never before the start.
+        let now_ms = t_ms + 1000 * 1000; // the clock starts at 1000 s
+        let current_start = now_ms / 1000 * 1000;
+        let from = current_start.saturating_sub((window_s - 1) * 1000).max(1000 * 1000) - 1000 * 1000;
+        let to = t_ms;
+        prop_assert_eq!(s.stable.observed, MS(to - from));
+        let expect_arrivals = arrivals.iter().filter(|&&a| a >= from).count() as u64;
+        prop_assert_eq!(s.stable.arrivals, expect_arrivals);
+        // Area under the level curve over [from, to).
+        let mut area = 0i64;
+        let mut cur = 0i64;
+        let mut last = 0u64;
+        for &(at, l) in &changes {
+            let a = last.max(from);
+            let b = at.min(to);
+            if b > a { area += cur * (b - a) as i64; }
+            cur = l;
+            last = at;
+        }
+        let a = last.max(from);
+        if to > a { area += cur * (to - a) as i64; }
+        if to > from {
+            let expect = area as f64 / (to - from) as f64;
+            prop_assert!((s.stable.concurrency - expect).abs() < 1e-6, "{} vs {}", s.stable.concurrency, expect);
+        }
+        let _ = origin;
+    }
+}
