@@ -2,14 +2,26 @@
 //!
 //! An algorithm turns a pool's window snapshot and its policy into a desired
 //! replica count. It may keep state (KPA's panic mode, HPA's recommendation
-//! history) but never reads a clock or does I/O: time comes in the input, so
-//! every algorithm runs on virtual time in tests and in `scalecar replay`.
+//! history, SLO's learned capacity) but never reads a clock or does I/O:
+//! time comes in the input, so every algorithm runs on virtual time in tests
+//! and in `scalecar replay`.
 
+mod hpa;
+mod kpa;
+mod slo;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
-use scalecar_config::Policy;
+use scalecar_config::{Policy, Role};
 
 use crate::snapshot::WindowSnapshot;
+
+pub use hpa::Hpa;
+pub use kpa::Kpa;
+pub use slo::Slo;
 
 /// Everything an algorithm may look at for one decision.
 #[derive(Debug, Clone, Copy)]
@@ -22,6 +34,13 @@ pub struct DecisionInput<'a> {
     pub spec: u32,
     pub snapshot: &'a WindowSnapshot,
     pub policy: &'a Policy,
+    /// The pool's role (SLO keeps TTFT for prefill and unified, ITL for
+    /// decode).
+    pub role: Role,
+    /// The pool is routed to. An unreachable pool (no route sends it
+    /// traffic) may drop to zero without the scale-down rate limit, as
+    /// Knative does for unreachable revisions.
+    pub reachable: bool,
     /// True when some gateway replica's signals are missing from the
     /// snapshot: the decision may scale up but never down.
     pub partial: bool,
@@ -43,4 +62,221 @@ pub struct Decision {
     pub target: f64,
     /// In words, e.g. `ttft p90 1.2s over target 500ms (panic)`.
     pub reason: String,
+}
+
+impl Decision {
+    /// No decision: nothing to scale on.
+    pub fn none(reason: impl Into<String>) -> Decision {
+        Decision {
+            desired: None,
+            panic: false,
+            stable_value: 0.0,
+            panic_value: 0.0,
+            target: 0.0,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A scaling algorithm with its state, for one target.
+pub trait ScalingAlgorithm: Send + fmt::Debug {
+    /// The registered name.
+    fn name(&self) -> &str;
+    fn decide(&mut self, input: &DecisionInput<'_>) -> Decision;
+}
+
+/// Builds an algorithm for a target: its policy, the ready count at
+/// creation, and the clock time.
+pub type AlgorithmFactory =
+    Arc<dyn Fn(&Policy, u32, Duration) -> Box<dyn ScalingAlgorithm> + Send + Sync>;
+
+/// Why a registration or creation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    #[error("an algorithm named {0:?} is already registered")]
+    Duplicate(String),
+    #[error("algorithm {name:?} is not registered; registered: {known}")]
+    Unknown { name: String, known: String },
+}
+
+/// Algorithms by name. The control loop and replay create every target's
+/// algorithm through it, by the name the policy gives.
+#[derive(Clone, Default)]
+pub struct AlgorithmRegistry {
+    factories: BTreeMap<String, AlgorithmFactory>,
+}
+
+impl fmt::Debug for AlgorithmRegistry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(self.factories.keys()).finish()
+    }
+}
+
+impl AlgorithmRegistry {
+    /// A registry with `kpa`, `hpa` and `slo`.
+    pub fn with_builtins() -> Self {
+        let mut r = AlgorithmRegistry::default();
+        let builtins: [(&str, AlgorithmFactory); 3] = [
+            (
+                "kpa",
+                Arc::new(|p: &Policy, ready, now| {
+                    Box::new(Kpa::new(p, ready, now)) as Box<dyn ScalingAlgorithm>
+                }),
+            ),
+            (
+                "hpa",
+                Arc::new(|_: &Policy, _, _| Box::new(Hpa::new()) as Box<dyn ScalingAlgorithm>),
+            ),
+            (
+                "slo",
+                Arc::new(|p: &Policy, _, _| Box::new(Slo::new(p)) as Box<dyn ScalingAlgorithm>),
+            ),
+        ];
+        for (name, factory) in builtins {
+            // The names are distinct constants.
+            let _ = r.register(name, factory);
+        }
+        r
+    }
+
+    /// Registers `name`; a name registered twice is an error.
+    pub fn register(&mut self, name: &str, factory: AlgorithmFactory) -> Result<(), RegistryError> {
+        if self.factories.contains_key(name) {
+            return Err(RegistryError::Duplicate(name.to_string()));
+        }
+        self.factories.insert(name.to_string(), factory);
+        Ok(())
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        self.factories.keys().map(String::as_str).collect()
+    }
+
+    /// Creates the algorithm the policy names.
+    pub fn create(
+        &self,
+        policy: &Policy,
+        ready: u32,
+        now: Duration,
+    ) -> Result<Box<dyn ScalingAlgorithm>, RegistryError> {
+        match self.factories.get(&policy.algorithm) {
+            Some(f) => Ok(f(policy, ready, now)),
+            None => Err(RegistryError::Unknown {
+                name: policy.algorithm.clone(),
+                known: self.names().join(", "),
+            }),
+        }
+    }
+}
+
+/// Formats a duration for reasons: `1.2s`, `350ms`.
+pub(crate) fn show(d: Duration) -> String {
+    if d >= Duration::from_secs(1) {
+        format!("{:.1}s", d.as_secs_f64())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+    use crate::snapshot::WindowValues;
+    use scalecar_config::Metric;
+
+    /// A snapshot whose stable and panic windows carry `stable` and `panic`
+    /// as the pool total of `metric`.
+    pub fn snapshot(metric: Metric, stable: f64, panic: f64, policy: &Policy) -> WindowSnapshot {
+        let values = |v: f64, d: Duration| {
+            let mut w = WindowValues {
+                duration: d,
+                observed: d,
+                ..WindowValues::default()
+            };
+            match metric {
+                Metric::Concurrency | Metric::Queue => w.concurrency = v,
+                Metric::Rps => w.rps = v,
+                Metric::Tokens => w.tokens = v,
+            }
+            w
+        };
+        WindowSnapshot {
+            at: Duration::ZERO,
+            stable: values(stable, policy.window),
+            panic: values(panic, policy.panic_window()),
+            in_flight_now: 0,
+            queued_now: 0,
+            last_activity: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Fixed(u32);
+
+    impl ScalingAlgorithm for Fixed {
+        fn name(&self) -> &str {
+            "fixed"
+        }
+        fn decide(&mut self, _: &DecisionInput<'_>) -> Decision {
+            Decision {
+                desired: Some(self.0),
+                ..Decision::none("fixed")
+            }
+        }
+    }
+
+    #[test]
+    fn registering_twice_is_an_error_and_dispatch_is_by_name() {
+        let mut r = AlgorithmRegistry::with_builtins();
+        assert_eq!(r.names(), vec!["hpa", "kpa", "slo"]);
+        let e = r.register(
+            "kpa",
+            Arc::new(|_: &Policy, _, _| Box::new(Fixed(1)) as Box<dyn ScalingAlgorithm>),
+        );
+        assert_eq!(e, Err(RegistryError::Duplicate("kpa".into())));
+        r.register(
+            "fixed",
+            Arc::new(|_: &Policy, _, _| Box::new(Fixed(7)) as Box<dyn ScalingAlgorithm>),
+        )
+        .unwrap();
+        let policy = Policy {
+            algorithm: "fixed".into(),
+            ..Policy::default()
+        };
+        let mut a = r.create(&policy, 1, Duration::ZERO).unwrap();
+        assert_eq!(a.name(), "fixed");
+        let snap = WindowSnapshot::default();
+        let input = DecisionInput {
+            now: Duration::ZERO,
+            ready: 1,
+            spec: 1,
+            snapshot: &snap,
+            policy: &policy,
+            role: Role::Unified,
+            reachable: true,
+            partial: false,
+        };
+        assert_eq!(a.decide(&input).desired, Some(7));
+        for (name, want) in [("kpa", "kpa"), ("hpa", "hpa"), ("slo", "slo")] {
+            let p = Policy {
+                algorithm: name.into(),
+                ..Policy::default()
+            };
+            assert_eq!(r.create(&p, 1, Duration::ZERO).unwrap().name(), want);
+        }
+        let p = Policy {
+            algorithm: "nope".into(),
+            ..Policy::default()
+        };
+        let e = r.create(&p, 1, Duration::ZERO).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "algorithm \"nope\" is not registered; registered: fixed, hpa, kpa, slo"
+        );
+    }
 }

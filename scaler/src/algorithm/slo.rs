@@ -1,0 +1,306 @@
+//! `slo`: keep a latency percentile under its target with as few replicas
+//! as that takes.
+//!
+//! Prefill and unified pools keep TTFT p90 under `ttft-target`, with demand
+//! measured as prompt tokens admitted per second; decode pools keep ITL p90
+//! under `itl-target`, with demand as tokens in flight (the KV footprint).
+//! Demand is what arrives at the proxy, never completions, which flatten
+//! exactly when capacity runs out.
+//!
+//! The capacity of one replica (demand it carries within the target) is
+//! learned online, starting from `target`: a window over the target at
+//! per-replica load x lowers it to x·target/observed; a window comfortably
+//! under the target at a load near the estimate raises it by 5 %, and any
+//! load served within the target is a lower bound. Desired replicas are
+//! demand / capacity over the stable and the panic window (the larger: a
+//! burst is answered within a tick). Scaling down must pass consolidation:
+//! the load of N replicas must fit N−1 with 10 % to spare. Replicas still
+//! starting count as supply: the count compared against is spec, not ready.
+
+use std::time::Duration;
+
+use scalecar_config::{Policy, Role};
+
+use super::{Decision, DecisionInput, ScalingAlgorithm, show};
+
+/// Fewer latency samples than this in a window teach nothing.
+const MIN_SAMPLES: u64 = 5;
+/// Headroom kept when consolidating.
+const CONSOLIDATION_MARGIN: f64 = 0.9;
+
+/// The SLO controller of one target.
+#[derive(Debug)]
+pub struct Slo {
+    /// Learned demand one replica carries within the target.
+    capacity: f64,
+}
+
+impl Slo {
+    pub fn new(policy: &Policy) -> Self {
+        Slo {
+            capacity: policy.target.max(f64::MIN_POSITIVE),
+        }
+    }
+
+    pub fn capacity(&self) -> f64 {
+        self.capacity
+    }
+
+    fn learn(&mut self, per_replica: f64, observed: Duration, target: Duration) {
+        if per_replica <= 0.0 {
+            return;
+        }
+        let ratio = observed.as_secs_f64() / target.as_secs_f64().max(1e-9);
+        if ratio > 1.0 {
+            self.capacity = self.capacity.min(per_replica / ratio);
+        } else {
+            // Served within target: at least this much is sustainable.
+            self.capacity = self.capacity.max(per_replica);
+            if ratio < 0.8 && per_replica >= 0.9 * self.capacity {
+                self.capacity *= 1.05;
+            }
+        }
+    }
+}
+
+impl ScalingAlgorithm for Slo {
+    fn name(&self) -> &str {
+        "slo"
+    }
+
+    fn decide(&mut self, input: &DecisionInput<'_>) -> Decision {
+        let p = input.policy;
+        let snap = input.snapshot;
+        if !snap.stable.has_data() {
+            return Decision::none("no data to scale on yet");
+        }
+        let (what, latency, target, demand_stable, demand_panic, unit) = match input.role {
+            Role::Decode => (
+                "itl",
+                snap.stable.itl,
+                p.itl_target,
+                snap.stable.tokens,
+                snap.panic.tokens,
+                "tokens in flight",
+            ),
+            Role::Prefill | Role::Unified => (
+                "ttft",
+                snap.stable.ttft,
+                p.ttft_target,
+                snap.stable.prompt_tokens_per_sec,
+                snap.panic.prompt_tokens_per_sec,
+                "prompt tok/s",
+            ),
+        };
+        let Some(target) = target else {
+            return Decision::none(format!("slo needs a {what} target"));
+        };
+        let ready = input.ready.max(1);
+        let observed = latency.p90.filter(|_| latency.count >= MIN_SAMPLES);
+        if let Some(l) = observed {
+            self.learn(demand_stable / f64::from(ready), l, target);
+        }
+        let cap = self.capacity;
+        let need = |d: f64| (d / cap).ceil().min(f64::from(u32::MAX)) as u32;
+        let mut desired = need(demand_stable).max(need(demand_panic));
+        let over = observed.is_some_and(|l| l > target);
+        if over {
+            // The target is missed now: never ask for less than what runs.
+            desired = desired.max(
+                input
+                    .spec
+                    .saturating_add(u32::from(input.ready >= input.spec)),
+            );
+        }
+        let spec = input.spec;
+        let mut note = "";
+        if desired < spec {
+            let fits =
+                spec > 1 && demand_stable / f64::from(spec - 1) <= cap * CONSOLIDATION_MARGIN;
+            if !fits && demand_stable > 0.0 {
+                desired = spec;
+                note = "; consolidation: the load does not fit one replica fewer";
+            } else {
+                desired =
+                    desired.max(((demand_stable / (cap * CONSOLIDATION_MARGIN)).ceil()) as u32);
+            }
+        }
+        let latency_text = match observed {
+            Some(l) => format!(
+                "{what} p90 {} {} target {}",
+                show(l),
+                if over { "over" } else { "within" },
+                show(target)
+            ),
+            None => format!("{what} target {} (too few samples)", show(target)),
+        };
+        let reason = format!(
+            "{latency_text}; demand {demand_stable:.0} {unit}, capacity {cap:.0} per replica → {desired}{note}"
+        );
+        Decision {
+            desired: Some(desired),
+            panic: false,
+            stable_value: demand_stable,
+            panic_value: demand_panic,
+            target: cap,
+            reason,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::{LatencySummary, WindowSnapshot, WindowValues};
+
+    fn policy() -> Policy {
+        Policy {
+            algorithm: "slo".into(),
+            target: 4000.0,
+            ttft_target: Some(Duration::from_millis(500)),
+            itl_target: Some(Duration::from_millis(40)),
+            ..Policy::default()
+        }
+    }
+
+    fn snap(prompt_tps: f64, panic_tps: f64, ttft_p90_ms: Option<u64>) -> WindowSnapshot {
+        let lat = |ms: Option<u64>| LatencySummary {
+            count: if ms.is_some() { 100 } else { 0 },
+            p90: ms.map(Duration::from_millis),
+            ..LatencySummary::default()
+        };
+        let w = |tps| WindowValues {
+            duration: Duration::from_secs(60),
+            observed: Duration::from_secs(60),
+            prompt_tokens_per_sec: tps,
+            ttft: lat(ttft_p90_ms),
+            ..WindowValues::default()
+        };
+        WindowSnapshot {
+            stable: w(prompt_tps),
+            panic: w(panic_tps),
+            ..WindowSnapshot::default()
+        }
+    }
+
+    fn decide(s: &mut Slo, p: &Policy, ready: u32, spec: u32, snap: &WindowSnapshot) -> Decision {
+        s.decide(&DecisionInput {
+            now: Duration::ZERO,
+            ready,
+            spec,
+            snapshot: snap,
+            policy: p,
+            role: Role::Unified,
+            reachable: true,
+            partial: false,
+        })
+    }
+
+    #[test]
+    fn demand_over_capacity() {
+        let p = policy();
+        let mut s = Slo::new(&p);
+        let d = decide(&mut s, &p, 2, 2, &snap(10_000.0, 10_000.0, None));
+        assert_eq!(d.desired, Some(3));
+        assert!(d.reason.contains("too few samples"), "{}", d.reason);
+        // A burst in the panic window is answered at once.
+        let d = decide(&mut s, &p, 3, 3, &snap(10_000.0, 30_000.0, None));
+        assert_eq!(d.desired, Some(8));
+    }
+
+    #[test]
+    fn a_missed_target_lowers_capacity_and_adds_replicas() {
+        let p = policy();
+        let mut s = Slo::new(&p);
+        // 2 replicas at 3,000 tok/s each miss 500 ms by 2×: capacity ≤ 1,500.
+        let d = decide(&mut s, &p, 2, 2, &snap(6_000.0, 6_000.0, Some(1000)));
+        assert!((s.capacity() - 1500.0).abs() < 1e-9, "{}", s.capacity());
+        assert_eq!(d.desired, Some(4));
+        assert!(
+            d.reason.starts_with("ttft p90 1.0s over target 500ms"),
+            "{}",
+            d.reason
+        );
+    }
+
+    #[test]
+    fn served_load_raises_capacity() {
+        let p = policy();
+        let mut s = Slo::new(&p);
+        // 1 replica carries 6,000 tok/s at 200 ms: at least 6,000, and
+        // comfortably under the target near the estimate: +5 %.
+        decide(&mut s, &p, 1, 1, &snap(6_000.0, 6_000.0, Some(200)));
+        assert!((s.capacity() - 6300.0).abs() < 1e-9, "{}", s.capacity());
+    }
+
+    #[test]
+    fn consolidation_guards_scale_down() {
+        let p = policy();
+        let mut s = Slo::new(&p);
+        // 4 replicas, demand 11,000 at capacity 4,000: 3 would be at 3,667
+        // each, over 90 % of 4,000 → hold 4.
+        let d = decide(&mut s, &p, 4, 4, &snap(11_000.0, 11_000.0, Some(450)));
+        assert_eq!(d.desired, Some(4));
+        assert!(d.reason.contains("consolidation"), "{}", d.reason);
+        // Demand 7,000: fits 3 (2,333 each) → down, to ceil(7000 / 3600) = 2.
+        let mut s = Slo::new(&p);
+        let d = decide(&mut s, &p, 4, 4, &snap(7_000.0, 7_000.0, Some(300)));
+        assert_eq!(d.desired, Some(2));
+    }
+
+    #[test]
+    fn starting_replicas_count_as_supply() {
+        let p = policy();
+        let mut s = Slo::new(&p);
+        // 2 ready, 4 asked for, demand needs 3: no new ask, no scale down
+        // below what is starting unless it passes consolidation (it does:
+        // 3 replicas carry 3,000 each).
+        let d = decide(&mut s, &p, 2, 4, &snap(9_000.0, 9_000.0, None));
+        assert_eq!(d.desired, Some(3));
+        // Target missed while replicas start: hold spec, do not pile on.
+        let mut s = Slo::new(&p);
+        let d = decide(&mut s, &p, 2, 4, &snap(4_000.0, 4_000.0, Some(900)));
+        assert_eq!(d.desired, Some(4));
+    }
+
+    #[test]
+    fn decode_pools_keep_itl() {
+        let p = policy();
+        let mut s = Slo::new(&p);
+        let mut w = snap(0.0, 0.0, None);
+        for v in [&mut w.stable, &mut w.panic] {
+            v.tokens = 20_000.0;
+            v.itl = LatencySummary {
+                count: 500,
+                p90: Some(Duration::from_millis(80)),
+                ..LatencySummary::default()
+            };
+        }
+        let d = s.decide(&DecisionInput {
+            now: Duration::ZERO,
+            ready: 2,
+            spec: 2,
+            snapshot: &w,
+            policy: &p,
+            role: Role::Decode,
+            reachable: true,
+            partial: false,
+        });
+        // 10,000 tokens per replica at 2× the ITL target: capacity 5,000.
+        assert!((s.capacity() - 4000.0).abs() < 1e-9 || (s.capacity() - 5000.0).abs() < 1e-9);
+        assert_eq!(d.desired, Some(5));
+        assert!(
+            d.reason.starts_with("itl p90 80ms over target 40ms"),
+            "{}",
+            d.reason
+        );
+    }
+
+    #[test]
+    fn idle_asks_for_zero() {
+        let p = policy();
+        let mut s = Slo::new(&p);
+        let d = decide(&mut s, &p, 3, 3, &snap(0.0, 0.0, None));
+        assert_eq!(d.desired, Some(0));
+    }
+}
