@@ -15,6 +15,7 @@
 pub mod algorithm;
 pub mod behavior;
 pub mod clock;
+pub mod control;
 pub mod pd;
 pub mod signals;
 pub mod snapshot;

@@ -195,9 +195,10 @@ impl PoolSignals {
     pub fn new(config: SignalsConfig, clock: Arc<dyn Clock>) -> Self {
         let bucket_us = micros(config.bucket).max(1000);
         let retention_us = micros(config.retention).max(bucket_us);
-        let slots = retention_us.div_ceil(bucket_us) + 2;
+        // + the current slot + the two prepared ahead + one spare.
+        let slots = retention_us.div_ceil(bucket_us) + 4;
         let hist_slot_us = (retention_us / 30).max(bucket_us).div_ceil(bucket_us) * bucket_us;
-        let hist_slots = retention_us.div_ceil(hist_slot_us) + 2;
+        let hist_slots = retention_us.div_ceil(hist_slot_us) + 4;
         let start_us = micros(clock.now());
         PoolSignals {
             clock,
@@ -379,8 +380,10 @@ impl PoolSignals {
         let length = length.min(self.retention);
         let b = self.bucket_us;
         let current = now / b;
-        // Whole slots before the current one, then the current partial one.
-        let whole = (micros(length) / b).saturating_sub(1);
+        // The current partial slot, then as many whole slots before it as
+        // fit: the window covers (length − bucket, length].
+        let partial = now - current * b;
+        let whole = micros(length).saturating_sub(partial) / b;
         let first = current.saturating_sub(whole).max(self.start_us / b);
         // Levels at the end of each slot, walking back from now.
         let mut level_end: [i64; GAUGES] = std::array::from_fn(|g| self.level(g) as i64);
@@ -458,7 +461,8 @@ impl PoolSignals {
     fn merge_histograms(&self, now: u64, length: Duration, into: &mut [Histogram<u64>; LATENCIES]) {
         let h = self.hist_slot_us;
         let current = now / h;
-        let whole = micros(length).div_ceil(h).saturating_sub(1);
+        let partial = now - current * h;
+        let whole = micros(length).saturating_sub(partial).div_ceil(h);
         let first = current.saturating_sub(whole).max(self.start_us / h);
         for number in first..=current {
             let Some(s) = self.hists.get((number % self.hists.len() as u64) as usize) else {

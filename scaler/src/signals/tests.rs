@@ -48,22 +48,22 @@ fn half_a_window_in_flight_is_half() {
     clock.advance(MS(29_500));
     p.complete(100, 0, false, None);
     clock.advance(MS(500));
-    // Window of 60 s: 59 whole slots + the (empty) current one. The request
-    // was in flight for 29.5 s of the covered 59 s.
+    // On a slot boundary the 60 s window is 60 whole slots; the request was
+    // in flight for 29.5 s of them.
     let s = p.snapshot(S(60), S(6));
     assert!(
-        (s.stable.concurrency - 29.5 / 59.0).abs() < 1e-9,
+        (s.stable.concurrency - 29.5 / 60.0).abs() < 1e-9,
         "{}",
         s.stable.concurrency
     );
     assert!(
-        (s.stable.tokens - 100.0 * 29.5 / 59.0).abs() < 1e-6,
+        (s.stable.tokens - 100.0 * 29.5 / 60.0).abs() < 1e-6,
         "{}",
         s.stable.tokens
     );
-    // Panic window: 5 whole slots, the request in flight for 4.5 s of them.
+    // Panic window: 6 whole slots, the request in flight for 5.5 s of them.
     assert!(
-        (s.panic.concurrency - 0.9).abs() < 1e-9,
+        (s.panic.concurrency - 5.5 / 6.0).abs() < 1e-9,
         "{}",
         s.panic.concurrency
     );
@@ -136,7 +136,7 @@ fn rates_and_tokens() {
         clock.advance(MS(500));
     }
     let s = p.snapshot(S(60), S(6));
-    // 59 whole slots + 0 partial: the last 118 arrivals fall inside.
+    // 60 whole slots: all 120 arrivals fall inside.
     assert!((s.stable.rps - 2.0).abs() < 1e-9, "{}", s.stable.rps);
     assert!((s.stable.prompt_tokens_per_sec - 2000.0).abs() < 1e-6);
     assert!((s.stable.decode_tokens_per_sec - 3.0).abs() < 1e-6);
@@ -160,15 +160,14 @@ fn queue_and_token_gauges() {
     p.complete(400, 10, true, Some(S(2)));
     clock.advance(S(1));
     let s = p.snapshot(S(5), S(5));
-    // Over the 4 whole slots + empty current: queue 1 s, prefill 400 for
-    // 1 s, decode 410 for 1 s.
+    // Over 5 whole slots: queue 1 s, prefill 400 for 1 s, decode 410 for 1 s.
     assert!(
-        (s.stable.queue - 1.0 / 4.0).abs() < 1e-9,
+        (s.stable.queue - 1.0 / 5.0).abs() < 1e-9,
         "{}",
         s.stable.queue
     );
     assert!(
-        (s.stable.tokens - 810.0 / 4.0).abs() < 1e-9,
+        (s.stable.tokens - 810.0 / 5.0).abs() < 1e-9,
         "{}",
         s.stable.tokens
     );
@@ -291,8 +290,9 @@ proptest! {
         // The covered span: whole seconds before the current one, plus the
         // current partial second; never before the start.
         let now_ms = t_ms + 1000 * 1000; // the clock starts at 1000 s
-        let current_start = now_ms / 1000 * 1000;
-        let from = current_start.saturating_sub((window_s - 1) * 1000).max(1000 * 1000) - 1000 * 1000;
+        let partial = now_ms % 1000;
+        let whole = (window_s * 1000 - partial) / 1000;
+        let from = (now_ms - partial).saturating_sub(whole * 1000).max(1000 * 1000) - 1000 * 1000;
         let to = t_ms;
         prop_assert_eq!(s.stable.observed, MS(to - from));
         let expect_arrivals = arrivals.iter().filter(|&&a| a >= from).count() as u64;
