@@ -149,7 +149,8 @@ impl Epoch for HistSlot {
 /// slot's data. A writer late with an old timestamp whose slot was already
 /// reused records into the newer slot (off by one slot, never lost).
 fn slot<S: Epoch>(ring: &[S], number: u64) -> Option<&S> {
-    let s = ring.get((number % ring.len() as u64) as usize)?;
+    // Ring lengths are powers of two: a mask, not a division.
+    let s = ring.get((number & (ring.len() as u64 - 1)) as usize)?;
     let want = number + 1;
     loop {
         let e = s.epoch().load(Ordering::Acquire);
@@ -196,9 +197,9 @@ impl PoolSignals {
         let bucket_us = micros(config.bucket).max(1000);
         let retention_us = micros(config.retention).max(bucket_us);
         // + the current slot + the two prepared ahead + one spare.
-        let slots = retention_us.div_ceil(bucket_us) + 4;
+        let slots = (retention_us.div_ceil(bucket_us) + 4).next_power_of_two();
         let hist_slot_us = (retention_us / 30).max(bucket_us).div_ceil(bucket_us) * bucket_us;
-        let hist_slots = retention_us.div_ceil(hist_slot_us) + 4;
+        let hist_slots = (retention_us.div_ceil(hist_slot_us) + 4).next_power_of_two();
         let start_us = micros(clock.now());
         PoolSignals {
             clock,
@@ -221,11 +222,10 @@ impl PoolSignals {
         slot(&self.counters, now_us / self.bucket_us)
     }
 
-    fn gauge(&self, g: usize, delta: i64) {
+    fn gauge(&self, now: u64, g: usize, delta: i64) {
         if delta == 0 {
             return;
         }
-        let now = self.now_us();
         if let Some(level) = self.levels.get(g) {
             level.fetch_add(delta, Ordering::AcqRel);
         }
@@ -237,8 +237,7 @@ impl PoolSignals {
         }
     }
 
-    fn latency(&self, h: usize, d: Duration) {
-        let now = self.now_us();
+    fn latency(&self, now: u64, h: usize, d: Duration) {
         if let Some(s) = slot(&self.hists, now / self.hist_slot_us).and_then(|s| s.latencies.get(h))
         {
             s.record(d);
@@ -261,38 +260,58 @@ impl PoolSignals {
     }
 
     pub fn queue_enter(&self) {
-        self.gauge(QUEUED, 1);
+        self.gauge(self.now_us(), QUEUED, 1);
     }
 
     pub fn queue_leave(&self, waited: Duration) {
-        self.gauge(QUEUED, -1);
-        self.latency(QUEUE_WAIT, waited);
+        let now = self.now_us();
+        self.gauge(now, QUEUED, -1);
+        self.latency(now, QUEUE_WAIT, waited);
     }
 
     /// Sent to an endpoint: in flight, with its prompt tokens in prefill.
     pub fn dispatch(&self, prompt_tokens: u64) {
-        self.gauge(IN_FLIGHT, 1);
-        self.gauge(PREFILL_TOKENS, Self::tokens(prompt_tokens));
+        let now = self.now_us();
+        self.gauge(now, IN_FLIGHT, 1);
+        self.gauge(now, PREFILL_TOKENS, Self::tokens(prompt_tokens));
     }
 
     /// The first token: its prompt tokens move from prefill to decode.
     pub fn first_token(&self, prompt_tokens: u64, ttft: Duration) {
+        let now = self.now_us();
         let n = Self::tokens(prompt_tokens);
-        self.gauge(PREFILL_TOKENS, -n);
-        self.gauge(DECODE_TOKENS, n);
-        self.latency(TTFT, ttft);
+        self.gauge(now, PREFILL_TOKENS, -n);
+        self.gauge(now, DECODE_TOKENS, n);
+        self.latency(now, TTFT, ttft);
+    }
+
+    /// The pool's clock: a caller that already read it for a latency passes
+    /// the reading to the `*_at` methods instead of reading it twice.
+    pub fn now(&self) -> Duration {
+        self.clock.now()
     }
 
     /// `n` tokens generated.
     pub fn decode_tokens(&self, n: u64) {
-        self.gauge(DECODE_TOKENS, Self::tokens(n));
-        if let Some(s) = self.counter_slot(self.now_us()) {
+        self.decode_tokens_at(self.clock.now(), n);
+    }
+
+    /// [`Self::decode_tokens`] at `now`, a reading of [`Self::now`].
+    pub fn decode_tokens_at(&self, now: Duration, n: u64) {
+        let now = micros(now);
+        self.gauge(now, DECODE_TOKENS, Self::tokens(n));
+        if let Some(s) = self.counter_slot(now) {
             s.decode_tokens.fetch_add(n, Ordering::Relaxed);
         }
     }
 
     pub fn inter_token(&self, itl: Duration) {
-        self.latency(ITL, itl);
+        self.latency(self.now_us(), ITL, itl);
+    }
+
+    /// [`Self::inter_token`] at `now`, a reading of [`Self::now`].
+    pub fn inter_token_at(&self, now: Duration, itl: Duration) {
+        self.latency(micros(now), ITL, itl);
     }
 
     /// The request left its endpoint (done, failed or cancelled): it leaves
@@ -304,23 +323,25 @@ impl PoolSignals {
         first_token_seen: bool,
         e2e: Option<Duration>,
     ) {
-        self.gauge(IN_FLIGHT, -1);
+        let now = self.now_us();
+        self.gauge(now, IN_FLIGHT, -1);
         if first_token_seen {
             self.gauge(
+                now,
                 DECODE_TOKENS,
                 -Self::tokens(prompt_tokens.saturating_add(generated_tokens)),
             );
         } else {
-            self.gauge(PREFILL_TOKENS, -Self::tokens(prompt_tokens));
+            self.gauge(now, PREFILL_TOKENS, -Self::tokens(prompt_tokens));
             // Tokens counted as generated without a first token (never
             // happens through the proxy) still leave decode.
-            self.gauge(DECODE_TOKENS, -Self::tokens(generated_tokens));
+            self.gauge(now, DECODE_TOKENS, -Self::tokens(generated_tokens));
         }
-        if let Some(s) = self.counter_slot(self.now_us()) {
+        if let Some(s) = self.counter_slot(now) {
             s.completions.fetch_add(1, Ordering::Relaxed);
         }
         if let Some(d) = e2e {
-            self.latency(E2E, d);
+            self.latency(now, E2E, d);
         }
     }
 
@@ -404,7 +425,7 @@ impl PoolSignals {
             covered += span;
             let s = self
                 .counters
-                .get((number % self.counters.len() as u64) as usize);
+                .get((number & (self.counters.len() as u64 - 1)) as usize);
             let fresh = s.filter(|s| s.epoch.load(Ordering::Acquire) == number + 1);
             for g in 0..GAUGES {
                 let (delta, tail) = fresh.and_then(|s| s.gauges.get(g)).map_or((0, 0), |x| {
@@ -465,7 +486,10 @@ impl PoolSignals {
         let whole = micros(length).saturating_sub(partial).div_ceil(h);
         let first = current.saturating_sub(whole).max(self.start_us / h);
         for number in first..=current {
-            let Some(s) = self.hists.get((number % self.hists.len() as u64) as usize) else {
+            let Some(s) = self
+                .hists
+                .get((number & (self.hists.len() as u64 - 1)) as usize)
+            else {
                 continue;
             };
             if s.epoch.load(Ordering::Acquire) != number + 1 {
