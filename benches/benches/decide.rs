@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use criterion::{Criterion, black_box, criterion_group, criterion_main};
+use std::hint::black_box;
+
+use criterion::{Criterion, criterion_group, criterion_main};
 use scalecar_config::{Policy, Role};
 use scalecar_scaler::algorithm::{AlgorithmRegistry, DecisionInput};
 use scalecar_scaler::snapshot::{LatencySummary, WindowSnapshot, WindowValues};

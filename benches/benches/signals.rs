@@ -5,7 +5,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use criterion::{Criterion, black_box, criterion_group, criterion_main};
+use std::hint::black_box;
+
+use criterion::{Criterion, criterion_group, criterion_main};
 use scalecar_scaler::clock::MonotonicClock;
 use scalecar_scaler::signals::{PoolSignals, SignalsConfig};
 
