@@ -11,6 +11,10 @@
 //! Invariants: recording is atomics-only and allocation-free; replicas never
 //! leave [min, max]; missing, stale or partial data never scales down, while
 //! zero traffic is data and may.
+//!
+//! Memory: a pool's signals take a fixed ~3 MB (latency histograms of a
+//! 60 s window in 64 slots) plus ~13 KB of counters, whatever the traffic;
+//! see [`signals`].
 
 pub mod algorithm;
 pub mod behavior;

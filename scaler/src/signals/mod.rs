@@ -16,10 +16,11 @@
 //! Latencies go into HdrHistogram-layout atomic counters in a second ring of
 //! coarser slots (retention / 30, at least one slot).
 //!
-//! Memory per pool: counters 12 × 8 B per slot (61 slots for a 60 s
-//! retention: ~6 KB), histograms 4 × 2,944 × 4 B = 47 KB per histogram slot
-//! (31 slots for 60 s: ~1.5 MB). Fixed at creation; recording never
-//! allocates.
+//! Memory per pool (rings are rounded up to powers of two): counters
+//! 13 × 8 B per slot (128 slots for a 60 s retention: ~13 KB), histograms
+//! 4 × 2,944 × 4 B = 47 KB per histogram slot (64 slots of 2 s for 60 s:
+//! ~3 MB; a 1 h window has 64 slots of 2 min, the same 3 MB). Fixed at
+//! creation; recording never allocates.
 
 pub mod histogram;
 
