@@ -2,10 +2,27 @@
 //! binary.
 //!
 //! Role: an OpenAI-compatible inference proxy that measures every request
-//! and streamed token into the scaler's signals, and the commands users run
-//! (`replay` now; `run` and `demo` with the data plane).
+//! and streamed token into the scaler's signals (TTFT, ITL, queue, tokens in
+//! flight, per model and role), and the commands users run (`run`,
+//! `replay`).
 //!
 //! Not here: scaling decisions (see `scalecar-scaler`), policy parsing (see
 //! `scalecar-config`).
+//!
+//! Invariants: the proxy adds no buffering to a stream (frames pass as they
+//! come, TCP_NODELAY both ways); every admitted request releases its
+//! endpoint slot and its in-flight and queued counts exactly once, on every
+//! exit path (RAII leases and the observed body's Drop); the upstream is
+//! chosen only from the pool, never from the client's Host or URI; no input
+//! panics. The data plane is built on hyper rather than Pingora: see
+//! `docs/adr/0001-data-plane.md`.
 
+pub mod admin;
+pub mod dataplane;
+pub mod error;
+pub mod metrics;
+pub mod observe;
+pub mod pd;
+pub mod pool;
 pub mod replay;
+pub mod server;

@@ -1,11 +1,14 @@
-//! The `scalecar` binary: `replay` (offline decisions from recorded
-//! signals); `run` and `demo` follow with the data plane.
+//! The `scalecar` binary: `run` (the proxy), `replay` (offline decisions
+//! from recorded signals).
 
 use std::io::{BufReader, Write};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use scalecar_config::ScalecarConfig;
 use scalecar_proxy::replay::{self, ReplayArgs};
+use scalecar_proxy::server;
 use scalecar_scaler::algorithm::AlgorithmRegistry;
 
 #[derive(Debug, Parser)]
@@ -13,15 +16,27 @@ use scalecar_scaler::algorithm::AlgorithmRegistry;
     name = "scalecar",
     version,
     about = "Gateway-embedded autoscaler for LLM inference",
-    after_help = "EXAMPLE\n  echo '{\"t\":0,\"ready\":1,\"stable\":30,\"panic\":30}' | scalecar replay --set target=10"
+    after_help = "EXAMPLES\n  scalecar run --config scalecar.yaml\n  echo '{\"t\":0,\"ready\":1,\"stable\":30,\"panic\":30}' | scalecar replay --set target=10"
 )]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "EXAMPLE\n  scalecar run --config scalecar.yaml   (the file's shape is in the README)"
+)]
+struct RunArgs {
+    /// The config file (YAML).
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the proxy and its admin server.
+    Run(RunArgs),
     /// Replay recorded signals through an algorithm, offline and deterministic.
     Replay(ReplayArgs),
 }
@@ -51,5 +66,80 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Run(args) => run(args),
     }
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    // A config error exits 2 before any port is bound.
+    let config = match ScalecarConfig::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "scalecar: config error:\n{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "scalecar: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let bind = |addr| async move {
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("binding {addr}: {e}"))
+        };
+        let listeners = async {
+            Ok::<_, String>((
+                bind(config.proxy.listen).await?,
+                bind(config.admin.listen).await?,
+            ))
+        };
+        let (proxy, admin) = match listeners.await {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = writeln!(std::io::stderr(), "scalecar: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let handle = match server::start(&config, proxy, admin).await {
+            Ok(h) => h,
+            Err(e) => {
+                let _ = writeln!(std::io::stderr(), "scalecar: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        tracing::info!(proxy = %handle.proxy_addr, admin = %handle.admin_addr, "serving");
+        wait_for_signal().await;
+        tracing::info!(grace = ?config.limits.shutdown_grace, "shutting down");
+        handle.shutdown().await;
+        ExitCode::SUCCESS
+    })
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        if let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = ctrl_c.await;
 }

@@ -1,0 +1,222 @@
+//! The admin server: `/healthz`, `/readyz`, `/metrics` (OpenMetrics text)
+//! and `/debug/pools` (JSON: endpoints, in flight, queue, window snapshot).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use http::header::{CONTENT_TYPE, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use prometheus_client::registry::Registry;
+use serde_json::{Value, json};
+
+use crate::dataplane::{DataPlane, ModelRoute, PoolEntry, ProxyBody, full};
+
+/// What the admin server shows.
+#[derive(Debug)]
+pub struct Admin {
+    pub plane: Arc<DataPlane>,
+    pub registry: Registry,
+    /// Set once the proxy listener is serving; cleared at shutdown.
+    pub ready: AtomicBool,
+}
+
+fn entries(plane: &DataPlane) -> Vec<&PoolEntry> {
+    let mut out = Vec::new();
+    for route in plane.routes().values() {
+        match route {
+            ModelRoute::Unified(e) => out.push(e),
+            ModelRoute::Disaggregated { prefill, decode } => {
+                out.push(prefill);
+                out.push(decode);
+            }
+        }
+    }
+    out.sort_by(|a, b| (&a.pool.model, a.pool.role).cmp(&(&b.pool.model, b.pool.role)));
+    out
+}
+
+fn ms(d: Option<Duration>) -> Value {
+    d.map_or(Value::Null, |d| json!(d.as_secs_f64() * 1000.0))
+}
+
+impl Admin {
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<ProxyBody>, Infallible> {
+        let text = |status: StatusCode, ct: &'static str, body: String| {
+            let mut r = Response::new(full(body));
+            *r.status_mut() = status;
+            r.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static(ct));
+            r
+        };
+        if req.method() != Method::GET {
+            return Ok(text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                "method not allowed\n".into(),
+            ));
+        }
+        Ok(match req.uri().path() {
+            "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
+            "/readyz" if self.ready.load(Ordering::Acquire) => {
+                text(StatusCode::OK, "text/plain", "ready\n".into())
+            }
+            "/readyz" => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "not ready\n".into(),
+            ),
+            "/metrics" => {
+                for e in entries(&self.plane) {
+                    let s = &e.pool.signals;
+                    e.metrics.in_flight.set(s.in_flight() as i64);
+                    e.metrics.queued.set(s.queued() as i64);
+                    e.metrics.tokens_in_flight.set(s.tokens_in_flight() as i64);
+                }
+                let openmetrics = req
+                    .headers()
+                    .get(http::header::ACCEPT)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.contains("application/openmetrics-text"));
+                let mut body = String::new();
+                match prometheus_client::encoding::text::encode(&mut body, &self.registry) {
+                    Ok(()) if openmetrics => text(
+                        StatusCode::OK,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        body,
+                    ),
+                    Ok(()) => text(
+                        StatusCode::OK,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                        to_prometheus_text(&body),
+                    ),
+                    Err(e) => text(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "text/plain",
+                        format!("encoding metrics: {e}\n"),
+                    ),
+                }
+            }
+            "/debug/pools" => text(
+                StatusCode::OK,
+                "application/json",
+                self.debug_pools().to_string(),
+            ),
+            _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+        })
+    }
+
+    fn debug_pools(&self) -> Value {
+        let pools: Vec<Value> = entries(&self.plane)
+            .into_iter()
+            .map(|e| {
+                let p = &e.pool;
+                let now = p.now_ms();
+                let endpoints: Vec<Value> = p
+                    .endpoints()
+                    .iter()
+                    .map(|ep| {
+                        json!({
+                            "address": ep.addr.to_string(),
+                            "outstanding": ep.outstanding.load(Ordering::Relaxed),
+                            "outstanding_tokens": ep.outstanding_tokens.load(Ordering::Relaxed),
+                            "healthy": ep.healthy.load(Ordering::Relaxed),
+                            "ejected": ep.is_ejected(now),
+                        })
+                    })
+                    .collect();
+                let retention = p.signals.retention();
+                let snap = p.signals.snapshot(retention, (retention / 10).max(Duration::from_secs(1)));
+                let window = |w: &scalecar_scaler::WindowValues| {
+                    json!({
+                        "seconds": w.duration.as_secs_f64(),
+                        "observed_seconds": w.observed.as_secs_f64(),
+                        "concurrency": w.concurrency,
+                        "rps": w.rps,
+                        "queue": w.queue,
+                        "tokens": w.tokens,
+                        "prompt_tokens_per_sec": w.prompt_tokens_per_sec,
+                        "decode_tokens_per_sec": w.decode_tokens_per_sec,
+                        "arrivals": w.arrivals,
+                        "completions": w.completions,
+                        "ttft_ms": {"count": w.ttft.count, "mean": ms(w.ttft.mean), "p50": ms(w.ttft.p50), "p90": ms(w.ttft.p90), "p99": ms(w.ttft.p99)},
+                        "itl_ms": {"count": w.itl.count, "mean": ms(w.itl.mean), "p50": ms(w.itl.p50), "p90": ms(w.itl.p90), "p99": ms(w.itl.p99)},
+                        "queue_wait_ms": {"count": w.queue_wait.count, "p90": ms(w.queue_wait.p90)},
+                    })
+                };
+                json!({
+                    "model": p.model,
+                    "role": p.role.as_str(),
+                    "max_concurrency": p.max_concurrency,
+                    "in_flight": p.signals.in_flight(),
+                    "queued": p.signals.queued(),
+                    "tokens_in_flight": p.signals.tokens_in_flight(),
+                    "endpoints": endpoints,
+                    "stable": window(&snap.stable),
+                    "panic": window(&snap.panic),
+                })
+            })
+            .collect();
+        json!({ "pools": pools })
+    }
+}
+
+/// OpenMetrics text to the Prometheus text format (0.0.4), for scrapers
+/// and tools that do not negotiate OpenMetrics: counter families are named
+/// with their `_total` suffix there, and there is no `# EOF` or `# UNIT`.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    let mut help: Option<&str> = None;
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if line.starts_with("# HELP ") {
+            help = Some(line);
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            let (name, kind) = match kind {
+                "counter" => (format!("{name}_total"), "counter"),
+                "unknown" => (name.to_string(), "untyped"),
+                k => (name.to_string(), k),
+            };
+            if let Some(h) = help.take() {
+                let text = h
+                    .strip_prefix("# HELP ")
+                    .and_then(|h| h.split_once(' '))
+                    .map_or("", |(_, t)| t);
+                out.push_str(&format!("# HELP {name} {text}\n"));
+            }
+            out.push_str(&format!("# TYPE {name} {kind}\n"));
+            continue;
+        }
+        if let Some(h) = help.take() {
+            out.push_str(h);
+            out.push('\n');
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_get_their_total_names() {
+        let om = "# HELP x_requests Requests.\n# TYPE x_requests counter\nx_requests_total{a=\"b\"} 1\n# HELP g G.\n# TYPE g gauge\ng 2\n# EOF\n";
+        assert_eq!(
+            to_prometheus_text(om),
+            "# HELP x_requests_total Requests.\n# TYPE x_requests_total counter\nx_requests_total{a=\"b\"} 1\n# HELP g G.\n# TYPE g gauge\ng 2\n"
+        );
+    }
+}

@@ -1,0 +1,476 @@
+//! Pools: the endpoints serving one model in one role, their per-endpoint
+//! load and health, and the admission of requests to them.
+//!
+//! The endpoint set is read-mostly and swapped whole (`ArcSwap`) when
+//! discovery or the local cluster changes it. Per-endpoint counters are
+//! atomics; a request holds its endpoint slot through an RAII [`Lease`], so
+//! every exit path returns it exactly once and wakes one waiter.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use scalecar_config::Role;
+use scalecar_scaler::signals::PoolSignals;
+use tokio::sync::Notify;
+
+/// One model-server endpoint and its load.
+#[derive(Debug)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    /// Requests sent and not finished.
+    pub outstanding: AtomicU32,
+    /// Prompt + generated tokens of those requests (the work they carry).
+    pub outstanding_tokens: AtomicU64,
+    /// Passive ejection: no new requests before this (ms on the pool clock).
+    ejected_until_ms: AtomicU64,
+    consecutive_failures: AtomicU32,
+    /// Active health checks' verdict (static endpoints).
+    pub healthy: AtomicBool,
+}
+
+impl Endpoint {
+    pub fn new(addr: SocketAddr) -> Arc<Self> {
+        Arc::new(Endpoint {
+            addr,
+            outstanding: AtomicU32::new(0),
+            outstanding_tokens: AtomicU64::new(0),
+            ejected_until_ms: AtomicU64::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            healthy: AtomicBool::new(true),
+        })
+    }
+
+    fn available(&self, now_ms: u64) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+            && self.ejected_until_ms.load(Ordering::Relaxed) <= now_ms
+    }
+
+    /// A connection or protocol failure: eject for a backoff that doubles
+    /// with consecutive failures (250 ms … 30 s).
+    pub fn record_failure(&self, now_ms: u64) {
+        let n = self
+            .consecutive_failures
+            .fetch_add(1, Ordering::Relaxed)
+            .min(7);
+        let backoff = (250u64 << n).min(30_000);
+        self.ejected_until_ms
+            .store(now_ms + backoff, Ordering::Relaxed);
+    }
+
+    pub fn record_success(&self) {
+        if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+        }
+    }
+
+    pub fn is_ejected(&self, now_ms: u64) -> bool {
+        self.ejected_until_ms.load(Ordering::Relaxed) > now_ms
+    }
+}
+
+/// A pool of endpoints for one `(model, role)`.
+pub struct Pool {
+    pub model: String,
+    pub role: Role,
+    endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
+    pub signals: Arc<PoolSignals>,
+    /// Requests per endpoint at once (`max-concurrency`).
+    pub max_concurrency: Option<u32>,
+    /// Wakes waiters when a slot frees or endpoints change.
+    slot_freed: Notify,
+    queued: AtomicUsize,
+    pub queue_length: usize,
+    epoch: Instant,
+    picks: AtomicU64,
+    /// Called when a request waits on a pool with no endpoint (scale from
+    /// zero).
+    on_empty: ArcSwap<Option<Arc<dyn Fn() + Send + Sync>>>,
+}
+
+impl fmt::Debug for Pool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pool")
+            .field("model", &self.model)
+            .field("role", &self.role)
+            .field("endpoints", &self.endpoints.load().len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why admission failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdmitError {
+    /// The queue is full: 429.
+    QueueFull,
+    /// The deadline passed while queued: 503.
+    Timeout,
+}
+
+/// A held slot on one endpoint. Dropping it frees the slot and wakes one
+/// waiter.
+pub struct Lease {
+    pool: Arc<Pool>,
+    pub endpoint: Arc<Endpoint>,
+    tokens: u64,
+}
+
+impl fmt::Debug for Lease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lease")
+            .field("endpoint", &self.endpoint.addr)
+            .finish()
+    }
+}
+
+impl Lease {
+    /// Adds generated tokens to the endpoint's outstanding work.
+    pub fn add_tokens(&mut self, n: u64) {
+        self.endpoint
+            .outstanding_tokens
+            .fetch_add(n, Ordering::Relaxed);
+        self.tokens += n;
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.endpoint.outstanding.fetch_sub(1, Ordering::AcqRel);
+        self.endpoint
+            .outstanding_tokens
+            .fetch_sub(self.tokens, Ordering::Relaxed);
+        self.pool.slot_freed.notify_one();
+    }
+}
+
+/// Counts a request in the pool's queue (signals and the bound) until
+/// dropped.
+struct Queued<'a> {
+    pool: &'a Pool,
+    since: Instant,
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.pool.queued.fetch_sub(1, Ordering::AcqRel);
+        self.pool.signals.queue_leave(self.since.elapsed());
+    }
+}
+
+impl Pool {
+    pub fn new(
+        model: String,
+        role: Role,
+        endpoints: Vec<SocketAddr>,
+        signals: Arc<PoolSignals>,
+        max_concurrency: Option<u32>,
+        queue_length: usize,
+    ) -> Arc<Pool> {
+        Arc::new(Pool {
+            model,
+            role,
+            endpoints: ArcSwap::from_pointee(endpoints.into_iter().map(Endpoint::new).collect()),
+            signals,
+            max_concurrency,
+            slot_freed: Notify::new(),
+            queued: AtomicUsize::new(0),
+            queue_length,
+            epoch: Instant::now(),
+            picks: AtomicU64::new(0),
+            on_empty: ArcSwap::from_pointee(None),
+        })
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    pub fn endpoints(&self) -> Arc<Vec<Arc<Endpoint>>> {
+        self.endpoints.load_full()
+    }
+
+    /// Replaces the endpoint set, keeping the state of endpoints that stay.
+    pub fn set_endpoints(&self, addrs: &[SocketAddr]) {
+        let current = self.endpoints.load();
+        let next: Vec<Arc<Endpoint>> = addrs
+            .iter()
+            .map(|a| {
+                current
+                    .iter()
+                    .find(|e| e.addr == *a)
+                    .cloned()
+                    .unwrap_or_else(|| Endpoint::new(*a))
+            })
+            .collect();
+        self.endpoints.store(Arc::new(next));
+        // New endpoints can take waiters: wake them all to re-pick, each
+        // within the caps.
+        self.slot_freed.notify_waiters();
+    }
+
+    /// Sets what to call when a request waits on an empty pool.
+    pub fn on_empty(&self, f: Arc<dyn Fn() + Send + Sync>) {
+        self.on_empty.store(Arc::new(Some(f)));
+    }
+
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
+    }
+
+    /// Power of two choices by least outstanding work (tokens, then
+    /// requests) among available endpoints under their cap; `avoid` is
+    /// skipped (a retry goes elsewhere). Takes the slot atomically.
+    fn try_acquire(self: &Arc<Self>, tokens: u64, avoid: Option<SocketAddr>) -> Option<Lease> {
+        let endpoints = self.endpoints.load();
+        let n = endpoints.len();
+        if n == 0 {
+            return None;
+        }
+        let now = self.now_ms();
+        let cap = self.max_concurrency.unwrap_or(u32::MAX);
+        let eligible = |e: &Endpoint| {
+            e.available(now) && Some(e.addr) != avoid && e.outstanding.load(Ordering::Relaxed) < cap
+        };
+        // Two candidates from a rotating start and a hashed offset; fall
+        // back to a scan so a free endpoint is always found.
+        let k = self.picks.fetch_add(1, Ordering::Relaxed);
+        let a = (k as usize) % n;
+        let b = (splitmix(k) as usize) % n;
+        let work = |e: &Endpoint| {
+            (
+                e.outstanding_tokens.load(Ordering::Relaxed),
+                e.outstanding.load(Ordering::Relaxed),
+            )
+        };
+        let mut order = [a, b];
+        if let (Some(ea), Some(eb)) = (endpoints.get(a), endpoints.get(b))
+            && work(eb) < work(ea)
+        {
+            order = [b, a];
+        }
+        let scan = (0..n).map(|i| (a + i) % n);
+        for i in order.into_iter().chain(scan) {
+            let Some(e) = endpoints.get(i) else { continue };
+            if !eligible(e) {
+                continue;
+            }
+            // Take the slot only if still under the cap.
+            let taken = e
+                .outstanding
+                .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |o| {
+                    (o < cap).then_some(o + 1)
+                })
+                .is_ok();
+            if taken {
+                e.outstanding_tokens.fetch_add(tokens, Ordering::Relaxed);
+                return Some(Lease {
+                    pool: self.clone(),
+                    endpoint: e.clone(),
+                    tokens,
+                });
+            }
+        }
+        None
+    }
+
+    /// Admits a request: a slot at once, or a wait in the bounded queue
+    /// until one frees or `deadline` passes. The wait is registered before
+    /// each look, so a freed slot is never missed.
+    pub async fn admit(
+        self: &Arc<Self>,
+        tokens: u64,
+        avoid: Option<SocketAddr>,
+        deadline: Duration,
+    ) -> Result<Lease, AdmitError> {
+        if let Some(l) = self.try_acquire(tokens, avoid) {
+            return Ok(l);
+        }
+        // Queue, within the bound.
+        let admitted = self
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                (q < self.queue_length).then_some(q + 1)
+            })
+            .is_ok();
+        if !admitted {
+            return Err(AdmitError::QueueFull);
+        }
+        self.signals.queue_enter();
+        let _queued = Queued {
+            pool: self,
+            since: Instant::now(),
+        };
+        let until = tokio::time::Instant::now() + deadline;
+        loop {
+            let notified = self.slot_freed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(l) = self.try_acquire(tokens, avoid) {
+                return Ok(l);
+            }
+            if self.endpoints.load().is_empty()
+                && let Some(f) = self.on_empty.load().as_ref()
+            {
+                f();
+            }
+            // Ejections expire without a notification: look again soon.
+            let recheck = tokio::time::Instant::now() + Duration::from_millis(250);
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep_until(recheck.min(until)) => {}
+            }
+            if tokio::time::Instant::now() >= until {
+                return self.try_acquire(tokens, avoid).ok_or(AdmitError::Timeout);
+            }
+        }
+    }
+}
+
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use scalecar_scaler::clock::MonotonicClock;
+    use scalecar_scaler::signals::SignalsConfig;
+
+    fn pool(n: usize, cap: Option<u32>, queue: usize) -> Arc<Pool> {
+        let addrs = (0..n)
+            .map(|i| SocketAddr::from(([127, 0, 0, 1], 9000 + i as u16)))
+            .collect();
+        let signals = Arc::new(PoolSignals::new(
+            SignalsConfig::default(),
+            Arc::new(MonotonicClock::new()),
+        ));
+        Pool::new("m".into(), Role::Unified, addrs, signals, cap, queue)
+    }
+
+    #[tokio::test]
+    async fn least_outstanding_work_spreads_load() {
+        let p = pool(4, None, 10);
+        let mut leases = Vec::new();
+        for _ in 0..8 {
+            leases.push(p.admit(100, None, Duration::from_secs(1)).await.unwrap());
+        }
+        for e in p.endpoints().iter() {
+            let o = e.outstanding.load(Ordering::Relaxed);
+            assert!((1..=3).contains(&o), "{} has {o}", e.addr);
+        }
+        drop(leases);
+        assert!(
+            p.endpoints()
+                .iter()
+                .all(|e| e.outstanding.load(Ordering::Relaxed) == 0)
+        );
+        assert!(
+            p.endpoints()
+                .iter()
+                .all(|e| e.outstanding_tokens.load(Ordering::Relaxed) == 0)
+        );
+    }
+
+    #[tokio::test]
+    async fn the_cap_queues_and_a_freed_slot_admits() {
+        let p = pool(1, Some(1), 1);
+        let first = p.admit(0, None, Duration::from_secs(1)).await.unwrap();
+        let waiter = {
+            let p = p.clone();
+            tokio::spawn(async move {
+                p.admit(0, None, Duration::from_secs(5))
+                    .await
+                    .map(|l| l.endpoint.addr)
+            })
+        };
+        while p.queued() == 0 {
+            tokio::task::yield_now().await;
+        }
+        // The queue (length 1) is full now.
+        assert_eq!(
+            p.admit(0, None, Duration::from_secs(1)).await.unwrap_err(),
+            AdmitError::QueueFull
+        );
+        assert_eq!(p.signals.queued(), 1);
+        drop(first);
+        assert!(waiter.await.unwrap().is_ok());
+        assert_eq!(p.queued(), 0);
+        assert_eq!(p.signals.queued(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_deadline_expires() {
+        let p = pool(1, Some(1), 4);
+        let _held = p.admit(0, None, Duration::from_secs(1)).await.unwrap();
+        let e = p
+            .admit(0, None, Duration::from_millis(50))
+            .await
+            .unwrap_err();
+        assert_eq!(e, AdmitError::Timeout);
+        assert_eq!(p.queued(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_empty_pool_pokes_and_new_endpoints_admit() {
+        let p = pool(0, Some(1), 8);
+        let poked = Arc::new(AtomicU32::new(0));
+        let counter = poked.clone();
+        p.on_empty(Arc::new(move || {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }));
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let p = p.clone();
+                tokio::spawn(async move {
+                    p.admit(0, None, Duration::from_secs(5))
+                        .await
+                        .map(|l| (l.endpoint.addr, l))
+                })
+            })
+            .collect();
+        while p.queued() < 3 {
+            tokio::task::yield_now().await;
+        }
+        assert!(poked.load(Ordering::Relaxed) >= 1);
+        // Three endpoints with cap 1 arrive: the three waiters spread over them.
+        p.set_endpoints(&[
+            SocketAddr::from(([127, 0, 0, 1], 1)),
+            SocketAddr::from(([127, 0, 0, 1], 2)),
+            SocketAddr::from(([127, 0, 0, 1], 3)),
+        ]);
+        let mut addrs = Vec::new();
+        let mut leases = Vec::new();
+        for w in waiters {
+            let (a, l) = w.await.unwrap().unwrap();
+            addrs.push(a);
+            leases.push(l);
+        }
+        addrs.sort();
+        addrs.dedup();
+        assert_eq!(addrs.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn ejected_and_avoided_endpoints_are_skipped() {
+        let p = pool(2, None, 4);
+        let eps = p.endpoints();
+        eps[0].record_failure(p.now_ms());
+        for _ in 0..4 {
+            let l = p.admit(0, None, Duration::from_secs(1)).await.unwrap();
+            assert_eq!(l.endpoint.addr, eps[1].addr);
+        }
+        let p = pool(2, None, 4);
+        let eps = p.endpoints();
+        let l = p
+            .admit(0, Some(eps[0].addr), Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert_eq!(l.endpoint.addr, eps[1].addr);
+    }
+}

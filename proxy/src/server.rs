@@ -1,0 +1,300 @@
+//! Building the proxy from its config and serving it: listeners, header
+//! limits and timeouts, active health checks of static endpoints, and
+//! graceful shutdown (stop accepting, let streams finish within the grace
+//! period, then close).
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use prometheus_client::registry::Registry;
+use scalecar_config::{Role, ScalecarConfig};
+use scalecar_scaler::clock::{Clock, MonotonicClock};
+use scalecar_scaler::signals::{PoolSignals, SignalsConfig};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::admin::Admin;
+use crate::dataplane::{DataPlane, ModelRoute, PoolEntry};
+use crate::metrics::ProxyMetrics;
+use crate::pool::Pool;
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("pools[{index}].endpoints: {endpoint:?} does not resolve: {message}")]
+    Resolve {
+        index: usize,
+        endpoint: String,
+        message: String,
+    },
+}
+
+/// A running proxy and its admin server.
+#[derive(Debug)]
+pub struct ProxyHandle {
+    pub proxy_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub plane: Arc<DataPlane>,
+    pub admin: Arc<Admin>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl ProxyHandle {
+    /// Stops accepting, waits for open requests up to the grace period,
+    /// then returns.
+    pub async fn shutdown(self) {
+        self.admin.ready.store(false, Ordering::Release);
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+async fn resolve(index: usize, endpoint: &str) -> Result<SocketAddr, StartError> {
+    let err = |message: String| StartError::Resolve {
+        index,
+        endpoint: endpoint.to_string(),
+        message,
+    };
+    let mut addrs = tokio::net::lookup_host(endpoint)
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    addrs.next().ok_or_else(|| err("no address".into()))
+}
+
+/// Builds the pools and routes of a config.
+pub async fn build(
+    config: &ScalecarConfig,
+    clock: Arc<dyn Clock>,
+    registry: &mut Registry,
+) -> Result<Arc<DataPlane>, StartError> {
+    let metrics = ProxyMetrics::register(registry);
+    let mut by_model: HashMap<String, HashMap<Role, PoolEntry>> = HashMap::new();
+    for (i, p) in config.pools.iter().enumerate() {
+        let mut addrs = Vec::new();
+        for e in &p.endpoints {
+            addrs.push(resolve(i, e).await?);
+        }
+        let signals = Arc::new(PoolSignals::new(
+            SignalsConfig::for_window(p.policy.window),
+            clock.clone(),
+        ));
+        let pool = Pool::new(
+            p.model.clone(),
+            p.role,
+            addrs,
+            signals,
+            p.policy.max_concurrency,
+            config.limits.queue_length,
+        );
+        let entry = PoolEntry {
+            metrics: metrics.pool(&p.model, p.role),
+            pool,
+        };
+        by_model
+            .entry(p.model.clone())
+            .or_default()
+            .insert(p.role, entry);
+    }
+    let mut routes = HashMap::new();
+    for (model, mut roles) in by_model {
+        // The config was validated: a model is unified, or prefill + decode.
+        let route = match (
+            roles.remove(&Role::Unified),
+            roles.remove(&Role::Prefill),
+            roles.remove(&Role::Decode),
+        ) {
+            (Some(u), _, _) => ModelRoute::Unified(u),
+            (None, Some(prefill), Some(decode)) => ModelRoute::Disaggregated { prefill, decode },
+            (None, Some(only), None) | (None, None, Some(only)) => ModelRoute::Unified(only),
+            (None, None, None) => continue,
+        };
+        routes.insert(model, route);
+    }
+    Ok(Arc::new(DataPlane::new(
+        routes,
+        config.limits.clone(),
+        metrics,
+    )))
+}
+
+/// Starts serving on the given listeners.
+pub async fn start(
+    config: &ScalecarConfig,
+    proxy_listener: TcpListener,
+    admin_listener: TcpListener,
+) -> Result<ProxyHandle, StartError> {
+    let mut registry = Registry::default();
+    let clock: Arc<dyn Clock> = Arc::new(MonotonicClock::new());
+    let plane = build(config, clock, &mut registry).await?;
+    Ok(serve(plane, registry, proxy_listener, admin_listener))
+}
+
+/// Serves an already built data plane.
+pub fn serve(
+    plane: Arc<DataPlane>,
+    registry: Registry,
+    proxy_listener: TcpListener,
+    admin_listener: TcpListener,
+) -> ProxyHandle {
+    let proxy_addr = proxy_listener
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let admin_addr = admin_listener
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let admin = Arc::new(Admin {
+        plane: plane.clone(),
+        registry,
+        ready: Default::default(),
+    });
+    let mut tasks = Vec::new();
+    let p = plane.clone();
+    tasks.push(tokio::spawn(serve_proxy(
+        p,
+        proxy_listener,
+        shutdown_rx.clone(),
+    )));
+    tasks.push(tokio::spawn(serve_admin(
+        admin.clone(),
+        admin_listener,
+        shutdown_rx.clone(),
+    )));
+    tasks.push(tokio::spawn(health_checks(plane.clone(), shutdown_rx)));
+    admin.ready.store(true, Ordering::Release);
+    ProxyHandle {
+        proxy_addr,
+        admin_addr,
+        plane,
+        admin,
+        shutdown,
+        tasks,
+    }
+}
+
+async fn serve_proxy(
+    plane: Arc<DataPlane>,
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+) {
+    let graceful = GracefulShutdown::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(plane.limits.header_timeout)
+        .max_buf_size(plane.limits.max_header_bytes.max(8192))
+        .keep_alive(true);
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let (stream, _) = match accepted {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let plane = plane.clone();
+        let service = service_fn(move |req| {
+            let plane = plane.clone();
+            async move { Ok::<_, Infallible>(plane.handle(req).await) }
+        });
+        let conn = builder.serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "client connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    let grace = plane.limits.shutdown_grace;
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?grace,
+            "streams still open after the shutdown grace period; closing"
+        );
+    }
+}
+
+async fn serve_admin(admin: Arc<Admin>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let Ok((stream, _)) = accepted else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| admin.clone().handle(req));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// Active health checks of static endpoints: `GET /health` every 5 s; two
+/// failures in a row take an endpoint out, one success brings it back.
+async fn health_checks(plane: Arc<DataPlane>, mut stop: watch::Receiver<bool>) {
+    let mut failures: HashMap<SocketAddr, u32> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let mut endpoints = Vec::new();
+        for route in plane.routes().values() {
+            match route {
+                ModelRoute::Unified(e) => endpoints.extend(e.pool.endpoints().iter().cloned()),
+                ModelRoute::Disaggregated { prefill, decode } => {
+                    endpoints.extend(prefill.pool.endpoints().iter().cloned());
+                    endpoints.extend(decode.pool.endpoints().iter().cloned());
+                }
+            }
+        }
+        for ep in endpoints {
+            let uri = format!("http://{}/health", ep.addr);
+            let Ok(req) = http::Request::get(uri).body(Full::new(Bytes::new())) else {
+                continue;
+            };
+            let ok = matches!(
+                tokio::time::timeout(Duration::from_secs(2), plane.client().request(req)).await,
+                Ok(Ok(r)) if r.status().is_success()
+            );
+            let n = failures.entry(ep.addr).or_insert(0);
+            *n = if ok { 0 } else { *n + 1 };
+            let healthy = *n < 2;
+            if ep.healthy.swap(healthy, Ordering::AcqRel) != healthy {
+                tracing::info!(endpoint = %ep.addr, healthy, "endpoint health changed");
+            }
+        }
+    }
+}

@@ -1,0 +1,588 @@
+//! The data plane end to end: real model-sim servers, the real proxy on
+//! 127.0.0.1:0 ports, async-openai and raw HTTP clients, promtool.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use async_openai::Client;
+use async_openai::config::OpenAIConfig;
+use async_openai::types::chat::{
+    ChatCompletionRequestUserMessageArgs, CreateChatCompletionRequestArgs,
+};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client as HttpClient;
+use hyper_util::rt::TokioExecutor;
+use scalecar_config::ScalecarConfig;
+use scalecar_loadtest::sim::{ModelSim, SimConfig, SimHandle, SimRole};
+use scalecar_proxy::server::{self, ProxyHandle};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn sim(config: SimConfig) -> SimHandle {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let h = ModelSim::spawn(config, listener);
+    let url = format!("http://{}/health", h.local_addr());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get(&url).await.map(|(s, _)| s) != Ok(200) {
+        assert!(Instant::now() < deadline, "model-sim never ready");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    h
+}
+
+fn model(name: &str) -> SimConfig {
+    SimConfig {
+        model: name.into(),
+        seed: 5,
+        ..SimConfig::default()
+    }
+}
+
+async fn proxy(yaml: &str) -> ProxyHandle {
+    let config = ScalecarConfig::from_yaml_str(yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    let p = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let h = server::start(&config, p, a).await.unwrap();
+    let url = format!("http://{}/readyz", h.admin_addr);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get(&url).await.map(|(s, _)| s) != Ok(200) {
+        assert!(Instant::now() < deadline, "proxy never ready");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    h
+}
+
+fn pool_yaml(model: &str, endpoints: &[String], extra_limits: &str, policy: &str) -> String {
+    let eps: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+    format!(
+        "limits: {{ {extra_limits} }}\npools:\n  - model: {model}\n    endpoints: [{}]\n    policy: {{ {policy} }}\n",
+        eps.join(", ")
+    )
+}
+
+async fn request(
+    method: &str,
+    url: &str,
+    body: &str,
+) -> Result<(u16, http::HeaderMap, String), String> {
+    let client = HttpClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(url)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .map_err(|e| e.to_string())?;
+    let resp = client.request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, headers, String::from_utf8_lossy(&body).into_owned()))
+}
+
+async fn get(url: &str) -> Result<(u16, String), String> {
+    request("GET", url, "").await.map(|(s, _, b)| (s, b))
+}
+
+async fn pools(p: &ProxyHandle) -> Value {
+    let (_, body) = get(&format!("http://{}/debug/pools", p.admin_addr))
+        .await
+        .unwrap();
+    serde_json::from_str(&body).unwrap()
+}
+
+async fn wait_idle(p: &ProxyHandle) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = pools(p).await;
+        let busy: u64 = v["pools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["in_flight"].as_u64().unwrap() + p["queued"].as_u64().unwrap())
+            .sum();
+        let tokens: u64 = v["pools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["tokens_in_flight"].as_u64().unwrap())
+            .sum();
+        if busy == 0 && tokens == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "in flight / queued never returned to 0: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn metric(p: &ProxyHandle, prefix: &str) -> f64 {
+    let (_, text) = get(&format!("http://{}/metrics", p.admin_addr))
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn openai(p: &ProxyHandle) -> Client<OpenAIConfig> {
+    Client::with_config(
+        OpenAIConfig::new()
+            .with_api_base(format!("http://{}/v1", p.proxy_addr))
+            .with_api_key("k"),
+    )
+}
+
+fn chat(max_tokens: u32, stream: bool) -> async_openai::types::chat::CreateChatCompletionRequest {
+    let mut b = CreateChatCompletionRequestArgs::default();
+    b.model("m").max_completion_tokens(max_tokens).messages([
+        ChatCompletionRequestUserMessageArgs::default()
+            .content("why scale in the proxy?")
+            .build()
+            .unwrap()
+            .into(),
+    ]);
+    if stream {
+        b.stream(true);
+    }
+    b.build().unwrap()
+}
+
+async fn stream_text(client: &Client<OpenAIConfig>, max_tokens: u32) -> String {
+    let mut s = client
+        .chat()
+        .create_stream(chat(max_tokens, true))
+        .await
+        .unwrap();
+    let mut text = String::new();
+    while let Some(chunk) = s.next().await {
+        for c in chunk.unwrap().choices {
+            text.push_str(c.delta.content.as_deref().unwrap_or(""));
+        }
+    }
+    text
+}
+
+/// Client-side TTFT of one raw streaming request.
+async fn client_ttft(url: &str, body: &str) -> Duration {
+    let client = HttpClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let req = hyper::Request::post(url)
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let start = Instant::now();
+    let mut body = client.request(req).await.unwrap().into_body();
+    let mut first = None;
+    while let Some(f) = body.frame().await {
+        let f = f.unwrap();
+        if first.is_none()
+            && f.data_ref()
+                .is_some_and(|d| d.windows(10).any(|w| w == b"\"content\":"))
+        {
+            first = Some(start.elapsed());
+        }
+    }
+    first.expect("a content event")
+}
+
+#[tokio::test]
+async fn streams_pass_through_with_the_same_content_and_ttft() {
+    let direct = sim(model("m")).await;
+    let behind = sim(model("m")).await;
+    let p = proxy(&pool_yaml("m", &[behind.local_addr().to_string()], "", "")).await;
+    let direct_client = Client::with_config(
+        OpenAIConfig::new()
+            .with_api_base(format!("http://{}/v1", direct.local_addr()))
+            .with_api_key("k"),
+    );
+    let a = stream_text(&direct_client, 16).await;
+    let b = stream_text(&openai(&p), 16).await;
+    assert_eq!(a, b);
+    assert!(!a.is_empty());
+    // TTFT as the client sees it vs as the proxy recorded it (the metric's
+    // sum is exact): within 1 ms.
+    let before = metric(&p, "scalecar_ttft_seconds_sum").await;
+    let body = r#"{"model":"m","stream":true,"max_tokens":4,"messages":[{"role":"user","content":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"}]}"#;
+    let seen = client_ttft(
+        &format!("http://{}/v1/chat/completions", p.proxy_addr),
+        body,
+    )
+    .await;
+    let recorded = metric(&p, "scalecar_ttft_seconds_sum").await - before;
+    let diff = (seen.as_secs_f64() - recorded).abs();
+    assert!(
+        diff < 0.001,
+        "client TTFT {seen:?}, proxy recorded {recorded}s"
+    );
+    wait_idle(&p).await;
+    // Non-streaming and the model list.
+    let r = openai(&p).chat().create(chat(5, false)).await.unwrap();
+    assert_eq!(r.usage.unwrap().completion_tokens, 5);
+    let models = openai(&p).models().list().await.unwrap();
+    assert_eq!(
+        models
+            .data
+            .iter()
+            .map(|m| m.id.as_str())
+            .collect::<Vec<_>>(),
+        vec!["m"]
+    );
+    assert!(metric(&p, "scalecar_tokens_total{kind=\"generated\"").await >= 0.0);
+    wait_idle(&p).await;
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_cap_queues_and_a_full_queue_answers_429() {
+    let s = sim(model("m")).await;
+    let p = proxy(&pool_yaml(
+        "m",
+        &[s.local_addr().to_string()],
+        "queue-length: 1",
+        "max-concurrency: 1",
+    ))
+    .await;
+    let url = format!("http://{}/v1/completions", p.proxy_addr);
+    let long = r#"{"model":"m","prompt":"x","max_tokens":60,"stream":true}"#;
+    let first = {
+        let url = url.clone();
+        tokio::spawn(async move { request("POST", &url, long).await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pools(&p).await["pools"][0]["in_flight"] != 1 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let second = {
+        let url = url.clone();
+        tokio::spawn(async move { request("POST", &url, long).await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pools(&p).await["pools"][0]["queued"] != 1 {
+        assert!(Instant::now() < deadline, "the second request never queued");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(metric(&p, "scalecar_queued_requests").await, 1.0);
+    // A third finds the queue (length 1) full.
+    let (status, headers, body) = request("POST", &url, long).await.unwrap();
+    assert_eq!(status, 429, "{body}");
+    assert!(headers.get("retry-after").is_some());
+    assert!(body.contains("\"error\""));
+    assert_eq!(first.await.unwrap().unwrap().0, 200);
+    assert_eq!(second.await.unwrap().unwrap().0, 200);
+    wait_idle(&p).await;
+    assert!(metric(&p, "scalecar_queue_wait_seconds_count").await >= 2.0);
+    assert_eq!(
+        metric(
+            &p,
+            "scalecar_requests_total{model=\"m\",role=\"unified\",outcome=\"queue_full\"}"
+        )
+        .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn an_endpoint_killed_mid_stream_releases_everything() {
+    let s = sim(model("m")).await;
+    let p = proxy(&pool_yaml("m", &[s.local_addr().to_string()], "", "")).await;
+    let client = HttpClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let req = hyper::Request::post(format!("http://{}/v1/completions", p.proxy_addr))
+        .body(Full::new(Bytes::from(
+            r#"{"model":"m","prompt":"x","stream":true,"max_tokens":100000}"#,
+        )))
+        .unwrap();
+    let mut body = client.request(req).await.unwrap().into_body();
+    body.frame().await.unwrap().unwrap();
+    s.shutdown();
+    // The client sees the stream end early or fail, never hang.
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut done = false;
+        while let Some(f) = body.frame().await {
+            match f {
+                Ok(f) => {
+                    done |= f
+                        .data_ref()
+                        .is_some_and(|d| d.windows(6).any(|w| w == b"[DONE]"))
+                }
+                Err(_) => break,
+            }
+        }
+        done
+    })
+    .await
+    .expect("the stream ended");
+    assert!(!ended, "a killed endpoint cannot have finished the stream");
+    wait_idle(&p).await;
+    assert_eq!(
+        metric(
+            &p,
+            "scalecar_requests_total{model=\"m\",role=\"unified\",outcome=\"upstream_error\"}"
+        )
+        .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn a_refused_connection_is_retried_elsewhere() {
+    let s = sim(model("m")).await;
+    // A port nothing listens on.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let p = proxy(&pool_yaml("m", &[dead, s.local_addr().to_string()], "", "")).await;
+    for _ in 0..6 {
+        let (status, _, body) = request(
+            "POST",
+            &format!("http://{}/v1/completions", p.proxy_addr),
+            r#"{"model":"m","prompt":"x","max_tokens":2}"#,
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    let v = pools(&p).await;
+    let ejected = v["pools"][0]["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["ejected"] == true)
+        .count();
+    assert_eq!(ejected, 1, "{v}");
+    wait_idle(&p).await;
+}
+
+#[tokio::test]
+async fn a_client_disconnect_cancels_upstream() {
+    let s = sim(model("m")).await;
+    let p = proxy(&pool_yaml("m", &[s.local_addr().to_string()], "", "")).await;
+    let client = HttpClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let req = hyper::Request::post(format!("http://{}/v1/chat/completions", p.proxy_addr))
+        .body(Full::new(Bytes::from(
+            r#"{"model":"m","stream":true,"max_tokens":100000,"messages":[{"role":"user","content":"x"}]}"#,
+        )))
+        .unwrap();
+    let mut body = client.request(req).await.unwrap().into_body();
+    body.frame().await.unwrap().unwrap();
+    assert_eq!(s.in_flight(), 1);
+    drop(body);
+    drop(client);
+    wait_idle(&p).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.in_flight() != 0
+        || s.metrics()
+            .running
+            .load(std::sync::atomic::Ordering::Relaxed)
+            != 0
+    {
+        assert!(Instant::now() < deadline, "upstream request not cancelled");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        metric(
+            &p,
+            "scalecar_requests_total{model=\"m\",role=\"unified\",outcome=\"cancelled\"}"
+        )
+        .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn disaggregated_requests_take_both_legs() {
+    let prefill = sim(SimConfig {
+        role: SimRole::Prefill,
+        ..model("m")
+    })
+    .await;
+    let decode = sim(SimConfig {
+        role: SimRole::Decode,
+        ..model("m")
+    })
+    .await;
+    let yaml = format!(
+        "pools:\n  - model: m\n    role: prefill\n    endpoints: [\"{}\"]\n  - model: m\n    role: decode\n    endpoints: [\"{}\"]\n",
+        prefill.local_addr(),
+        decode.local_addr()
+    );
+    let p = proxy(&yaml).await;
+    let text = stream_text(&openai(&p), 8).await;
+    assert!(!text.is_empty());
+    // The decode replica skipped the prefill: it got the prefill's
+    // kv_transfer_params.
+    let prompt = |h: &SimHandle| {
+        h.metrics()
+            .prompt_tokens
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let generated = |h: &SimHandle| {
+        h.metrics()
+            .generation_tokens
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    assert!(prompt(&prefill) > 0);
+    assert_eq!(generated(&prefill), 1);
+    assert_eq!(prompt(&decode), 0);
+    assert_eq!(generated(&decode), 8);
+    wait_idle(&p).await;
+    let v = pools(&p).await;
+    let by_role = |r: &str| {
+        v["pools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["role"] == r)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(by_role("prefill")["stable"]["ttft_ms"]["count"], 1, "{v}");
+    assert_eq!(by_role("decode")["stable"]["itl_ms"]["count"], 7, "{v}");
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_clearly() {
+    let s = sim(model("m")).await;
+    let p = proxy(&pool_yaml(
+        "m",
+        &[s.local_addr().to_string()],
+        "max-body-bytes: 2048, header-timeout: 300ms",
+        "",
+    ))
+    .await;
+    let base = format!("http://{}", p.proxy_addr);
+    let big = format!(r#"{{"model":"m","prompt":"{}"}}"#, "a".repeat(4000));
+    for (method, path, body, status) in [
+        ("POST", "/v1/chat/completions", "{nope", 400),
+        ("POST", "/v1/chat/completions", r#"{"messages":[]}"#, 400),
+        ("POST", "/v1/chat/completions", r#"{"model":7}"#, 400),
+        ("POST", "/v1/completions", big.as_str(), 413),
+        (
+            "POST",
+            "/v1/completions",
+            r#"{"model":"other","prompt":"x"}"#,
+            404,
+        ),
+        ("GET", "/v1/completions", "", 405),
+        ("GET", "/admin/secret", "", 404),
+    ] {
+        let (got, headers, text) = request(method, &format!("{base}{path}"), body)
+            .await
+            .unwrap();
+        assert_eq!(got, status, "{method} {path} {body}: {text}");
+        let json: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text}: {e}"));
+        assert!(json["error"]["message"].is_string(), "{text}");
+        assert!(headers.get("x-request-id").is_some());
+    }
+    // An absolute URI naming another host still goes to the pool.
+    let (status, _, _) = request(
+        "POST",
+        &format!("{base}/v1/completions"),
+        r#"{"model":"m","prompt":"x","max_tokens":1}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    // Headers that never finish: the connection is closed after the timeout.
+    let mut tcp = tokio::net::TcpStream::connect(p.proxy_addr).await.unwrap();
+    tcp.write_all(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the connection stayed open");
+    assert!(start.elapsed() < Duration::from_secs(3));
+    wait_idle(&p).await;
+}
+
+#[tokio::test]
+async fn metrics_pass_promtool() {
+    let s = sim(model("m")).await;
+    let p = proxy(&pool_yaml("m", &[s.local_addr().to_string()], "", "")).await;
+    stream_text(&openai(&p), 3).await;
+    let (_, text) = get(&format!("http://{}/metrics", p.admin_addr))
+        .await
+        .unwrap();
+    for name in [
+        "scalecar_requests_total",
+        "scalecar_ttft_seconds_bucket",
+        "scalecar_itl_seconds_bucket",
+        "scalecar_e2e_seconds_bucket",
+        "scalecar_queue_wait_seconds_bucket",
+        "scalecar_tokens_total",
+        "scalecar_in_flight_requests",
+        "scalecar_queued_requests",
+        "scalecar_tokens_in_flight",
+    ] {
+        assert!(text.contains(name), "{name} missing:\n{text}");
+    }
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool is needed: install Debian's `prometheus` package (scripts/test does)");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn shutdown_lets_open_streams_finish() {
+    let s = sim(model("m")).await;
+    let p = proxy(&pool_yaml(
+        "m",
+        &[s.local_addr().to_string()],
+        "shutdown-grace: 10s",
+        "",
+    ))
+    .await;
+    let addr = p.proxy_addr;
+    let client = HttpClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let req = hyper::Request::post(format!("http://{addr}/v1/completions"))
+        .body(Full::new(Bytes::from(
+            r#"{"model":"m","prompt":"x","stream":true,"max_tokens":40}"#,
+        )))
+        .unwrap();
+    let mut body = client.request(req).await.unwrap().into_body();
+    body.frame().await.unwrap().unwrap();
+    let stopping = tokio::spawn(p.shutdown());
+    let mut text = Vec::new();
+    while let Some(f) = body.frame().await {
+        if let Some(d) = f.unwrap().data_ref() {
+            text.extend_from_slice(d);
+        }
+    }
+    assert!(
+        text.windows(6).any(|w| w == b"[DONE]"),
+        "the stream was cut"
+    );
+    tokio::time::timeout(Duration::from_secs(5), stopping)
+        .await
+        .unwrap()
+        .unwrap();
+    // No longer accepting.
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
