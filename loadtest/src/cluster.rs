@@ -53,7 +53,8 @@ impl fmt::Debug for LocalPool {
 impl LocalPool {
     /// A pool named `name` whose replicas run `template` (its listen address
     /// is ignored: each replica binds its own port). Starts with `initial`
-    /// replicas, which become ready after the template's start-up delay.
+    /// replicas already warm (an existing Deployment); replicas added later
+    /// become ready after the template's start-up delay.
     /// The returned task keeps the endpoint set in step with readiness; it
     /// ends when the pool is dropped.
     pub async fn start(
@@ -76,7 +77,7 @@ impl LocalPool {
             }),
             endpoints,
         });
-        pool.resize(initial).await?;
+        pool.grow(initial, Duration::ZERO).await?;
         let weak = Arc::downgrade(&pool);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(50));
@@ -128,10 +129,11 @@ impl LocalPool {
         }
     }
 
-    async fn resize(&self, replicas: u32) -> Result<(), TargetError> {
+    /// Adds replicas up to `replicas`, each ready after `startup_delay`.
+    async fn grow(&self, replicas: u32, startup_delay: Duration) -> Result<(), TargetError> {
         let want = replicas as usize;
         let have = self.lock().replicas.len();
-        // Grow: bind outside the lock (binding is async).
+        // Bind outside the lock (binding is async).
         let mut fresh = Vec::new();
         for _ in have..want {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -140,12 +142,23 @@ impl LocalPool {
             let addr = listener
                 .local_addr()
                 .map_err(|e| self.error(format!("replica port: {e}")))?;
-            let handle = ModelSim::spawn(self.template.clone(), listener);
+            let config = SimConfig {
+                startup_delay,
+                ..self.template.clone()
+            };
+            let handle = ModelSim::spawn(config, listener);
             fresh.push(Replica { handle, addr });
         }
+        self.lock().replicas.extend(fresh);
+        self.refresh_endpoints();
+        Ok(())
+    }
+
+    async fn resize(&self, replicas: u32) -> Result<(), TargetError> {
+        let want = replicas as usize;
+        self.grow(replicas, self.template.startup_delay).await?;
         {
             let mut state = self.lock();
-            state.replicas.extend(fresh);
             // Shrink: not-ready replicas go first (they serve nothing), then
             // the newest.
             while state.replicas.len() > want {

@@ -19,6 +19,8 @@
 
 pub mod admin;
 pub mod dataplane;
+pub mod decisions;
+pub mod demo;
 pub mod error;
 pub mod metrics;
 pub mod observe;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use scalecar_config::ScalecarConfig;
+use scalecar_proxy::demo::DemoArgs;
 use scalecar_proxy::replay::{self, ReplayArgs};
 use scalecar_proxy::server;
 use scalecar_scaler::algorithm::AlgorithmRegistry;
@@ -16,7 +17,7 @@ use scalecar_scaler::algorithm::AlgorithmRegistry;
     name = "scalecar",
     version,
     about = "Gateway-embedded autoscaler for LLM inference",
-    after_help = "EXAMPLES\n  scalecar run --config scalecar.yaml\n  echo '{\"t\":0,\"ready\":1,\"stable\":30,\"panic\":30}' | scalecar replay --set target=10"
+    after_help = "EXAMPLES\n  scalecar demo --duration 60s\n  scalecar run --config scalecar.yaml\n  echo '{\"t\":0,\"ready\":1,\"stable\":30,\"panic\":30}' | scalecar replay --set target=10"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -39,6 +40,8 @@ enum Command {
     Run(RunArgs),
     /// Replay recorded signals through an algorithm, offline and deterministic.
     Replay(ReplayArgs),
+    /// The closed loop on a local cluster of simulated model servers, with a live view and a report.
+    Demo(DemoArgs),
 }
 
 fn main() -> ExitCode {
@@ -67,6 +70,38 @@ fn main() -> ExitCode {
             }
         }
         Command::Run(args) => run(args),
+        Command::Demo(args) => demo(args),
+    }
+}
+
+fn demo(args: DemoArgs) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "scalecar: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Ctrl-C stops the load; the report is still written.
+    let stop = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    match runtime.block_on(scalecar_proxy::demo::run(args, stop)) {
+        Ok(report) => {
+            scalecar_proxy::demo::announce(&report);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "scalecar demo: {e}");
+            ExitCode::from(2)
+        }
     }
 }
 

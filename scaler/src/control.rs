@@ -257,7 +257,20 @@ impl ControlLoop {
                 reachable: true,
                 partial: false,
             };
-            let decision = t.algorithm.decide(&input);
+            let mut decision = t.algorithm.decide(&input);
+            // Requests held at a pool with nothing asked for: scale from
+            // zero at once (they are not in flight, so no load metric
+            // shows them yet).
+            if state.spec == 0 && snapshot.queued_now > 0 {
+                let wake = t.spec.policy.activation_scale.max(1);
+                if decision.desired.is_none_or(|d| d < wake) {
+                    decision.desired = Some(wake);
+                    decision.reason = format!(
+                        "{} requests waiting at zero replicas → {wake}",
+                        snapshot.queued_now
+                    );
+                }
+            }
             pending.push(Pending {
                 state,
                 snapshot,
@@ -623,6 +636,28 @@ mod tests {
         clock.advance(Duration::from_secs(2));
         l.tick_once().await;
         assert_eq!(*target.sets.lock().unwrap(), vec![6]);
+    }
+
+    #[tokio::test]
+    async fn requests_waiting_at_zero_wake_the_pool() {
+        let target = Instant::new(0);
+        let policy = Policy {
+            min_replicas: 0,
+            ..policy()
+        };
+        let (clock, signals, _, mut l) = setup(Scaling::Managed(target.clone()), policy);
+        clock.advance(Duration::from_secs(2));
+        assert_eq!(l.tick_once().await[0].applied, 0);
+        signals.queue_enter();
+        clock.advance(Duration::from_millis(100));
+        let s = l.tick_once().await;
+        assert_eq!(s[0].applied, 1, "{:?}", s[0]);
+        assert!(
+            s[0].reason.contains("waiting at zero replicas"),
+            "{}",
+            s[0].reason
+        );
+        signals.queue_leave(Duration::from_millis(100));
     }
 
     #[test]

@@ -1,0 +1,169 @@
+//! What the control loop decided, made visible: Prometheus metrics per
+//! target (desired, spec and ready replicas, panic, the values and target
+//! the algorithm used, scale events and errors), a log line per change, and
+//! the latest status of each target for live views.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use scalecar_scaler::control::{DecisionObserver, LogObserver, TargetStatus};
+use scalecar_scaler::target::TargetError;
+use std::sync::atomic::AtomicU64;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct TargetLabels {
+    target: String,
+}
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+/// Records every decision.
+#[derive(Debug)]
+pub struct DecisionRecorder {
+    desired: Family<TargetLabels, Gauge>,
+    spec: Family<TargetLabels, Gauge>,
+    ready: Family<TargetLabels, Gauge>,
+    panic: Family<TargetLabels, Gauge>,
+    stable_value: Family<TargetLabels, FloatGauge>,
+    panic_value: Family<TargetLabels, FloatGauge>,
+    target_value: Family<TargetLabels, FloatGauge>,
+    scale_events: Family<TargetLabels, Counter>,
+    scale_errors: Family<TargetLabels, Counter>,
+    latest: Mutex<BTreeMap<String, TargetStatus>>,
+    /// The last changes (bounded), newest last.
+    changes: Mutex<std::collections::VecDeque<TargetStatus>>,
+    decisions: AtomicU64,
+}
+
+/// How many changes [`DecisionRecorder::changes`] keeps.
+const KEPT_CHANGES: usize = 256;
+
+impl DecisionRecorder {
+    pub fn register(reg: &mut Registry) -> Self {
+        let r = DecisionRecorder {
+            desired: Family::default(),
+            spec: Family::default(),
+            ready: Family::default(),
+            panic: Family::default(),
+            stable_value: Family::default(),
+            panic_value: Family::default(),
+            target_value: Family::default(),
+            scale_events: Family::default(),
+            scale_errors: Family::default(),
+            latest: Mutex::new(BTreeMap::new()),
+            changes: Mutex::new(std::collections::VecDeque::new()),
+            decisions: AtomicU64::new(0),
+        };
+        reg.register(
+            "scalecar_desired_replicas",
+            "Replicas the scaler wants after behavior",
+            r.desired.clone(),
+        );
+        reg.register(
+            "scalecar_spec_replicas",
+            "Replicas the target asks for (spec.replicas)",
+            r.spec.clone(),
+        );
+        reg.register(
+            "scalecar_ready_replicas",
+            "Replicas ready to serve",
+            r.ready.clone(),
+        );
+        reg.register(
+            "scalecar_panic_mode",
+            "1 while the algorithm is in panic mode",
+            r.panic.clone(),
+        );
+        reg.register(
+            "scalecar_stable_value",
+            "The algorithm's metric over the stable window (pool total)",
+            r.stable_value.clone(),
+        );
+        reg.register(
+            "scalecar_panic_value",
+            "The algorithm's metric over the panic window (pool total)",
+            r.panic_value.clone(),
+        );
+        reg.register(
+            "scalecar_target_value",
+            "The per-replica target the algorithm used",
+            r.target_value.clone(),
+        );
+        reg.register(
+            "scalecar_scale_events",
+            "Decisions that changed the replica count",
+            r.scale_events.clone(),
+        );
+        reg.register(
+            "scalecar_scale_errors",
+            "Failed reads or writes of the scale target",
+            r.scale_errors.clone(),
+        );
+        r
+    }
+
+    /// Decisions made so far (one per target per tick).
+    pub fn ticks(&self) -> u64 {
+        self.decisions.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The last decisions that changed a replica count, oldest first.
+    pub fn changes(&self) -> Vec<TargetStatus> {
+        self.changes
+            .lock()
+            .map(|c| c.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The latest status of every target.
+    pub fn latest(&self) -> Vec<TargetStatus> {
+        self.latest
+            .lock()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+impl DecisionObserver for DecisionRecorder {
+    fn decided(&self, s: &TargetStatus) {
+        let l = TargetLabels {
+            target: s.name.clone(),
+        };
+        self.desired.get_or_create(&l).set(i64::from(s.applied));
+        self.spec.get_or_create(&l).set(i64::from(s.spec));
+        self.ready.get_or_create(&l).set(i64::from(s.ready));
+        self.panic.get_or_create(&l).set(i64::from(s.panic));
+        self.stable_value.get_or_create(&l).set(s.stable_value);
+        self.panic_value.get_or_create(&l).set(s.panic_value);
+        self.target_value.get_or_create(&l).set(s.target);
+        if s.changed {
+            self.scale_events.get_or_create(&l).inc();
+            if let Ok(mut c) = self.changes.lock() {
+                if c.len() == KEPT_CHANGES {
+                    c.pop_front();
+                }
+                c.push_back(s.clone());
+            }
+        }
+        LogObserver.decided(s);
+        if let Ok(mut m) = self.latest.lock() {
+            m.insert(s.name.clone(), s.clone());
+        }
+        self.decisions
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    fn scale_failed(&self, name: &str, error: &TargetError) {
+        self.scale_errors
+            .get_or_create(&TargetLabels {
+                target: name.to_string(),
+            })
+            .inc();
+        LogObserver.scale_failed(name, error);
+    }
+}

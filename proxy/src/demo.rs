@@ -1,0 +1,474 @@
+//! `scalecar demo`: the whole product in one process, on a laptop.
+//!
+//! A local cluster of model-sim replicas (each ready after a cold start),
+//! the real proxy in front of them, the real control loop scaling the
+//! cluster through the same `ScaleTarget` trait as Kubernetes, and an
+//! open-loop load (a burst by default, or a real trace). A live line shows
+//! what the scaler sees; at the end a report directory holds a summary, the
+//! timeline as CSV and an SVG plot of load, TTFT p90 and replicas.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prometheus_client::registry::Registry;
+use scalecar_config::{Limits, Policy, Role};
+use scalecar_loadtest::cluster::LocalPool;
+use scalecar_loadtest::loadgen::{
+    ArrivalPattern, RequestSize, StreamingClient, read_trace_file, run_plan, summarize, write_csv,
+};
+use scalecar_loadtest::plot::{TimelinePoint, write_timeline_csv, write_timeline_svg};
+use scalecar_loadtest::sim::SimConfig;
+use scalecar_scaler::algorithm::AlgorithmRegistry;
+use scalecar_scaler::clock::{Clock, MonotonicClock};
+use scalecar_scaler::control::{ControlLoop, Scaling, SystemWallClock, TargetSpec};
+use scalecar_scaler::signals::{PoolSignals, SignalsConfig};
+
+use crate::dataplane::{DataPlane, ModelRoute, PoolEntry};
+use crate::decisions::DecisionRecorder;
+use crate::metrics::ProxyMetrics;
+use crate::pool::Pool;
+use crate::server;
+
+const MODEL: &str = "llama-3-8b";
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration (like 60s, 3m): {e}"))
+}
+
+/// Arguments of `scalecar demo`.
+#[derive(Debug, Clone, clap::Args)]
+#[command(
+    after_help = "EXAMPLES\n  scalecar demo\n  scalecar demo --duration 60s --algorithm slo --out report\n  scalecar demo --trace ../shared/data/traces/azure-llm-2023-conv.csv --speedup 60 --duration 2m"
+)]
+pub struct DemoArgs {
+    /// How long the load runs.
+    #[arg(long, default_value = "3m", value_parser = duration)]
+    pub duration: Duration,
+    /// Load pattern (constant:R, poisson:R, step:A,B@T, burst:BASE,PEAK@START+LEN, sine:MEAN,AMP/PERIOD).
+    /// Default: a burst from 1/6 to 1/2 of the run.
+    #[arg(long, conflicts_with = "trace")]
+    pub pattern: Option<ArrivalPattern>,
+    /// Replay an Azure LLM trace CSV instead of a pattern.
+    #[arg(long)]
+    pub trace: Option<PathBuf>,
+    /// Trace time compression.
+    #[arg(long, default_value_t = 60.0)]
+    pub speedup: f64,
+    /// kpa, hpa or slo.
+    #[arg(long, default_value = "kpa")]
+    pub algorithm: String,
+    /// Report directory (default: a new scalecar-report-<time> here).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Cold start of a new replica.
+    #[arg(long, default_value = "8s", value_parser = duration)]
+    pub startup_delay: Duration,
+    /// Most replicas.
+    #[arg(long, default_value_t = 8)]
+    pub max_replicas: u32,
+    /// Stable window (default: a sixth of the run, 6s–60s).
+    #[arg(long, value_parser = duration)]
+    pub window: Option<Duration>,
+    /// Decision interval.
+    #[arg(long, default_value = "2s", value_parser = duration)]
+    pub tick: Duration,
+    /// Concurrency per replica the scaler aims for (before the 70 % utilization).
+    #[arg(long, default_value_t = 8.0)]
+    pub target: f64,
+    /// Prompt tokens of synthetic requests.
+    #[arg(long, default_value_t = 512)]
+    pub prompt_tokens: u32,
+    /// Tokens generated per synthetic request.
+    #[arg(long, default_value_t = 96)]
+    pub max_tokens: u32,
+    /// No live line on stderr.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Why the demo could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("{0}")]
+    Setup(String),
+    #[error("writing the report: {0}")]
+    Report(String),
+}
+
+/// Where the report went and what it says.
+#[derive(Debug)]
+pub struct DemoReport {
+    pub dir: PathBuf,
+    pub timeline: Vec<TimelinePoint>,
+    pub requests: usize,
+}
+
+fn policy(args: &DemoArgs, window: Duration) -> Result<Policy, DemoError> {
+    let mut keys = BTreeMap::new();
+    keys.insert("algorithm".to_string(), args.algorithm.clone());
+    keys.insert("target".to_string(), args.target.to_string());
+    keys.insert("window".to_string(), format!("{}ms", window.as_millis()));
+    // A panic window of at least 2 s: the signals' slots are 1 s.
+    let panic_pct = (200_000.0 / window.as_millis() as f64).clamp(10.0, 100.0);
+    keys.insert(
+        "panic-window-percentage".to_string(),
+        format!("{panic_pct:.1}"),
+    );
+    keys.insert("min-replicas".to_string(), "1".into());
+    keys.insert("max-replicas".to_string(), args.max_replicas.to_string());
+    keys.insert("ttft-target".to_string(), "1s".into());
+    // HPA's default 5 min scale-down stabilization would outlast the demo.
+    keys.insert(
+        "hpa-scale-down-stabilization-window".to_string(),
+        format!("{}ms", window.as_millis()),
+    );
+    let p = Policy::from_keys(&keys, Role::Unified)
+        .map_err(|e| DemoError::Setup(format!("demo policy: {e}")))?;
+    p.validate_algorithm(&AlgorithmRegistry::with_builtins().names())
+        .map_err(|e| DemoError::Setup(e.to_string()))?;
+    Ok(p)
+}
+
+/// Runs the demo until the load ends or `stop` resolves, then writes the
+/// report.
+pub async fn run(
+    args: DemoArgs,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<DemoReport, DemoError> {
+    let window = args.window.unwrap_or_else(|| {
+        (args.duration / 6).clamp(Duration::from_secs(6), Duration::from_secs(60))
+    });
+    let policy = policy(&args, window)?;
+    let clock: Arc<dyn Clock> = Arc::new(MonotonicClock::new());
+
+    // The local cluster: one replica to start with.
+    let template = SimConfig {
+        model: MODEL.into(),
+        startup_delay: args.startup_delay,
+        seed: 1,
+        ..SimConfig::default()
+    };
+    let cluster = LocalPool::start(MODEL, template, 1)
+        .await
+        .map_err(|e| DemoError::Setup(e.to_string()))?;
+
+    // The proxy, its pool following the cluster's ready replicas.
+    let mut registry = Registry::default();
+    let metrics = ProxyMetrics::register(&mut registry);
+    let decisions = Arc::new(DecisionRecorder::register(&mut registry));
+    let signals = Arc::new(PoolSignals::new(
+        SignalsConfig::for_window(window),
+        clock.clone(),
+    ));
+    let limits = Limits::default();
+    let pool = Pool::new(
+        MODEL.into(),
+        Role::Unified,
+        Vec::new(),
+        signals.clone(),
+        policy.max_concurrency,
+        limits.queue_length,
+    );
+    {
+        let pool = pool.clone();
+        let mut ready = cluster.endpoints();
+        tokio::spawn(async move {
+            loop {
+                let addrs = ready.borrow_and_update().clone();
+                pool.set_endpoints(&addrs);
+                if ready.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    let entry = PoolEntry {
+        metrics: metrics.pool(MODEL, Role::Unified),
+        pool: pool.clone(),
+    };
+    let routes = HashMap::from([(MODEL.to_string(), ModelRoute::Unified(entry))]);
+    let plane = Arc::new(DataPlane::new(routes, limits, metrics));
+    let bind = || async {
+        tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| DemoError::Setup(format!("binding 127.0.0.1: {e}")))
+    };
+    let proxy = server::serve(plane, registry, bind().await?, bind().await?);
+
+    // The control loop, scaling the cluster.
+    let spec = TargetSpec {
+        name: MODEL.into(),
+        model: MODEL.into(),
+        role: Role::Unified,
+        policy: policy.clone(),
+        signals: signals.clone(),
+        scaling: Scaling::Managed(cluster.clone()),
+    };
+    let control = ControlLoop::new(
+        vec![spec],
+        &AlgorithmRegistry::with_builtins(),
+        clock.clone(),
+        Arc::new(SystemWallClock),
+        decisions.clone(),
+        args.tick,
+    )
+    .map_err(|e| DemoError::Setup(e.to_string()))?;
+    let poke = control.poke_handle();
+    pool.on_empty(Arc::new(move || poke.notify_one()));
+    let (loop_stop_tx, loop_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let control_task = tokio::spawn(control.run(async move {
+        let _ = loop_stop_rx.await;
+    }));
+
+    // The load.
+    let plan = match &args.trace {
+        Some(path) => {
+            let mut plan =
+                read_trace_file(path, args.speedup).map_err(|e| DemoError::Setup(e.to_string()))?;
+            plan.retain(|a| a.at < args.duration);
+            plan
+        }
+        None => {
+            let pattern = args.pattern.unwrap_or_else(|| {
+                let d = args.duration;
+                let text = format!(
+                    "burst:2,32@{}ms+{}ms",
+                    (d / 6).as_millis(),
+                    (d / 3).as_millis()
+                );
+                text.parse().unwrap_or(ArrivalPattern {
+                    shape: scalecar_loadtest::loadgen::RateShape::Constant { rps: 4.0 },
+                    poisson: false,
+                })
+            });
+            pattern.plan(
+                args.duration,
+                RequestSize {
+                    prompt_tokens: args.prompt_tokens,
+                    max_tokens: args.max_tokens,
+                },
+                7,
+            )
+        }
+    };
+    let base = format!("http://{}", proxy.proxy_addr);
+    let client = StreamingClient::new(&base, MODEL, Duration::from_secs(120))
+        .map_err(|e| DemoError::Setup(e.to_string()))?;
+    if !args.quiet {
+        eprintln!(
+            "scalecar demo: {} requests over {} against {MODEL} ({}), proxy {base}, admin http://{}\n  try: curl -s http://{}/debug/pools",
+            plan.len(),
+            humantime::format_duration(args.duration),
+            args.algorithm,
+            proxy.admin_addr,
+            proxy.admin_addr
+        );
+    }
+
+    // The timeline and the live line, sampled every tick.
+    let started = Instant::now();
+    let timeline = Arc::new(std::sync::Mutex::new(Vec::<TimelinePoint>::new()));
+    let sampler = {
+        let (timeline, decisions, signals, policy) = (
+            timeline.clone(),
+            decisions.clone(),
+            signals.clone(),
+            policy.clone(),
+        );
+        let quiet = args.quiet;
+        let tick = args.tick;
+        tokio::spawn(async move {
+            let tty = std::io::stderr().is_terminal();
+            let mut every = tokio::time::interval(tick);
+            let mut lines = 0u64;
+            loop {
+                every.tick().await;
+                let snap = signals.snapshot(policy.window, policy.panic_window());
+                let status = decisions.latest().into_iter().next();
+                let point = TimelinePoint {
+                    t: started.elapsed().as_secs_f64(),
+                    rps: snap.panic.rps,
+                    ttft_p90_ms: snap
+                        .panic
+                        .ttft
+                        .p90
+                        .or(snap.stable.ttft.p90)
+                        .map_or(0.0, |d| d.as_secs_f64() * 1000.0),
+                    queue: snap.queued_now as f64,
+                    in_flight: snap.in_flight_now as f64,
+                    desired: status.as_ref().map_or(1, |s| s.applied),
+                    ready: status.as_ref().map_or(1, |s| s.ready),
+                    panic: status.as_ref().is_some_and(|s| s.panic),
+                };
+                if !quiet {
+                    let line = format!(
+                        "t={:>5.0}s  rps {:>5.1}  ttft p90 {:>6.0} ms  in flight {:>3}  queued {:>3}  replicas {}/{} desired/ready{}",
+                        point.t,
+                        point.rps,
+                        point.ttft_p90_ms,
+                        point.in_flight,
+                        point.queue,
+                        point.desired,
+                        point.ready,
+                        if point.panic { "  PANIC" } else { "" }
+                    );
+                    if tty {
+                        eprint!("\r\x1b[2K{line}");
+                    } else if lines.is_multiple_of(5) {
+                        eprintln!("{line}");
+                    }
+                    lines += 1;
+                }
+                if let Ok(mut t) = timeline.lock() {
+                    t.push(point);
+                }
+            }
+        })
+    };
+    let (records, elapsed) = run_plan(&client, &plan, 10_000, None, stop).await;
+    sampler.abort();
+    let _ = loop_stop_tx.send(());
+    let _ = control_task.await;
+    if !args.quiet {
+        eprintln!();
+    }
+    let timeline = timeline.lock().map(|t| t.clone()).unwrap_or_default();
+    let summary = summarize(&records, elapsed, Some(Duration::from_secs(1)));
+
+    // The report.
+    let dir = args.out.clone().unwrap_or_else(|| {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        PathBuf::from(format!("scalecar-report-{secs}"))
+    });
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| DemoError::Report(format!("{}: {e}", dir.display())))?;
+    let report_err = |e: &dyn std::fmt::Display| DemoError::Report(e.to_string());
+    write_timeline_csv(&timeline, &dir.join("timeline.csv")).map_err(|e| report_err(&e))?;
+    let title = format!("scalecar demo: {} on {MODEL}", args.algorithm);
+    write_timeline_svg(&timeline, &title, &dir.join("timeline.svg")).map_err(|e| report_err(&e))?;
+    let requests_csv = dir.join("requests.csv");
+    let file = std::fs::File::create(&requests_csv)
+        .map_err(|e| DemoError::Report(format!("{}: {e}", requests_csv.display())))?;
+    write_csv(&records, std::io::BufWriter::new(file)).map_err(|e| report_err(&e))?;
+    let json = serde_json::to_string_pretty(&summary).map_err(|e| report_err(&e))?;
+    std::fs::write(dir.join("summary.json"), &json).map_err(|e| report_err(&e))?;
+    let md = markdown(&args, &policy, &summary, &timeline);
+    std::fs::write(dir.join("summary.md"), md).map_err(|e| report_err(&e))?;
+    proxy.shutdown().await;
+    drop(cluster);
+    Ok(DemoReport {
+        dir,
+        timeline,
+        requests: records.len(),
+    })
+}
+
+fn markdown(
+    args: &DemoArgs,
+    policy: &Policy,
+    s: &scalecar_loadtest::loadgen::Summary,
+    timeline: &[TimelinePoint],
+) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "# scalecar demo report\n");
+    let _ = writeln!(
+        md,
+        "Algorithm **{}**, metric {} with target {} per replica at {:.0} % utilization, window {}, panic window {}, \
+         replicas 1–{}, cold start {}.\n",
+        policy.algorithm,
+        policy.metric,
+        policy.target,
+        policy.target_utilization * 100.0,
+        humantime::format_duration(policy.window),
+        humantime::format_duration(policy.panic_window()),
+        args.max_replicas,
+        humantime::format_duration(args.startup_delay),
+    );
+    let load = match &args.trace {
+        Some(t) => format!("trace `{}` at {}×", t.display(), args.speedup),
+        None => match &args.pattern {
+            Some(p) => format!("{p:?}"),
+            None => "a burst from 1/6 to 1/2 of the run (2 → 32 req/s)".to_string(),
+        },
+    };
+    let _ = writeln!(
+        md,
+        "## Load\n\n{load} for {}.\n",
+        humantime::format_duration(args.duration)
+    );
+    let _ = writeln!(
+        md,
+        "| requests | ok | errors | achieved req/s | TTFT p50 | TTFT p90 | TTFT p99 | ITL mean | within 1 s TTFT |"
+    );
+    let _ = writeln!(
+        md,
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    );
+    let errors: usize = s.errors.values().sum();
+    let _ = writeln!(
+        md,
+        "| {} | {} | {} | {:.1} | {:.0} ms | {:.0} ms | {:.0} ms | {:.1} ms | {:.1} % |\n",
+        s.requests,
+        s.ok,
+        errors,
+        s.achieved_rps,
+        s.ttft.p50_ms,
+        s.ttft.p90_ms,
+        s.ttft.p99_ms,
+        s.itl.mean_ms,
+        s.slo_attainment.unwrap_or(0.0) * 100.0
+    );
+    let peak = timeline.iter().map(|p| p.ready).max().unwrap_or(0);
+    let replica_seconds: f64 = timeline
+        .windows(2)
+        .map(|w| f64::from(w[0].ready) * (w[1].t - w[0].t))
+        .sum();
+    let panic_ticks = timeline.iter().filter(|p| p.panic).count();
+    let _ = writeln!(
+        md,
+        "## Replicas\n\nPeak ready {peak}; {replica_seconds:.0} replica-seconds in all; panic for {panic_ticks} samples.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| t (s) | desired | ready | arrivals/s | TTFT p90 | panic |\n| --- | --- | --- | --- | --- | --- |"
+    );
+    let mut last = None;
+    for p in timeline {
+        if last != Some((p.desired, p.panic)) {
+            let _ = writeln!(
+                md,
+                "| {:.0} | {} | {} | {:.1} | {:.0} ms | {} |",
+                p.t,
+                p.desired,
+                p.ready,
+                p.rps,
+                p.ttft_p90_ms,
+                if p.panic { "yes" } else { "" }
+            );
+            last = Some((p.desired, p.panic));
+        }
+    }
+    let _ = writeln!(
+        md,
+        "\n![timeline](timeline.svg)\n\nFiles: `timeline.svg`, `timeline.csv` (one row per tick), `requests.csv` (one row per \
+         request), `summary.json`."
+    );
+    md
+}
+
+/// Prints where the report is.
+pub fn announce(report: &DemoReport) {
+    let _ = writeln!(
+        std::io::stdout(),
+        "scalecar demo: {} requests; report in {}/ (summary.md, timeline.svg)",
+        report.requests,
+        report.dir.display()
+    );
+}

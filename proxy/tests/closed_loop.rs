@@ -1,0 +1,332 @@
+//! The closed loop end to end: the real control loop scaling a local
+//! cluster of model-sim replicas behind the real proxy, and `scalecar demo`
+//! as users run it.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use prometheus_client::registry::Registry;
+use scalecar_config::{Limits, Policy, Role};
+use scalecar_loadtest::cluster::LocalPool;
+use scalecar_loadtest::sim::SimConfig;
+use scalecar_proxy::dataplane::{DataPlane, ModelRoute, PoolEntry};
+use scalecar_proxy::decisions::DecisionRecorder;
+use scalecar_proxy::metrics::ProxyMetrics;
+use scalecar_proxy::pool::Pool;
+use scalecar_proxy::server::{self, ProxyHandle};
+use scalecar_scaler::algorithm::AlgorithmRegistry;
+use scalecar_scaler::clock::{Clock, MonotonicClock};
+use scalecar_scaler::control::{ControlLoop, Scaling, SystemWallClock, TargetSpec};
+use scalecar_scaler::signals::{PoolSignals, SignalsConfig};
+use scalecar_scaler::target::ScaleTarget;
+
+struct Loop {
+    proxy: ProxyHandle,
+    cluster: Arc<LocalPool>,
+    pool: Arc<Pool>,
+    decisions: Arc<DecisionRecorder>,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn closed_loop(keys: &[(&str, &str)], initial: u32, tick: Duration) -> Loop {
+    let keys: BTreeMap<String, String> = keys
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let policy = Policy::from_keys(&keys, Role::Unified).unwrap();
+    let clock: Arc<dyn Clock> = Arc::new(MonotonicClock::new());
+    let template = SimConfig {
+        model: "m".into(),
+        startup_delay: Duration::from_millis(300),
+        ..SimConfig::default()
+    };
+    let cluster = LocalPool::start("m", template, initial).await.unwrap();
+    let mut registry = Registry::default();
+    let metrics = ProxyMetrics::register(&mut registry);
+    let decisions = Arc::new(DecisionRecorder::register(&mut registry));
+    let signals = Arc::new(PoolSignals::new(
+        SignalsConfig::for_window(policy.window),
+        clock.clone(),
+    ));
+    let pool = Pool::new(
+        "m".into(),
+        Role::Unified,
+        Vec::new(),
+        signals.clone(),
+        policy.max_concurrency,
+        1024,
+    );
+    {
+        let pool = pool.clone();
+        let mut ready = cluster.endpoints();
+        tokio::spawn(async move {
+            loop {
+                let addrs = ready.borrow_and_update().clone();
+                pool.set_endpoints(&addrs);
+                if ready.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    let entry = PoolEntry {
+        metrics: metrics.pool("m", Role::Unified),
+        pool: pool.clone(),
+    };
+    let plane = Arc::new(DataPlane::new(
+        HashMap::from([("m".to_string(), ModelRoute::Unified(entry))]),
+        Limits::default(),
+        metrics,
+    ));
+    let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
+    let proxy = server::serve(
+        plane,
+        registry,
+        bind().await.unwrap(),
+        bind().await.unwrap(),
+    );
+    let spec = TargetSpec {
+        name: "m".into(),
+        model: "m".into(),
+        role: Role::Unified,
+        policy,
+        signals,
+        scaling: Scaling::Managed(cluster.clone()),
+    };
+    let control = ControlLoop::new(
+        vec![spec],
+        &AlgorithmRegistry::with_builtins(),
+        clock,
+        Arc::new(SystemWallClock),
+        decisions.clone(),
+        tick,
+    )
+    .unwrap();
+    let poke = control.poke_handle();
+    pool.on_empty(Arc::new(move || poke.notify_one()));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(control.run(async move {
+        let _ = stopped.await;
+    }));
+    Loop {
+        proxy,
+        cluster,
+        pool,
+        decisions,
+        _stop: stop,
+    }
+}
+
+async fn stream(addr: std::net::SocketAddr, max_tokens: u32) -> Result<u16, String> {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let body =
+        format!(r#"{{"model":"m","prompt":"hello","stream":true,"max_tokens":{max_tokens}}}"#);
+    let req = hyper::Request::post(format!("http://{addr}/v1/completions"))
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let resp = client.request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    resp.into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(status)
+}
+
+async fn until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_scales_up_within_two_ticks_and_idle_returns_to_min() {
+    let tick = Duration::from_millis(500);
+    let l = closed_loop(
+        &[
+            ("target", "4"),
+            ("window", "6s"),
+            ("panic-window-percentage", "34"),
+            ("min-replicas", "1"),
+            ("max-replicas", "5"),
+        ],
+        1,
+        tick,
+    )
+    .await;
+    until("the first replica", Duration::from_secs(5), || {
+        !l.pool.endpoints().is_empty()
+    })
+    .await;
+    // Let the loop settle on the idle pool.
+    tokio::time::sleep(tick * 3).await;
+    let ticks_before = l.decisions.ticks();
+    let burst: Vec<_> = (0..24)
+        .map(|_| tokio::spawn(stream(l.proxy.proxy_addr, 400)))
+        .collect();
+    until("a scale-up", Duration::from_secs(10), || {
+        l.decisions.latest().first().is_some_and(|s| s.applied > 1)
+    })
+    .await;
+    let ticks = l.decisions.ticks() - ticks_before;
+    assert!(ticks <= 2, "scaled up after {ticks} ticks");
+    assert!(
+        l.decisions.latest()[0].panic,
+        "panic is reported: {:?}",
+        l.decisions.latest()
+    );
+    until("replicas ready", Duration::from_secs(10), || {
+        l.pool.endpoints().len() > 1
+    })
+    .await;
+    for b in burst {
+        assert_eq!(b.await.unwrap().unwrap(), 200);
+    }
+    // Idle: back to min.
+    until("scale back to min", Duration::from_secs(40), || {
+        l.decisions
+            .latest()
+            .first()
+            .is_some_and(|s| s.applied == 1 && !s.panic)
+    })
+    .await;
+    let state = l.cluster.scale().await.unwrap();
+    assert_eq!(state.spec, 1);
+    assert_eq!(l.pool.signals.in_flight(), 0);
+    assert_eq!(l.pool.signals.queued(), 0);
+    assert_eq!(l.pool.signals.tokens_in_flight(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_to_an_idle_pool_at_zero_scales_it_from_zero() {
+    let l = closed_loop(
+        &[
+            ("min-replicas", "0"),
+            ("window", "6s"),
+            ("panic-window-percentage", "34"),
+        ],
+        0,
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(l.pool.endpoints().is_empty());
+    assert_eq!(l.cluster.scale().await.unwrap().spec, 0);
+    // Held until a replica is ready (cold start 300 ms), then served.
+    let start = Instant::now();
+    let status = tokio::time::timeout(Duration::from_secs(20), stream(l.proxy.proxy_addr, 3))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        start.elapsed() >= Duration::from_millis(300),
+        "served before any replica could be ready"
+    );
+    let changes = l.decisions.changes();
+    assert_eq!(
+        changes.first().map(|c| (c.spec, c.applied)),
+        Some((0, 1)),
+        "{changes:?}"
+    );
+    assert!(
+        changes[0].reason.contains("waiting at zero replicas"),
+        "{changes:?}"
+    );
+    assert_eq!(l.cluster.scale().await.unwrap().spec, 1);
+    assert_eq!(l.pool.signals.in_flight() + l.pool.signals.queued(), 0);
+}
+
+#[test]
+fn scalecar_demo_writes_a_report_whose_replicas_follow_the_load() {
+    let dir = std::env::temp_dir().join(format!("scalecar-demo-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_scalecar"))
+        .args([
+            "demo",
+            "--duration",
+            "60s",
+            "--quiet",
+            "--startup-delay",
+            "4s",
+            "--out",
+        ])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for f in [
+        "summary.md",
+        "summary.json",
+        "timeline.svg",
+        "timeline.csv",
+        "requests.csv",
+    ] {
+        assert!(dir.join(f).exists(), "{f} missing");
+    }
+    let svg = std::fs::read_to_string(dir.join("timeline.svg")).unwrap();
+    assert!(svg.matches("<polyline").count() >= 6);
+    // The plotted series: (t, desired, ready).
+    let csv = std::fs::read_to_string(dir.join("timeline.csv")).unwrap();
+    let rows: Vec<(f64, u32, u32)> = csv
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            (
+                f[0].parse().unwrap(),
+                f[5].parse().unwrap(),
+                f[6].parse().unwrap(),
+            )
+        })
+        .collect();
+    // The default burst runs from 10 s to 30 s.
+    let before = rows
+        .iter()
+        .filter(|r| r.0 < 9.0)
+        .map(|r| r.1)
+        .max()
+        .unwrap();
+    let during = rows
+        .iter()
+        .filter(|r| (10.0..32.0).contains(&r.0))
+        .map(|r| r.1)
+        .max()
+        .unwrap();
+    let ready_during = rows
+        .iter()
+        .filter(|r| (10.0..34.0).contains(&r.0))
+        .map(|r| r.2)
+        .max()
+        .unwrap();
+    let at_end = rows
+        .iter()
+        .filter(|r| r.0 > 52.0)
+        .map(|r| r.1)
+        .max()
+        .unwrap();
+    assert_eq!(before, 1, "{csv}");
+    assert!(
+        during > before,
+        "replicas did not rise with the burst:\n{csv}"
+    );
+    assert!(ready_during > 1, "no new replica became ready:\n{csv}");
+    assert!(
+        at_end < during,
+        "replicas did not fall after the burst:\n{csv}"
+    );
+    let md = std::fs::read_to_string(dir.join("summary.md")).unwrap();
+    assert!(md.contains("| requests | ok |"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
