@@ -326,10 +326,7 @@ impl DataPlane {
         };
         let waited = Instant::now();
         let result = entry.pool.admit(tokens, avoid, deadline).await;
-        entry
-            .metrics
-            .queue_wait
-            .observe(waited.elapsed().as_secs_f64());
+        entry.metrics.queue_wait.observe(waited.elapsed());
         result.map_err(|e| {
             let (outcome, status, message, retry) = match e {
                 AdmitError::QueueFull => (

@@ -3,11 +3,17 @@
 //! per-request or per-pod values). Label handles are resolved once per pool
 //! and outcome, so a request touches only atomics.
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use prometheus_client::encoding::{
+    EncodeLabelSet, EncodeLabelValue, EncodeMetric, MetricEncoder, NoLabelSet,
+};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 use scalecar_config::Role;
 
@@ -74,13 +80,66 @@ struct RejectionLabels {
     reason: Rejection,
 }
 
-fn latency_buckets() -> impl Iterator<Item = f64> {
-    // 5 ms … 2 min: ITL lives in the low end, TTFT under load in the high.
-    [
-        0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0,
-        5.0, 10.0, 20.0, 40.0, 80.0, 120.0,
-    ]
-    .into_iter()
+/// Bucket bounds in seconds: 5 ms … 2 min; ITL lives in the low end, TTFT
+/// under load in the high.
+const LATENCY_BUCKETS: [f64; 22] = [
+    0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0,
+    10.0, 20.0, 40.0, 80.0, 120.0,
+];
+
+#[derive(Debug, Default)]
+struct LatencyCounts {
+    /// Per bucket (not cumulative); the last is +Inf.
+    counts: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+/// A Prometheus histogram recorded with atomics only: prometheus-client's
+/// own histogram takes a mutex per observation, too much for a per-token
+/// path.
+#[derive(Debug, Clone, Default)]
+pub struct LatencyHistogram {
+    inner: Arc<LatencyCounts>,
+}
+
+impl LatencyHistogram {
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = LATENCY_BUCKETS.partition_point(|b| *b < secs);
+        if let Some(c) = self.inner.counts.get(i) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        self.inner.sum_ns.fetch_add(
+            d.as_nanos().min(u128::from(u64::MAX)) as u64,
+            Ordering::Relaxed,
+        );
+    }
+}
+
+impl TypedMetric for LatencyHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for LatencyHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let mut buckets = [(0.0, 0u64); LATENCY_BUCKETS.len() + 1];
+        let mut count = 0;
+        for (i, slot) in buckets.iter_mut().enumerate() {
+            let n = self
+                .inner
+                .counts
+                .get(i)
+                .map_or(0, |c| c.load(Ordering::Relaxed));
+            *slot = (LATENCY_BUCKETS.get(i).copied().unwrap_or(f64::INFINITY), n);
+            count += n;
+        }
+        let sum = self.inner.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
 }
 
 /// Every data-plane metric family.
@@ -88,18 +147,14 @@ fn latency_buckets() -> impl Iterator<Item = f64> {
 pub struct ProxyMetrics {
     requests: Family<OutcomeLabels, Counter>,
     rejected: Family<RejectionLabels, Counter>,
-    ttft: Family<PoolLabels, Histogram>,
-    itl: Family<PoolLabels, Histogram>,
-    e2e: Family<PoolLabels, Histogram>,
-    queue_wait: Family<PoolLabels, Histogram>,
+    ttft: Family<PoolLabels, LatencyHistogram>,
+    itl: Family<PoolLabels, LatencyHistogram>,
+    e2e: Family<PoolLabels, LatencyHistogram>,
+    queue_wait: Family<PoolLabels, LatencyHistogram>,
     tokens: Family<TokenLabels, Counter>,
     in_flight: Family<PoolLabels, Gauge>,
     queued: Family<PoolLabels, Gauge>,
     tokens_in_flight: Family<PoolLabels, Gauge>,
-}
-
-fn histograms() -> Family<PoolLabels, Histogram> {
-    Family::new_with_constructor(|| Histogram::new(latency_buckets()))
 }
 
 impl ProxyMetrics {
@@ -107,10 +162,10 @@ impl ProxyMetrics {
         let m = ProxyMetrics {
             requests: Family::default(),
             rejected: Family::default(),
-            ttft: histograms(),
-            itl: histograms(),
-            e2e: histograms(),
-            queue_wait: histograms(),
+            ttft: Family::default(),
+            itl: Family::default(),
+            e2e: Family::default(),
+            queue_wait: Family::default(),
             tokens: Family::default(),
             in_flight: Family::default(),
             queued: Family::default(),
@@ -214,10 +269,10 @@ impl ProxyMetrics {
 #[derive(Debug, Clone)]
 pub struct PoolMetrics {
     outcomes: [Counter; 5],
-    pub ttft: Histogram,
-    pub itl: Histogram,
-    pub e2e: Histogram,
-    pub queue_wait: Histogram,
+    pub ttft: LatencyHistogram,
+    pub itl: LatencyHistogram,
+    pub e2e: LatencyHistogram,
+    pub queue_wait: LatencyHistogram,
     pub prompt_tokens: Counter,
     pub generated_tokens: Counter,
     pub in_flight: Gauge,
@@ -231,5 +286,48 @@ impl PoolMetrics {
         if let Some(c) = self.outcomes.get(i) {
             c.inc();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_histograms_encode_cumulative_buckets() {
+        let mut reg = Registry::default();
+        let m = ProxyMetrics::register(&mut reg);
+        let p = m.pool("m", Role::Unified);
+        p.ttft.observe(Duration::from_millis(3));
+        p.ttft.observe(Duration::from_millis(90));
+        p.ttft.observe(Duration::from_secs(500));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
+        assert!(
+            text.contains(
+                "scalecar_ttft_seconds_bucket{le=\"0.005\",model=\"m\",role=\"unified\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "scalecar_ttft_seconds_bucket{le=\"0.1\",model=\"m\",role=\"unified\"} 2"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "scalecar_ttft_seconds_bucket{le=\"+Inf\",model=\"m\",role=\"unified\"} 3"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("scalecar_ttft_seconds_count{model=\"m\",role=\"unified\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("scalecar_ttft_seconds_sum{model=\"m\",role=\"unified\"} 500.093"),
+            "{text}"
+        );
     }
 }

@@ -69,12 +69,12 @@ impl Observation {
         if self.first_seen {
             let itl = now.saturating_sub(self.last_token);
             signals.inter_token_at(now, itl);
-            self.metrics.itl.observe(itl.as_secs_f64());
+            self.metrics.itl.observe(itl);
         } else {
             self.first_seen = true;
             let ttft = self.start.elapsed();
             signals.first_token(self.prompt_tokens, ttft);
-            self.metrics.ttft.observe(ttft.as_secs_f64());
+            self.metrics.ttft.observe(ttft);
         }
         self.last_token = now;
         self.generated += 1;
@@ -162,7 +162,7 @@ impl Observation {
             e2e_sample,
         );
         if let Some(d) = e2e_sample {
-            self.metrics.e2e.observe(d.as_secs_f64());
+            self.metrics.e2e.observe(d);
         }
         self.metrics.outcome(outcome);
         let generated = self.usage_completion_tokens.unwrap_or(self.generated);

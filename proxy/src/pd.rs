@@ -142,9 +142,9 @@ pub(crate) async fn two_stage(
         ));
     };
     pool.signals.first_token(prompt_tokens, elapsed);
-    prefill.metrics.ttft.observe(elapsed.as_secs_f64());
+    prefill.metrics.ttft.observe(elapsed);
     pool.signals.complete(prompt_tokens, 0, true, Some(elapsed));
-    prefill.metrics.e2e.observe(elapsed.as_secs_f64());
+    prefill.metrics.e2e.observe(elapsed);
     prefill.metrics.outcome(Outcome::ok);
     // Decode leg, streamed back and observed in the decode pool.
     let decode_bytes = Bytes::from(decode_body(&original, kv).to_string());
