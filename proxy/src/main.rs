@@ -121,6 +121,27 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let names = AlgorithmRegistry::with_builtins();
+    let names = names.names();
+    let unknown: Vec<String> = config
+        .pools
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| {
+            p.policy
+                .validate_algorithm(&names)
+                .err()
+                .map(|e| format!("pools[{i}].policy: {e}"))
+        })
+        .collect();
+    if !unknown.is_empty() {
+        let _ = writeln!(
+            std::io::stderr(),
+            "scalecar: config error:\n{}",
+            unknown.join("\n")
+        );
+        return ExitCode::from(2);
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {

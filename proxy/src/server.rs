@@ -23,8 +23,14 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use std::sync::atomic::AtomicU32;
+
+use scalecar_scaler::algorithm::AlgorithmRegistry;
+use scalecar_scaler::control::{ControlLoop, Scaling, SystemWallClock, TargetSpec};
+
 use crate::admin::Admin;
 use crate::dataplane::{DataPlane, ModelRoute, PoolEntry};
+use crate::decisions::DecisionRecorder;
 use crate::metrics::ProxyMetrics;
 use crate::pool::Pool;
 
@@ -37,6 +43,8 @@ pub enum StartError {
         endpoint: String,
         message: String,
     },
+    #[error("scaler: {0}")]
+    Control(String),
 }
 
 /// A running proxy and its admin server.
@@ -138,8 +146,72 @@ pub async fn start(
 ) -> Result<ProxyHandle, StartError> {
     let mut registry = Registry::default();
     let clock: Arc<dyn Clock> = Arc::new(MonotonicClock::new());
-    let plane = build(config, clock, &mut registry).await?;
-    Ok(serve(plane, registry, proxy_listener, admin_listener))
+    let plane = build(config, clock.clone(), &mut registry).await?;
+    let decisions = Arc::new(DecisionRecorder::register(&mut registry));
+    // Static pools have no scale target: the loop runs in advisory mode,
+    // computing and exporting what it would do.
+    let mut specs = Vec::new();
+    let mut counts = Vec::new();
+    for p in &config.pools {
+        let Some(entry) = find(&plane, &p.model, p.role) else {
+            continue;
+        };
+        let ready = Arc::new(AtomicU32::new(entry.pool.endpoints().len() as u32));
+        counts.push((entry.pool.clone(), ready.clone()));
+        specs.push(TargetSpec {
+            name: format!("{}/{}", p.model, p.role),
+            model: p.model.clone(),
+            role: p.role,
+            policy: p.policy.clone(),
+            signals: entry.pool.signals.clone(),
+            scaling: Scaling::Advisory { ready },
+        });
+    }
+    let control = ControlLoop::new(
+        specs,
+        &AlgorithmRegistry::with_builtins(),
+        clock,
+        Arc::new(SystemWallClock),
+        decisions,
+        config.scaler.tick,
+    )
+    .map_err(|e| StartError::Control(e.to_string()))?;
+    let mut handle = serve(plane, registry, proxy_listener, admin_listener);
+    let mut stop = handle.shutdown.subscribe();
+    handle.tasks.push(tokio::spawn(async move {
+        let counting = async {
+            let mut every = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                every.tick().await;
+                for (pool, ready) in &counts {
+                    let now = pool.now_ms();
+                    let n = pool
+                        .endpoints()
+                        .iter()
+                        .filter(|e| e.healthy.load(Ordering::Relaxed) && !e.is_ejected(now))
+                        .count();
+                    ready.store(n as u32, Ordering::Relaxed);
+                }
+            }
+        };
+        let stopped = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        tokio::select! {
+            _ = control.run(stopped) => {}
+            _ = counting => {}
+        }
+    }));
+    Ok(handle)
+}
+
+fn find<'a>(plane: &'a DataPlane, model: &str, role: Role) -> Option<&'a PoolEntry> {
+    match plane.routes().get(model)? {
+        ModelRoute::Unified(e) if e.pool.role == role => Some(e),
+        ModelRoute::Disaggregated { prefill, .. } if role == Role::Prefill => Some(prefill),
+        ModelRoute::Disaggregated { decode, .. } if role == Role::Decode => Some(decode),
+        _ => None,
+    }
 }
 
 /// Serves an already built data plane.

@@ -586,3 +586,100 @@ async fn shutdown_lets_open_streams_finish() {
     // No longer accepting.
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
+
+#[tokio::test]
+async fn static_pools_run_the_scaler_in_advisory_mode() {
+    let s = sim(model("m")).await;
+    let yaml = format!(
+        "scaler: {{ tick: 300ms }}\n{}",
+        pool_yaml(
+            "m",
+            &[s.local_addr().to_string()],
+            "",
+            "target: 1, window: 6s, panic-window-percentage: 34"
+        )
+    );
+    let p = proxy(&yaml).await;
+    let streams: Vec<_> = (0..6)
+        .map(|_| {
+            let url = format!("http://{}/v1/completions", p.proxy_addr);
+            tokio::spawn(async move {
+                request(
+                    "POST",
+                    &url,
+                    r#"{"model":"m","prompt":"x","stream":true,"max_tokens":150}"#,
+                )
+                .await
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&p, "scalecar_desired_replicas{target=\"m/unified\"}").await < 2.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the advisory decision never rose"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Nothing was patched: the pool still has its one static endpoint.
+    assert_eq!(
+        metric(&p, "scalecar_spec_replicas{target=\"m/unified\"}").await,
+        1.0
+    );
+    assert_eq!(
+        pools(&p).await["pools"][0]["endpoints"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    for s in streams {
+        assert_eq!(s.await.unwrap().unwrap().0, 200);
+    }
+    wait_idle(&p).await;
+}
+
+#[test]
+fn a_config_error_exits_2_naming_the_field() {
+    let dir = std::env::temp_dir().join(format!("scalecar-bad-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("scalecar.yaml");
+    std::fs::write(
+        &file,
+        "pools:\n  - model: m\n    endpoints: [\"10.0.0.5\"]\n    policy: { max-replicas: abc }\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_scalecar"))
+        .args(["run", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("pools[0].endpoints[0]: \"10.0.0.5\" is not host:port"),
+        "{err}"
+    );
+    assert!(
+        err.contains("pools[0].policy: max-replicas: \"abc\" is not an integer"),
+        "{err}"
+    );
+    std::fs::write(&file, "pools:\n  - model: m\n    endpoints: [\"127.0.0.1:1\"]\n    policy: { algorithm: magic }\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_scalecar"))
+        .args(["run", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("pools[0].policy: algorithm \"magic\" is not registered"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
