@@ -26,7 +26,7 @@ pub use file::{
     AdminConfig, ConfigError, Limits, PoolConfig, ProxyConfig, Scalar, ScalecarConfig,
     ScalerConfig, policy_keys_from_yaml_str,
 };
-pub use keys::{AnnotatedTarget, KeyContext, PREFIX, validate_group};
+pub use keys::{AnnotatedTarget, KeyContext, POLICY_KEYS, PREFIX, validate_group};
 pub use policy::{
     Cron, CronField, HpaBehavior, HpaRatePolicy, HpaRules, Metric, Policy, Role, ScheduleFloor,
     SelectPolicy, ShareBand,

@@ -6,32 +6,7 @@ use std::collections::BTreeMap;
 use proptest::prelude::*;
 use scalecar_config::{Policy, Role, ScalecarConfig};
 
-const KEYS: [&str; 24] = [
-    "model",
-    "role",
-    "port",
-    "algorithm",
-    "metric",
-    "target",
-    "target-utilization-percentage",
-    "ttft-target",
-    "itl-target",
-    "min-replicas",
-    "max-replicas",
-    "initial-scale",
-    "activation-scale",
-    "window",
-    "panic-window-percentage",
-    "panic-threshold-percentage",
-    "max-scale-up-rate",
-    "max-scale-down-rate",
-    "scale-down-delay",
-    "scale-to-zero-grace-period",
-    "max-concurrency",
-    "group",
-    "preferred-share",
-    "schedule",
-];
+const KEYS: [&str; scalecar_config::POLICY_KEYS.len()] = scalecar_config::POLICY_KEYS;
 
 fn value() -> impl Strategy<Value = String> {
     prop_oneof![

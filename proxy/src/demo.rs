@@ -173,19 +173,7 @@ pub async fn run(
         policy.max_concurrency,
         limits.queue_length,
     );
-    {
-        let pool = pool.clone();
-        let mut ready = cluster.endpoints();
-        tokio::spawn(async move {
-            loop {
-                let addrs = ready.borrow_and_update().clone();
-                pool.set_endpoints(&addrs);
-                if ready.changed().await.is_err() {
-                    return;
-                }
-            }
-        });
-    }
+    pool.follow(cluster.endpoints());
     let entry = PoolEntry {
         metrics: metrics.pool(MODEL, Role::Unified),
         pool: pool.clone(),

@@ -211,6 +211,24 @@ impl Pool {
         self.slot_freed.notify_waiters();
     }
 
+    /// Keeps the endpoint set equal to what `ready` says (a local cluster's
+    /// or discovery's ready endpoints) until its sender is gone.
+    pub fn follow(
+        self: &Arc<Self>,
+        mut ready: tokio::sync::watch::Receiver<Vec<SocketAddr>>,
+    ) -> tokio::task::JoinHandle<()> {
+        let pool = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let addrs = ready.borrow_and_update().clone();
+                pool.set_endpoints(&addrs);
+                if ready.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+    }
+
     /// Sets what to call when a request waits on an empty pool.
     pub fn on_empty(&self, f: Arc<dyn Fn() + Send + Sync>) {
         self.on_empty.store(Arc::new(Some(f)));

@@ -62,19 +62,7 @@ async fn closed_loop(keys: &[(&str, &str)], initial: u32, tick: Duration) -> Loo
         policy.max_concurrency,
         1024,
     );
-    {
-        let pool = pool.clone();
-        let mut ready = cluster.endpoints();
-        tokio::spawn(async move {
-            loop {
-                let addrs = ready.borrow_and_update().clone();
-                pool.set_endpoints(&addrs);
-                if ready.changed().await.is_err() {
-                    return;
-                }
-            }
-        });
-    }
+    pool.follow(cluster.endpoints());
     let entry = PoolEntry {
         metrics: metrics.pool("m", Role::Unified),
         pool: pool.clone(),
