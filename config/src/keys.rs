@@ -351,14 +351,12 @@ fn parse_policy(
     if let Some(t) = r.f64_where("hpa-tolerance", |x| (0.0..1.0).contains(&x), "in [0, 1)") {
         p.hpa.tolerance = t;
     }
-    let half_hour = Duration::from_secs(1800);
     if let Some(d) = r.duration_in("hpa-scale-up-stabilization-window", Duration::ZERO, hour) {
         p.hpa.scale_up.stabilization_window = d;
     }
     if let Some(d) = r.duration_in("hpa-scale-down-stabilization-window", Duration::ZERO, hour) {
         p.hpa.scale_down.stabilization_window = d;
     }
-    let _ = half_hour;
     if let Some(v) = r.parse("hpa-scale-up-policies", parse_hpa_policies) {
         p.hpa.scale_up.policies = v;
     }
