@@ -85,6 +85,7 @@ struct RawLimits {
     queue_wait: Option<Scalar>,
     shutdown_grace: Option<Scalar>,
     activation_timeout: Option<Scalar>,
+    health_check_interval: Option<Scalar>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -127,6 +128,8 @@ pub struct Limits {
     pub queue_wait: Duration,
     pub shutdown_grace: Duration,
     pub activation_timeout: Duration,
+    /// Active `GET /health` checks of static endpoints.
+    pub health_check_interval: Duration,
 }
 
 impl Default for Limits {
@@ -141,6 +144,7 @@ impl Default for Limits {
             queue_wait: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(30),
             activation_timeout: Duration::from_secs(120),
+            health_check_interval: Duration::from_secs(5),
         }
     }
 }
@@ -288,6 +292,7 @@ impl ScalecarConfig {
                             "queue-wait",
                             "shutdown-grace",
                             "activation-timeout",
+                            "health-check-interval",
                             "tick",
                             "model",
                             "role",
@@ -349,6 +354,11 @@ impl ScalecarConfig {
                 "limits.activation-timeout",
                 l.activation_timeout,
                 d.activation_timeout,
+            ),
+            health_check_interval: c.duration(
+                "limits.health-check-interval",
+                l.health_check_interval,
+                d.health_check_interval,
             ),
         };
         let scaler = ScalerConfig {

@@ -331,11 +331,12 @@ async fn serve_admin(admin: Arc<Admin>, listener: TcpListener, mut stop: watch::
     }
 }
 
-/// Active health checks of static endpoints: `GET /health` every 5 s; two
+/// Active health checks of static endpoints: `GET /health` every
+/// `limits.health-check-interval` (5 s); two
 /// failures in a row take an endpoint out, one success brings it back.
 async fn health_checks(plane: Arc<DataPlane>, mut stop: watch::Receiver<bool>) {
     let mut failures: HashMap<SocketAddr, u32> = HashMap::new();
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    let mut tick = tokio::time::interval(plane.limits.health_check_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {

@@ -683,3 +683,50 @@ fn a_config_error_exits_2_naming_the_field() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn active_health_checks_take_a_failing_endpoint_out() {
+    let good = sim(model("m")).await;
+    let bad = sim(model("m")).await;
+    let p = proxy(&pool_yaml(
+        "m",
+        &[good.local_addr().to_string(), bad.local_addr().to_string()],
+        "health-check-interval: 100ms",
+        "",
+    ))
+    .await;
+    // Draining answers 503 on /health while the port still accepts.
+    bad.drain();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = pools(&p).await;
+        let eps = v["pools"][0]["endpoints"].as_array().unwrap().clone();
+        let unhealthy: Vec<_> = eps.iter().filter(|e| e["healthy"] == false).collect();
+        if unhealthy.len() == 1 {
+            assert_eq!(unhealthy[0]["address"], bad.local_addr().to_string());
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the draining endpoint was never marked unhealthy: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for _ in 0..6 {
+        let (status, _, body) = request(
+            "POST",
+            &format!("http://{}/v1/completions", p.proxy_addr),
+            r#"{"model":"m","prompt":"x","max_tokens":2}"#,
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!(
+        bad.metrics()
+            .generation_tokens
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    wait_idle(&p).await;
+}
