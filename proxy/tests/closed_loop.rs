@@ -154,8 +154,11 @@ async fn a_burst_scales_up_within_two_ticks_and_idle_returns_to_min() {
         !l.pool.endpoints().is_empty()
     })
     .await;
-    // Let the loop settle on the idle pool.
-    tokio::time::sleep(tick * 3).await;
+    // Let the loop decide a few times on the idle pool first.
+    until("three idle decisions", Duration::from_secs(10), || {
+        l.decisions.ticks() >= 3
+    })
+    .await;
     let ticks_before = l.decisions.ticks();
     let burst: Vec<_> = (0..24)
         .map(|_| tokio::spawn(stream(l.proxy.proxy_addr, 400)))
