@@ -4,7 +4,11 @@
 //! (release builds) so the proxy's CPU is read from /proc alone.
 //!
 //! Run with `scripts/bench-proxy` (it builds the binaries and passes their
-//! paths). Under `cargo test` this only prints how to run it.
+//! paths). Under `cargo test` this only prints how to run it. With
+//! `COMPARE_NGINX=1` the same measurements run through nginx (a plain
+//! keep-alive reverse proxy, no body routing) for scale. `BENCH_PARTS`
+//! picks parts (`cpu,latency,ttft`; all by default); `SCALECAR_WORKERS`
+//! sets the proxy's worker threads.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::{Child, Command, Stdio};
@@ -29,6 +33,18 @@ impl Drop for Proc {
     }
 }
 
+/// nginx's master, stopped with SIGTERM so that it takes its workers along.
+struct Nginx(Child);
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -37,7 +53,19 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// CPU seconds of a process and its children (nginx's workers).
 fn cpu_seconds(pid: u32) -> f64 {
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    children
+        .split_whitespace()
+        .filter_map(|c| c.parse::<u32>().ok())
+        .map(cpu_seconds)
+        .sum::<f64>()
+        + own_cpu_seconds(pid)
+}
+
+fn own_cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     let fields: Vec<&str> = stat
         .rsplit_once(')')
@@ -100,6 +128,16 @@ fn p50(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
+/// One proxy under test: where its two routes are and its process.
+struct UnderTest {
+    name: &'static str,
+    pid: u32,
+    /// To the zero-cost simulator (model `m`).
+    fast_url: String,
+    /// Streams from the realistic simulator (model `r`).
+    stream_url: String,
+}
+
 fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         println!("proxy overhead benchmark: run scripts/bench-proxy");
@@ -113,7 +151,7 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("scalecar-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
 
-    // A fast upstream (no simulated GPU time) and a realistic one.
+    // A zero-cost upstream (no simulated GPU time) and a realistic one.
     let fast_port = free_port();
     let real_port = free_port();
     let sim = |port: u16, model: &str, extra: &[&str]| {
@@ -143,10 +181,13 @@ fn main() {
     let _real = sim(real_port, "r", &[]);
     let (proxy_port, admin_port) = (free_port(), free_port());
     let config = dir.join("scalecar.yaml");
+    let workers = std::env::var("SCALECAR_WORKERS")
+        .map(|w| format!(", workers: {w}"))
+        .unwrap_or_default();
     std::fs::write(
         &config,
         format!(
-            "proxy: {{ listen: \"127.0.0.1:{proxy_port}\" }}\nadmin: {{ listen: \"127.0.0.1:{admin_port}\" }}\npools:\n  - model: m\n    endpoints: [\"127.0.0.1:{fast_port}\"]\n  - model: r\n    endpoints: [\"127.0.0.1:{real_port}\"]\n"
+            "proxy: {{ listen: \"127.0.0.1:{proxy_port}\"{workers} }}\nadmin: {{ listen: \"127.0.0.1:{admin_port}\" }}\npools:\n  - model: m\n    endpoints: [\"127.0.0.1:{fast_port}\"]\n  - model: r\n    endpoints: [\"127.0.0.1:{real_port}\"]\n"
         ),
     )
     .unwrap();
@@ -157,7 +198,6 @@ fn main() {
             .spawn()
             .unwrap(),
     );
-    let pid = proxy.0.id();
     let client: HttpClient = {
         let mut c = HttpConnector::new();
         c.set_nodelay(true);
@@ -170,15 +210,54 @@ fn main() {
         wait_http(&client, &format!("http://127.0.0.1:{real_port}/health")).await;
         wait_http(&client, &format!("http://127.0.0.1:{admin_port}/readyz")).await;
     });
+    let mut under_test = vec![UnderTest {
+        name: "scalecar",
+        pid: proxy.0.id(),
+        fast_url: format!("http://127.0.0.1:{proxy_port}/v1/completions"),
+        stream_url: format!("http://127.0.0.1:{proxy_port}/v1/chat/completions"),
+    }];
+    let _nginx = std::env::var_os("COMPARE_NGINX").map(|_| {
+        let (fast, real) = (free_port(), free_port());
+        let conf = dir.join("nginx.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "daemon off;\nworker_processes auto;\npid {dir}/nginx.pid;\nerror_log stderr error;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  tcp_nodelay on;\n  client_body_temp_path {dir}/body;\n  proxy_temp_path {dir}/proxy;\n  fastcgi_temp_path {dir}/fcgi;\n  uwsgi_temp_path {dir}/uwsgi;\n  scgi_temp_path {dir}/scgi;\n  upstream fast {{ server 127.0.0.1:{fast_port}; keepalive 512; }}\n  upstream real {{ server 127.0.0.1:{real_port}; keepalive 64; }}\n  server {{ listen 127.0.0.1:{fast}; location / {{ proxy_pass http://fast; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffering off; }} }}\n  server {{ listen 127.0.0.1:{real}; location / {{ proxy_pass http://real; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffering off; }} }}\n}}\n",
+                dir = dir.display()
+            ),
+        )
+        .unwrap();
+        let p = Nginx(
+            Command::new("nginx")
+                .args(["-c", conf.to_str().unwrap(), "-p", dir.to_str().unwrap()])
+                .spawn()
+                .expect("COMPARE_NGINX needs nginx on PATH"),
+        );
+        rt.block_on(wait_http(
+            &client,
+            &format!("http://127.0.0.1:{fast}/v1/models"),
+        ));
+        under_test.push(UnderTest {
+            name: "nginx",
+            pid: p.0.id(),
+            fast_url: format!("http://127.0.0.1:{fast}/v1/completions"),
+            stream_url: format!("http://127.0.0.1:{real}/v1/chat/completions"),
+        });
+        p
+    });
     std::thread::sleep(Duration::from_millis(500));
-    println!(
-        "idle RSS of the proxy: {:.1} MiB",
-        rss_kib(pid) as f64 / 1024.0
-    );
+    for t in &under_test {
+        println!(
+            "{}: idle RSS {:.1} MiB",
+            t.name,
+            rss_kib(t.pid) as f64 / 1024.0
+        );
+    }
 
+    let parts = std::env::var("BENCH_PARTS").unwrap_or_else(|_| "cpu,latency,ttft".into());
+    let part = |p: &str| parts.split(',').any(|x| x.trim() == p);
     let small = Bytes::from(r#"{"model":"m","prompt":"hello","max_tokens":1}"#);
     let direct_url = format!("http://127.0.0.1:{fast_port}/v1/completions");
-    let proxy_url = format!("http://127.0.0.1:{proxy_port}/v1/completions");
 
     // 1. CPU per request at saturation: 64 connections in a closed loop.
     let run_closed = |url: String, secs: u64| {
@@ -205,85 +284,105 @@ fn main() {
             done.load(Ordering::Relaxed)
         })
     };
-    run_closed(proxy_url.clone(), 1);
-    let cpu0 = cpu_seconds(pid);
-    let n = run_closed(proxy_url.clone(), 5);
-    let cpu = cpu_seconds(pid) - cpu0;
-    println!(
-        "saturation through the proxy: {n} requests in 5 s ({:.0} req/s), proxy CPU {:.2} s → {:.1} µs per request",
-        n as f64 / 5.0,
-        cpu,
-        cpu * 1e6 / n as f64
-    );
-    let n_direct = run_closed(direct_url.clone(), 5);
-    println!(
-        "saturation direct: {n_direct} requests in 5 s ({:.0} req/s)",
-        n_direct as f64 / 5.0
-    );
+    if part("cpu") {
+        let n_direct = run_closed(direct_url.clone(), 5);
+        println!(
+            "saturation direct: {n_direct} requests in 5 s ({:.0} req/s)",
+            n_direct as f64 / 5.0
+        );
+    }
+    // The client and the simulator share the cores with the proxy, so one
+    // round is noisy: five rounds of 3 s, the median.
+    for t in under_test.iter().filter(|_| part("cpu")) {
+        run_closed(t.fast_url.clone(), 1);
+        let mut rounds: Vec<(f64, f64)> = (0..5)
+            .map(|_| {
+                let cpu0 = cpu_seconds(t.pid);
+                let n = run_closed(t.fast_url.clone(), 3);
+                let cpu = cpu_seconds(t.pid) - cpu0;
+                (cpu * 1e6 / n as f64, n as f64 / 3.0)
+            })
+            .collect();
+        rounds.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let all: Vec<String> = rounds.iter().map(|r| format!("{:.1}", r.0)).collect();
+        let (per_request, rate) = rounds[rounds.len() / 2];
+        println!(
+            "{}: saturation {rate:.0} req/s, CPU {per_request:.1} µs per request (median of 5 rounds: {})",
+            t.name,
+            all.join(", ")
+        );
+    }
 
-    // 2. Added latency at 1,000 req/s, open loop, 5 s each.
-    let open_loop = |url: String| {
+    // 2. Added latency at 1,000 req/s, open loop: direct and proxied
+    //    requests alternate on one schedule (each path at 1,000 req/s), so
+    //    both see the same machine at the same moments.
+    let open_loop = |direct_url: String, proxy_url: String| {
         let client = client.clone();
         let body = small.clone();
         rt.block_on(async move {
             let start = Instant::now();
             let mut tasks = Vec::new();
-            for i in 0..5000u64 {
+            for i in 0..10_000u64 {
                 tokio::time::sleep_until(tokio::time::Instant::from_std(
-                    start + Duration::from_micros(i * 1000),
+                    start + Duration::from_micros(i * 500),
                 ))
                 .await;
+                let url = if i % 2 == 0 { &direct_url } else { &proxy_url };
                 let (client, body, url) = (client.clone(), body.clone(), url.clone());
                 tasks.push(tokio::spawn(
                     async move { post(&client, &url, &body).await.0 },
                 ));
             }
-            let mut lat = Vec::new();
-            for t in tasks {
-                lat.push(t.await.unwrap());
+            let (mut direct, mut via) = (Vec::new(), Vec::new());
+            for (i, t) in tasks.into_iter().enumerate() {
+                let d = t.await.unwrap();
+                if i % 2 == 0 {
+                    direct.push(d)
+                } else {
+                    via.push(d)
+                }
             }
-            p50(lat)
+            (p50(direct), p50(via))
         })
     };
-    let direct = open_loop(direct_url.clone());
-    let via = open_loop(proxy_url.clone());
-    println!(
-        "latency p50 at 1,000 req/s: direct {:.3} ms, through the proxy {:.3} ms, added {:.3} ms",
-        direct.as_secs_f64() * 1e3,
-        via.as_secs_f64() * 1e3,
-        (via.as_secs_f64() - direct.as_secs_f64()) * 1e3
-    );
+    for t in under_test.iter().filter(|_| part("latency")) {
+        let (direct, via) = open_loop(direct_url.clone(), t.fast_url.clone());
+        println!(
+            "{}: latency p50 at 1,000 req/s: direct {:.3} ms, proxied {:.3} ms, added {:.3} ms",
+            t.name,
+            direct.as_secs_f64() * 1e3,
+            via.as_secs_f64() * 1e3,
+            (via.as_secs_f64() - direct.as_secs_f64()) * 1e3
+        );
+    }
 
-    // 3. Added TTFT on streams against the realistic simulator, one at a time.
-    let stream_body = |model: &str| {
-        Bytes::from(format!(
-            r#"{{"model":"{model}","stream":true,"max_tokens":4,"messages":[{{"role":"user","content":"{}"}}]}}"#,
-            "a".repeat(2000)
-        ))
-    };
-    let ttfts = |url: String, body: Bytes| {
-        let client = client.clone();
-        rt.block_on(async move {
-            let mut v = Vec::new();
-            for _ in 0..100 {
-                v.push(post(&client, &url, &body).await.1.unwrap());
-            }
-            p50(v)
-        })
-    };
-    let direct_ttft = ttfts(
-        format!("http://127.0.0.1:{real_port}/v1/chat/completions"),
-        stream_body("r"),
-    );
-    let proxied_ttft = ttfts(
-        format!("http://127.0.0.1:{proxy_port}/v1/chat/completions"),
-        stream_body("r"),
-    );
-    println!(
-        "TTFT p50 on streams (500-token prompt): direct {:.3} ms, through the proxy {:.3} ms, added {:.3} ms",
-        direct_ttft.as_secs_f64() * 1e3,
-        proxied_ttft.as_secs_f64() * 1e3,
-        (proxied_ttft.as_secs_f64() - direct_ttft.as_secs_f64()) * 1e3
-    );
+    // 3. Added TTFT on streams against the realistic simulator, one at a
+    //    time, direct and proxied alternating.
+    let body = Bytes::from(format!(
+        r#"{{"model":"r","stream":true,"max_tokens":4,"messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "a".repeat(2000)
+    ));
+    let direct_stream = format!("http://127.0.0.1:{real_port}/v1/chat/completions");
+    for t in under_test.iter().filter(|_| part("ttft")) {
+        let (direct, via) = {
+            let (client, body) = (client.clone(), body.clone());
+            let (direct_url, proxy_url) = (direct_stream.clone(), t.stream_url.clone());
+            rt.block_on(async move {
+                let (mut direct, mut via) = (Vec::new(), Vec::new());
+                for _ in 0..300 {
+                    direct.push(post(&client, &direct_url, &body).await.1.unwrap());
+                    via.push(post(&client, &proxy_url, &body).await.1.unwrap());
+                }
+                (p50(direct), p50(via))
+            })
+        };
+        println!(
+            "{}: TTFT p50 on streams (500-token prompt): direct {:.3} ms, proxied {:.3} ms, added {:.3} ms",
+            t.name,
+            direct.as_secs_f64() * 1e3,
+            via.as_secs_f64() * 1e3,
+            (via.as_secs_f64() - direct.as_secs_f64()) * 1e3
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

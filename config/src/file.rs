@@ -60,7 +60,7 @@ pub fn policy_keys_from_yaml_str(text: &str) -> Result<BTreeMap<String, String>,
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct RawFile {
-    proxy: Option<RawListen>,
+    proxy: Option<RawProxy>,
     admin: Option<RawListen>,
     limits: Option<RawLimits>,
     scaler: Option<RawScaler>,
@@ -71,6 +71,13 @@ struct RawFile {
 #[serde(deny_unknown_fields)]
 struct RawListen {
     listen: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProxy {
+    listen: Option<String>,
+    workers: Option<Scalar>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -103,10 +110,13 @@ struct RawPool {
     policy: Option<BTreeMap<String, Scalar>>,
 }
 
-/// Where the proxy listens.
+/// Where the proxy listens, and how many threads serve it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProxyConfig {
     pub listen: SocketAddr,
+    /// Worker threads, each with its own connections; `None` is one per
+    /// core.
+    pub workers: Option<usize>,
 }
 
 /// Where the admin server (health, metrics, debug) listens.
@@ -182,6 +192,9 @@ pub struct ScalecarConfig {
     pub scaler: ScalerConfig,
     pub pools: Vec<PoolConfig>,
 }
+
+/// More threads than this serve no machine better.
+const MAX_WORKERS: usize = 1024;
 
 struct Checker {
     errors: Vec<String>,
@@ -283,6 +296,7 @@ impl ScalecarConfig {
                             "scaler",
                             "pools",
                             "listen",
+                            "workers",
                             "max-header-bytes",
                             "max-body-bytes",
                             "header-timeout",
@@ -307,12 +321,16 @@ impl ScalecarConfig {
             ConfigError::Yaml(format!("{message}{hint}"))
         })?;
         let mut c = Checker { errors: Vec::new() };
+        let (listen, workers) = raw.proxy.map(|p| (p.listen, p.workers)).unwrap_or_default();
         let proxy = ProxyConfig {
-            listen: c.addr(
-                "proxy.listen",
-                raw.proxy.and_then(|p| p.listen),
-                "0.0.0.0:8080",
-            ),
+            listen: c.addr("proxy.listen", listen, "0.0.0.0:8080"),
+            workers: workers.map(|w| {
+                let n = c.size("proxy.workers", Some(w), 1, 1);
+                if n > MAX_WORKERS {
+                    c.fail("proxy.workers", format!("{n} is more than {MAX_WORKERS}"));
+                }
+                n
+            }),
         };
         let admin = AdminConfig {
             listen: c.addr(
@@ -502,7 +520,7 @@ mod tests {
     use super::*;
 
     const GOOD: &str = r#"
-proxy: { listen: "127.0.0.1:8080" }
+proxy: { listen: "127.0.0.1:8080", workers: 3 }
 admin: { listen: "127.0.0.1:9090" }
 limits:
   max-body-bytes: 1048576
@@ -527,6 +545,7 @@ pools:
     fn a_good_file() {
         let c = ScalecarConfig::from_yaml_str(GOOD).unwrap();
         assert_eq!(c.proxy.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.proxy.workers, Some(3));
         assert_eq!(c.limits.max_body_bytes, 1 << 20);
         assert_eq!(c.limits.queue_wait, Duration::from_secs(5));
         assert_eq!(c.limits.queue_length, 1024);
@@ -547,6 +566,8 @@ pools:
         let pool = "pools: [{model: m, endpoints: [\"1.2.3.4:80\"]}]";
         for (text, want) in [
             (format!("proxy: {{listen: nowhere}}\n{pool}"), "proxy.listen: \"nowhere\" is not an address"),
+            (format!("proxy: {{workers: 0}}\n{pool}"), "proxy.workers: \"0\" is not a whole number ≥ 1"),
+            (format!("proxy: {{workers: 5000}}\n{pool}"), "proxy.workers: 5000 is more than 1024"),
             (format!("limits: {{queue-wait: 3x}}\n{pool}"), "limits.queue-wait: \"3x\" is not a duration"),
             (format!("limits: {{queue-length: -1}}\n{pool}"), "limits.queue-length: \"-1\" is not a whole number"),
             ("pools: [{model: m, endpoints: [\"10.0.0.5\"]}]".into(), "pools[0].endpoints[0]: \"10.0.0.5\" is not host:port"),

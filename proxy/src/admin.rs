@@ -27,10 +27,10 @@ fn entries(plane: &DataPlane) -> Vec<&PoolEntry> {
     let mut out = Vec::new();
     for route in plane.routes().values() {
         match route {
-            ModelRoute::Unified(e) => out.push(e),
+            ModelRoute::Unified(e) => out.push(&**e),
             ModelRoute::Disaggregated { prefill, decode } => {
-                out.push(prefill);
-                out.push(decode);
+                out.push(&**prefill);
+                out.push(&**decode);
             }
         }
     }

@@ -12,17 +12,15 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use scalecar_config::{Limits, Role};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -31,6 +29,7 @@ use crate::error::{ApiError, error_response};
 use crate::metrics::{Outcome, PoolMetrics, ProxyMetrics, Rejection};
 use crate::observe::{Observation, ObservedBody};
 use crate::pool::{AdmitError, Lease, Pool};
+use crate::upstream::{PooledConnection, Upstream};
 
 /// The body type of every response.
 pub type ProxyBody = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
@@ -42,13 +41,14 @@ pub struct PoolEntry {
     pub metrics: PoolMetrics,
 }
 
-/// Where a model's requests go.
+/// Where a model's requests go. Entries are shared by the workers and by
+/// each request's observation (one reference count, not one per metric).
 #[derive(Debug, Clone)]
 pub enum ModelRoute {
-    Unified(PoolEntry),
+    Unified(Arc<PoolEntry>),
     Disaggregated {
-        prefill: PoolEntry,
-        decode: PoolEntry,
+        prefill: Arc<PoolEntry>,
+        decode: Arc<PoolEntry>,
     },
 }
 
@@ -79,14 +79,22 @@ impl RequestFields<'_> {
     }
 }
 
-/// The data plane: routes, upstream client, limits and metrics.
+/// The data plane: routes, upstream connections, limits and metrics.
+///
+/// One per worker thread ([`DataPlane::for_worker`]): the routes, pools,
+/// signals and metrics are shared; the upstream connections and the request
+/// id counter are the worker's own.
 pub struct DataPlane {
-    routes: HashMap<String, ModelRoute>,
-    client: Client<HttpConnector, Full<Bytes>>,
+    routes: Arc<HashMap<String, ModelRoute>>,
+    upstream: Arc<Upstream>,
     pub limits: Limits,
     pub metrics: ProxyMetrics,
     request_ids: AtomicU64,
+    /// Tells this process's and this worker's request ids apart.
+    id_prefix: String,
     instance: u64,
+    /// Worker threads serving the proxy listener.
+    pub workers: usize,
 }
 
 impl fmt::Debug for DataPlane {
@@ -96,6 +104,8 @@ impl fmt::Debug for DataPlane {
             .finish_non_exhaustive()
     }
 }
+
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 const HOP_BY_HOP: [&str; 8] = [
     "connection",
@@ -109,6 +119,14 @@ const HOP_BY_HOP: [&str; 8] = [
 ];
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names instead of eight
+    // hashed removals.
+    if !headers
+        .keys()
+        .any(|k| HOP_BY_HOP.iter().any(|h| k.as_str() == *h))
+    {
+        return;
+    }
     // Headers named by Connection are hop-by-hop too.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -132,73 +150,108 @@ pub(crate) fn full(body: impl Into<Bytes>) -> ProxyBody {
 }
 
 impl DataPlane {
+    /// A data plane served by one worker per core.
     pub fn new(routes: HashMap<String, ModelRoute>, limits: Limits, metrics: ProxyMetrics) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(limits.connect_timeout));
-        connector.enforce_http(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(1024)
-            .build(connector);
         let instance = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0);
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self::with_parts(Arc::new(routes), limits, metrics, instance, None, workers)
+    }
+
+    fn with_parts(
+        routes: Arc<HashMap<String, ModelRoute>>,
+        limits: Limits,
+        metrics: ProxyMetrics,
+        instance: u64,
+        worker: Option<usize>,
+        workers: usize,
+    ) -> Self {
+        let id_prefix = match worker {
+            Some(w) => format!("scalecar-{:x}-{w}-", instance & 0xffff_ffff),
+            None => format!("scalecar-{:x}-", instance & 0xffff_ffff),
+        };
         DataPlane {
+            upstream: Upstream::new(limits.connect_timeout),
             routes,
-            client,
             limits,
             metrics,
             request_ids: AtomicU64::new(0),
+            id_prefix,
             instance,
+            workers,
         }
+    }
+
+    /// Sets how many worker threads serve the proxy listener (at least 1).
+    pub fn with_workers(mut self, workers: usize) -> Self {
+        self.workers = workers.max(1);
+        self
+    }
+
+    /// Worker `index`'s data plane: the same routes, pools and metrics, its
+    /// own upstream connections.
+    pub fn for_worker(&self, index: usize) -> DataPlane {
+        Self::with_parts(
+            self.routes.clone(),
+            self.limits.clone(),
+            self.metrics.clone(),
+            self.instance,
+            Some(index),
+            self.workers,
+        )
     }
 
     pub fn routes(&self) -> &HashMap<String, ModelRoute> {
         &self.routes
     }
 
-    pub(crate) fn client(&self) -> &Client<HttpConnector, Full<Bytes>> {
-        &self.client
+    pub(crate) fn upstream(&self) -> &Arc<Upstream> {
+        &self.upstream
     }
 
     fn request_id(&self, headers: &HeaderMap) -> HeaderValue {
         if let Some(v) = headers
-            .get("x-request-id")
+            .get(X_REQUEST_ID)
             .filter(|v| !v.is_empty() && v.len() <= 200)
         {
             return v.clone();
         }
         let n = self.request_ids.fetch_add(1, Ordering::Relaxed);
-        HeaderValue::from_str(&format!("scalecar-{:x}-{n:x}", self.instance & 0xffff_ffff))
+        let mut id = String::with_capacity(self.id_prefix.len() + 16);
+        id.push_str(&self.id_prefix);
+        push_hex(&mut id, n);
+        HeaderValue::from_maybe_shared(Bytes::from(id))
             .unwrap_or_else(|_| HeaderValue::from_static("scalecar"))
     }
 
     /// Serves one client request.
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ProxyBody> {
         let start = Instant::now();
-        let path = req.uri().path().to_string();
-        let method = req.method().clone();
         let request_id = self.request_id(req.headers());
-        let mut response = match (method, path.as_str()) {
-            (Method::POST, "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings") => {
-                self.completion(req, start, request_id.clone()).await
-            }
-            (Method::GET, "/v1/models") => self.models(),
-            (_, "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings" | "/v1/models") => {
-                error_response(&ApiError::new(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    "method not allowed",
-                    None,
-                ))
-            }
-            _ => {
+        let route = match req.uri().path() {
+            "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings" => Some(true),
+            "/v1/models" => Some(false),
+            _ => None,
+        };
+        let mut response = match (req.method(), route) {
+            (&Method::POST, Some(true)) => self.completion(req, start, request_id.clone()).await,
+            (&Method::GET, Some(false)) => self.models(),
+            (_, Some(_)) => error_response(&ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed",
+                None,
+            )),
+            (_, None) => {
                 self.metrics.rejected(Rejection::not_found);
-                error_response(&ApiError::not_found(format!("no route for {path}")))
+                error_response(&ApiError::not_found(format!(
+                    "no route for {}",
+                    req.uri().path()
+                )))
             }
         };
-        response.headers_mut().insert("x-request-id", request_id);
+        response.headers_mut().insert(X_REQUEST_ID, request_id);
         response
     }
 
@@ -254,10 +307,12 @@ impl DataPlane {
                 ));
             }
         };
-        let model: String = match fields
-            .model
-            .map(|m| serde_json::from_str::<String>(m.get()))
-        {
+        // Borrowed from the body unless the name has escapes.
+        let model: std::borrow::Cow<'_, str> = match fields.model.map(|m| {
+            serde_json::from_str::<&str>(m.get())
+                .map(std::borrow::Cow::Borrowed)
+                .or_else(|_| serde_json::from_str::<String>(m.get()).map(std::borrow::Cow::Owned))
+        }) {
             Some(Ok(m)) if !m.is_empty() => m,
             Some(_) => {
                 self.metrics.rejected(Rejection::bad_request);
@@ -274,20 +329,24 @@ impl DataPlane {
                 ));
             }
         };
-        let Some(route) = self.routes.get(&model) else {
+        let Some(route) = self.routes.get(model.as_ref()) else {
             self.metrics.rejected(Rejection::unknown_model);
             return error_response(&ApiError::model_not_found(&model));
         };
         let prompt_tokens = fields.prompt_tokens();
         let streaming = fields.stream.unwrap_or(false);
+        // Only the path and query go upstream (origin form), whatever form
+        // the client used.
         let path = parts
             .uri
             .path_and_query()
-            .map(|p| p.as_str().to_string())
-            .unwrap_or_else(|| parts.uri.path().to_string());
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let mut headers = parts.headers;
         strip_hop_by_hop(&mut headers);
-        headers.insert("x-request-id", request_id);
+        headers.remove(header::HOST);
+        headers.remove(header::CONTENT_LENGTH);
+        headers.insert(X_REQUEST_ID, request_id);
         match route {
             ModelRoute::Unified(entry) => {
                 self.forward(entry, &path, headers, body, prompt_tokens, streaming, start)
@@ -318,6 +377,11 @@ impl DataPlane {
         tokens: u64,
         avoid: Option<std::net::SocketAddr>,
     ) -> Result<Lease, Response<ProxyBody>> {
+        // The common case, a free slot now: no wait to time.
+        if let Some(lease) = entry.pool.try_admit(tokens, avoid) {
+            entry.metrics.queue_wait.observe(std::time::Duration::ZERO);
+            return Ok(lease);
+        }
         let empty = entry.pool.endpoints().is_empty();
         let deadline = if empty {
             self.limits.activation_timeout.max(self.limits.queue_wait)
@@ -350,49 +414,36 @@ impl DataPlane {
         })
     }
 
-    /// Sends `body` to an endpoint of the lease's pool, retrying once on
-    /// another endpoint when the connection fails before any answer.
+    /// Sends the request to the lease's endpoint; when the connection
+    /// cannot be made (nothing reached any model server, nothing reached
+    /// the client), takes a slot on another endpoint and tries there, up to
+    /// three endpoints in all.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn send(
         &self,
         entry: &PoolEntry,
         mut lease: Lease,
-        path: &str,
-        headers: &HeaderMap,
-        body: &Bytes,
+        path: &PathAndQuery,
+        headers: HeaderMap,
+        body: Bytes,
         tokens: u64,
-    ) -> Result<(Response<Incoming>, Lease), (Lease, String)> {
+    ) -> Result<(Response<Incoming>, PooledConnection, Lease), (Lease, String)> {
+        let mut req = Request::new(Full::new(body));
+        *req.method_mut() = Method::POST;
+        *req.uri_mut() = Uri::from(path.clone());
+        *req.headers_mut() = headers;
         let mut attempts = 0;
         loop {
             attempts += 1;
             let addr = lease.endpoint.addr;
-            let uri: Uri = match format!("http://{addr}{path}").parse() {
-                Ok(u) => u,
-                Err(e) => return Err((lease, format!("upstream URI: {e}"))),
-            };
-            let mut req = Request::new(Full::new(body.clone()));
-            *req.method_mut() = Method::POST;
-            *req.uri_mut() = uri;
-            *req.headers_mut() = headers.clone();
-            req.headers_mut().remove(header::HOST);
-            req.headers_mut().remove(header::CONTENT_LENGTH);
-            let result =
-                tokio::time::timeout(self.limits.request_timeout, self.client.request(req)).await;
-            match result {
-                Ok(Ok(resp)) => return Ok((resp, lease)),
-                Ok(Err(e)) if e.is_connect() && attempts < 3 => {
-                    lease.endpoint.record_failure(entry.pool.now_ms());
-                    tracing::debug!(endpoint = %addr, error = %e, "connect failed; retrying elsewhere");
-                    // Nothing reached the client: take a slot elsewhere.
-                    let next = match self.admit(entry, tokens, Some(addr)).await {
-                        Ok(l) => l,
-                        Err(_) => return Err((lease, format!("endpoint {addr}: {e}"))),
-                    };
-                    lease = next;
-                }
-                Ok(Err(e)) => {
-                    lease.endpoint.record_failure(entry.pool.now_ms());
-                    return Err((lease, format!("endpoint {addr}: {e}")));
-                }
+            req.headers_mut()
+                .insert(header::HOST, lease.endpoint.host.clone());
+            let sent =
+                tokio::time::timeout(self.limits.request_timeout, self.upstream.send(addr, req))
+                    .await;
+            let (error, back) = match sent {
+                Ok(Ok((resp, conn))) => return Ok((resp, conn, lease)),
+                Ok(Err(e)) => e,
                 Err(_) => {
                     return Err((
                         lease,
@@ -402,6 +453,19 @@ impl DataPlane {
                         ),
                     ));
                 }
+            };
+            lease.endpoint.record_failure(entry.pool.now_ms());
+            match back {
+                Some(r) if error.is_connect() && attempts < 3 => {
+                    tracing::debug!(endpoint = %addr, %error, "connect failed; retrying elsewhere");
+                    // Nothing reached the client: take a slot elsewhere.
+                    lease = match self.admit(entry, tokens, Some(addr)).await {
+                        Ok(next) => next,
+                        Err(_) => return Err((lease, error.to_string())),
+                    };
+                    req = r;
+                }
+                _ => return Err((lease, error.to_string())),
             }
         }
     }
@@ -410,8 +474,8 @@ impl DataPlane {
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn forward(
         &self,
-        entry: &PoolEntry,
-        path: &str,
+        entry: &Arc<PoolEntry>,
+        path: &PathAndQuery,
         headers: HeaderMap,
         body: Bytes,
         prompt_tokens: u64,
@@ -427,35 +491,23 @@ impl DataPlane {
         };
         pool.signals.dispatch(prompt_tokens);
         match self
-            .send(entry, lease, path, &headers, &body, prompt_tokens)
+            .send(entry, lease, path, headers, body, prompt_tokens)
             .await
         {
-            Ok((resp, lease)) => {
-                let observation = Observation::new(
-                    pool.clone(),
-                    entry.metrics.clone(),
-                    lease,
-                    start,
-                    prompt_tokens,
-                    streaming,
-                );
+            Ok((resp, conn, lease)) => {
+                let observation =
+                    Observation::new(entry.clone(), lease, start, prompt_tokens, streaming);
                 let (mut parts, upstream) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
-                let body = ObservedBody::new(upstream, observation)
+                let body = ObservedBody::new(upstream, observation, conn)
                     .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
                     .boxed_unsync();
                 Response::from_parts(parts, body)
             }
             Err((lease, message)) => {
                 // The request never got an answer: close its record.
-                let observation = Observation::new(
-                    pool.clone(),
-                    entry.metrics.clone(),
-                    lease,
-                    start,
-                    prompt_tokens,
-                    streaming,
-                );
+                let observation =
+                    Observation::new(entry.clone(), lease, start, prompt_tokens, streaming);
                 observation.fail();
                 tracing::warn!(model = %pool.model, role = %pool.role, %message, "upstream failed");
                 error_response(&ApiError::new(
@@ -465,6 +517,23 @@ impl DataPlane {
                 ))
             }
         }
+    }
+}
+
+fn push_hex(out: &mut String, mut n: u64) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut buf = [0u8; 16];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = DIGITS[(n & 0xf) as usize];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    for &b in &buf[i..] {
+        out.push(char::from(b));
     }
 }
 
@@ -490,6 +559,15 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("authorization"));
+    }
+
+    #[test]
+    fn hex_ids() {
+        for n in [0u64, 9, 10, 255, 0xdead_beef, u64::MAX] {
+            let mut s = String::new();
+            push_hex(&mut s, n);
+            assert_eq!(s, format!("{n:x}"));
+        }
     }
 
     #[test]

@@ -178,14 +178,15 @@ pub async fn run(
         metrics: metrics.pool(MODEL, Role::Unified),
         pool: pool.clone(),
     };
-    let routes = HashMap::from([(MODEL.to_string(), ModelRoute::Unified(entry))]);
+    let routes = HashMap::from([(MODEL.to_string(), ModelRoute::Unified(Arc::new(entry)))]);
     let plane = Arc::new(DataPlane::new(routes, limits, metrics));
     let bind = || async {
         tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(|e| DemoError::Setup(format!("binding 127.0.0.1: {e}")))
     };
-    let proxy = server::serve(plane, registry, bind().await?, bind().await?);
+    let proxy = server::serve(plane, registry, bind().await?, bind().await?)
+        .map_err(|e| DemoError::Setup(e.to_string()))?;
 
     // The control loop, scaling the cluster.
     let spec = TargetSpec {

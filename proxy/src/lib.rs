@@ -28,3 +28,4 @@ pub mod pd;
 pub mod pool;
 pub mod replay;
 pub mod server;
+pub mod upstream;

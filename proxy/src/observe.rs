@@ -15,14 +15,15 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
-use crate::metrics::{Outcome, PoolMetrics};
-use crate::pool::{Lease, Pool};
+use crate::dataplane::PoolEntry;
+use crate::metrics::Outcome;
+use crate::pool::Lease;
+use crate::upstream::PooledConnection;
 
 /// What a request carries through its response.
 #[derive(Debug)]
 pub struct Observation {
-    pool: Arc<Pool>,
-    metrics: PoolMetrics,
+    entry: Arc<PoolEntry>,
     lease: Option<Lease>,
     start: Instant,
     prompt_tokens: u64,
@@ -40,16 +41,14 @@ impl Observation {
     /// `start` is when the proxy received the request; the request was
     /// dispatched (`signals.dispatch`) already.
     pub fn new(
-        pool: Arc<Pool>,
-        metrics: PoolMetrics,
+        entry: Arc<PoolEntry>,
         lease: Lease,
         start: Instant,
         prompt_tokens: u64,
         streaming: bool,
     ) -> Self {
         Observation {
-            pool,
-            metrics,
+            entry,
             lease: Some(lease),
             start,
             prompt_tokens,
@@ -64,17 +63,18 @@ impl Observation {
     }
 
     fn content_event(&mut self) {
-        let signals = &self.pool.signals;
+        let signals = &self.entry.pool.signals;
+        let metrics = &self.entry.metrics;
         let now = signals.now();
         if self.first_seen {
             let itl = now.saturating_sub(self.last_token);
             signals.inter_token_at(now, itl);
-            self.metrics.itl.observe(itl);
+            metrics.itl.observe(itl);
         } else {
             self.first_seen = true;
             let ttft = self.start.elapsed();
             signals.first_token(self.prompt_tokens, ttft);
-            self.metrics.ttft.observe(ttft);
+            metrics.ttft.observe(ttft);
         }
         self.last_token = now;
         self.generated += 1;
@@ -155,18 +155,19 @@ impl Observation {
         let e2e = self.start.elapsed();
         let generated_count = if self.streaming { self.generated } else { 0 };
         let e2e_sample = (outcome == Outcome::ok).then_some(e2e);
-        self.pool.signals.complete(
+        let metrics = &self.entry.metrics;
+        self.entry.pool.signals.complete(
             self.prompt_tokens,
             generated_count,
             self.first_seen,
             e2e_sample,
         );
         if let Some(d) = e2e_sample {
-            self.metrics.e2e.observe(d);
+            metrics.e2e.observe(d);
         }
-        self.metrics.outcome(outcome);
+        metrics.outcome(outcome);
         let generated = self.usage_completion_tokens.unwrap_or(self.generated);
-        self.metrics.generated_tokens.inc_by(generated);
+        metrics.generated_tokens.inc_by(generated);
         match &self.lease {
             Some(l) if outcome == Outcome::ok => l.endpoint.record_success(),
             _ => {}
@@ -189,7 +190,7 @@ enum Event {
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
+    memchr::memmem::find(hay, needle)
 }
 
 fn find_number_after(hay: &[u8], key: &[u8]) -> Option<u64> {
@@ -232,18 +233,38 @@ fn classify(data: &[u8]) -> Event {
     Event::Other
 }
 
-/// A response body observed on its way to the client.
+/// A response body observed on its way to the client. It also holds the
+/// upstream connection the body is read from, which goes back to its pool
+/// at the end of the body (and is closed if the body is dropped before).
 #[derive(Debug)]
 pub struct ObservedBody<B> {
     inner: B,
     observation: Option<Observation>,
+    connection: Option<PooledConnection>,
 }
 
-impl<B> ObservedBody<B> {
-    pub fn new(inner: B, observation: Observation) -> Self {
-        ObservedBody {
+impl<B: Body> ObservedBody<B> {
+    pub fn new(inner: B, observation: Observation, connection: PooledConnection) -> Self {
+        let mut body = ObservedBody {
             inner,
             observation: Some(observation),
+            connection: Some(connection),
+        };
+        // An empty body is never polled: it ends here.
+        if body.inner.is_end_stream() {
+            body.end();
+        }
+        body
+    }
+
+    /// The upstream body ended cleanly: one completion record, and the
+    /// connection back to the pool.
+    fn end(&mut self) {
+        if let Some(c) = self.connection.take() {
+            c.release();
+        }
+        if let Some(mut o) = self.observation.take() {
+            o.finish(Outcome::ok);
         }
     }
 }
@@ -266,9 +287,15 @@ where
                 if let (Some(data), Some(o)) = (frame.data_ref(), this.observation.as_mut()) {
                     o.frame(data);
                 }
+                // A sized body's last frame: the server will not poll for
+                // the end, so it is recorded now.
+                if this.inner.is_end_stream() {
+                    this.end();
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
+                this.connection = None;
                 if let Some(mut o) = this.observation.take() {
                     tracing::debug!(error = %e, "upstream body failed mid-response");
                     o.finish(Outcome::upstream_error);
@@ -276,9 +303,7 @@ where
                 Poll::Ready(Some(Err(e)))
             }
             Poll::Ready(None) => {
-                if let Some(mut o) = this.observation.take() {
-                    o.finish(Outcome::ok);
-                }
+                this.end();
                 Poll::Ready(None)
             }
             Poll::Pending => Poll::Pending,

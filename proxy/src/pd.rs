@@ -5,10 +5,12 @@
 //! `kv_transfer_params` the prefill answered, streamed back to the client.
 //! Both legs carry the same `X-Request-Id`; each is recorded in its role.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::HeaderMap;
+use http::uri::PathAndQuery;
 use http::{Response, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
@@ -56,9 +58,9 @@ pub fn decode_body(original: &Value, kv_transfer_params: Value) -> Value {
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn two_stage(
     plane: &DataPlane,
-    prefill: &PoolEntry,
-    decode: &PoolEntry,
-    path: &str,
+    prefill: &Arc<PoolEntry>,
+    decode: &Arc<PoolEntry>,
+    path: &PathAndQuery,
     headers: HeaderMap,
     body: Bytes,
     prompt_tokens: u64,
@@ -90,15 +92,18 @@ pub(crate) async fn two_stage(
             prefill,
             lease,
             path,
-            &headers,
-            &prefill_bytes,
+            headers.clone(),
+            prefill_bytes,
             prompt_tokens,
         )
         .await;
     let (status, answer_body) = match answer {
-        Ok((resp, lease)) => {
+        Ok((resp, conn, lease)) => {
             let status = resp.status();
             let collected = resp.into_body().collect().await.map(|b| b.to_bytes());
+            if collected.is_ok() {
+                conn.release();
+            }
             drop(lease);
             match collected {
                 Ok(b) => (status, b),

@@ -21,6 +21,8 @@ use tokio::sync::Notify;
 #[derive(Debug)]
 pub struct Endpoint {
     pub addr: SocketAddr,
+    /// `Host` of requests to it, formatted once.
+    pub host: http::HeaderValue,
     /// Requests sent and not finished.
     pub outstanding: AtomicU32,
     /// Prompt + generated tokens of those requests (the work they carry).
@@ -36,6 +38,8 @@ impl Endpoint {
     pub fn new(addr: SocketAddr) -> Arc<Self> {
         Arc::new(Endpoint {
             addr,
+            host: http::HeaderValue::from_str(&addr.to_string())
+                .unwrap_or_else(|_| http::HeaderValue::from_static("localhost")),
             outstanding: AtomicU32::new(0),
             outstanding_tokens: AtomicU64::new(0),
             ejected_until_ms: AtomicU64::new(0),
@@ -292,6 +296,11 @@ impl Pool {
             }
         }
         None
+    }
+
+    /// A slot now, if one is free.
+    pub fn try_admit(self: &Arc<Self>, tokens: u64, avoid: Option<SocketAddr>) -> Option<Lease> {
+        self.try_acquire(tokens, avoid)
     }
 
     /// Admits a request: a slot at once, or a wait in the bounded queue

@@ -1,7 +1,14 @@
-//! Building the proxy from its config and serving it: listeners, header
-//! limits and timeouts, active health checks of static endpoints, and
+//! Building the proxy from its config and serving it: worker threads,
+//! header limits and timeouts, active health checks of static endpoints, and
 //! graceful shutdown (stop accepting, let streams finish within the grace
 //! period, then close).
+//!
+//! The proxy listener is served by one single-threaded runtime per worker
+//! (one per core by default), all accepting from the same socket: a
+//! connection, its requests and their upstream connections stay on one
+//! thread, so the request path has no cross-thread wake-ups. Pools, signals
+//! and metrics are shared atomics. The admin server, health checks and the
+//! control loop run on the caller's runtime.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -11,7 +18,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -45,6 +52,11 @@ pub enum StartError {
     },
     #[error("scaler: {0}")]
     Control(String),
+    #[error("starting proxy worker {index}: {source}")]
+    Worker {
+        index: usize,
+        source: std::io::Error,
+    },
 }
 
 /// A running proxy and its admin server.
@@ -89,7 +101,7 @@ pub async fn build(
     registry: &mut Registry,
 ) -> Result<Arc<DataPlane>, StartError> {
     let metrics = ProxyMetrics::register(registry);
-    let mut by_model: HashMap<String, HashMap<Role, PoolEntry>> = HashMap::new();
+    let mut by_model: HashMap<String, HashMap<Role, Arc<PoolEntry>>> = HashMap::new();
     for (i, p) in config.pools.iter().enumerate() {
         let mut addrs = Vec::new();
         for e in &p.endpoints {
@@ -107,10 +119,10 @@ pub async fn build(
             p.policy.max_concurrency,
             config.limits.queue_length,
         );
-        let entry = PoolEntry {
+        let entry = Arc::new(PoolEntry {
             metrics: metrics.pool(&p.model, p.role),
             pool,
-        };
+        });
         by_model
             .entry(p.model.clone())
             .or_default()
@@ -131,11 +143,11 @@ pub async fn build(
         };
         routes.insert(model, route);
     }
-    Ok(Arc::new(DataPlane::new(
-        routes,
-        config.limits.clone(),
-        metrics,
-    )))
+    let mut plane = DataPlane::new(routes, config.limits.clone(), metrics);
+    if let Some(n) = config.proxy.workers {
+        plane = plane.with_workers(n);
+    }
+    Ok(Arc::new(plane))
 }
 
 /// Starts serving on the given listeners.
@@ -176,7 +188,7 @@ pub async fn start(
         config.scaler.tick,
     )
     .map_err(|e| StartError::Control(e.to_string()))?;
-    let mut handle = serve(plane, registry, proxy_listener, admin_listener);
+    let mut handle = serve(plane, registry, proxy_listener, admin_listener)?;
     let mut stop = handle.shutdown.subscribe();
     handle.tasks.push(tokio::spawn(async move {
         let counting = async {
@@ -214,13 +226,14 @@ fn find<'a>(plane: &'a DataPlane, model: &str, role: Role) -> Option<&'a PoolEnt
     }
 }
 
-/// Serves an already built data plane.
+/// Serves an already built data plane: `plane.workers` threads on the
+/// proxy listener, the admin server and health checks on this runtime.
 pub fn serve(
     plane: Arc<DataPlane>,
     registry: Registry,
     proxy_listener: TcpListener,
     admin_listener: TcpListener,
-) -> ProxyHandle {
+) -> Result<ProxyHandle, StartError> {
     let proxy_addr = proxy_listener
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
@@ -234,12 +247,41 @@ pub fn serve(
         ready: Default::default(),
     });
     let mut tasks = Vec::new();
-    let p = plane.clone();
-    tasks.push(tokio::spawn(serve_proxy(
-        p,
-        proxy_listener,
-        shutdown_rx.clone(),
-    )));
+    let worker_error = |index| move |source| StartError::Worker { index, source };
+    let listener = proxy_listener.into_std().map_err(worker_error(0))?;
+    for index in 0..plane.workers {
+        let listener = listener.try_clone().map_err(worker_error(index))?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(worker_error(index))?;
+        let worker = Arc::new(plane.for_worker(index));
+        let stop = shutdown_rx.clone();
+        let (done, finished) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name(format!("scalecar-worker-{index}"))
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let upstream = worker.upstream().clone();
+                    tokio::spawn(async move {
+                        let mut every = tokio::time::interval(Duration::from_secs(15));
+                        loop {
+                            every.tick().await;
+                            upstream.sweep();
+                        }
+                    });
+                    match TcpListener::from_std(listener) {
+                        Ok(l) => serve_proxy(worker, l, stop).await,
+                        Err(e) => tracing::error!(worker = index, error = %e, "proxy listener"),
+                    }
+                });
+                let _ = done.send(());
+            })
+            .map_err(worker_error(index))?;
+        tasks.push(tokio::spawn(async move {
+            let _ = finished.await;
+        }));
+    }
     tasks.push(tokio::spawn(serve_admin(
         admin.clone(),
         admin_listener,
@@ -247,14 +289,14 @@ pub fn serve(
     )));
     tasks.push(tokio::spawn(health_checks(plane.clone(), shutdown_rx)));
     admin.ready.store(true, Ordering::Release);
-    ProxyHandle {
+    Ok(ProxyHandle {
         proxy_addr,
         admin_addr,
         plane,
         admin,
         shutdown,
         tasks,
-    }
+    })
 }
 
 async fn serve_proxy(
@@ -354,13 +396,22 @@ async fn health_checks(plane: Arc<DataPlane>, mut stop: watch::Receiver<bool>) {
             }
         }
         for ep in endpoints {
-            let uri = format!("http://{}/health", ep.addr);
-            let Ok(req) = http::Request::get(uri).body(Full::new(Bytes::new())) else {
+            let Ok(req) = http::Request::get("/health")
+                .header(http::header::HOST, ep.host.clone())
+                .body(Full::new(Bytes::new()))
+            else {
                 continue;
             };
+            let check = async {
+                let (resp, conn) = plane.upstream().send(ep.addr, req).await.ok()?;
+                let ok = resp.status().is_success();
+                resp.into_body().collect().await.ok()?;
+                conn.release();
+                Some(ok)
+            };
             let ok = matches!(
-                tokio::time::timeout(Duration::from_secs(2), plane.client().request(req)).await,
-                Ok(Ok(r)) if r.status().is_success()
+                tokio::time::timeout(Duration::from_secs(2), check).await,
+                Ok(Some(true))
             );
             let n = failures.entry(ep.addr).or_insert(0);
             *n = if ok { 0 } else { *n + 1 };

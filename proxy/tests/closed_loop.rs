@@ -68,7 +68,7 @@ async fn closed_loop(keys: &[(&str, &str)], initial: u32, tick: Duration) -> Loo
         pool: pool.clone(),
     };
     let plane = Arc::new(DataPlane::new(
-        HashMap::from([("m".to_string(), ModelRoute::Unified(entry))]),
+        HashMap::from([("m".to_string(), ModelRoute::Unified(Arc::new(entry)))]),
         Limits::default(),
         metrics,
     ));
@@ -78,7 +78,8 @@ async fn closed_loop(keys: &[(&str, &str)], initial: u32, tick: Duration) -> Loo
         registry,
         bind().await.unwrap(),
         bind().await.unwrap(),
-    );
+    )
+    .unwrap();
     let spec = TargetSpec {
         name: "m".into(),
         model: "m".into(),

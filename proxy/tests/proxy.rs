@@ -235,8 +235,23 @@ async fn streams_pass_through_with_the_same_content_and_ttft() {
             .collect::<Vec<_>>(),
         vec!["m"]
     );
-    assert!(metric(&p, "scalecar_tokens_total{kind=\"generated\"").await >= 0.0);
     wait_idle(&p).await;
+    // Two streams and one sized answer, each recorded once and as ok (the
+    // sized body's end is seen at its last frame, not at a poll for more).
+    let outcome = |o: &str| {
+        format!("scalecar_requests_total{{model=\"m\",role=\"unified\",outcome=\"{o}\"}}")
+    };
+    assert_eq!(metric(&p, &outcome("ok")).await, 3.0);
+    assert_eq!(metric(&p, &outcome("cancelled")).await, 0.0);
+    assert_eq!(metric(&p, "scalecar_e2e_seconds_count").await, 3.0);
+    assert!(
+        metric(
+            &p,
+            "scalecar_tokens_total{model=\"m\",role=\"unified\",kind=\"generated\"}"
+        )
+        .await
+            >= 16.0 + 4.0 + 5.0
+    );
     p.shutdown().await;
 }
 
