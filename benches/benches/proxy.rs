@@ -8,7 +8,9 @@
 //! `COMPARE_NGINX=1` the same measurements run through nginx (a plain
 //! keep-alive reverse proxy, no body routing) for scale. `BENCH_PARTS`
 //! picks parts (`cpu,latency,ttft`; all by default); `SCALECAR_WORKERS`
-//! sets the proxy's worker threads.
+//! sets the proxy's worker threads. `BENCH_PIN=1` gives the proxy under
+//! test core 1 to itself (one worker) and puts the client and simulators on
+//! core 0, which takes the scheduler's noise out of the CPU figure.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::{Child, Command, Stdio};
@@ -42,6 +44,18 @@ impl Drop for Nginx {
             .args(["-TERM", &self.0.id().to_string()])
             .status();
         let _ = self.0.wait();
+    }
+}
+
+/// `program`, on `cpu` when pinning.
+fn command(program: &str, cpu: Option<&str>) -> Command {
+    match cpu {
+        Some(cpu) => {
+            let mut c = Command::new("taskset");
+            c.args(["-c", cpu, program]);
+            c
+        }
+        None => Command::new(program),
     }
 }
 
@@ -132,10 +146,11 @@ fn p50(mut v: Vec<Duration>) -> Duration {
 struct UnderTest {
     name: &'static str,
     pid: u32,
-    /// To the zero-cost simulator (model `m`).
-    fast_url: String,
-    /// Streams from the realistic simulator (model `r`).
-    stream_url: String,
+    /// `http://host:port` of the route to the zero-cost simulator (model
+    /// `m`).
+    fast: String,
+    /// Of the route to the realistic simulator (model `r`).
+    real: String,
 }
 
 fn main() {
@@ -147,6 +162,21 @@ fn main() {
         std::env::var("SCALECAR_BIN").expect("SCALECAR_BIN (scripts/bench-proxy sets it)");
     let model_sim =
         std::env::var("MODEL_SIM_BIN").expect("MODEL_SIM_BIN (scripts/bench-proxy sets it)");
+    let pin = std::env::var_os("BENCH_PIN").is_some();
+    let (proxy_cpu, rest_cpu) = if pin {
+        (Some("1"), Some("0"))
+    } else {
+        (None, None)
+    };
+    if pin {
+        let me = std::process::id().to_string();
+        let ok = Command::new("taskset")
+            .args(["-a", "-p", "-c", "0", &me])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "BENCH_PIN needs taskset and two cores");
+    }
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = std::env::temp_dir().join(format!("scalecar-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -156,7 +186,7 @@ fn main() {
     let real_port = free_port();
     let sim = |port: u16, model: &str, extra: &[&str]| {
         Proc(
-            Command::new(&model_sim)
+            command(&model_sim, rest_cpu)
                 .args(["--listen", &format!("127.0.0.1:{port}"), "--model", model])
                 .args(extra)
                 .stderr(Stdio::null())
@@ -182,6 +212,8 @@ fn main() {
     let (proxy_port, admin_port) = (free_port(), free_port());
     let config = dir.join("scalecar.yaml");
     let workers = std::env::var("SCALECAR_WORKERS")
+        .ok()
+        .or(pin.then(|| "1".to_string()))
         .map(|w| format!(", workers: {w}"))
         .unwrap_or_default();
     std::fs::write(
@@ -192,7 +224,7 @@ fn main() {
     )
     .unwrap();
     let proxy = Proc(
-        Command::new(&scalecar)
+        command(&scalecar, proxy_cpu)
             .args(["run", "--config", config.to_str().unwrap()])
             .stderr(Stdio::null())
             .spawn()
@@ -213,8 +245,8 @@ fn main() {
     let mut under_test = vec![UnderTest {
         name: "scalecar",
         pid: proxy.0.id(),
-        fast_url: format!("http://127.0.0.1:{proxy_port}/v1/completions"),
-        stream_url: format!("http://127.0.0.1:{proxy_port}/v1/chat/completions"),
+        fast: format!("http://127.0.0.1:{proxy_port}"),
+        real: format!("http://127.0.0.1:{proxy_port}"),
     }];
     let _nginx = std::env::var_os("COMPARE_NGINX").map(|_| {
         let (fast, real) = (free_port(), free_port());
@@ -222,13 +254,14 @@ fn main() {
         std::fs::write(
             &conf,
             format!(
-                "daemon off;\nworker_processes auto;\npid {dir}/nginx.pid;\nerror_log stderr error;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  tcp_nodelay on;\n  client_body_temp_path {dir}/body;\n  proxy_temp_path {dir}/proxy;\n  fastcgi_temp_path {dir}/fcgi;\n  uwsgi_temp_path {dir}/uwsgi;\n  scgi_temp_path {dir}/scgi;\n  upstream fast {{ server 127.0.0.1:{fast_port}; keepalive 512; }}\n  upstream real {{ server 127.0.0.1:{real_port}; keepalive 64; }}\n  server {{ listen 127.0.0.1:{fast}; location / {{ proxy_pass http://fast; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffering off; }} }}\n  server {{ listen 127.0.0.1:{real}; location / {{ proxy_pass http://real; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffering off; }} }}\n}}\n",
-                dir = dir.display()
+                "daemon off;\nworker_processes {nginx_workers};\npid {dir}/nginx.pid;\nerror_log stderr error;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  tcp_nodelay on;\n  client_body_temp_path {dir}/body;\n  proxy_temp_path {dir}/proxy;\n  fastcgi_temp_path {dir}/fcgi;\n  uwsgi_temp_path {dir}/uwsgi;\n  scgi_temp_path {dir}/scgi;\n  upstream fast {{ server 127.0.0.1:{fast_port}; keepalive 512; }}\n  upstream real {{ server 127.0.0.1:{real_port}; keepalive 64; }}\n  server {{ listen 127.0.0.1:{fast}; location / {{ proxy_pass http://fast; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffering off; }} }}\n  server {{ listen 127.0.0.1:{real}; location / {{ proxy_pass http://real; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffering off; }} }}\n}}\n",
+                dir = dir.display(),
+                nginx_workers = if pin { "1" } else { "auto" },
             ),
         )
         .unwrap();
         let p = Nginx(
-            Command::new("nginx")
+            command("nginx", proxy_cpu)
                 .args(["-c", conf.to_str().unwrap(), "-p", dir.to_str().unwrap()])
                 .spawn()
                 .expect("COMPARE_NGINX needs nginx on PATH"),
@@ -240,12 +273,13 @@ fn main() {
         under_test.push(UnderTest {
             name: "nginx",
             pid: p.0.id(),
-            fast_url: format!("http://127.0.0.1:{fast}/v1/completions"),
-            stream_url: format!("http://127.0.0.1:{real}/v1/chat/completions"),
+            fast: format!("http://127.0.0.1:{fast}"),
+            real: format!("http://127.0.0.1:{real}"),
         });
         p
     });
-    std::thread::sleep(Duration::from_millis(500));
+    // Past the control loop's first ticks: idle, but everything touched.
+    std::thread::sleep(Duration::from_secs(5));
     for t in &under_test {
         println!(
             "{}: idle RSS {:.1} MiB",
@@ -294,11 +328,12 @@ fn main() {
     // The client and the simulator share the cores with the proxy, so one
     // round is noisy: five rounds of 3 s, the median.
     for t in under_test.iter().filter(|_| part("cpu")) {
-        run_closed(t.fast_url.clone(), 1);
+        let fast_url = format!("{}/v1/completions", t.fast);
+        run_closed(fast_url.clone(), 1);
         let mut rounds: Vec<(f64, f64)> = (0..5)
             .map(|_| {
                 let cpu0 = cpu_seconds(t.pid);
-                let n = run_closed(t.fast_url.clone(), 3);
+                let n = run_closed(fast_url.clone(), 3);
                 let cpu = cpu_seconds(t.pid) - cpu0;
                 (cpu * 1e6 / n as f64, n as f64 / 3.0)
             })
@@ -346,7 +381,7 @@ fn main() {
         })
     };
     for t in under_test.iter().filter(|_| part("latency")) {
-        let (direct, via) = open_loop(direct_url.clone(), t.fast_url.clone());
+        let (direct, via) = open_loop(direct_url.clone(), format!("{}/v1/completions", t.fast));
         println!(
             "{}: latency p50 at 1,000 req/s: direct {:.3} ms, proxied {:.3} ms, added {:.3} ms",
             t.name,
@@ -356,33 +391,59 @@ fn main() {
         );
     }
 
-    // 3. Added TTFT on streams against the realistic simulator, one at a
-    //    time, direct and proxied alternating.
+    // 3. Added TTFT on streams from the realistic simulator (500-token
+    //    prompts, ~38 ms to the first token), one stream at a time, direct
+    //    and proxied alternating: first with the proxy otherwise idle (it
+    //    sleeps between tokens, so every token pays the wake-up of an idle
+    //    thread and cold caches), then while it also serves 1,000 small
+    //    requests a second, as a proxy in service does.
     let body = Bytes::from(format!(
         r#"{{"model":"r","stream":true,"max_tokens":4,"messages":[{{"role":"user","content":"{}"}}]}}"#,
         "a".repeat(2000)
     ));
     let direct_stream = format!("http://127.0.0.1:{real_port}/v1/chat/completions");
     for t in under_test.iter().filter(|_| part("ttft")) {
-        let (direct, via) = {
-            let (client, body) = (client.clone(), body.clone());
-            let (direct_url, proxy_url) = (direct_stream.clone(), t.stream_url.clone());
-            rt.block_on(async move {
+        for busy in [false, true] {
+            let (client, body, small) = (client.clone(), body.clone(), small.clone());
+            let direct_url = direct_stream.clone();
+            let proxy_url = format!("{}/v1/chat/completions", t.real);
+            let background = format!("{}/v1/completions", t.fast);
+            let (direct, via) = rt.block_on(async move {
+                let load = busy.then(|| {
+                    let client = client.clone();
+                    tokio::spawn(async move {
+                        let mut every = tokio::time::interval(Duration::from_millis(1));
+                        loop {
+                            every.tick().await;
+                            let (client, url, body) =
+                                (client.clone(), background.clone(), small.clone());
+                            tokio::spawn(async move { post(&client, &url, &body).await });
+                        }
+                    })
+                });
                 let (mut direct, mut via) = (Vec::new(), Vec::new());
                 for _ in 0..300 {
                     direct.push(post(&client, &direct_url, &body).await.1.unwrap());
                     via.push(post(&client, &proxy_url, &body).await.1.unwrap());
                 }
+                if let Some(l) = load {
+                    l.abort();
+                }
                 (p50(direct), p50(via))
-            })
-        };
-        println!(
-            "{}: TTFT p50 on streams (500-token prompt): direct {:.3} ms, proxied {:.3} ms, added {:.3} ms",
-            t.name,
-            direct.as_secs_f64() * 1e3,
-            via.as_secs_f64() * 1e3,
-            (via.as_secs_f64() - direct.as_secs_f64()) * 1e3
-        );
+            });
+            println!(
+                "{}: TTFT p50 one stream at a time{}: direct {:.3} ms, proxied {:.3} ms, added {:.3} ms",
+                t.name,
+                if busy {
+                    ", proxy at 1,000 req/s"
+                } else {
+                    ", proxy idle"
+                },
+                direct.as_secs_f64() * 1e3,
+                via.as_secs_f64() * 1e3,
+                (via.as_secs_f64() - direct.as_secs_f64()) * 1e3
+            );
+        }
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -8,12 +8,13 @@
 //! closes the record — exactly once, whichever comes first.
 
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use memchr::memmem::Finder;
 
 use crate::dataplane::PoolEntry;
 use crate::metrics::Outcome;
@@ -96,14 +97,14 @@ impl Observation {
     fn frame(&mut self, chunk: &[u8]) {
         if !self.streaming {
             // A whole JSON answer: only its usage matters.
-            if let Some(n) = find_number_after(chunk, b"\"completion_tokens\":") {
+            if let Some(n) = completion_tokens(chunk) {
                 self.usage_completion_tokens = Some(n);
             }
             return;
         }
         let mut rest = chunk;
         if !self.carry.is_empty() {
-            match find(rest, b"\n\n") {
+            match find_event_end(rest) {
                 Some(end) => {
                     let mut carry = std::mem::take(&mut self.carry);
                     carry.extend_from_slice(&rest[..end]);
@@ -118,7 +119,7 @@ impl Observation {
                 }
             }
         }
-        while let Some(end) = find(rest, b"\n\n") {
+        while let Some(end) = find_event_end(rest) {
             let (event, tail) = rest.split_at(end);
             self.events_in(event);
             rest = &tail[2..];
@@ -189,12 +190,38 @@ enum Event {
     Other,
 }
 
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    memchr::memmem::find(hay, needle)
+/// The needles, each searcher built once (building one per search cost as
+/// much as the search).
+struct Needles {
+    event_end: Finder<'static>,
+    completion_tokens: Finder<'static>,
+    empty_choices: [Finder<'static>; 2],
+    content: [Finder<'static>; 4],
 }
 
-fn find_number_after(hay: &[u8], key: &[u8]) -> Option<u64> {
-    let at = find(hay, key)? + key.len();
+static NEEDLES: LazyLock<Needles> = LazyLock::new(|| Needles {
+    event_end: Finder::new(b"\n\n"),
+    completion_tokens: Finder::new(b"\"completion_tokens\":"),
+    empty_choices: [
+        Finder::new(b"\"choices\":[]"),
+        Finder::new(b"\"choices\": []"),
+    ],
+    content: [
+        Finder::new(b"\"content\":\""),
+        Finder::new(b"\"content\": \""),
+        Finder::new(b"\"text\":\""),
+        Finder::new(b"\"text\": \""),
+    ],
+});
+
+fn find_event_end(hay: &[u8]) -> Option<usize> {
+    NEEDLES.event_end.find(hay)
+}
+
+/// The number after `"completion_tokens":`.
+fn completion_tokens(hay: &[u8]) -> Option<u64> {
+    let key = &NEEDLES.completion_tokens;
+    let at = key.find(hay)? + key.needle().len();
     let digits = hay
         .get(at..)?
         .iter()
@@ -215,17 +242,15 @@ fn classify(data: &[u8]) -> Event {
     if data == b"[DONE]" {
         return Event::Other;
     }
-    if find(data, b"\"choices\":[]").is_some() || find(data, b"\"choices\": []").is_some() {
-        return Event::Usage(find_number_after(data, b"\"completion_tokens\":"));
+    let needles = &*NEEDLES;
+    if needles.empty_choices.iter().any(|f| f.find(data).is_some()) {
+        return Event::Usage(completion_tokens(data));
     }
-    for key in [
-        &b"\"content\":\""[..],
-        b"\"content\": \"",
-        b"\"text\":\"",
-        b"\"text\": \"",
-    ] {
-        if let Some(at) = find(data, key)
-            && data.get(at + key.len()).is_some_and(|b| *b != b'"')
+    for key in &needles.content {
+        if let Some(at) = key.find(data)
+            && data
+                .get(at + key.needle().len())
+                .is_some_and(|b| *b != b'"')
         {
             return Event::Content;
         }
@@ -342,19 +367,10 @@ mod tests {
             Event::Usage(Some(12))
         ));
         assert!(matches!(classify(b"[DONE]"), Event::Other));
+        assert_eq!(completion_tokens(b"\"completion_tokens\": 42}"), Some(42));
+        assert_eq!(completion_tokens(b"\"completion_tokens\":x"), None);
         assert_eq!(
-            find_number_after(b"\"completion_tokens\": 42}", b"\"completion_tokens\":"),
-            Some(42)
-        );
-        assert_eq!(
-            find_number_after(b"\"completion_tokens\":x", b"\"completion_tokens\":"),
-            None
-        );
-        assert_eq!(
-            find_number_after(
-                b"\"completion_tokens\":99999999999999999999999",
-                b"\"completion_tokens\":"
-            ),
+            completion_tokens(b"\"completion_tokens\":99999999999999999999999"),
             None
         );
     }
