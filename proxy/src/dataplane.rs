@@ -18,8 +18,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri};
-use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use scalecar_config::{Limits, Role};
 use serde::Deserialize;
@@ -31,8 +30,47 @@ use crate::observe::{Observation, ObservedBody};
 use crate::pool::{AdmitError, Lease, Pool};
 use crate::upstream::{PooledConnection, Upstream};
 
-/// The body type of every response.
-pub type ProxyBody = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+/// The body of every response: one the proxy made, or a model server's
+/// observed on its way. An enum rather than a boxed trait object: no
+/// allocation and no dynamic call per frame.
+#[derive(Debug)]
+pub enum ProxyBody {
+    Full(Full<Bytes>),
+    Observed(ObservedBody<Incoming>),
+}
+
+impl http_body::Body for ProxyBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            ProxyBody::Full(b) => std::pin::Pin::new(b)
+                .poll_frame(cx)
+                .map_err(|never| match never {}),
+            ProxyBody::Observed(b) => std::pin::Pin::new(b)
+                .poll_frame(cx)
+                .map_err(|e| Box::new(e) as Self::Error),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Full(b) => b.is_end_stream(),
+            ProxyBody::Observed(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            ProxyBody::Full(b) => b.size_hint(),
+            ProxyBody::Observed(b) => b.size_hint(),
+        }
+    }
+}
 
 /// A pool with its metric handles.
 #[derive(Debug, Clone)]
@@ -144,9 +182,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 pub(crate) fn full(body: impl Into<Bytes>) -> ProxyBody {
-    Full::new(body.into())
-        .map_err(|never| match never {})
-        .boxed_unsync()
+    ProxyBody::Full(Full::new(body.into()))
 }
 
 impl DataPlane {
@@ -279,9 +315,9 @@ impl DataPlane {
     ) -> Response<ProxyBody> {
         let (parts, body) = req.into_parts();
         let limit = self.limits.max_body_bytes;
-        let body = match Limited::new(body, limit).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+        let body = match read_body(body, limit).await {
+            Ok(b) => b,
+            Err(BodyError::TooLarge) => {
                 self.metrics.rejected(Rejection::body_too_large);
                 return error_response(&ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
@@ -289,7 +325,7 @@ impl DataPlane {
                     None,
                 ));
             }
-            Err(e) => {
+            Err(BodyError::Read(e)) => {
                 self.metrics.rejected(Rejection::bad_request);
                 return error_response(&ApiError::bad_request(
                     format!("reading the request body: {e}"),
@@ -483,13 +519,22 @@ impl DataPlane {
         start: Instant,
     ) -> Response<ProxyBody> {
         let pool = &entry.pool;
-        pool.signals.arrival(prompt_tokens);
+        // One clock reading serves arrival and, when a slot is free at
+        // once, dispatch.
+        let now = pool.signals.now();
+        pool.signals.arrival_at(now, prompt_tokens);
         entry.metrics.prompt_tokens.inc_by(prompt_tokens);
-        let lease = match self.admit(entry, prompt_tokens, None).await {
-            Ok(l) => l,
-            Err(r) => return r,
+        let (lease, dispatched) = match pool.try_admit(prompt_tokens, None) {
+            Some(lease) => {
+                entry.metrics.queue_wait.observe(std::time::Duration::ZERO);
+                (lease, now)
+            }
+            None => match self.admit(entry, prompt_tokens, None).await {
+                Ok(lease) => (lease, pool.signals.now()),
+                Err(r) => return r,
+            },
         };
-        pool.signals.dispatch(prompt_tokens);
+        pool.signals.dispatch_at(dispatched, prompt_tokens);
         match self
             .send(entry, lease, path, headers, body, prompt_tokens)
             .await
@@ -499,10 +544,8 @@ impl DataPlane {
                     Observation::new(entry.clone(), lease, start, prompt_tokens, streaming);
                 let (mut parts, upstream) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
-                let body = ObservedBody::new(upstream, observation, conn)
-                    .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
-                    .boxed_unsync();
-                Response::from_parts(parts, body)
+                let body = ObservedBody::new(upstream, observation, conn);
+                Response::from_parts(parts, ProxyBody::Observed(body))
             }
             Err((lease, message)) => {
                 // The request never got an answer: close its record.
@@ -518,6 +561,47 @@ impl DataPlane {
             }
         }
     }
+}
+
+enum BodyError {
+    TooLarge,
+    Read(hyper::Error),
+}
+
+/// The request body, whole, if it is at most `limit` bytes. A declared
+/// length over the limit is refused before reading; a body that arrives in
+/// one frame (most do) is kept without a copy.
+async fn read_body(mut body: Incoming, limit: usize) -> Result<Bytes, BodyError> {
+    use http_body::Body as _;
+    if body.size_hint().lower() > limit as u64 {
+        return Err(BodyError::TooLarge);
+    }
+    let mut whole: Option<Bytes> = None;
+    let mut joined: Option<bytes::BytesMut> = None;
+    let mut len = 0usize;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(BodyError::Read)?.into_data() else {
+            continue; // trailers carry nothing routing needs
+        };
+        len = len.saturating_add(data.len());
+        if len > limit {
+            return Err(BodyError::TooLarge);
+        }
+        match (&mut joined, whole.take()) {
+            (Some(j), _) => j.extend_from_slice(&data),
+            (None, None) => whole = Some(data),
+            (None, Some(first)) => {
+                let mut j = bytes::BytesMut::with_capacity(first.len() + data.len());
+                j.extend_from_slice(&first);
+                j.extend_from_slice(&data);
+                joined = Some(j);
+            }
+        }
+    }
+    Ok(match joined {
+        Some(j) => j.freeze(),
+        None => whole.unwrap_or_default(),
+    })
 }
 
 fn push_hex(out: &mut String, mut n: u64) {

@@ -48,9 +48,14 @@ impl Endpoint {
         })
     }
 
-    fn available(&self, now_ms: u64) -> bool {
-        self.healthy.load(Ordering::Relaxed)
-            && self.ejected_until_ms.load(Ordering::Relaxed) <= now_ms
+    /// Healthy and not ejected; `now_ms` is read only for an endpoint that
+    /// was ever ejected.
+    fn available(&self, now_ms: impl FnOnce() -> u64) -> bool {
+        if !self.healthy.load(Ordering::Relaxed) {
+            return false;
+        }
+        let until = self.ejected_until_ms.load(Ordering::Relaxed);
+        until == 0 || until <= now_ms()
     }
 
     /// A connection or protocol failure: eject for a backoff that doubles
@@ -251,7 +256,8 @@ impl Pool {
         if n == 0 {
             return None;
         }
-        let now = self.now_ms();
+        let now = std::cell::OnceCell::new();
+        let now = || *now.get_or_init(|| self.now_ms());
         let cap = self.max_concurrency.unwrap_or(u32::MAX);
         let eligible = |e: &Endpoint| {
             e.available(now) && Some(e.addr) != avoid && e.outstanding.load(Ordering::Relaxed) < cap

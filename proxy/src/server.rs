@@ -264,7 +264,7 @@ pub fn serve(
                 runtime.block_on(async move {
                     let upstream = worker.upstream().clone();
                     tokio::spawn(async move {
-                        let mut every = tokio::time::interval(Duration::from_secs(15));
+                        let mut every = tokio::time::interval(crate::upstream::SWEEP_INTERVAL);
                         loop {
                             every.tick().await;
                             upstream.sweep();

@@ -14,8 +14,9 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -65,15 +66,23 @@ impl UpstreamError {
 
 struct Idle {
     sender: Sender,
-    since: Instant,
+    /// The sweep generation it went idle in.
+    since: u64,
 }
+
+/// How often [`Upstream::sweep`] should run, and how many sweeps a
+/// connection may sit idle through (90 s in all).
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(15);
+const IDLE_SWEEPS: u64 = 6;
 
 /// Keep-alive connections of one worker, by endpoint.
 pub struct Upstream {
     idle: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
     connect_timeout: Duration,
-    idle_timeout: Duration,
     max_idle_per_endpoint: usize,
+    /// Sweeps so far: idle ages are counted in sweeps, so the request path
+    /// reads no clock.
+    generation: AtomicU64,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -89,8 +98,8 @@ impl Upstream {
         Arc::new(Upstream {
             idle: Mutex::new(HashMap::new()),
             connect_timeout,
-            idle_timeout: Duration::from_secs(90),
             max_idle_per_endpoint: 1024,
+            generation: AtomicU64::new(0),
         })
     }
 
@@ -111,7 +120,7 @@ impl Upstream {
         let mut idle = self.lock();
         let list = idle.get_mut(&addr)?;
         while let Some(c) = list.pop() {
-            if c.sender.is_ready() && c.since.elapsed() < self.idle_timeout {
+            if c.sender.is_ready() {
                 return Some(c.sender);
             }
         }
@@ -124,16 +133,17 @@ impl Upstream {
         if list.len() < self.max_idle_per_endpoint {
             list.push(Idle {
                 sender,
-                since: Instant::now(),
+                since: self.generation.load(Ordering::Relaxed),
             });
         }
     }
 
-    /// Drops closed and long-idle connections, and endpoints with none left.
+    /// Drops closed connections, those idle through [`IDLE_SWEEPS`] sweeps,
+    /// and endpoints with none left. Run every [`SWEEP_INTERVAL`].
     pub fn sweep(&self) {
-        let timeout = self.idle_timeout;
+        let now = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         self.lock().retain(|_, list| {
-            list.retain(|c| !c.sender.is_closed() && c.since.elapsed() < timeout);
+            list.retain(|c| !c.sender.is_closed() && now - c.since < IDLE_SWEEPS);
             !list.is_empty()
         });
     }
@@ -331,6 +341,25 @@ mod tests {
         assert!(err.is_connect(), "{err}");
         assert!(err.to_string().contains(&addr.to_string()));
         assert_eq!(back.unwrap().uri().path(), "/x");
+    }
+
+    #[tokio::test]
+    async fn connections_idle_through_six_sweeps_are_dropped() {
+        let (addr, accepted) = server(true).await;
+        let up = Upstream::new(Duration::from_secs(1));
+        let (resp, conn) = up.send(addr, get(addr)).await.unwrap();
+        resp.into_body().collect().await.unwrap();
+        conn.release();
+        for _ in 0..IDLE_SWEEPS - 1 {
+            up.sweep();
+        }
+        assert_eq!(up.idle_count(), 1);
+        up.sweep();
+        assert_eq!(up.idle_count(), 0);
+        let (resp, conn) = up.send(addr, get(addr)).await.unwrap();
+        resp.into_body().collect().await.unwrap();
+        conn.release();
+        assert_eq!(accepted.load(Ordering::Relaxed), 2);
     }
 
     #[tokio::test]

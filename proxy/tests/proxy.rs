@@ -507,6 +507,37 @@ async fn bad_input_is_refused_clearly() {
     .await
     .unwrap();
     assert_eq!(status, 200);
+    // A chunked body in several frames is put together (and routed); one
+    // that grows past the limit is refused once it does.
+    let chunked = |chunks: Vec<String>| {
+        let addr = p.proxy_addr;
+        async move {
+            let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            tcp.write_all(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            for c in chunks {
+                tcp.write_all(format!("{:x}\r\n{c}\r\n", c.len()).as_bytes())
+                    .await
+                    .unwrap();
+                tcp.flush().await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            let _ = tcp.write_all(b"0\r\n\r\n").await;
+            let mut buf = Vec::new();
+            let _ = tcp.read_to_end(&mut buf).await;
+            String::from_utf8_lossy(&buf).into_owned()
+        }
+    };
+    let answer = chunked(vec![
+        r#"{"model":"m","#.to_string(),
+        r#""prompt":"x","#.to_string(),
+        r#""max_tokens":1}"#.to_string(),
+    ])
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let answer = chunked(vec!["a".repeat(1000), "b".repeat(1000), "c".repeat(1000)]).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     // Headers that never finish: the connection is closed after the timeout.
     let mut tcp = tokio::net::TcpStream::connect(p.proxy_addr).await.unwrap();
     tcp.write_all(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\n")

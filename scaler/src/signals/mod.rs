@@ -252,7 +252,12 @@ impl PoolSignals {
     /// A request reached the pool (before any queueing): counts toward the
     /// arrival rate and the prompt tokens admitted.
     pub fn arrival(&self, prompt_tokens: u64) {
-        let now = self.now_us();
+        self.arrival_at(self.clock.now(), prompt_tokens);
+    }
+
+    /// [`Self::arrival`] at `now`, a reading of [`Self::now`].
+    pub fn arrival_at(&self, now: Duration, prompt_tokens: u64) {
+        let now = micros(now);
         if let Some(s) = self.counter_slot(now) {
             s.arrivals.fetch_add(1, Ordering::Relaxed);
             s.prompt_tokens.fetch_add(prompt_tokens, Ordering::Relaxed);
@@ -272,7 +277,12 @@ impl PoolSignals {
 
     /// Sent to an endpoint: in flight, with its prompt tokens in prefill.
     pub fn dispatch(&self, prompt_tokens: u64) {
-        let now = self.now_us();
+        self.dispatch_at(self.clock.now(), prompt_tokens);
+    }
+
+    /// [`Self::dispatch`] at `now`, a reading of [`Self::now`].
+    pub fn dispatch_at(&self, now: Duration, prompt_tokens: u64) {
+        let now = micros(now);
         self.gauge(now, IN_FLIGHT, 1);
         self.gauge(now, PREFILL_TOKENS, Self::tokens(prompt_tokens));
     }
