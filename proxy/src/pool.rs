@@ -94,7 +94,6 @@ pub struct Pool {
     queued: AtomicUsize,
     pub queue_length: usize,
     epoch: Instant,
-    picks: AtomicU64,
     /// Called when a request waits on a pool with no endpoint (scale from
     /// zero).
     on_empty: ArcSwap<Option<Arc<dyn Fn() + Send + Sync>>>,
@@ -147,11 +146,17 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.endpoint.outstanding.fetch_sub(1, Ordering::AcqRel);
+        // SeqCst pairs with the waiter's queue count and its look at
+        // `outstanding` (see `Pool::admit`): either the waiter sees this
+        // slot free, or this drop sees the waiter and wakes it. With no
+        // waiter (the common case) the shared Notify is left untouched.
+        self.endpoint.outstanding.fetch_sub(1, Ordering::SeqCst);
         self.endpoint
             .outstanding_tokens
             .fetch_sub(self.tokens, Ordering::Relaxed);
-        self.pool.slot_freed.notify_one();
+        if self.pool.queued.load(Ordering::SeqCst) > 0 {
+            self.pool.slot_freed.notify_one();
+        }
     }
 }
 
@@ -188,7 +193,6 @@ impl Pool {
             queued: AtomicUsize::new(0),
             queue_length,
             epoch: Instant::now(),
-            picks: AtomicU64::new(0),
             on_empty: ArcSwap::from_pointee(None),
         })
     }
@@ -260,11 +264,13 @@ impl Pool {
         let now = || *now.get_or_init(|| self.now_ms());
         let cap = self.max_concurrency.unwrap_or(u32::MAX);
         let eligible = |e: &Endpoint| {
-            e.available(now) && Some(e.addr) != avoid && e.outstanding.load(Ordering::Relaxed) < cap
+            e.available(now) && Some(e.addr) != avoid && e.outstanding.load(Ordering::SeqCst) < cap
         };
         // Two candidates from a rotating start and a hashed offset; fall
-        // back to a scan so a free endpoint is always found.
-        let k = self.picks.fetch_add(1, Ordering::Relaxed);
+        // back to a scan so a free endpoint is always found. The rotation
+        // is per thread: a shared counter would be one more cache line
+        // bouncing between workers on every request.
+        let k = next_pick();
         let a = (k as usize) % n;
         let b = (splitmix(k) as usize) % n;
         let work = |e: &Endpoint| {
@@ -288,7 +294,7 @@ impl Pool {
             // Take the slot only if still under the cap.
             let taken = e
                 .outstanding
-                .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |o| {
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |o| {
                     (o < cap).then_some(o + 1)
                 })
                 .is_ok();
@@ -324,7 +330,7 @@ impl Pool {
         // Queue, within the bound.
         let admitted = self
             .queued
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| {
                 (q < self.queue_length).then_some(q + 1)
             })
             .is_ok();
@@ -360,6 +366,23 @@ impl Pool {
             }
         }
     }
+}
+
+thread_local! {
+    /// This thread's pick counter, started at a random point so that
+    /// workers do not all try the same endpoint first.
+    static PICKS: std::cell::Cell<u64> = std::cell::Cell::new({
+        use std::hash::{BuildHasher, RandomState};
+        RandomState::new().hash_one(std::thread::current().id())
+    });
+}
+
+fn next_pick() -> u64 {
+    PICKS.with(|p| {
+        let k = p.get();
+        p.set(k.wrapping_add(1));
+        k
+    })
 }
 
 fn splitmix(mut x: u64) -> u64 {
