@@ -382,6 +382,8 @@ impl DataPlane {
         strip_hop_by_hop(&mut headers);
         headers.remove(header::HOST);
         headers.remove(header::CONTENT_LENGTH);
+        // The body is here already: an expectation was the proxy's to meet.
+        headers.remove(header::EXPECT);
         headers.insert(X_REQUEST_ID, request_id);
         match route {
             ModelRoute::Unified(entry) => {
