@@ -303,15 +303,20 @@ mod tests {
             .unwrap()
     }
 
+    /// One request read to its end, its connection released.
+    async fn round_trip(up: &Arc<Upstream>, addr: SocketAddr) -> Bytes {
+        let (resp, conn) = up.send(addr, get(addr)).await.unwrap();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        conn.release();
+        body
+    }
+
     #[tokio::test]
     async fn a_connection_read_to_the_end_is_reused() {
         let (addr, accepted) = server(true).await;
         let up = Upstream::new(Duration::from_secs(1));
         for _ in 0..5 {
-            let (resp, conn) = up.send(addr, get(addr)).await.unwrap();
-            let body = resp.into_body().collect().await.unwrap().to_bytes();
-            assert_eq!(&body[..], b"ok");
-            conn.release();
+            assert_eq!(&round_trip(&up, addr).await[..], b"ok");
             tokio::task::yield_now().await;
         }
         assert_eq!(accepted.load(Ordering::Relaxed), 1);
@@ -324,9 +329,7 @@ mod tests {
         let up = Upstream::new(Duration::from_secs(1));
         let (resp, conn) = up.send(addr, get(addr)).await.unwrap();
         drop((resp, conn));
-        let (resp, conn) = up.send(addr, get(addr)).await.unwrap();
-        resp.into_body().collect().await.unwrap();
-        conn.release();
+        round_trip(&up, addr).await;
         assert_eq!(accepted.load(Ordering::Relaxed), 2);
     }
 
@@ -347,18 +350,14 @@ mod tests {
     async fn connections_idle_through_six_sweeps_are_dropped() {
         let (addr, accepted) = server(true).await;
         let up = Upstream::new(Duration::from_secs(1));
-        let (resp, conn) = up.send(addr, get(addr)).await.unwrap();
-        resp.into_body().collect().await.unwrap();
-        conn.release();
+        round_trip(&up, addr).await;
         for _ in 0..IDLE_SWEEPS - 1 {
             up.sweep();
         }
         assert_eq!(up.idle_count(), 1);
         up.sweep();
         assert_eq!(up.idle_count(), 0);
-        let (resp, conn) = up.send(addr, get(addr)).await.unwrap();
-        resp.into_body().collect().await.unwrap();
-        conn.release();
+        round_trip(&up, addr).await;
         assert_eq!(accepted.load(Ordering::Relaxed), 2);
     }
 
@@ -368,9 +367,7 @@ mod tests {
         let (addr, accepted) = server(false).await;
         let up = Upstream::new(Duration::from_secs(1));
         for _ in 0..3 {
-            let (resp, conn) = up.send(addr, get(addr)).await.unwrap();
-            resp.into_body().collect().await.unwrap();
-            conn.release();
+            round_trip(&up, addr).await;
         }
         assert_eq!(accepted.load(Ordering::Relaxed), 3);
         // Wait for the connection tasks to see the close, then sweep.
