@@ -76,9 +76,12 @@ pub struct DemoArgs {
     /// Decision interval.
     #[arg(long, default_value = "2s", value_parser = duration)]
     pub tick: Duration,
-    /// Concurrency per replica the scaler aims for (before the 70 % utilization).
-    #[arg(long, default_value_t = 8.0)]
-    pub target: f64,
+    /// Target per replica: for kpa and hpa the concurrency aimed for before
+    /// the 70 % utilization (default 8); for slo the starting guess of the
+    /// prompt tokens/s one replica serves within the TTFT target (default
+    /// 4000, then learned).
+    #[arg(long)]
+    pub target: Option<f64>,
     /// Prompt tokens of synthetic requests.
     #[arg(long, default_value_t = 512)]
     pub prompt_tokens: u32,
@@ -107,10 +110,18 @@ pub struct DemoReport {
     pub requests: usize,
 }
 
+/// slo's first guess of one simulated replica's prompt tokens/s within a 1 s
+/// TTFT: a quarter of its prefill rate, leaving room for decode steps.
+const SLO_STARTING_CAPACITY: f64 = 4000.0;
+
 fn policy(args: &DemoArgs, window: Duration) -> Result<Policy, DemoError> {
     let mut keys = BTreeMap::new();
     keys.insert("algorithm".to_string(), args.algorithm.clone());
-    keys.insert("target".to_string(), args.target.to_string());
+    let target = args.target.unwrap_or(match args.algorithm.as_str() {
+        "slo" => SLO_STARTING_CAPACITY,
+        _ => 8.0,
+    });
+    keys.insert("target".to_string(), target.to_string());
     keys.insert("window".to_string(), format!("{}ms", window.as_millis()));
     // A panic window of at least 2 s: the signals' slots are 1 s.
     let panic_pct = (200_000.0 / window.as_millis() as f64).clamp(10.0, 100.0);
@@ -460,4 +471,32 @@ pub fn announce(report: &DemoReport) {
         report.requests,
         report.dir.display()
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        demo: DemoArgs,
+    }
+
+    fn target_of(args: &[&str]) -> f64 {
+        let cli = Cli::try_parse_from(std::iter::once("demo").chain(args.iter().copied()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        policy(&cli.demo, Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("{e}"))
+            .target
+    }
+
+    #[test]
+    fn the_target_defaults_to_what_the_algorithm_measures() {
+        assert_eq!(target_of(&[]), 8.0);
+        assert_eq!(target_of(&["--algorithm", "hpa"]), 8.0);
+        assert_eq!(target_of(&["--algorithm", "slo"]), SLO_STARTING_CAPACITY);
+        assert_eq!(target_of(&["--algorithm", "slo", "--target", "900"]), 900.0);
+    }
 }
