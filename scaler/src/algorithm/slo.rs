@@ -74,24 +74,27 @@ impl ScalingAlgorithm for Slo {
         if !snap.stable.has_data() {
             return Decision::none("no data to scale on yet");
         }
-        let (what, latency, target, demand_stable, demand_panic, unit) = match input.role {
-            Role::Decode => (
-                "itl",
-                snap.stable.itl,
-                p.itl_target,
-                snap.stable.tokens,
-                snap.panic.tokens,
-                "tokens in flight",
-            ),
-            Role::Prefill | Role::Unified => (
-                "ttft",
-                snap.stable.ttft,
-                p.ttft_target,
-                snap.stable.prompt_tokens_per_sec,
-                snap.panic.prompt_tokens_per_sec,
-                "prompt tok/s",
-            ),
-        };
+        let (what, latency, panic_latency, target, demand_stable, demand_panic, unit) =
+            match input.role {
+                Role::Decode => (
+                    "itl",
+                    snap.stable.itl,
+                    snap.panic.itl,
+                    p.itl_target,
+                    snap.stable.tokens,
+                    snap.panic.tokens,
+                    "tokens in flight",
+                ),
+                Role::Prefill | Role::Unified => (
+                    "ttft",
+                    snap.stable.ttft,
+                    snap.panic.ttft,
+                    p.ttft_target,
+                    snap.stable.prompt_tokens_per_sec,
+                    snap.panic.prompt_tokens_per_sec,
+                    "prompt tok/s",
+                ),
+            };
         let Some(target) = target else {
             return Decision::none(format!("slo needs a {what} target"));
         };
@@ -100,10 +103,18 @@ impl ScalingAlgorithm for Slo {
         if let Some(l) = observed {
             self.learn(demand_stable / f64::from(ready), l, target);
         }
+        // A miss in the panic window is news the stable window gives a
+        // window later: it may lower the capacity now (never raise it).
+        let panic_miss = panic_latency
+            .p90
+            .filter(|l| panic_latency.count >= MIN_SAMPLES && *l > target);
+        if let Some(l) = panic_miss {
+            self.learn(demand_panic / f64::from(ready), l, target);
+        }
         let cap = self.capacity;
         let need = |d: f64| (d / cap).ceil().min(f64::from(u32::MAX)) as u32;
         let mut desired = need(demand_stable).max(need(demand_panic));
-        let over = observed.is_some_and(|l| l > target);
+        let over = observed.is_some_and(|l| l > target) || panic_miss.is_some();
         if over {
             // The target is missed now: never ask for less than what runs.
             desired = desired.max(
@@ -294,6 +305,25 @@ mod tests {
             "{}",
             d.reason
         );
+    }
+
+    #[test]
+    fn a_miss_in_the_panic_window_acts_before_the_stable_window_sees_it() {
+        let p = policy();
+        let mut s = Slo::new(&p);
+        // The stable window is still within target; the last seconds are
+        // not: 1 replica at 3,000 tok/s with TTFT p90 1.5 s (3× 500 ms).
+        let mut w = snap(2_000.0, 3_000.0, Some(300));
+        w.panic.ttft.p90 = Some(Duration::from_millis(1500));
+        let d = decide(&mut s, &p, 1, 1, &w);
+        assert!((s.capacity() - 1000.0).abs() < 1e-9, "{}", s.capacity());
+        assert_eq!(d.desired, Some(3));
+        // Too few samples in the panic window teach nothing.
+        let mut s = Slo::new(&p);
+        w.panic.ttft.count = MIN_SAMPLES - 1;
+        let d = decide(&mut s, &p, 1, 1, &w);
+        assert!(s.capacity() >= 4000.0, "{}", s.capacity());
+        assert_eq!(d.desired, Some(1));
     }
 
     #[test]
