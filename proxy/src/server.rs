@@ -385,6 +385,9 @@ async fn health_checks(plane: Arc<DataPlane>, mut stop: watch::Receiver<bool>) {
             _ = tick.tick() => {}
             _ = stop.wait_for(|s| *s) => return,
         }
+        // The checks' own keep-alive connections (this runtime's pool):
+        // drop those that closed, e.g. of endpoints gone.
+        plane.upstream().sweep();
         let mut endpoints = Vec::new();
         for route in plane.routes().values() {
             match route {
