@@ -408,17 +408,18 @@ impl DataPlane {
     }
 
     /// Admits to `entry`'s pool, with the activation timeout when the pool
-    /// has no endpoint yet (scale from zero).
+    /// has no endpoint yet (scale from zero). The flag says whether the
+    /// request waited for its slot.
     pub(crate) async fn admit(
         &self,
         entry: &PoolEntry,
         tokens: u64,
         avoid: Option<std::net::SocketAddr>,
-    ) -> Result<Lease, Response<ProxyBody>> {
+    ) -> Result<(Lease, bool), Response<ProxyBody>> {
         // The common case, a free slot now: no wait to time.
         if let Some(lease) = entry.pool.try_admit(tokens, avoid) {
             entry.metrics.queue_wait.observe(std::time::Duration::ZERO);
-            return Ok(lease);
+            return Ok((lease, false));
         }
         let empty = entry.pool.endpoints().is_empty();
         let deadline = if empty {
@@ -429,7 +430,7 @@ impl DataPlane {
         let waited = Instant::now();
         let result = entry.pool.admit(tokens, avoid, deadline).await;
         entry.metrics.queue_wait.observe(waited.elapsed());
-        result.map_err(|e| {
+        result.map(|lease| (lease, true)).map_err(|e| {
             let (outcome, status, message, retry) = match e {
                 AdmitError::QueueFull => (
                     Outcome::queue_full,
@@ -498,7 +499,7 @@ impl DataPlane {
                     tracing::debug!(endpoint = %addr, %error, "connect failed; retrying elsewhere");
                     // Nothing reached the client: take a slot elsewhere.
                     lease = match self.admit(entry, tokens, Some(addr)).await {
-                        Ok(next) => next,
+                        Ok((next, _)) => next,
                         Err(_) => return Err((lease, error.to_string())),
                     };
                     req = r;
@@ -526,17 +527,14 @@ impl DataPlane {
         let now = pool.signals.now();
         pool.signals.arrival_at(now, prompt_tokens);
         entry.metrics.prompt_tokens.inc_by(prompt_tokens);
-        let (lease, dispatched) = match pool.try_admit(prompt_tokens, None) {
-            Some(lease) => {
-                entry.metrics.queue_wait.observe(std::time::Duration::ZERO);
-                (lease, now)
+        let lease = match self.admit(entry, prompt_tokens, None).await {
+            Ok((lease, waited)) => {
+                pool.signals
+                    .dispatch_at(if waited { pool.signals.now() } else { now }, prompt_tokens);
+                lease
             }
-            None => match self.admit(entry, prompt_tokens, None).await {
-                Ok(lease) => (lease, pool.signals.now()),
-                Err(r) => return r,
-            },
+            Err(r) => return r,
         };
-        pool.signals.dispatch_at(dispatched, prompt_tokens);
         match self
             .send(entry, lease, path, headers, body, prompt_tokens)
             .await

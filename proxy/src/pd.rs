@@ -81,7 +81,7 @@ pub(crate) async fn two_stage(
     pool.signals.arrival(prompt_tokens);
     prefill.metrics.prompt_tokens.inc_by(prompt_tokens);
     let lease = match plane.admit(prefill, prompt_tokens, None).await {
-        Ok(l) => l,
+        Ok((l, _)) => l,
         Err(r) => return r,
     };
     pool.signals.dispatch(prompt_tokens);

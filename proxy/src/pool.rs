@@ -254,7 +254,7 @@ impl Pool {
     /// Power of two choices by least outstanding work (tokens, then
     /// requests) among available endpoints under their cap; `avoid` is
     /// skipped (a retry goes elsewhere). Takes the slot atomically.
-    fn try_acquire(self: &Arc<Self>, tokens: u64, avoid: Option<SocketAddr>) -> Option<Lease> {
+    pub fn try_admit(self: &Arc<Self>, tokens: u64, avoid: Option<SocketAddr>) -> Option<Lease> {
         let endpoints = self.endpoints.load();
         let n = endpoints.len();
         if n == 0 {
@@ -310,11 +310,6 @@ impl Pool {
         None
     }
 
-    /// A slot now, if one is free.
-    pub fn try_admit(self: &Arc<Self>, tokens: u64, avoid: Option<SocketAddr>) -> Option<Lease> {
-        self.try_acquire(tokens, avoid)
-    }
-
     /// Admits a request: a slot at once, or a wait in the bounded queue
     /// until one frees or `deadline` passes. The wait is registered before
     /// each look, so a freed slot is never missed.
@@ -324,7 +319,7 @@ impl Pool {
         avoid: Option<SocketAddr>,
         deadline: Duration,
     ) -> Result<Lease, AdmitError> {
-        if let Some(l) = self.try_acquire(tokens, avoid) {
+        if let Some(l) = self.try_admit(tokens, avoid) {
             return Ok(l);
         }
         // Queue, within the bound.
@@ -347,7 +342,7 @@ impl Pool {
             let notified = self.slot_freed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(l) = self.try_acquire(tokens, avoid) {
+            if let Some(l) = self.try_admit(tokens, avoid) {
                 return Ok(l);
             }
             if self.endpoints.load().is_empty()
@@ -362,7 +357,7 @@ impl Pool {
                 _ = tokio::time::sleep_until(recheck.min(until)) => {}
             }
             if tokio::time::Instant::now() >= until {
-                return self.try_acquire(tokens, avoid).ok_or(AdmitError::Timeout);
+                return self.try_admit(tokens, avoid).ok_or(AdmitError::Timeout);
             }
         }
     }
