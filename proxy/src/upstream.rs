@@ -203,7 +203,7 @@ impl Upstream {
             match sender.try_send_request(req).await {
                 Ok(resp) => {
                     let conn = PooledConnection {
-                        sender: Some(sender),
+                        sender,
                         addr,
                         upstream: self.clone(),
                     };
@@ -230,7 +230,7 @@ impl Upstream {
 /// The connection a response is read from; back to the idle list once the
 /// body has ended ([`PooledConnection::release`]), closed if dropped before.
 pub struct PooledConnection {
-    sender: Option<Sender>,
+    sender: Sender,
     addr: SocketAddr,
     upstream: Arc<Upstream>,
 }
@@ -247,14 +247,15 @@ impl PooledConnection {
     /// The response was read to its end: keep the connection for the next
     /// request. The connection's task usually has it ready by now; when it
     /// has not, a small task waits for it.
-    pub fn release(mut self) {
-        let Some(mut sender) = self.sender.take() else {
-            return;
-        };
+    pub fn release(self) {
+        let PooledConnection {
+            mut sender,
+            addr,
+            upstream,
+        } = self;
         if sender.is_ready() {
-            self.upstream.checkin(self.addr, sender);
+            upstream.checkin(addr, sender);
         } else if !sender.is_closed() {
-            let (upstream, addr) = (self.upstream.clone(), self.addr);
             tokio::spawn(async move {
                 if sender.ready().await.is_ok() {
                     upstream.checkin(addr, sender);
