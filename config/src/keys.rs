@@ -276,9 +276,7 @@ fn parse_policy(
         Metric::Rps => 200.0,
         Metric::Tokens => 100_000.0,
     };
-    if let Some(t) = r.f64_where("target", |x| x > 0.0, "a number greater than 0") {
-        p.target = t;
-    }
+    let explicit_target = r.f64_where("target", |x| x > 0.0, "a number greater than 0");
     if let Some(u) = r.f64_where(
         "target-utilization-percentage",
         |x| (1.0..=100.0).contains(&x),
@@ -333,6 +331,14 @@ fn parse_policy(
         p.scale_to_zero_grace_period = d;
     }
     p.max_concurrency = r.u32_in("max-concurrency", 1, 1_000_000);
+    // As Knative's containerConcurrency: a per-pod cap on requests is also
+    // the default per-pod concurrency target (before utilization), so a
+    // pool whose cap queues requests scales out instead of holding.
+    match (explicit_target, p.max_concurrency, p.metric) {
+        (Some(t), _, _) => p.target = t,
+        (None, Some(cap), Metric::Concurrency | Metric::Queue) => p.target = f64::from(cap),
+        (None, _, _) => {}
+    }
     p.group = r.parse("group", |v| {
         if !v.is_empty()
             && v.len() <= 63
@@ -409,16 +415,6 @@ fn parse_policy(
                 ));
             }
         }
-    }
-    if p.panic_window() < Duration::from_secs(1) {
-        errors.push(PolicyError::combination(
-            &name("panic-window-percentage"),
-            format!(
-                "the panic window ({} % of {}) must be at least 1s, the signals' bucket",
-                p.panic_window_percentage,
-                humantime::format_duration(p.window)
-            ),
-        ));
     }
     if p.algorithm == "slo" {
         let (key, set) = match role {
@@ -730,6 +726,46 @@ mod tests {
     }
 
     #[test]
+    fn max_concurrency_is_the_default_concurrency_target() {
+        let p = Policy::from_keys(&keys(&[("max-concurrency", "4")]), Role::Unified).unwrap();
+        assert_eq!(p.target, 4.0);
+        let p = Policy::from_keys(
+            &keys(&[("max-concurrency", "4"), ("metric", "queue")]),
+            Role::Unified,
+        )
+        .unwrap();
+        assert_eq!(p.target, 4.0);
+        // An explicit target wins; other metrics keep their own default.
+        let p = Policy::from_keys(
+            &keys(&[("max-concurrency", "4"), ("target", "9")]),
+            Role::Unified,
+        )
+        .unwrap();
+        assert_eq!(p.target, 9.0);
+        let p = Policy::from_keys(
+            &keys(&[("max-concurrency", "4"), ("metric", "rps")]),
+            Role::Unified,
+        )
+        .unwrap();
+        assert_eq!(p.target, 200.0);
+    }
+
+    #[test]
+    fn knative_short_windows_are_accepted() {
+        // 10 % of 6 s is a 0.6 s panic window: Knative takes it, so do we.
+        let t =
+            Policy::from_annotations(&annotations(&[("model", "m"), ("window", "6s")])).unwrap();
+        assert_eq!(t.policy.panic_window(), Duration::from_millis(600));
+        let t = Policy::from_annotations(&annotations(&[
+            ("model", "m"),
+            ("window", "6s"),
+            ("panic-window-percentage", "1"),
+        ]))
+        .unwrap();
+        assert_eq!(t.policy.panic_window(), Duration::from_millis(60));
+    }
+
+    #[test]
     fn rejections_name_key_value_and_what_is_allowed() {
         for (pairs, want) in [
             (
@@ -801,10 +837,6 @@ mod tests {
             (
                 vec![("algorithm", "slo"), ("role", "decode")],
                 "algorithm slo for a decode pool needs scalecar.io/itl-target",
-            ),
-            (
-                vec![("window", "6s"), ("panic-window-percentage", "10")],
-                "must be at least 1s",
             ),
             (
                 vec![("activation-scale", "5"), ("max-replicas", "2")],

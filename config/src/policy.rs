@@ -38,14 +38,17 @@ impl std::fmt::Display for Role {
 /// The signal an algorithm scales on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Metric {
-    /// Average requests in flight (time-weighted), per replica.
+    /// Average requests in flight plus requests waiting in the proxy's
+    /// queue (time-weighted), per replica — as Knative counts the requests
+    /// its queue-proxy and activator hold.
     #[default]
     Concurrency,
     /// Requests arriving per second, per replica.
     Rps,
     /// Tokens in flight (prompt tokens admitted + decode KV footprint), per replica.
     Tokens,
-    /// Requests in flight plus requests queued at the proxy, per replica.
+    /// Requests in flight plus requests queued at the proxy, per replica:
+    /// the same sum as `concurrency`, under the name that says so.
     Queue,
 }
 
@@ -218,7 +221,9 @@ pub struct Policy {
     /// `scale-to-zero-grace-period` (30 s).
     pub scale_to_zero_grace_period: Duration,
     /// `max-concurrency`: requests per pod the proxy lets through at once
-    /// (unlimited when absent).
+    /// (unlimited when absent). Also the default `target` of the
+    /// concurrency and queue metrics when `target` is not set (Knative's
+    /// containerConcurrency).
     pub max_concurrency: Option<u32>,
     /// `group`: the PD group this target belongs to.
     pub group: Option<String>,
@@ -261,6 +266,8 @@ impl Default for Policy {
 
 impl Policy {
     /// The panic window: `panic-window-percentage` of the stable window.
+    /// Every combination Knative accepts is valid here; a window shorter
+    /// than the signals' bucket is measured as one bucket by the signals.
     pub fn panic_window(&self) -> Duration {
         self.window.mul_f64(self.panic_window_percentage / 100.0)
     }

@@ -35,9 +35,21 @@ proptest! {
             prop_assert!(p.target_utilization > 0.0 && p.target_utilization <= 1.0);
             prop_assert!(p.max_scale_up_rate > 1.0 && p.max_scale_down_rate > 1.0);
             prop_assert!((110.0..=1000.0).contains(&p.panic_threshold_percentage));
-            prop_assert!(p.panic_window() >= std::time::Duration::from_secs(1));
+            prop_assert!(!p.panic_window().is_zero());
             prop_assert!(p.panic_window() <= p.window);
         }
+    }
+
+    /// Knative accepts every stable window in [6 s, 1 h] with every panic
+    /// percentage in [1, 100]; so must a Deployment annotated for it.
+    #[test]
+    fn every_knative_window_combination_is_accepted(secs in 6u64..=3600, pct in 1u32..=100) {
+        let mut a = BTreeMap::new();
+        a.insert("scalecar.io/model".to_string(), "m".to_string());
+        a.insert("scalecar.io/window".to_string(), format!("{secs}s"));
+        a.insert("scalecar.io/panic-window-percentage".to_string(), pct.to_string());
+        let t = Policy::from_annotations(&a);
+        prop_assert!(t.is_ok(), "window {secs}s at {pct} %: {:?}", t.err());
     }
 
     #[test]

@@ -61,12 +61,12 @@ impl DecisionRecorder {
         };
         reg.register(
             "scalecar_desired_replicas",
-            "Replicas the scaler wants after behavior",
+            "Replicas the algorithm asks for, before bounds and behavior (the current count when it has no decision)",
             r.desired.clone(),
         );
         reg.register(
             "scalecar_spec_replicas",
-            "Replicas the target asks for (spec.replicas)",
+            "Replicas the target asks for (spec.replicas) after this decision",
             r.spec.clone(),
         );
         reg.register(
@@ -134,8 +134,16 @@ impl DecisionObserver for DecisionRecorder {
         let l = TargetLabels {
             target: s.name.clone(),
         };
-        self.desired.get_or_create(&l).set(i64::from(s.applied));
-        self.spec.get_or_create(&l).set(i64::from(s.spec));
+        self.desired
+            .get_or_create(&l)
+            .set(i64::from(s.desired.unwrap_or(s.spec)));
+        // What the target asks for now: the new count once it took it.
+        let spec = if s.changed && !s.advisory {
+            s.applied
+        } else {
+            s.spec
+        };
+        self.spec.get_or_create(&l).set(i64::from(spec));
         self.ready.get_or_create(&l).set(i64::from(s.ready));
         self.panic.get_or_create(&l).set(i64::from(s.panic));
         self.stable_value.get_or_create(&l).set(s.stable_value);
@@ -165,5 +173,82 @@ impl DecisionObserver for DecisionRecorder {
             })
             .inc();
         LogObserver.scale_failed(name, error);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use scalecar_config::Role;
+    use std::time::Duration;
+
+    fn status(desired: Option<u32>, applied: u32, spec: u32, changed: bool) -> TargetStatus {
+        TargetStatus {
+            name: "t".into(),
+            model: "m".into(),
+            role: Role::Unified,
+            at: Duration::ZERO,
+            advisory: false,
+            desired,
+            applied,
+            spec,
+            ready: spec,
+            panic: false,
+            stable_value: 0.0,
+            panic_value: 0.0,
+            target: 1.0,
+            reason: String::new(),
+            changed,
+        }
+    }
+
+    fn exposition(reg: &Registry) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, reg).unwrap();
+        text
+    }
+
+    #[test]
+    fn desired_is_the_decision_and_events_count_real_changes() {
+        let mut reg = Registry::default();
+        let r = DecisionRecorder::register(&mut reg);
+        // The algorithm wants 0, min-replicas holds 1, nothing changes.
+        r.decided(&status(Some(0), 1, 1, false));
+        let text = exposition(&reg);
+        assert!(
+            text.contains("scalecar_desired_replicas{target=\"t\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("scalecar_spec_replicas{target=\"t\"} 1"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("scalecar_scale_events_total{target=\"t\"} 1"),
+            "{text}"
+        );
+        // A real change from 1 to 6: spec follows, one event.
+        r.decided(&status(Some(6), 6, 1, true));
+        let text = exposition(&reg);
+        assert!(
+            text.contains("scalecar_desired_replicas{target=\"t\"} 6"),
+            "{text}"
+        );
+        assert!(
+            text.contains("scalecar_spec_replicas{target=\"t\"} 6"),
+            "{text}"
+        );
+        assert!(
+            text.contains("scalecar_scale_events_total{target=\"t\"} 1"),
+            "{text}"
+        );
+        // No decision: desired shows the count held.
+        r.decided(&status(None, 6, 6, false));
+        let text = exposition(&reg);
+        assert!(
+            text.contains("scalecar_desired_replicas{target=\"t\"} 6"),
+            "{text}"
+        );
+        assert_eq!(r.changes().len(), 1);
     }
 }

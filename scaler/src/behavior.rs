@@ -19,7 +19,8 @@ pub struct BehaviorInput<'a> {
     pub now: Duration,
     /// Wall-clock time, for schedule floors (UTC).
     pub unix_secs: u64,
-    /// Last traffic at the pool (None: never any).
+    /// Last traffic at the pool, or when watching began if none was seen
+    /// since (`None`: unknown, so never scale to zero).
     pub last_activity: Option<Duration>,
     /// Some gateway replica's signals are missing: never scale down.
     pub partial: bool,
@@ -63,15 +64,22 @@ pub fn apply(input: &BehaviorInput<'_>) -> Applied {
         let grace = p.scale_to_zero_grace_period;
         if p.min_replicas > 0 {
             // The bounds below raise it; nothing to say here.
-        } else if let Some(idle) = idle_for
-            && idle < grace
-        {
-            n = 1;
-            notes.push(format!(
-                "scale to zero after {} idle ({} so far)",
-                humantime::format_duration(grace),
-                humantime::format_duration(Duration::from_secs(idle.as_secs()))
-            ));
+        } else {
+            match idle_for {
+                Some(idle) if idle >= grace => {}
+                Some(idle) => {
+                    n = 1;
+                    notes.push(format!(
+                        "scale to zero after {} idle ({} so far)",
+                        humantime::format_duration(grace),
+                        humantime::format_duration(Duration::from_secs(idle.as_secs()))
+                    ));
+                }
+                None => {
+                    n = 1;
+                    notes.push("scale to zero only after observed idleness".into());
+                }
+            }
         }
     }
     // Bounds.
@@ -163,8 +171,9 @@ mod tests {
         );
         i.last_activity = Some(Duration::from_secs(970));
         assert_eq!(apply(&i).replicas, 0);
+        // Idleness never observed (unknown) is not idleness.
         i.last_activity = None;
-        assert_eq!(apply(&i).replicas, 0);
+        assert_eq!(apply(&i).replicas, 1);
         // min 1: never zero.
         let p1 = Policy {
             min_replicas: 1,

@@ -79,7 +79,9 @@ pub struct TargetStatus {
     pub advisory: bool,
     /// What the algorithm asked for (`None`: no decision).
     pub desired: Option<u32>,
-    /// After PD coordination, schedule floors, scale-to-zero and bounds.
+    /// The decision: the algorithm's count after PD coordination, schedule
+    /// floors, scale-to-zero and bounds. Written to the target when it
+    /// differs from `spec` (never, for an advisory target).
     pub applied: u32,
     /// `spec.replicas` before this decision.
     pub spec: u32,
@@ -89,8 +91,10 @@ pub struct TargetStatus {
     pub panic_value: f64,
     pub target: f64,
     pub reason: String,
-    /// True when this decision changed (or, advisory, would change) the
-    /// replica count.
+    /// True when the replica count really changed: the target accepted the
+    /// new count, or (advisory) the advice differs from the last advice.
+    /// Scale events and the info-level "rescale" log follow this, not every
+    /// tick that disagrees with `spec`.
     pub changed: bool,
 }
 
@@ -143,6 +147,9 @@ struct Managed {
     /// No scale call before this clock time (after a failure).
     backoff_until: Duration,
     failures: u32,
+    /// The last count advised (advisory targets): a change is logged once,
+    /// not every tick it stays unapplied.
+    advised: Option<u32>,
 }
 
 impl fmt::Debug for Managed {
@@ -157,7 +164,9 @@ impl fmt::Debug for Managed {
 
 /// One decision before PD coordination and behavior.
 struct Pending {
-    state: ScaleState,
+    /// `None`: the target could not be read and nothing is known of it —
+    /// nothing is decided or written this tick.
+    state: Option<ScaleState>,
     snapshot: WindowSnapshot,
     decision: Decision,
 }
@@ -212,6 +221,7 @@ impl ControlLoop {
                 last: None,
                 backoff_until: Duration::ZERO,
                 failures: 0,
+                advised: None,
             });
         }
         Ok(ControlLoop {
@@ -237,42 +247,28 @@ impl ControlLoop {
         let unix_secs = self.wall.unix_secs();
         let mut pending = Vec::with_capacity(self.targets.len());
         for t in &mut self.targets {
-            let state = read_state(t, now, &*self.observer).await;
+            let snapshot = t
+                .spec
+                .signals
+                .snapshot(t.spec.policy.window, t.spec.policy.panic_window());
+            let Some(state) = read_state(t, now, &*self.observer).await else {
+                // A failed read changes nothing: no decision on a guessed
+                // ready count, and the decider keeps waiting for a real one.
+                pending.push(Pending {
+                    state: None,
+                    snapshot,
+                    decision: Decision::none("scale target unreadable: holding"),
+                });
+                continue;
+            };
             if std::mem::take(&mut t.fresh)
                 && let Ok(algorithm) = self.registry.create(&t.spec.policy, state.ready, now)
             {
                 t.algorithm = algorithm;
             }
-            let snapshot = t
-                .spec
-                .signals
-                .snapshot(t.spec.policy.window, t.spec.policy.panic_window());
-            let input = DecisionInput {
-                now,
-                ready: state.ready,
-                spec: state.spec,
-                snapshot: &snapshot,
-                policy: &t.spec.policy,
-                role: t.spec.role,
-                reachable: true,
-                partial: false,
-            };
-            let mut decision = t.algorithm.decide(&input);
-            // Requests held at a pool with nothing asked for: scale from
-            // zero at once (they are not in flight, so no load metric
-            // shows them yet).
-            if state.spec == 0 && snapshot.queued_now > 0 {
-                let wake = t.spec.policy.activation_scale.max(1);
-                if decision.desired.is_none_or(|d| d < wake) {
-                    decision.desired = Some(wake);
-                    decision.reason = format!(
-                        "{} requests waiting at zero replicas → {wake}",
-                        snapshot.queued_now
-                    );
-                }
-            }
+            let decision = decide(t, state, &snapshot, now);
             pending.push(Pending {
-                state,
+                state: Some(state),
                 snapshot,
                 decision,
             });
@@ -280,17 +276,79 @@ impl ControlLoop {
         let coordinated = self.coordinate_groups(&pending);
         let mut statuses = Vec::with_capacity(pending.len());
         for ((t, p), desired) in self.targets.iter_mut().zip(pending).zip(coordinated) {
-            let applied = behavior::apply(&BehaviorInput {
-                desired,
-                current: p.state.spec,
-                policy: &t.spec.policy,
-                now,
-                unix_secs,
-                last_activity: p.snapshot.last_activity,
-                partial: false,
-            });
-            let mut reason = p.decision.reason.clone();
-            if desired != p.decision.desired
+            let advisory = matches!(t.spec.scaling, Scaling::Advisory { .. });
+            let Some(mut state) = p.state else {
+                let held = t.last.map_or(0, |s| s.spec);
+                let status = TargetStatus {
+                    name: t.spec.name.clone(),
+                    model: t.spec.model.clone(),
+                    role: t.spec.role,
+                    at: now,
+                    advisory,
+                    desired: None,
+                    applied: held,
+                    spec: held,
+                    ready: t.last.map_or(0, |s| s.ready),
+                    panic: false,
+                    stable_value: 0.0,
+                    panic_value: 0.0,
+                    target: 0.0,
+                    reason: p.decision.reason,
+                    changed: false,
+                };
+                self.observer.decided(&status);
+                statuses.push(status);
+                continue;
+            };
+            let mut decision = p.decision;
+            let mut snapshot = p.snapshot;
+            let mut desired = desired;
+            let mut applied = behave(t, desired, state.spec, &snapshot, now, unix_secs);
+            let mut changed = false;
+            match &t.spec.scaling {
+                Scaling::Managed(target) if applied.replicas != state.spec => {
+                    let target = target.clone();
+                    match apply_scale(t, &*target, applied.replicas, now, &*self.observer).await {
+                        Applied::Done => changed = true,
+                        Applied::Failed => {}
+                        Applied::Conflict(fresh) => {
+                            // Someone else changed the target: decide again on
+                            // what it is now. A grouped target keeps the
+                            // group's share from this tick.
+                            state = fresh;
+                            snapshot = t
+                                .spec
+                                .signals
+                                .snapshot(t.spec.policy.window, t.spec.policy.panic_window());
+                            if t.spec.policy.group.is_none() {
+                                decision = decide(t, state, &snapshot, now);
+                                desired = decision.desired;
+                            }
+                            applied = behave(t, desired, state.spec, &snapshot, now, unix_secs);
+                            if applied.replicas != state.spec {
+                                changed = matches!(
+                                    apply_scale(
+                                        t,
+                                        &*target,
+                                        applied.replicas,
+                                        now,
+                                        &*self.observer
+                                    )
+                                    .await,
+                                    Applied::Done
+                                );
+                            }
+                        }
+                    }
+                }
+                Scaling::Managed(_) => {}
+                Scaling::Advisory { .. } => {
+                    changed = applied.replicas != state.spec && t.advised != Some(applied.replicas);
+                    t.advised = Some(applied.replicas);
+                }
+            }
+            let mut reason = decision.reason.clone();
+            if desired != decision.desired
                 && let Some(d) = desired
             {
                 reason.push_str(&format!("; group share → {d}"));
@@ -299,26 +357,20 @@ impl ControlLoop {
                 reason.push_str("; ");
                 reason.push_str(why);
             }
-            let changed = applied.replicas != p.state.spec;
-            let advisory = matches!(t.spec.scaling, Scaling::Advisory { .. });
-            if changed && let Scaling::Managed(target) = &t.spec.scaling {
-                let target = target.clone();
-                apply_scale(t, &*target, applied.replicas, now, &*self.observer).await;
-            }
             let status = TargetStatus {
                 name: t.spec.name.clone(),
                 model: t.spec.model.clone(),
                 role: t.spec.role,
                 at: now,
                 advisory,
-                desired: p.decision.desired,
+                desired: decision.desired,
                 applied: applied.replicas,
-                spec: p.state.spec,
-                ready: p.state.ready,
-                panic: p.decision.panic,
-                stable_value: p.decision.stable_value,
-                panic_value: p.decision.panic_value,
-                target: p.decision.target,
+                spec: state.spec,
+                ready: state.ready,
+                panic: decision.panic,
+                stable_value: decision.stable_value,
+                panic_value: decision.panic_value,
+                target: decision.target,
                 reason,
                 changed,
             };
@@ -340,7 +392,8 @@ impl ControlLoop {
             }
         }
         for members in groups.values() {
-            // A member without a decision holds the whole group.
+            // A member without a decision: no redistribution this tick
+            // (it holds; the others follow their own decisions).
             if members.len() < 2 || members.iter().any(|&i| out[i].is_none()) {
                 continue;
             }
@@ -382,22 +435,82 @@ impl ControlLoop {
     }
 }
 
-async fn read_state(t: &mut Managed, now: Duration, observer: &dyn DecisionObserver) -> ScaleState {
+/// The algorithm's decision for `t` in `state`, with scale from zero.
+fn decide(
+    t: &mut Managed,
+    state: ScaleState,
+    snapshot: &WindowSnapshot,
+    now: Duration,
+) -> Decision {
+    let input = DecisionInput {
+        now,
+        ready: state.ready,
+        spec: state.spec,
+        snapshot,
+        policy: &t.spec.policy,
+        role: t.spec.role,
+        reachable: true,
+        partial: false,
+    };
+    let mut decision = t.algorithm.decide(&input);
+    // Requests held at a pool with nothing asked for: scale from zero at
+    // once (they are not in flight, so no load metric shows them yet).
+    if state.spec == 0 && snapshot.queued_now > 0 {
+        let wake = t.spec.policy.activation_scale.max(1);
+        if decision.desired.is_none_or(|d| d < wake) {
+            decision.desired = Some(wake);
+            decision.reason = format!(
+                "{} requests waiting at zero replicas → {wake}",
+                snapshot.queued_now
+            );
+        }
+    }
+    decision
+}
+
+/// Behavior (schedule floors, scale to zero, bounds) on a decision.
+fn behave(
+    t: &Managed,
+    desired: Option<u32>,
+    current: u32,
+    snapshot: &WindowSnapshot,
+    now: Duration,
+    unix_secs: u64,
+) -> behavior::Applied {
+    behavior::apply(&BehaviorInput {
+        desired,
+        current,
+        policy: &t.spec.policy,
+        now,
+        unix_secs,
+        last_activity: snapshot.last_activity,
+        partial: false,
+    })
+}
+
+/// The target's state, or `None` when it cannot be read and was never read
+/// (a last good state stands in for a failed read: the data plane and the
+/// loop keep going on what was known).
+async fn read_state(
+    t: &mut Managed,
+    now: Duration,
+    observer: &dyn DecisionObserver,
+) -> Option<ScaleState> {
     match &t.spec.scaling {
         Scaling::Advisory { ready } => {
             let r = ready.load(Ordering::Relaxed);
             // Advisory targets never change: spec is what serves.
-            ScaleState { spec: r, ready: r }
+            Some(ScaleState { spec: r, ready: r })
         }
         Scaling::Managed(target) => match target.scale().await {
             Ok(s) => {
                 t.last = Some(s);
-                s
+                Some(s)
             }
             Err(e) => {
                 observer.scale_failed(&t.spec.name, &e);
                 note_failure(t, now);
-                t.last.unwrap_or_default()
+                None
             }
         },
     }
@@ -411,35 +524,50 @@ fn note_failure(t: &mut Managed, now: Duration) {
     t.backoff_until = now + backoff;
 }
 
-/// Sets replicas: a conflict re-reads and retries once; other errors back
-/// off, keeping the last good state.
+/// How a write of the replica count went.
+enum Applied {
+    Done,
+    /// Not written (backing off, or an error already reported).
+    Failed,
+    /// The target changed under us (409): here is what it is now.
+    Conflict(ScaleState),
+}
+
+/// Sets replicas. A conflict re-reads the target for the caller to decide
+/// again; other errors back off, keeping the last good state.
 async fn apply_scale(
     t: &mut Managed,
     target: &dyn ScaleTarget,
     replicas: u32,
     now: Duration,
     observer: &dyn DecisionObserver,
-) {
+) -> Applied {
     if now < t.backoff_until {
-        return;
+        return Applied::Failed;
     }
-    let mut result = target.set_replicas(replicas).await;
-    if let Err(TargetError::Conflict { .. }) = &result {
-        if let Ok(s) = target.scale().await {
-            t.last = Some(s);
-        }
-        result = target.set_replicas(replicas).await;
-    }
-    match result {
+    match target.set_replicas(replicas).await {
         Ok(()) => {
             t.failures = 0;
             if let Some(last) = &mut t.last {
                 last.spec = replicas;
             }
+            Applied::Done
         }
+        Err(TargetError::Conflict { .. }) => match target.scale().await {
+            Ok(s) => {
+                t.last = Some(s);
+                Applied::Conflict(s)
+            }
+            Err(e) => {
+                observer.scale_failed(&t.spec.name, &e);
+                note_failure(t, now);
+                Applied::Failed
+            }
+        },
         Err(e) => {
             observer.scale_failed(&t.spec.name, &e);
             note_failure(t, now);
+            Applied::Failed
         }
     }
 }
@@ -459,6 +587,10 @@ mod tests {
         state: Mutex<ScaleState>,
         fail: Mutex<Option<TargetError>>,
         sets: Mutex<Vec<u32>>,
+        /// Reads to fail before reads work again.
+        failing_reads: Mutex<u32>,
+        /// On the next write: answer 409, someone else having set this.
+        conflict_with: Mutex<Option<ScaleState>>,
     }
 
     impl Instant {
@@ -476,6 +608,8 @@ mod tests {
                 }),
                 fail: Mutex::new(None),
                 sets: Mutex::new(Vec::new()),
+                failing_reads: Mutex::new(0),
+                conflict_with: Mutex::new(None),
             })
         }
     }
@@ -486,9 +620,28 @@ mod tests {
         }
         fn scale(&self) -> BoxFuture<'_, Result<ScaleState, TargetError>> {
             let s = *self.state.lock().unwrap();
-            Box::pin(async move { Ok(s) })
+            let mut failing = self.failing_reads.lock().unwrap();
+            let result = if *failing > 0 {
+                *failing -= 1;
+                Err(TargetError::Unavailable {
+                    target: "p".into(),
+                    message: "api server down".into(),
+                })
+            } else {
+                Ok(s)
+            };
+            Box::pin(async move { result })
         }
         fn set_replicas(&self, n: u32) -> BoxFuture<'_, Result<(), TargetError>> {
+            if let Some(theirs) = self.conflict_with.lock().unwrap().take() {
+                *self.state.lock().unwrap() = theirs;
+                return Box::pin(async move {
+                    Err(TargetError::Conflict {
+                        target: "p".into(),
+                        message: "the object has been modified".into(),
+                    })
+                });
+            }
             let fail = self.fail.lock().unwrap().clone();
             if fail.is_none() {
                 *self.state.lock().unwrap() = ScaleState { spec: n, ready: n };
@@ -643,6 +796,9 @@ mod tests {
         let target = Instant::new(0);
         let policy = Policy {
             min_replicas: 0,
+            // A metric that does not count queued requests: only the wake
+            // path sees them.
+            metric: scalecar_config::Metric::Tokens,
             ..policy()
         };
         let (clock, signals, _, mut l) = setup(Scaling::Managed(target.clone()), policy);
@@ -658,6 +814,126 @@ mod tests {
             s[0].reason
         );
         signals.queue_leave(Duration::from_millis(100));
+    }
+
+    #[tokio::test]
+    async fn a_failed_read_changes_nothing() {
+        let target = Instant::new(5);
+        *target.failing_reads.lock().unwrap() = 1;
+        let (clock, _signals, recorder, mut l) = setup(Scaling::Managed(target.clone()), policy());
+        clock.advance(Duration::from_secs(2));
+        let s = l.tick_once().await;
+        assert_eq!(s[0].desired, None, "{:?}", s[0]);
+        assert!(!s[0].changed);
+        assert!(target.sets.lock().unwrap().is_empty());
+        assert_eq!(recorder.failures.lock().unwrap().len(), 1);
+        // The first good read creates the decider with the real ready
+        // count (5: it starts in panic and holds on empty windows).
+        for _ in 0..3 {
+            clock.advance(Duration::from_secs(2));
+            let s = l.tick_once().await;
+            assert_eq!(s[0].applied, 5, "{:?}", s[0]);
+        }
+        assert!(target.sets.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn scale_to_zero_waits_for_observed_idleness_after_a_restart() {
+        let target = Instant::new(1);
+        let policy = Policy {
+            min_replicas: 0,
+            scale_to_zero_grace_period: Duration::from_secs(10),
+            ..policy()
+        };
+        let (clock, _signals, _, mut l) = setup(Scaling::Managed(target.clone()), policy);
+        // The gateway just started: no traffic seen, but only 2 s watched.
+        clock.advance(Duration::from_secs(2));
+        let s = l.tick_once().await;
+        assert_eq!(s[0].applied, 1, "{:?}", s[0]);
+        assert!(target.sets.lock().unwrap().is_empty());
+        // Idle for the whole grace period: now to zero.
+        for _ in 0..5 {
+            clock.advance(Duration::from_secs(2));
+            l.tick_once().await;
+        }
+        assert_eq!(*target.sets.lock().unwrap(), vec![0]);
+    }
+
+    #[tokio::test]
+    async fn a_conflict_re_reads_and_decides_again() {
+        let target = Instant::new(1);
+        let policy = Policy {
+            // At most ×2 a tick: from 1 ready the decision is 2.
+            max_scale_up_rate: 2.0,
+            ..policy()
+        };
+        let (clock, signals, recorder, mut l) = setup(Scaling::Managed(target.clone()), policy);
+        for _ in 0..12 {
+            signals.dispatch(0);
+        }
+        // Someone else scaled to 4 meanwhile: the write of 2 gets a 409.
+        *target.conflict_with.lock().unwrap() = Some(ScaleState { spec: 4, ready: 4 });
+        clock.advance(Duration::from_secs(2));
+        let s = l.tick_once().await;
+        // Decided again from 4 ready: 6 (the load's count), never back to 2.
+        assert_eq!(*target.sets.lock().unwrap(), vec![6]);
+        assert_eq!((s[0].spec, s[0].applied, s[0].ready), (4, 6, 4));
+        assert!(s[0].changed);
+        assert!(recorder.failures.lock().unwrap().is_empty());
+        for _ in 0..12 {
+            signals.complete(0, 0, false, None);
+        }
+    }
+
+    #[tokio::test]
+    async fn queued_requests_are_load_and_the_cap_is_the_target() {
+        // max-concurrency 4, no target: the target is 4 (× 70 %); 4 in
+        // flight and 4 queued behind them are 8 of load → 3 replicas.
+        let mut keys = BTreeMap::new();
+        keys.insert("max-concurrency".to_string(), "4".to_string());
+        keys.insert("window".to_string(), "10s".to_string());
+        let policy = Policy::from_keys(&keys, Role::Unified).unwrap();
+        assert_eq!(policy.target, 4.0);
+        let target = Instant::new(1);
+        let (clock, signals, _, mut l) = setup(Scaling::Managed(target.clone()), policy);
+        for _ in 0..4 {
+            signals.dispatch(0);
+            signals.queue_enter();
+        }
+        for _ in 0..5 {
+            clock.advance(Duration::from_secs(2));
+            l.tick_once().await;
+        }
+        assert_eq!(target.state.lock().unwrap().spec, 3);
+        for _ in 0..4 {
+            signals.complete(0, 0, false, None);
+            signals.queue_leave(Duration::ZERO);
+        }
+    }
+
+    #[tokio::test]
+    async fn advisory_changes_are_reported_once() {
+        let ready = Arc::new(AtomicU32::new(2));
+        let (clock, signals, _, mut l) = setup(
+            Scaling::Advisory {
+                ready: ready.clone(),
+            },
+            policy(),
+        );
+        for _ in 0..12 {
+            signals.dispatch(0);
+        }
+        clock.advance(Duration::from_secs(2));
+        assert!(l.tick_once().await[0].changed);
+        for _ in 0..3 {
+            clock.advance(Duration::from_secs(2));
+            let s = l.tick_once().await;
+            assert_eq!(s[0].applied, 6);
+            assert!(!s[0].changed, "{:?}", s[0]);
+        }
+        for _ in 0..12 {
+            signals.complete(0, 0, false, None);
+        }
     }
 
     #[test]

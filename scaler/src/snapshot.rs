@@ -50,10 +50,11 @@ impl WindowValues {
     /// The window's value of `metric`, summed over the pool (not per replica).
     pub fn metric(&self, metric: Metric) -> f64 {
         match metric {
-            Metric::Concurrency => self.concurrency,
+            // Requests held in the proxy's queue are load waiting for a
+            // replica, as Knative's activator and queue-proxy count theirs.
+            Metric::Concurrency | Metric::Queue => self.concurrency + self.queue,
             Metric::Rps => self.rps,
             Metric::Tokens => self.tokens,
-            Metric::Queue => self.concurrency + self.queue,
         }
     }
 
@@ -75,7 +76,9 @@ pub struct WindowSnapshot {
     /// Requests queued at the proxy right now.
     pub queued_now: u64,
     /// Clock time of the last arrival or of the last moment a request was in
-    /// flight or queued; `None` if the pool never saw traffic. Scale to zero
-    /// counts its grace period from here.
+    /// flight or queued — or, if the pool saw no traffic at all, when its
+    /// signals began watching: idleness is only ever what was observed.
+    /// Scale to zero counts its grace period from here; `None` (unknown)
+    /// never scales to zero.
     pub last_activity: Option<Duration>,
 }

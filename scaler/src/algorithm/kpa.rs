@@ -5,11 +5,12 @@
 //! ceil(ready × max-scale-up-rate)] (ready counted as at least 1; no lower
 //! clamp for an unreachable pool). Panic starts when panic-desired / ready
 //! reaches the panic threshold and each tick over it extends it; in panic
-//! the count never goes down; panic ends a stable window after the last tick
-//! over the threshold. A new decider starts in panic when more than one pod
-//! is ready (its windows are empty and would scale down). Activation scale
-//! raises any non-zero count; scale-down delay holds the maximum decision of
-//! a sliding window.
+//! the count is the larger of the stable and the panic count and never goes
+//! down; panic ends a stable window after the last tick over the threshold.
+//! A new decider starts in panic when more than one pod is ready (its
+//! windows are empty and would scale down). Activation scale raises any
+//! non-zero count; scale-down delay holds the maximum decision of a sliding
+//! window (not for an unreachable pool, which takes no traffic).
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -31,10 +32,10 @@ pub struct Kpa {
 
 impl Kpa {
     pub fn new(_policy: &Policy, ready: u32, now: Duration) -> Self {
-        let in_panic = ready > 1;
         Kpa {
-            panic_since_last: in_panic.then_some(now),
-            max_panic_pods: if in_panic { ready } else { 0 },
+            panic_since_last: (ready > 1).then_some(now),
+            // Knative keeps the count it started at as the panic maximum.
+            max_panic_pods: ready,
             delay_window: VecDeque::new(),
         }
     }
@@ -117,11 +118,15 @@ impl ScalingAlgorithm for Kpa {
         let mut desired = desired_stable;
         let in_panic = self.panic_since_last.is_some();
         if in_panic {
-            self.max_panic_pods = self.max_panic_pods.max(desired_panic);
+            // The stable window can see more than the panic window (a
+            // burst that is fading): provision for the larger.
+            self.max_panic_pods = self.max_panic_pods.max(desired.max(desired_panic));
             desired = self.max_panic_pods;
         }
         let undelayed = desired;
-        desired = self.delayed(now, p.scale_down_delay, desired);
+        if input.reachable {
+            desired = self.delayed(now, p.scale_down_delay, desired);
+        }
         let mut reason = format!(
             "{metric} {stable:.1} stable / {panic_value:.1} panic over target {target:.1} per pod with {} ready → {undelayed}",
             input.ready
@@ -189,6 +194,403 @@ mod tests {
             reachable,
             partial: false,
         })
+    }
+
+    /// One call of Scale() in a Knative case.
+    #[derive(Clone, Copy)]
+    struct Step {
+        /// Clock time, ms.
+        t: u64,
+        ready: u32,
+        stable: f64,
+        panic: f64,
+        reachable: bool,
+        /// Expected desired count (`None`: no decision).
+        want: Option<u32>,
+        /// Expected panic start/extension time after the call, ms (`Some(None)`: not
+        /// in panic); unchecked when `None`.
+        panic_at: Option<Option<u64>>,
+    }
+
+    const STEP: Step = Step {
+        t: T0,
+        ready: 1,
+        stable: 0.0,
+        panic: 0.0,
+        reachable: true,
+        want: None,
+        panic_at: None,
+    };
+
+    /// Clock origin of the cases, ms: far enough from zero for "5 s ago".
+    const T0: u64 = 1_000_000;
+
+    struct Case {
+        name: &'static str,
+        /// Knative's TargetValue (utilization already applied).
+        target: f64,
+        metric: Metric,
+        tweak: fn(&mut Policy),
+        /// The ready count the decider is created with.
+        start_ready: u32,
+        /// A panic already under way: (start ms, max panic pods).
+        preset: Option<(u64, u32)>,
+        steps: Vec<Step>,
+    }
+
+    fn knative_policy(target: f64, metric: Metric) -> Policy {
+        // newTestAutoscaler: panic threshold 2 (200 %), max scale up and
+        // down rates 10, stable window 60 s; the target is pre-multiplied.
+        Policy {
+            metric,
+            target,
+            target_utilization: 1.0,
+            panic_threshold_percentage: 200.0,
+            max_scale_up_rate: 10.0,
+            max_scale_down_rate: 10.0,
+            window: Duration::from_secs(60),
+            ..Policy::default()
+        }
+    }
+
+    fn none(_: &mut Policy) {}
+
+    fn case(name: &'static str, target: f64, steps: Vec<Step>) -> Case {
+        Case {
+            name,
+            target,
+            metric: Metric::Concurrency,
+            tweak: none,
+            start_ready: 1,
+            preset: None,
+            steps,
+        }
+    }
+
+    fn step(t: u64, ready: u32, stable: f64, panic: f64, want: u32) -> Step {
+        Step {
+            t,
+            ready,
+            stable,
+            panic,
+            want: Some(want),
+            ..STEP
+        }
+    }
+
+    fn delay_policy(p: &mut Policy) {
+        // TestAutoscalerScaleDownDelay: rates 10, threshold 100 (10,000 %),
+        // delay 5 min.
+        p.panic_threshold_percentage = 10_000.0;
+        p.scale_down_delay = Duration::from_secs(300);
+    }
+
+    /// Knative's autoscaler tests (pkg/autoscaler/scaling/autoscaler_test.go),
+    /// their inputs and expected outputs, through this decider. Every
+    /// branch of Scale() is here: no data, stable up and down, rate clamps
+    /// both ways, unreachable, zero ready, activation scale, panic start,
+    /// extend and exit, stable above panic during panic, scale-down delay
+    /// (simple, gradual, zero, unreachable) and starting in panic.
+    #[test]
+    fn knative_scale_cases() {
+        let s = 1000u64; // ms per second
+        let cases = vec![
+            case(
+                "StableModeIncreaseWithConcurrencyDefault",
+                10.0,
+                vec![step(T0, 1, 50.0, 10.0, 5), step(T0, 1, 100.0, 10.0, 10)],
+            ),
+            Case {
+                metric: Metric::Rps,
+                ..case(
+                    "StableModeIncreaseWithRPS",
+                    10.0,
+                    vec![step(T0, 1, 50.0, 50.0, 5), step(T0, 1, 100.0, 99.0, 10)],
+                )
+            },
+            case(
+                "UnpanicAfterSlowIncrease",
+                1.0,
+                vec![
+                    Step {
+                        panic_at: Some(Some(T0)),
+                        ..step(T0, 10, 11.0, 25.0, 25)
+                    },
+                    // Half a window later, +1 pod a tick: the start stays.
+                    Step {
+                        panic_at: Some(Some(T0)),
+                        ..step(T0 + 30 * s, 40, 30.0, 41.0, 41)
+                    },
+                    // A window and a tick after the start: panic is over.
+                    Step {
+                        panic_at: Some(None),
+                        ..step(T0 + 62 * s, 55, 50.0, 56.0, 50)
+                    },
+                ],
+            ),
+            case(
+                "ExtendPanicWindow",
+                1.0,
+                vec![
+                    Step {
+                        panic_at: Some(Some(T0)),
+                        ..step(T0, 10, 11.0, 25.0, 25)
+                    },
+                    Step {
+                        panic_at: Some(Some(T0 + 30 * s)),
+                        ..step(T0 + 30 * s, 40, 30.0, 80.0, 80)
+                    },
+                ],
+            ),
+            case(
+                "StableModeDecrease",
+                10.0,
+                vec![step(T0, 8, 100.0, 100.0, 10), step(T0, 8, 50.0, 50.0, 5)],
+            ),
+            case(
+                "StableModeNoTrafficScaleToZero",
+                10.0,
+                vec![step(T0, 1, 1.0, 0.0, 1), step(T0, 1, 0.0, 0.0, 0)],
+            ),
+            Case {
+                tweak: |p| p.activation_scale = 2,
+                ..case(
+                    "ActivationScale",
+                    10.0,
+                    vec![step(T0, 1, 0.0, 0.0, 0), step(T0, 1, 1.0, 0.0, 2)],
+                )
+            },
+            case(
+                "PanicModeExponentialTrackAndStabilize",
+                1.0,
+                vec![
+                    step(T0, 1, 6.0, 6.0, 6),
+                    Step {
+                        panic_at: Some(Some(T0 + s)),
+                        ..step(T0 + s, 6, 36.0, 36.0, 36)
+                    },
+                    Step {
+                        panic_at: Some(Some(T0 + 2 * s)),
+                        ..step(T0 + 2 * s, 36, 216.0, 216.0, 216)
+                    },
+                    step(T0 + 2 * s, 216, 1296.0, 1296.0, 1296),
+                    step(T0 + 3 * s, 1296, 1296.0, 1296.0, 1296),
+                ],
+            ),
+            case(
+                "AutoscalerNoDataAtZeroNoAutoscale",
+                10.0,
+                vec![step(T0, 1, 0.0, 0.0, 0)],
+            ),
+            case(
+                "AutoscalerStableModeUnlimitedTBC",
+                181.0,
+                vec![step(T0, 1, 21.0, 26.0, 1)],
+            ),
+            case("Autoscaler0TBC", 10.0, vec![step(T0, 1, 50.0, 49.0, 5)]),
+            case(
+                "AutoscalerStableModeNoChange",
+                10.0,
+                vec![step(T0, 1, 50.0, 50.0, 5)],
+            ),
+            Case {
+                start_ready: 5,
+                preset: Some((T0 - 5 * s, 5)),
+                ..case(
+                    "AutoscalerPanicStableLargerThanPanic",
+                    1.0,
+                    vec![step(T0, 5, 50.0, 30.0, 50)],
+                )
+            },
+            Case {
+                start_ready: 5,
+                preset: Some((T0 - 5 * s, 5)),
+                ..case(
+                    "AutoscalerPanicStableLessThanPanic",
+                    1.0,
+                    vec![step(T0, 5, 20.0, 30.0, 30)],
+                )
+            },
+            case(
+                "AutoscalerStableModeNoChangeAlreadyScaled",
+                10.0,
+                vec![step(T0, 5, 50.0, 50.0, 5)],
+            ),
+            Case {
+                tweak: |p| p.max_scale_up_rate = 1.1,
+                ..case(
+                    "AutoscalerStableModeIncreaseWithSmallScaleUpRate",
+                    1.0,
+                    vec![step(T0, 2, 3.0, 3.1, 3)],
+                )
+            },
+            Case {
+                tweak: |p| p.max_scale_down_rate = 1.1,
+                ..case(
+                    "AutoscalerStableModeDecreaseWithSmallScaleDownRate",
+                    10.0,
+                    vec![step(T0, 100, 1.0, 1.0, 90)],
+                )
+            },
+            Case {
+                tweak: |p| p.max_scale_down_rate = 1.1,
+                ..case(
+                    "AutoscalerStableModeDecreaseNonReachable",
+                    10.0,
+                    vec![Step {
+                        reachable: false,
+                        ..step(T0, 100, 1.0, 1.0, 1)
+                    }],
+                )
+            },
+            case(
+                "AutoscalerPanicModeDoublePodCount",
+                10.0,
+                vec![step(T0, 1, 50.0, 100.0, 10)],
+            ),
+            case(
+                "PanicThenUnPanicScaleDown",
+                10.0,
+                vec![
+                    step(T0, 1, 100.0, 100.0, 10),
+                    step(T0 + s, 10, 100.0, 1000.0, 100),
+                    // Traffic gone, still in panic: no scale down.
+                    step(T0 + 31 * s, 10, 1.0, 1.0, 100),
+                    // After the stable window: back to the stable count.
+                    Step {
+                        panic_at: Some(None),
+                        ..step(T0 + 62 * s, 10, 1.0, 1.0, 1)
+                    },
+                ],
+            ),
+            case(
+                "RateLimitScaleUp",
+                10.0,
+                vec![
+                    step(T0, 1, 1000.0, 1001.0, 10),
+                    step(T0, 10, 1000.0, 1001.0, 100),
+                ],
+            ),
+            case(
+                "RateLimitScaleDown",
+                10.0,
+                vec![step(T0, 100, 1.0, 1.0, 10), step(T0, 10, 1.0, 1.0, 1)],
+            ),
+            case(
+                "UseOnePodAsMinimumIfEndpointsNotFound",
+                10.0,
+                vec![step(T0, 0, 1000.0, 888.0, 10)],
+            ),
+            Case {
+                tweak: delay_policy,
+                start_ready: 0,
+                ..case(
+                    "ScaleDownDelay",
+                    10.0,
+                    vec![
+                        // simple
+                        step(T0 + 2 * s, 0, 40.0, 40.0, 4),
+                        step(T0 + 300 * s, 0, 0.0, 0.0, 4),
+                        step(T0 + 302 * s, 0, 0.0, 0.0, 0),
+                        // gradual
+                        step(T0 + 540 * s, 0, 40.0, 40.0, 4),
+                        step(T0 + 600 * s, 0, 30.0, 30.0, 4),
+                        step(T0 + 660 * s, 0, 0.0, 0.0, 4),
+                        step(T0 + 840 * s, 0, 0.0, 0.0, 3),
+                        step(T0 + 900 * s, 0, 0.0, 0.0, 0),
+                    ],
+                )
+            },
+            Case {
+                tweak: delay_policy,
+                start_ready: 0,
+                ..case(
+                    "ScaleDownDelayNotReachable",
+                    10.0,
+                    vec![
+                        step(T0 + 2 * s, 0, 40.0, 40.0, 4),
+                        step(T0 + 60 * s, 0, 0.0, 0.0, 4),
+                        Step {
+                            reachable: false,
+                            ..step(T0 + 62 * s, 0, 0.0, 0.0, 0)
+                        },
+                    ],
+                )
+            },
+            Case {
+                tweak: |p| {
+                    delay_policy(p);
+                    p.scale_down_delay = Duration::ZERO;
+                },
+                start_ready: 0,
+                ..case(
+                    "ScaleDownDelayZero",
+                    10.0,
+                    vec![step(T0, 0, 40.0, 40.0, 4), step(T0 + 500, 0, 20.0, 20.0, 2)],
+                )
+            },
+        ];
+        for c in cases {
+            let mut p = knative_policy(c.target, c.metric);
+            (c.tweak)(&mut p);
+            let mut k = Kpa::new(&p, c.start_ready, Duration::from_millis(T0));
+            if let Some((since, max)) = c.preset {
+                k.panic_since_last = Some(Duration::from_millis(since));
+                k.max_panic_pods = max;
+            }
+            for (i, st) in c.steps.iter().enumerate() {
+                let snap = snapshot(p.metric, st.stable, st.panic, &p);
+                let d = k.decide(&DecisionInput {
+                    now: Duration::from_millis(st.t),
+                    ready: st.ready,
+                    spec: st.ready,
+                    snapshot: &snap,
+                    policy: &p,
+                    role: Role::Unified,
+                    reachable: st.reachable,
+                    partial: false,
+                });
+                assert_eq!(d.desired, st.want, "{} step {i}: {}", c.name, d.reason);
+                if let Some(at) = st.panic_at {
+                    assert_eq!(
+                        k.panic_since_last,
+                        at.map(Duration::from_millis),
+                        "{} step {i}: panic time",
+                        c.name
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn knative_no_data_is_no_decision_and_start_in_panic() {
+        // TestAutoscalerNoDataNoAutoscale: no metrics, no scale.
+        let p = knative_policy(10.0, Metric::Concurrency);
+        let mut k = Kpa::new(&p, 1, Duration::ZERO);
+        let d = run(&mut k, &p, 0, 1, &WindowSnapshot::default(), true);
+        assert_eq!(d.desired, None);
+        // TestStartInPanicMode: 0 or 1 ready → not in panic, max panic pods
+        // the ready count; 2 → in panic holding 2.
+        for ready in 0..2 {
+            let k = Kpa::new(&p, ready, Duration::from_secs(5));
+            assert!(!k.in_panic());
+            assert_eq!(k.max_panic_pods, ready);
+        }
+        let k = Kpa::new(&p, 2, Duration::from_secs(5));
+        assert_eq!(k.panic_since_last, Some(Duration::from_secs(5)));
+        assert_eq!(k.max_panic_pods, 2);
+    }
+
+    #[test]
+    fn the_issue_example_provisions_for_the_stable_count_in_panic() {
+        // ready 1, target 10, stable 50, panic 20: panic (2/1 ≥ 200 %) and
+        // the stable window asks for 5.
+        let p = knative_policy(10.0, Metric::Concurrency);
+        let mut k = Kpa::new(&p, 1, Duration::ZERO);
+        let d = decide(&mut k, &p, 0, 1, 50.0, 20.0);
+        assert!(d.panic);
+        assert_eq!(d.desired, Some(5));
     }
 
     #[test]

@@ -396,7 +396,10 @@ impl PoolSignals {
         } else if last_arrival > 0 {
             Some(Duration::from_micros(last_arrival - 1))
         } else {
-            None
+            // Nothing seen since these signals began: idle for as long as
+            // they have watched, not forever (a restarted gateway must wait
+            // out the grace period before it scales anything to zero).
+            Some(Duration::from_micros(self.start_us))
         };
         WindowSnapshot {
             at: Duration::from_micros(now),
@@ -409,8 +412,10 @@ impl PoolSignals {
     }
 
     fn window(&self, now: u64, length: Duration) -> WindowValues {
-        let length = length.min(self.retention);
         let b = self.bucket_us;
+        // A window shorter than a slot (Knative allows a 0.6 s panic
+        // window) is measured as one slot: the finest this ring can see.
+        let length = length.max(Duration::from_micros(b)).min(self.retention);
         let current = now / b;
         // The current partial slot, then as many whole slots before it as
         // fit: the window covers (length − bucket, length].
@@ -460,7 +465,10 @@ impl PoolSignals {
                 decode += s.decode_tokens.load(Ordering::Relaxed);
             }
         }
-        let secs = covered as f64 / 1e6;
+        // Rates over a barely observed window (just after start) divide by
+        // at least one slot: three requests in the first 10 ms are not 300
+        // requests per second.
+        let secs = covered.max(b) as f64 / 1e6;
         let avg = |g: usize| {
             if covered == 0 {
                 0.0

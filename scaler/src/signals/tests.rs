@@ -117,11 +117,46 @@ fn a_fresh_pool_has_no_data_then_idle_data() {
     let (clock, p) = pool(60);
     let s = p.snapshot(S(60), S(6));
     assert!(!s.stable.has_data());
-    assert_eq!(s.last_activity, None);
+    // Never busy: idle since the signals began watching, not forever.
+    assert_eq!(s.last_activity, Some(S(1000)));
     clock.advance(S(3));
     let s = p.snapshot(S(60), S(6));
     assert_eq!(s.stable.observed, S(3));
     assert_eq!(s.stable.concurrency, 0.0);
+    assert_eq!(s.last_activity, Some(S(1000)));
+}
+
+#[test]
+fn a_panic_window_shorter_than_a_slot_is_one_slot() {
+    let (clock, p) = pool(60);
+    clock.advance(S(10));
+    p.dispatch(0);
+    clock.advance(S(1));
+    // 10 % of 6 s: 0.6 s, measured as the last whole slot.
+    let s = p.snapshot(S(6), MS(600));
+    assert_eq!(s.panic.duration, S(1));
+    assert_eq!(s.panic.observed, S(1));
+    assert!(
+        (s.panic.concurrency - 1.0).abs() < 1e-9,
+        "{}",
+        s.panic.concurrency
+    );
+    p.complete(0, 0, false, None);
+}
+
+#[test]
+fn rates_just_after_start_divide_by_at_least_a_slot() {
+    let (clock, p) = pool(60);
+    clock.advance(MS(10));
+    for _ in 0..3 {
+        p.arrival(100);
+    }
+    let s = p.snapshot(S(60), S(6));
+    assert_eq!(s.stable.observed, MS(10));
+    // Three arrivals in the first 10 ms are 3 per second, not 300.
+    assert!((s.stable.rps - 3.0).abs() < 1e-9, "{}", s.stable.rps);
+    assert!((s.panic.rps - 3.0).abs() < 1e-9, "{}", s.panic.rps);
+    assert!((s.stable.prompt_tokens_per_sec - 300.0).abs() < 1e-9);
 }
 
 #[test]
