@@ -42,7 +42,7 @@ fn duration(s: &str) -> Result<Duration, String> {
 /// Arguments of `scalecar demo`.
 #[derive(Debug, Clone, clap::Args)]
 #[command(
-    after_help = "EXAMPLES\n  scalecar demo\n  scalecar demo --duration 60s --algorithm slo --out report\n  scalecar demo --trace ../shared/data/traces/azure-llm-2023-conv.csv --speedup 60 --duration 2m"
+    after_help = "EXAMPLES\n  scalecar demo\n  scalecar demo --duration 60s --algorithm slo --out report\n  scalecar demo --trace loadtest/data/azure-llm-2023-conv.csv --speedup 60 --duration 2m"
 )]
 pub struct DemoArgs {
     /// How long the load runs.

@@ -17,7 +17,7 @@ use scalecar_loadtest::loadgen::{
     name = "loadgen",
     version,
     about = "Open-loop load (synthetic or a real trace) against an OpenAI-compatible endpoint",
-    after_help = "EXAMPLE\n  loadgen --url http://127.0.0.1:8000 --model llama-3-8b --pattern burst:2,20@10s+20s --duration 60s --ttft-slo 500ms\n  loadgen --url http://127.0.0.1:8080 --model llama-3-8b --trace ../shared/data/traces/azure-llm-2023-conv.csv --speedup 60"
+    after_help = "EXAMPLE\n  loadgen --url http://127.0.0.1:8000 --model llama-3-8b --pattern burst:2,20@10s+20s --duration 60s --ttft-slo 500ms\n  loadgen --url http://127.0.0.1:8080 --model llama-3-8b --trace loadtest/data/azure-llm-2023-conv.csv --speedup 60"
 )]
 struct Args {
     /// Base URL of the endpoint (requests go to /v1/chat/completions).

@@ -244,7 +244,7 @@ mod tests {
 
     #[test]
     fn the_shipped_traces_parse() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/traces");
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("data");
         for (name, rows) in [
             ("azure-llm-2023-code.csv", 8_819),
             ("azure-llm-2023-conv.csv", 19_366),
