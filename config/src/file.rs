@@ -93,6 +93,8 @@ struct RawLimits {
     shutdown_grace: Option<Scalar>,
     activation_timeout: Option<Scalar>,
     health_check_interval: Option<Scalar>,
+    upstream_idle_timeout: Option<Scalar>,
+    max_ejection_percent: Option<Scalar>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -140,6 +142,13 @@ pub struct Limits {
     pub activation_timeout: Duration,
     /// Active `GET /health` checks of static endpoints.
     pub health_check_interval: Duration,
+    /// How long an idle keep-alive connection to a model server is reused.
+    /// Below the 5 s after which uvicorn (vLLM, SGLang) closes idle
+    /// connections, so the proxy drops them first.
+    pub upstream_idle_timeout: Duration,
+    /// Passive ejection never takes out more than this share of a pool's
+    /// endpoints, nor its last one (percent, as Envoy's outlier detection).
+    pub max_ejection_percent: u32,
 }
 
 impl Default for Limits {
@@ -155,6 +164,8 @@ impl Default for Limits {
             shutdown_grace: Duration::from_secs(30),
             activation_timeout: Duration::from_secs(120),
             health_check_interval: Duration::from_secs(5),
+            upstream_idle_timeout: Duration::from_secs(4),
+            max_ejection_percent: 50,
         }
     }
 }
@@ -307,6 +318,8 @@ impl ScalecarConfig {
                             "shutdown-grace",
                             "activation-timeout",
                             "health-check-interval",
+                            "upstream-idle-timeout",
+                            "max-ejection-percent",
                             "tick",
                             "model",
                             "role",
@@ -378,6 +391,26 @@ impl ScalecarConfig {
                 l.health_check_interval,
                 d.health_check_interval,
             ),
+            upstream_idle_timeout: c.duration(
+                "limits.upstream-idle-timeout",
+                l.upstream_idle_timeout,
+                d.upstream_idle_timeout,
+            ),
+            max_ejection_percent: {
+                let n = c.size(
+                    "limits.max-ejection-percent",
+                    l.max_ejection_percent,
+                    d.max_ejection_percent as usize,
+                    0,
+                );
+                if n > 100 {
+                    c.fail(
+                        "limits.max-ejection-percent",
+                        format!("{n} is more than 100"),
+                    );
+                }
+                n.min(100) as u32
+            },
         };
         let scaler = ScalerConfig {
             tick: c.duration(
@@ -525,6 +558,8 @@ admin: { listen: "127.0.0.1:9090" }
 limits:
   max-body-bytes: 1048576
   queue-wait: 5s
+  upstream-idle-timeout: 2s
+  max-ejection-percent: 34
 scaler: { tick: 1s }
 pools:
   - model: llama-3-8b
@@ -549,6 +584,8 @@ pools:
         assert_eq!(c.limits.max_body_bytes, 1 << 20);
         assert_eq!(c.limits.queue_wait, Duration::from_secs(5));
         assert_eq!(c.limits.queue_length, 1024);
+        assert_eq!(c.limits.upstream_idle_timeout, Duration::from_secs(2));
+        assert_eq!(c.limits.max_ejection_percent, 34);
         assert_eq!(c.scaler.tick, Duration::from_secs(1));
         assert_eq!(c.pools.len(), 3);
         assert_eq!(c.pools[0].policy.max_concurrency, Some(64));
@@ -570,6 +607,8 @@ pools:
             (format!("proxy: {{workers: 5000}}\n{pool}"), "proxy.workers: 5000 is more than 1024"),
             (format!("limits: {{queue-wait: 3x}}\n{pool}"), "limits.queue-wait: \"3x\" is not a duration"),
             (format!("limits: {{queue-length: -1}}\n{pool}"), "limits.queue-length: \"-1\" is not a whole number"),
+            (format!("limits: {{max-ejection-percent: 101}}\n{pool}"), "limits.max-ejection-percent: 101 is more than 100"),
+            (format!("limits: {{upstream-idle-timeout: 0s}}\n{pool}"), "limits.upstream-idle-timeout: \"0s\" must be greater than 0"),
             ("pools: [{model: m, endpoints: [\"10.0.0.5\"]}]".into(), "pools[0].endpoints[0]: \"10.0.0.5\" is not host:port"),
             ("pools: [{model: m, policy: {min-replicas: 5, max-replicas: 3}}]".into(), "pools[0].policy: min-replicas 5 is greater than max-replicas 3"),
             ("pools: [{model: m, role: both}]".into(), "pools[0].role: \"both\" must be unified"),

@@ -28,6 +28,7 @@ use crate::error::{ApiError, error_response};
 use crate::metrics::{Outcome, PoolMetrics, ProxyMetrics, Rejection};
 use crate::observe::{Observation, ObservedBody};
 use crate::pool::{AdmitError, Lease, Pool};
+
 use crate::upstream::{PooledConnection, Upstream};
 
 /// The body of every response: one the proxy made, or a model server's
@@ -209,7 +210,7 @@ impl DataPlane {
             None => format!("scalecar-{:x}-", instance & 0xffff_ffff),
         };
         DataPlane {
-            upstream: Upstream::new(limits.connect_timeout),
+            upstream: Upstream::new(limits.connect_timeout, limits.upstream_idle_timeout),
             routes,
             limits,
             metrics,
@@ -433,13 +434,13 @@ impl DataPlane {
         result.map(|lease| (lease, true)).map_err(|e| {
             let (outcome, status, message, retry) = match e {
                 AdmitError::QueueFull => (
-                    Outcome::queue_full,
+                    Outcome::rejected,
                     StatusCode::TOO_MANY_REQUESTS,
                     "the model's queue is full",
                     "1",
                 ),
                 AdmitError::Timeout => (
-                    Outcome::queue_timeout,
+                    Outcome::timeout,
                     StatusCode::SERVICE_UNAVAILABLE,
                     "no capacity for the model before the deadline",
                     "2",
@@ -453,20 +454,21 @@ impl DataPlane {
         })
     }
 
-    /// Sends the request to the lease's endpoint; when the connection
-    /// cannot be made (nothing reached any model server, nothing reached
-    /// the client), takes a slot on another endpoint and tries there, up to
-    /// three endpoints in all.
-    #[allow(clippy::too_many_arguments)]
+    /// Sends the request to the observation's endpoint; when the
+    /// connection cannot be made (nothing reached any model server, nothing
+    /// reached the client), takes a slot on another endpoint and tries
+    /// there, up to three endpoints in all. The observation keeps the
+    /// request in flight throughout, so a client that goes away while this
+    /// waits releases everything on Drop.
     pub(crate) async fn send(
         &self,
         entry: &PoolEntry,
-        mut lease: Lease,
+        observation: &mut Observation,
         path: &PathAndQuery,
         headers: HeaderMap,
         body: Bytes,
         tokens: u64,
-    ) -> Result<(Response<Incoming>, PooledConnection, Lease), (Lease, String)> {
+    ) -> Result<(Response<Incoming>, PooledConnection), SendError> {
         let mut req = Request::new(Full::new(body));
         *req.method_mut() = Method::POST;
         *req.uri_mut() = Uri::from(path.clone());
@@ -474,37 +476,62 @@ impl DataPlane {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let addr = lease.endpoint.addr;
+            let Some(endpoint) = observation.lease().map(|l| l.endpoint.clone()) else {
+                return Err(SendError {
+                    outcome: Outcome::upstream_error,
+                    message: "no endpoint slot".into(),
+                });
+            };
+            let addr = endpoint.addr;
             req.headers_mut()
-                .insert(header::HOST, lease.endpoint.host.clone());
+                .insert(header::HOST, endpoint.host.clone());
             let sent =
                 tokio::time::timeout(self.limits.request_timeout, self.upstream.send(addr, req))
                     .await;
             let (error, back) = match sent {
-                Ok(Ok((resp, conn))) => return Ok((resp, conn, lease)),
+                Ok(Ok(answer)) => return Ok(answer),
                 Ok(Err(e)) => e,
                 Err(_) => {
-                    return Err((
-                        lease,
-                        format!(
-                            "endpoint {addr}: no answer within {:?}",
-                            self.limits.request_timeout
+                    return Err(SendError {
+                        outcome: Outcome::timeout,
+                        message: format!(
+                            "endpoint {addr}: no answer within {}",
+                            humantime::format_duration(self.limits.request_timeout)
                         ),
-                    ));
+                    });
                 }
             };
-            lease.endpoint.record_failure(entry.pool.now_ms());
+            entry.pool.record_failure(&endpoint);
             match back {
                 Some(r) if error.is_connect() && attempts < 3 => {
                     tracing::debug!(endpoint = %addr, %error, "connect failed; retrying elsewhere");
-                    // Nothing reached the client: take a slot elsewhere.
-                    lease = match self.admit(entry, tokens, Some(addr)).await {
-                        Ok((next, _)) => next,
-                        Err(_) => return Err((lease, error.to_string())),
-                    };
+                    // Nothing reached the client: take a slot elsewhere
+                    // (the queue's deadline, not the activation's).
+                    match entry
+                        .pool
+                        .admit(tokens, Some(addr), self.limits.queue_wait)
+                        .await
+                    {
+                        Ok(next) => {
+                            if let Some(l) = observation.lease_mut() {
+                                *l = next;
+                            }
+                        }
+                        Err(_) => {
+                            return Err(SendError {
+                                outcome: Outcome::upstream_error,
+                                message: error.to_string(),
+                            });
+                        }
+                    }
                     req = r;
                 }
-                _ => return Err((lease, error.to_string())),
+                _ => {
+                    return Err(SendError {
+                        outcome: Outcome::upstream_error,
+                        message: error.to_string(),
+                    });
+                }
             }
         }
     }
@@ -527,39 +554,59 @@ impl DataPlane {
         let now = pool.signals.now();
         pool.signals.arrival_at(now, prompt_tokens);
         entry.metrics.prompt_tokens.inc_by(prompt_tokens);
-        let lease = match self.admit(entry, prompt_tokens, None).await {
-            Ok((lease, waited)) => {
-                pool.signals
-                    .dispatch_at(if waited { pool.signals.now() } else { now }, prompt_tokens);
-                lease
-            }
+        let mut observation = match self.admit(entry, prompt_tokens, None).await {
+            Ok((lease, waited)) => Observation::dispatch(
+                entry.clone(),
+                lease,
+                if waited { pool.signals.now() } else { now },
+                start,
+                prompt_tokens,
+                streaming,
+            ),
             Err(r) => return r,
         };
         match self
-            .send(entry, lease, path, headers, body, prompt_tokens)
+            .send(entry, &mut observation, path, headers, body, prompt_tokens)
             .await
         {
-            Ok((resp, conn, lease)) => {
-                let observation =
-                    Observation::new(entry.clone(), lease, start, prompt_tokens, streaming);
+            Ok((resp, conn)) => {
+                observation.answered(resp.status());
                 let (mut parts, upstream) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 let body = ObservedBody::new(upstream, observation, conn);
                 Response::from_parts(parts, ProxyBody::Observed(body))
             }
-            Err((lease, message)) => {
+            Err(e) => {
                 // The request never got an answer: close its record.
-                let observation =
-                    Observation::new(entry.clone(), lease, start, prompt_tokens, streaming);
-                observation.fail();
-                tracing::warn!(model = %pool.model, role = %pool.role, %message, "upstream failed");
-                error_response(&ApiError::new(
-                    StatusCode::BAD_GATEWAY,
-                    format!("upstream failed: {message}"),
-                    None,
-                ))
+                observation.fail(e.outcome);
+                tracing::warn!(model = %pool.model, role = %pool.role, message = %e.message, "upstream failed");
+                e.response()
             }
         }
+    }
+}
+
+/// Why a request got no answer from the pool.
+#[derive(Debug)]
+pub(crate) struct SendError {
+    /// `timeout` or `upstream_error`.
+    pub outcome: Outcome,
+    pub message: String,
+}
+
+impl SendError {
+    /// 504 for a timeout, 502 otherwise, as OpenAI error JSON.
+    pub fn response(&self) -> Response<ProxyBody> {
+        let status = if self.outcome == Outcome::timeout {
+            StatusCode::GATEWAY_TIMEOUT
+        } else {
+            StatusCode::BAD_GATEWAY
+        };
+        error_response(&ApiError::new(
+            status,
+            format!("upstream failed: {}", self.message),
+            None,
+        ))
     }
 }
 

@@ -21,20 +21,28 @@ use scalecar_config::Role;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
 pub enum Outcome {
+    /// A 2xx/3xx answer delivered whole (or the client had all of it).
     ok,
+    /// The model server answered 4xx: the request's fault, not the server's.
+    client_error,
+    /// The model server answered 5xx, could not be reached, or broke off.
     upstream_error,
+    /// The client went away first.
     cancelled,
-    queue_full,
-    queue_timeout,
+    /// No answer in time: the queue's deadline or the request timeout.
+    timeout,
+    /// Refused at admission: the queue was full.
+    rejected,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 5] = [
+    pub const ALL: [Outcome; 6] = [
         Outcome::ok,
+        Outcome::client_error,
         Outcome::upstream_error,
         Outcome::cancelled,
-        Outcome::queue_full,
-        Outcome::queue_timeout,
+        Outcome::timeout,
+        Outcome::rejected,
     ];
 }
 
@@ -268,7 +276,7 @@ impl ProxyMetrics {
 /// One pool's metric handles.
 #[derive(Debug, Clone)]
 pub struct PoolMetrics {
-    outcomes: [Counter; 5],
+    outcomes: [Counter; 6],
     pub ttft: LatencyHistogram,
     pub itl: LatencyHistogram,
     pub e2e: LatencyHistogram,

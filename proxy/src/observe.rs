@@ -1,11 +1,20 @@
-//! The response body wrapper that measures a stream without buffering it.
+//! The response body wrapper that measures a stream without buffering it,
+//! and the record every dispatched request carries to its end.
+//!
+//! An [`Observation`] is made the moment a request is dispatched to an
+//! endpoint (it records the dispatch itself) and closes the record exactly
+//! once: at the end of the body, on an upstream error, or on Drop — the
+//! client went away, even before any response header arrived. It is the one
+//! RAII guard for in-flight requests and tokens on every path.
 //!
 //! Each data frame goes to the client as it came; on the way, SSE events are
-//! classified in place (an event split across frames is carried in a buffer
-//! reused for the whole request, so no allocation per token). The first
-//! content event gives TTFT, the gaps ITL, `usage` or the event count the
-//! tokens. End of stream, an upstream error, or Drop (the client went away)
-//! closes the record — exactly once, whichever comes first.
+//! found by their blank-line separator (LF, CRLF or CR line ends, a
+//! separator split across frames found at once) and classified in place. An
+//! event split across frames is carried in a buffer reused for the whole
+//! request, so no allocation per token, and bounded, so an upstream that
+//! never ends an event cannot grow memory. The first generated-token event
+//! (content, reasoning or tool-call delta) gives TTFT, the gaps ITL, `usage`
+//! or the event count the tokens.
 
 use std::pin::Pin;
 use std::sync::{Arc, LazyLock};
@@ -13,6 +22,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use http::StatusCode;
 use http_body::{Body, Frame, SizeHint};
 use memchr::memmem::Finder;
 
@@ -21,7 +31,11 @@ use crate::metrics::Outcome;
 use crate::pool::Lease;
 use crate::upstream::PooledConnection;
 
-/// What a request carries through its response.
+/// The longest partial SSE event carried between frames. Past it the event
+/// is skipped (still forwarded to the client, not classified).
+pub const MAX_CARRIED_EVENT: usize = 256 << 10;
+
+/// What a request carries from dispatch to the end of its response.
 #[derive(Debug)]
 pub struct Observation {
     entry: Arc<PoolEntry>,
@@ -30,24 +44,38 @@ pub struct Observation {
     prompt_tokens: u64,
     streaming: bool,
     first_seen: bool,
-    /// Signals-clock reading of the last content event.
+    /// Signals-clock reading of the last token event.
     last_token: Duration,
     generated: u64,
     usage_completion_tokens: Option<u64>,
+    /// The client got the whole answer (`[DONE]`, or a `finish_reason`):
+    /// closing without reading the last bytes is not a cancel.
+    complete_seen: bool,
+    /// How the request ends if its body ends cleanly (by status class).
+    end_outcome: Outcome,
     carry: Vec<u8>,
+    /// The previous byte ended a line and nothing followed it yet.
+    at_line_start: bool,
+    /// The previous byte was a CR: a following LF belongs to it.
+    after_cr: bool,
+    /// The carried event grew past [`MAX_CARRIED_EVENT`]: skip to its end.
+    skipping: bool,
     finished: bool,
 }
 
 impl Observation {
-    /// `start` is when the proxy received the request; the request was
-    /// dispatched (`signals.dispatch`) already.
-    pub fn new(
+    /// Dispatches the request to `lease`'s endpoint at `now` (a reading of
+    /// the pool's signals clock): from here on it is in flight until this
+    /// observation finishes or drops. `start` is when the proxy received it.
+    pub fn dispatch(
         entry: Arc<PoolEntry>,
         lease: Lease,
+        now: Duration,
         start: Instant,
         prompt_tokens: u64,
         streaming: bool,
     ) -> Self {
+        entry.pool.signals.dispatch_at(now, prompt_tokens);
         Observation {
             entry,
             lease: Some(lease),
@@ -58,12 +86,42 @@ impl Observation {
             last_token: Duration::ZERO,
             generated: 0,
             usage_completion_tokens: None,
+            complete_seen: false,
+            end_outcome: Outcome::ok,
             carry: Vec::new(),
+            at_line_start: true,
+            after_cr: false,
+            skipping: false,
             finished: false,
         }
     }
 
-    fn content_event(&mut self) {
+    /// The endpoint slot held (replaced when a retry moves elsewhere).
+    pub fn lease_mut(&mut self) -> Option<&mut Lease> {
+        self.lease.as_mut()
+    }
+
+    pub fn lease(&self) -> Option<&Lease> {
+        self.lease.as_ref()
+    }
+
+    /// The upstream answered with `status`: a 4xx ends as `client_error`
+    /// and says nothing of the endpoint; a 5xx ends as `upstream_error` and
+    /// counts toward the endpoint's ejection.
+    pub fn answered(&mut self, status: StatusCode) {
+        if status.is_server_error() {
+            self.end_outcome = Outcome::upstream_error;
+            if let Some(l) = &self.lease {
+                self.entry.pool.record_failure(&l.endpoint);
+            }
+        } else if status.is_client_error() {
+            self.end_outcome = Outcome::client_error;
+        }
+    }
+
+    /// One generated token seen now (a content, reasoning or tool-call
+    /// event; or a prefill leg's single token).
+    pub fn token(&mut self) {
         let signals = &self.entry.pool.signals;
         let metrics = &self.entry.metrics;
         let now = signals.now();
@@ -87,8 +145,12 @@ impl Observation {
 
     fn event(&mut self, data: &[u8]) {
         match classify(data) {
-            Event::Content => self.content_event(),
+            Event::Token { finished } => {
+                self.token();
+                self.complete_seen |= finished;
+            }
             Event::Usage(n) => self.usage_completion_tokens = n.or(self.usage_completion_tokens),
+            Event::Finished => self.complete_seen = true,
             Event::Other => {}
         }
     }
@@ -102,35 +164,64 @@ impl Observation {
             }
             return;
         }
-        let mut rest = chunk;
-        if !self.carry.is_empty() {
-            match find_event_end(rest) {
-                Some(end) => {
-                    let mut carry = std::mem::take(&mut self.carry);
-                    carry.extend_from_slice(&rest[..end]);
-                    self.events_in(&carry);
-                    carry.clear();
-                    self.carry = carry;
-                    rest = &rest[end + 2..];
-                }
-                None => {
-                    self.carry.extend_from_slice(rest);
-                    return;
-                }
+        let mut from = 0;
+        let mut at = 0;
+        while let Some(i) = memchr::memchr2(b'\n', b'\r', chunk.get(at..).unwrap_or_default()) {
+            let pos = at + i;
+            let byte = chunk.get(pos).copied().unwrap_or(b'\n');
+            if pos > at {
+                // Line content since the last line end.
+                self.at_line_start = false;
+                self.after_cr = false;
             }
+            at = pos + 1;
+            if byte == b'\n' && self.after_cr {
+                // The LF of a CRLF: one line end, already counted.
+                self.after_cr = false;
+                continue;
+            }
+            self.after_cr = byte == b'\r';
+            if !self.at_line_start {
+                self.at_line_start = true;
+                continue;
+            }
+            // A blank line: the event ends here.
+            let part = chunk.get(from..pos).unwrap_or_default();
+            if self.skipping {
+                self.skipping = false;
+                self.carry.clear();
+            } else if self.carry.is_empty() {
+                self.events_in(part);
+            } else {
+                let mut carry = std::mem::take(&mut self.carry);
+                carry.extend_from_slice(part);
+                self.events_in(&carry);
+                carry.clear();
+                self.carry = carry;
+            }
+            from = at;
         }
-        while let Some(end) = find_event_end(rest) {
-            let (event, tail) = rest.split_at(end);
-            self.events_in(event);
-            rest = &tail[2..];
+        let rest = chunk.get(from..).unwrap_or_default();
+        if self.skipping || rest.is_empty() {
+            return;
         }
+        if self.carry.len() + rest.len() > MAX_CARRIED_EVENT {
+            tracing::debug!(
+                model = %self.entry.pool.model,
+                "an SSE event longer than {MAX_CARRIED_EVENT} bytes: not observed"
+            );
+            self.carry = Vec::new();
+            self.skipping = true;
+            return;
+        }
+        // Exact: the bound is on memory, not only on the length.
+        self.carry.reserve_exact(rest.len());
         self.carry.extend_from_slice(rest);
     }
 
-    /// The `data:` lines of one SSE event.
+    /// The `data:` lines of one SSE event (any line ends).
     fn events_in(&mut self, event: &[u8]) {
-        for line in event.split(|&b| b == b'\n') {
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
+        for line in event.split(|&b| b == b'\n' || b == b'\r') {
             if let Some(data) = line.strip_prefix(b"data:") {
                 let data = data.strip_prefix(b" ").unwrap_or(data);
                 self.event(data);
@@ -138,9 +229,15 @@ impl Observation {
         }
     }
 
-    /// Closes the record of a request that got no answer.
-    pub fn fail(mut self) {
-        self.finish(Outcome::upstream_error);
+    /// Closes the record with `outcome`.
+    pub fn fail(mut self, outcome: Outcome) {
+        self.finish(outcome);
+    }
+
+    /// Closes the record of a clean end of the response.
+    pub fn end(mut self) {
+        let outcome = self.end_outcome;
+        self.finish(outcome);
     }
 
     /// Closes the record once.
@@ -149,17 +246,16 @@ impl Observation {
             return;
         }
         self.finished = true;
-        if !self.carry.is_empty() && self.streaming {
+        if !self.carry.is_empty() && self.streaming && !self.skipping {
             let carry = std::mem::take(&mut self.carry);
             self.events_in(&carry);
         }
         let e2e = self.start.elapsed();
-        let generated_count = if self.streaming { self.generated } else { 0 };
         let e2e_sample = (outcome == Outcome::ok).then_some(e2e);
         let metrics = &self.entry.metrics;
         self.entry.pool.signals.complete(
             self.prompt_tokens,
-            generated_count,
+            self.generated,
             self.first_seen,
             e2e_sample,
         );
@@ -169,9 +265,10 @@ impl Observation {
         metrics.outcome(outcome);
         let generated = self.usage_completion_tokens.unwrap_or(self.generated);
         metrics.generated_tokens.inc_by(generated);
-        match &self.lease {
-            Some(l) if outcome == Outcome::ok => l.endpoint.record_success(),
-            _ => {}
+        if let Some(l) = &self.lease
+            && outcome == Outcome::ok
+        {
+            l.endpoint.record_success();
         }
         // Frees the endpoint slot and wakes a waiter.
         self.lease = None;
@@ -180,43 +277,67 @@ impl Observation {
 
 impl Drop for Observation {
     fn drop(&mut self) {
-        self.finish(Outcome::cancelled);
+        // A client that had the whole answer and closed without reading the
+        // last bytes (the openai SDK does) got what it asked for.
+        let outcome = if self.complete_seen {
+            self.end_outcome
+        } else {
+            Outcome::cancelled
+        };
+        self.finish(outcome);
     }
 }
 
 enum Event {
-    Content,
+    /// A generated token; `finished` if the event also carries a
+    /// `finish_reason`.
+    Token {
+        finished: bool,
+    },
     Usage(Option<u64>),
+    /// `[DONE]` or a `finish_reason` without a token.
+    Finished,
     Other,
 }
 
 /// The needles, each searcher built once (building one per search cost as
 /// much as the search).
 struct Needles {
-    event_end: Finder<'static>,
     completion_tokens: Finder<'static>,
     empty_choices: [Finder<'static>; 2],
-    content: [Finder<'static>; 4],
+    /// String fields whose non-empty value is a generated token: content
+    /// (chat), text (completions), reasoning_content / reasoning (vLLM's
+    /// reasoning parsers).
+    token_strings: [Finder<'static>; 8],
+    tool_calls: [Finder<'static>; 2],
+    finish_reason: [Finder<'static>; 2],
 }
 
 static NEEDLES: LazyLock<Needles> = LazyLock::new(|| Needles {
-    event_end: Finder::new(b"\n\n"),
     completion_tokens: Finder::new(b"\"completion_tokens\":"),
     empty_choices: [
         Finder::new(b"\"choices\":[]"),
         Finder::new(b"\"choices\": []"),
     ],
-    content: [
+    token_strings: [
         Finder::new(b"\"content\":\""),
         Finder::new(b"\"content\": \""),
         Finder::new(b"\"text\":\""),
         Finder::new(b"\"text\": \""),
+        Finder::new(b"\"reasoning_content\":\""),
+        Finder::new(b"\"reasoning_content\": \""),
+        Finder::new(b"\"reasoning\":\""),
+        Finder::new(b"\"reasoning\": \""),
+    ],
+    tool_calls: [
+        Finder::new(b"\"tool_calls\":[{"),
+        Finder::new(b"\"tool_calls\": [{"),
+    ],
+    finish_reason: [
+        Finder::new(b"\"finish_reason\":\""),
+        Finder::new(b"\"finish_reason\": \""),
     ],
 });
-
-fn find_event_end(hay: &[u8]) -> Option<usize> {
-    NEEDLES.event_end.find(hay)
-}
 
 /// The number after `"completion_tokens":`.
 fn completion_tokens(hay: &[u8]) -> Option<u64> {
@@ -236,26 +357,31 @@ fn completion_tokens(hay: &[u8]) -> Option<u64> {
     any.then_some(n)
 }
 
-/// A content event carries a non-empty `content` (chat) or `text`
-/// (completions) string; a usage event has `"choices":[]`.
+/// A token event carries a non-empty content, text or reasoning string, or
+/// a tool-call delta; a usage event has `"choices":[]`.
 fn classify(data: &[u8]) -> Event {
     if data == b"[DONE]" {
-        return Event::Other;
+        return Event::Finished;
     }
     let needles = &*NEEDLES;
     if needles.empty_choices.iter().any(|f| f.find(data).is_some()) {
         return Event::Usage(completion_tokens(data));
     }
-    for key in &needles.content {
-        if let Some(at) = key.find(data)
-            && data
-                .get(at + key.needle().len())
+    let finished = needles.finish_reason.iter().any(|f| f.find(data).is_some());
+    let string_token = needles.token_strings.iter().any(|key| {
+        key.find(data).is_some_and(|at| {
+            data.get(at + key.needle().len())
                 .is_some_and(|b| *b != b'"')
-        {
-            return Event::Content;
-        }
+        })
+    });
+    if string_token || needles.tool_calls.iter().any(|f| f.find(data).is_some()) {
+        return Event::Token { finished };
     }
-    Event::Other
+    if finished {
+        Event::Finished
+    } else {
+        Event::Other
+    }
 }
 
 /// A response body observed on its way to the client. It also holds the
@@ -288,8 +414,8 @@ impl<B: Body> ObservedBody<B> {
         if let Some(c) = self.connection.take() {
             c.release();
         }
-        if let Some(mut o) = self.observation.take() {
-            o.finish(Outcome::ok);
+        if let Some(o) = self.observation.take() {
+            o.end();
         }
     }
 }
@@ -321,9 +447,12 @@ where
             }
             Poll::Ready(Some(Err(e))) => {
                 this.connection = None;
-                if let Some(mut o) = this.observation.take() {
+                if let Some(o) = this.observation.take() {
                     tracing::debug!(error = %e, "upstream body failed mid-response");
-                    o.finish(Outcome::upstream_error);
+                    if let Some(l) = o.lease() {
+                        o.entry.pool.record_failure(&l.endpoint);
+                    }
+                    o.fail(Outcome::upstream_error);
                 }
                 Poll::Ready(Some(Err(e)))
             }
@@ -347,12 +476,84 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::ProxyMetrics;
+    use crate::pool::Pool;
+    use scalecar_config::Role;
+    use scalecar_scaler::clock::MonotonicClock;
+    use scalecar_scaler::signals::{PoolSignals, SignalsConfig};
+
+    fn observation() -> Observation {
+        let signals = Arc::new(PoolSignals::new(
+            SignalsConfig::default(),
+            Arc::new(MonotonicClock::new()),
+        ));
+        let pool = Pool::new(
+            "m".into(),
+            Role::Unified,
+            vec![std::net::SocketAddr::from(([127, 0, 0, 1], 9))],
+            signals,
+            None,
+            4,
+        );
+        let lease = pool.try_admit(10, None).unwrap();
+        let mut reg = prometheus_client::registry::Registry::default();
+        let metrics = ProxyMetrics::register(&mut reg).pool("m", Role::Unified);
+        let entry = Arc::new(PoolEntry { pool, metrics });
+        let now = entry.pool.signals.now();
+        Observation::dispatch(entry, lease, now, Instant::now(), 10, true)
+    }
+
+    #[test]
+    fn the_carried_event_is_bounded() {
+        let mut o = observation();
+        let piece = vec![b'x'; 64 << 10];
+        o.frame(b"data: ");
+        for _ in 0..16 {
+            o.frame(&piece);
+            assert!(
+                o.carry.capacity() <= MAX_CARRIED_EVENT,
+                "{}",
+                o.carry.capacity()
+            );
+        }
+        // The monster's end, then a normal event: observed again.
+        o.frame(b"\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n");
+        assert_eq!(o.generated, 0);
+        o.frame(b"\n");
+        assert_eq!(o.generated, 1);
+        o.end();
+    }
+
+    #[test]
+    fn separators_of_every_kind_and_split_anywhere() {
+        let event =
+            |c: &str| format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"{c}\"}}}}]}}");
+        let stream = format!(
+            "{}\n\n{}\r\n\r\n{}\r\r{}\n\r\n: comment\n\ndata: [DONE]\n\n",
+            event("a"),
+            event("b"),
+            event("c"),
+            event("d")
+        );
+        // Every split point of the stream into two frames sees 4 tokens,
+        // each as soon as its event ended.
+        for cut in 0..=stream.len() {
+            let mut o = observation();
+            let (x, y) = stream.as_bytes().split_at(cut);
+            o.frame(x);
+            o.frame(y);
+            assert_eq!(o.generated, 4, "cut at {cut}");
+            assert!(o.complete_seen, "cut at {cut}");
+            assert!(o.carry.is_empty(), "cut at {cut}");
+            o.end();
+        }
+    }
 
     #[test]
     fn events_are_classified() {
         assert!(matches!(
             classify(br#"{"choices":[{"delta":{"content":" hi"}}]}"#),
-            Event::Content
+            Event::Token { finished: false }
         ));
         assert!(matches!(
             classify(br#"{"choices":[{"delta":{"role":"assistant","content":""}}]}"#),
@@ -360,13 +561,37 @@ mod tests {
         ));
         assert!(matches!(
             classify(br#"{"choices":[{"text":"x","index":0}]}"#),
-            Event::Content
+            Event::Token { finished: false }
+        ));
+        assert!(matches!(
+            classify(
+                br#"{"choices":[{"delta":{"reasoning_content":"Let"},"finish_reason":null}]}"#
+            ),
+            Event::Token { finished: false }
+        ));
+        assert!(matches!(
+            classify(br#"{"choices":[{"delta":{"reasoning":" me"}}]}"#),
+            Event::Token { finished: false }
+        ));
+        assert!(matches!(
+            classify(
+                br#"{"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{"a"}}]}}]}"#
+            ),
+            Event::Token { finished: false }
+        ));
+        assert!(matches!(
+            classify(br#"{"choices":[{"delta":{"content":"."},"finish_reason":"stop"}]}"#),
+            Event::Token { finished: true }
+        ));
+        assert!(matches!(
+            classify(br#"{"choices":[{"delta":{},"finish_reason":"length"}]}"#),
+            Event::Finished
         ));
         assert!(matches!(
             classify(br#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":12}}"#),
             Event::Usage(Some(12))
         ));
-        assert!(matches!(classify(b"[DONE]"), Event::Other));
+        assert!(matches!(classify(b"[DONE]"), Event::Finished));
         assert_eq!(completion_tokens(b"\"completion_tokens\": 42}"), Some(42));
         assert_eq!(completion_tokens(b"\"completion_tokens\":x"), None);
         assert_eq!(

@@ -9,15 +9,16 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::HeaderMap;
+use http::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Response, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 
-use crate::dataplane::{DataPlane, PoolEntry, ProxyBody};
+use crate::dataplane::{DataPlane, PoolEntry, ProxyBody, SendError, full};
 use crate::error::{ApiError, error_response};
 use crate::metrics::Outcome;
+use crate::observe::Observation;
 
 /// The prefill leg's body from the client's.
 pub fn prefill_body(original: &Value) -> Value {
@@ -76,81 +77,109 @@ pub(crate) async fn two_stage(
             ));
         }
     };
-    // Prefill leg, recorded in the prefill pool: its one token is its TTFT.
+    // Prefill leg, recorded in the prefill pool: its one token is its TTFT,
+    // counted from when the proxy got the request (queue time included, as
+    // for a unified pool). The observation holds the leg in flight until
+    // it ends, whatever ends it (a client that leaves drops it).
     let pool = &prefill.pool;
-    pool.signals.arrival(prompt_tokens);
+    let now = pool.signals.now();
+    pool.signals.arrival_at(now, prompt_tokens);
     prefill.metrics.prompt_tokens.inc_by(prompt_tokens);
-    let lease = match plane.admit(prefill, prompt_tokens, None).await {
-        Ok((l, _)) => l,
+    let mut leg = match plane.admit(prefill, prompt_tokens, None).await {
+        Ok((lease, waited)) => Observation::dispatch(
+            prefill.clone(),
+            lease,
+            if waited { pool.signals.now() } else { now },
+            start,
+            prompt_tokens,
+            false,
+        ),
         Err(r) => return r,
     };
-    pool.signals.dispatch(prompt_tokens);
-    let leg_start = Instant::now();
     let prefill_bytes = Bytes::from(prefill_body(&original).to_string());
-    let answer = plane
+    let (resp, conn) = match plane
         .send(
             prefill,
-            lease,
+            &mut leg,
             path,
             headers.clone(),
             prefill_bytes,
             prompt_tokens,
         )
-        .await;
-    let (status, answer_body) = match answer {
-        Ok((resp, conn, lease)) => {
-            let status = resp.status();
-            let collected = resp.into_body().collect().await.map(|b| b.to_bytes());
-            if collected.is_ok() {
-                conn.release();
+        .await
+    {
+        Ok(answer) => answer,
+        Err(e) => {
+            leg.fail(e.outcome);
+            return SendError {
+                message: format!("prefill leg: {}", e.message),
+                ..e
             }
-            drop(lease);
-            match collected {
-                Ok(b) => (status, b),
-                Err(e) => {
-                    pool.signals.complete(prompt_tokens, 0, false, None);
-                    prefill.metrics.outcome(Outcome::upstream_error);
-                    return error_response(&ApiError::new(
-                        StatusCode::BAD_GATEWAY,
-                        format!("prefill leg: {e}"),
-                        None,
-                    ));
-                }
-            }
+            .response();
         }
-        Err((lease, message)) => {
-            drop(lease);
-            pool.signals.complete(prompt_tokens, 0, false, None);
-            prefill.metrics.outcome(Outcome::upstream_error);
+    };
+    let status = resp.status();
+    leg.answered(status);
+    let (parts, body) = resp.into_parts();
+    let answer_body = match body.collect().await {
+        Ok(b) => {
+            conn.release();
+            b.to_bytes()
+        }
+        Err(e) => {
+            if let Some(l) = leg.lease() {
+                pool.record_failure(&l.endpoint);
+            }
+            leg.fail(Outcome::upstream_error);
             return error_response(&ApiError::new(
                 StatusCode::BAD_GATEWAY,
-                format!("prefill leg: {message}"),
+                format!("prefill leg: reading the answer: {e}"),
                 None,
             ));
         }
     };
-    let elapsed = leg_start.elapsed();
-    let kv = serde_json::from_slice::<Value>(&answer_body)
-        .ok()
-        .and_then(|v| v.get("kv_transfer_params").cloned());
-    let Some(kv) = kv.filter(|_| status.is_success()) else {
-        pool.signals.complete(prompt_tokens, 0, false, None);
-        prefill.metrics.outcome(Outcome::upstream_error);
-        let text = String::from_utf8_lossy(&answer_body);
-        return error_response(&ApiError::new(
-            StatusCode::BAD_GATEWAY,
-            format!(
-                "prefill leg answered {status} without kv_transfer_params: {}",
-                text.chars().take(200).collect::<String>()
-            ),
-            None,
-        ));
+    if !status.is_success() {
+        // The prefill server's own answer (a prompt too long is a 400 with
+        // OpenAI error JSON): the client gets it as it was.
+        leg.end();
+        let mut r = Response::new(full(answer_body));
+        *r.status_mut() = status;
+        let content_type = parts
+            .headers
+            .get(CONTENT_TYPE)
+            .cloned()
+            .unwrap_or(HeaderValue::from_static("application/json"));
+        r.headers_mut().insert(CONTENT_TYPE, content_type);
+        return r;
+    }
+    let kv = match serde_json::from_slice::<Value>(&answer_body) {
+        Ok(Value::Object(mut o)) => o.remove("kv_transfer_params"),
+        _ => None,
     };
-    pool.signals.first_token(prompt_tokens, elapsed);
-    prefill.metrics.ttft.observe(elapsed);
-    pool.signals.complete(prompt_tokens, 0, true, Some(elapsed));
-    prefill.metrics.e2e.observe(elapsed);
-    prefill.metrics.outcome(Outcome::ok);
+    let kv = match kv {
+        Some(kv @ Value::Object(_)) => kv,
+        other => {
+            // A prefill server without a KV connector answers the token
+            // and no parameters; decoding without them would prefill again.
+            leg.fail(Outcome::upstream_error);
+            let what = match other {
+                None => "no kv_transfer_params",
+                Some(Value::Null) => "kv_transfer_params null",
+                Some(_) => "kv_transfer_params that are not an object",
+            };
+            return error_response(&ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                format!(
+                    "prefill leg answered {status} with {what}: is the prefill server started \
+                     for disaggregated serving (vLLM --kv-transfer-config with kv_role kv_producer \
+                     or kv_both)?"
+                ),
+                None,
+            ));
+        }
+    };
+    leg.token();
+    leg.end();
     // Decode leg, streamed back and observed in the decode pool.
     let decode_bytes = Bytes::from(decode_body(&original, kv).to_string());
     plane

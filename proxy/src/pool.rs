@@ -6,10 +6,11 @@
 //! atomics; a request holds its endpoint slot through an RAII [`Lease`], so
 //! every exit path returns it exactly once and wakes one waiter.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -58,9 +59,9 @@ impl Endpoint {
         until == 0 || until <= now_ms()
     }
 
-    /// A connection or protocol failure: eject for a backoff that doubles
-    /// with consecutive failures (250 ms … 30 s).
-    pub fn record_failure(&self, now_ms: u64) {
+    /// Ejects for a backoff that doubles with consecutive ejections
+    /// (250 ms … 30 s). Only [`Pool::record_failure`] decides to.
+    fn eject(&self, now_ms: u64) {
         let n = self
             .consecutive_failures
             .fetch_add(1, Ordering::Relaxed)
@@ -89,9 +90,12 @@ pub struct Pool {
     pub signals: Arc<PoolSignals>,
     /// Requests per endpoint at once (`max-concurrency`).
     pub max_concurrency: Option<u32>,
-    /// Wakes waiters when a slot frees or endpoints change.
-    slot_freed: Notify,
+    /// Requests waiting for a slot, first come first served: only the
+    /// head may take a freed slot, and a new arrival queues behind them.
+    waiters: Mutex<VecDeque<Arc<Waiter>>>,
     queued: AtomicUsize,
+    /// Passive ejection's cap, in percent of the endpoints.
+    max_ejection_percent: AtomicU32,
     pub queue_length: usize,
     epoch: Instant,
     /// Called when a request waits on a pool with no endpoint (scale from
@@ -116,6 +120,13 @@ pub enum AdmitError {
     QueueFull,
     /// The deadline passed while queued: 503.
     Timeout,
+}
+
+/// One request in the admission queue.
+#[derive(Debug, Default)]
+struct Waiter {
+    /// Told when this waiter is the head and a slot may be free.
+    wake: Notify,
 }
 
 /// A held slot on one endpoint. Dropping it frees the slot and wakes one
@@ -155,20 +166,35 @@ impl Drop for Lease {
             .outstanding_tokens
             .fetch_sub(self.tokens, Ordering::Relaxed);
         if self.pool.queued.load(Ordering::SeqCst) > 0 {
-            self.pool.slot_freed.notify_one();
+            self.pool.wake_head();
         }
     }
 }
 
-/// Counts a request in the pool's queue (signals and the bound) until
-/// dropped.
+/// Holds a request's place in the pool's queue (the line, the bound and
+/// the signals) until dropped — admitted, timed out or cancelled alike.
 struct Queued<'a> {
     pool: &'a Pool,
+    waiter: Arc<Waiter>,
     since: Instant,
 }
 
 impl Drop for Queued<'_> {
     fn drop(&mut self) {
+        {
+            let mut line = self.pool.line();
+            let at = line.iter().position(|w| Arc::ptr_eq(w, &self.waiter));
+            if let Some(i) = at {
+                line.remove(i);
+            }
+            // The next in line may find a slot (another one freed, or the
+            // one this waiter leaves unused).
+            if at == Some(0)
+                && let Some(next) = line.front()
+            {
+                next.wake.notify_one();
+            }
+        }
         self.pool.queued.fetch_sub(1, Ordering::AcqRel);
         self.pool.signals.queue_leave(self.since.elapsed());
     }
@@ -189,8 +215,9 @@ impl Pool {
             endpoints: ArcSwap::from_pointee(endpoints.into_iter().map(Endpoint::new).collect()),
             signals,
             max_concurrency,
-            slot_freed: Notify::new(),
+            waiters: Mutex::new(VecDeque::new()),
             queued: AtomicUsize::new(0),
+            max_ejection_percent: AtomicU32::new(50),
             queue_length,
             epoch: Instant::now(),
             on_empty: ArcSwap::from_pointee(None),
@@ -199,6 +226,45 @@ impl Pool {
 
     pub fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Sets passive ejection's cap (`limits.max-ejection-percent`).
+    pub fn set_max_ejection_percent(&self, percent: u32) {
+        self.max_ejection_percent
+            .store(percent.min(100), Ordering::Relaxed);
+    }
+
+    /// A connection failure, a 5xx or a broken body from `e`: eject it for a
+    /// backoff. Failures of requests already in flight when it was ejected
+    /// (one burst) count once; no more than `max-ejection-percent` of the
+    /// endpoints are ejected at once, and never the last one.
+    pub fn record_failure(&self, e: &Endpoint) {
+        let now = self.now_ms();
+        if e.is_ejected(now) {
+            return;
+        }
+        let endpoints = self.endpoints.load();
+        let n = endpoints.len();
+        let ejected = endpoints.iter().filter(|x| x.is_ejected(now)).count();
+        let percent = self.max_ejection_percent.load(Ordering::Relaxed) as usize;
+        let allowed = (n * percent / 100).min(n.saturating_sub(1));
+        if ejected < allowed {
+            e.eject(now);
+        } else {
+            tracing::debug!(endpoint = %e.addr, ejected, of = n, "failure not ejected: at max-ejection-percent");
+        }
+    }
+
+    fn line(&self) -> std::sync::MutexGuard<'_, VecDeque<Arc<Waiter>>> {
+        // Pushes and removals only: a poisoned lock is still consistent.
+        self.waiters.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Tells the head of the queue a slot may be free.
+    fn wake_head(&self) {
+        if let Some(head) = self.line().front() {
+            head.wake.notify_one();
+        }
     }
 
     pub fn endpoints(&self) -> Arc<Vec<Arc<Endpoint>>> {
@@ -219,9 +285,9 @@ impl Pool {
             })
             .collect();
         self.endpoints.store(Arc::new(next));
-        // New endpoints can take waiters: wake them all to re-pick, each
-        // within the caps.
-        self.slot_freed.notify_waiters();
+        // New endpoints can take waiters: the head takes a slot and wakes
+        // the next, each within the caps.
+        self.wake_head();
     }
 
     /// Keeps the endpoint set equal to what `ready` says (a local cluster's
@@ -251,10 +317,19 @@ impl Pool {
         self.queued.load(Ordering::Acquire)
     }
 
+    /// A slot now, if one is free and nobody waits for one (first come,
+    /// first served: a new arrival never takes a slot freed for the queue).
+    pub fn try_admit(self: &Arc<Self>, tokens: u64, avoid: Option<SocketAddr>) -> Option<Lease> {
+        if self.queued.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        self.take_slot(tokens, avoid)
+    }
+
     /// Power of two choices by least outstanding work (tokens, then
     /// requests) among available endpoints under their cap; `avoid` is
     /// skipped (a retry goes elsewhere). Takes the slot atomically.
-    pub fn try_admit(self: &Arc<Self>, tokens: u64, avoid: Option<SocketAddr>) -> Option<Lease> {
+    fn take_slot(self: &Arc<Self>, tokens: u64, avoid: Option<SocketAddr>) -> Option<Lease> {
         let endpoints = self.endpoints.load();
         let n = endpoints.len();
         if n == 0 {
@@ -311,8 +386,9 @@ impl Pool {
     }
 
     /// Admits a request: a slot at once, or a wait in the bounded queue
-    /// until one frees or `deadline` passes. The wait is registered before
-    /// each look, so a freed slot is never missed.
+    /// until it is the head of the line and a slot frees, or `deadline`
+    /// passes. The waiter is in the line before it looks, so a freed slot
+    /// is never missed (see `Lease::drop`).
     pub async fn admit(
         self: &Arc<Self>,
         tokens: u64,
@@ -333,16 +409,20 @@ impl Pool {
             return Err(AdmitError::QueueFull);
         }
         self.signals.queue_enter();
+        let waiter = Arc::new(Waiter::default());
+        self.line().push_back(waiter.clone());
         let _queued = Queued {
             pool: self,
+            waiter: waiter.clone(),
             since: Instant::now(),
         };
         let until = tokio::time::Instant::now() + deadline;
         loop {
-            let notified = self.slot_freed.notified();
+            let notified = waiter.wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(l) = self.try_admit(tokens, avoid) {
+            let head = self.line().front().is_some_and(|w| Arc::ptr_eq(w, &waiter));
+            if head && let Some(l) = self.take_slot(tokens, avoid) {
                 return Ok(l);
             }
             if self.endpoints.load().is_empty()
@@ -357,7 +437,11 @@ impl Pool {
                 _ = tokio::time::sleep_until(recheck.min(until)) => {}
             }
             if tokio::time::Instant::now() >= until {
-                return self.try_admit(tokens, avoid).ok_or(AdmitError::Timeout);
+                let head = self.line().front().is_some_and(|w| Arc::ptr_eq(w, &waiter));
+                return head
+                    .then(|| self.take_slot(tokens, avoid))
+                    .flatten()
+                    .ok_or(AdmitError::Timeout);
             }
         }
     }
@@ -508,10 +592,78 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_queue_is_first_come_first_served() {
+        let p = pool(1, Some(1), 8);
+        let held = p.admit(0, None, Duration::from_secs(1)).await.unwrap();
+        let first = {
+            let p = p.clone();
+            tokio::spawn(async move { p.admit(0, None, Duration::from_secs(5)).await.is_ok() })
+        };
+        while p.queued() == 0 {
+            tokio::task::yield_now().await;
+        }
+        drop(held);
+        // The freed slot is the waiter's: a new arrival does not take it.
+        assert!(p.try_admit(0, None).is_none());
+        assert!(first.await.unwrap());
+        assert_eq!(p.queued(), 0);
+    }
+
+    #[tokio::test]
+    async fn waiters_are_served_in_arrival_order() {
+        let p = pool(1, Some(1), 8);
+        let held = p.admit(0, None, Duration::from_secs(1)).await.unwrap();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for i in 0..4 {
+            let (q, order) = (p.clone(), order.clone());
+            tasks.push(tokio::spawn(async move {
+                let l = q.admit(0, None, Duration::from_secs(5)).await.unwrap();
+                order.lock().unwrap().push(i);
+                tokio::task::yield_now().await;
+                drop(l);
+            }));
+            while p.queued() < i + 1 {
+                tokio::task::yield_now().await;
+            }
+        }
+        drop(held);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), vec![0, 1, 2, 3]);
+    }
+
+    #[tokio::test]
+    async fn ejection_counts_a_burst_once_and_keeps_half_the_pool() {
+        let p = pool(4, None, 4);
+        let eps = p.endpoints();
+        // Five requests in flight on endpoint 0 fail together: one ejection
+        // (250 ms), not a backoff doubled five times.
+        for _ in 0..5 {
+            p.record_failure(&eps[0]);
+        }
+        assert!(eps[0].is_ejected(p.now_ms()));
+        assert_eq!(eps[0].consecutive_failures.load(Ordering::Relaxed), 1);
+        // 50 % of 4: a second endpoint may go, a third may not.
+        p.record_failure(&eps[1]);
+        p.record_failure(&eps[2]);
+        let now = p.now_ms();
+        assert!(eps[1].is_ejected(now));
+        assert!(!eps[2].is_ejected(now));
+        // Never the last endpoint, even at 100 %.
+        let one = pool(1, None, 4);
+        one.set_max_ejection_percent(100);
+        let e = one.endpoints();
+        one.record_failure(&e[0]);
+        assert!(!e[0].is_ejected(one.now_ms()));
+    }
+
+    #[tokio::test]
     async fn ejected_and_avoided_endpoints_are_skipped() {
         let p = pool(2, None, 4);
         let eps = p.endpoints();
-        eps[0].record_failure(p.now_ms());
+        p.record_failure(&eps[0]);
         for _ in 0..4 {
             let l = p.admit(0, None, Duration::from_secs(1)).await.unwrap();
             assert_eq!(l.endpoint.addr, eps[1].addr);

@@ -119,6 +119,7 @@ pub async fn build(
             p.policy.max_concurrency,
             config.limits.queue_length,
         );
+        pool.set_max_ejection_percent(config.limits.max_ejection_percent);
         let entry = Arc::new(PoolEntry {
             metrics: metrics.pool(&p.model, p.role),
             pool,

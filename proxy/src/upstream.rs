@@ -11,12 +11,20 @@
 //! connection goes back to its idle list when the response body has been
 //! read to its end; a response dropped early (client gone, timeout) closes
 //! the connection, which is how the model server learns to stop generating.
+//!
+//! Kept-alive connections go stale: uvicorn (vLLM, SGLang) closes them after
+//! 5 s idle, and llama.cpp's server closes each one right after a stream
+//! while advertising keep-alive. So idle connections are reused only for
+//! `limits.upstream-idle-timeout` (4 s), and a request that fails on a
+//! reused connection before any response byte came back is sent once more
+//! on a fresh connection — it is the connection that failed, not the
+//! endpoint.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -66,23 +74,23 @@ impl UpstreamError {
 
 struct Idle {
     sender: Sender,
-    /// The sweep generation it went idle in.
-    since: u64,
+    /// When it went idle.
+    since: Instant,
 }
 
-/// How often [`Upstream::sweep`] should run, and how many sweeps a
-/// connection may sit idle through (90 s in all).
+/// How often [`Upstream::sweep`] should run: it only frees memory and file
+/// descriptors; expiry itself is checked when a connection is taken.
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(15);
-const IDLE_SWEEPS: u64 = 6;
 
 /// Keep-alive connections of one worker, by endpoint.
 pub struct Upstream {
     idle: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
     connect_timeout: Duration,
+    /// Idle connections older than this are not reused.
+    idle_timeout: Duration,
     max_idle_per_endpoint: usize,
-    /// Sweeps so far: idle ages are counted in sweeps, so the request path
-    /// reads no clock.
-    generation: AtomicU64,
+    /// Requests resent on a fresh connection after a reused one failed.
+    resent: AtomicU64,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -94,13 +102,20 @@ impl std::fmt::Debug for Upstream {
 }
 
 impl Upstream {
-    pub fn new(connect_timeout: Duration) -> Arc<Self> {
+    pub fn new(connect_timeout: Duration, idle_timeout: Duration) -> Arc<Self> {
         Arc::new(Upstream {
             idle: Mutex::new(HashMap::new()),
             connect_timeout,
+            idle_timeout,
             max_idle_per_endpoint: 1024,
-            generation: AtomicU64::new(0),
+            resent: AtomicU64::new(0),
         })
+    }
+
+    /// Requests sent once more on a fresh connection because the reused
+    /// one had closed.
+    pub fn resent(&self) -> u64 {
+        self.resent.load(Ordering::Relaxed)
     }
 
     /// Idle connections held now.
@@ -114,12 +129,16 @@ impl Upstream {
         self.idle.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// A ready idle connection to `addr`, newest first; stale ones found on
-    /// the way are dropped.
+    /// A ready idle connection to `addr`, newest first; closed ones found
+    /// on the way are dropped, and once one is too old so are all older.
     fn checkout(&self, addr: SocketAddr) -> Option<Sender> {
         let mut idle = self.lock();
         let list = idle.get_mut(&addr)?;
         while let Some(c) = list.pop() {
+            if c.since.elapsed() >= self.idle_timeout {
+                list.clear();
+                return None;
+            }
             if c.sender.is_ready() {
                 return Some(c.sender);
             }
@@ -128,22 +147,20 @@ impl Upstream {
     }
 
     fn checkin(&self, addr: SocketAddr, sender: Sender) {
+        let since = Instant::now();
         let mut idle = self.lock();
         let list = idle.entry(addr).or_default();
         if list.len() < self.max_idle_per_endpoint {
-            list.push(Idle {
-                sender,
-                since: self.generation.load(Ordering::Relaxed),
-            });
+            list.push(Idle { sender, since });
         }
     }
 
-    /// Drops closed connections, those idle through [`IDLE_SWEEPS`] sweeps,
-    /// and endpoints with none left. Run every [`SWEEP_INTERVAL`].
+    /// Drops closed and expired connections, and endpoints with none left.
+    /// Run every [`SWEEP_INTERVAL`].
     pub fn sweep(&self) {
-        let now = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let timeout = self.idle_timeout;
         self.lock().retain(|_, list| {
-            list.retain(|c| !c.sender.is_closed() && now - c.since < IDLE_SWEEPS);
+            list.retain(|c| !c.sender.is_closed() && c.since.elapsed() < timeout);
             !list.is_empty()
         });
     }
@@ -179,8 +196,9 @@ impl Upstream {
     }
 
     /// Sends `req` (origin-form URI, `Host` set) to `addr` on a pooled
-    /// connection or a new one. A pooled connection that turns out closed
-    /// before the request went out is replaced by a new one, once.
+    /// connection or a new one. A pooled connection that fails before any
+    /// response byte arrived (it had closed, whether or not the request
+    /// left) is replaced by a new one, once.
     ///
     /// On a connect failure the request comes back for a retry elsewhere.
     pub async fn send(
@@ -200,6 +218,10 @@ impl Upstream {
                     Err(e) => return Err((e, Some(req))),
                 },
             };
+            // A copy to send again if the kept-alive connection turns out
+            // closed after the request went out (the body is a shared
+            // `Bytes`; the copy is of the head only).
+            let spare = reused.then(|| duplicate(&req));
             match sender.try_send_request(req).await {
                 Ok(resp) => {
                     let conn = PooledConnection {
@@ -209,22 +231,38 @@ impl Upstream {
                     };
                     return Ok((resp, conn));
                 }
-                Err(mut e) => match e.take_message() {
-                    // It never left: the kept-alive connection had closed.
-                    Some(back) if reused => req = back,
-                    back => {
-                        return Err((
-                            UpstreamError::Request {
-                                addr,
-                                source: e.into_error(),
-                            },
-                            back,
-                        ));
+                Err(mut e) => {
+                    let back = e.take_message();
+                    match back.or(spare) {
+                        Some(again) if reused => {
+                            tracing::debug!(endpoint = %addr, error = %e.error(), "kept-alive connection had closed; sending on a fresh one");
+                            self.resent.fetch_add(1, Ordering::Relaxed);
+                            req = again;
+                        }
+                        back => {
+                            return Err((
+                                UpstreamError::Request {
+                                    addr,
+                                    source: e.into_error(),
+                                },
+                                back,
+                            ));
+                        }
                     }
-                },
+                }
             }
         }
     }
+}
+
+/// The same request again (head cloned, body shared).
+fn duplicate(req: &Request<Full<Bytes>>) -> Request<Full<Bytes>> {
+    let mut r = Request::new(req.body().clone());
+    *r.method_mut() = req.method().clone();
+    *r.uri_mut() = req.uri().clone();
+    *r.version_mut() = req.version();
+    *r.headers_mut() = req.headers().clone();
+    r
 }
 
 /// The connection a response is read from; back to the idle list once the
@@ -315,7 +353,7 @@ mod tests {
     #[tokio::test]
     async fn a_connection_read_to_the_end_is_reused() {
         let (addr, accepted) = server(true).await;
-        let up = Upstream::new(Duration::from_secs(1));
+        let up = Upstream::new(Duration::from_secs(1), Duration::from_secs(4));
         for _ in 0..5 {
             assert_eq!(&round_trip(&up, addr).await[..], b"ok");
             tokio::task::yield_now().await;
@@ -327,7 +365,7 @@ mod tests {
     #[tokio::test]
     async fn a_dropped_response_closes_its_connection() {
         let (addr, accepted) = server(true).await;
-        let up = Upstream::new(Duration::from_secs(1));
+        let up = Upstream::new(Duration::from_secs(1), Duration::from_secs(4));
         let (resp, conn) = up.send(addr, get(addr)).await.unwrap();
         drop((resp, conn));
         round_trip(&up, addr).await;
@@ -340,7 +378,7 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap()
         };
-        let up = Upstream::new(Duration::from_secs(1));
+        let up = Upstream::new(Duration::from_secs(1), Duration::from_secs(4));
         let (err, back) = up.send(addr, get(addr)).await.unwrap_err();
         assert!(err.is_connect(), "{err}");
         assert!(err.to_string().contains(&addr.to_string()));
@@ -348,25 +386,75 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn connections_idle_through_six_sweeps_are_dropped() {
+    async fn connections_idle_past_the_timeout_are_not_reused() {
         let (addr, accepted) = server(true).await;
-        let up = Upstream::new(Duration::from_secs(1));
+        let up = Upstream::new(Duration::from_secs(1), Duration::from_millis(50));
         round_trip(&up, addr).await;
-        for _ in 0..IDLE_SWEEPS - 1 {
-            up.sweep();
-        }
-        assert_eq!(up.idle_count(), 1);
+        round_trip(&up, addr).await;
+        assert_eq!(accepted.load(Ordering::Relaxed), 1);
+        tokio::time::sleep(Duration::from_millis(60)).await;
         up.sweep();
         assert_eq!(up.idle_count(), 0);
         round_trip(&up, addr).await;
         assert_eq!(accepted.load(Ordering::Relaxed), 2);
     }
 
+    /// A server that closes every connection after one response, while
+    /// saying keep-alive (as llama.cpp's server does).
+    async fn closing_server() -> (SocketAddr, Arc<AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let served = Arc::new(AtomicUsize::new(0));
+        let count = served.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let count = count.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let mut got = Vec::new();
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    count.fetch_add(1, Ordering::Relaxed);
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: keep-alive\r\nkeep-alive: timeout=5\r\n\r\nok")
+                        .await;
+                    // Closes without a word, like the real one — here
+                    // only once the next request has arrived, so the race
+                    // the real server wins now and then is lost every time.
+                    let _ = s.read(&mut buf).await;
+                });
+            }
+        });
+        (addr, served)
+    }
+
+    #[tokio::test]
+    async fn a_reused_connection_that_closed_is_replaced_without_an_error() {
+        let (addr, served) = closing_server().await;
+        let up = Upstream::new(Duration::from_secs(1), Duration::from_secs(4));
+        for i in 0..1000 {
+            let (resp, conn) = up
+                .send(addr, get(addr))
+                .await
+                .unwrap_or_else(|(e, _)| panic!("request {i}: {e}"));
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], b"ok");
+            conn.release();
+        }
+        assert_eq!(served.load(Ordering::Relaxed), 1000);
+        assert!(up.resent() >= 999, "{}", up.resent());
+    }
+
     #[tokio::test]
     async fn closed_connections_are_not_reused_and_are_swept() {
         // The server closes each connection after its response.
         let (addr, accepted) = server(false).await;
-        let up = Upstream::new(Duration::from_secs(1));
+        let up = Upstream::new(Duration::from_secs(1), Duration::from_secs(4));
         for _ in 0..3 {
             round_trip(&up, addr).await;
         }

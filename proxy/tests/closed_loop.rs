@@ -228,10 +228,9 @@ async fn a_request_to_an_idle_pool_at_zero_scales_it_from_zero() {
         Some((0, 1)),
         "{changes:?}"
     );
-    assert!(
-        changes[0].reason.contains("waiting at zero replicas"),
-        "{changes:?}"
-    );
+    // The held request is load (concurrency counts the queue): the poke's
+    // tick asks for a replica on it at once.
+    assert!(changes[0].desired >= Some(1), "{changes:?}");
     assert_eq!(l.cluster.scale().await.unwrap().spec, 1);
     assert_eq!(l.pool.signals.in_flight() + l.pool.signals.queued(), 0);
 }

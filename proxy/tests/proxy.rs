@@ -97,28 +97,36 @@ async fn pools(p: &ProxyHandle) -> Value {
     serde_json::from_str(&body).unwrap()
 }
 
-async fn wait_idle(p: &ProxyHandle) {
+/// The suite's shared teardown: once traffic stops, requests in flight,
+/// requests queued and tokens in flight are exactly 0 — in the pools'
+/// signals and in the exported gauges alike. Every test ends with it.
+async fn teardown(p: &ProxyHandle) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let v = pools(p).await;
-        let busy: u64 = v["pools"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| p["in_flight"].as_u64().unwrap() + p["queued"].as_u64().unwrap())
-            .sum();
-        let tokens: u64 = v["pools"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| p["tokens_in_flight"].as_u64().unwrap())
-            .sum();
-        if busy == 0 && tokens == 0 {
+        let sum = |key: &str| -> u64 {
+            v["pools"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p[key].as_u64().unwrap())
+                .sum()
+        };
+        let gauges = [
+            metric(p, "scalecar_in_flight_requests{").await,
+            metric(p, "scalecar_queued_requests{").await,
+            metric(p, "scalecar_tokens_in_flight{").await,
+        ];
+        if sum("in_flight") == 0
+            && sum("queued") == 0
+            && sum("tokens_in_flight") == 0
+            && gauges == [0.0; 3]
+        {
             return;
         }
         assert!(
             Instant::now() < deadline,
-            "in flight / queued never returned to 0: {v}"
+            "in flight / queued / tokens never returned to 0: {v}, gauges {gauges:?}"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -222,7 +230,7 @@ async fn streams_pass_through_with_the_same_content_and_ttft() {
         diff < 0.001,
         "client TTFT {seen:?}, proxy recorded {recorded}s"
     );
-    wait_idle(&p).await;
+    teardown(&p).await;
     // Non-streaming and the model list.
     let r = openai(&p).chat().create(chat(5, false)).await.unwrap();
     assert_eq!(r.usage.unwrap().completion_tokens, 5);
@@ -235,7 +243,7 @@ async fn streams_pass_through_with_the_same_content_and_ttft() {
             .collect::<Vec<_>>(),
         vec!["m"]
     );
-    wait_idle(&p).await;
+    teardown(&p).await;
     // Two streams and one sized answer, each recorded once and as ok (the
     // sized body's end is seen at its last frame, not at a poll for more).
     let outcome = |o: &str| {
@@ -293,12 +301,12 @@ async fn the_cap_queues_and_a_full_queue_answers_429() {
     assert!(body.contains("\"error\""));
     assert_eq!(first.await.unwrap().unwrap().0, 200);
     assert_eq!(second.await.unwrap().unwrap().0, 200);
-    wait_idle(&p).await;
+    teardown(&p).await;
     assert!(metric(&p, "scalecar_queue_wait_seconds_count").await >= 2.0);
     assert_eq!(
         metric(
             &p,
-            "scalecar_requests_total{model=\"m\",role=\"unified\",outcome=\"queue_full\"}"
+            "scalecar_requests_total{model=\"m\",role=\"unified\",outcome=\"rejected\"}"
         )
         .await,
         1.0
@@ -336,7 +344,7 @@ async fn an_endpoint_killed_mid_stream_releases_everything() {
     .await
     .expect("the stream ended");
     assert!(!ended, "a killed endpoint cannot have finished the stream");
-    wait_idle(&p).await;
+    teardown(&p).await;
     assert_eq!(
         metric(
             &p,
@@ -374,7 +382,7 @@ async fn a_refused_connection_is_retried_elsewhere() {
         .filter(|e| e["ejected"] == true)
         .count();
     assert_eq!(ejected, 1, "{v}");
-    wait_idle(&p).await;
+    teardown(&p).await;
 }
 
 #[tokio::test]
@@ -392,7 +400,7 @@ async fn a_client_disconnect_cancels_upstream() {
     assert_eq!(s.in_flight(), 1);
     drop(body);
     drop(client);
-    wait_idle(&p).await;
+    teardown(&p).await;
     let deadline = Instant::now() + Duration::from_secs(5);
     while s.in_flight() != 0
         || s.metrics()
@@ -449,7 +457,7 @@ async fn disaggregated_requests_take_both_legs() {
     assert_eq!(generated(&prefill), 1);
     assert_eq!(prompt(&decode), 0);
     assert_eq!(generated(&decode), 8);
-    wait_idle(&p).await;
+    teardown(&p).await;
     let v = pools(&p).await;
     let by_role = |r: &str| {
         v["pools"]
@@ -548,7 +556,7 @@ async fn bad_input_is_refused_clearly() {
     let read = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut buf)).await;
     assert!(read.is_ok(), "the connection stayed open");
     assert!(start.elapsed() < Duration::from_secs(3));
-    wait_idle(&p).await;
+    teardown(&p).await;
 }
 
 #[tokio::test]
@@ -593,6 +601,7 @@ async fn metrics_pass_promtool() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    teardown(&p).await;
 }
 
 #[tokio::test]
@@ -606,6 +615,7 @@ async fn shutdown_lets_open_streams_finish() {
     ))
     .await;
     let addr = p.proxy_addr;
+    let plane = p.plane.clone();
     let client = HttpClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let req = hyper::Request::post(format!("http://{addr}/v1/completions"))
         .body(Full::new(Bytes::from(
@@ -631,6 +641,21 @@ async fn shutdown_lets_open_streams_finish() {
         .unwrap();
     // No longer accepting.
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+    // The admin server is gone with it: the teardown reads the pools.
+    for route in plane.routes().values() {
+        let scalecar_proxy::dataplane::ModelRoute::Unified(e) = route else {
+            unreachable!()
+        };
+        let signals = &e.pool.signals;
+        assert_eq!(
+            (
+                signals.in_flight(),
+                signals.queued(),
+                signals.tokens_in_flight()
+            ),
+            (0, 0, 0)
+        );
+    }
 }
 
 #[tokio::test]
@@ -682,7 +707,7 @@ async fn static_pools_run_the_scaler_in_advisory_mode() {
     for s in streams {
         assert_eq!(s.await.unwrap().unwrap().0, 200);
     }
-    wait_idle(&p).await;
+    teardown(&p).await;
 }
 
 #[test]
@@ -774,5 +799,5 @@ async fn active_health_checks_take_a_failing_endpoint_out() {
             .load(std::sync::atomic::Ordering::Relaxed),
         0
     );
-    wait_idle(&p).await;
+    teardown(&p).await;
 }

@@ -1,0 +1,635 @@
+//! What the proxy records about real and scripted upstreams: streams as
+//! real servers frame them (CRLF, separators split across reads, reasoning
+//! and tool-call deltas, an event without end), outcomes by status, counts
+//! that return to zero whoever leaves first, and the PD flow's errors.
+//!
+//! The scripted upstream is a few lines of raw TCP that write a response
+//! byte for byte, in the chunks and at the times a test gives, so what the
+//! proxy sees is exactly what a given server sends.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client as HttpClient;
+use hyper_util::rt::TokioExecutor;
+use scalecar_config::ScalecarConfig;
+use scalecar_loadtest::sim::{ModelSim, SimConfig, SimHandle, SimRole};
+use scalecar_proxy::server::{self, ProxyHandle};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// One scripted answer: the head (status line and headers, without the
+/// blank line) and the body's pieces, each written after its delay.
+#[derive(Clone)]
+struct Script {
+    head: String,
+    pieces: Vec<(Duration, Vec<u8>)>,
+    /// Kept open this long after the last piece (then closed).
+    linger: Duration,
+}
+
+fn sse(pieces: Vec<(Duration, Vec<u8>)>) -> Script {
+    Script {
+        head: "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close".into(),
+        pieces,
+        linger: Duration::ZERO,
+    }
+}
+
+fn json_answer(status: &str, body: &str) -> Script {
+    Script {
+        head: format!(
+            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}",
+            body.len()
+        ),
+        pieces: vec![(Duration::ZERO, body.as_bytes().to_vec())],
+        linger: Duration::from_millis(50),
+    }
+}
+
+/// A server that answers every request with `script` (one connection per
+/// request, closed after it), counting requests.
+async fn scripted(script: Script) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let served = Arc::new(AtomicUsize::new(0));
+    let count = served.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let script = script.clone();
+            let count = count.clone();
+            tokio::spawn(async move {
+                s.set_nodelay(true).unwrap();
+                // Read the head and the declared body.
+                let mut got = Vec::new();
+                let mut buf = vec![0u8; 8192];
+                let body_len = loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                    if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+                        let len = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        break end + 4 + len;
+                    }
+                };
+                while got.len() < body_len {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                count.fetch_add(1, Ordering::Relaxed);
+                let head = format!("{}\r\n\r\n", script.head);
+                if s.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                for (delay, piece) in &script.pieces {
+                    tokio::time::sleep(*delay).await;
+                    if s.write_all(piece).await.is_err() {
+                        return;
+                    }
+                    let _ = s.flush().await;
+                }
+                tokio::time::sleep(script.linger).await;
+            });
+        }
+    });
+    (addr, served)
+}
+
+async fn proxy(yaml: &str) -> ProxyHandle {
+    let config = ScalecarConfig::from_yaml_str(yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    let p = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let h = server::start(&config, p, a).await.unwrap();
+    let url = format!("http://{}/readyz", h.admin_addr);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get(&url).await.map(|(s, _)| s) != Ok(200) {
+        assert!(Instant::now() < deadline, "proxy never ready");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    h
+}
+
+fn one_pool(endpoints: &[SocketAddr]) -> String {
+    let eps: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+    format!(
+        "limits: {{ health-check-interval: 1h }}\npools:\n  - model: m\n    endpoints: [{}]\n",
+        eps.join(", ")
+    )
+}
+
+async fn request(url: &str, body: &str) -> Result<(u16, http::HeaderMap, Bytes), String> {
+    let client = HttpClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let req = hyper::Request::post(url)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .map_err(|e| e.to_string())?;
+    let resp = client.request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, headers, body))
+}
+
+async fn get(url: &str) -> Result<(u16, String), String> {
+    let client = HttpClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let resp = client
+        .get(
+            url.parse()
+                .map_err(|e: http::uri::InvalidUri| e.to_string())?,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+async fn metric(p: &ProxyHandle, prefix: &str) -> f64 {
+    let (_, text) = get(&format!("http://{}/metrics", p.admin_addr))
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn outcome(p: &ProxyHandle, role: &str, outcome: &str) -> f64 {
+    metric(
+        p,
+        &format!("scalecar_requests_total{{model=\"m\",role=\"{role}\",outcome=\"{outcome}\"}}"),
+    )
+    .await
+}
+
+async fn pools(p: &ProxyHandle) -> Value {
+    let (_, body) = get(&format!("http://{}/debug/pools", p.admin_addr))
+        .await
+        .unwrap();
+    serde_json::from_str(&body).unwrap()
+}
+
+/// Requests in flight, queued and tokens in flight are exactly 0 once
+/// traffic stops — signals and gauges alike. Every test ends with it.
+async fn teardown(p: &ProxyHandle) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = pools(p).await;
+        let sum = |key: &str| -> u64 {
+            v["pools"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p[key].as_u64().unwrap())
+                .sum()
+        };
+        let gauges = [
+            metric(p, "scalecar_in_flight_requests{").await,
+            metric(p, "scalecar_queued_requests{").await,
+            metric(p, "scalecar_tokens_in_flight{").await,
+        ];
+        if sum("in_flight") == 0
+            && sum("queued") == 0
+            && sum("tokens_in_flight") == 0
+            && gauges == [0.0; 3]
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "in flight / queued / tokens never returned to 0: {v}, gauges {gauges:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+const STREAM: &str = r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+
+fn chunk(delta: &str) -> String {
+    format!(r#"data: {{"choices":[{{"index":0,"delta":{delta},"finish_reason":null}}]}}"#)
+}
+
+fn now(bytes: impl Into<Vec<u8>>) -> (Duration, Vec<u8>) {
+    (Duration::ZERO, bytes.into())
+}
+
+fn after(ms: u64, bytes: impl Into<Vec<u8>>) -> (Duration, Vec<u8>) {
+    (Duration::from_millis(ms), bytes.into())
+}
+
+/// Streams `script` through a fresh proxy; returns the bytes the client got
+/// and the proxy.
+async fn through(script: Script) -> (Bytes, ProxyHandle) {
+    let (addr, _) = scripted(script).await;
+    let p = proxy(&one_pool(&[addr])).await;
+    let (status, _, body) = request(
+        &format!("http://{}/v1/chat/completions", p.proxy_addr),
+        STREAM,
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    teardown(&p).await;
+    (body, p)
+}
+
+async fn tokens_seen(p: &ProxyHandle) -> (f64, f64) {
+    (
+        metric(p, "scalecar_ttft_seconds_count{").await,
+        metric(p, "scalecar_itl_seconds_count{").await,
+    )
+}
+
+#[tokio::test]
+async fn crlf_and_cr_separated_events_are_observed() {
+    let events = [
+        format!("{}\r\n\r\n", chunk(r#"{"content":"a"}"#)),
+        format!("{}\r\n\r\n", chunk(r#"{"content":"b"}"#)),
+        // CR alone ends lines too (the SSE spec allows all three).
+        format!("{}\r\r", chunk(r#"{"content":"c"}"#)),
+        "data: [DONE]\r\n\r\n".to_string(),
+    ];
+    let script = sse(events.iter().map(|e| after(100, e.clone())).collect());
+    let (body, p) = through(script).await;
+    assert_eq!(
+        body,
+        Bytes::from(events.concat()),
+        "passed through byte for byte"
+    );
+    // Three tokens: one TTFT, two gaps, counted as generated — each when
+    // its event ended, not all at the end of the stream.
+    assert_eq!(tokens_seen(&p).await, (1.0, 2.0));
+    let ttft = metric(&p, "scalecar_ttft_seconds_sum{").await;
+    let itl = metric(&p, "scalecar_itl_seconds_sum{").await;
+    assert!(ttft < 0.18, "TTFT {ttft} s: the first event was seen late");
+    assert!(
+        (0.15..0.35).contains(&itl),
+        "ITL sum {itl} s: events were seen late"
+    );
+    assert_eq!(
+        metric(
+            &p,
+            "scalecar_tokens_total{model=\"m\",role=\"unified\",kind=\"generated\"}"
+        )
+        .await,
+        3.0
+    );
+    assert_eq!(outcome(&p, "unified", "ok").await, 1.0);
+}
+
+#[tokio::test]
+async fn a_separator_split_across_reads_is_found_at_once() {
+    // The first event's blank line arrives 300 ms after its data line, in
+    // the same read as the start of the next event, whose own end comes
+    // 300 ms later still: the first token is at 300 ms, not 600.
+    let script = sse(vec![
+        now(format!("{}\n", chunk(r#"{"content":"a"}"#))),
+        after(300, format!("\n{}", chunk(r#"{"content":"b"}"#))),
+        after(300, "\n\ndata: [DONE]\n\n"),
+    ]);
+    let (_, p) = through(script).await;
+    assert_eq!(tokens_seen(&p).await, (1.0, 1.0));
+    let ttft = metric(&p, "scalecar_ttft_seconds_sum{").await;
+    assert!(
+        (0.25..0.5).contains(&ttft),
+        "TTFT {ttft} s: the split separator was found late"
+    );
+}
+
+#[tokio::test]
+async fn reasoning_and_tool_call_deltas_are_generated_tokens() {
+    // A reasoning model thinks for 300 ms before its first content token:
+    // its TTFT is the first reasoning token.
+    let script = sse(vec![
+        now(format!(
+            "{}\n\n",
+            chunk(r#"{"role":"assistant","content":""}"#)
+        )),
+        after(
+            5,
+            format!(
+                "{}\n\n",
+                chunk(r#"{"reasoning_content":"Let","content":null}"#)
+            ),
+        ),
+        after(
+            5,
+            format!("{}\n\n", chunk(r#"{"reasoning_content":" me"}"#)),
+        ),
+        after(5, format!("{}\n\n", chunk(r#"{"reasoning":" think"}"#))),
+        after(300, format!("{}\n\n", chunk(r#"{"content":"Yes"}"#))),
+        after(
+            5,
+            format!(
+                "{}\n\n",
+                chunk(
+                    r#"{"tool_calls":[{"index":0,"id":"c1","type":"function","function":{"name":"f","arguments":""}}]}"#
+                )
+            ),
+        ),
+        after(
+            5,
+            format!(
+                "{}\n\n",
+                chunk(r#"{"tool_calls":[{"index":0,"function":{"arguments":"{\"x\":"}}]}"#)
+            ),
+        ),
+        after(
+            5,
+            format!(
+                "{}\n\n",
+                chunk(r#"{"tool_calls":[{"index":0,"function":{"arguments":"1}"}}]}"#)
+            ),
+        ),
+        after(5, "data: [DONE]\n\n"),
+    ]);
+    let (_, p) = through(script).await;
+    // 3 reasoning + 1 content + 3 tool-call deltas = 7 tokens.
+    assert_eq!(tokens_seen(&p).await, (1.0, 6.0));
+    let ttft = metric(&p, "scalecar_ttft_seconds_sum{").await;
+    assert!(
+        ttft < 0.2,
+        "TTFT {ttft} s: reasoning tokens were not counted"
+    );
+}
+
+#[tokio::test]
+async fn an_event_without_end_is_bounded_and_passed_through() {
+    // 1 MiB of one event with no separator, then a normal event: the
+    // client gets every byte, the proxy skips the monster and goes on.
+    let monster = format!("data: {}", "x".repeat(1 << 20));
+    let mut pieces: Vec<(Duration, Vec<u8>)> = monster
+        .as_bytes()
+        .chunks(64 << 10)
+        .map(|c| after(1, c.to_vec()))
+        .collect();
+    pieces.push(after(1, "\n\n"));
+    pieces.push(after(5, format!("{}\n\n", chunk(r#"{"content":"a"}"#))));
+    pieces.push(after(5, "data: [DONE]\n\n"));
+    let expected: Vec<u8> = pieces.iter().flat_map(|(_, b)| b.clone()).collect();
+    let (body, p) = through(sse(pieces)).await;
+    assert_eq!(body.len(), expected.len());
+    assert!(body == expected, "bytes changed on the way");
+    assert_eq!(tokens_seen(&p).await, (1.0, 0.0));
+}
+
+#[tokio::test]
+async fn a_client_that_had_the_whole_stream_is_ok_even_if_it_leaves_early() {
+    // The server keeps the connection open after [DONE]; the client (like
+    // the openai SDK) stops reading at [DONE] and closes.
+    let script = Script {
+        linger: Duration::from_secs(3),
+        ..sse(vec![
+            now(format!("{}\n\n", chunk(r#"{"content":"a"}"#))),
+            after(
+                5,
+                format!(
+                    "{}\n\n",
+                    r#"data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#
+                ),
+            ),
+            after(5, "data: [DONE]\n\n"),
+        ])
+    };
+    let (addr, _) = scripted(script).await;
+    let p = proxy(&one_pool(&[addr])).await;
+    let client = HttpClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let req = hyper::Request::post(format!("http://{}/v1/chat/completions", p.proxy_addr))
+        .body(Full::new(Bytes::from(STREAM)))
+        .unwrap();
+    let mut body = client.request(req).await.unwrap().into_body();
+    let mut seen = Vec::new();
+    while !seen.windows(6).any(|w| w == b"[DONE]") {
+        let f = body.frame().await.unwrap().unwrap();
+        seen.extend_from_slice(f.data_ref().unwrap());
+    }
+    drop(body);
+    drop(client);
+    teardown(&p).await;
+    assert_eq!(outcome(&p, "unified", "ok").await, 1.0);
+    assert_eq!(outcome(&p, "unified", "cancelled").await, 0.0);
+}
+
+#[tokio::test]
+async fn upstream_4xx_is_the_clients_error_and_5xx_the_servers() {
+    let bad_request = json_answer(
+        "400 Bad Request",
+        r#"{"error":{"message":"prompt too long","type":"invalid_request_error","param":null,"code":null}}"#,
+    );
+    let unavailable = json_answer(
+        "503 Service Unavailable",
+        r#"{"error":{"message":"overloaded"}}"#,
+    );
+    // A 4xx: passed through, client_error, no ejection, no e2e sample.
+    let (a, _) = scripted(bad_request.clone()).await;
+    let (b, _) = scripted(bad_request).await;
+    let p = proxy(&one_pool(&[a, b])).await;
+    let url = format!("http://{}/v1/chat/completions", p.proxy_addr);
+    let (status, _, body) = request(&url, STREAM).await.unwrap();
+    assert_eq!(status, 400);
+    assert!(String::from_utf8_lossy(&body).contains("prompt too long"));
+    teardown(&p).await;
+    assert_eq!(outcome(&p, "unified", "client_error").await, 1.0);
+    assert_eq!(outcome(&p, "unified", "ok").await, 0.0);
+    assert_eq!(metric(&p, "scalecar_e2e_seconds_count{").await, 0.0);
+    let ejected = |v: &Value| {
+        v["pools"][0]["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["ejected"] == true)
+            .count()
+    };
+    assert_eq!(ejected(&pools(&p).await), 0);
+    // A 5xx: upstream_error, and it counts toward ejection.
+    let (a, _) = scripted(unavailable.clone()).await;
+    let (b, _) = scripted(unavailable).await;
+    let p = proxy(&one_pool(&[a, b])).await;
+    let url = format!("http://{}/v1/chat/completions", p.proxy_addr);
+    let (status, _, _) = request(&url, STREAM).await.unwrap();
+    assert_eq!(status, 503);
+    teardown(&p).await;
+    assert_eq!(outcome(&p, "unified", "upstream_error").await, 1.0);
+    assert_eq!(ejected(&pools(&p).await), 1);
+}
+
+async fn sim(config: SimConfig) -> SimHandle {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let h = ModelSim::spawn(config, listener);
+    let url = format!("http://{}/health", h.local_addr());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get(&url).await.map(|(s, _)| s) != Ok(200) {
+        assert!(Instant::now() < deadline, "model-sim never ready");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    h
+}
+
+#[tokio::test]
+async fn a_client_gone_before_the_headers_releases_everything() {
+    // A non-streaming request spends its life before the response headers:
+    // a client killed then must not leave the pool busy forever.
+    let s = sim(SimConfig {
+        model: "m".into(),
+        ..SimConfig::default()
+    })
+    .await;
+    let p = proxy(&one_pool(&[s.local_addr()])).await;
+    let url = format!("http://{}/v1/completions", p.proxy_addr);
+    let long = r#"{"model":"m","prompt":"a long prompt to count","max_tokens":100000}"#;
+    let client = tokio::spawn(async move { request(&url, long).await });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pools(&p).await["pools"][0]["in_flight"] != 1 {
+        assert!(Instant::now() < deadline, "never in flight");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(metric(&p, "scalecar_tokens_in_flight{").await > 0.0);
+    client.abort();
+    let _ = client.await;
+    teardown(&p).await;
+    assert_eq!(outcome(&p, "unified", "cancelled").await, 1.0);
+    // The model server stopped generating too.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.in_flight() != 0 {
+        assert!(Instant::now() < deadline, "upstream request not cancelled");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn pd_yaml(prefill: SocketAddr, decode: SocketAddr) -> String {
+    format!(
+        "limits: {{ health-check-interval: 1h }}\npools:\n  - model: m\n    role: prefill\n    endpoints: [\"{prefill}\"]\n  - model: m\n    role: decode\n    endpoints: [\"{decode}\"]\n"
+    )
+}
+
+#[tokio::test]
+async fn a_prefill_refusal_reaches_the_client_as_it_was() {
+    let decode = sim(SimConfig {
+        model: "m".into(),
+        role: SimRole::Decode,
+        ..SimConfig::default()
+    })
+    .await;
+    let refusal = r#"{"error":{"message":"This model's maximum context length is 2048 tokens","type":"BadRequestError","param":null,"code":400}}"#;
+    let (prefill, _) = scripted(json_answer("400 Bad Request", refusal)).await;
+    let p = proxy(&pd_yaml(prefill, decode.local_addr())).await;
+    let url = format!("http://{}/v1/chat/completions", p.proxy_addr);
+    let (status, headers, body) = request(&url, STREAM).await.unwrap();
+    assert_eq!(status, 400);
+    assert_eq!(headers["content-type"], "application/json");
+    assert_eq!(body, Bytes::from(refusal));
+    teardown(&p).await;
+    assert_eq!(outcome(&p, "prefill", "client_error").await, 1.0);
+    assert_eq!(decode.metrics().prompt_tokens.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn null_kv_transfer_params_are_an_error_not_forwarded() {
+    let decode = sim(SimConfig {
+        model: "m".into(),
+        role: SimRole::Decode,
+        ..SimConfig::default()
+    })
+    .await;
+    // A prefill server started without a KV connector.
+    let answer = r#"{"id":"x","choices":[{"index":0,"message":{"role":"assistant","content":"a"},"finish_reason":"length"}],"kv_transfer_params":null}"#;
+    let (prefill, _) = scripted(json_answer("200 OK", answer)).await;
+    let p = proxy(&pd_yaml(prefill, decode.local_addr())).await;
+    let url = format!("http://{}/v1/chat/completions", p.proxy_addr);
+    let (status, _, body) = request(&url, STREAM).await.unwrap();
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("kv_transfer_params null"), "{body}");
+    teardown(&p).await;
+    assert_eq!(outcome(&p, "prefill", "upstream_error").await, 1.0);
+    // Nothing went to the decode pool.
+    assert_eq!(
+        decode.metrics().generation_tokens.load(Ordering::Relaxed),
+        0
+    );
+    assert_eq!(
+        metric(&p, "scalecar_requests_total{model=\"m\",role=\"decode\"").await,
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn the_prefill_ttft_counts_its_queue_time() {
+    // One prefill slot: the second request waits for the first's prefill,
+    // and its prefill TTFT includes that wait, as a unified TTFT would.
+    let prefill = sim(SimConfig {
+        model: "m".into(),
+        role: SimRole::Prefill,
+        ..SimConfig::default()
+    })
+    .await;
+    let decode = sim(SimConfig {
+        model: "m".into(),
+        role: SimRole::Decode,
+        ..SimConfig::default()
+    })
+    .await;
+    let yaml = format!(
+        "limits: {{ health-check-interval: 1h }}\npools:\n  - model: m\n    role: prefill\n    endpoints: [\"{}\"]\n    policy: {{ max-concurrency: 1 }}\n  - model: m\n    role: decode\n    endpoints: [\"{}\"]\n",
+        prefill.local_addr(),
+        decode.local_addr()
+    );
+    let p = proxy(&yaml).await;
+    let url = format!("http://{}/v1/completions", p.proxy_addr);
+    // A long prompt: a few hundred ms of prefill.
+    let prompt = "word ".repeat(4000);
+    let body = format!(r#"{{"model":"m","prompt":"{prompt}","max_tokens":2}}"#);
+    let ttft_sum = || {
+        metric(
+            &p,
+            "scalecar_ttft_seconds_sum{model=\"m\",role=\"prefill\"}",
+        )
+    };
+    // Alone: its TTFT is its prefill.
+    assert_eq!(request(&url, &body).await.unwrap().0, 200);
+    let alone = ttft_sum().await;
+    // Two at once: the second waits for the first's prefill, so together
+    // they take about 1 + 2 prefills, not 1 + 1.
+    let (a, b) = tokio::join!(request(&url, &body), request(&url, &body));
+    assert_eq!(a.unwrap().0, 200);
+    assert_eq!(b.unwrap().0, 200);
+    teardown(&p).await;
+    let pair = ttft_sum().await - alone;
+    assert_eq!(
+        metric(
+            &p,
+            "scalecar_ttft_seconds_count{model=\"m\",role=\"prefill\"}"
+        )
+        .await,
+        3.0
+    );
+    assert!(
+        pair > 2.5 * alone,
+        "two queued prefills sum to {pair} s, one alone takes {alone} s"
+    );
+    assert_eq!(outcome(&p, "prefill", "ok").await, 3.0);
+}
