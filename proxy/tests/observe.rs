@@ -633,3 +633,38 @@ async fn the_prefill_ttft_counts_its_queue_time() {
     );
     assert_eq!(outcome(&p, "prefill", "ok").await, 3.0);
 }
+
+#[tokio::test]
+async fn a_server_that_closes_after_every_answer_gives_clients_no_errors() {
+    // It says keep-alive and closes the connection after each answer, as
+    // llama.cpp's server does: the proxy's reused connection is stale for
+    // every request but the first.
+    let lying = Script {
+        head: "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: keep-alive\r\nkeep-alive: timeout=5\r\ncontent-length: 11".into(),
+        pieces: vec![now(r#"{"ok":true}"#)],
+        linger: Duration::ZERO,
+    };
+    let (addr, served) = scripted(lying).await;
+    let p = proxy(&one_pool(&[addr])).await;
+    let url = format!("http://{}/v1/completions", p.proxy_addr);
+    let body = r#"{"model":"m","prompt":"x","max_tokens":1}"#;
+    let client = HttpClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    for i in 0..1000 {
+        let req = hyper::Request::post(&url)
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        let resp = client.request(req).await.unwrap();
+        assert_eq!(resp.status(), 200, "request {i}");
+        resp.into_body().collect().await.unwrap();
+    }
+    teardown(&p).await;
+    // (And the active health check's GET at start.)
+    assert!(served.load(Ordering::Relaxed) >= 1000);
+    assert_eq!(outcome(&p, "unified", "ok").await, 1000.0);
+    assert_eq!(outcome(&p, "unified", "upstream_error").await, 0.0);
+    let v = pools(&p).await;
+    assert!(
+        v["pools"][0]["endpoints"][0]["ejected"] == false,
+        "a stale connection is not the endpoint's failure: {v}"
+    );
+}
