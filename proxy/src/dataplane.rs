@@ -28,7 +28,6 @@ use crate::error::{ApiError, error_response};
 use crate::metrics::{Outcome, PoolMetrics, ProxyMetrics, Rejection};
 use crate::observe::{Observation, ObservedBody};
 use crate::pool::{AdmitError, Lease, Pool};
-
 use crate::upstream::{PooledConnection, Upstream};
 
 /// The body of every response: one the proxy made, or a model server's

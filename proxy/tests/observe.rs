@@ -8,18 +8,20 @@
 //! proxy sees is exactly what a given server sends.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::{metric, outcome, pools, proxy, request_bytes, sim, teardown};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::rt::TokioExecutor;
-use scalecar_config::ScalecarConfig;
-use scalecar_loadtest::sim::{ModelSim, SimConfig, SimHandle, SimRole};
-use scalecar_proxy::server::{self, ProxyHandle};
+use scalecar_loadtest::sim::{SimConfig, SimRole};
+use scalecar_proxy::server::ProxyHandle;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -108,122 +110,12 @@ async fn scripted(script: Script) -> (SocketAddr, Arc<AtomicUsize>) {
     (addr, served)
 }
 
-async fn proxy(yaml: &str) -> ProxyHandle {
-    let config = ScalecarConfig::from_yaml_str(yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
-    let p = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let a = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let h = server::start(&config, p, a).await.unwrap();
-    let url = format!("http://{}/readyz", h.admin_addr);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while get(&url).await.map(|(s, _)| s) != Ok(200) {
-        assert!(Instant::now() < deadline, "proxy never ready");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    h
-}
-
 fn one_pool(endpoints: &[SocketAddr]) -> String {
     let eps: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
     format!(
         "limits: {{ health-check-interval: 1h }}\npools:\n  - model: m\n    endpoints: [{}]\n",
         eps.join(", ")
     )
-}
-
-async fn request(url: &str, body: &str) -> Result<(u16, http::HeaderMap, Bytes), String> {
-    let client = HttpClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let req = hyper::Request::post(url)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))
-        .map_err(|e| e.to_string())?;
-    let resp = client.request(req).await.map_err(|e| e.to_string())?;
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    Ok((status, headers, body))
-}
-
-async fn get(url: &str) -> Result<(u16, String), String> {
-    let client = HttpClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let resp = client
-        .get(
-            url.parse()
-                .map_err(|e: http::uri::InvalidUri| e.to_string())?,
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-    let status = resp.status().as_u16();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
-}
-
-async fn metric(p: &ProxyHandle, prefix: &str) -> f64 {
-    let (_, text) = get(&format!("http://{}/metrics", p.admin_addr))
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-async fn outcome(p: &ProxyHandle, role: &str, outcome: &str) -> f64 {
-    metric(
-        p,
-        &format!("scalecar_requests_total{{model=\"m\",role=\"{role}\",outcome=\"{outcome}\"}}"),
-    )
-    .await
-}
-
-async fn pools(p: &ProxyHandle) -> Value {
-    let (_, body) = get(&format!("http://{}/debug/pools", p.admin_addr))
-        .await
-        .unwrap();
-    serde_json::from_str(&body).unwrap()
-}
-
-/// Requests in flight, queued and tokens in flight are exactly 0 once
-/// traffic stops — signals and gauges alike. Every test ends with it.
-async fn teardown(p: &ProxyHandle) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let v = pools(p).await;
-        let sum = |key: &str| -> u64 {
-            v["pools"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|p| p[key].as_u64().unwrap())
-                .sum()
-        };
-        let gauges = [
-            metric(p, "scalecar_in_flight_requests{").await,
-            metric(p, "scalecar_queued_requests{").await,
-            metric(p, "scalecar_tokens_in_flight{").await,
-        ];
-        if sum("in_flight") == 0
-            && sum("queued") == 0
-            && sum("tokens_in_flight") == 0
-            && gauges == [0.0; 3]
-        {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "in flight / queued / tokens never returned to 0: {v}, gauges {gauges:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 const STREAM: &str = r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
@@ -245,7 +137,8 @@ fn after(ms: u64, bytes: impl Into<Vec<u8>>) -> (Duration, Vec<u8>) {
 async fn through(script: Script) -> (Bytes, ProxyHandle) {
     let (addr, _) = scripted(script).await;
     let p = proxy(&one_pool(&[addr])).await;
-    let (status, _, body) = request(
+    let (status, _, body) = request_bytes(
+        "POST",
         &format!("http://{}/v1/chat/completions", p.proxy_addr),
         STREAM,
     )
@@ -448,7 +341,7 @@ async fn upstream_4xx_is_the_clients_error_and_5xx_the_servers() {
     let (b, _) = scripted(bad_request).await;
     let p = proxy(&one_pool(&[a, b])).await;
     let url = format!("http://{}/v1/chat/completions", p.proxy_addr);
-    let (status, _, body) = request(&url, STREAM).await.unwrap();
+    let (status, _, body) = request_bytes("POST", &url, STREAM).await.unwrap();
     assert_eq!(status, 400);
     assert!(String::from_utf8_lossy(&body).contains("prompt too long"));
     teardown(&p).await;
@@ -469,23 +362,11 @@ async fn upstream_4xx_is_the_clients_error_and_5xx_the_servers() {
     let (b, _) = scripted(unavailable).await;
     let p = proxy(&one_pool(&[a, b])).await;
     let url = format!("http://{}/v1/chat/completions", p.proxy_addr);
-    let (status, _, _) = request(&url, STREAM).await.unwrap();
+    let (status, _, _) = request_bytes("POST", &url, STREAM).await.unwrap();
     assert_eq!(status, 503);
     teardown(&p).await;
     assert_eq!(outcome(&p, "unified", "upstream_error").await, 1.0);
     assert_eq!(ejected(&pools(&p).await), 1);
-}
-
-async fn sim(config: SimConfig) -> SimHandle {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let h = ModelSim::spawn(config, listener);
-    let url = format!("http://{}/health", h.local_addr());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while get(&url).await.map(|(s, _)| s) != Ok(200) {
-        assert!(Instant::now() < deadline, "model-sim never ready");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    h
 }
 
 #[tokio::test]
@@ -500,7 +381,7 @@ async fn a_client_gone_before_the_headers_releases_everything() {
     let p = proxy(&one_pool(&[s.local_addr()])).await;
     let url = format!("http://{}/v1/completions", p.proxy_addr);
     let long = r#"{"model":"m","prompt":"a long prompt to count","max_tokens":100000}"#;
-    let client = tokio::spawn(async move { request(&url, long).await });
+    let client = tokio::spawn(async move { request_bytes("POST", &url, long).await });
     let deadline = Instant::now() + Duration::from_secs(5);
     while pools(&p).await["pools"][0]["in_flight"] != 1 {
         assert!(Instant::now() < deadline, "never in flight");
@@ -538,7 +419,7 @@ async fn a_prefill_refusal_reaches_the_client_as_it_was() {
     let (prefill, _) = scripted(json_answer("400 Bad Request", refusal)).await;
     let p = proxy(&pd_yaml(prefill, decode.local_addr())).await;
     let url = format!("http://{}/v1/chat/completions", p.proxy_addr);
-    let (status, headers, body) = request(&url, STREAM).await.unwrap();
+    let (status, headers, body) = request_bytes("POST", &url, STREAM).await.unwrap();
     assert_eq!(status, 400);
     assert_eq!(headers["content-type"], "application/json");
     assert_eq!(body, Bytes::from(refusal));
@@ -560,7 +441,7 @@ async fn null_kv_transfer_params_are_an_error_not_forwarded() {
     let (prefill, _) = scripted(json_answer("200 OK", answer)).await;
     let p = proxy(&pd_yaml(prefill, decode.local_addr())).await;
     let url = format!("http://{}/v1/chat/completions", p.proxy_addr);
-    let (status, _, body) = request(&url, STREAM).await.unwrap();
+    let (status, _, body) = request_bytes("POST", &url, STREAM).await.unwrap();
     let body = String::from_utf8_lossy(&body);
     assert_eq!(status, 502, "{body}");
     assert!(body.contains("kv_transfer_params null"), "{body}");
@@ -610,11 +491,14 @@ async fn the_prefill_ttft_counts_its_queue_time() {
         )
     };
     // Alone: its TTFT is its prefill.
-    assert_eq!(request(&url, &body).await.unwrap().0, 200);
+    assert_eq!(request_bytes("POST", &url, &body).await.unwrap().0, 200);
     let alone = ttft_sum().await;
     // Two at once: the second waits for the first's prefill, so together
     // they take about 1 + 2 prefills, not 1 + 1.
-    let (a, b) = tokio::join!(request(&url, &body), request(&url, &body));
+    let (a, b) = tokio::join!(
+        request_bytes("POST", &url, &body),
+        request_bytes("POST", &url, &body)
+    );
     assert_eq!(a.unwrap().0, 200);
     assert_eq!(b.unwrap().0, 200);
     teardown(&p).await;

@@ -2,6 +2,8 @@
 //! 127.0.0.1:0 ports, async-openai and raw HTTP clients, promtool.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use async_openai::Client;
@@ -10,49 +12,15 @@ use async_openai::types::chat::{
     ChatCompletionRequestUserMessageArgs, CreateChatCompletionRequestArgs,
 };
 use bytes::Bytes;
+use common::{get, metric, model, pools, proxy, request, sim, teardown};
 use futures_util::StreamExt;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::rt::TokioExecutor;
-use scalecar_config::ScalecarConfig;
-use scalecar_loadtest::sim::{ModelSim, SimConfig, SimHandle, SimRole};
-use scalecar_proxy::server::{self, ProxyHandle};
+use scalecar_loadtest::sim::{SimConfig, SimHandle, SimRole};
+use scalecar_proxy::server::ProxyHandle;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-async fn sim(config: SimConfig) -> SimHandle {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let h = ModelSim::spawn(config, listener);
-    let url = format!("http://{}/health", h.local_addr());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while get(&url).await.map(|(s, _)| s) != Ok(200) {
-        assert!(Instant::now() < deadline, "model-sim never ready");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    h
-}
-
-fn model(name: &str) -> SimConfig {
-    SimConfig {
-        model: name.into(),
-        seed: 5,
-        ..SimConfig::default()
-    }
-}
-
-async fn proxy(yaml: &str) -> ProxyHandle {
-    let config = ScalecarConfig::from_yaml_str(yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
-    let p = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let a = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let h = server::start(&config, p, a).await.unwrap();
-    let url = format!("http://{}/readyz", h.admin_addr);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while get(&url).await.map(|(s, _)| s) != Ok(200) {
-        assert!(Instant::now() < deadline, "proxy never ready");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    h
-}
 
 fn pool_yaml(model: &str, endpoints: &[String], extra_limits: &str, policy: &str) -> String {
     let eps: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
@@ -60,86 +28,6 @@ fn pool_yaml(model: &str, endpoints: &[String], extra_limits: &str, policy: &str
         "limits: {{ {extra_limits} }}\npools:\n  - model: {model}\n    endpoints: [{}]\n    policy: {{ {policy} }}\n",
         eps.join(", ")
     )
-}
-
-async fn request(
-    method: &str,
-    url: &str,
-    body: &str,
-) -> Result<(u16, http::HeaderMap, String), String> {
-    let client = HttpClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let req = hyper::Request::builder()
-        .method(method)
-        .uri(url)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))
-        .map_err(|e| e.to_string())?;
-    let resp = client.request(req).await.map_err(|e| e.to_string())?;
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    Ok((status, headers, String::from_utf8_lossy(&body).into_owned()))
-}
-
-async fn get(url: &str) -> Result<(u16, String), String> {
-    request("GET", url, "").await.map(|(s, _, b)| (s, b))
-}
-
-async fn pools(p: &ProxyHandle) -> Value {
-    let (_, body) = get(&format!("http://{}/debug/pools", p.admin_addr))
-        .await
-        .unwrap();
-    serde_json::from_str(&body).unwrap()
-}
-
-/// The suite's shared teardown: once traffic stops, requests in flight,
-/// requests queued and tokens in flight are exactly 0 — in the pools'
-/// signals and in the exported gauges alike. Every test ends with it.
-async fn teardown(p: &ProxyHandle) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let v = pools(p).await;
-        let sum = |key: &str| -> u64 {
-            v["pools"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|p| p[key].as_u64().unwrap())
-                .sum()
-        };
-        let gauges = [
-            metric(p, "scalecar_in_flight_requests{").await,
-            metric(p, "scalecar_queued_requests{").await,
-            metric(p, "scalecar_tokens_in_flight{").await,
-        ];
-        if sum("in_flight") == 0
-            && sum("queued") == 0
-            && sum("tokens_in_flight") == 0
-            && gauges == [0.0; 3]
-        {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "in flight / queued / tokens never returned to 0: {v}, gauges {gauges:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-async fn metric(p: &ProxyHandle, prefix: &str) -> f64 {
-    let (_, text) = get(&format!("http://{}/metrics", p.admin_addr))
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 fn openai(p: &ProxyHandle) -> Client<OpenAIConfig> {
@@ -183,6 +71,12 @@ async fn stream_text(client: &Client<OpenAIConfig>, max_tokens: u32) -> String {
 /// Client-side TTFT of one raw streaming request.
 async fn client_ttft(url: &str, body: &str) -> Duration {
     let client = HttpClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    // Connect first: the proxy's clock starts when a request arrives, so
+    // the client's must not include the TCP handshake and the accept (on a
+    // busy machine they alone are over a millisecond).
+    let models = url.replace("/chat/completions", "/models");
+    let warm = client.get(models.parse().unwrap()).await.unwrap();
+    warm.into_body().collect().await.unwrap();
     let req = hyper::Request::post(url)
         .body(Full::new(Bytes::from(body.to_string())))
         .unwrap();

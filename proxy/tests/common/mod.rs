@@ -1,0 +1,157 @@
+//! What the proxy's integration suites share: real model-sim servers and
+//! real proxies on 127.0.0.1:0 ports, waited on for readiness; plain HTTP
+//! helpers; the metrics and pools as the admin server shows them; and the
+//! teardown every test ends with.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client as HttpClient;
+use hyper_util::rt::TokioExecutor;
+use scalecar_config::ScalecarConfig;
+use scalecar_loadtest::sim::{ModelSim, SimConfig, SimHandle};
+use scalecar_proxy::server::{self, ProxyHandle};
+use serde_json::Value;
+
+/// A model-sim on a free port, once its `/health` answers 200.
+pub async fn sim(config: SimConfig) -> SimHandle {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let h = ModelSim::spawn(config, listener);
+    let url = format!("http://{}/health", h.local_addr());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get(&url).await.map(|(s, _)| s) != Ok(200) {
+        assert!(Instant::now() < deadline, "model-sim never ready");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    h
+}
+
+/// A model-sim config serving `name`, seeded.
+pub fn model(name: &str) -> SimConfig {
+    SimConfig {
+        model: name.into(),
+        seed: 5,
+        ..SimConfig::default()
+    }
+}
+
+/// The proxy of a `scalecar run` config on free ports, once `/readyz`
+/// answers 200.
+pub async fn proxy(yaml: &str) -> ProxyHandle {
+    let config = ScalecarConfig::from_yaml_str(yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    let p = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let h = server::start(&config, p, a).await.unwrap();
+    let url = format!("http://{}/readyz", h.admin_addr);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get(&url).await.map(|(s, _)| s) != Ok(200) {
+        assert!(Instant::now() < deadline, "proxy never ready");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    h
+}
+
+/// One request on a fresh connection; the whole body.
+pub async fn request_bytes(
+    method: &str,
+    url: &str,
+    body: &str,
+) -> Result<(u16, http::HeaderMap, Bytes), String> {
+    let client = HttpClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(url)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .map_err(|e| e.to_string())?;
+    let resp = client.request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, headers, body))
+}
+
+/// [`request_bytes`] with the body as text.
+pub async fn request(
+    method: &str,
+    url: &str,
+    body: &str,
+) -> Result<(u16, http::HeaderMap, String), String> {
+    request_bytes(method, url, body)
+        .await
+        .map(|(s, h, b)| (s, h, String::from_utf8_lossy(&b).into_owned()))
+}
+
+pub async fn get(url: &str) -> Result<(u16, String), String> {
+    request("GET", url, "").await.map(|(s, _, b)| (s, b))
+}
+
+/// `/debug/pools`.
+pub async fn pools(p: &ProxyHandle) -> Value {
+    let (_, body) = get(&format!("http://{}/debug/pools", p.admin_addr))
+        .await
+        .unwrap();
+    serde_json::from_str(&body).unwrap()
+}
+
+/// The sum of the `/metrics` samples whose line starts with `prefix`.
+pub async fn metric(p: &ProxyHandle, prefix: &str) -> f64 {
+    let (_, text) = get(&format!("http://{}/metrics", p.admin_addr))
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// `scalecar_requests_total` of model `m` in `role` that ended in `outcome`.
+pub async fn outcome(p: &ProxyHandle, role: &str, outcome: &str) -> f64 {
+    metric(
+        p,
+        &format!("scalecar_requests_total{{model=\"m\",role=\"{role}\",outcome=\"{outcome}\"}}"),
+    )
+    .await
+}
+
+/// The suites' shared teardown: once traffic stops, requests in flight,
+/// requests queued and tokens in flight are exactly 0 — in the pools'
+/// signals and in the exported gauges alike. Every test ends with it.
+pub async fn teardown(p: &ProxyHandle) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = pools(p).await;
+        let sum = |key: &str| -> u64 {
+            v["pools"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p[key].as_u64().unwrap())
+                .sum()
+        };
+        let gauges = [
+            metric(p, "scalecar_in_flight_requests{").await,
+            metric(p, "scalecar_queued_requests{").await,
+            metric(p, "scalecar_tokens_in_flight{").await,
+        ];
+        if sum("in_flight") == 0
+            && sum("queued") == 0
+            && sum("tokens_in_flight") == 0
+            && gauges == [0.0; 3]
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "in flight / queued / tokens never returned to 0: {v}, gauges {gauges:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
