@@ -475,15 +475,18 @@ impl DataPlane {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let Some(endpoint) = observation.lease().map(|l| l.endpoint.clone()) else {
+            // The address and Host only: no reference count to bump on an
+            // endpoint every worker shares.
+            let Some((addr, host)) = observation
+                .lease()
+                .map(|l| (l.endpoint.addr, l.endpoint.host.clone()))
+            else {
                 return Err(SendError {
                     outcome: Outcome::upstream_error,
                     message: "no endpoint slot".into(),
                 });
             };
-            let addr = endpoint.addr;
-            req.headers_mut()
-                .insert(header::HOST, endpoint.host.clone());
+            req.headers_mut().insert(header::HOST, host);
             let sent =
                 tokio::time::timeout(self.limits.request_timeout, self.upstream.send(addr, req))
                     .await;
@@ -500,7 +503,9 @@ impl DataPlane {
                     });
                 }
             };
-            entry.pool.record_failure(&endpoint);
+            if let Some(l) = observation.lease() {
+                entry.pool.record_failure(&l.endpoint);
+            }
             match back {
                 Some(r) if error.is_connect() && attempts < 3 => {
                     tracing::debug!(endpoint = %addr, %error, "connect failed; retrying elsewhere");

@@ -265,7 +265,7 @@ pub fn serve(
                 runtime.block_on(async move {
                     let upstream = worker.upstream().clone();
                     tokio::spawn(async move {
-                        let mut every = tokio::time::interval(crate::upstream::SWEEP_INTERVAL);
+                        let mut every = tokio::time::interval(upstream.sweep_interval());
                         loop {
                             every.tick().await;
                             upstream.sweep();

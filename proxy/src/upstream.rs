@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -74,20 +74,22 @@ impl UpstreamError {
 
 struct Idle {
     sender: Sender,
-    /// When it went idle.
-    since: Instant,
+    /// The sweep generation it went idle in.
+    since: u64,
 }
 
-/// How often [`Upstream::sweep`] should run: it only frees memory and file
-/// descriptors; expiry itself is checked when a connection is taken.
-pub const SWEEP_INTERVAL: Duration = Duration::from_secs(15);
-
 /// Keep-alive connections of one worker, by endpoint.
+///
+/// Idle ages are counted in sweeps ([`Upstream::sweep_interval`], a quarter
+/// of the idle timeout, at most 1 s), so the request path reads no clock:
+/// a connection idle through `idle_sweeps` sweeps is not reused, which
+/// keeps its idle time at most the timeout.
 pub struct Upstream {
     idle: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
     connect_timeout: Duration,
-    /// Idle connections older than this are not reused.
-    idle_timeout: Duration,
+    sweep_interval: Duration,
+    idle_sweeps: u64,
+    generation: AtomicU64,
     max_idle_per_endpoint: usize,
     /// Requests resent on a fresh connection after a reused one failed.
     resent: AtomicU64,
@@ -103,13 +105,24 @@ impl std::fmt::Debug for Upstream {
 
 impl Upstream {
     pub fn new(connect_timeout: Duration, idle_timeout: Duration) -> Arc<Self> {
+        let sweep_interval =
+            (idle_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let idle_sweeps =
+            (idle_timeout.as_micros() / sweep_interval.as_micros().max(1)).max(1) as u64;
         Arc::new(Upstream {
             idle: Mutex::new(HashMap::new()),
             connect_timeout,
-            idle_timeout,
+            sweep_interval,
+            idle_sweeps,
+            generation: AtomicU64::new(0),
             max_idle_per_endpoint: 1024,
             resent: AtomicU64::new(0),
         })
+    }
+
+    /// How often [`Upstream::sweep`] must run.
+    pub fn sweep_interval(&self) -> Duration {
+        self.sweep_interval
     }
 
     /// Requests sent once more on a fresh connection because the reused
@@ -134,8 +147,9 @@ impl Upstream {
     fn checkout(&self, addr: SocketAddr) -> Option<Sender> {
         let mut idle = self.lock();
         let list = idle.get_mut(&addr)?;
+        let now = self.generation.load(Ordering::Relaxed);
         while let Some(c) = list.pop() {
-            if c.since.elapsed() >= self.idle_timeout {
+            if now - c.since >= self.idle_sweeps {
                 list.clear();
                 return None;
             }
@@ -147,7 +161,7 @@ impl Upstream {
     }
 
     fn checkin(&self, addr: SocketAddr, sender: Sender) {
-        let since = Instant::now();
+        let since = self.generation.load(Ordering::Relaxed);
         let mut idle = self.lock();
         let list = idle.entry(addr).or_default();
         if list.len() < self.max_idle_per_endpoint {
@@ -155,12 +169,13 @@ impl Upstream {
         }
     }
 
-    /// Drops closed and expired connections, and endpoints with none left.
-    /// Run every [`SWEEP_INTERVAL`].
+    /// Ages idle connections by one sweep; drops closed and expired ones,
+    /// and endpoints with none left. Run every [`Upstream::sweep_interval`].
     pub fn sweep(&self) {
-        let timeout = self.idle_timeout;
+        let now = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let max = self.idle_sweeps;
         self.lock().retain(|_, list| {
-            list.retain(|c| !c.sender.is_closed() && c.since.elapsed() < timeout);
+            list.retain(|c| !c.sender.is_closed() && now - c.since < max);
             !list.is_empty()
         });
     }
@@ -388,12 +403,20 @@ mod tests {
     #[tokio::test]
     async fn connections_idle_past_the_timeout_are_not_reused() {
         let (addr, accepted) = server(true).await;
-        let up = Upstream::new(Duration::from_secs(1), Duration::from_millis(50));
+        // 4 s: swept every second, reused through three sweeps, not four.
+        let up = Upstream::new(Duration::from_secs(1), Duration::from_secs(4));
+        assert_eq!(up.sweep_interval(), Duration::from_secs(1));
         round_trip(&up, addr).await;
         round_trip(&up, addr).await;
         assert_eq!(accepted.load(Ordering::Relaxed), 1);
-        tokio::time::sleep(Duration::from_millis(60)).await;
-        up.sweep();
+        for _ in 0..3 {
+            up.sweep();
+        }
+        round_trip(&up, addr).await;
+        assert_eq!(accepted.load(Ordering::Relaxed), 1);
+        for _ in 0..4 {
+            up.sweep();
+        }
         assert_eq!(up.idle_count(), 0);
         round_trip(&up, addr).await;
         assert_eq!(accepted.load(Ordering::Relaxed), 2);
