@@ -1,0 +1,748 @@
+//! The controllers: workloads (Deployments, StatefulSets, ReplicaSets and
+//! the custom kinds) create and delete Pods; each Pod gets its own loopback
+//! address and, when its container serves a model, an in-process model-sim
+//! there; Pods turn Ready when `/health` answers, terminate gracefully while
+//! model-sim drains; EndpointSlices follow readiness; workload status
+//! follows the Pods.
+//!
+//! One task reconciles everything after every change (and every 100 ms for
+//! readiness and drains). Each pass reads the store and writes only what
+//! differs, so its own writes settle after one more pass.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+
+use super::resources::{ResourceType, Storage, of_storage};
+use super::selector::LabelSelector;
+use super::store::{Part, Store, suffix};
+use super::time::now_rfc3339;
+use super::view::selector_of;
+use crate::sim::{ModelSim, SimConfig, SimHandle, SimRole};
+
+/// What the controller runs for a Pod's container.
+#[derive(Debug)]
+struct Runtime {
+    ip: Ipv4Addr,
+    /// The model-sim of a container that serves a model.
+    sim: Option<SimHandle>,
+    port: u16,
+    ready: bool,
+    /// When termination began.
+    terminating: Option<(Instant, Duration)>,
+}
+
+/// Pod addresses: 127.0.0.2, 127.0.0.3, … (all of 127/8 is local on
+/// Linux), reused after a Pod is gone.
+#[derive(Debug)]
+struct Addresses {
+    next: u32,
+    free: Vec<Ipv4Addr>,
+}
+
+impl Addresses {
+    fn take(&mut self) -> Ipv4Addr {
+        self.free.pop().unwrap_or_else(|| {
+            let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 0, 0, 0)) + self.next);
+            self.next += 1;
+            ip
+        })
+    }
+
+    fn give_back(&mut self, ip: Ipv4Addr) {
+        self.free.push(ip);
+    }
+}
+
+/// A container's model-sim settings from its command and args, as a vLLM
+/// user writes them (`vllm serve MODEL`, `--model`, `--served-model-name`,
+/// `--port`) plus model-sim's own flags (`--role`, `--startup-delay`,
+/// `--seed`). `None`: the container serves no model.
+pub fn sim_of(container: &Value) -> Option<(SimConfig, u16)> {
+    let words: Vec<String> = ["command", "args"]
+        .iter()
+        .filter_map(|k| container.get(*k).and_then(Value::as_array))
+        .flatten()
+        .filter_map(|v| v.as_str().map(String::from))
+        .collect();
+    let mut flags: HashMap<String, String> = HashMap::new();
+    let mut positional = Vec::new();
+    let mut i = 0;
+    while let Some(w) = words.get(i) {
+        if let Some(flag) = w.strip_prefix("--") {
+            if let Some((k, v)) = flag.split_once('=') {
+                flags.insert(k.to_string(), v.to_string());
+            } else if let Some(v) = words.get(i + 1).filter(|v| !v.starts_with("--")) {
+                flags.insert(flag.to_string(), v.clone());
+                i += 1;
+            } else {
+                flags.insert(flag.to_string(), String::new());
+            }
+        } else {
+            positional.push(w.clone());
+        }
+        i += 1;
+    }
+    let served = flags
+        .get("served-model-name")
+        .or_else(|| flags.get("model"))
+        .cloned()
+        .or_else(|| {
+            positional
+                .iter()
+                .position(|w| w == "serve")
+                .and_then(|at| positional.get(at + 1).cloned())
+        })?;
+    let port = flags
+        .get("port")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(8000);
+    let mut config = SimConfig {
+        model: served,
+        ..SimConfig::default()
+    };
+    if let Some(r) = flags.get("role") {
+        config.role = match r.as_str() {
+            "prefill" => SimRole::Prefill,
+            "decode" => SimRole::Decode,
+            _ => SimRole::Unified,
+        };
+    }
+    if let Some(d) = flags
+        .get("startup-delay")
+        .and_then(|d| humantime::parse_duration(d).ok())
+    {
+        config.startup_delay = d;
+    }
+    if let Some(s) = flags.get("seed").and_then(|s| s.parse().ok()) {
+        config.seed = s;
+    }
+    Some((config, port))
+}
+
+fn meta<'a>(o: &'a Value, k: &str) -> &'a str {
+    o.get("metadata")
+        .and_then(|m| m.get(k))
+        .and_then(Value::as_str)
+        .unwrap_or("")
+}
+
+fn owner_uid(pod: &Value) -> Option<&str> {
+    pod.pointer("/metadata/ownerReferences")
+        .and_then(Value::as_array)?
+        .iter()
+        .find(|r| r.get("controller").and_then(Value::as_bool) == Some(true))
+        .and_then(|r| r.get("uid"))
+        .and_then(Value::as_str)
+}
+
+fn terminating(o: &Value) -> bool {
+    o.pointer("/metadata/deletionTimestamp").is_some()
+}
+
+fn pod_ready(pod: &Value) -> bool {
+    pod.pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .is_some_and(|cs| {
+            cs.iter().any(|c| {
+                c.get("type").and_then(Value::as_str) == Some("Ready")
+                    && c.get("status").and_then(Value::as_str) == Some("True")
+            })
+        })
+}
+
+/// A short stable hash of a pod template (Deployments' pod-template-hash).
+fn template_hash(template: &Value) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    template.to_string().hash(&mut h);
+    let n = h.finish();
+    const CHARS: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    (0..10)
+        .map(|i| char::from(CHARS[((n >> (i * 6)) % CHARS.len() as u64) as usize]))
+        .collect()
+}
+
+/// The controllers of one kube-sim.
+#[derive(Debug)]
+pub struct Controller {
+    store: Arc<Store>,
+    pods: HashMap<(String, String), Runtime>,
+    addresses: Addresses,
+}
+
+const WORKLOADS: [Storage; 5] = [
+    Storage::Deployments,
+    Storage::StatefulSets,
+    Storage::ReplicaSets,
+    Storage::ModelServers,
+    Storage::ModelBackends,
+];
+
+impl Controller {
+    pub fn new(store: Arc<Store>) -> Self {
+        Controller {
+            store,
+            pods: HashMap::new(),
+            addresses: Addresses {
+                next: 2,
+                free: Vec::new(),
+            },
+        }
+    }
+
+    /// Reconciles after every change and every 100 ms until `stop`.
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        let mut changes = self.store.subscribe();
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => break,
+                _ = changes.recv() => {
+                    // Take what else is pending: one pass covers them all.
+                    while changes.try_recv().is_ok() {}
+                }
+                _ = tick.tick() => {}
+            }
+            self.pass().await;
+        }
+        for (_, rt) in self.pods.drain() {
+            if let Some(sim) = rt.sim {
+                sim.shutdown();
+            }
+        }
+    }
+
+    /// One reconcile of everything.
+    pub async fn pass(&mut self) {
+        let pods = self.store.all(Storage::Pods);
+        let mut live_owners: HashSet<String> = HashSet::new();
+        for storage in WORKLOADS {
+            let rt = of_storage(storage);
+            for w in self.store.all(storage) {
+                live_owners.insert(meta(&w, "uid").to_string());
+                if !terminating(&w) {
+                    self.workload(rt, &w, &pods);
+                }
+            }
+        }
+        for pod in &pods {
+            // Pods of a workload that is gone are garbage-collected.
+            if let Some(uid) = owner_uid(pod)
+                && !live_owners.contains(uid)
+                && !terminating(pod)
+            {
+                let _ = self.store.delete(
+                    of_storage(Storage::Pods),
+                    meta(pod, "namespace"),
+                    meta(pod, "name"),
+                    Some(pod_grace(pod)),
+                );
+            }
+        }
+        let pods = self.store.all(Storage::Pods);
+        let mut seen = HashSet::new();
+        for pod in &pods {
+            let key = (
+                meta(pod, "namespace").to_string(),
+                meta(pod, "name").to_string(),
+            );
+            seen.insert(key.clone());
+            self.pod(key, pod).await;
+        }
+        // Runtimes of pods removed by anyone.
+        let gone: Vec<_> = self
+            .pods
+            .keys()
+            .filter(|k| !seen.contains(*k))
+            .cloned()
+            .collect();
+        for k in gone {
+            if let Some(rt) = self.pods.remove(&k) {
+                if let Some(sim) = rt.sim {
+                    sim.shutdown();
+                }
+                self.addresses.give_back(rt.ip);
+            }
+        }
+        self.endpoint_slices();
+    }
+
+    fn workload(&mut self, rt: &ResourceType, w: &Value, pods: &[Value]) {
+        let ns = meta(w, "namespace");
+        let name = meta(w, "name");
+        let uid = meta(w, "uid");
+        let desired = w
+            .pointer("/spec/replicas")
+            .and_then(Value::as_u64)
+            .unwrap_or(1) as usize;
+        let mut owned: Vec<&Value> = pods
+            .iter()
+            .filter(|p| owner_uid(p) == Some(uid) && meta(p, "namespace") == ns)
+            .collect();
+        owned.sort_by_key(|p| meta(p, "name").to_string());
+        let live: Vec<&Value> = owned.iter().copied().filter(|p| !terminating(p)).collect();
+        let pod_rt = of_storage(Storage::Pods);
+        let template = w.pointer("/spec/template").cloned().unwrap_or(json!({}));
+        if live.len() != desired {
+            let (verb, n) = if live.len() < desired {
+                ("Created", desired - live.len())
+            } else {
+                ("Deleted", live.len() - desired)
+            };
+            let (reason, message) = if rt.storage == Storage::Deployments {
+                (
+                    "ScalingReplicaSet",
+                    format!("Scaled {} to {desired} pods ({verb} {n})", name),
+                )
+            } else {
+                (
+                    if verb == "Created" {
+                        "SuccessfulCreate"
+                    } else {
+                        "SuccessfulDelete"
+                    },
+                    format!("{verb} {n} pods; {desired} desired"),
+                )
+            };
+            record_event(&self.store, rt, w, reason, &message);
+        }
+        if live.len() < desired {
+            let hash = template_hash(&template);
+            let taken: HashSet<&str> = owned.iter().map(|p| meta(p, "name")).collect();
+            let mut ordinal = 0usize;
+            for _ in live.len()..desired {
+                let pod_name = if rt.storage == Storage::StatefulSets {
+                    while taken.contains(format!("{name}-{ordinal}").as_str()) {
+                        ordinal += 1;
+                    }
+                    ordinal += 1;
+                    format!("{name}-{}", ordinal - 1)
+                } else if rt.storage == Storage::Deployments {
+                    format!("{name}-{hash}-{}", suffix(5))
+                } else {
+                    format!("{name}-{}", suffix(5))
+                };
+                let mut labels = template
+                    .pointer("/metadata/labels")
+                    .cloned()
+                    .unwrap_or(json!({}));
+                if rt.storage == Storage::Deployments {
+                    labels["pod-template-hash"] = json!(hash);
+                }
+                let mut spec = template.get("spec").cloned().unwrap_or(json!({}));
+                spec["nodeName"] = json!("kube-sim");
+                let pod = json!({
+                    "metadata": {
+                        "name": pod_name,
+                        "labels": labels,
+                        "annotations": template.pointer("/metadata/annotations").cloned().unwrap_or(json!({})),
+                        "ownerReferences": [{"apiVersion": rt.api_version(), "kind": rt.kind, "name": name,
+                                             "uid": uid, "controller": true, "blockOwnerDeletion": true}],
+                    },
+                    "spec": spec,
+                    "status": {"phase": "Pending", "qosClass": "BestEffort",
+                               "conditions": [{"type": "PodScheduled", "status": "True",
+                                               "lastTransitionTime": now_rfc3339()}]},
+                });
+                if let Err(e) = self.store.create(pod_rt, ns, pod) {
+                    tracing::warn!(workload = %name, error = %e, "creating a pod failed");
+                }
+            }
+        } else if live.len() > desired {
+            // A StatefulSet removes its highest ordinals; others the
+            // not-ready first, then the newest.
+            let mut victims = live.clone();
+            let ordinal = |p: &Value| {
+                meta(p, "name")
+                    .rsplit('-')
+                    .next()
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            if rt.storage == Storage::StatefulSets {
+                victims.sort_by_key(|p| std::cmp::Reverse(ordinal(p)));
+            } else {
+                victims.sort_by(|a, b| {
+                    pod_ready(a)
+                        .cmp(&pod_ready(b))
+                        .then_with(|| {
+                            meta(b, "creationTimestamp").cmp(meta(a, "creationTimestamp"))
+                        })
+                        .then_with(|| meta(b, "name").cmp(meta(a, "name")))
+                });
+            }
+            for p in victims.into_iter().take(live.len() - desired) {
+                let _ = self
+                    .store
+                    .delete(pod_rt, ns, meta(p, "name"), Some(pod_grace(p)));
+            }
+        }
+        let ready = live.iter().filter(|p| pod_ready(p)).count();
+        let replicas = live.len();
+        let generation = w
+            .pointer("/metadata/generation")
+            .cloned()
+            .unwrap_or(json!(1));
+        let selector = selector_of(w).to_query();
+        let _ = self.store.modify(rt, ns, name, Part::Status, |o| {
+            let mut status = o.get("status").cloned().unwrap_or(json!({}));
+            status["replicas"] = json!(replicas);
+            status["readyReplicas"] = json!(ready);
+            status["availableReplicas"] = json!(ready);
+            status["updatedReplicas"] = json!(replicas);
+            status["observedGeneration"] = generation;
+            if rt.storage == Storage::StatefulSets {
+                status["currentReplicas"] = json!(replicas);
+            }
+            if matches!(rt.storage, Storage::ModelServers | Storage::ModelBackends) {
+                status["selector"] = json!(selector);
+            }
+            if let Some(s) = status.as_object_mut() {
+                // Kubernetes leaves zero counts out (omitempty).
+                for k in [
+                    "replicas",
+                    "readyReplicas",
+                    "availableReplicas",
+                    "updatedReplicas",
+                    "currentReplicas",
+                ] {
+                    if s.get(k) == Some(&json!(0)) {
+                        s.remove(k);
+                    }
+                }
+            }
+            o["status"] = status;
+            Ok(())
+        });
+    }
+
+    async fn pod(&mut self, key: (String, String), pod: &Value) {
+        let pod_rt = of_storage(Storage::Pods);
+        let (ns, name) = (&key.0, &key.1);
+        if !self.pods.contains_key(&key) {
+            if terminating(pod) {
+                let _ = self.store.delete(pod_rt, ns, name, None);
+                return;
+            }
+            let ip = self.addresses.take();
+            let container = pod
+                .pointer("/spec/containers/0")
+                .cloned()
+                .unwrap_or(json!({}));
+            let (sim, port) = match sim_of(&container) {
+                Some((config, port)) => {
+                    match tokio::net::TcpListener::bind(SocketAddr::from((ip, port))).await {
+                        Ok(l) => (Some(ModelSim::spawn(config, l)), port),
+                        Err(e) => {
+                            tracing::warn!(pod = %name, %ip, port, error = %e, "cannot listen for the pod's model-sim");
+                            (None, port)
+                        }
+                    }
+                }
+                None => (None, 0),
+            };
+            let serves = sim.is_some();
+            self.pods.insert(
+                key.clone(),
+                Runtime {
+                    ip,
+                    sim,
+                    port,
+                    // A container that serves no model is ready at once.
+                    ready: !serves,
+                    terminating: None,
+                },
+            );
+            let containers: Vec<Value> = pod
+                .pointer("/spec/containers")
+                .and_then(Value::as_array)
+                .map(|cs| {
+                    cs.iter()
+                        .map(|c| {
+                            json!({"name": c.get("name").cloned().unwrap_or(json!("main")),
+                                   "image": c.get("image").cloned().unwrap_or(json!("")),
+                                   "imageID": "", "containerID": format!("kube-sim://{ns}/{name}"),
+                                   "ready": false, "started": true, "restartCount": 0,
+                                   "state": {"running": {"startedAt": now_rfc3339()}}})
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let _ = self.store.modify(pod_rt, ns, name, Part::Status, |o| {
+                o["status"] = json!({
+                    "phase": "Running",
+                    "podIP": ip.to_string(),
+                    "podIPs": [{"ip": ip.to_string()}],
+                    "hostIP": "127.0.0.1",
+                    "startTime": now_rfc3339(),
+                    "qosClass": "BestEffort",
+                    "conditions": [
+                        {"type": "PodScheduled", "status": "True", "lastTransitionTime": now_rfc3339()},
+                        {"type": "Initialized", "status": "True", "lastTransitionTime": now_rfc3339()},
+                        {"type": "ContainersReady", "status": "False", "lastTransitionTime": now_rfc3339()},
+                        {"type": "Ready", "status": "False", "lastTransitionTime": now_rfc3339()},
+                    ],
+                    "containerStatuses": containers,
+                });
+                Ok(())
+            });
+        }
+        let Some(rt) = self.pods.get_mut(&key) else {
+            return;
+        };
+        if terminating(pod) {
+            let (since, grace) = *rt
+                .terminating
+                .get_or_insert((Instant::now(), Duration::from_secs(pod_grace(pod))));
+            let drained = match &rt.sim {
+                Some(sim) => {
+                    sim.drain();
+                    sim.is_drained()
+                }
+                None => true,
+            };
+            if drained || since.elapsed() >= grace {
+                if let Some(sim) = rt.sim.take() {
+                    sim.shutdown();
+                }
+                let _ = self.store.delete(pod_rt, ns, name, None);
+                if let Some(rt) = self.pods.remove(&key) {
+                    self.addresses.give_back(rt.ip);
+                }
+                return;
+            }
+            if rt.ready {
+                rt.ready = false;
+                set_ready(&self.store, ns, name, false);
+            }
+            return;
+        }
+        if !rt.ready && rt.sim.is_some() && health(SocketAddr::from((rt.ip, rt.port))).await {
+            rt.ready = true;
+        }
+        if rt.ready != pod_ready(pod) {
+            set_ready(&self.store, ns, name, rt.ready);
+        }
+    }
+
+    fn endpoint_slices(&self) {
+        let slice_rt = of_storage(Storage::EndpointSlices);
+        let pods = self.store.all(Storage::Pods);
+        let mut wanted: BTreeMap<(String, String), Value> = BTreeMap::new();
+        for svc in self.store.all(Storage::Services) {
+            let Some(sel) = svc.pointer("/spec/selector").and_then(Value::as_object) else {
+                continue;
+            };
+            if sel.is_empty() {
+                continue;
+            }
+            let ns = meta(&svc, "namespace");
+            let name = meta(&svc, "name");
+            let selector = LabelSelector::from_match_labels(sel);
+            let endpoints: Vec<Value> = pods
+                .iter()
+                .filter(|p| meta(p, "namespace") == ns && selector.matches(p))
+                .filter_map(|p| {
+                    let ip = p.pointer("/status/podIP")?.as_str()?;
+                    let ready = pod_ready(p) && !terminating(p);
+                    Some(json!({
+                        "addresses": [ip],
+                        "conditions": {"ready": ready, "serving": ready, "terminating": terminating(p)},
+                        "nodeName": "kube-sim",
+                        "targetRef": {"kind": "Pod", "name": meta(p, "name"), "namespace": ns, "uid": meta(p, "uid")},
+                    }))
+                })
+                .collect();
+            let ports: Vec<Value> = svc
+                .pointer("/spec/ports")
+                .and_then(Value::as_array)
+                .map(|ps| {
+                    ps.iter()
+                        .map(|p| {
+                            let port = p
+                                .get("targetPort")
+                                .and_then(Value::as_u64)
+                                .or_else(|| p.get("port").and_then(Value::as_u64))
+                                .unwrap_or(0);
+                            json!({"name": p.get("name").cloned().unwrap_or(json!("")), "port": port,
+                                   "protocol": p.get("protocol").cloned().unwrap_or(json!("TCP"))})
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let slice_name = format!("{name}-kubesim");
+            wanted.insert(
+                (ns.to_string(), slice_name.clone()),
+                json!({
+                    "metadata": {"name": slice_name,
+                                 "labels": {"kubernetes.io/service-name": name,
+                                            "endpointslice.kubernetes.io/managed-by": "kube-sim"},
+                                 "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": name,
+                                                      "uid": meta(&svc, "uid"), "controller": true}]},
+                    "addressType": "IPv4",
+                    "endpoints": endpoints,
+                    "ports": ports,
+                }),
+            );
+        }
+        let existing = self.store.all(Storage::EndpointSlices);
+        for s in &existing {
+            let key = (
+                meta(s, "namespace").to_string(),
+                meta(s, "name").to_string(),
+            );
+            let managed = s.pointer("/metadata/labels/endpointslice.kubernetes.io~1managed-by")
+                == Some(&json!("kube-sim"));
+            if managed && !wanted.contains_key(&key) {
+                let _ = self.store.delete(slice_rt, &key.0, &key.1, None);
+            }
+        }
+        for ((ns, name), slice) in wanted {
+            let exists = existing
+                .iter()
+                .any(|s| meta(s, "namespace") == ns && meta(s, "name") == name);
+            if exists {
+                let _ = self.store.modify(slice_rt, &ns, &name, Part::Main, |o| {
+                    o["endpoints"] = slice["endpoints"].clone();
+                    o["ports"] = slice["ports"].clone();
+                    Ok(())
+                });
+            } else {
+                let _ = self.store.create(slice_rt, &ns, slice);
+            }
+        }
+    }
+}
+
+/// A Normal event about `w`, as the real controllers write them.
+fn record_event(store: &Store, rt: &ResourceType, w: &Value, reason: &str, message: &str) {
+    let events = super::resources::by_kind("events.k8s.io/v1", "Event")
+        .unwrap_or_else(|| of_storage(Storage::Events));
+    let now = now_rfc3339();
+    let micro = format!("{}.000000Z", now.trim_end_matches('Z'));
+    let event = json!({
+        "metadata": {"generateName": format!("{}.", meta(w, "name"))},
+        "eventTime": micro,
+        "reportingController": "kube-sim/controller",
+        "reportingInstance": "kube-sim",
+        "action": "Scale",
+        "reason": reason,
+        "note": message,
+        "type": "Normal",
+        "regarding": {"apiVersion": rt.api_version(), "kind": rt.kind, "name": meta(w, "name"),
+                      "namespace": meta(w, "namespace"), "uid": meta(w, "uid")},
+    });
+    if let Err(e) = store.create(events, meta(w, "namespace"), event) {
+        tracing::debug!(error = %e, "recording an event failed");
+    }
+}
+
+fn pod_grace(pod: &Value) -> u64 {
+    pod.pointer("/metadata/deletionGracePeriodSeconds")
+        .and_then(Value::as_u64)
+        .or_else(|| {
+            pod.pointer("/spec/terminationGracePeriodSeconds")
+                .and_then(Value::as_u64)
+        })
+        .unwrap_or(30)
+}
+
+fn set_ready(store: &Store, ns: &str, name: &str, ready: bool) {
+    let pod_rt = of_storage(Storage::Pods);
+    let flag = if ready { "True" } else { "False" };
+    let _ = store.modify(pod_rt, ns, name, Part::Status, |o| {
+        if let Some(cs) = o
+            .pointer_mut("/status/conditions")
+            .and_then(Value::as_array_mut)
+        {
+            for c in cs.iter_mut() {
+                if matches!(
+                    c.get("type").and_then(Value::as_str),
+                    Some("Ready" | "ContainersReady")
+                ) {
+                    c["status"] = json!(flag);
+                    c["lastTransitionTime"] = json!(now_rfc3339());
+                }
+            }
+        }
+        if let Some(cs) = o
+            .pointer_mut("/status/containerStatuses")
+            .and_then(Value::as_array_mut)
+        {
+            for c in cs.iter_mut() {
+                c["ready"] = json!(ready);
+            }
+        }
+        Ok(())
+    });
+}
+
+/// `GET /health` answers 200 within 200 ms.
+async fn health(addr: SocketAddr) -> bool {
+    let probe = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        s.write_all(b"GET /health HTTP/1.1\r\nhost: pod\r\nconnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut buf = [0u8; 16];
+        let n = s.read(&mut buf).await.ok()?;
+        Some(buf.get(..n)?.starts_with(b"HTTP/1.1 200"))
+    };
+    tokio::time::timeout(Duration::from_millis(200), probe)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn container_args_as_vllm_users_write_them() {
+        let (c, port) =
+            sim_of(&json!({"args": ["--model", "meta-llama/Llama-3-8B", "--port", "8001"]}))
+                .unwrap();
+        assert_eq!((c.model.as_str(), port), ("meta-llama/Llama-3-8B", 8001));
+        let (c, port) = sim_of(&json!({"command": ["vllm", "serve", "qwen"],
+            "args": ["--served-model-name=q", "--role", "decode", "--startup-delay", "2s"]}))
+        .unwrap();
+        assert_eq!(
+            (c.model.as_str(), port, c.role),
+            ("q", 8000, SimRole::Decode)
+        );
+        assert_eq!(c.startup_delay, Duration::from_secs(2));
+        let (c, _) = sim_of(&json!({"command": ["vllm", "serve", "qwen"]})).unwrap();
+        assert_eq!(c.model, "qwen");
+        assert!(sim_of(&json!({"image": "nginx", "args": ["-g", "daemon off;"]})).is_none());
+    }
+
+    #[test]
+    fn addresses_are_distinct_and_reused() {
+        let mut a = Addresses {
+            next: 2,
+            free: Vec::new(),
+        };
+        let x = a.take();
+        let y = a.take();
+        assert_eq!(
+            (x, y),
+            (Ipv4Addr::new(127, 0, 0, 2), Ipv4Addr::new(127, 0, 0, 3))
+        );
+        a.give_back(x);
+        assert_eq!(a.take(), x);
+        let mut far = Addresses {
+            next: 300,
+            free: Vec::new(),
+        };
+        assert_eq!(far.take(), Ipv4Addr::new(127, 0, 1, 44));
+    }
+}
