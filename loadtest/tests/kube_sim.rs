@@ -169,6 +169,16 @@ async fn kubectl_drives_a_deployment_through_its_life() {
     })
     .await;
     let ips = ready_ips(&pods_json(&config).await);
+    // kubectl prints the server's table: readiness, status and, wide, IPs.
+    let wide = kubectl(&config, &["get", "po", "-o", "wide"], None).await;
+    assert!(wide.contains("READY") && wide.contains("IP"), "{wide}");
+    for ip in &ips {
+        assert!(
+            wide.lines()
+                .any(|l| l.contains(ip.as_str()) && l.contains("1/1") && l.contains("Running")),
+            "{ip} in\n{wide}"
+        );
+    }
     let mut distinct = ips.clone();
     distinct.sort();
     distinct.dedup();

@@ -21,7 +21,7 @@ use super::patch::{self, PatchError};
 use super::resources::{self, RESOURCES, ResourceType, Storage};
 use super::selector::{FieldSelector, LabelSelector};
 use super::store::{ApiError, Change, ChangeKind, Filter, Part, Store};
-use super::view;
+use super::{table, view};
 
 pub type Body = BoxBody<Bytes, Infallible>;
 
@@ -304,6 +304,12 @@ impl Api {
             .unwrap_or("application/json")
             .to_string();
         let field_manager = q.get("fieldManager").cloned();
+        let as_table = req
+            .headers()
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(table::wanted);
+        let include = table::Include::parse(q.get("includeObject").map(String::as_str));
         if content_type.contains("protobuf")
             && matches!(method, Method::POST | Method::PUT | Method::PATCH)
         {
@@ -318,7 +324,7 @@ impl Api {
                 Method::GET => {
                     let filter = filter(rt, namespace.clone(), &q)?;
                     if q.get("watch").is_some_and(|w| w == "1" || w == "true") {
-                        return self.watch(rt, filter, &q);
+                        return self.watch(rt, filter, &q, as_table.then_some(include));
                     }
                     let limit = q
                         .get("limit")
@@ -337,6 +343,9 @@ impl Api {
                     }
                     let items: Vec<Value> =
                         page.items.into_iter().map(|o| view::out(rt, o)).collect();
+                    if as_table {
+                        return Ok(json_response(200, &table::table(rt, &items, meta, include)));
+                    }
                     Ok(json_response(
                         200,
                         &json!({"kind": format!("{}List", rt.kind), "apiVersion": rt.api_version(),
@@ -411,8 +420,12 @@ impl Api {
                         Ok(json_response(200, &view::scale_of(&o)))
                     }
                     (Method::GET, _) => {
-                        let o = self.store.get(rt, &namespace, &name)?;
-                        Ok(json_response(200, &view::out(rt, o)))
+                        let o = view::out(rt, self.store.get(rt, &namespace, &name)?);
+                        if as_table && sub.is_none() {
+                            let meta = json!({"resourceVersion": o.pointer("/metadata/resourceVersion").cloned().unwrap_or(json!(""))});
+                            return Ok(json_response(200, &table::table(rt, &[o], meta, include)));
+                        }
+                        Ok(json_response(200, &o))
                     }
                     (Method::PUT, Some("scale")) => {
                         let body = read_json(req.into_body()).await?;
@@ -557,6 +570,7 @@ impl Api {
         rt: &'static ResourceType,
         filter: Filter,
         q: &HashMap<String, String>,
+        as_table: Option<table::Include>,
     ) -> Result<Response<Body>, ApiError> {
         if q.get("sendInitialEvents").is_some_and(|v| v == "true") {
             return Err(ApiError::invalid(
@@ -601,7 +615,7 @@ impl Api {
                     let mut last = from.unwrap_or(0);
                     for c in start.backlog {
                         last = last.max(c.rv);
-                        if tx.send(line(rt, &c)).await.is_err() {
+                        if tx.send(line(rt, &c, as_table)).await.is_err() {
                             return;
                         }
                     }
@@ -624,7 +638,7 @@ impl Api {
                                         continue;
                                     }
                                     last = c.rv;
-                                    if tx.send(line(rt, &c)).await.is_err() { return; }
+                                    if tx.send(line(rt, &c, as_table)).await.is_err() { return; }
                                 }
                                 Err(broadcast::error::RecvError::Lagged(_)) => {
                                     let e = ApiError::new(410, "Expired", "the watch fell behind: list again");
@@ -652,9 +666,13 @@ impl Api {
     }
 }
 
-fn line(rt: &ResourceType, c: &Change) -> Bytes {
+fn line(rt: &ResourceType, c: &Change, as_table: Option<table::Include>) -> Bytes {
     let kind = c.kind.as_str();
-    let object = view::out(rt, c.object.clone());
+    let mut object = view::out(rt, c.object.clone());
+    if let Some(include) = as_table {
+        let meta = json!({"resourceVersion": c.rv.to_string()});
+        object = table::table(rt, &[object], meta, include);
+    }
     Bytes::from(json!({"type": kind, "object": object}).to_string() + "\n")
 }
 

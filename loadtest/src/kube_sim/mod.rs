@@ -17,7 +17,8 @@
 //!
 //! What it is not: a full apiserver. No authentication or admission, no
 //! OpenAPI schemas (clients must not validate: `kubectl apply
-//! --validate=false`), no Table output, no garbage collection beyond the
+//! --validate=false`), no protobuf (JSON only: `kubectl create <kind>`
+//! sends protobuf, `kubectl apply` does not), no garbage collection beyond the
 //! Pods of deleted workloads, no consistent snapshots across list pages (a
 //! page continues from the last name returned, in the current state).
 //!
@@ -32,6 +33,7 @@ mod patch;
 pub mod resources;
 mod selector;
 pub mod store;
+mod table;
 mod time;
 mod view;
 
