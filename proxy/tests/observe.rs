@@ -552,3 +552,48 @@ async fn a_server_that_closes_after_every_answer_gives_clients_no_errors() {
         "a stale connection is not the endpoint's failure: {v}"
     );
 }
+
+#[tokio::test]
+async fn a_client_gone_during_the_prefill_leg_releases_the_prefill_pool() {
+    // The prefill server takes 3 s to answer; the client leaves after the
+    // leg is in flight.
+    let decode = sim(SimConfig {
+        model: "m".into(),
+        role: SimRole::Decode,
+        ..SimConfig::default()
+    })
+    .await;
+    let slow = Script {
+        pieces: vec![after(
+            3000,
+            r#"{"kv_transfer_params":{"remote_engine_id":"e"}}"#,
+        )],
+        ..json_answer(
+            "200 OK",
+            r#"{"kv_transfer_params":{"remote_engine_id":"e"}}"#,
+        )
+    };
+    let (prefill, _) = scripted(slow).await;
+    let p = proxy(&pd_yaml(prefill, decode.local_addr())).await;
+    let url = format!("http://{}/v1/chat/completions", p.proxy_addr);
+    let client = tokio::spawn(async move { request_bytes("POST", &url, STREAM).await });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(
+        &p,
+        "scalecar_in_flight_requests{model=\"m\",role=\"prefill\"}",
+    )
+    .await
+        != 1.0
+    {
+        assert!(Instant::now() < deadline, "the prefill leg never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    client.abort();
+    let _ = client.await;
+    teardown(&p).await;
+    assert_eq!(outcome(&p, "prefill", "cancelled").await, 1.0);
+    assert_eq!(
+        metric(&p, "scalecar_requests_total{model=\"m\",role=\"decode\"").await,
+        0.0
+    );
+}
