@@ -722,3 +722,129 @@ async fn the_event_recorder_writes_what_kubectl_shows() {
     let _ = std::fs::remove_file(&config);
     sim.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kustomize_base_renders_and_applies() {
+    let (sim, config) = start(KubeSimConfig::default()).await;
+    let base = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/base");
+    let rendered = kubectl(&config, &["kustomize", base.to_str().unwrap()], None).await;
+    let out = kubectl(
+        &config,
+        &["apply", "--validate=false", "-f", "-"],
+        Some(&rendered),
+    )
+    .await;
+    for what in [
+        "namespace/scalecar created",
+        "serviceaccount/scalecar created",
+        "clusterrole.rbac.authorization.k8s.io/scalecar created",
+        "configmap/scalecar created",
+        "deployment.apps/scalecar created",
+        "poddisruptionbudget.policy/scalecar created",
+        "service/scalecar-admin created",
+        "servicemonitor.monitoring.coreos.com/scalecar created",
+    ] {
+        assert!(out.contains(what), "{what} missing from:\n{out}");
+    }
+    // The gateway's pod runs (its container serves no model: ready at once).
+    eventually("the gateway deployment is ready", || {
+        let config = config.clone();
+        async move {
+            let d: Value = serde_json::from_str(
+                &kubectl(
+                    &config,
+                    &["-n", "scalecar", "get", "deploy/scalecar", "-o", "json"],
+                    None,
+                )
+                .await,
+            )
+            .unwrap();
+            d["status"]["readyReplicas"] == 1
+        }
+    })
+    .await;
+    let _ = std::fs::remove_file(&config);
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_are_injected_and_lifted() {
+    let (sim, config) = start(KubeSimConfig {
+        controllers: false,
+        ..KubeSimConfig::default()
+    })
+    .await;
+    let crds = kubectl(&config, &["get", "crd", "-o", "name"], None).await;
+    assert!(crds.contains("modelservers.serving.example.com"), "{crds}");
+    let c = client(&sim).await;
+    let deploys: Api<Deployment> = Api::namespaced(c.clone(), "default");
+    deploys
+        .create(&PostParams::default(), &deployment("a", 1))
+        .await
+        .unwrap();
+    // Through the admin API, as a test harness in another process would.
+    let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let set = |body: &'static str| {
+        let http = http.clone();
+        let url = format!("{}/kube-sim/faults", sim.url());
+        async move {
+            let req = hyper::Request::post(url)
+                .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                .unwrap();
+            let resp = http.request(req).await.unwrap();
+            assert_eq!(resp.status(), 200);
+        }
+    };
+    set(r#"{"rules": [{"verb": "patch", "resource": "deployments", "error": 500}]}"#).await;
+    let err = tokio::time::timeout(
+        Duration::from_secs(10),
+        deploys.patch(
+            "a",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 2}})),
+        ),
+    )
+    .await
+    .expect("answered")
+    .unwrap_err();
+    assert!(
+        matches!(&err, kube::Error::Api(s) if s.code == 500),
+        "{err}"
+    );
+    deploys.get("a").await.unwrap();
+    set(r#"{"rules": [{"verb": "get", "latency": "300ms"}], "refuseFor": "500ms"}"#).await;
+    // Refused connections: a new connection is closed at once.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(sim.addr()).await.unwrap();
+        let _ = s
+            .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await;
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("closed, not hanging")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "a refused connection answered");
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let t = Instant::now();
+    deploys.get("a").await.unwrap();
+    assert!(
+        t.elapsed() >= Duration::from_millis(300),
+        "no latency added: {:?}",
+        t.elapsed()
+    );
+    set(r#"{}"#).await;
+    deploys
+        .patch(
+            "a",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 2}})),
+        )
+        .await
+        .unwrap();
+    let _ = std::fs::remove_file(&config);
+    sim.shutdown().await;
+}

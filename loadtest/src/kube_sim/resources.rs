@@ -43,6 +43,9 @@ pub enum Storage {
     ModelServers,
     ModelBackends,
     CustomResourceDefinitions,
+    PodDisruptionBudgets,
+    ServiceMonitors,
+    PrometheusRules,
 }
 
 impl ResourceType {
@@ -290,6 +293,38 @@ pub static RESOURCES: &[ResourceType] = &[
         &["crd", "crds"],
         false,
         Storage::CustomResourceDefinitions,
+    ),
+    with_status(rt(
+        "policy",
+        "v1",
+        "PodDisruptionBudget",
+        "poddisruptionbudgets",
+        "poddisruptionbudget",
+        &["pdb"],
+        true,
+        Storage::PodDisruptionBudgets,
+    )),
+    // The Prometheus operator's kinds, stored so manifests that ship them
+    // apply.
+    rt(
+        "monitoring.coreos.com",
+        "v1",
+        "ServiceMonitor",
+        "servicemonitors",
+        "servicemonitor",
+        &["smon"],
+        true,
+        Storage::ServiceMonitors,
+    ),
+    rt(
+        "monitoring.coreos.com",
+        "v1",
+        "PrometheusRule",
+        "prometheusrules",
+        "prometheusrule",
+        &["promrule"],
+        true,
+        Storage::PrometheusRules,
     ),
     // A custom kind with the scale subresource, and one without (its
     // replicas are set by patching spec.replicas).

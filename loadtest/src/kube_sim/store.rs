@@ -224,6 +224,32 @@ impl Store {
             changes,
             log_capacity: log_capacity.max(1),
         });
+        // The custom kinds, as the CustomResourceDefinitions a real cluster
+        // would have for them (`kubectl get crd` lists them).
+        let crds = of_storage(Storage::CustomResourceDefinitions);
+        for (kind, plural, short, scale) in [
+            ("ModelServer", "modelservers", "ms", true),
+            ("ModelBackend", "modelbackends", "mb", false),
+        ] {
+            let mut subresources = json!({"status": {}});
+            if scale {
+                subresources["scale"] = json!({"specReplicasPath": ".spec.replicas",
+                    "statusReplicasPath": ".status.replicas", "labelSelectorPath": ".status.selector"});
+            }
+            let group = super::resources::CUSTOM_GROUP;
+            let _ = store.create(
+                crds,
+                "",
+                json!({"metadata": {"name": format!("{plural}.{group}")},
+                       "spec": {"group": group, "scope": "Namespaced",
+                                "names": {"kind": kind, "plural": plural, "singular": kind.to_lowercase(),
+                                          "shortNames": [short], "listKind": format!("{kind}List")},
+                                "versions": [{"name": "v1", "served": true, "storage": true,
+                                              "subresources": subresources,
+                                              "schema": {"openAPIV3Schema": {"type": "object",
+                                                  "x-kubernetes-preserve-unknown-fields": true}}}]}}),
+            );
+        }
         let ns = of_storage(Storage::Namespaces);
         for name in ["default", "kube-system", "kube-public"] {
             let _ = store.create(
