@@ -20,6 +20,7 @@ pub mod algorithm;
 pub mod behavior;
 pub mod clock;
 pub mod control;
+pub mod kube;
 pub mod pd;
 pub mod signals;
 pub mod snapshot;

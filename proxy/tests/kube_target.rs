@@ -1,0 +1,161 @@
+//! The generic Kubernetes scale target against kube-sim: through `/scale`
+//! where a kind has it, by patching `spec.replicas` where it has not, a
+//! write after someone else's is a 409, and a stuck API server costs one
+//! timeout, not the loop.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use scalecar_loadtest::kube_sim::{Fault, KubeSim, KubeSimConfig, Rule};
+use scalecar_scaler::kube::KubeScaleTarget;
+use scalecar_scaler::target::{ScaleTarget, TargetError, TargetRef};
+use serde_json::json;
+
+async fn kube_sim() -> (KubeSim, kube::Client) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sim = KubeSim::start(KubeSimConfig::default(), listener).unwrap();
+    let client = kube::Client::try_from(kube::Config::new(sim.url().parse().unwrap())).unwrap();
+    (sim, client)
+}
+
+fn workload(api_version: &str, kind: &str, name: &str) -> serde_json::Value {
+    json!({"apiVersion": api_version, "kind": kind, "metadata": {"name": name},
+           "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}},
+                    "template": {"metadata": {"labels": {"app": name}},
+                                 "spec": {"containers": [{"name": "c", "image": "x", "args": ["--model", name]}]}}}})
+}
+
+fn target(api_version: &str, kind: &str, name: &str) -> TargetRef {
+    TargetRef {
+        api_version: api_version.into(),
+        kind: kind.into(),
+        namespace: "default".into(),
+        name: name.into(),
+    }
+}
+
+async fn create(sim: &KubeSim, plural_path: &str, body: serde_json::Value) {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let req = hyper::Request::post(format!("{}{plural_path}", sim.url()))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.to_string(),
+        )))
+        .unwrap();
+    assert_eq!(client.request(req).await.unwrap().status(), 201);
+}
+
+async fn ready(t: &KubeScaleTarget, n: u32) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = t.scale().await.unwrap();
+        if s.spec == n && s.ready == n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never {n} ready: {s:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deployments_scale_through_their_scale_subresource() {
+    let (sim, client) = kube_sim().await;
+    create(
+        &sim,
+        "/apis/apps/v1/namespaces/default/deployments",
+        workload("apps/v1", "Deployment", "llama"),
+    )
+    .await;
+    let t = KubeScaleTarget::discover(
+        client,
+        target("apps/v1", "Deployment", "llama"),
+        Duration::from_secs(2),
+    )
+    .await
+    .unwrap();
+    assert!(t.has_scale_subresource());
+    ready(&t, 1).await;
+    t.set_replicas(3).await.unwrap();
+    ready(&t, 3).await;
+    assert!(
+        sim.requests()
+            .iter()
+            .any(|r| r.method == "PATCH" && r.uri.contains("/deployments/llama/scale")),
+        "written through /scale"
+    );
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kind_without_scale_gets_its_spec_patched() {
+    let (sim, client) = kube_sim().await;
+    create(
+        &sim,
+        "/apis/serving.example.com/v1/namespaces/default/modelbackends",
+        workload("serving.example.com/v1", "ModelBackend", "tiny"),
+    )
+    .await;
+    let t = KubeScaleTarget::discover(
+        client,
+        target("serving.example.com/v1", "ModelBackend", "tiny"),
+        Duration::from_secs(2),
+    )
+    .await
+    .unwrap();
+    assert!(!t.has_scale_subresource());
+    ready(&t, 1).await;
+    t.set_replicas(2).await.unwrap();
+    ready(&t, 2).await;
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_after_someone_elses_is_a_conflict_and_a_stuck_server_a_timeout() {
+    let (sim, client) = kube_sim().await;
+    create(
+        &sim,
+        "/apis/apps/v1/namespaces/default/deployments",
+        workload("apps/v1", "Deployment", "llama"),
+    )
+    .await;
+    let t = KubeScaleTarget::discover(
+        client.clone(),
+        target("apps/v1", "Deployment", "llama"),
+        Duration::from_millis(500),
+    )
+    .await
+    .unwrap();
+    ready(&t, 1).await;
+    // Someone else scales after our read.
+    let other = KubeScaleTarget::discover(
+        client,
+        target("apps/v1", "Deployment", "llama"),
+        Duration::from_secs(2),
+    )
+    .await
+    .unwrap();
+    other.scale().await.unwrap();
+    other.set_replicas(4).await.unwrap();
+    let err = t.set_replicas(2).await.unwrap_err();
+    assert!(matches!(err, TargetError::Conflict { .. }), "{err}");
+    // Re-read, then the write goes through.
+    t.scale().await.unwrap();
+    t.set_replicas(2).await.unwrap();
+    // An API server that never answers: one bounded failure.
+    sim.faults().add(Rule {
+        verb: Some("get".into()),
+        resource: Some("deployments".into()),
+        rate: 1.0,
+        fault: Fault::Timeout,
+    });
+    let started = Instant::now();
+    let err = t.scale().await.unwrap_err();
+    assert!(matches!(err, TargetError::Unavailable { .. }), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    sim.shutdown().await;
+}
