@@ -159,3 +159,160 @@ async fn a_write_after_someone_elses_is_a_conflict_and_a_stuck_server_a_timeout(
     );
     sim.shutdown().await;
 }
+
+async fn http(
+    sim: &KubeSim,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: String,
+) -> (u16, serde_json::Value) {
+    use http_body_util::BodyExt;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(format!("{}{path}", sim.url()))
+        .header("content-type", content_type)
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+async fn wait_for(
+    rx: &tokio::sync::watch::Receiver<scalecar_scaler::kube::Workloads>,
+    f: impl Fn(&scalecar_scaler::kube::Workloads) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut rx = rx.clone();
+    loop {
+        if f(&rx.borrow_and_update()) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never: {:?}", *rx.borrow());
+        let _ = tokio::time::timeout(Duration::from_millis(200), rx.changed()).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn annotated_workloads_are_found_and_invalid_ones_get_a_warning() {
+    use scalecar_scaler::kube::{Workload, watch_workloads};
+    let (sim, client) = kube_sim().await;
+    let annotated = |name: &str, annotations: serde_json::Value| {
+        let mut w = workload("apps/v1", "Deployment", name);
+        w["metadata"]["annotations"] = annotations;
+        w
+    };
+    let deployments = "/apis/apps/v1/namespaces/default/deployments";
+    create(
+        &sim,
+        deployments,
+        annotated(
+            "llama",
+            json!({"scalecar.io/model": "llama-3-8b", "scalecar.io/max-replicas": "4"}),
+        ),
+    )
+    .await;
+    create(
+        &sim,
+        deployments,
+        annotated(
+            "bad",
+            json!({"scalecar.io/model": "qwen", "scalecar.io/max-replicas": "lots"}),
+        ),
+    )
+    .await;
+    create(
+        &sim,
+        deployments,
+        workload("apps/v1", "Deployment", "plain"),
+    )
+    .await;
+    let rx = watch_workloads(
+        client,
+        vec![(
+            kube::api::GroupVersionKind::gvk("apps", "v1", "Deployment"),
+            "deployments".into(),
+        )],
+        Some("default".into()),
+        kube::runtime::events::Reporter {
+            controller: "scalecar".into(),
+            instance: Some("test".into()),
+        },
+    );
+    let key = |name: &str| target("apps/v1", "Deployment", name);
+    wait_for(&rx, |w| w.len() == 2).await;
+    {
+        let w = rx.borrow();
+        match w.get(&key("llama")) {
+            Some(Workload::Valid(t)) => {
+                assert_eq!(t.model, "llama-3-8b");
+                assert_eq!(t.policy.max_replicas, Some(4));
+            }
+            other => panic!("llama: {other:?}"),
+        }
+        match w.get(&key("bad")) {
+            Some(Workload::Invalid(why)) => assert!(
+                why.contains("scalecar.io/max-replicas") && why.contains("lots"),
+                "{why}"
+            ),
+            other => panic!("bad: {other:?}"),
+        }
+        assert!(!w.contains_key(&key("plain")));
+    }
+    // The invalid one got a Warning Event naming key and value.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, events) = http(
+            &sim,
+            "GET",
+            "/api/v1/namespaces/default/events?fieldSelector=involvedObject.name%3Dbad",
+            "application/json",
+            String::new(),
+        )
+        .await;
+        let found = events["items"].as_array().unwrap().iter().any(|e| {
+            e["reason"] == "InvalidAnnotation"
+                && e["type"] == "Warning"
+                && e["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("scalecar.io/max-replicas"))
+        });
+        if found {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no InvalidAnnotation event: {events}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Fixed: valid within a moment. Deleted: gone.
+    let (status, _) = http(
+        &sim,
+        "PATCH",
+        "/apis/apps/v1/namespaces/default/deployments/bad",
+        "application/merge-patch+json",
+        json!({"metadata": {"annotations": {"scalecar.io/max-replicas": "3"}}}).to_string(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    wait_for(&rx, |w| matches!(w.get(&key("bad")), Some(Workload::Valid(t)) if t.policy.max_replicas == Some(3))).await;
+    let (status, _) = http(
+        &sim,
+        "DELETE",
+        "/apis/apps/v1/namespaces/default/deployments/llama",
+        "application/json",
+        String::new(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    wait_for(&rx, |w| !w.contains_key(&key("llama")) && w.len() == 1).await;
+    sim.shutdown().await;
+}
