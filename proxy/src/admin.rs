@@ -127,6 +127,7 @@ impl Admin {
                             "outstanding_tokens": ep.outstanding_tokens.load(Ordering::Relaxed),
                             "healthy": ep.healthy.load(Ordering::Relaxed),
                             "ejected": ep.is_ejected(now),
+                            "consecutive_failures": ep.consecutive_failures(),
                         })
                     })
                     .collect();

@@ -77,6 +77,11 @@ impl Endpoint {
         }
     }
 
+    /// Ejections in a row without a success since (the backoff's exponent).
+    pub fn consecutive_failures(&self) -> u32 {
+        self.consecutive_failures.load(Ordering::Relaxed)
+    }
+
     pub fn is_ejected(&self, now_ms: u64) -> bool {
         self.ejected_until_ms.load(Ordering::Relaxed) > now_ms
     }
@@ -341,13 +346,15 @@ impl Pool {
         let eligible = |e: &Endpoint| {
             e.available(now) && Some(e.addr) != avoid && e.outstanding.load(Ordering::SeqCst) < cap
         };
-        // Two candidates from a rotating start and a hashed offset; fall
-        // back to a scan so a free endpoint is always found. The rotation
-        // is per thread: a shared counter would be one more cache line
-        // bouncing between workers on every request.
-        let k = next_pick();
-        let a = (k as usize) % n;
-        let b = (splitmix(k) as usize) % n;
+        // Two candidates hashed from a per-thread counter (a shared one
+        // would be one more cache line bouncing between workers on every
+        // request); fall back to a scan so a free endpoint is always found.
+        // Hashed, not `k % n`: a rotation repeats its parity when each
+        // request picks in two pools (a PD flow's prefill and decode legs),
+        // and ties between idle endpoints would always go to the same one.
+        let h = splitmix(next_pick());
+        let a = (h as usize) % n;
+        let b = ((h >> 32) as usize) % n;
         let work = |e: &Endpoint| {
             (
                 e.outstanding_tokens.load(Ordering::Relaxed),

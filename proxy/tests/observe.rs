@@ -55,15 +55,22 @@ fn json_answer(status: &str, body: &str) -> Script {
 }
 
 /// A server that answers every request with `script` (one connection per
-/// request, closed after it), counting requests.
+/// request, closed after it), counting requests (not the proxy's health
+/// checks, which get a plain 200).
 async fn scripted(script: Script) -> (SocketAddr, Arc<AtomicUsize>) {
+    scripted_in_turn(vec![script]).await
+}
+
+/// Request n gets `scripts[n]`, and the last one from then on.
+async fn scripted_in_turn(scripts: Vec<Script>) -> (SocketAddr, Arc<AtomicUsize>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let served = Arc::new(AtomicUsize::new(0));
     let count = served.clone();
+    let scripts = Arc::new(scripts);
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
-            let script = script.clone();
+            let scripts = scripts.clone();
             let count = count.clone();
             tokio::spawn(async move {
                 s.set_nodelay(true).unwrap();
@@ -91,7 +98,19 @@ async fn scripted(script: Script) -> (SocketAddr, Arc<AtomicUsize>) {
                         Ok(n) => got.extend_from_slice(&buf[..n]),
                     }
                 }
-                count.fetch_add(1, Ordering::Relaxed);
+                // The proxy's active health checks are answered, not scripted.
+                if got.starts_with(b"GET /health") {
+                    let _ = s
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                        )
+                        .await;
+                    return;
+                }
+                let turn = count.fetch_add(1, Ordering::Relaxed).min(scripts.len() - 1);
+                let Some(script) = scripts.get(turn) else {
+                    return;
+                };
                 let head = format!("{}\r\n\r\n", script.head);
                 if s.write_all(head.as_bytes()).await.is_err() {
                     return;
@@ -542,8 +561,7 @@ async fn a_server_that_closes_after_every_answer_gives_clients_no_errors() {
         resp.into_body().collect().await.unwrap();
     }
     teardown(&p).await;
-    // (And the active health check's GET at start.)
-    assert!(served.load(Ordering::Relaxed) >= 1000);
+    assert_eq!(served.load(Ordering::Relaxed), 1000);
     assert_eq!(outcome(&p, "unified", "ok").await, 1000.0);
     assert_eq!(outcome(&p, "unified", "upstream_error").await, 0.0);
     let v = pools(&p).await;
@@ -596,4 +614,73 @@ async fn a_client_gone_during_the_prefill_leg_releases_the_prefill_pool() {
         metric(&p, "scalecar_requests_total{model=\"m\",role=\"decode\"").await,
         0.0
     );
+}
+
+#[tokio::test]
+async fn a_successful_prefill_leg_resets_its_endpoints_failures() {
+    // Prefill endpoint A fails its first request (503: ejected, one failure
+    // in a row), then answers; B always answers. Once A has served a
+    // prefill leg again, its failure streak is over.
+    let decode = sim(SimConfig {
+        model: "m".into(),
+        role: SimRole::Decode,
+        ..SimConfig::default()
+    })
+    .await;
+    let ok = json_answer(
+        "200 OK",
+        r#"{"choices":[{"index":0,"text":"a"}],"kv_transfer_params":{"remote_engine_id":"e"}}"#,
+    );
+    let (a, served_a) = scripted_in_turn(vec![
+        json_answer(
+            "503 Service Unavailable",
+            r#"{"error":{"message":"overloaded"}}"#,
+        ),
+        ok.clone(),
+    ])
+    .await;
+    let (b, _) = scripted(ok).await;
+    let yaml = format!(
+        "limits: {{ health-check-interval: 1h }}\npools:\n  - model: m\n    role: prefill\n    endpoints: [\"{a}\", \"{b}\"]\n  - model: m\n    role: decode\n    endpoints: [\"{}\"]\n",
+        decode.local_addr()
+    );
+    let p = proxy(&yaml).await;
+    let url = format!("http://{}/v1/completions", p.proxy_addr);
+    let body = r#"{"model":"m","prompt":"x","max_tokens":2}"#;
+    let failures_of_a = |v: &Value| {
+        v["pools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["role"] == "prefill")
+            .unwrap()["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["address"] == a.to_string())
+            .unwrap()["consecutive_failures"]
+            .as_u64()
+            .unwrap()
+    };
+    // Until A has answered its 503.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while served_a.load(Ordering::Relaxed) == 0 {
+        assert!(Instant::now() < deadline, "A never got a request");
+        request_bytes("POST", &url, body).await.unwrap();
+    }
+    assert_eq!(failures_of_a(&pools(&p).await), 1);
+    // After its ejection (250 ms), until A has served a prefill leg.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while served_a.load(Ordering::Relaxed) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "A never served again: {}",
+            pools(&p).await
+        );
+        let (status, _, _) = request_bytes("POST", &url, body).await.unwrap();
+        assert_eq!(status, 200);
+    }
+    teardown(&p).await;
+    assert_eq!(failures_of_a(&pools(&p).await), 0);
 }
