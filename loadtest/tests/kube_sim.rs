@@ -848,3 +848,70 @@ async fn faults_are_injected_and_lifted() {
     let _ = std::fs::remove_file(&config);
     sim.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn badly_shaped_objects_get_errors_and_the_controllers_keep_going() {
+    let (sim, _) = start(KubeSimConfig::default()).await;
+    let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let send = |method: &str, path: &str, ct: &str, body: &str| {
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", sim.url()))
+            .header("content-type", ct)
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                body.to_string(),
+            )))
+            .unwrap();
+        let http = http.clone();
+        async move { http.request(req).await.unwrap().status().as_u16() }
+    };
+    let deployments = "/apis/apps/v1/namespaces/default/deployments";
+    // Server-side apply of something that is not an object: 400, no panic.
+    assert_eq!(
+        send(
+            "PATCH",
+            &format!("{deployments}/x"),
+            "application/apply-patch+yaml",
+            "[1, 2]"
+        )
+        .await,
+        400
+    );
+    assert_eq!(
+        send("POST", deployments, "application/json", "\"a string\"").await,
+        400
+    );
+    assert_eq!(
+        send("POST", deployments, "application/json", "{not json").await,
+        400
+    );
+    // A workload whose template labels and spec are the wrong shape, and a
+    // pod status a client wrote as a number: the controllers carry on.
+    let odd = json!({"metadata": {"name": "odd"}, "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "odd"}},
+        "template": {"metadata": {"labels": "oops"}, "spec": 5}}});
+    assert_eq!(
+        send("POST", deployments, "application/json", &odd.to_string()).await,
+        201
+    );
+    let c = client(&sim).await;
+    let deploys: Api<Deployment> = Api::namespaced(c.clone(), "default");
+    deploys
+        .create(&PostParams::default(), &deployment("fine", 2))
+        .await
+        .unwrap();
+    eventually("the well-formed deployment's pods are ready", || {
+        let deploys = deploys.clone();
+        async move {
+            deploys
+                .get("fine")
+                .await
+                .ok()
+                .and_then(|d| d.status)
+                .and_then(|s| s.ready_replicas)
+                == Some(2)
+        }
+    })
+    .await;
+    sim.shutdown().await;
+}

@@ -467,10 +467,18 @@ impl Api {
                         {
                             // Server-side apply creates what is not there.
                             let mut fresh = body.clone();
-                            if !fresh.get("metadata").is_some_and(Value::is_object) {
-                                fresh["metadata"] = json!({});
+                            let Some(fields) = fresh.as_object_mut() else {
+                                return Err(ApiError::bad_request(
+                                    "the applied configuration is not an object",
+                                ));
+                            };
+                            let meta = fields.entry("metadata").or_insert_with(|| json!({}));
+                            if !meta.is_object() {
+                                *meta = json!({});
                             }
-                            fresh["metadata"]["name"] = json!(name);
+                            if let Some(m) = meta.as_object_mut() {
+                                m.insert("name".into(), json!(name));
+                            }
                             let created =
                                 self.store.create(rt, &namespace, view::into(rt, fresh))?;
                             return Ok(json_response(201, &view::out(rt, created)));

@@ -329,14 +329,21 @@ impl Controller {
                 } else {
                     format!("{name}-{}", suffix(5))
                 };
+                // Anything a client wrote may be the wrong shape: only
+                // objects are extended.
                 let mut labels = template
                     .pointer("/metadata/labels")
+                    .filter(|l| l.is_object())
                     .cloned()
                     .unwrap_or(json!({}));
                 if rt.storage == Storage::Deployments {
                     labels["pod-template-hash"] = json!(hash);
                 }
-                let mut spec = template.get("spec").cloned().unwrap_or(json!({}));
+                let mut spec = template
+                    .get("spec")
+                    .filter(|s| s.is_object())
+                    .cloned()
+                    .unwrap_or(json!({}));
                 spec["nodeName"] = json!("kube-sim");
                 let pod = json!({
                     "metadata": {
@@ -392,7 +399,11 @@ impl Controller {
             .unwrap_or(json!(1));
         let selector = selector_of(w).to_query();
         let _ = self.store.modify(rt, ns, name, Part::Status, |o| {
-            let mut status = o.get("status").cloned().unwrap_or(json!({}));
+            let mut status = o
+                .get("status")
+                .filter(|s| s.is_object())
+                .cloned()
+                .unwrap_or(json!({}));
             status["replicas"] = json!(replicas);
             status["readyReplicas"] = json!(ready);
             status["availableReplicas"] = json!(ready);
@@ -662,13 +673,13 @@ fn set_ready(store: &Store, ns: &str, name: &str, ready: bool) {
             .pointer_mut("/status/conditions")
             .and_then(Value::as_array_mut)
         {
-            for c in cs.iter_mut() {
+            for c in cs.iter_mut().filter_map(Value::as_object_mut) {
                 if matches!(
                     c.get("type").and_then(Value::as_str),
                     Some("Ready" | "ContainersReady")
                 ) {
-                    c["status"] = json!(flag);
-                    c["lastTransitionTime"] = json!(now_rfc3339());
+                    c.insert("status".into(), json!(flag));
+                    c.insert("lastTransitionTime".into(), json!(now_rfc3339()));
                 }
             }
         }
@@ -676,8 +687,8 @@ fn set_ready(store: &Store, ns: &str, name: &str, ready: bool) {
             .pointer_mut("/status/containerStatuses")
             .and_then(Value::as_array_mut)
         {
-            for c in cs.iter_mut() {
-                c["ready"] = json!(ready);
+            for c in cs.iter_mut().filter_map(Value::as_object_mut) {
+                c.insert("ready".into(), json!(ready));
             }
         }
         Ok(())
