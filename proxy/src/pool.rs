@@ -106,7 +106,20 @@ pub struct Pool {
     /// Called when a request waits on a pool with no endpoint (scale from
     /// zero).
     on_empty: ArcSwap<Option<Arc<dyn Fn() + Send + Sync>>>,
+    /// Pick rotations, one cache line per worker thread: each pool rotates
+    /// on its own (a request that picks in two pools — a PD flow — must not
+    /// lock both rotations into one parity), and no line is shared between
+    /// workers on the request path.
+    picks: Box<[PickCounter]>,
 }
+
+/// One worker's pick rotation in one pool, alone on its cache line.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct PickCounter(AtomicU64);
+
+/// Rotations per pool; threads beyond this share one (still correct).
+const PICK_SLOTS: usize = 16;
 
 impl fmt::Debug for Pool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -226,6 +239,9 @@ impl Pool {
             queue_length,
             epoch: Instant::now(),
             on_empty: ArcSwap::from_pointee(None),
+            picks: (0..PICK_SLOTS)
+                .map(|i| PickCounter(AtomicU64::new(splitmix(i as u64 ^ seed()))))
+                .collect(),
         })
     }
 
@@ -346,15 +362,12 @@ impl Pool {
         let eligible = |e: &Endpoint| {
             e.available(now) && Some(e.addr) != avoid && e.outstanding.load(Ordering::SeqCst) < cap
         };
-        // Two candidates hashed from a per-thread counter (a shared one
-        // would be one more cache line bouncing between workers on every
-        // request); fall back to a scan so a free endpoint is always found.
-        // Hashed, not `k % n`: a rotation repeats its parity when each
-        // request picks in two pools (a PD flow's prefill and decode legs),
-        // and ties between idle endpoints would always go to the same one.
-        let h = splitmix(next_pick());
-        let a = (h as usize) % n;
-        let b = ((h >> 32) as usize) % n;
+        // Two candidates, from this pool's rotation for this worker and a
+        // hash of it; fall back to a scan so a free endpoint is always
+        // found. Ties go to the rotation, so idle endpoints take turns.
+        let k = self.next_pick();
+        let a = (k as usize) % n;
+        let b = (splitmix(k) as usize) % n;
         let work = |e: &Endpoint| {
             (
                 e.outstanding_tokens.load(Ordering::Relaxed),
@@ -455,20 +468,26 @@ impl Pool {
 }
 
 thread_local! {
-    /// This thread's pick counter, started at a random point so that
-    /// workers do not all try the same endpoint first.
-    static PICKS: std::cell::Cell<u64> = std::cell::Cell::new({
-        use std::hash::{BuildHasher, RandomState};
-        RandomState::new().hash_one(std::thread::current().id())
-    });
+    /// This thread's slot in every pool's pick rotations.
+    static PICK_SLOT: usize = {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        NEXT.fetch_add(1, Ordering::Relaxed) % PICK_SLOTS
+    };
 }
 
-fn next_pick() -> u64 {
-    PICKS.with(|p| {
-        let k = p.get();
-        p.set(k.wrapping_add(1));
-        k
-    })
+/// A per-process seed, so rotations do not all start at endpoint 0.
+fn seed() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(0u8)
+}
+
+impl Pool {
+    fn next_pick(&self) -> u64 {
+        let slot = PICK_SLOT.with(|s| *s);
+        self.picks
+            .get(slot)
+            .map_or(0, |c| c.0.fetch_add(1, Ordering::Relaxed))
+    }
 }
 
 fn splitmix(mut x: u64) -> u64 {
