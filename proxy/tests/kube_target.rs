@@ -35,15 +35,15 @@ fn target(api_version: &str, kind: &str, name: &str) -> TargetRef {
 }
 
 async fn create(sim: &KubeSim, plural_path: &str, body: serde_json::Value) {
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<http_body_util::Full<bytes::Bytes>>();
-    let req = hyper::Request::post(format!("{}{plural_path}", sim.url()))
-        .header("content-type", "application/json")
-        .body(http_body_util::Full::new(bytes::Bytes::from(
-            body.to_string(),
-        )))
-        .unwrap();
-    assert_eq!(client.request(req).await.unwrap().status(), 201);
+    let (status, answer) = http(
+        sim,
+        "POST",
+        plural_path,
+        "application/json",
+        body.to_string(),
+    )
+    .await;
+    assert_eq!(status, 201, "{answer}");
 }
 
 async fn ready(t: &KubeScaleTarget, n: u32) {
