@@ -65,6 +65,25 @@ struct RawFile {
     limits: Option<RawLimits>,
     scaler: Option<RawScaler>,
     pools: Option<Vec<RawPool>>,
+    kubernetes: Option<RawKubernetes>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawKubernetes {
+    kubeconfig: Option<String>,
+    namespaces: Option<Vec<String>>,
+    kinds: Option<Vec<RawKind>>,
+    managed: Option<bool>,
+    api_timeout: Option<Scalar>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKind {
+    group: Option<String>,
+    version: Option<String>,
+    kind: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -194,6 +213,44 @@ pub struct PoolConfig {
     pub policy: Policy,
 }
 
+/// A kind of workload to watch besides Deployments and StatefulSets.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct KindConfig {
+    /// Empty for the core group.
+    pub group: String,
+    pub version: String,
+    pub kind: String,
+}
+
+/// Kubernetes discovery and scaling (`kubernetes:`; `kubernetes: {}` turns
+/// it on with these defaults).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubernetesConfig {
+    /// A kubeconfig file; `None`: `KUBECONFIG`, `~/.kube/config`, or the
+    /// in-cluster service account, in kube-rs's order.
+    pub kubeconfig: Option<String>,
+    /// Namespaces watched; empty: all.
+    pub namespaces: Vec<String>,
+    /// Watched besides Deployments and StatefulSets.
+    pub kinds: Vec<KindConfig>,
+    /// `false`: decisions are exported and evented, nothing is patched.
+    pub managed: bool,
+    /// Bound on each call to the API server from the control loop.
+    pub api_timeout: Duration,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        KubernetesConfig {
+            kubeconfig: None,
+            namespaces: Vec::new(),
+            kinds: Vec::new(),
+            managed: true,
+            api_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
 /// The whole config file.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ScalecarConfig {
@@ -201,7 +258,19 @@ pub struct ScalecarConfig {
     pub admin: AdminConfig,
     pub limits: Limits,
     pub scaler: ScalerConfig,
+    /// Static pools (may be empty when Kubernetes discovery is on).
     pub pools: Vec<PoolConfig>,
+    pub kubernetes: Option<KubernetesConfig>,
+}
+
+/// A DNS-1123 label, as namespace names are.
+fn dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
 }
 
 /// More threads than this serve no machine better.
@@ -325,6 +394,15 @@ impl ScalecarConfig {
                             "role",
                             "endpoints",
                             "policy",
+                            "kubernetes",
+                            "kubeconfig",
+                            "namespaces",
+                            "kinds",
+                            "managed",
+                            "api-timeout",
+                            "group",
+                            "version",
+                            "kind",
                         ],
                     )
                 })
@@ -419,11 +497,62 @@ impl ScalecarConfig {
                 Duration::from_secs(2),
             ),
         };
+        let kubernetes = raw.kubernetes.map(|k| {
+            let d = KubernetesConfig::default();
+            let namespaces = k.namespaces.unwrap_or_default();
+            for (i, ns) in namespaces.iter().enumerate() {
+                if !dns_label(ns) {
+                    c.fail(
+                        &format!("kubernetes.namespaces[{i}]"),
+                        format!("{ns:?} is not a namespace name (lowercase letters, digits, '-')"),
+                    );
+                }
+            }
+            let mut kinds = Vec::new();
+            for (i, raw) in k.kinds.unwrap_or_default().into_iter().enumerate() {
+                let path = format!("kubernetes.kinds[{i}]");
+                let group = raw.group.unwrap_or_default().trim().to_string();
+                let version = raw.version.unwrap_or_default().trim().to_string();
+                let kind = raw.kind.unwrap_or_default().trim().to_string();
+                if version.is_empty() {
+                    c.fail(&format!("{path}.version"), "is required (like v1)");
+                }
+                if !kind.starts_with(|ch: char| ch.is_ascii_uppercase())
+                    || !kind.chars().all(|ch| ch.is_ascii_alphanumeric())
+                {
+                    c.fail(
+                        &format!("{path}.kind"),
+                        format!("{kind:?} is not a kind (like ModelServer)"),
+                    );
+                }
+                if !group
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+                {
+                    c.fail(
+                        &format!("{path}.group"),
+                        format!("{group:?} is not an API group"),
+                    );
+                }
+                kinds.push(KindConfig {
+                    group,
+                    version,
+                    kind,
+                });
+            }
+            KubernetesConfig {
+                kubeconfig: k.kubeconfig.filter(|p| !p.trim().is_empty()),
+                namespaces,
+                kinds,
+                managed: k.managed.unwrap_or(d.managed),
+                api_timeout: c.duration("kubernetes.api-timeout", k.api_timeout, d.api_timeout),
+            }
+        });
         let raw_pools = raw.pools.unwrap_or_default();
-        if raw_pools.is_empty() {
+        if raw_pools.is_empty() && kubernetes.is_none() {
             c.fail(
                 "pools",
-                "at least one pool is needed (model, role, endpoints)",
+                "at least one pool is needed (model, role, endpoints), or kubernetes: {} to discover them",
             );
         }
         let mut pools = Vec::new();
@@ -544,6 +673,7 @@ impl ScalecarConfig {
             limits,
             scaler,
             pools,
+            kubernetes,
         })
     }
 }
@@ -626,6 +756,54 @@ pools:
             let err = errors(&text);
             assert!(err.contains(want), "{text}\n→ {err}");
         }
+    }
+
+    #[test]
+    fn kubernetes_alone_is_a_config_and_its_fields_are_checked() {
+        let c = ScalecarConfig::from_yaml_str("kubernetes: {}").unwrap();
+        assert!(c.pools.is_empty());
+        assert_eq!(c.kubernetes, Some(KubernetesConfig::default()));
+        assert!(c.kubernetes.as_ref().is_some_and(|k| k.managed));
+        let c = ScalecarConfig::from_yaml_str(
+            "kubernetes:\n  kubeconfig: /tmp/kc\n  namespaces: [llm, batch]\n  managed: false\n  api-timeout: 3s\n  kinds: [{group: serving.example.com, version: v1, kind: ModelServer}]\n",
+        )
+        .unwrap();
+        let k = c.kubernetes.unwrap();
+        assert_eq!(k.kubeconfig.as_deref(), Some("/tmp/kc"));
+        assert_eq!(k.namespaces, ["llm", "batch"]);
+        assert!(!k.managed);
+        assert_eq!(k.api_timeout, Duration::from_secs(3));
+        assert_eq!(
+            k.kinds,
+            [KindConfig {
+                group: "serving.example.com".into(),
+                version: "v1".into(),
+                kind: "ModelServer".into()
+            }]
+        );
+        for (text, want) in [
+            (
+                "kubernetes: {namespaces: [Bad_NS]}",
+                "kubernetes.namespaces[0]: \"Bad_NS\" is not a namespace",
+            ),
+            (
+                "kubernetes: {kinds: [{group: x, kind: Model}]}",
+                "kubernetes.kinds[0].version: is required",
+            ),
+            (
+                "kubernetes: {kinds: [{version: v1, kind: model}]}",
+                "kubernetes.kinds[0].kind: \"model\" is not a kind",
+            ),
+            (
+                "kubernetes: {kinds: [{group: \"a b\", version: v1, kind: M}]}",
+                "kubernetes.kinds[0].group",
+            ),
+            ("kubernetes: {api-timeout: soon}", "kubernetes.api-timeout"),
+        ] {
+            let err = errors(text);
+            assert!(err.contains(want), "{text}\n→ {err}");
+        }
+        assert!(errors("kubernetes: {namespace: [a]}").contains("did you mean namespaces"));
     }
 
     #[test]

@@ -12,30 +12,23 @@ use hyper::body::Incoming;
 use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 
-use crate::dataplane::{DataPlane, ModelRoute, PoolEntry, ProxyBody, full};
+use crate::body::{ProxyBody, full};
+use crate::dataplane::DataPlane;
+use crate::routes::PoolEntry;
 
 /// What the admin server shows.
 #[derive(Debug)]
 pub struct Admin {
     pub plane: Arc<DataPlane>,
     pub registry: Registry,
+    /// The control loop's decisions, when a loop runs.
+    pub decisions: Option<Arc<crate::decisions::DecisionRecorder>>,
     /// Set once the proxy listener is serving; cleared at shutdown.
     pub ready: AtomicBool,
 }
 
-fn entries(plane: &DataPlane) -> Vec<&PoolEntry> {
-    let mut out = Vec::new();
-    for route in plane.routes().values() {
-        match route {
-            ModelRoute::Unified(e) => out.push(&**e),
-            ModelRoute::Disaggregated { prefill, decode } => {
-                out.push(&**prefill);
-                out.push(&**decode);
-            }
-        }
-    }
-    out.sort_by(|a, b| (&a.pool.model, a.pool.role).cmp(&(&b.pool.model, b.pool.role)));
-    out
+fn entries(plane: &DataPlane) -> Vec<std::sync::Arc<PoolEntry>> {
+    plane.routes().entries()
 }
 
 fn ms(d: Option<Duration>) -> Value {

@@ -8,7 +8,6 @@
 //! only the pool chooses the upstream — never the Host header or an
 //! absolute URI (no open proxy).
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,74 +19,31 @@ use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use scalecar_config::{Limits, Role};
+use scalecar_config::Limits;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::body::{ProxyBody, full};
 use crate::error::{ApiError, error_response};
-use crate::metrics::{Outcome, PoolMetrics, ProxyMetrics, Rejection};
+use crate::metrics::{Outcome, ProxyMetrics, Rejection};
 use crate::observe::{Observation, ObservedBody};
-use crate::pool::{AdmitError, Lease, Pool};
+use crate::pool::{AdmitError, Lease};
+use crate::routes::{ModelRoute, PoolEntry, RouteTable, Routes};
 use crate::upstream::{PooledConnection, Upstream};
 
-/// The body of every response: one the proxy made, or a model server's
-/// observed on its way. An enum rather than a boxed trait object: no
-/// allocation and no dynamic call per frame.
-#[derive(Debug)]
-pub enum ProxyBody {
-    Full(Full<Bytes>),
-    Observed(ObservedBody<Incoming>),
-}
-
-impl http_body::Body for ProxyBody {
-    type Data = Bytes;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
-
-    fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        match self.get_mut() {
-            ProxyBody::Full(b) => std::pin::Pin::new(b)
-                .poll_frame(cx)
-                .map_err(|never| match never {}),
-            ProxyBody::Observed(b) => std::pin::Pin::new(b)
-                .poll_frame(cx)
-                .map_err(|e| Box::new(e) as Self::Error),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            ProxyBody::Full(b) => b.is_end_stream(),
-            ProxyBody::Observed(b) => b.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        match self {
-            ProxyBody::Full(b) => b.size_hint(),
-            ProxyBody::Observed(b) => b.size_hint(),
-        }
-    }
-}
-
-/// A pool with its metric handles.
+/// A request on its way to a pool: what the client sent (its body as
+/// bytes, hop-by-hop headers stripped) and what the proxy learnt of it.
 #[derive(Debug, Clone)]
-pub struct PoolEntry {
-    pub pool: Arc<Pool>,
-    pub metrics: PoolMetrics,
-}
-
-/// Where a model's requests go. Entries are shared by the workers and by
-/// each request's observation (one reference count, not one per metric).
-#[derive(Debug, Clone)]
-pub enum ModelRoute {
-    Unified(Arc<PoolEntry>),
-    Disaggregated {
-        prefill: Arc<PoolEntry>,
-        decode: Arc<PoolEntry>,
-    },
+pub(crate) struct ForwardRequest {
+    /// Origin form, whatever form the client used.
+    pub path: PathAndQuery,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    /// Estimated before the model server tokenizes it.
+    pub prompt_tokens: u64,
+    pub streaming: bool,
+    /// When the proxy got the request (TTFT counts from here).
+    pub start: Instant,
 }
 
 /// The fields of a request body that routing and signals need.
@@ -123,7 +79,7 @@ impl RequestFields<'_> {
 /// signals and metrics are shared; the upstream connections and the request
 /// id counter are the worker's own.
 pub struct DataPlane {
-    routes: Arc<HashMap<String, ModelRoute>>,
+    routes: Arc<RouteTable>,
     upstream: Arc<Upstream>,
     pub limits: Limits,
     pub metrics: ProxyMetrics,
@@ -138,7 +94,7 @@ pub struct DataPlane {
 impl fmt::Debug for DataPlane {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DataPlane")
-            .field("models", &self.routes.keys().collect::<Vec<_>>())
+            .field("models", &self.routes.snapshot().keys().collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
 }
@@ -181,23 +137,24 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-pub(crate) fn full(body: impl Into<Bytes>) -> ProxyBody {
-    ProxyBody::Full(Full::new(body.into()))
-}
-
 impl DataPlane {
     /// A data plane served by one worker per core.
-    pub fn new(routes: HashMap<String, ModelRoute>, limits: Limits, metrics: ProxyMetrics) -> Self {
+    pub fn new(routes: Routes, limits: Limits, metrics: ProxyMetrics) -> Self {
+        Self::with_table(Arc::new(RouteTable::new(routes)), limits, metrics)
+    }
+
+    /// A data plane on a route table others may change while it serves.
+    pub fn with_table(routes: Arc<RouteTable>, limits: Limits, metrics: ProxyMetrics) -> Self {
         let instance = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0);
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Self::with_parts(Arc::new(routes), limits, metrics, instance, None, workers)
+        Self::with_parts(routes, limits, metrics, instance, None, workers)
     }
 
     fn with_parts(
-        routes: Arc<HashMap<String, ModelRoute>>,
+        routes: Arc<RouteTable>,
         limits: Limits,
         metrics: ProxyMetrics,
         instance: u64,
@@ -239,7 +196,8 @@ impl DataPlane {
         )
     }
 
-    pub fn routes(&self) -> &HashMap<String, ModelRoute> {
+    /// The route table (shared by all workers).
+    pub fn routes(&self) -> &Arc<RouteTable> {
         &self.routes
     }
 
@@ -292,7 +250,8 @@ impl DataPlane {
     }
 
     fn models(&self) -> Response<ProxyBody> {
-        let mut names: Vec<&String> = self.routes.keys().collect();
+        let routes = self.routes.snapshot();
+        let mut names: Vec<&String> = routes.keys().collect();
         names.sort();
         let data: Vec<_> = names
             .into_iter()
@@ -385,24 +344,18 @@ impl DataPlane {
         // The body is here already: an expectation was the proxy's to meet.
         headers.remove(header::EXPECT);
         headers.insert(X_REQUEST_ID, request_id);
-        match route {
-            ModelRoute::Unified(entry) => {
-                self.forward(entry, &path, headers, body, prompt_tokens, streaming, start)
-                    .await
-            }
+        let request = ForwardRequest {
+            path,
+            headers,
+            body,
+            prompt_tokens,
+            streaming,
+            start,
+        };
+        match &route {
+            ModelRoute::Unified(entry) => self.forward(entry, request).await,
             ModelRoute::Disaggregated { prefill, decode } => {
-                crate::pd::two_stage(
-                    self,
-                    prefill,
-                    decode,
-                    &path,
-                    headers,
-                    body,
-                    prompt_tokens,
-                    streaming,
-                    start,
-                )
-                .await
+                crate::pd::two_stage(self, prefill, decode, request).await
             }
         }
     }
@@ -444,6 +397,12 @@ impl DataPlane {
                     "no capacity for the model before the deadline",
                     "2",
                 ),
+                AdmitError::Closed => (
+                    Outcome::rejected,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the model's pool was removed or replaced while the request waited",
+                    "1",
+                ),
             };
             entry.metrics.outcome(outcome);
             let mut r = error_response(&ApiError::new(status, message, None));
@@ -468,6 +427,8 @@ impl DataPlane {
         body: Bytes,
         tokens: u64,
     ) -> Result<(Response<Incoming>, PooledConnection), SendError> {
+        // (Separate arguments, not a ForwardRequest: the PD prefill leg
+        // sends a body and headers of its own.)
         let mut req = Request::new(Full::new(body));
         *req.method_mut() = Method::POST;
         *req.uri_mut() = Uri::from(path.clone());
@@ -541,17 +502,19 @@ impl DataPlane {
     }
 
     /// The unified path: admit, send, observe.
-    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn forward(
         &self,
         entry: &Arc<PoolEntry>,
-        path: &PathAndQuery,
-        headers: HeaderMap,
-        body: Bytes,
-        prompt_tokens: u64,
-        streaming: bool,
-        start: Instant,
+        request: ForwardRequest,
     ) -> Response<ProxyBody> {
+        let ForwardRequest {
+            path,
+            headers,
+            body,
+            prompt_tokens,
+            streaming,
+            start,
+        } = request;
         let pool = &entry.pool;
         // One clock reading serves arrival and, when a slot is free at
         // once, dispatch.
@@ -570,7 +533,7 @@ impl DataPlane {
             Err(r) => return r,
         };
         match self
-            .send(entry, &mut observation, path, headers, body, prompt_tokens)
+            .send(entry, &mut observation, &path, headers, body, prompt_tokens)
             .await
         {
             Ok((resp, conn)) => {
@@ -670,11 +633,6 @@ fn push_hex(out: &mut String, mut n: u64) {
     for &b in &buf[i..] {
         out.push(char::from(b));
     }
-}
-
-/// The role a pool entry serves, for logs.
-pub fn role_of(entry: &PoolEntry) -> Role {
-    entry.pool.role
 }
 
 #[cfg(test)]

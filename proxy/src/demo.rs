@@ -1,39 +1,32 @@
 //! `scalecar demo`: the whole product in one process, on a laptop.
 //!
-//! A local cluster of model-sim replicas (each ready after a cold start),
-//! the real proxy in front of them, the real control loop scaling the
-//! cluster through the same `ScaleTarget` trait as Kubernetes, and an
-//! open-loop load (a burst by default, or a real trace). A live line shows
+//! An embedded kube-sim whose pods are model-sims (each ready after a cold
+//! start), an annotated Deployment in it, scalecar discovering it through
+//! a Kubernetes client exactly as in a cluster (workload watch, pod
+//! discovery, `/scale`, Events), and an open-loop load (a burst by
+//! default, or a real trace). A live line shows
 //! what the scaler sees; at the end a report directory holds a summary, the
 //! timeline as CSV and an SVG plot of load, TTFT p90 and replicas.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use prometheus_client::registry::Registry;
-use scalecar_config::{Limits, Policy, Role};
-use scalecar_loadtest::cluster::LocalPool;
+use scalecar_config::{KubernetesConfig, Limits, PREFIX, Policy, Role};
+use scalecar_loadtest::kube_sim::{KubeSim, KubeSimConfig};
 use scalecar_loadtest::loadgen::{
     ArrivalPattern, RequestSize, StreamingClient, read_trace_file, run_plan, summarize, write_csv,
 };
 use scalecar_loadtest::plot::{TimelinePoint, write_timeline_csv, write_timeline_svg};
-use scalecar_loadtest::sim::SimConfig;
 use scalecar_scaler::algorithm::AlgorithmRegistry;
-use scalecar_scaler::clock::{Clock, MonotonicClock};
-use scalecar_scaler::control::{ControlLoop, Scaling, SystemWallClock, TargetSpec};
-use scalecar_scaler::signals::{PoolSignals, SignalsConfig};
 
-use crate::dataplane::{DataPlane, ModelRoute, PoolEntry};
-use crate::decisions::DecisionRecorder;
-use crate::metrics::ProxyMetrics;
-use crate::pool::Pool;
-use crate::server;
+use crate::gateway::{GatewayBuilder, find};
 
 const MODEL: &str = "llama-3-8b";
+const NAMESPACE: &str = "default";
 
 fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration (like 60s, 3m): {e}"))
@@ -120,7 +113,12 @@ pub struct DemoReport {
 /// TTFT: a quarter of its prefill rate, leaving room for decode steps.
 const SLO_STARTING_CAPACITY: f64 = 4000.0;
 
-fn policy(args: &DemoArgs, window: Duration) -> Result<Policy, DemoError> {
+/// The demo's policy as the `scalecar.io/` annotations of its Deployment
+/// (keys without the prefix), checked by parsing them as scalecar will.
+fn policy_keys(
+    args: &DemoArgs,
+    window: Duration,
+) -> Result<(BTreeMap<String, String>, Policy), DemoError> {
     let mut keys = BTreeMap::new();
     keys.insert("algorithm".to_string(), args.algorithm.clone());
     let target = args.target.unwrap_or(match args.algorithm.as_str() {
@@ -153,7 +151,43 @@ fn policy(args: &DemoArgs, window: Duration) -> Result<Policy, DemoError> {
         .map_err(|e| DemoError::Setup(format!("demo policy: {e}")))?;
     p.validate_algorithm(&AlgorithmRegistry::with_builtins().names())
         .map_err(|e| DemoError::Setup(e.to_string()))?;
-    Ok(p)
+    Ok((keys, p))
+}
+
+#[cfg(test)]
+fn policy(args: &DemoArgs, window: Duration) -> Result<Policy, DemoError> {
+    policy_keys(args, window).map(|(_, p)| p)
+}
+
+/// The demo's Deployment: one replica of a model-sim that starts like
+/// `vllm serve`, annotated for scalecar.
+fn deployment(keys: &BTreeMap<String, String>, startup_delay: Duration) -> serde_json::Value {
+    let mut annotations = serde_json::Map::new();
+    annotations.insert(format!("{PREFIX}model"), MODEL.into());
+    for (k, v) in keys {
+        annotations.insert(format!("{PREFIX}{k}"), v.clone().into());
+    }
+    serde_json::json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": MODEL, "namespace": NAMESPACE, "annotations": annotations},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": MODEL}},
+            "template": {
+                "metadata": {"labels": {"app": MODEL}},
+                "spec": {"containers": [{
+                    "name": "vllm",
+                    "image": "vllm/vllm-openai:latest",
+                    "command": ["vllm", "serve", MODEL],
+                    "args": ["--port", "8000", "--seed", "1",
+                             "--startup-delay", humantime::format_duration(startup_delay).to_string()],
+                    "ports": [{"name": "http", "containerPort": 8000}],
+                    "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}}
+                }]}
+            }
+        }
+    })
 }
 
 /// Runs the demo until the load ends or `stop` resolves, then writes the
@@ -165,76 +199,71 @@ pub async fn run(
     let window = args.window.unwrap_or_else(|| {
         (args.duration / 6).clamp(Duration::from_secs(6), Duration::from_secs(60))
     });
-    let policy = policy(&args, window)?;
-    let clock: Arc<dyn Clock> = Arc::new(MonotonicClock::new());
-
-    // The local cluster: one replica to start with.
-    let template = SimConfig {
-        model: MODEL.into(),
-        startup_delay: args.startup_delay,
-        seed: 1,
-        ..SimConfig::default()
-    };
-    let cluster = LocalPool::start(MODEL, template, 1)
-        .await
-        .map_err(|e| DemoError::Setup(e.to_string()))?;
-
-    // The proxy, its pool following the cluster's ready replicas.
-    let mut registry = Registry::default();
-    let metrics = ProxyMetrics::register(&mut registry);
-    let decisions = Arc::new(DecisionRecorder::register(&mut registry));
-    let signals = Arc::new(PoolSignals::new(
-        SignalsConfig::for_window(window),
-        clock.clone(),
-    ));
-    let limits = Limits::default();
-    let pool = Pool::new(
-        MODEL.into(),
-        Role::Unified,
-        Vec::new(),
-        signals.clone(),
-        policy.max_concurrency,
-        limits.queue_length,
-    );
-    pool.follow(cluster.endpoints());
-    let entry = PoolEntry {
-        metrics: metrics.pool(MODEL, Role::Unified),
-        pool: pool.clone(),
-    };
-    let routes = HashMap::from([(MODEL.to_string(), ModelRoute::Unified(Arc::new(entry)))]);
-    let plane = Arc::new(DataPlane::new(routes, limits, metrics));
+    let (keys, policy) = policy_keys(&args, window)?;
+    let setup = |what: &str, e: &dyn std::fmt::Display| DemoError::Setup(format!("{what}: {e}"));
     let bind = || async {
         tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
-            .map_err(|e| DemoError::Setup(format!("binding 127.0.0.1: {e}")))
+            .map_err(|e| setup("binding 127.0.0.1", &e))
     };
-    let proxy = server::serve(plane, registry, bind().await?, bind().await?)
-        .map_err(|e| DemoError::Setup(e.to_string()))?;
 
-    // The control loop, scaling the cluster.
-    let spec = TargetSpec {
-        name: MODEL.into(),
-        model: MODEL.into(),
-        role: Role::Unified,
-        policy: policy.clone(),
-        signals: signals.clone(),
-        scaling: Scaling::Managed(cluster.clone()),
-    };
-    let control = ControlLoop::new(
-        vec![spec],
-        &AlgorithmRegistry::with_builtins(),
-        clock.clone(),
-        Arc::new(SystemWallClock),
-        decisions.clone(),
-        args.tick,
+    // An embedded cluster: kube-sim, its controllers running model-sim pods.
+    let sim = KubeSim::start(
+        KubeSimConfig {
+            controllers: true,
+            ..KubeSimConfig::default()
+        },
+        bind().await?,
     )
-    .map_err(|e| DemoError::Setup(e.to_string()))?;
-    let poke = control.poke_handle();
-    pool.on_empty(Arc::new(move || poke.notify_one()));
-    let (loop_stop_tx, loop_stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let control_task = tokio::spawn(control.run(async move {
-        let _ = loop_stop_rx.await;
-    }));
+    .map_err(|e| setup("starting kube-sim", &e))?;
+    let kube_client = kube::Client::try_from(kube::Config::new(
+        sim.url()
+            .parse()
+            .map_err(|e| setup("kube-sim address", &e))?,
+    ))
+    .map_err(|e| setup("Kubernetes client", &e))?;
+    let deployments: kube::Api<kube::api::DynamicObject> = kube::Api::namespaced_with(
+        kube_client.clone(),
+        NAMESPACE,
+        &kube::api::ApiResource::from_gvk_with_plural(
+            &kube::api::GroupVersionKind::gvk("apps", "v1", "Deployment"),
+            "deployments",
+        ),
+    );
+    let object: kube::api::DynamicObject =
+        serde_json::from_value(deployment(&keys, args.startup_delay))
+            .map_err(|e| setup("demo Deployment", &e))?;
+    deployments
+        .create(&kube::api::PostParams::default(), &object)
+        .await
+        .map_err(|e| setup("creating the demo Deployment", &e))?;
+
+    // scalecar, discovering it as in a cluster.
+    let builder = GatewayBuilder::new(Limits::default(), args.tick).kubernetes(
+        kube_client.clone(),
+        KubernetesConfig {
+            namespaces: vec![NAMESPACE.to_string()],
+            ..KubernetesConfig::default()
+        },
+    );
+    let decisions = builder.decisions();
+    let proxy = builder
+        .start(bind().await?, bind().await?)
+        .map_err(|e| setup("starting scalecar", &e))?;
+    // Load starts once the first pod serves through the proxy.
+    let ready_by = Instant::now() + args.startup_delay + Duration::from_secs(30);
+    loop {
+        if find(&proxy.plane, MODEL, Role::Unified).is_some_and(|e| !e.pool.endpoints().is_empty())
+        {
+            break;
+        }
+        if Instant::now() > ready_by {
+            return Err(DemoError::Setup(
+                "the demo Deployment's pod never became ready behind the proxy".into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // The load.
     let plan = match &args.trace {
@@ -285,10 +314,10 @@ pub async fn run(
     let started = Instant::now();
     let timeline = Arc::new(std::sync::Mutex::new(Vec::<TimelinePoint>::new()));
     let sampler = {
-        let (timeline, decisions, signals, policy) = (
+        let (timeline, decisions, plane, policy) = (
             timeline.clone(),
             decisions.clone(),
-            signals.clone(),
+            proxy.plane.clone(),
             policy.clone(),
         );
         let quiet = args.quiet;
@@ -299,7 +328,14 @@ pub async fn run(
             let mut lines = 0u64;
             loop {
                 every.tick().await;
-                let snap = signals.snapshot(policy.window, policy.panic_window());
+                // The pool as discovery has it now (rebuilt if edited).
+                let Some(entry) = find(&plane, MODEL, Role::Unified) else {
+                    continue;
+                };
+                let snap = entry
+                    .pool
+                    .signals
+                    .snapshot(policy.window, policy.panic_window());
                 let status = decisions.latest().into_iter().next();
                 let point = TimelinePoint {
                     t: started.elapsed().as_secs_f64(),
@@ -343,8 +379,6 @@ pub async fn run(
     };
     let (records, elapsed) = run_plan(&client, &plan, 10_000, None, stop).await;
     sampler.abort();
-    let _ = loop_stop_tx.send(());
-    let _ = control_task.await;
     if !args.quiet {
         eprintln!();
     }
@@ -371,10 +405,11 @@ pub async fn run(
     write_csv(&records, std::io::BufWriter::new(file)).map_err(|e| report_err(&e))?;
     let json = serde_json::to_string_pretty(&summary).map_err(|e| report_err(&e))?;
     std::fs::write(dir.join("summary.json"), &json).map_err(|e| report_err(&e))?;
-    let md = markdown(&args, &policy, &summary, &timeline);
+    let events = rescale_events(&kube_client).await;
+    let md = markdown(&args, &policy, &summary, &timeline, &events);
     std::fs::write(dir.join("summary.md"), md).map_err(|e| report_err(&e))?;
     proxy.shutdown().await;
-    drop(cluster);
+    sim.shutdown().await;
     Ok(DemoReport {
         dir,
         timeline,
@@ -382,11 +417,43 @@ pub async fn run(
     })
 }
 
+/// One Event on the demo Deployment, as `kubectl get events` shows it.
+#[derive(Debug, Clone)]
+pub struct EventLine {
+    pub time: String,
+    pub type_: String,
+    pub reason: String,
+    pub note: String,
+}
+
+/// scalecar's Events in the demo namespace, oldest first.
+async fn rescale_events(client: &kube::Client) -> Vec<EventLine> {
+    use k8s_openapi::api::events::v1::Event;
+    let api: kube::Api<Event> = kube::Api::namespaced(client.clone(), NAMESPACE);
+    let Ok(list) = api.list(&kube::api::ListParams::default()).await else {
+        return Vec::new();
+    };
+    let mut out: Vec<EventLine> = list
+        .items
+        .into_iter()
+        .filter(|e| e.reporting_controller.as_deref() == Some("scalecar"))
+        .map(|e| EventLine {
+            time: e.event_time.map(|t| t.0.to_string()).unwrap_or_default(),
+            type_: e.type_.unwrap_or_default(),
+            reason: e.reason.unwrap_or_default(),
+            note: e.note.unwrap_or_default(),
+        })
+        .collect();
+    out.sort_by(|a, b| a.time.cmp(&b.time));
+    out
+}
+
 fn markdown(
     args: &DemoArgs,
     policy: &Policy,
     s: &scalecar_loadtest::loadgen::Summary,
     timeline: &[TimelinePoint],
+    events: &[EventLine],
 ) -> String {
     let mut md = String::new();
     let _ = writeln!(md, "# scalecar demo report\n");
@@ -479,6 +546,20 @@ fn markdown(
             );
             last = Some((p.desired, p.panic));
         }
+    }
+    let _ = writeln!(
+        md,
+        "\n## Events\n\nWritten by scalecar on `deployment/{MODEL}` in the embedded kube-sim (`kubectl get events`):\n\n| time | type | reason | message |\n| --- | --- | --- | --- |"
+    );
+    for e in events {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} |",
+            e.time,
+            e.type_,
+            e.reason,
+            e.note.replace('|', "\\|")
+        );
     }
     let _ = writeln!(
         md,

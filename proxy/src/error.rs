@@ -4,7 +4,7 @@
 use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{Response, StatusCode};
 
-use crate::dataplane::{ProxyBody, full};
+use crate::body::{ProxyBody, full};
 
 /// One error for a client.
 #[derive(Debug, Clone, PartialEq, Eq)]

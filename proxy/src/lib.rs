@@ -18,14 +18,18 @@
 //! `docs/adr/0001-data-plane.md`.
 
 pub mod admin;
+pub mod body;
 pub mod dataplane;
 pub mod decisions;
 pub mod demo;
+pub mod discovery;
 pub mod error;
+pub mod gateway;
 pub mod metrics;
 pub mod observe;
 pub mod pd;
 pub mod pool;
 pub mod replay;
+pub mod routes;
 pub mod server;
 pub mod upstream;

@@ -26,9 +26,9 @@ use http::StatusCode;
 use http_body::{Body, Frame, SizeHint};
 use memchr::memmem::Finder;
 
-use crate::dataplane::PoolEntry;
 use crate::metrics::Outcome;
 use crate::pool::Lease;
+use crate::routes::PoolEntry;
 use crate::upstream::PooledConnection;
 
 /// The longest partial SSE event carried between frames. Past it the event

@@ -6,19 +6,19 @@
 //! Both legs carry the same `X-Request-Id`; each is recorded in its role.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
-use http::uri::PathAndQuery;
+use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{Response, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 
-use crate::dataplane::{DataPlane, PoolEntry, ProxyBody, SendError, full};
+use crate::body::{ProxyBody, full};
+use crate::dataplane::{DataPlane, ForwardRequest, SendError};
 use crate::error::{ApiError, error_response};
 use crate::metrics::Outcome;
 use crate::observe::Observation;
+use crate::routes::PoolEntry;
 
 /// The prefill leg's body from the client's.
 pub fn prefill_body(original: &Value) -> Value {
@@ -56,19 +56,14 @@ pub fn decode_body(original: &Value, kv_transfer_params: Value) -> Value {
     v
 }
 
-#[allow(clippy::too_many_arguments)]
 pub(crate) async fn two_stage(
     plane: &DataPlane,
     prefill: &Arc<PoolEntry>,
     decode: &Arc<PoolEntry>,
-    path: &PathAndQuery,
-    headers: HeaderMap,
-    body: Bytes,
-    prompt_tokens: u64,
-    streaming: bool,
-    start: Instant,
+    request: ForwardRequest,
 ) -> Response<ProxyBody> {
-    let original: Value = match serde_json::from_slice(&body) {
+    let prompt_tokens = request.prompt_tokens;
+    let original: Value = match serde_json::from_slice(&request.body) {
         Ok(v) => v,
         Err(e) => {
             return error_response(&ApiError::bad_request(
@@ -90,7 +85,7 @@ pub(crate) async fn two_stage(
             prefill.clone(),
             lease,
             if waited { pool.signals.now() } else { now },
-            start,
+            request.start,
             prompt_tokens,
             false,
         ),
@@ -101,8 +96,8 @@ pub(crate) async fn two_stage(
         .send(
             prefill,
             &mut leg,
-            path,
-            headers.clone(),
+            &request.path,
+            request.headers.clone(),
             prefill_bytes,
             prompt_tokens,
         )
@@ -181,17 +176,9 @@ pub(crate) async fn two_stage(
     leg.token();
     leg.end();
     // Decode leg, streamed back and observed in the decode pool.
-    let decode_bytes = Bytes::from(decode_body(&original, kv).to_string());
+    let body = Bytes::from(decode_body(&original, kv).to_string());
     plane
-        .forward(
-            decode,
-            path,
-            headers,
-            decode_bytes,
-            prompt_tokens,
-            streaming,
-            start,
-        )
+        .forward(decode, ForwardRequest { body, ..request })
         .await
 }
 

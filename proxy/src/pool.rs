@@ -111,6 +111,8 @@ pub struct Pool {
     /// lock both rotations into one parity), and no line is shared between
     /// workers on the request path.
     picks: Box<[PickCounter]>,
+    /// Removed from the routes: waiters leave with [`AdmitError::Closed`].
+    closed: AtomicBool,
 }
 
 /// One worker's pick rotation in one pool, alone on its cache line.
@@ -138,6 +140,8 @@ pub enum AdmitError {
     QueueFull,
     /// The deadline passed while queued: 503.
     Timeout,
+    /// The pool was removed or replaced while the request waited: 503.
+    Closed,
 }
 
 /// One request in the admission queue.
@@ -239,6 +243,7 @@ impl Pool {
             queue_length,
             epoch: Instant::now(),
             on_empty: ArcSwap::from_pointee(None),
+            closed: AtomicBool::new(false),
             picks: (0..PICK_SLOTS)
                 .map(|i| PickCounter(AtomicU64::new(splitmix(i as u64 ^ seed()))))
                 .collect(),
@@ -327,6 +332,16 @@ impl Pool {
                 }
             }
         })
+    }
+
+    /// Takes the pool out of service: every waiting request leaves with
+    /// [`AdmitError::Closed`] (its route is gone); requests holding slots
+    /// finish as they would.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        for w in self.line().iter() {
+            w.wake.notify_one();
+        }
     }
 
     /// Sets what to call when a request waits on an empty pool.
@@ -441,6 +456,9 @@ impl Pool {
             let notified = waiter.wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            if self.closed.load(Ordering::SeqCst) {
+                return Err(AdmitError::Closed);
+            }
             let head = self.line().front().is_some_and(|w| Arc::ptr_eq(w, &waiter));
             if head && let Some(l) = self.take_slot(tokens, avoid) {
                 return Ok(l);

@@ -7,8 +7,9 @@
 //! (one per core by default), all accepting from the same socket: a
 //! connection, its requests and their upstream connections stay on one
 //! thread, so the request path has no cross-thread wake-ups. Pools, signals
-//! and metrics are shared atomics. The admin server, health checks and the
-//! control loop run on the caller's runtime.
+//! and metrics are shared atomics. The admin server, health checks, the
+//! control loop and discovery run on the caller's runtime. Assembling the
+//! pools and the loop is [`crate::gateway`]'s.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -23,22 +24,16 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use prometheus_client::registry::Registry;
-use scalecar_config::{Role, ScalecarConfig};
-use scalecar_scaler::clock::{Clock, MonotonicClock};
-use scalecar_scaler::signals::{PoolSignals, SignalsConfig};
+use scalecar_config::{KubernetesConfig, ScalecarConfig};
+use scalecar_scaler::control::ControlError;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use std::sync::atomic::AtomicU32;
-
-use scalecar_scaler::algorithm::AlgorithmRegistry;
-use scalecar_scaler::control::{ControlLoop, Scaling, SystemWallClock, TargetSpec};
-
 use crate::admin::Admin;
-use crate::dataplane::{DataPlane, ModelRoute, PoolEntry};
+use crate::dataplane::DataPlane;
 use crate::decisions::DecisionRecorder;
-use crate::metrics::ProxyMetrics;
+use crate::gateway::GatewayBuilder;
 use crate::pool::Pool;
 
 /// Why the proxy could not start.
@@ -50,8 +45,20 @@ pub enum StartError {
         endpoint: String,
         message: String,
     },
-    #[error("scaler: {0}")]
-    Control(String),
+    #[error("scaler")]
+    Control(#[source] ControlError),
+    #[error("kubernetes.kubeconfig {path}")]
+    Kubeconfig {
+        path: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error(
+        "no Kubernetes configuration found (KUBECONFIG, ~/.kube/config or in-cluster); set kubernetes.kubeconfig"
+    )]
+    KubeConfigInfer(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("Kubernetes client")]
+    KubeClient(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("starting proxy worker {index}: {source}")]
     Worker {
         index: usize,
@@ -71,6 +78,17 @@ pub struct ProxyHandle {
 }
 
 impl ProxyHandle {
+    /// Turns true when shutdown starts.
+    pub fn stopped(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    /// Runs `task` beside the proxy; shutdown waits for it (it should end
+    /// when [`ProxyHandle::stopped`] turns true).
+    pub fn spawn(&mut self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.tasks.push(tokio::spawn(task));
+    }
+
     /// Stops accepting, waits for open requests up to the grace period,
     /// then returns.
     pub async fn shutdown(self) {
@@ -82,156 +100,56 @@ impl ProxyHandle {
     }
 }
 
-async fn resolve(index: usize, endpoint: &str) -> Result<SocketAddr, StartError> {
-    let err = |message: String| StartError::Resolve {
-        index,
-        endpoint: endpoint.to_string(),
-        message,
-    };
-    let mut addrs = tokio::net::lookup_host(endpoint)
-        .await
-        .map_err(|e| err(e.to_string()))?;
-    addrs.next().ok_or_else(|| err("no address".into()))
-}
-
-/// Builds the pools and routes of a config.
-pub async fn build(
-    config: &ScalecarConfig,
-    clock: Arc<dyn Clock>,
-    registry: &mut Registry,
-) -> Result<Arc<DataPlane>, StartError> {
-    let metrics = ProxyMetrics::register(registry);
-    let mut by_model: HashMap<String, HashMap<Role, Arc<PoolEntry>>> = HashMap::new();
-    for (i, p) in config.pools.iter().enumerate() {
-        let mut addrs = Vec::new();
-        for e in &p.endpoints {
-            addrs.push(resolve(i, e).await?);
-        }
-        let signals = Arc::new(PoolSignals::new(
-            SignalsConfig::for_window(p.policy.window),
-            clock.clone(),
-        ));
-        let pool = Pool::new(
-            p.model.clone(),
-            p.role,
-            addrs,
-            signals,
-            p.policy.max_concurrency,
-            config.limits.queue_length,
-        );
-        pool.set_max_ejection_percent(config.limits.max_ejection_percent);
-        let entry = Arc::new(PoolEntry {
-            metrics: metrics.pool(&p.model, p.role),
-            pool,
-        });
-        by_model
-            .entry(p.model.clone())
-            .or_default()
-            .insert(p.role, entry);
-    }
-    let mut routes = HashMap::new();
-    for (model, mut roles) in by_model {
-        // The config was validated: a model is unified, or prefill + decode.
-        let route = match (
-            roles.remove(&Role::Unified),
-            roles.remove(&Role::Prefill),
-            roles.remove(&Role::Decode),
-        ) {
-            (Some(u), _, _) => ModelRoute::Unified(u),
-            (None, Some(prefill), Some(decode)) => ModelRoute::Disaggregated { prefill, decode },
-            (None, Some(only), None) | (None, None, Some(only)) => ModelRoute::Unified(only),
-            (None, None, None) => continue,
-        };
-        routes.insert(model, route);
-    }
-    let mut plane = DataPlane::new(routes, config.limits.clone(), metrics);
-    if let Some(n) = config.proxy.workers {
-        plane = plane.with_workers(n);
-    }
-    Ok(Arc::new(plane))
-}
-
-/// Starts serving on the given listeners.
+/// Builds the gateway of a config and serves it: static pools, and
+/// Kubernetes discovery when `kubernetes:` is set.
 pub async fn start(
     config: &ScalecarConfig,
     proxy_listener: TcpListener,
     admin_listener: TcpListener,
 ) -> Result<ProxyHandle, StartError> {
-    let mut registry = Registry::default();
-    let clock: Arc<dyn Clock> = Arc::new(MonotonicClock::new());
-    let plane = build(config, clock.clone(), &mut registry).await?;
-    let decisions = Arc::new(DecisionRecorder::register(&mut registry));
-    // Static pools have no scale target: the loop runs in advisory mode,
-    // computing and exporting what it would do.
-    let mut specs = Vec::new();
-    let mut counts = Vec::new();
-    for p in &config.pools {
-        let Some(entry) = find(&plane, &p.model, p.role) else {
-            continue;
-        };
-        let ready = Arc::new(AtomicU32::new(entry.pool.endpoints().len() as u32));
-        counts.push((entry.pool.clone(), ready.clone()));
-        specs.push(TargetSpec {
-            name: format!("{}/{}", p.model, p.role),
-            model: p.model.clone(),
-            role: p.role,
-            policy: p.policy.clone(),
-            signals: entry.pool.signals.clone(),
-            scaling: Scaling::Advisory { ready },
-        });
+    let mut builder = GatewayBuilder::new(config.limits.clone(), config.scaler.tick)
+        .workers(config.proxy.workers)
+        .static_pools(&config.pools)
+        .await?;
+    if let Some(k) = &config.kubernetes {
+        builder = builder.kubernetes(kube_client(k).await?, k.clone());
     }
-    let control = ControlLoop::new(
-        specs,
-        &AlgorithmRegistry::with_builtins(),
-        clock,
-        Arc::new(SystemWallClock),
-        decisions,
-        config.scaler.tick,
-    )
-    .map_err(|e| StartError::Control(e.to_string()))?;
-    let mut handle = serve(plane, registry, proxy_listener, admin_listener)?;
-    let mut stop = handle.shutdown.subscribe();
-    handle.tasks.push(tokio::spawn(async move {
-        let counting = async {
-            let mut every = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                every.tick().await;
-                for (pool, ready) in &counts {
-                    let now = pool.now_ms();
-                    let n = pool
-                        .endpoints()
-                        .iter()
-                        .filter(|e| e.healthy.load(Ordering::Relaxed) && !e.is_ejected(now))
-                        .count();
-                    ready.store(n as u32, Ordering::Relaxed);
-                }
-            }
-        };
-        let stopped = async move {
-            let _ = stop.wait_for(|s| *s).await;
-        };
-        tokio::select! {
-            _ = control.run(stopped) => {}
-            _ = counting => {}
-        }
-    }));
-    Ok(handle)
+    builder.start(proxy_listener, admin_listener)
 }
 
-fn find<'a>(plane: &'a DataPlane, model: &str, role: Role) -> Option<&'a PoolEntry> {
-    match plane.routes().get(model)? {
-        ModelRoute::Unified(e) if e.pool.role == role => Some(e),
-        ModelRoute::Disaggregated { prefill, .. } if role == Role::Prefill => Some(prefill),
-        ModelRoute::Disaggregated { decode, .. } if role == Role::Decode => Some(decode),
-        _ => None,
-    }
+/// A client from the configured kubeconfig, or kube-rs's inference
+/// (`KUBECONFIG`, `~/.kube/config`, the in-cluster service account).
+pub async fn kube_client(k: &KubernetesConfig) -> Result<kube::Client, StartError> {
+    let config = match &k.kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path).map_err(|source| {
+                StartError::Kubeconfig {
+                    path: path.clone(),
+                    source: Box::new(source),
+                }
+            })?;
+            kube::Config::from_custom_kubeconfig(file, &Default::default())
+                .await
+                .map_err(|source| StartError::Kubeconfig {
+                    path: path.clone(),
+                    source: Box::new(source),
+                })?
+        }
+        None => kube::Config::infer()
+            .await
+            .map_err(|source| StartError::KubeConfigInfer(Box::new(source)))?,
+    };
+    kube::Client::try_from(config).map_err(|source| StartError::KubeClient(Box::new(source)))
 }
 
 /// Serves an already built data plane: `plane.workers` threads on the
 /// proxy listener, the admin server and health checks on this runtime.
+/// `checked` pools get active health checks (static endpoints).
 pub fn serve(
     plane: Arc<DataPlane>,
     registry: Registry,
+    decisions: Option<Arc<DecisionRecorder>>,
+    checked: Vec<Arc<Pool>>,
     proxy_listener: TcpListener,
     admin_listener: TcpListener,
 ) -> Result<ProxyHandle, StartError> {
@@ -245,6 +163,7 @@ pub fn serve(
     let admin = Arc::new(Admin {
         plane: plane.clone(),
         registry,
+        decisions,
         ready: Default::default(),
     });
     let mut tasks = Vec::new();
@@ -288,7 +207,11 @@ pub fn serve(
         admin_listener,
         shutdown_rx.clone(),
     )));
-    tasks.push(tokio::spawn(health_checks(plane.clone(), shutdown_rx)));
+    tasks.push(tokio::spawn(health_checks(
+        plane.clone(),
+        checked,
+        shutdown_rx,
+    )));
     admin.ready.store(true, Ordering::Release);
     Ok(ProxyHandle {
         proxy_addr,
@@ -377,7 +300,14 @@ async fn serve_admin(admin: Arc<Admin>, listener: TcpListener, mut stop: watch::
 /// Active health checks of static endpoints: `GET /health` every
 /// `limits.health-check-interval` (5 s); two
 /// failures in a row take an endpoint out, one success brings it back.
-async fn health_checks(plane: Arc<DataPlane>, mut stop: watch::Receiver<bool>) {
+async fn health_checks(
+    plane: Arc<DataPlane>,
+    checked: Vec<Arc<Pool>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    if checked.is_empty() {
+        return;
+    }
     let mut failures: HashMap<SocketAddr, u32> = HashMap::new();
     let mut tick = tokio::time::interval(plane.limits.health_check_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -389,16 +319,10 @@ async fn health_checks(plane: Arc<DataPlane>, mut stop: watch::Receiver<bool>) {
         // The checks' own keep-alive connections (this runtime's pool):
         // drop those that closed, e.g. of endpoints gone.
         plane.upstream().sweep();
-        let mut endpoints = Vec::new();
-        for route in plane.routes().values() {
-            match route {
-                ModelRoute::Unified(e) => endpoints.extend(e.pool.endpoints().iter().cloned()),
-                ModelRoute::Disaggregated { prefill, decode } => {
-                    endpoints.extend(prefill.pool.endpoints().iter().cloned());
-                    endpoints.extend(decode.pool.endpoints().iter().cloned());
-                }
-            }
-        }
+        let endpoints: Vec<_> = checked
+            .iter()
+            .flat_map(|p| p.endpoints().iter().cloned().collect::<Vec<_>>())
+            .collect();
         for ep in endpoints {
             let Ok(req) = http::Request::get("/health")
                 .header(http::header::HOST, ep.host.clone())

@@ -3,7 +3,7 @@
 //! as users run it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,19 +11,14 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use prometheus_client::registry::Registry;
 use scalecar_config::{Limits, Policy, Role};
 use scalecar_loadtest::cluster::LocalPool;
 use scalecar_loadtest::sim::SimConfig;
-use scalecar_proxy::dataplane::{DataPlane, ModelRoute, PoolEntry};
 use scalecar_proxy::decisions::DecisionRecorder;
-use scalecar_proxy::metrics::ProxyMetrics;
+use scalecar_proxy::gateway::{GatewayBuilder, find};
 use scalecar_proxy::pool::Pool;
-use scalecar_proxy::server::{self, ProxyHandle};
-use scalecar_scaler::algorithm::AlgorithmRegistry;
-use scalecar_scaler::clock::{Clock, MonotonicClock};
-use scalecar_scaler::control::{ControlLoop, Scaling, SystemWallClock, TargetSpec};
-use scalecar_scaler::signals::{PoolSignals, SignalsConfig};
+use scalecar_proxy::server::ProxyHandle;
+use scalecar_scaler::control::Scaling;
 use scalecar_scaler::target::ScaleTarget;
 
 struct Loop {
@@ -31,7 +26,6 @@ struct Loop {
     cluster: Arc<LocalPool>,
     pool: Arc<Pool>,
     decisions: Arc<DecisionRecorder>,
-    _stop: tokio::sync::oneshot::Sender<()>,
 }
 
 async fn closed_loop(keys: &[(&str, &str)], initial: u32, tick: Duration) -> Loop {
@@ -40,75 +34,31 @@ async fn closed_loop(keys: &[(&str, &str)], initial: u32, tick: Duration) -> Loo
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     let policy = Policy::from_keys(&keys, Role::Unified).unwrap();
-    let clock: Arc<dyn Clock> = Arc::new(MonotonicClock::new());
     let template = SimConfig {
         model: "m".into(),
         startup_delay: Duration::from_millis(300),
         ..SimConfig::default()
     };
     let cluster = LocalPool::start("m", template, initial).await.unwrap();
-    let mut registry = Registry::default();
-    let metrics = ProxyMetrics::register(&mut registry);
-    let decisions = Arc::new(DecisionRecorder::register(&mut registry));
-    let signals = Arc::new(PoolSignals::new(
-        SignalsConfig::for_window(policy.window),
-        clock.clone(),
-    ));
-    let pool = Pool::new(
-        "m".into(),
+    let builder = GatewayBuilder::new(Limits::default(), tick).pool(
+        "m",
+        "m",
         Role::Unified,
-        Vec::new(),
-        signals.clone(),
-        policy.max_concurrency,
-        1024,
-    );
-    pool.follow(cluster.endpoints());
-    let entry = PoolEntry {
-        metrics: metrics.pool("m", Role::Unified),
-        pool: pool.clone(),
-    };
-    let plane = Arc::new(DataPlane::new(
-        HashMap::from([("m".to_string(), ModelRoute::Unified(Arc::new(entry)))]),
-        Limits::default(),
-        metrics,
-    ));
-    let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
-    let proxy = server::serve(
-        plane,
-        registry,
-        bind().await.unwrap(),
-        bind().await.unwrap(),
-    )
-    .unwrap();
-    let spec = TargetSpec {
-        name: "m".into(),
-        model: "m".into(),
-        role: Role::Unified,
         policy,
-        signals,
-        scaling: Scaling::Managed(cluster.clone()),
-    };
-    let control = ControlLoop::new(
-        vec![spec],
-        &AlgorithmRegistry::with_builtins(),
-        clock,
-        Arc::new(SystemWallClock),
-        decisions.clone(),
-        tick,
-    )
-    .unwrap();
-    let poke = control.poke_handle();
-    pool.on_empty(Arc::new(move || poke.notify_one()));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(control.run(async move {
-        let _ = stopped.await;
-    }));
+        cluster.endpoints(),
+        Scaling::Managed(cluster.clone()),
+    );
+    let decisions = builder.decisions();
+    let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
+    let proxy = builder
+        .start(bind().await.unwrap(), bind().await.unwrap())
+        .unwrap();
+    let pool = find(&proxy.plane, "m", Role::Unified).unwrap().pool.clone();
     Loop {
         proxy,
         cluster,
         pool,
         decisions,
-        _stop: stop,
     }
 }
 

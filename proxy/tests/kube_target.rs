@@ -49,7 +49,7 @@ async fn create(sim: &KubeSim, plural_path: &str, body: serde_json::Value) {
 async fn ready(t: &KubeScaleTarget, n: u32) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let s = t.scale().await.unwrap();
+        let s = t.refresh().await.unwrap();
         if s.spec == n && s.ready == n {
             return;
         }
@@ -145,6 +145,7 @@ async fn a_write_after_someone_elses_is_a_conflict_and_a_stuck_server_a_timeout(
     let mut attempts = 0;
     loop {
         attempts += 1;
+        // After a conflict the read goes to the API server, not the cache.
         t.scale().await.unwrap();
         match t.set_replicas(2).await {
             Ok(()) => break,
@@ -160,7 +161,7 @@ async fn a_write_after_someone_elses_is_a_conflict_and_a_stuck_server_a_timeout(
         fault: Fault::Timeout,
     });
     let started = Instant::now();
-    let err = t.scale().await.unwrap_err();
+    let err = t.refresh().await.unwrap_err();
     assert!(matches!(err, TargetError::Unavailable { .. }), "{err}");
     assert!(
         started.elapsed() < Duration::from_secs(3),
@@ -246,11 +247,9 @@ async fn annotated_workloads_are_found_and_invalid_ones_get_a_warning() {
     .await;
     let rx = watch_workloads(
         client,
-        vec![(
-            kube::api::GroupVersionKind::gvk("apps", "v1", "Deployment"),
-            "deployments".into(),
-        )],
-        Some("default".into()),
+        vec![kube::api::GroupVersionKind::gvk("apps", "v1", "Deployment")],
+        &["default".to_string()],
+        vec!["kpa".to_string(), "hpa".to_string(), "slo".to_string()],
         kube::runtime::events::Reporter {
             controller: "scalecar".into(),
             instance: Some("test".into()),
@@ -262,8 +261,8 @@ async fn annotated_workloads_are_found_and_invalid_ones_get_a_warning() {
         let w = rx.borrow();
         match w.get(&key("llama")) {
             Some(Workload::Valid(t)) => {
-                assert_eq!(t.model, "llama-3-8b");
-                assert_eq!(t.policy.max_replicas, Some(4));
+                assert_eq!(t.target.model, "llama-3-8b");
+                assert_eq!(t.target.policy.max_replicas, Some(4));
             }
             other => panic!("llama: {other:?}"),
         }
@@ -313,7 +312,7 @@ async fn annotated_workloads_are_found_and_invalid_ones_get_a_warning() {
     )
     .await;
     assert_eq!(status, 200);
-    wait_for(&rx, |w| matches!(w.get(&key("bad")), Some(Workload::Valid(t)) if t.policy.max_replicas == Some(3))).await;
+    wait_for(&rx, |w| matches!(w.get(&key("bad")), Some(Workload::Valid(t)) if t.target.policy.max_replicas == Some(3))).await;
     let (status, _) = http(
         &sim,
         "DELETE",

@@ -536,10 +536,7 @@ async fn shutdown_lets_open_streams_finish() {
     // No longer accepting.
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
     // The admin server is gone with it: the teardown reads the pools.
-    for route in plane.routes().values() {
-        let scalecar_proxy::dataplane::ModelRoute::Unified(e) = route else {
-            unreachable!()
-        };
+    for e in plane.routes().entries() {
         let signals = &e.pool.signals;
         assert_eq!(
             (

@@ -183,6 +183,23 @@ pub struct ControlLoop {
     tick: Duration,
     poke: Arc<Notify>,
     registry: AlgorithmRegistry,
+    /// The target set, when it changes while running (discovery).
+    updates: Option<tokio::sync::watch::Receiver<Vec<TargetSpec>>>,
+}
+
+/// Whether `a` and `b` scale the same thing the same way: then the running
+/// state (the algorithm's windows, backoff) carries over.
+fn same_target(a: &TargetSpec, b: &TargetSpec) -> bool {
+    let scaling = match (&a.scaling, &b.scaling) {
+        (Scaling::Managed(x), Scaling::Managed(y)) => Arc::ptr_eq(x, y),
+        (Scaling::Advisory { ready: x }, Scaling::Advisory { ready: y }) => Arc::ptr_eq(x, y),
+        _ => false,
+    };
+    scaling
+        && a.model == b.model
+        && a.role == b.role
+        && a.policy == b.policy
+        && Arc::ptr_eq(&a.signals, &b.signals)
 }
 
 impl ControlLoop {
@@ -197,42 +214,87 @@ impl ControlLoop {
         observer: Arc<dyn DecisionObserver>,
         tick: Duration,
     ) -> Result<Self, ControlError> {
-        let now = clock.now();
-        let mut seen = std::collections::BTreeSet::new();
-        let mut targets = Vec::with_capacity(specs.len());
-        for spec in specs {
-            if !seen.insert(spec.name.clone()) {
-                return Err(ControlError::DuplicateName(spec.name));
-            }
-            let ready = match &spec.scaling {
-                Scaling::Advisory { ready } => ready.load(Ordering::Relaxed),
-                Scaling::Managed(_) => 0,
-            };
-            let algorithm = registry
-                .create(&spec.policy, ready, now)
-                .map_err(|source| ControlError::Algorithm {
-                    name: spec.name.clone(),
-                    source,
-                })?;
-            targets.push(Managed {
-                spec,
-                algorithm,
-                fresh: true,
-                last: None,
-                backoff_until: Duration::ZERO,
-                failures: 0,
-                advised: None,
-            });
-        }
-        Ok(ControlLoop {
-            targets,
+        let mut control = ControlLoop {
+            targets: Vec::new(),
             clock,
             wall,
             observer,
             tick,
             poke: Arc::new(Notify::new()),
             registry: registry.clone(),
-        })
+            updates: None,
+        };
+        if let Some(e) = control.set_targets(specs).into_iter().next() {
+            return Err(e);
+        }
+        Ok(control)
+    }
+
+    /// Replaces the target set. A target whose name, scale target, signals
+    /// and policy stay the same keeps its running state; a changed one
+    /// starts afresh; one that is gone is no longer decided. Targets that
+    /// cannot be built (an unknown algorithm, a name used twice) are left
+    /// out and returned as errors; the others are taken.
+    pub fn set_targets(&mut self, specs: Vec<TargetSpec>) -> Vec<ControlError> {
+        let now = self.clock.now();
+        let mut old: BTreeMap<String, Managed> = std::mem::take(&mut self.targets)
+            .into_iter()
+            .map(|t| (t.spec.name.clone(), t))
+            .collect();
+        let mut seen = std::collections::BTreeSet::new();
+        let mut errors = Vec::new();
+        for spec in specs {
+            if !seen.insert(spec.name.clone()) {
+                errors.push(ControlError::DuplicateName(spec.name));
+                continue;
+            }
+            if let Some(t) = old
+                .remove(&spec.name)
+                .filter(|t| same_target(&t.spec, &spec))
+            {
+                self.targets.push(t);
+                continue;
+            }
+            let ready = match &spec.scaling {
+                Scaling::Advisory { ready } => ready.load(Ordering::Relaxed),
+                Scaling::Managed(_) => 0,
+            };
+            match self.registry.create(&spec.policy, ready, now) {
+                Ok(algorithm) => self.targets.push(Managed {
+                    spec,
+                    algorithm,
+                    fresh: true,
+                    last: None,
+                    backoff_until: Duration::ZERO,
+                    failures: 0,
+                    advised: None,
+                }),
+                Err(source) => errors.push(ControlError::Algorithm {
+                    name: spec.name.clone(),
+                    source,
+                }),
+            }
+        }
+        errors
+    }
+
+    /// Takes the target set from `updates` from now on (the set it holds
+    /// now, then every change).
+    pub fn follow(&mut self, mut updates: tokio::sync::watch::Receiver<Vec<TargetSpec>>) {
+        let specs = updates.borrow_and_update().clone();
+        self.apply_update(specs);
+        self.updates = Some(updates);
+    }
+
+    fn apply_update(&mut self, specs: Vec<TargetSpec>) {
+        for e in self.set_targets(specs) {
+            tracing::warn!(error = %e, "target left out of the control loop");
+        }
+    }
+
+    /// The names of the targets decided each tick.
+    pub fn target_names(&self) -> Vec<String> {
+        self.targets.iter().map(|t| t.spec.name.clone()).collect()
     }
 
     /// A handle that makes the loop decide at once (a request waiting on a
@@ -423,12 +485,31 @@ impl ControlLoop {
         let mut interval = tokio::time::interval(self.tick);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let poke = self.poke.clone();
+        let mut updates = self.updates.take();
         tokio::pin!(shutdown);
         loop {
+            let changed = async {
+                match updates.as_mut() {
+                    Some(u) => u.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = &mut shutdown => return,
                 _ = interval.tick() => {}
                 _ = poke.notified() => {}
+                open = changed => {
+                    // A new target set is taken at once and decided at the
+                    // next tick, so ticks stay evenly spaced.
+                    match (open, updates.as_mut()) {
+                        (true, Some(u)) => {
+                            let specs = u.borrow_and_update().clone();
+                            self.apply_update(specs);
+                        }
+                        _ => updates = None,
+                    }
+                    continue;
+                }
             }
             self.tick_once().await;
         }

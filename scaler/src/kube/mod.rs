@@ -1,10 +1,17 @@
-//! The Kubernetes side of the scaler, on kube-rs: the generic scale target
-//! and the watcher of annotated workloads; pod discovery, rescale Events and
-//! the leader Lease join them. The decision core (signals, algorithms, behavior, the control
-//! loop) never imports this module: it sees only the `ScaleTarget` trait.
+//! The Kubernetes side of the scaler, on kube-rs: the watcher of annotated
+//! workloads, the generic scale target, pod discovery and rescale Events;
+//! the leader Lease joins them. The decision core (signals, algorithms,
+//! behavior, the control loop) never imports this module: it sees only the
+//! `ScaleTarget` and `DecisionObserver` traits.
 
+mod events;
+mod pods;
 mod scale;
+mod selector;
 mod workloads;
 
+pub use events::{EventWriter, RescaleEvents};
+pub use pods::{PodInfo, Pods, endpoints_of, watch_pods};
 pub use scale::KubeScaleTarget;
-pub use workloads::{Workload, Workloads, watch_workloads};
+pub use selector::{LabelSelector, SelectorError};
+pub use workloads::{Annotated, Workload, Workloads, watch_workloads};

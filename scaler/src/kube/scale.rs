@@ -3,12 +3,16 @@
 //! ReplicaSets, LeaderWorkerSets, custom resources that declare it), and by
 //! a merge patch of `spec.replicas` when it has none.
 //!
-//! Reads take `spec.replicas` and `status.readyReplicas` from the object
-//! itself (a Scale carries no ready count). Writes carry the
+//! Reads come from what the workload watcher last saw ([`observe`]) and
+//! the ready count from the pods routing found ([`set_ready`]); a GET only
+//! before the first watch event and after a conflict. Writes carry the
 //! resourceVersion of the last read, so a change made in between is a 409
 //! Conflict for the control loop to re-read and re-decide, never a silent
 //! overwrite. Every call is bounded by a timeout: kube-rs retries some
 //! answers (503) on its own, and the loop must not stall on one target.
+//!
+//! [`observe`]: KubeScaleTarget::observe
+//! [`set_ready`]: KubeScaleTarget::set_ready
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -18,7 +22,23 @@ use kube::discovery::{ApiCapabilities, Scope, oneshot};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 
+use super::selector::LabelSelector;
 use crate::target::{BoxFuture, ScaleState, ScaleTarget, TargetError, TargetRef};
+
+/// What is known of the object between reads.
+#[derive(Debug, Default)]
+struct Known {
+    /// `spec.replicas` as last seen (watch, GET or our own write).
+    spec: Option<u32>,
+    /// resourceVersion of that sighting, sent with the next write.
+    version: Option<String>,
+    /// Ready pods, from discovery (`None`: the object's readyReplicas).
+    ready: Option<u32>,
+    /// The object's own readyReplicas.
+    object_ready: u32,
+    /// A write conflicted: the next read goes to the API server.
+    stale: bool,
+}
 
 /// A scalable object in a cluster.
 #[derive(Debug)]
@@ -26,9 +46,9 @@ pub struct KubeScaleTarget {
     target: TargetRef,
     api: Api<DynamicObject>,
     has_scale: bool,
+    selector: LabelSelector,
     timeout: Duration,
-    /// resourceVersion of the last read, sent with the next write.
-    last_version: Mutex<Option<String>>,
+    known: Mutex<Known>,
 }
 
 fn error(target: &TargetRef, e: kube::Error) -> TargetError {
@@ -48,7 +68,10 @@ fn error(target: &TargetRef, e: kube::Error) -> TargetError {
 
 impl KubeScaleTarget {
     /// Finds `target`'s resource through discovery (its plural, scope and
-    /// whether it has `/scale`).
+    /// whether it has `/scale`) and its pods' selector: the Scale's
+    /// `status.selector` where there is a Scale, else the object's
+    /// `spec.selector` (or `status.selector`). A target without a selector
+    /// is an error: it would select every pod of its namespace.
     pub async fn discover(
         client: Client,
         target: TargetRef,
@@ -80,12 +103,99 @@ impl KubeScaleTarget {
             Scope::Namespaced => Api::namespaced_with(client, &target.namespace, &resource),
             Scope::Cluster => Api::all_with(client, &resource),
         };
-        Ok(KubeScaleTarget {
+        let mut t = KubeScaleTarget {
             target,
             api,
             has_scale,
+            selector: LabelSelector::default(),
             timeout,
-            last_version: Mutex::new(None),
+            known: Mutex::new(Known::default()),
+        };
+        t.selector = t.read_selector().await?;
+        Ok(t)
+    }
+
+    async fn read_selector(&self) -> Result<LabelSelector, TargetError> {
+        let invalid = |message: String| TargetError::Unavailable {
+            target: self.target.to_string(),
+            message,
+        };
+        let selector = if self.has_scale {
+            let scale = self
+                .bounded("get scale", self.api.get_scale(&self.target.name))
+                .await?;
+            match scale.status.and_then(|s| s.selector) {
+                Some(text) => LabelSelector::parse(&text).map_err(|e| invalid(e.to_string()))?,
+                None => LabelSelector::default(),
+            }
+        } else {
+            let o = self.bounded("get", self.api.get(&self.target.name)).await?;
+            self.remember(&o);
+            match (
+                o.data.pointer("/spec/selector"),
+                o.data.pointer("/status/selector"),
+            ) {
+                (Some(v), _) if v.is_object() => {
+                    LabelSelector::from_object(v).map_err(|e| invalid(e.to_string()))?
+                }
+                (_, Some(Value::String(text))) => {
+                    LabelSelector::parse(text).map_err(|e| invalid(e.to_string()))?
+                }
+                _ => LabelSelector::default(),
+            }
+        };
+        if selector.is_empty() {
+            return Err(invalid(
+                "no pod selector (neither the Scale's status.selector nor spec.selector)".into(),
+            ));
+        }
+        Ok(selector)
+    }
+
+    /// Reads the object from the API server (not the watch) and returns
+    /// what it says now.
+    pub async fn refresh(&self) -> Result<ScaleState, TargetError> {
+        // A Scale carries no ready count: read the object.
+        let o = self.bounded("get", self.api.get(&self.target.name)).await?;
+        self.remember(&o);
+        self.known().ok_or_else(|| TargetError::Unavailable {
+            target: self.target.to_string(),
+            message: "state lock poisoned".into(),
+        })
+    }
+
+    /// The selector of its pods.
+    pub fn selector(&self) -> &LabelSelector {
+        &self.selector
+    }
+
+    /// What the workload watcher saw of the object: its `spec.replicas`
+    /// (unset is 1, as Kubernetes defaults it), readyReplicas and
+    /// resourceVersion.
+    pub fn observe(&self, replicas: Option<u32>, ready: u32, version: Option<String>) {
+        if let Ok(mut k) = self.known.lock() {
+            k.spec = Some(replicas.unwrap_or(1));
+            k.object_ready = ready;
+            k.version = version;
+            k.stale = false;
+        }
+    }
+
+    /// How many of its pods serve (what the algorithm counts as ready).
+    pub fn set_ready(&self, ready: u32) {
+        if let Ok(mut k) = self.known.lock() {
+            k.ready = Some(ready);
+        }
+    }
+
+    fn known(&self) -> Option<ScaleState> {
+        let k = self.known.lock().ok()?;
+        if k.stale {
+            return None;
+        }
+        Some(ScaleState {
+            spec: k.spec?,
+            ready: k.ready.unwrap_or(k.object_ready),
         })
     }
 
@@ -108,17 +218,27 @@ impl KubeScaleTarget {
         }
     }
 
-    fn remember(&self, version: Option<String>) {
-        if let Ok(mut v) = self.last_version.lock() {
-            *v = version;
+    fn remember(&self, o: &DynamicObject) {
+        if let Ok(mut k) = self.known.lock() {
+            k.spec = Some(count(&o.data, "/spec/replicas").unwrap_or(1));
+            k.object_ready = count(&o.data, "/status/readyReplicas").unwrap_or(0);
+            k.version = o.resource_version();
+            k.stale = false;
+        }
+    }
+
+    fn wrote(&self, replicas: u32, version: Option<String>) {
+        if let Ok(mut k) = self.known.lock() {
+            k.spec = Some(replicas);
+            k.version = version;
         }
     }
 }
 
-fn count(v: &Value, pointer: &str) -> u32 {
+fn count(v: &Value, pointer: &str) -> Option<u32> {
     v.pointer(pointer)
         .and_then(Value::as_u64)
-        .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX))
+        .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
 }
 
 impl ScaleTarget for KubeScaleTarget {
@@ -128,44 +248,51 @@ impl ScaleTarget for KubeScaleTarget {
 
     fn scale(&self) -> BoxFuture<'_, Result<ScaleState, TargetError>> {
         Box::pin(async move {
-            let o = self.bounded("get", self.api.get(&self.target.name)).await?;
-            self.remember(o.resource_version());
-            // A Scale carries no ready count: read it from the object.
-            let spec = count(&o.data, "/spec/replicas");
-            let ready = if o.data.pointer("/status/readyReplicas").is_some() {
-                count(&o.data, "/status/readyReplicas")
-            } else {
-                0
-            };
-            Ok(ScaleState { spec, ready })
+            match self.known() {
+                Some(s) => Ok(s),
+                None => self.refresh().await,
+            }
         })
     }
 
     fn set_replicas(&self, replicas: u32) -> BoxFuture<'_, Result<(), TargetError>> {
         Box::pin(async move {
-            let version = self.last_version.lock().ok().and_then(|v| v.clone());
+            let version = self.known.lock().ok().and_then(|k| k.version.clone());
             let mut body = json!({"spec": {"replicas": replicas}});
             if let Some(v) = version {
                 // A precondition: someone else's write in between is a 409.
                 body["metadata"] = json!({"resourceVersion": v});
             }
             let params = PatchParams::default();
-            if self.has_scale {
+            let written = if self.has_scale {
                 self.bounded(
                     "patch scale",
                     self.api
                         .patch_scale(&self.target.name, &params, &Patch::Merge(&body)),
                 )
-                .await?;
+                .await
+                .map(|scale| scale.metadata.resource_version)
             } else {
                 self.bounded(
                     "patch",
                     self.api
                         .patch(&self.target.name, &params, &Patch::Merge(&body)),
                 )
-                .await?;
+                .await
+                .map(|o| o.resource_version())
+            };
+            match written {
+                Ok(version) => {
+                    self.wrote(replicas, version);
+                    Ok(())
+                }
+                Err(e) => {
+                    if let (TargetError::Conflict { .. }, Ok(mut k)) = (&e, self.known.lock()) {
+                        k.stale = true;
+                    }
+                    Err(e)
+                }
             }
-            Ok(())
         })
     }
 }

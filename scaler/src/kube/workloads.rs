@@ -13,19 +13,36 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event, EventType, Reporter};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use scalecar_config::{AnnotatedTarget, PREFIX, Policy};
 use tokio::sync::{Mutex, watch};
 
+use super::events::EventWriter;
 use crate::target::TargetRef;
+
+/// An annotated workload whose annotations parse: what to route and scale,
+/// and what its object said at the last watch event (read by the scale
+/// target instead of a GET per tick).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Annotated {
+    pub target: AnnotatedTarget,
+    /// `spec.replicas` (`None`: unset, which Kubernetes defaults to 1).
+    pub replicas: Option<u32>,
+    /// `status.readyReplicas`, for kinds whose pods are not routed.
+    pub ready_replicas: u32,
+    pub resource_version: Option<String>,
+    /// For Events about it.
+    pub reference: ObjectReference,
+}
 
 /// One annotated workload, parsed or not.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Workload {
-    Valid(Box<AnnotatedTarget>),
+    Valid(Box<Annotated>),
     /// Left alone until fixed: the errors, in words.
     Invalid(String),
 }
@@ -33,7 +50,14 @@ pub enum Workload {
 /// The annotated workloads of the watched kinds, by coordinates.
 pub type Workloads = BTreeMap<TargetRef, Workload>;
 
-fn parse(o: &DynamicObject) -> Option<Workload> {
+fn count(o: &DynamicObject, pointer: &str) -> Option<u32> {
+    o.data
+        .pointer(pointer)
+        .and_then(serde_json::Value::as_u64)
+        .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
+}
+
+fn parse(o: &DynamicObject, resource: &ApiResource, algorithms: &[String]) -> Option<Workload> {
     let annotations: BTreeMap<String, String> = o
         .annotations()
         .iter()
@@ -43,18 +67,66 @@ fn parse(o: &DynamicObject) -> Option<Workload> {
     if !annotations.contains_key(&format!("{PREFIX}model")) {
         return None;
     }
-    Some(match Policy::from_annotations(&annotations) {
-        Ok(t) => Workload::Valid(Box::new(t)),
-        Err(e) => Workload::Invalid(e.to_string()),
-    })
+    let target = match Policy::from_annotations(&annotations) {
+        Ok(t) => t,
+        Err(e) => return Some(Workload::Invalid(e.to_string())),
+    };
+    // An algorithm nobody registered is as wrong as a misspelt key: say so
+    // on the object rather than fail at the first tick.
+    let known: Vec<&str> = algorithms.iter().map(String::as_str).collect();
+    if let Err(e) = target.policy.validate_algorithm(&known) {
+        return Some(Workload::Invalid(format!("{PREFIX}algorithm: {e}")));
+    }
+    Some(Workload::Valid(Box::new(Annotated {
+        target,
+        replicas: count(o, "/spec/replicas"),
+        ready_replicas: count(o, "/status/readyReplicas").unwrap_or(0),
+        resource_version: o.resource_version(),
+        reference: o.object_ref(resource),
+    })))
 }
 
-/// Watches `kinds` (in `namespace`, or all) and publishes the annotated
-/// workloads. Runs until the receiver is dropped.
+/// The resource of `gvk` through discovery, tried until found (a custom
+/// resource may be installed after scalecar starts; the API server may be
+/// down), with a backoff up to 30 s; `None` once nobody listens.
+async fn find_kind(
+    client: &Client,
+    gvk: &GroupVersionKind,
+    tx: &watch::Sender<Workloads>,
+) -> Option<ApiResource> {
+    let mut wait = std::time::Duration::from_millis(500);
+    let mut reported = None;
+    loop {
+        let found = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            kube::discovery::oneshot::pinned_kind(client, gvk),
+        )
+        .await;
+        let why = match found {
+            Ok(Ok((resource, _))) => return Some(resource),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "no answer within 10s".to_string(),
+        };
+        if reported.as_ref() != Some(&why) {
+            tracing::warn!(group = %gvk.group, version = %gvk.version, kind = %gvk.kind, error = %why, "workload kind not found; retrying");
+            reported = Some(why);
+        }
+        if tx.is_closed() {
+            return None;
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(std::time::Duration::from_secs(30));
+    }
+}
+
+/// Watches `kinds` (in `namespaces`, or all when empty) and publishes the
+/// annotated workloads; `algorithms` are the registered algorithm names.
+/// Runs until the receiver is dropped.
 pub fn watch_workloads(
     client: Client,
-    kinds: Vec<(GroupVersionKind, String)>,
-    namespace: Option<String>,
+    kinds: Vec<GroupVersionKind>,
+    namespaces: &[String],
+    algorithms: Vec<String>,
     reporter: Reporter,
 ) -> watch::Receiver<Workloads> {
     let (tx, rx) = watch::channel(Workloads::new());
@@ -62,18 +134,32 @@ pub fn watch_workloads(
         Workloads::new(),
         BTreeMap::<TargetRef, String>::new(),
     )));
-    let recorder = Recorder::new(client.clone(), reporter);
-    for (gvk, plural) in kinds {
-        let resource = ApiResource::from_gvk_with_plural(&gvk, &plural);
-        let api: Api<DynamicObject> = match &namespace {
-            Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
-            None => Api::all_with(client.clone(), &resource),
-        };
+    let recorder = EventWriter::new(client.clone(), reporter);
+    let algorithms = Arc::new(algorithms);
+    let scopes: Vec<Option<String>> = if namespaces.is_empty() {
+        vec![None]
+    } else {
+        namespaces.iter().cloned().map(Some).collect()
+    };
+    for (gvk, scope) in kinds
+        .iter()
+        .flat_map(|k| scopes.iter().map(move |s| (k.clone(), s.clone())))
+    {
         let (tx, state, recorder) = (tx.clone(), state.clone(), recorder.clone());
-        let api_version = resource.api_version.clone();
+        let algorithms = algorithms.clone();
+        let client = client.clone();
         tokio::spawn(async move {
+            let Some(resource) = find_kind(&client, &gvk, &tx).await else {
+                return;
+            };
+            let api: Api<DynamicObject> = match &scope {
+                Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
+                None => Api::all_with(client.clone(), &resource),
+            };
+            let api_version = resource.api_version.clone();
             let mut events = watcher(api, watcher::Config::default())
                 .default_backoff()
+                .modify(|o| o.managed_fields_mut().clear())
                 .boxed();
             // A re-list arrives as Init, InitApply…, InitDone: it replaces
             // this kind's entries at once, so nothing vanishes in between.
@@ -109,15 +195,18 @@ pub fn watch_workloads(
                 let (workloads, reported) = &mut *guard;
                 if restart {
                     // A re-list: what is not listed again is gone.
-                    workloads
-                        .retain(|k, _| k.kind != resource.kind || k.api_version != api_version);
+                    workloads.retain(|k, _| {
+                        k.kind != resource.kind
+                            || k.api_version != api_version
+                            || scope.as_ref().is_some_and(|ns| &k.namespace != ns)
+                    });
                 }
                 for o in &deletes {
                     workloads.remove(&key(o));
                 }
                 for o in &upserts {
                     let k = key(o);
-                    match parse(o) {
+                    match parse(o, &resource, &algorithms) {
                         None => {
                             workloads.remove(&k);
                         }

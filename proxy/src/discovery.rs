@@ -1,0 +1,332 @@
+//! Kubernetes discovery: annotated workloads become pools, their ready pods
+//! the pools' endpoints, and the workloads themselves the control loop's
+//! scale targets.
+//!
+//! Event driven: a change of the workloads or of the pods reconciles at
+//! once, so a new workload is routed within the watch latency and a pod
+//! that turns unready or Terminating leaves its pool before it stops. A
+//! workload whose scale target cannot be found yet (API down, a custom
+//! resource whose controller has not set its selector) is tried again
+//! every few seconds; the proxy serves the rest meanwhile.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use kube::api::GroupVersionKind;
+use kube::runtime::events::Reporter;
+use scalecar_config::{AnnotatedTarget, KubernetesConfig, Limits};
+use scalecar_scaler::algorithm::AlgorithmRegistry;
+use scalecar_scaler::clock::Clock;
+use scalecar_scaler::control::{Scaling, TargetSpec};
+use scalecar_scaler::kube::{
+    Annotated, KubeScaleTarget, Pods, RescaleEvents, Workload, Workloads, endpoints_of, watch_pods,
+    watch_workloads,
+};
+use scalecar_scaler::signals::{PoolSignals, SignalsConfig};
+use scalecar_scaler::target::{ScaleTarget, TargetRef};
+use tokio::sync::watch;
+
+use crate::gateway::{Member, PoolSet};
+use crate::metrics::ProxyMetrics;
+use crate::pool::Pool;
+use crate::routes::PoolEntry;
+
+/// Who writes scalecar's Events: the pod's name where the Downward API
+/// gives it (`POD_NAME`), else the host name.
+pub(crate) fn reporter() -> Reporter {
+    let instance = std::env::var("POD_NAME")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .ok()
+        .filter(|s| !s.is_empty());
+    Reporter {
+        controller: "scalecar".into(),
+        instance,
+    }
+}
+
+/// The `target` label and control-loop name of a workload:
+/// `deployment/llm/llama-3-8b`.
+pub fn target_name(r: &TargetRef) -> String {
+    format!("{}/{}/{}", r.kind.to_ascii_lowercase(), r.namespace, r.name)
+}
+
+/// One discovered workload.
+struct Found {
+    target: AnnotatedTarget,
+    scale: Arc<KubeScaleTarget>,
+    entry: Arc<PoolEntry>,
+    spec: TargetSpec,
+    /// Serving pods (the advisory loop's ready and spec count).
+    ready: Arc<AtomicU32>,
+    /// Serving pods without a port to reach them were reported.
+    portless_reported: bool,
+}
+
+/// The reconciler.
+pub(crate) struct Discovery {
+    client: kube::Client,
+    config: KubernetesConfig,
+    set: Arc<PoolSet>,
+    metrics: ProxyMetrics,
+    limits: Limits,
+    clock: Arc<dyn Clock>,
+    events: Arc<RescaleEvents>,
+    found: BTreeMap<TargetRef, Found>,
+    /// Workloads whose scale target could not be found, and why (logged
+    /// once per distinct reason).
+    failed: BTreeMap<TargetRef, String>,
+}
+
+/// How often a workload whose discovery failed is tried again.
+const RETRY: Duration = Duration::from_secs(2);
+
+impl Discovery {
+    pub fn new(
+        client: kube::Client,
+        config: KubernetesConfig,
+        set: Arc<PoolSet>,
+        metrics: ProxyMetrics,
+        limits: Limits,
+        clock: Arc<dyn Clock>,
+        events: Arc<RescaleEvents>,
+    ) -> Self {
+        Discovery {
+            client,
+            config,
+            set,
+            metrics,
+            limits,
+            clock,
+            events,
+            found: BTreeMap::new(),
+            failed: BTreeMap::new(),
+        }
+    }
+
+    /// Watches and reconciles until `stop` turns true.
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        let mut kinds = vec![
+            GroupVersionKind::gvk("apps", "v1", "Deployment"),
+            GroupVersionKind::gvk("apps", "v1", "StatefulSet"),
+        ];
+        for k in &self.config.kinds {
+            let gvk = GroupVersionKind::gvk(&k.group, &k.version, &k.kind);
+            if !kinds.contains(&gvk) {
+                kinds.push(gvk);
+            }
+        }
+        let algorithms = AlgorithmRegistry::with_builtins()
+            .names()
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        let mut workloads = watch_workloads(
+            self.client.clone(),
+            kinds,
+            &self.config.namespaces,
+            algorithms,
+            reporter(),
+        );
+        let mut pods = watch_pods(self.client.clone(), &self.config.namespaces);
+        let mut retry = tokio::time::interval(RETRY);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => return,
+                r = workloads.changed() => if r.is_err() { return },
+                r = pods.changed() => if r.is_err() { return },
+                _ = retry.tick(), if !self.failed.is_empty() => {}
+            }
+            let w = workloads.borrow_and_update().clone();
+            let p = pods.borrow_and_update().clone();
+            self.reconcile(&w, &p).await;
+        }
+    }
+
+    fn build(
+        &self,
+        name: String,
+        target: &AnnotatedTarget,
+        scale: &Arc<KubeScaleTarget>,
+        ready: &Arc<AtomicU32>,
+        previous: Option<&Found>,
+    ) -> (Arc<PoolEntry>, TargetSpec) {
+        let policy = &target.policy;
+        // The windows carry over an edit that keeps model, role and window.
+        let signals = previous
+            .filter(|f| {
+                f.target.model == target.model
+                    && f.target.role == target.role
+                    && f.target.policy.window == policy.window
+            })
+            .map(|f| f.entry.pool.signals.clone())
+            .unwrap_or_else(|| {
+                Arc::new(PoolSignals::new(
+                    SignalsConfig::for_window(policy.window),
+                    self.clock.clone(),
+                ))
+            });
+        let endpoints: Vec<SocketAddr> = previous
+            .map(|f| f.entry.pool.endpoints().iter().map(|e| e.addr).collect())
+            .unwrap_or_default();
+        let pool = Pool::new(
+            target.model.clone(),
+            target.role,
+            endpoints,
+            signals.clone(),
+            policy.max_concurrency,
+            self.limits.queue_length,
+        );
+        pool.set_max_ejection_percent(self.limits.max_ejection_percent);
+        let entry = Arc::new(PoolEntry {
+            metrics: self.metrics.pool(&target.model, target.role),
+            pool,
+        });
+        let scaling = if self.config.managed {
+            Scaling::Managed(scale.clone() as Arc<dyn ScaleTarget>)
+        } else {
+            Scaling::Advisory {
+                ready: ready.clone(),
+            }
+        };
+        let spec = TargetSpec {
+            name,
+            model: target.model.clone(),
+            role: target.role,
+            policy: policy.clone(),
+            signals,
+            scaling,
+        };
+        (entry, spec)
+    }
+
+    async fn reconcile(&mut self, workloads: &Workloads, pods: &Pods) {
+        let mut changed = false;
+        // Gone, or no longer valid: out of the routes and the loop.
+        let gone: Vec<TargetRef> = self
+            .found
+            .keys()
+            .filter(|r| !matches!(workloads.get(*r), Some(Workload::Valid(_))))
+            .cloned()
+            .collect();
+        for r in gone {
+            if let Some(f) = self.found.remove(&r) {
+                tracing::info!(target = %target_name(&r), model = %f.target.model, "workload no longer annotated; pool removed");
+                f.entry.pool.close();
+                changed = true;
+            }
+        }
+        self.failed
+            .retain(|r, _| matches!(workloads.get(r), Some(Workload::Valid(_))));
+        for (r, w) in workloads {
+            let Workload::Valid(a) = w else { continue };
+            changed |= self.upsert(r, a).await;
+        }
+        for (r, f) in &mut self.found {
+            let (addrs, portless) =
+                endpoints_of(pods, &r.namespace, f.scale.selector(), f.target.port);
+            if portless > 0 && !f.portless_reported {
+                tracing::warn!(
+                    target = %target_name(r), pods = portless,
+                    "ready pods without a port: set scalecar.io/port or name a container port http"
+                );
+            }
+            f.portless_reported = portless > 0;
+            let current = f.entry.pool.endpoints();
+            if current.len() != addrs.len() || current.iter().zip(&addrs).any(|(e, a)| e.addr != *a)
+            {
+                tracing::debug!(target = %target_name(r), endpoints = ?addrs, "pool endpoints");
+                f.entry.pool.set_endpoints(&addrs);
+            }
+            let n = u32::try_from(addrs.len()).unwrap_or(u32::MAX);
+            f.scale.set_ready(n);
+            f.ready.store(n, Ordering::Relaxed);
+        }
+        if changed {
+            let members = self
+                .found
+                .values()
+                .map(|f| Member {
+                    entry: f.entry.clone(),
+                    spec: f.spec.clone(),
+                })
+                .collect();
+            self.set.set_discovered(members);
+            let objects: HashMap<String, _> = workloads
+                .iter()
+                .filter_map(|(r, w)| match w {
+                    Workload::Valid(a) if self.found.contains_key(r) => {
+                        Some((target_name(r), a.reference.clone()))
+                    }
+                    _ => None,
+                })
+                .collect();
+            self.events.set_objects(objects);
+        }
+    }
+
+    /// Brings one valid workload's pool up to date; true when the pool set
+    /// changed.
+    async fn upsert(&mut self, r: &TargetRef, a: &Annotated) -> bool {
+        let name = target_name(r);
+        if let Some(f) = self.found.get(r) {
+            f.scale
+                .observe(a.replicas, a.ready_replicas, a.resource_version.clone());
+            if f.target == a.target {
+                return false;
+            }
+            // An edit of the annotations: a new pool on the same scale
+            // target; requests waiting on the old one are told to retry.
+            let (entry, spec) = self.build(name.clone(), &a.target, &f.scale, &f.ready, Some(f));
+            tracing::info!(target = %name, model = %a.target.model, role = %a.target.role, "annotations changed; pool rebuilt");
+            if let Some(f) = self.found.get_mut(r) {
+                f.entry.pool.close();
+                f.entry = entry;
+                f.spec = spec;
+                f.target = a.target.clone();
+            }
+            return true;
+        }
+        let scale = match KubeScaleTarget::discover(
+            self.client.clone(),
+            r.clone(),
+            self.config.api_timeout,
+        )
+        .await
+        {
+            Ok(t) => Arc::new(t),
+            Err(e) => {
+                let why = e.to_string();
+                if self.failed.get(r) != Some(&why) {
+                    tracing::warn!(target = %name, error = %why, "scale target not found yet; retrying");
+                    self.failed.insert(r.clone(), why);
+                }
+                return false;
+            }
+        };
+        self.failed.remove(r);
+        scale.observe(a.replicas, a.ready_replicas, a.resource_version.clone());
+        let ready = Arc::new(AtomicU32::new(0));
+        let (entry, spec) = self.build(name.clone(), &a.target, &scale, &ready, None);
+        tracing::info!(
+            target = %name, model = %a.target.model, role = %a.target.role,
+            selector = %scale.selector(), through_scale = scale.has_scale_subresource(),
+            "workload discovered; pool added"
+        );
+        self.found.insert(
+            r.clone(),
+            Found {
+                target: a.target.clone(),
+                scale,
+                entry,
+                spec,
+                ready,
+                portless_reported: false,
+            },
+        );
+        true
+    }
+}

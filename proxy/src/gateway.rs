@@ -1,0 +1,381 @@
+//! One way to assemble a gateway: pools from their sources (static config,
+//! Kubernetes discovery, or any endpoint feed with a scale target — the
+//! tests' local clusters), the route table built from them, the control
+//! loop deciding for them, metrics and the admin server. `scalecar run`,
+//! `scalecar demo` and the tests all go through [`GatewayBuilder`].
+//!
+//! The pool set is dynamic: discovery replaces its part whole, and every
+//! change rebuilds the route table (swapped atomically under the serving
+//! workers) and the control loop's target set (taken between ticks).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus_client::registry::Registry;
+use scalecar_config::{KubernetesConfig, Limits, Policy, PoolConfig, Role};
+use scalecar_scaler::algorithm::AlgorithmRegistry;
+use scalecar_scaler::clock::{Clock, MonotonicClock};
+use scalecar_scaler::control::{
+    ControlLoop, DecisionObserver, Scaling, SystemWallClock, TargetSpec,
+};
+use scalecar_scaler::signals::{PoolSignals, SignalsConfig};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, watch};
+
+use crate::dataplane::DataPlane;
+use crate::decisions::DecisionRecorder;
+use crate::metrics::ProxyMetrics;
+use crate::pool::Pool;
+use crate::routes::{ModelRoute, PoolEntry, RouteTable, Routes};
+use crate::server::{self, ProxyHandle, StartError};
+
+/// A pool and what the control loop knows of it.
+#[derive(Debug, Clone)]
+pub(crate) struct Member {
+    pub entry: Arc<PoolEntry>,
+    pub spec: TargetSpec,
+}
+
+/// All pools of the gateway: the fixed ones (static config, feeds) and the
+/// discovered ones, published as routes and control-loop targets.
+#[derive(Debug)]
+pub(crate) struct PoolSet {
+    table: Arc<RouteTable>,
+    fixed: Vec<Member>,
+    discovered: Mutex<Vec<Member>>,
+    targets: watch::Sender<Vec<TargetSpec>>,
+    poke: Arc<Notify>,
+}
+
+impl PoolSet {
+    /// Replaces the discovered pools and publishes.
+    pub fn set_discovered(&self, members: Vec<Member>) {
+        let Ok(mut d) = self.discovered.lock() else {
+            return;
+        };
+        *d = members;
+        self.publish(&d);
+    }
+
+    fn publish(&self, discovered: &[Member]) {
+        let mut by_model: BTreeMap<&str, BTreeMap<Role, &Member>> = BTreeMap::new();
+        for m in self.fixed.iter().chain(discovered) {
+            let roles = by_model.entry(m.spec.model.as_str()).or_default();
+            if let Some(first) = roles.get(&m.spec.role) {
+                tracing::warn!(
+                    model = %m.spec.model, role = %m.spec.role, kept = %first.spec.name,
+                    ignored = %m.spec.name, "two pools serve one model in one role; the first is kept"
+                );
+                continue;
+            }
+            roles.insert(m.spec.role, m);
+            // A request waiting on an empty pool makes the loop decide at
+            // once (scale from zero).
+            let poke = self.poke.clone();
+            m.entry.pool.on_empty(Arc::new(move || poke.notify_one()));
+        }
+        let mut routes = Routes::new();
+        let mut specs = Vec::new();
+        for (model, mut roles) in by_model {
+            let route = match (
+                roles.remove(&Role::Unified),
+                roles.remove(&Role::Prefill),
+                roles.remove(&Role::Decode),
+            ) {
+                (Some(u), p, d) => {
+                    if let Some(x) = p.or(d) {
+                        tracing::warn!(%model, ignored = %x.spec.name, "a model served unified has no prefill or decode pools");
+                    }
+                    vec![u]
+                }
+                (None, Some(p), Some(d)) => vec![p, d],
+                (None, Some(only), None) | (None, None, Some(only)) => vec![only],
+                (None, None, None) => continue,
+            };
+            let r = match route.as_slice() {
+                [p, d] => ModelRoute::Disaggregated {
+                    prefill: p.entry.clone(),
+                    decode: d.entry.clone(),
+                },
+                [u, ..] => ModelRoute::Unified(u.entry.clone()),
+                [] => continue,
+            };
+            specs.extend(route.iter().map(|m| m.spec.clone()));
+            routes.insert(model.to_string(), r);
+        }
+        self.table.store(routes);
+        self.targets.send_replace(specs);
+    }
+}
+
+/// Builds a gateway.
+pub struct GatewayBuilder {
+    limits: Limits,
+    workers: Option<usize>,
+    tick: Duration,
+    clock: Arc<dyn Clock>,
+    registry: Registry,
+    metrics: ProxyMetrics,
+    decisions: Arc<DecisionRecorder>,
+    fixed: Vec<Member>,
+    /// Static endpoints: actively health-checked, ready counted for the
+    /// advisory loop.
+    checked: Vec<(Arc<Pool>, Arc<AtomicU32>)>,
+    kubernetes: Option<(kube::Client, KubernetesConfig)>,
+}
+
+impl std::fmt::Debug for GatewayBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayBuilder")
+            .field("pools", &self.fixed.len())
+            .field("kubernetes", &self.kubernetes.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+async fn resolve(index: usize, endpoint: &str) -> Result<SocketAddr, StartError> {
+    let err = |message: String| StartError::Resolve {
+        index,
+        endpoint: endpoint.to_string(),
+        message,
+    };
+    let mut addrs = tokio::net::lookup_host(endpoint)
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    addrs.next().ok_or_else(|| err("no address".into()))
+}
+
+impl GatewayBuilder {
+    pub fn new(limits: Limits, tick: Duration) -> Self {
+        let mut registry = Registry::default();
+        let metrics = ProxyMetrics::register(&mut registry);
+        let decisions = Arc::new(DecisionRecorder::register(&mut registry));
+        GatewayBuilder {
+            limits,
+            workers: None,
+            tick,
+            clock: Arc::new(MonotonicClock::new()),
+            registry,
+            metrics,
+            decisions,
+            fixed: Vec::new(),
+            checked: Vec::new(),
+            kubernetes: None,
+        }
+    }
+
+    /// Worker threads of the proxy listener (default: one per core).
+    pub fn workers(mut self, workers: Option<usize>) -> Self {
+        self.workers = workers;
+        self
+    }
+
+    /// The decisions recorded (metrics, latest status per target).
+    pub fn decisions(&self) -> Arc<DecisionRecorder> {
+        self.decisions.clone()
+    }
+
+    fn entry(
+        &self,
+        model: &str,
+        role: Role,
+        policy: &Policy,
+        addrs: Vec<SocketAddr>,
+    ) -> Arc<PoolEntry> {
+        let signals = Arc::new(PoolSignals::new(
+            SignalsConfig::for_window(policy.window),
+            self.clock.clone(),
+        ));
+        let pool = Pool::new(
+            model.to_string(),
+            role,
+            addrs,
+            signals,
+            policy.max_concurrency,
+            self.limits.queue_length,
+        );
+        pool.set_max_ejection_percent(self.limits.max_ejection_percent);
+        Arc::new(PoolEntry {
+            metrics: self.metrics.pool(model, role),
+            pool,
+        })
+    }
+
+    /// Static pools: their endpoints resolved now, health-checked, and
+    /// decided in advisory mode (nothing to patch).
+    pub async fn static_pools(mut self, pools: &[PoolConfig]) -> Result<Self, StartError> {
+        for (i, p) in pools.iter().enumerate() {
+            let mut addrs = Vec::new();
+            for e in &p.endpoints {
+                addrs.push(resolve(i, e).await?);
+            }
+            let ready = Arc::new(AtomicU32::new(addrs.len() as u32));
+            let entry = self.entry(&p.model, p.role, &p.policy, addrs);
+            self.checked.push((entry.pool.clone(), ready.clone()));
+            let spec = TargetSpec {
+                name: format!("{}/{}", p.model, p.role),
+                model: p.model.clone(),
+                role: p.role,
+                policy: p.policy.clone(),
+                signals: entry.pool.signals.clone(),
+                scaling: Scaling::Advisory { ready },
+            };
+            self.fixed.push(Member { entry, spec });
+        }
+        Ok(self)
+    }
+
+    /// A pool whose endpoints follow `endpoints` and whose replicas are
+    /// set through `scaling` (a local cluster of model servers).
+    pub fn pool(
+        mut self,
+        name: &str,
+        model: &str,
+        role: Role,
+        policy: Policy,
+        endpoints: watch::Receiver<Vec<SocketAddr>>,
+        scaling: Scaling,
+    ) -> Self {
+        let entry = self.entry(model, role, &policy, Vec::new());
+        entry.pool.follow(endpoints);
+        let spec = TargetSpec {
+            name: name.to_string(),
+            model: model.to_string(),
+            role,
+            policy,
+            signals: entry.pool.signals.clone(),
+            scaling,
+        };
+        self.fixed.push(Member { entry, spec });
+        self
+    }
+
+    /// Discovers annotated workloads and their pods through `client`.
+    pub fn kubernetes(mut self, client: kube::Client, config: KubernetesConfig) -> Self {
+        self.kubernetes = Some((client, config));
+        self
+    }
+
+    /// Builds everything and serves on the listeners until the handle is
+    /// shut down.
+    pub fn start(
+        self,
+        proxy_listener: TcpListener,
+        admin_listener: TcpListener,
+    ) -> Result<ProxyHandle, StartError> {
+        let table = Arc::new(RouteTable::default());
+        let mut plane =
+            DataPlane::with_table(table.clone(), self.limits.clone(), self.metrics.clone());
+        if let Some(n) = self.workers {
+            plane = plane.with_workers(n);
+        }
+        let plane = Arc::new(plane);
+        let recorder: Arc<dyn DecisionObserver> = self.decisions.clone();
+        let events = self.kubernetes.as_ref().map(|(client, _)| {
+            scalecar_scaler::kube::RescaleEvents::new(
+                client.clone(),
+                crate::discovery::reporter(),
+                recorder.clone(),
+            )
+        });
+        let observer: Arc<dyn DecisionObserver> = match &events {
+            Some(e) => e.clone(),
+            None => recorder,
+        };
+        let mut control = ControlLoop::new(
+            Vec::new(),
+            &AlgorithmRegistry::with_builtins(),
+            self.clock.clone(),
+            Arc::new(SystemWallClock),
+            observer,
+            self.tick,
+        )
+        .map_err(StartError::Control)?;
+        let (targets, updates) = watch::channel(Vec::new());
+        let set = Arc::new(PoolSet {
+            table,
+            fixed: self.fixed,
+            discovered: Mutex::new(Vec::new()),
+            targets,
+            poke: control.poke_handle(),
+        });
+        set.publish(&[]);
+        control.follow(updates);
+        let checked: Vec<Arc<Pool>> = self.checked.iter().map(|(p, _)| p.clone()).collect();
+        let mut handle = server::serve(
+            plane,
+            self.registry,
+            Some(self.decisions.clone()),
+            checked,
+            proxy_listener,
+            admin_listener,
+        )?;
+        let stopped = handle.stopped();
+        if let (Some((client, config)), Some(events)) = (self.kubernetes, events) {
+            let discovery = crate::discovery::Discovery::new(
+                client,
+                config,
+                set.clone(),
+                self.metrics,
+                self.limits,
+                self.clock,
+                events,
+            );
+            handle.spawn(discovery.run(stopped.clone()));
+        }
+        let counts = self.checked;
+        let mut stop = stopped;
+        handle.spawn(async move {
+            // Static endpoints serve while healthy and not ejected: that is
+            // their ready count for the advisory loop.
+            let counting = async {
+                let mut every = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    every.tick().await;
+                    for (pool, ready) in &counts {
+                        let now = pool.now_ms();
+                        let n = pool
+                            .endpoints()
+                            .iter()
+                            .filter(|e| e.healthy.load(Ordering::Relaxed) && !e.is_ejected(now))
+                            .count();
+                        ready.store(n as u32, Ordering::Relaxed);
+                    }
+                }
+            };
+            let stopped = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            tokio::select! {
+                _ = control.run(stopped) => {}
+                _ = counting => {}
+            }
+            // The set lives as long as the loop.
+            drop(set);
+        });
+        Ok(handle)
+    }
+}
+
+/// The model route serving `model` in `role`, for tests and live views.
+pub fn find(plane: &DataPlane, model: &str, role: Role) -> Option<Arc<PoolEntry>> {
+    plane
+        .routes()
+        .get(model)?
+        .entries()
+        .find(|e| e.pool.role == role)
+        .cloned()
+}
+
+/// Entries by (model, role), for tests and views.
+pub fn entries_by_model(plane: &DataPlane) -> HashMap<(String, Role), Arc<PoolEntry>> {
+    plane
+        .routes()
+        .entries()
+        .into_iter()
+        .map(|e| ((e.pool.model.clone(), e.pool.role), e))
+        .collect()
+}

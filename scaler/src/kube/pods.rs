@@ -1,0 +1,219 @@
+//! Pod discovery: the pods of the watched namespaces, reduced to what
+//! routing needs (labels, IP, readiness, whether they are going away, the
+//! port named `http`), published whole on a `watch` channel after every
+//! change.
+//!
+//! A pod is serving only while it is Ready, has an IP and carries no
+//! deletionTimestamp: a Terminating pod leaves the pools at the first
+//! watch event that shows it, before its containers stop, so it gets no new
+//! requests while the open ones finish on it.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::Api;
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+use tokio::sync::watch;
+
+use super::selector::LabelSelector;
+
+/// What routing knows of one pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodInfo {
+    pub namespace: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub ip: Option<IpAddr>,
+    pub ready: bool,
+    /// It has a deletionTimestamp.
+    pub terminating: bool,
+    /// The first container port named `http`.
+    pub http_port: Option<u16>,
+}
+
+impl PodInfo {
+    pub fn from_pod(p: &Pod) -> PodInfo {
+        let status = p.status.as_ref();
+        let ip = status
+            .and_then(|s| s.pod_ip.as_deref())
+            .and_then(|ip| ip.parse().ok());
+        let ready = status
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        let http_port = p.spec.as_ref().and_then(|s| {
+            s.containers
+                .iter()
+                .flat_map(|c| c.ports.iter().flatten())
+                .find(|port| port.name.as_deref() == Some("http"))
+                .and_then(|port| u16::try_from(port.container_port).ok())
+        });
+        PodInfo {
+            namespace: p.namespace().unwrap_or_default(),
+            name: p.name_any(),
+            labels: p.labels().clone(),
+            ip,
+            ready,
+            terminating: p.metadata.deletion_timestamp.is_some(),
+            http_port,
+        }
+    }
+
+    /// Ready, addressed and not going away.
+    pub fn serving(&self) -> bool {
+        self.ready && !self.terminating && self.ip.is_some()
+    }
+
+    /// Where it serves, on `port` or its `http` port.
+    pub fn endpoint(&self, port: Option<u16>) -> Option<SocketAddr> {
+        Some(SocketAddr::new(self.ip?, port.or(self.http_port)?))
+    }
+}
+
+/// The known pods by (namespace, name).
+pub type Pods = BTreeMap<(String, String), PodInfo>;
+
+/// The serving endpoints among `pods` that `selector` picks in `namespace`,
+/// sorted; and how many selected pods serve but have no port to reach them
+/// on (neither `port` nor a container port named `http`).
+pub fn endpoints_of(
+    pods: &Pods,
+    namespace: &str,
+    selector: &LabelSelector,
+    port: Option<u16>,
+) -> (Vec<SocketAddr>, usize) {
+    let mut out = Vec::new();
+    let mut portless = 0;
+    for p in pods.values() {
+        if p.namespace != namespace || !p.serving() || !selector.matches(&p.labels) {
+            continue;
+        }
+        match p.endpoint(port) {
+            Some(e) => out.push(e),
+            None => portless += 1,
+        }
+    }
+    out.sort();
+    (out, portless)
+}
+
+/// Watches the pods of `namespaces` (empty: all) and publishes them. Runs
+/// until the receiver is dropped; a failed watch re-lists with kube-rs's
+/// default backoff, and a re-list replaces the namespace's pods at once.
+pub fn watch_pods(client: Client, namespaces: &[String]) -> watch::Receiver<Arc<Pods>> {
+    let (tx, rx) = watch::channel(Arc::new(Pods::new()));
+    let scopes: Vec<Option<String>> = if namespaces.is_empty() {
+        vec![None]
+    } else {
+        namespaces.iter().cloned().map(Some).collect()
+    };
+    let tx = Arc::new(tx);
+    for scope in scopes {
+        let api: Api<Pod> = match &scope {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        };
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut events = watcher(api, watcher::Config::default())
+                .default_backoff()
+                .boxed();
+            let mut relist: Option<Vec<PodInfo>> = None;
+            while let Some(ev) = events.next().await {
+                let ev = match ev {
+                    Ok(ev) => ev,
+                    Err(e) => {
+                        tracing::warn!(namespace = ?scope, error = %e, "pod watch failed; retrying");
+                        continue;
+                    }
+                };
+                let in_scope = |p: &PodInfo| scope.as_ref().is_none_or(|ns| &p.namespace == ns);
+                match ev {
+                    watcher::Event::Init => relist = Some(Vec::new()),
+                    watcher::Event::InitApply(p) => {
+                        relist
+                            .get_or_insert_with(Vec::new)
+                            .push(PodInfo::from_pod(&p));
+                    }
+                    watcher::Event::InitDone => {
+                        let listed = relist.take().unwrap_or_default();
+                        tx.send_modify(|pods| {
+                            let pods = Arc::make_mut(pods);
+                            pods.retain(|_, p| !in_scope(p));
+                            for p in listed {
+                                pods.insert((p.namespace.clone(), p.name.clone()), p);
+                            }
+                        });
+                    }
+                    watcher::Event::Apply(p) => {
+                        let info = PodInfo::from_pod(&p);
+                        let key = (info.namespace.clone(), info.name.clone());
+                        // Status heartbeats that change nothing routing sees
+                        // wake nobody.
+                        if tx.borrow().get(&key) != Some(&info) {
+                            tx.send_modify(|pods| {
+                                Arc::make_mut(pods).insert(key, info);
+                            });
+                        }
+                    }
+                    watcher::Event::Delete(p) => {
+                        let key = (p.namespace().unwrap_or_default(), p.name_any());
+                        tx.send_modify(|pods| {
+                            Arc::make_mut(pods).remove(&key);
+                        });
+                    }
+                }
+                if tx.is_closed() {
+                    return;
+                }
+            }
+        });
+    }
+    rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(ns: &str, name: &str, app: &str, ip: &str, ready: bool, terminating: bool) -> PodInfo {
+        PodInfo {
+            namespace: ns.into(),
+            name: name.into(),
+            labels: BTreeMap::from([("app".to_string(), app.to_string())]),
+            ip: ip.parse().ok(),
+            ready,
+            terminating,
+            http_port: Some(8000),
+        }
+    }
+
+    #[test]
+    fn only_ready_addressed_pods_that_stay_are_endpoints() {
+        let pods: Pods = [
+            pod("a", "p1", "llama", "10.0.0.1", true, false),
+            pod("a", "p2", "llama", "10.0.0.2", false, false),
+            pod("a", "p3", "llama", "10.0.0.3", true, true),
+            pod("a", "p4", "llama", "", true, false),
+            pod("b", "p5", "llama", "10.0.0.5", true, false),
+            pod("a", "p6", "other", "10.0.0.6", true, false),
+        ]
+        .into_iter()
+        .map(|p| ((p.namespace.clone(), p.name.clone()), p))
+        .collect();
+        let sel = LabelSelector::parse("app=llama").unwrap();
+        let (eps, portless) = endpoints_of(&pods, "a", &sel, None);
+        assert_eq!(eps, vec!["10.0.0.1:8000".parse().unwrap()]);
+        assert_eq!(portless, 0);
+        let (eps, _) = endpoints_of(&pods, "a", &sel, Some(9000));
+        assert_eq!(eps, vec!["10.0.0.1:9000".parse().unwrap()]);
+        let mut no_port = pods.clone();
+        for p in no_port.values_mut() {
+            p.http_port = None;
+        }
+        assert_eq!(endpoints_of(&no_port, "a", &sel, None), (vec![], 1));
+    }
+}
