@@ -171,7 +171,10 @@ struct Pending {
     decision: Decision,
 }
 
-const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// The longest wait between tries of a failing target: one HPA sync
+/// period, so an API server back from an outage sees the count written
+/// within 15 s, while a target that keeps failing costs a call per 15 s.
+const MAX_BACKOFF: Duration = Duration::from_secs(15);
 
 /// The control loop over a set of targets.
 #[derive(Debug)]

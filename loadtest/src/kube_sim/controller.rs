@@ -38,24 +38,44 @@ struct Runtime {
 }
 
 /// Pod addresses: 127.0.0.2, 127.0.0.3, … (all of 127/8 is local on
-/// Linux), reused after a Pod is gone.
+/// Linux). One pool per process, so kube-sims side by side (parallel
+/// tests) never hand out the same address; an address is reused only
+/// after 65 534 fresh ones, so a new Pod does not take the address of one
+/// just gone (whose clients may still hold it).
 #[derive(Debug)]
 struct Addresses {
     next: u32,
-    free: Vec<Ipv4Addr>,
+    free: std::collections::VecDeque<Ipv4Addr>,
 }
+
+/// Fresh addresses handed out before the oldest freed ones are reused.
+const FRESH_ADDRESSES: u32 = 1 << 16;
+
+static ADDRESSES: std::sync::Mutex<Addresses> = std::sync::Mutex::new(Addresses {
+    next: 2,
+    free: std::collections::VecDeque::new(),
+});
 
 impl Addresses {
     fn take(&mut self) -> Ipv4Addr {
-        self.free.pop().unwrap_or_else(|| {
-            let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 0, 0, 0)) + self.next);
-            self.next += 1;
-            ip
-        })
+        if self.next >= FRESH_ADDRESSES
+            && let Some(ip) = self.free.pop_front()
+        {
+            return ip;
+        }
+        let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 0, 0, 0)) + self.next);
+        self.next += 1;
+        ip
     }
 
     fn give_back(&mut self, ip: Ipv4Addr) {
-        self.free.push(ip);
+        self.free.push_back(ip);
+    }
+
+    fn shared() -> std::sync::MutexGuard<'static, Addresses> {
+        ADDRESSES
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -173,7 +193,6 @@ fn template_hash(template: &Value) -> String {
 pub struct Controller {
     store: Arc<Store>,
     pods: HashMap<(String, String), Runtime>,
-    addresses: Addresses,
 }
 
 const WORKLOADS: [Storage; 5] = [
@@ -189,10 +208,6 @@ impl Controller {
         Controller {
             store,
             pods: HashMap::new(),
-            addresses: Addresses {
-                next: 2,
-                free: Vec::new(),
-            },
         }
     }
 
@@ -268,7 +283,7 @@ impl Controller {
                 if let Some(sim) = rt.sim {
                     sim.shutdown();
                 }
-                self.addresses.give_back(rt.ip);
+                Addresses::shared().give_back(rt.ip);
             }
         }
         self.endpoint_slices();
@@ -442,7 +457,7 @@ impl Controller {
                 let _ = self.store.delete(pod_rt, ns, name, None);
                 return;
             }
-            let ip = self.addresses.take();
+            let ip = Addresses::shared().take();
             let container = pod
                 .pointer("/spec/containers/0")
                 .cloned()
@@ -525,7 +540,7 @@ impl Controller {
                 }
                 let _ = self.store.delete(pod_rt, ns, name, None);
                 if let Some(rt) = self.pods.remove(&key) {
-                    self.addresses.give_back(rt.ip);
+                    Addresses::shared().give_back(rt.ip);
                 }
                 return;
             }
@@ -737,10 +752,10 @@ mod tests {
     }
 
     #[test]
-    fn addresses_are_distinct_and_reused() {
+    fn addresses_are_distinct_and_reused_only_when_fresh_ones_run_out() {
         let mut a = Addresses {
             next: 2,
-            free: Vec::new(),
+            free: std::collections::VecDeque::new(),
         };
         let x = a.take();
         let y = a.take();
@@ -749,11 +764,16 @@ mod tests {
             (Ipv4Addr::new(127, 0, 0, 2), Ipv4Addr::new(127, 0, 0, 3))
         );
         a.give_back(x);
-        assert_eq!(a.take(), x);
+        assert_eq!(a.take(), Ipv4Addr::new(127, 0, 0, 4), "fresh first");
         let mut far = Addresses {
             next: 300,
-            free: Vec::new(),
+            free: std::collections::VecDeque::new(),
         };
         assert_eq!(far.take(), Ipv4Addr::new(127, 0, 1, 44));
+        let mut full = Addresses {
+            next: FRESH_ADDRESSES,
+            free: std::collections::VecDeque::from([x, y]),
+        };
+        assert_eq!((full.take(), full.take()), (x, y), "oldest freed first");
     }
 }

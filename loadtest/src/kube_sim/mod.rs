@@ -189,15 +189,24 @@ async fn serve(listener: TcpListener, api: Arc<api::Api>, mut stop: watch::Recei
         let _ = stream.set_nodelay(true);
         let api = api.clone();
         tokio::spawn(async move {
+            let faults = api.faults.clone();
             let svc = service_fn(move |req| {
                 let api = api.clone();
                 async move { Ok::<_, std::convert::Infallible>(api.handle(req).await) }
             });
-            if let Err(e) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await
-            {
-                tracing::debug!(error = %e, "connection ended with an error");
+            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+            // An outage cuts open connections too (keep-alive, watches), as
+            // a server that goes away does.
+            let outage = async {
+                while !faults.refusing() {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            };
+            tokio::select! {
+                r = conn => if let Err(e) = r {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                },
+                _ = outage => {}
             }
         });
     }

@@ -1,0 +1,880 @@
+//! scalecar in a cluster, end to end: a kube-sim whose pods are model-sims,
+//! scalecar started from a `kubernetes:` config through a kubeconfig (the
+//! real kube-rs client), requests through the real proxy, and the cluster
+//! read back through the API — and through kubectl where users would.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use async_openai::Client;
+use async_openai::config::OpenAIConfig;
+use async_openai::types::chat::{
+    ChatCompletionRequestUserMessageArgs, CreateChatCompletionRequestArgs,
+};
+use common::{get, metric, pools, proxy, request, teardown};
+use futures_util::StreamExt;
+use kube::api::{
+    Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
+};
+use scalecar_loadtest::kube_sim::{Fault, KubeSim, KubeSimConfig, Rule};
+use scalecar_proxy::server::ProxyHandle;
+use serde_json::{Value, json};
+
+/// A kube-sim with its controllers, a client and a kubeconfig file.
+struct Cluster {
+    sim: KubeSim,
+    client: kube::Client,
+    kubeconfig: PathBuf,
+}
+
+impl Cluster {
+    async fn start() -> Cluster {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let sim = KubeSim::start(
+            KubeSimConfig {
+                controllers: true,
+                ..KubeSimConfig::default()
+            },
+            listener,
+        )
+        .unwrap();
+        let client = kube::Client::try_from(kube::Config::new(sim.url().parse().unwrap())).unwrap();
+        let kubeconfig = std::env::temp_dir().join(format!(
+            "scalecar-e2e-{}-{}.kubeconfig",
+            std::process::id(),
+            sim.addr().port()
+        ));
+        sim.write_kubeconfig(&kubeconfig).unwrap();
+        Cluster {
+            sim,
+            client,
+            kubeconfig,
+        }
+    }
+
+    /// scalecar on this cluster, ticking every `tick`.
+    async fn scalecar(&self, tick: &str, extra: &str) -> ProxyHandle {
+        proxy(&format!(
+            "scaler: {{ tick: {tick} }}\nlimits: {{ activation-timeout: 30s, queue-wait: 30s }}\nkubernetes:\n  kubeconfig: {}\n  namespaces: [default]\n  api-timeout: 2s\n{extra}",
+            self.kubeconfig.display()
+        ))
+        .await
+    }
+
+    fn api(&self, group: &str, version: &str, kind: &str, plural: &str) -> Api<DynamicObject> {
+        Api::namespaced_with(
+            self.client.clone(),
+            "default",
+            &ApiResource::from_gvk_with_plural(
+                &GroupVersionKind::gvk(group, version, kind),
+                plural,
+            ),
+        )
+    }
+
+    fn deployments(&self) -> Api<DynamicObject> {
+        self.api("apps", "v1", "Deployment", "deployments")
+    }
+
+    async fn create(&self, api: &Api<DynamicObject>, object: Value) {
+        let o: DynamicObject = serde_json::from_value(object).unwrap();
+        api.create(&PostParams::default(), &o).await.unwrap();
+    }
+
+    async fn annotate(&self, api: &Api<DynamicObject>, name: &str, annotations: Value) {
+        api.patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": annotations}})),
+        )
+        .await
+        .unwrap();
+    }
+
+    async fn replicas(&self, api: &Api<DynamicObject>, name: &str) -> u64 {
+        let o = api.get(name).await.unwrap();
+        o.data["spec"]["replicas"].as_u64().unwrap_or(1)
+    }
+
+    /// `kubectl` against this cluster.
+    fn kubectl(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .output()
+            .expect("kubectl runs");
+        assert!(
+            out.status.success(),
+            "kubectl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Writes through a scale path (a PATCH whose URI contains `path`).
+    fn writes(&self, path: &str) -> usize {
+        self.sim
+            .requests()
+            .iter()
+            .filter(|r| r.method == "PATCH" && r.uri.contains(path))
+            .count()
+    }
+
+    async fn stop(self) {
+        let _ = std::fs::remove_file(&self.kubeconfig);
+        self.sim.shutdown().await;
+    }
+}
+
+/// A workload of model-sim pods, as users write a vLLM Deployment.
+fn workload(
+    api_version: &str,
+    kind: &str,
+    name: &str,
+    model: &str,
+    replicas: u32,
+    annotations: Value,
+    extra_args: &[&str],
+) -> Value {
+    let mut args = vec!["--port", "8000", "--startup-delay", "300ms"];
+    args.extend_from_slice(extra_args);
+    json!({
+        "apiVersion": api_version, "kind": kind,
+        "metadata": {"name": name, "annotations": annotations},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {
+                    "terminationGracePeriodSeconds": 30,
+                    "containers": [{
+                        "name": "vllm", "image": "vllm/vllm-openai",
+                        "command": ["vllm", "serve", model], "args": args,
+                        "ports": [{"name": "http", "containerPort": 8000}]
+                    }]
+                }
+            }
+        }
+    })
+}
+
+/// `spec.replicas` as stored, read past the API (and its faults).
+fn stored_replicas(c: &Cluster, name: &str) -> u64 {
+    let rt = scalecar_loadtest::kube_sim::resources::by_kind("apps/v1", "Deployment").unwrap();
+    c.sim
+        .store()
+        .get(rt, "default", name)
+        .ok()
+        .and_then(|o| o.pointer("/spec/replicas").and_then(Value::as_u64))
+        .unwrap_or(0)
+}
+
+/// Polls `f` until it gives a value; fails naming `what` after `within`.
+async fn eventually<T, F, Fut>(what: &str, within: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The endpoints of `model`'s pool in `role`, as the admin server shows
+/// them (`None`: no such pool).
+async fn endpoints(p: &ProxyHandle, model: &str, role: &str) -> Option<Vec<Value>> {
+    let v = pools(p).await;
+    v["pools"]
+        .as_array()?
+        .iter()
+        .find(|x| x["model"] == model && x["role"] == role)
+        .map(|x| x["endpoints"].as_array().cloned().unwrap_or_default())
+}
+
+fn openai(p: &ProxyHandle) -> Client<OpenAIConfig> {
+    Client::with_config(
+        OpenAIConfig::new()
+            .with_api_base(format!("http://{}/v1", p.proxy_addr))
+            .with_api_key("none"),
+    )
+}
+
+/// One streamed chat completion through `client`; the text.
+async fn chat(client: &Client<OpenAIConfig>, model: &str, prompt: &str, max_tokens: u32) -> String {
+    let req = CreateChatCompletionRequestArgs::default()
+        .model(model)
+        .max_completion_tokens(max_tokens)
+        .stream(true)
+        .messages([ChatCompletionRequestUserMessageArgs::default()
+            .content(prompt)
+            .build()
+            .unwrap()
+            .into()])
+        .build()
+        .unwrap();
+    let mut s = client.chat().create_stream(req).await.unwrap();
+    let mut text = String::new();
+    while let Some(chunk) = s.next().await {
+        for c in chunk.unwrap().choices {
+            text.push_str(c.delta.content.as_deref().unwrap_or(""));
+        }
+    }
+    text
+}
+
+/// Prompt tokens each ready pod of `app` served (its model-sim's own
+/// counter), by pod IP.
+async fn served_by_pods(c: &Cluster, app: &str) -> BTreeMap<String, f64> {
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(c.client.clone(), "default");
+    let list = pods
+        .list(&kube::api::ListParams::default().labels(&format!("app={app}")))
+        .await
+        .unwrap();
+    let mut out = BTreeMap::new();
+    for p in list.items {
+        let Some(ip) = p.status.and_then(|s| s.pod_ip) else {
+            continue;
+        };
+        let Ok((200, text)) = get(&format!("http://{ip}:8000/metrics")).await else {
+            continue;
+        };
+        let n: f64 = text
+            .lines()
+            .filter(|l| l.starts_with("vllm:prompt_tokens"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        out.insert(ip, n);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_annotated_deployment_is_routed_scaled_by_a_burst_and_back_to_min() {
+    let c = Cluster::start().await;
+    let d = c.deployments();
+    // Not annotated yet: nothing is routed.
+    c.create(
+        &d,
+        workload("apps/v1", "Deployment", "llama", "m", 1, json!({}), &[]),
+    )
+    .await;
+    let p = c.scalecar("500ms", "").await;
+    let url = format!("http://{}/v1/chat/completions", p.proxy_addr);
+    let body = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":4}"#;
+    let (status, _, _) = request("POST", &url, body).await.unwrap();
+    assert_eq!(status, 404, "an unannotated workload is not routed");
+
+    // Annotated: a pool within a tick, its ready pod its endpoint.
+    let annotated = Instant::now();
+    c.annotate(
+        &d,
+        "llama",
+        json!({"scalecar.io/model": "m", "scalecar.io/target": "2", "scalecar.io/min-replicas": "1",
+               "scalecar.io/max-replicas": "4", "scalecar.io/window": "6s",
+               "scalecar.io/panic-window-percentage": "34", "scalecar.io/scale-down-delay": "0s"}),
+    )
+    .await;
+    eventually("a pool with the pod", Duration::from_secs(10), || async {
+        endpoints(&p, "m", "unified").await.filter(|e| e.len() == 1)
+    })
+    .await;
+    assert!(
+        annotated.elapsed() < Duration::from_millis(1500),
+        "the pool came {:?} after the annotation",
+        annotated.elapsed()
+    );
+
+    // A burst: 16 streams at once on a pool sized for 2 a pod.
+    let client = openai(&p);
+    let writes_before = c.writes("/deployments/llama/scale");
+    let burst_at = Instant::now();
+    let burst: Vec<_> = (0..16)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move { chat(&client, "m", "why scale in the proxy?", 120).await })
+        })
+        .collect();
+    eventually(
+        "a write through /scale",
+        Duration::from_secs(10),
+        || async { (c.writes("/deployments/llama/scale") > writes_before).then_some(()) },
+    )
+    .await;
+    let scaled_after = burst_at.elapsed();
+    assert!(
+        scaled_after <= Duration::from_millis(1000) + Duration::from_millis(500),
+        "scaled {scaled_after:?} after the burst began: more than two ticks"
+    );
+    for b in burst {
+        assert!(!b.await.unwrap().is_empty());
+    }
+    let up = c.replicas(&d, "llama").await;
+    assert!((2..=4).contains(&up), "scaled to {up}");
+    // The new pods come up and take traffic.
+    eventually("every pod in the pool", Duration::from_secs(15), || async {
+        endpoints(&p, "m", "unified")
+            .await
+            .filter(|e| e.len() as u64 == up)
+    })
+    .await;
+    let wave: Vec<_> = (0..12)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move { chat(&client, "m", "and again", 60).await })
+        })
+        .collect();
+    for w in wave {
+        w.await.unwrap();
+    }
+    let served = served_by_pods(&c, "llama").await;
+    assert!(
+        served.values().filter(|n| **n > 0.0).count() >= 2,
+        "traffic reached only one pod: {served:?}"
+    );
+
+    // After the load: back to min-replicas.
+    eventually("back to 1 replica", Duration::from_secs(40), || async {
+        (c.replicas(&d, "llama").await == 1).then_some(())
+    })
+    .await;
+    // Users see why, with kubectl.
+    let events = eventually("rescale events", Duration::from_secs(5), || async {
+        let out = c.kubectl(&["get", "events", "-n", "default"]);
+        (out.matches("SuccessfulRescale").count() >= 2).then_some(out)
+    })
+    .await;
+    assert!(events.contains("New size: 1; reason:"), "{events}");
+    assert!(
+        events.contains(&format!("New size: {up}; reason: concurrency")),
+        "{events}"
+    );
+    assert!(
+        metric(
+            &p,
+            "scalecar_scale_events_total{target=\"deployment/default/llama\"}"
+        )
+        .await
+            >= 2.0
+    );
+    teardown(&p).await;
+    p.shutdown().await;
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_kinds_scale_through_their_scale_subresource_or_their_spec() {
+    let c = Cluster::start().await;
+    let servers = c.api("serving.example.com", "v1", "ModelServer", "modelservers");
+    let backends = c.api("serving.example.com", "v1", "ModelBackend", "modelbackends");
+    // min-replicas 2 over 1 replica: the first tick scales both.
+    let keys = |model: &str| json!({"scalecar.io/model": model, "scalecar.io/min-replicas": "2"});
+    c.create(
+        &servers,
+        workload(
+            "serving.example.com/v1",
+            "ModelServer",
+            "big",
+            "big",
+            1,
+            keys("big"),
+            &[],
+        ),
+    )
+    .await;
+    c.create(
+        &backends,
+        workload(
+            "serving.example.com/v1",
+            "ModelBackend",
+            "small",
+            "small",
+            1,
+            keys("small"),
+            &[],
+        ),
+    )
+    .await;
+    let p = c
+        .scalecar(
+            "300ms",
+            "  kinds:\n    - {group: serving.example.com, version: v1, kind: ModelServer}\n    - {group: serving.example.com, version: v1, kind: ModelBackend}\n",
+        )
+        .await;
+    eventually("both scaled to 2", Duration::from_secs(15), || async {
+        (c.replicas(&servers, "big").await == 2 && c.replicas(&backends, "small").await == 2)
+            .then_some(())
+    })
+    .await;
+    assert!(
+        c.writes("/modelservers/big/scale") >= 1,
+        "ModelServer through /scale"
+    );
+    assert_eq!(c.writes("/modelbackends/small/scale"), 0);
+    assert!(
+        c.writes("/modelbackends/small") >= 1,
+        "ModelBackend through its spec"
+    );
+    // Both serve through the proxy once their pods are ready.
+    for model in ["big", "small"] {
+        eventually("two endpoints", Duration::from_secs(15), || async {
+            endpoints(&p, model, "unified")
+                .await
+                .filter(|e| e.len() == 2)
+        })
+        .await;
+        assert!(!chat(&openai(&p), model, "hello", 8).await.is_empty());
+    }
+    teardown(&p).await;
+    p.shutdown().await;
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_prefill_decode_pair_is_one_route_and_long_prompts_scale_prefill_more() {
+    let c = Cluster::start().await;
+    let d = c.deployments();
+    let keys = |role: &str| {
+        json!({"scalecar.io/model": "pd", "scalecar.io/role": role, "scalecar.io/target": "1",
+               "scalecar.io/max-replicas": "4", "scalecar.io/window": "6s",
+               "scalecar.io/panic-window-percentage": "34"})
+    };
+    c.create(
+        &d,
+        workload(
+            "apps/v1",
+            "Deployment",
+            "pd-prefill",
+            "pd",
+            1,
+            keys("prefill"),
+            &["--role", "prefill"],
+        ),
+    )
+    .await;
+    c.create(
+        &d,
+        workload(
+            "apps/v1",
+            "Deployment",
+            "pd-decode",
+            "pd",
+            1,
+            keys("decode"),
+            &["--role", "decode"],
+        ),
+    )
+    .await;
+    let p = c.scalecar("500ms", "").await;
+    for role in ["prefill", "decode"] {
+        eventually("both pools", Duration::from_secs(10), || async {
+            endpoints(&p, "pd", role).await.filter(|e| e.len() == 1)
+        })
+        .await;
+    }
+    // Long prompts, one token out: the prefill legs carry the work.
+    let prompt = "lorem ipsum dolor sit amet ".repeat(2000);
+    let client = openai(&p);
+    let mut peak = (0, 0);
+    let load: Vec<_> = (0..24)
+        .map(|_| {
+            let (client, prompt) = (client.clone(), prompt.clone());
+            tokio::spawn(async move { chat(&client, "pd", &prompt, 1).await })
+        })
+        .collect();
+    let watch_until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < watch_until {
+        peak.0 = peak.0.max(c.replicas(&d, "pd-prefill").await);
+        peak.1 = peak.1.max(c.replicas(&d, "pd-decode").await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for l in load {
+        l.await.unwrap();
+    }
+    let ok = |role: &'static str| {
+        let p = &p;
+        async move {
+            metric(
+                p,
+                &format!("scalecar_requests_total{{model=\"pd\",role=\"{role}\",outcome=\"ok\"}}"),
+            )
+            .await
+        }
+    };
+    assert_eq!(
+        ok("prefill").await,
+        24.0,
+        "every request took the prefill leg"
+    );
+    assert_eq!(ok("decode").await, 24.0, "and the decode leg");
+    assert!(
+        peak.0 > peak.1,
+        "prefill peaked at {} replicas, decode at {}",
+        peak.0,
+        peak.1
+    );
+    teardown(&p).await;
+    p.shutdown().await;
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_at_zero_replicas_is_held_until_a_pod_serves_it() {
+    let c = Cluster::start().await;
+    let d = c.deployments();
+    c.create(
+        &d,
+        workload(
+            "apps/v1",
+            "Deployment",
+            "sleepy",
+            "sleepy",
+            0,
+            json!({"scalecar.io/model": "sleepy", "scalecar.io/min-replicas": "0"}),
+            &[],
+        ),
+    )
+    .await;
+    let p = c.scalecar("2s", "").await;
+    eventually("an empty pool", Duration::from_secs(10), || async {
+        endpoints(&p, "sleepy", "unified")
+            .await
+            .filter(|e| e.is_empty())
+    })
+    .await;
+    // The request waits at the proxy, which scales from zero at once (not
+    // at the next tick) and answers once the pod is ready.
+    let asked = Instant::now();
+    let text = chat(&openai(&p), "sleepy", "wake up", 8).await;
+    assert!(!text.is_empty());
+    assert_eq!(c.replicas(&d, "sleepy").await, 1);
+    assert!(c.writes("/deployments/sleepy/scale") >= 1);
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "answered after {:?}",
+        asked.elapsed()
+    );
+    assert_eq!(
+        metric(
+            &p,
+            "scalecar_requests_total{model=\"sleepy\",role=\"unified\",outcome=\"ok\"}"
+        )
+        .await,
+        1.0
+    );
+    teardown(&p).await;
+    p.shutdown().await;
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_annotation_is_a_warning_event_and_left_alone_until_fixed() {
+    let c = Cluster::start().await;
+    let d = c.deployments();
+    c.create(
+        &d,
+        workload(
+            "apps/v1",
+            "Deployment",
+            "typo",
+            "typo",
+            1,
+            json!({"scalecar.io/model": "typo", "scalecar.io/min-replicas": "2",
+                   "scalecar.io/max-replicas": "lots"}),
+            &[],
+        ),
+    )
+    .await;
+    let p = c.scalecar("300ms", "").await;
+    let events = eventually("a warning event", Duration::from_secs(10), || async {
+        let out = c.kubectl(&[
+            "get",
+            "events",
+            "-n",
+            "default",
+            "--field-selector",
+            "type=Warning",
+        ]);
+        out.contains("InvalidAnnotation").then_some(out)
+    })
+    .await;
+    assert!(events.contains("scalecar.io/max-replicas"), "{events}");
+    // Left alone: not routed, not scaled (min-replicas 2 would scale it).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(c.replicas(&d, "typo").await, 1);
+    assert_eq!(c.writes("/deployments/typo/scale"), 0);
+    assert!(endpoints(&p, "typo", "unified").await.is_none());
+    // Fixed: routed and scaled to min-replicas.
+    c.annotate(&d, "typo", json!({"scalecar.io/max-replicas": "3"}))
+        .await;
+    eventually("scaled to 2", Duration::from_secs(10), || async {
+        (c.replicas(&d, "typo").await == 2).then_some(())
+    })
+    .await;
+    assert!(!chat(&openai(&p), "typo", "fixed", 4).await.is_empty());
+    teardown(&p).await;
+    p.shutdown().await;
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn api_faults_never_stop_the_proxy_nor_scale_down_and_it_recovers() {
+    let c = Cluster::start().await;
+    let d = c.deployments();
+    c.create(
+        &d,
+        workload(
+            "apps/v1",
+            "Deployment",
+            "steady",
+            "steady",
+            2,
+            json!({"scalecar.io/model": "steady", "scalecar.io/min-replicas": "1",
+                   "scalecar.io/max-replicas": "3", "scalecar.io/target": "4",
+                   "scalecar.io/window": "6s", "scalecar.io/scale-down-delay": "0s"}),
+            &[],
+        ),
+    )
+    .await;
+    // Every write fails from the start: the idle pool wants 1 replica and
+    // must not get there while no write succeeds.
+    c.sim.faults().add(Rule {
+        verb: Some("patch".into()),
+        resource: None,
+        rate: 1.0,
+        fault: Fault::Error(500),
+    });
+    let p = c.scalecar("300ms", "").await;
+    eventually("two endpoints", Duration::from_secs(10), || async {
+        endpoints(&p, "steady", "unified")
+            .await
+            .filter(|e| e.len() == 2)
+    })
+    .await;
+    let client = openai(&p);
+    // And now reads are throttled or fail, and watches drop.
+    for (verb, fault, rate) in [
+        ("get", Fault::Error(429), 0.7),
+        ("list", Fault::Error(503), 0.7),
+        ("watch", Fault::Error(500), 0.7),
+    ] {
+        c.sim.faults().add(Rule {
+            verb: Some(verb.into()),
+            resource: None,
+            rate,
+            fault,
+        });
+    }
+    c.sim
+        .faults()
+        .set_drop_watches_after(Some(Duration::from_millis(500)));
+    let mut seen = Vec::new();
+    // Idle through the faults: the loop would scale down to 1, but only a
+    // write that succeeds may change anything — the proxy answers
+    // throughout and the count stays in bounds.
+    for _ in 0..10 {
+        assert!(!chat(&client, "steady", "still there?", 4).await.is_empty());
+        seen.push(stored_replicas(&c, "steady"));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // 30 s of refused connections: the proxy keeps serving what it knows.
+    c.sim.faults().clear();
+    c.sim.faults().refuse_for(Duration::from_secs(30));
+    let refused_until = Instant::now() + Duration::from_secs(30);
+    let load: Vec<_> = (0..8)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move { chat(&client, "steady", "during the outage", 200).await })
+        })
+        .collect();
+    while Instant::now() < refused_until {
+        assert!(
+            !chat(&client, "steady", "still serving?", 2)
+                .await
+                .is_empty()
+        );
+        seen.push(stored_replicas(&c, "steady"));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for l in load {
+        assert!(!l.await.unwrap().is_empty());
+    }
+    // Nothing changed while no write could succeed.
+    assert!(
+        seen.iter().all(|n| *n == 2),
+        "replicas changed during the faults: {seen:?}"
+    );
+    // Recovery: the idle pool is scaled down to min once writes succeed.
+    eventually(
+        "scaled down after recovery",
+        Duration::from_secs(40),
+        || async { (c.replicas(&d, "steady").await == 1).then_some(()) },
+    )
+    .await;
+    assert!(
+        metric(
+            &p,
+            "scalecar_scale_errors_total{target=\"deployment/default/steady\""
+        )
+        .await
+            >= 1.0
+    );
+    teardown(&p).await;
+    p.shutdown().await;
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_terminating_pod_gets_no_new_requests_and_finishes_its_streams() {
+    let c = Cluster::start().await;
+    let d = c.deployments();
+    c.create(
+        &d,
+        workload(
+            "apps/v1",
+            "Deployment",
+            "pair",
+            "pair",
+            2,
+            json!({"scalecar.io/model": "pair", "scalecar.io/min-replicas": "2",
+                   "scalecar.io/max-replicas": "2"}),
+            &[],
+        ),
+    )
+    .await;
+    let p = c.scalecar("500ms", "").await;
+    eventually("two endpoints", Duration::from_secs(10), || async {
+        endpoints(&p, "pair", "unified")
+            .await
+            .filter(|e| e.len() == 2)
+    })
+    .await;
+    // A long stream; find its pod.
+    let client = openai(&p);
+    let long = {
+        let client = client.clone();
+        tokio::spawn(async move { chat(&client, "pair", "a long answer please", 400).await })
+    };
+    let busy = eventually("the stream's endpoint", Duration::from_secs(5), || async {
+        endpoints(&p, "pair", "unified").await.and_then(|e| {
+            e.iter()
+                .find(|x| x["outstanding"].as_u64() == Some(1))
+                .map(|x| x["address"].as_str().unwrap().to_string())
+        })
+    })
+    .await;
+    let ip = busy.split(':').next().unwrap().to_string();
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(c.client.clone(), "default");
+    let pod = pods
+        .list(&kube::api::ListParams::default().labels("app=pair"))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .find(|x| x.status.as_ref().and_then(|s| s.pod_ip.as_deref()) == Some(ip.as_str()))
+        .unwrap();
+    let name = pod.metadata.name.clone().unwrap();
+    pods.delete(&name, &Default::default()).await.unwrap();
+    // It leaves the pool while its stream goes on.
+    eventually(
+        "the pod out of the pool",
+        Duration::from_secs(5),
+        || async {
+            endpoints(&p, "pair", "unified")
+                .await
+                .filter(|e| e.iter().all(|x| x["address"] != busy.as_str()))
+        },
+    )
+    .await;
+    assert!(
+        !long.is_finished(),
+        "the stream ended before the test could look"
+    );
+    let before = served_by_pods(&c, "pair").await.get(&ip).copied();
+    for _ in 0..6 {
+        chat(&client, "pair", "elsewhere", 2).await;
+    }
+    let after = served_by_pods(&c, "pair").await.get(&ip).copied();
+    assert_eq!(before, after, "the Terminating pod got new requests");
+    let text = long.await.unwrap();
+    assert!(
+        text.split_whitespace().count() > 100,
+        "the stream was cut: {text}"
+    );
+    assert_eq!(
+        metric(
+            &p,
+            "scalecar_requests_total{model=\"pair\",role=\"unified\",outcome=\"ok\"}"
+        )
+        .await,
+        7.0
+    );
+    teardown(&p).await;
+    p.shutdown().await;
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_the_annotation_removes_the_pool_and_stops_scaling() {
+    let c = Cluster::start().await;
+    let d = c.deployments();
+    c.create(
+        &d,
+        workload(
+            "apps/v1",
+            "Deployment",
+            "brief",
+            "brief",
+            1,
+            json!({"scalecar.io/model": "brief", "scalecar.io/min-replicas": "1"}),
+            &[],
+        ),
+    )
+    .await;
+    let p = c.scalecar("300ms", "").await;
+    eventually("routed", Duration::from_secs(10), || async {
+        endpoints(&p, "brief", "unified")
+            .await
+            .filter(|e| e.len() == 1)
+    })
+    .await;
+    assert!(!chat(&openai(&p), "brief", "hi", 2).await.is_empty());
+    // kubectl's way of removing an annotation.
+    c.kubectl(&["annotate", "deployment", "brief", "scalecar.io/model-"]);
+    eventually("the pool gone", Duration::from_secs(5), || async {
+        endpoints(&p, "brief", "unified")
+            .await
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    let url = format!("http://{}/v1/chat/completions", p.proxy_addr);
+    let (status, _, body) = request(
+        "POST",
+        &url,
+        r#"{"model":"brief","messages":[{"role":"user","content":"hi"}]}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 404, "{body}");
+    // No longer scaled: someone else's count stays.
+    c.kubectl(&["scale", "deployment", "brief", "--replicas=3"]);
+    let writes = c.writes("/deployments/brief/scale");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(c.writes("/deployments/brief/scale"), writes);
+    assert_eq!(c.replicas(&d, "brief").await, 3);
+    teardown(&p).await;
+    p.shutdown().await;
+    c.stop().await;
+}
