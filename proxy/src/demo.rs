@@ -216,11 +216,11 @@ pub async fn run(
         bind().await?,
     )
     .map_err(|e| setup("starting kube-sim", &e))?;
-    let kube_client = kube::Client::try_from(kube::Config::new(
+    let kube_client = kube::Client::try_from(crate::server::identified(kube::Config::new(
         sim.url()
             .parse()
             .map_err(|e| setup("kube-sim address", &e))?,
-    ))
+    )))
     .map_err(|e| setup("Kubernetes client", &e))?;
     let deployments: kube::Api<kube::api::DynamicObject> = kube::Api::namespaced_with(
         kube_client.clone(),

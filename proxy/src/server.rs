@@ -139,7 +139,18 @@ pub async fn kube_client(k: &KubernetesConfig) -> Result<kube::Client, StartErro
             .await
             .map_err(|source| StartError::KubeConfigInfer(Box::new(source)))?,
     };
-    kube::Client::try_from(config).map_err(|source| StartError::KubeClient(Box::new(source)))
+    kube::Client::try_from(identified(config))
+        .map_err(|source| StartError::KubeClient(Box::new(source)))
+}
+
+/// scalecar's User-Agent on every call, so audit logs (and kube-sim's
+/// request log) tell its calls apart.
+pub fn identified(mut config: kube::Config) -> kube::Config {
+    config.headers.push((
+        http::header::USER_AGENT,
+        http::HeaderValue::from_static(concat!("scalecar/", env!("CARGO_PKG_VERSION"))),
+    ));
+    config
 }
 
 /// Serves an already built data plane: `plane.workers` threads on the

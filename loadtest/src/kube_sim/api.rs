@@ -36,6 +36,8 @@ pub struct RequestRecord {
     pub uri: String,
     pub status: u16,
     pub micros: u64,
+    /// The client's User-Agent (who asked).
+    pub user_agent: String,
 }
 
 /// Everything a request needs.
@@ -161,10 +163,17 @@ impl Api {
         let start = Instant::now();
         let method = req.method().to_string();
         let uri = req.uri().to_string();
+        let user_agent = req
+            .headers()
+            .get(http::header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
         let response = self.route(req).await;
         self.note(RequestRecord {
             method,
             uri,
+            user_agent,
             status: response.status().as_u16(),
             micros: start.elapsed().as_micros() as u64,
         });
