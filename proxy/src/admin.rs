@@ -1,5 +1,7 @@
-//! The admin server: `/healthz`, `/readyz`, `/metrics` (OpenMetrics text)
-//! and `/debug/pools` (JSON: endpoints, in flight, queue, window snapshot).
+//! The admin server: `/healthz`, `/readyz`, `/metrics` (OpenMetrics text),
+//! `/debug/pools` (JSON: endpoints, in flight, queue, window snapshot) and
+//! `/debug/targets` (JSON: each scale target's latest decision and last
+//! rescale, what `scalecar status` prints).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -99,6 +101,14 @@ impl Admin {
                 StatusCode::OK,
                 "application/json",
                 self.debug_pools().to_string(),
+            ),
+            "/debug/targets" => text(
+                StatusCode::OK,
+                "application/json",
+                self.decisions
+                    .as_ref()
+                    .map_or_else(|| json!({"targets": []}), |d| d.targets_json())
+                    .to_string(),
             ),
             _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
         })

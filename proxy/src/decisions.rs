@@ -20,6 +20,13 @@ struct TargetLabels {
     target: String,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ErrorLabels {
+    target: String,
+    /// `conflict`, `not_found` or `unavailable`.
+    reason: &'static str,
+}
+
 type FloatGauge = Gauge<f64, AtomicU64>;
 
 /// Records every decision.
@@ -33,8 +40,11 @@ pub struct DecisionRecorder {
     panic_value: Family<TargetLabels, FloatGauge>,
     target_value: Family<TargetLabels, FloatGauge>,
     scale_events: Family<TargetLabels, Counter>,
-    scale_errors: Family<TargetLabels, Counter>,
-    latest: Mutex<BTreeMap<String, TargetStatus>>,
+    scale_errors: Family<ErrorLabels, Counter>,
+    /// Each target's latest decision and when it was made (Unix seconds).
+    latest: Mutex<BTreeMap<String, (TargetStatus, f64)>>,
+    /// Each target's last change and when.
+    last_change: Mutex<BTreeMap<String, (TargetStatus, f64)>>,
     /// The last changes (bounded), newest last.
     changes: Mutex<std::collections::VecDeque<TargetStatus>>,
     decisions: AtomicU64,
@@ -56,6 +66,7 @@ impl DecisionRecorder {
             scale_events: Family::default(),
             scale_errors: Family::default(),
             latest: Mutex::new(BTreeMap::new()),
+            last_change: Mutex::new(BTreeMap::new()),
             changes: Mutex::new(std::collections::VecDeque::new()),
             decisions: AtomicU64::new(0),
         };
@@ -101,7 +112,7 @@ impl DecisionRecorder {
         );
         reg.register(
             "scalecar_scale_errors",
-            "Failed reads or writes of the scale target",
+            "Failed reads or writes of the scale target, by reason (conflict, not_found, unavailable)",
             r.scale_errors.clone(),
         );
         r
@@ -124,8 +135,47 @@ impl DecisionRecorder {
     pub fn latest(&self) -> Vec<TargetStatus> {
         self.latest
             .lock()
-            .map(|m| m.values().cloned().collect())
+            .map(|m| m.values().map(|(s, _)| s.clone()).collect())
             .unwrap_or_default()
+    }
+
+    /// Every target's latest decision and last rescale, as `/debug/targets`
+    /// serves them to `scalecar status`.
+    pub fn targets_json(&self) -> serde_json::Value {
+        let latest = self.latest.lock().map(|m| m.clone()).unwrap_or_default();
+        let changes = self
+            .last_change
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default();
+        let targets: Vec<serde_json::Value> = latest
+            .iter()
+            .map(|(name, (s, at))| {
+                let last = changes.get(name).map(|(c, at)| {
+                    serde_json::json!({"at_unix": at, "from": c.spec, "to": c.applied, "reason": c.reason})
+                });
+                serde_json::json!({
+                    "name": name,
+                    "model": s.model,
+                    "role": s.role.as_str(),
+                    "algorithm": s.algorithm,
+                    "metric": s.metric,
+                    "advisory": s.advisory,
+                    "ready": s.ready,
+                    "desired": s.desired,
+                    "applied": s.applied,
+                    "spec": if s.changed && !s.advisory { s.applied } else { s.spec },
+                    "panic": s.panic,
+                    "stable_value": s.stable_value,
+                    "panic_value": s.panic_value,
+                    "target": s.target,
+                    "reason": s.reason,
+                    "decided_unix": at,
+                    "last_rescale": last,
+                })
+            })
+            .collect();
+        serde_json::json!({"targets": targets})
     }
 }
 
@@ -159,8 +209,16 @@ impl DecisionObserver for DecisionRecorder {
             }
         }
         LogObserver.decided(s);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        if s.changed
+            && let Ok(mut m) = self.last_change.lock()
+        {
+            m.insert(s.name.clone(), (s.clone(), now));
+        }
         if let Ok(mut m) = self.latest.lock() {
-            m.insert(s.name.clone(), s.clone());
+            m.insert(s.name.clone(), (s.clone(), now));
         }
         self.decisions
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
@@ -168,8 +226,9 @@ impl DecisionObserver for DecisionRecorder {
 
     fn scale_failed(&self, name: &str, error: &TargetError) {
         self.scale_errors
-            .get_or_create(&TargetLabels {
+            .get_or_create(&ErrorLabels {
                 target: name.to_string(),
+                reason: error.reason(),
             })
             .inc();
         LogObserver.scale_failed(name, error);
@@ -187,6 +246,8 @@ mod tests {
             name: "t".into(),
             model: "m".into(),
             role: Role::Unified,
+            algorithm: "kpa".into(),
+            metric: "concurrency",
             at: Duration::ZERO,
             advisory: false,
             desired,

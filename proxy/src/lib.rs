@@ -32,4 +32,5 @@ pub mod pool;
 pub mod replay;
 pub mod routes;
 pub mod server;
+pub mod status;
 pub mod upstream;

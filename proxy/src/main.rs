@@ -10,6 +10,7 @@ use scalecar_config::ScalecarConfig;
 use scalecar_proxy::demo::DemoArgs;
 use scalecar_proxy::replay::{self, ReplayArgs};
 use scalecar_proxy::server;
+use scalecar_proxy::status::{self, StatusArgs};
 use scalecar_scaler::algorithm::AlgorithmRegistry;
 
 #[derive(Debug, Parser)]
@@ -17,7 +18,7 @@ use scalecar_scaler::algorithm::AlgorithmRegistry;
     name = "scalecar",
     version,
     about = "Gateway-embedded autoscaler for LLM inference",
-    after_help = "EXAMPLES\n  scalecar demo --duration 60s\n  scalecar run --config scalecar.yaml\n  echo '{\"t\":0,\"ready\":1,\"stable\":30,\"panic\":30}' | scalecar replay --set target=10"
+    after_help = "EXAMPLES\n  scalecar demo --duration 60s\n  scalecar run --config scalecar.yaml\n  scalecar status --admin 127.0.0.1:9090\n  echo '{\"t\":0,\"ready\":1,\"stable\":30,\"panic\":30}' | scalecar replay --set target=10"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -40,8 +41,10 @@ enum Command {
     Run(RunArgs),
     /// Replay recorded signals through an algorithm, offline and deterministic.
     Replay(ReplayArgs),
-    /// The closed loop on a local cluster of simulated model servers, with a live view and a report.
+    /// The closed loop on an embedded cluster of simulated model servers, with a live view and a report.
     Demo(DemoArgs),
+    /// What a running gateway's scaler is doing, per target (from its admin port).
+    Status(StatusArgs),
 }
 
 fn main() -> ExitCode {
@@ -71,6 +74,47 @@ fn main() -> ExitCode {
         }
         Command::Run(args) => run(args),
         Command::Demo(args) => demo(args),
+        Command::Status(args) => show_status(args),
+    }
+}
+
+/// An error and its sources, one after the other.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        source = s.source();
+    }
+    message
+}
+
+fn show_status(args: StatusArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "scalecar: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(status::fetch(&args.admin)) {
+        Ok(v) => {
+            let text = if args.json {
+                format!("{v:#}\n")
+            } else {
+                status::render(&v)
+            };
+            let _ = std::io::stdout().write_all(text.as_bytes());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "scalecar status: {}", chain(&e));
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -171,7 +215,7 @@ fn run(args: RunArgs) -> ExitCode {
         let handle = match server::start(&config, proxy, admin).await {
             Ok(h) => h,
             Err(e) => {
-                let _ = writeln!(std::io::stderr(), "scalecar: {e}");
+                let _ = writeln!(std::io::stderr(), "scalecar: {}", chain(&e));
                 return ExitCode::from(2);
             }
         };

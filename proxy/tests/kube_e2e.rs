@@ -368,6 +368,27 @@ async fn an_annotated_deployment_is_routed_scaled_by_a_burst_and_back_to_min() {
         .await
             >= 2.0
     );
+    // And scalecar status shows the same, from the admin port.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_scalecar"))
+        .args(["status", "--admin", &p.admin_addr.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = String::from_utf8_lossy(&out.stdout);
+    for want in [
+        "Target:        deployment/default/llama",
+        "Model:         m (unified)",
+        "Scaling:       managed",
+        "Algorithm:     kpa, metric concurrency",
+        " ready, 1 spec, ",
+        " → 1, ",
+    ] {
+        assert!(status.contains(want), "{want:?} missing from\n{status}");
+    }
     teardown(&p).await;
     p.shutdown().await;
     c.stop().await;
@@ -725,10 +746,29 @@ async fn api_faults_never_stop_the_proxy_nor_scale_down_and_it_recovers() {
     assert!(
         metric(
             &p,
-            "scalecar_scale_errors_total{target=\"deployment/default/steady\""
+            "scalecar_scale_errors_total{target=\"deployment/default/steady\",reason=\"unavailable\"}"
         )
         .await
             >= 1.0
+    );
+    // The failure is an Event too, once per distinct error, not per tick.
+    let failed = c.kubectl(&[
+        "get",
+        "events",
+        "-n",
+        "default",
+        "--field-selector",
+        "reason=FailedRescale",
+        "-o",
+        "json",
+    ]);
+    let failed: Value = serde_json::from_str(&failed).unwrap();
+    let items = failed["items"].as_array().unwrap();
+    assert!(!items.is_empty(), "no FailedRescale event");
+    assert!(
+        items.len() <= 6,
+        "{} FailedRescale events for one outage",
+        items.len()
     );
     teardown(&p).await;
     p.shutdown().await;

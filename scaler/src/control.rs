@@ -74,6 +74,9 @@ pub struct TargetStatus {
     pub name: String,
     pub model: String,
     pub role: Role,
+    /// The policy's algorithm and metric.
+    pub algorithm: String,
+    pub metric: &'static str,
     /// Clock time of the decision.
     pub at: Duration,
     pub advisory: bool,
@@ -348,6 +351,8 @@ impl ControlLoop {
                     name: t.spec.name.clone(),
                     model: t.spec.model.clone(),
                     role: t.spec.role,
+                    algorithm: t.spec.policy.algorithm.clone(),
+                    metric: t.spec.policy.metric.as_str(),
                     at: now,
                     advisory,
                     desired: None,
@@ -426,6 +431,8 @@ impl ControlLoop {
                 name: t.spec.name.clone(),
                 model: t.spec.model.clone(),
                 role: t.spec.role,
+                algorithm: t.spec.policy.algorithm.clone(),
+                metric: t.spec.policy.metric.as_str(),
                 at: now,
                 advisory,
                 desired: decision.desired,

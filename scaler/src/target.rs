@@ -60,6 +60,18 @@ pub enum TargetError {
     Unavailable { target: String, message: String },
 }
 
+impl TargetError {
+    /// A closed set, for the `reason` label of
+    /// `scalecar_scale_errors_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            TargetError::Conflict { .. } => "conflict",
+            TargetError::NotFound { .. } => "not_found",
+            TargetError::Unavailable { .. } => "unavailable",
+        }
+    }
+}
+
 /// One scalable workload.
 pub trait ScaleTarget: Send + Sync + fmt::Debug {
     /// Its coordinates, for logs, events and metrics.

@@ -1,0 +1,216 @@
+//! `scalecar status`: what the scaler is doing, per target, in the shape
+//! of `kubectl describe` — read from a running gateway's admin server
+//! (`/debug/targets`), so it works wherever the admin port is reachable
+//! (`kubectl port-forward svc/scalecar-admin 9090`).
+
+use std::fmt::Write as _;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+
+/// Arguments of `scalecar status`.
+#[derive(Debug, Clone, clap::Args)]
+#[command(
+    after_help = "EXAMPLES\n  scalecar status\n  kubectl -n scalecar port-forward svc/scalecar-admin 9090 & scalecar status --admin 127.0.0.1:9090\n  scalecar status --json"
+)]
+pub struct StatusArgs {
+    /// The gateway's admin address (host:port).
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    pub admin: String,
+    /// Print the admin server's JSON as it is.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Why the status could not be shown.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error("connecting to the admin server at {admin}")]
+    Connect {
+        admin: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("asking {admin} for /debug/targets")]
+    Http {
+        admin: String,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error("{admin} answered {status} for /debug/targets (is it a scalecar admin port?)")]
+    Status { admin: String, status: u16 },
+    #[error("{admin}/debug/targets is not the JSON scalecar serves")]
+    Json {
+        admin: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("no answer from {admin} within 5s")]
+    Timeout { admin: String },
+}
+
+/// Reads `/debug/targets` from `admin`.
+pub async fn fetch(admin: &str) -> Result<Value, StatusError> {
+    let ask = async {
+        let stream = tokio::net::TcpStream::connect(admin)
+            .await
+            .map_err(|source| StatusError::Connect {
+                admin: admin.to_string(),
+                source,
+            })?;
+        let http = |source| StatusError::Http {
+            admin: admin.to_string(),
+            source,
+        };
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(http)?;
+        tokio::spawn(conn);
+        let req = http::Request::get("/debug/targets")
+            .header(http::header::HOST, admin)
+            .body(Empty::<Bytes>::new())
+            .map_err(|_| StatusError::Status {
+                admin: admin.to_string(),
+                status: 0,
+            })?;
+        let resp = send.send_request(req).await.map_err(http)?;
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.map_err(http)?.to_bytes();
+        if status != 200 {
+            return Err(StatusError::Status {
+                admin: admin.to_string(),
+                status,
+            });
+        }
+        serde_json::from_slice(&body).map_err(|source| StatusError::Json {
+            admin: admin.to_string(),
+            source,
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(5), ask)
+        .await
+        .map_err(|_| StatusError::Timeout {
+            admin: admin.to_string(),
+        })?
+}
+
+fn ago(at_unix: f64, now_unix: f64) -> String {
+    let secs = (now_unix - at_unix).max(0.0);
+    let d = Duration::from_secs(secs.round() as u64);
+    format!("{} ago", humantime::format_duration(d))
+}
+
+/// The targets, described.
+pub fn render(v: &Value) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    let targets = v["targets"].as_array().cloned().unwrap_or_default();
+    if targets.is_empty() {
+        return "No scale targets (no pools yet, or no decision made yet).\n".into();
+    }
+    let mut out = String::new();
+    for (i, t) in targets.iter().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        let s = |k: &str| t[k].as_str().unwrap_or("").to_string();
+        let n = |k: &str| t[k].as_f64().unwrap_or(0.0);
+        let count = |k: &str| {
+            t[k].as_u64()
+                .map_or_else(|| "—".to_string(), |x| x.to_string())
+        };
+        let _ = writeln!(out, "Target:        {}", s("name"));
+        let _ = writeln!(out, "Model:         {} ({})", s("model"), s("role"));
+        let mode = if t["advisory"].as_bool() == Some(true) {
+            "advisory: decisions are shown, nothing is patched"
+        } else {
+            "managed"
+        };
+        let _ = writeln!(out, "Scaling:       {mode}");
+        let _ = writeln!(
+            out,
+            "Algorithm:     {}, metric {}",
+            s("algorithm"),
+            s("metric")
+        );
+        let _ = writeln!(
+            out,
+            "Replicas:      {} ready, {} spec, {} desired by the algorithm, {} decided",
+            count("ready"),
+            count("spec"),
+            count("desired"),
+            count("applied")
+        );
+        let _ = writeln!(
+            out,
+            "Metric:        {:.1} stable / {:.1} panic against a target of {:.1} per replica{}",
+            n("stable_value"),
+            n("panic_value"),
+            n("target"),
+            if t["panic"].as_bool() == Some(true) {
+                "  (PANIC)"
+            } else {
+                ""
+            }
+        );
+        let _ = writeln!(
+            out,
+            "Last decision: {} ({})",
+            s("reason"),
+            ago(n("decided_unix"), now)
+        );
+        match t.get("last_rescale").filter(|l| !l.is_null()) {
+            Some(l) => {
+                let _ = writeln!(
+                    out,
+                    "Last rescale:  {} → {}, {}: {}",
+                    l["from"].as_u64().unwrap_or(0),
+                    l["to"].as_u64().unwrap_or(0),
+                    ago(l["at_unix"].as_f64().unwrap_or(0.0), now),
+                    l["reason"].as_str().unwrap_or("")
+                );
+            }
+            None => {
+                let _ = writeln!(out, "Last rescale:  none since start");
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn targets_render_like_describe() {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        let v = json!({"targets": [{
+            "name": "deployment/llm/llama", "model": "llama", "role": "unified",
+            "algorithm": "kpa", "metric": "concurrency", "advisory": false,
+            "ready": 2, "spec": 3, "desired": 3, "applied": 3, "panic": true,
+            "stable_value": 10.0, "panic_value": 20.5, "target": 7.0,
+            "reason": "concurrency … → 3", "decided_unix": now - 1.0,
+            "last_rescale": {"at_unix": now - 12.0, "from": 2, "to": 3, "reason": "burst"}
+        }]});
+        let text = render(&v);
+        for want in [
+            "Target:        deployment/llm/llama",
+            "Model:         llama (unified)",
+            "Replicas:      2 ready, 3 spec, 3 desired by the algorithm, 3 decided",
+            "10.0 stable / 20.5 panic against a target of 7.0 per replica  (PANIC)",
+            "Last rescale:  2 → 3, 12s ago: burst",
+        ] {
+            assert!(text.contains(want), "{want:?} missing from\n{text}");
+        }
+        assert!(render(&json!({"targets": []})).starts_with("No scale targets"));
+    }
+}
