@@ -21,6 +21,7 @@ pub mod admin;
 pub mod body;
 pub mod dataplane;
 pub mod decisions;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod discovery;
 pub mod error;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use scalecar_config::ScalecarConfig;
+#[cfg(feature = "demo")]
 use scalecar_proxy::demo::DemoArgs;
 use scalecar_proxy::replay::{self, ReplayArgs};
 use scalecar_proxy::server;
@@ -42,6 +43,7 @@ enum Command {
     /// Replay recorded signals through an algorithm, offline and deterministic.
     Replay(ReplayArgs),
     /// The closed loop on an embedded cluster of simulated model servers, with a live view and a report.
+    #[cfg(feature = "demo")]
     Demo(DemoArgs),
     /// What a running gateway's scaler is doing, per target (from its admin port).
     Status(StatusArgs),
@@ -73,6 +75,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Run(args) => run(args),
+        #[cfg(feature = "demo")]
         Command::Demo(args) => demo(args),
         Command::Status(args) => show_status(args),
     }
@@ -118,6 +121,7 @@ fn show_status(args: StatusArgs) -> ExitCode {
     }
 }
 
+#[cfg(feature = "demo")]
 fn demo(args: DemoArgs) -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -125,7 +125,7 @@ impl DecisionObserver for LogObserver {
     }
 
     fn scale_failed(&self, name: &str, error: &TargetError) {
-        tracing::warn!(target = %name, %error, "scale failed; backing off");
+        tracing::warn!(target = %name, error = %error.chain(), "scale failed; backing off");
     }
 }
 

@@ -45,7 +45,7 @@ pub struct ScaleState {
 }
 
 /// Why reading or setting a scale failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum TargetError {
     /// Someone else changed the object since it was read (HTTP 409): re-read
     /// and try again.
@@ -58,16 +58,36 @@ pub enum TargetError {
     /// keep serving.
     #[error("{target}: {message}")]
     Unavailable { target: String, message: String },
+    /// An API call failed; the client's error is kept whole as the source.
+    #[error("{target}: {call}")]
+    Api {
+        target: String,
+        call: &'static str,
+        #[source]
+        source: Arc<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 impl TargetError {
+    /// The message and every source, for logs and Events.
+    pub fn chain(&self) -> String {
+        let mut out = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(s) = source {
+            out.push_str(": ");
+            out.push_str(&s.to_string());
+            source = s.source();
+        }
+        out
+    }
+
     /// A closed set, for the `reason` label of
     /// `scalecar_scale_errors_total`.
     pub fn reason(&self) -> &'static str {
         match self {
             TargetError::Conflict { .. } => "conflict",
             TargetError::NotFound { .. } => "not_found",
-            TargetError::Unavailable { .. } => "unavailable",
+            TargetError::Unavailable { .. } | TargetError::Api { .. } => "unavailable",
         }
     }
 }
@@ -87,7 +107,7 @@ pub type TargetFactory =
     Arc<dyn Fn(&TargetRef) -> Result<Arc<dyn ScaleTarget>, TargetError> + Send + Sync>;
 
 /// Why a registration or a lookup failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum TargetRegistryError {
     #[error("a scale target handler for {api_version} {kind} is already registered")]
     Duplicate { api_version: String, kind: String },

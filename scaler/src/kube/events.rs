@@ -224,7 +224,7 @@ impl DecisionObserver for RescaleEvents {
 
     fn scale_failed(&self, name: &str, error: &TargetError) {
         self.inner.scale_failed(name, error);
-        let message = error.to_string();
+        let message = error.chain();
         let first = self
             .failed
             .lock()

@@ -51,7 +51,7 @@ pub struct KubeScaleTarget {
     known: Mutex<Known>,
 }
 
-fn error(target: &TargetRef, e: kube::Error) -> TargetError {
+fn error(target: &TargetRef, call: &'static str, e: kube::Error) -> TargetError {
     let target = target.to_string();
     match e {
         kube::Error::Api(s) if s.code == 409 => TargetError::Conflict {
@@ -59,9 +59,10 @@ fn error(target: &TargetRef, e: kube::Error) -> TargetError {
             message: s.message,
         },
         kube::Error::Api(s) if s.code == 404 => TargetError::NotFound { target },
-        other => TargetError::Unavailable {
+        other => TargetError::Api {
             target,
-            message: other.to_string(),
+            call,
+            source: std::sync::Arc::new(other),
         },
     }
 }
@@ -206,11 +207,11 @@ impl KubeScaleTarget {
 
     async fn bounded<T>(
         &self,
-        what: &str,
+        what: &'static str,
         f: impl std::future::Future<Output = Result<T, kube::Error>>,
     ) -> Result<T, TargetError> {
         match tokio::time::timeout(self.timeout, f).await {
-            Ok(r) => r.map_err(|e| error(&self.target, e)),
+            Ok(r) => r.map_err(|e| error(&self.target, what, e)),
             Err(_) => Err(TargetError::Unavailable {
                 target: self.target.to_string(),
                 message: format!("{what}: no answer within {:?}", self.timeout),
