@@ -27,6 +27,7 @@ pub mod decisions;
 pub mod demo;
 pub mod discovery;
 pub mod error;
+pub(crate) mod forward;
 pub mod gateway;
 pub mod metrics;
 pub mod observe;

@@ -14,8 +14,8 @@ use http_body_util::BodyExt;
 use serde_json::{Value, json};
 
 use crate::body::{ProxyBody, full};
-use crate::dataplane::{DataPlane, ForwardRequest, SendError};
 use crate::error::{ApiError, error_response};
+use crate::forward::{ForwardRequest, Forwarder, SendError};
 use crate::metrics::Outcome;
 use crate::observe::Observation;
 use crate::routes::PoolEntry;
@@ -57,7 +57,7 @@ pub fn decode_body(original: &Value, kv_transfer_params: Value) -> Value {
 }
 
 pub(crate) async fn two_stage(
-    plane: &DataPlane,
+    plane: &Forwarder,
     prefill: &Arc<PoolEntry>,
     decode: &Arc<PoolEntry>,
     request: ForwardRequest,
