@@ -1,6 +1,7 @@
 //! The closed loop end to end: the real control loop scaling a local
-//! cluster of model-sim replicas behind the real proxy, and `scalecar demo`
-//! as users run it.
+//! cluster of model-sim replicas behind the real proxy (no Kubernetes: the
+//! loop and the proxy alone), and `scalecar demo` — on its embedded
+//! kube-sim — as users run it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
@@ -269,5 +270,32 @@ fn scalecar_demo_writes_a_report_whose_replicas_follow_the_load() {
     );
     let md = std::fs::read_to_string(dir.join("summary.md")).unwrap();
     assert!(md.contains("| requests | ok |"));
+    // The run went through Kubernetes: scalecar's Events on the demo
+    // Deployment, one per change, up with the burst and down after it.
+    let events: Vec<&str> = md
+        .lines()
+        .filter(|l| l.contains("| Normal | SuccessfulRescale | New size: "))
+        .collect();
+    assert!(events.len() >= 2, "{md}");
+    let size = |l: &str| -> u32 {
+        l.split("New size: ")
+            .nth(1)
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert!(
+        size(events[0]) > 1,
+        "the first rescale is the burst's: {md}"
+    );
+    let last = rows.last().unwrap().1;
+    assert_eq!(
+        size(events[events.len() - 1]),
+        last,
+        "the last one ends it: {md}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

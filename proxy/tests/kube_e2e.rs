@@ -1157,3 +1157,75 @@ async fn the_rbac_in_deploy_grants_every_call_scalecar_makes() {
     every_call_is_allowed(&c, "llm", "[llm]", &rules, true).await;
     c.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn advisory_mode_decides_and_events_but_writes_nothing_beside_static_pools() {
+    let c = Cluster::start().await;
+    let d = c.deployments();
+    c.create(
+        &d,
+        workload(
+            "apps/v1",
+            "Deployment",
+            "watched",
+            "watched",
+            1,
+            json!({"scalecar.io/model": "watched", "scalecar.io/min-replicas": "2"}),
+            &[],
+        ),
+    )
+    .await;
+    // A static pool beside the discovered one.
+    let fixed = common::sim(common::model("fixed")).await;
+    let p = c
+        .scalecar(
+            "300ms",
+            &format!(
+                "  managed: false\npools:\n  - model: fixed\n    endpoints: [\"{}\"]\n",
+                fixed.local_addr()
+            ),
+        )
+        .await;
+    let events = eventually("an advised rescale", Duration::from_secs(10), || async {
+        let out = c.kubectl(&["get", "events", "-n", "default"]);
+        out.contains("RescaleAdvised").then_some(out)
+    })
+    .await;
+    assert!(events.contains("Advised size: 2"), "{events}");
+    assert!(!events.contains("SuccessfulRescale"), "{events}");
+    assert_eq!(c.writes("/deployments/watched"), 0, "advisory mode wrote");
+    assert_eq!(c.replicas(&d, "watched").await, 1);
+    // Both models are served: the discovered pool and the static one.
+    let client = openai(&p);
+    assert!(!chat(&client, "watched", "hi", 2).await.is_empty());
+    assert!(!chat(&client, "fixed", "hi", 2).await.is_empty());
+    let v: Value = serde_json::from_str(
+        &get(&format!("http://{}/debug/targets", p.admin_addr))
+            .await
+            .unwrap()
+            .1,
+    )
+    .unwrap();
+    let names: Vec<&str> = v["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["deployment/default/watched", "fixed/unified"],
+        "{v}"
+    );
+    assert!(
+        v["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["advisory"] == true),
+        "{v}"
+    );
+    teardown(&p).await;
+    p.shutdown().await;
+    c.stop().await;
+}
