@@ -262,6 +262,9 @@ async fn served_by_pods(c: &Cluster, app: &str) -> BTreeMap<String, f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_annotated_deployment_is_routed_scaled_by_a_burst_and_back_to_min() {
+    // Measured on an idle 2-core box: the pool 330–400 ms after the
+    // annotation, the first write 100–200 ms after the burst began.
+    const TICK: Duration = Duration::from_secs(1);
     let c = Cluster::start().await;
     let d = c.deployments();
     // Not annotated yet: nothing is routed.
@@ -270,7 +273,7 @@ async fn an_annotated_deployment_is_routed_scaled_by_a_burst_and_back_to_min() {
         workload("apps/v1", "Deployment", "llama", "m", 1, json!({}), &[]),
     )
     .await;
-    let p = c.scalecar("500ms", "").await;
+    let p = c.scalecar("1s", "").await;
     let url = format!("http://{}/v1/chat/completions", p.proxy_addr);
     let body = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":4}"#;
     let (status, _, _) = request("POST", &url, body).await.unwrap();
@@ -291,7 +294,7 @@ async fn an_annotated_deployment_is_routed_scaled_by_a_burst_and_back_to_min() {
     })
     .await;
     assert!(
-        annotated.elapsed() < Duration::from_millis(1500),
+        annotated.elapsed() < TICK,
         "the pool came {:?} after the annotation",
         annotated.elapsed()
     );
@@ -314,7 +317,7 @@ async fn an_annotated_deployment_is_routed_scaled_by_a_burst_and_back_to_min() {
     .await;
     let scaled_after = burst_at.elapsed();
     assert!(
-        scaled_after <= Duration::from_millis(1000) + Duration::from_millis(500),
+        scaled_after <= 2 * TICK,
         "scaled {scaled_after:?} after the burst began: more than two ticks"
     );
     for b in burst {
