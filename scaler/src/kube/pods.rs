@@ -87,8 +87,14 @@ pub fn endpoints_of(
 ) -> (Vec<SocketAddr>, usize) {
     let mut out = Vec::new();
     let mut portless = 0;
-    for p in pods.values() {
-        if p.namespace != namespace || !p.serving() || !selector.matches(&p.labels) {
+    // Keys sort by namespace first: only this namespace's pods are looked at.
+    let from = (namespace.to_string(), String::new());
+    for p in pods
+        .range(from..)
+        .map(|(_, p)| p)
+        .take_while(|p| p.namespace == namespace)
+    {
+        if !p.serving() || !selector.matches(&p.labels) {
             continue;
         }
         match p.endpoint(port) {
