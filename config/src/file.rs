@@ -76,6 +76,17 @@ struct RawKubernetes {
     kinds: Option<Vec<RawKind>>,
     managed: Option<bool>,
     api_timeout: Option<Scalar>,
+    leader_election: Option<RawLeaderElection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawLeaderElection {
+    lease_name: Option<String>,
+    namespace: Option<String>,
+    lease_duration: Option<Scalar>,
+    renew_deadline: Option<Scalar>,
+    retry_period: Option<Scalar>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -237,6 +248,31 @@ pub struct KubernetesConfig {
     pub managed: bool,
     /// Bound on each call to the API server from the control loop.
     pub api_timeout: Duration,
+    /// One decider among several gateway replicas (`leader-election: {}`).
+    pub leader_election: Option<LeaderElectionConfig>,
+}
+
+/// The leader Lease (client-go's defaults).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaderElectionConfig {
+    pub lease_name: String,
+    /// `None`: the gateway's own namespace (`POD_NAMESPACE`), else `default`.
+    pub namespace: Option<String>,
+    pub lease_duration: Duration,
+    pub renew_deadline: Duration,
+    pub retry_period: Duration,
+}
+
+impl Default for LeaderElectionConfig {
+    fn default() -> Self {
+        LeaderElectionConfig {
+            lease_name: "scalecar".into(),
+            namespace: None,
+            lease_duration: Duration::from_secs(15),
+            renew_deadline: Duration::from_secs(10),
+            retry_period: Duration::from_secs(2),
+        }
+    }
 }
 
 impl Default for KubernetesConfig {
@@ -247,6 +283,7 @@ impl Default for KubernetesConfig {
             kinds: Vec::new(),
             managed: true,
             api_timeout: Duration::from_secs(10),
+            leader_election: None,
         }
     }
 }
@@ -400,6 +437,11 @@ impl ScalecarConfig {
                             "kinds",
                             "managed",
                             "api-timeout",
+                            "leader-election",
+                            "lease-name",
+                            "lease-duration",
+                            "renew-deadline",
+                            "retry-period",
                             "group",
                             "version",
                             "kind",
@@ -546,6 +588,65 @@ impl ScalecarConfig {
                 kinds,
                 managed: k.managed.unwrap_or(d.managed),
                 api_timeout: c.duration("kubernetes.api-timeout", k.api_timeout, d.api_timeout),
+                leader_election: k.leader_election.map(|l| {
+                    let d = LeaderElectionConfig::default();
+                    let p = "kubernetes.leader-election";
+                    let lease_name = l.lease_name.unwrap_or(d.lease_name);
+                    if !lease_name.split('.').all(dns_label) {
+                        c.fail(
+                            &format!("{p}.lease-name"),
+                            format!("{lease_name:?} is not an object name"),
+                        );
+                    }
+                    if let Some(ns) = &l.namespace
+                        && !dns_label(ns)
+                    {
+                        c.fail(
+                            &format!("{p}.namespace"),
+                            format!("{ns:?} is not a namespace name"),
+                        );
+                    }
+                    let e = LeaderElectionConfig {
+                        lease_name,
+                        namespace: l.namespace,
+                        lease_duration: c.duration(
+                            &format!("{p}.lease-duration"),
+                            l.lease_duration,
+                            d.lease_duration,
+                        ),
+                        renew_deadline: c.duration(
+                            &format!("{p}.renew-deadline"),
+                            l.renew_deadline,
+                            d.renew_deadline,
+                        ),
+                        retry_period: c.duration(
+                            &format!("{p}.retry-period"),
+                            l.retry_period,
+                            d.retry_period,
+                        ),
+                    };
+                    // client-go's rules: a leader must step down before
+                    // anyone may take over, and renew more than once.
+                    if e.renew_deadline >= e.lease_duration {
+                        c.fail(
+                            p,
+                            format!(
+                                "renew-deadline {:?} must be shorter than lease-duration {:?}",
+                                e.renew_deadline, e.lease_duration
+                            ),
+                        );
+                    }
+                    if e.retry_period >= e.renew_deadline {
+                        c.fail(
+                            p,
+                            format!(
+                                "retry-period {:?} must be shorter than renew-deadline {:?}",
+                                e.retry_period, e.renew_deadline
+                            ),
+                        );
+                    }
+                    e
+                }),
             }
         });
         let raw_pools = raw.pools.unwrap_or_default();
@@ -804,6 +905,18 @@ pools:
             assert!(err.contains(want), "{text}\n→ {err}");
         }
         assert!(errors("kubernetes: {namespace: [a]}").contains("did you mean namespaces"));
+        let c = ScalecarConfig::from_yaml_str("kubernetes: {leader-election: {}}").unwrap();
+        assert_eq!(
+            c.kubernetes.unwrap().leader_election,
+            Some(LeaderElectionConfig::default())
+        );
+        let e = errors("kubernetes: {leader-election: {lease-duration: 5s, renew-deadline: 6s}}");
+        assert!(
+            e.contains("renew-deadline 6s must be shorter than lease-duration 5s"),
+            "{e}"
+        );
+        let e = errors("kubernetes: {leader-election: {renew-deadline: 2s, retry-period: 3s}}");
+        assert!(e.contains("retry-period 3s must be shorter"), "{e}");
     }
 
     #[test]

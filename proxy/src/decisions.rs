@@ -43,6 +43,10 @@ pub struct DecisionRecorder {
     scale_errors: Family<ErrorLabels, Counter>,
     /// Each target's latest decision and when it was made (Unix seconds).
     latest: Mutex<BTreeMap<String, (TargetStatus, f64)>>,
+    /// 1 while this replica decides.
+    leader: Gauge,
+    /// (leading, the holder last seen).
+    leadership: Mutex<(bool, Option<String>)>,
     /// Each target's last change and when.
     last_change: Mutex<BTreeMap<String, (TargetStatus, f64)>>,
     /// The last changes (bounded), newest last.
@@ -66,6 +70,8 @@ impl DecisionRecorder {
             scale_events: Family::default(),
             scale_errors: Family::default(),
             latest: Mutex::new(BTreeMap::new()),
+            leader: Gauge::default(),
+            leadership: Mutex::new((true, None)),
             last_change: Mutex::new(BTreeMap::new()),
             changes: Mutex::new(std::collections::VecDeque::new()),
             decisions: AtomicU64::new(0),
@@ -111,6 +117,12 @@ impl DecisionRecorder {
             r.scale_events.clone(),
         );
         reg.register(
+            "scalecar_leader",
+            "1 while this replica is the leader: it decides, patches and writes Events",
+            r.leader.clone(),
+        );
+        r.leader.set(1);
+        reg.register(
             "scalecar_scale_errors",
             "Failed reads or writes of the scale target, by reason (conflict, not_found, unavailable)",
             r.scale_errors.clone(),
@@ -137,6 +149,14 @@ impl DecisionRecorder {
             .lock()
             .map(|m| m.values().map(|(s, _)| s.clone()).collect())
             .unwrap_or_default()
+    }
+
+    /// Who decides: this replica (`leading`) and the Lease holder last seen.
+    pub fn set_leadership(&self, leading: bool, holder: Option<String>) {
+        self.leader.set(i64::from(leading));
+        if let Ok(mut l) = self.leadership.lock() {
+            *l = (leading, holder);
+        }
     }
 
     /// Every target's latest decision and last rescale, as `/debug/targets`
@@ -175,7 +195,12 @@ impl DecisionRecorder {
                 })
             })
             .collect();
-        serde_json::json!({"targets": targets})
+        let (leading, holder) = self
+            .leadership
+            .lock()
+            .map(|l| l.clone())
+            .unwrap_or((false, None));
+        serde_json::json!({"leader": {"leading": leading, "holder": holder}, "targets": targets})
     }
 }
 

@@ -47,6 +47,24 @@ pub(crate) fn reporter() -> Reporter {
     }
 }
 
+/// This replica's identity as a Lease holder: its pod (or host) name, made
+/// unique per process as client-go does, so a restarted pod with the same
+/// name is a new holder.
+pub fn identity() -> &'static str {
+    static IDENTITY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    IDENTITY.get_or_init(|| {
+        let name = std::env::var("POD_NAME")
+            .or_else(|_| std::env::var("HOSTNAME"))
+            .ok()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "scalecar".into());
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        format!("{name}_{}_{nanos:08x}", std::process::id())
+    })
+}
+
 /// The `target` label and control-loop name of a workload:
 /// `deployment/llm/llama-3-8b`.
 pub fn target_name(r: &TargetRef) -> String {

@@ -314,6 +314,46 @@ impl GatewayBuilder {
             admin_listener,
         )?;
         let stopped = handle.stopped();
+        if let Some((client, config)) = &self.kubernetes
+            && let Some(le) = &config.leader_election
+        {
+            let (leading_tx, leading_rx) = watch::channel(false);
+            control.lead_with(leading_rx);
+            self.decisions.set_leadership(false, None);
+            let namespace = le
+                .namespace
+                .clone()
+                .or_else(|| {
+                    std::env::var("POD_NAMESPACE")
+                        .ok()
+                        .filter(|s| !s.is_empty())
+                })
+                .unwrap_or_else(|| "default".into());
+            let elector = scalecar_scaler::kube::LeaderElector::new(
+                client.clone(),
+                &namespace,
+                &le.lease_name,
+                crate::discovery::identity(),
+                scalecar_scaler::kube::LeaseTiming {
+                    duration: le.lease_duration,
+                    renew_deadline: le.renew_deadline,
+                    retry_period: le.retry_period,
+                },
+            );
+            let (tx, mut rx) = watch::channel(scalecar_scaler::kube::Leadership::default());
+            handle.spawn(elector.run(tx, stopped.clone()));
+            let decisions = self.decisions.clone();
+            handle.spawn(async move {
+                loop {
+                    let l = rx.borrow_and_update().clone();
+                    decisions.set_leadership(l.leading, l.holder);
+                    leading_tx.send_replace(l.leading);
+                    if rx.changed().await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
         if let (Some((client, config)), Some(events)) = (self.kubernetes, events) {
             let discovery = crate::discovery::Discovery::new(
                 client,

@@ -1,7 +1,7 @@
 //! The `scalecar` binary: `run` (the proxy), `replay` (offline decisions
 //! from recorded signals).
 
-use std::io::{BufReader, Write};
+use std::io::{BufReader, IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -129,6 +129,9 @@ fn demo(args: DemoArgs) -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        // Colours on a terminal only: `kubectl logs` and log shippers get
+        // plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
@@ -160,6 +163,9 @@ fn run(args: RunArgs) -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colours on a terminal only: `kubectl logs` and log shippers get
+        // plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     // A config error exits 2 before any port is bound.
     let config = match ScalecarConfig::load(&args.config) {

@@ -143,13 +143,19 @@ pub async fn kube_client(k: &KubernetesConfig) -> Result<kube::Client, StartErro
         .map_err(|source| StartError::KubeClient(Box::new(source)))
 }
 
-/// scalecar's User-Agent on every call, so audit logs (and kube-sim's
-/// request log) tell its calls apart.
+/// scalecar's User-Agent on every call, `scalecar/VERSION (identity)`, so
+/// audit logs (and kube-sim's request log) tell its calls — and each
+/// replica's — apart.
 pub fn identified(mut config: kube::Config) -> kube::Config {
-    config.headers.push((
-        http::header::USER_AGENT,
-        http::HeaderValue::from_static(concat!("scalecar/", env!("CARGO_PKG_VERSION"))),
-    ));
+    let agent = format!(
+        "scalecar/{} ({})",
+        env!("CARGO_PKG_VERSION"),
+        crate::discovery::identity()
+    );
+    let value = http::HeaderValue::from_str(&agent).unwrap_or_else(|_| {
+        http::HeaderValue::from_static(concat!("scalecar/", env!("CARGO_PKG_VERSION")))
+    });
+    config.headers.push((http::header::USER_AGENT, value));
     config
 }
 

@@ -109,10 +109,23 @@ pub fn render(v: &Value) -> String {
         .duration_since(UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64());
     let targets = v["targets"].as_array().cloned().unwrap_or_default();
-    if targets.is_empty() {
-        return "No scale targets (no pools yet, or no decision made yet).\n".into();
-    }
     let mut out = String::new();
+    let leader = &v["leader"];
+    if !leader.is_null() {
+        let holder = leader["holder"].as_str().unwrap_or("unknown");
+        let line = if leader["leading"].as_bool() == Some(true) {
+            format!("Leader:        this replica ({holder})\n\n")
+        } else {
+            format!(
+                "Leader:        {holder} (this replica follows: it records, the leader decides)\n\n"
+            )
+        };
+        out.push_str(&line);
+    }
+    if targets.is_empty() {
+        out.push_str("No scale targets (no pools yet, or no decision made yet).\n");
+        return out;
+    }
     for (i, t) in targets.iter().enumerate() {
         if i > 0 {
             out.push('\n');

@@ -1017,6 +1017,19 @@ async fn every_call_is_allowed(
     rules: &[Value],
     role_scoped: bool,
 ) {
+    // The leader Lease's rights are the Role scalecar-leader's, in the
+    // gateway's own namespace.
+    let leader: Value = serde_json::from_str(&c.kubectl(&[
+        "-n",
+        "scalecar",
+        "get",
+        "role",
+        "scalecar-leader",
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    let leader_rules = leader["rules"].as_array().unwrap().clone();
     let d = Api::<DynamicObject>::namespaced_with(
         c.client.clone(),
         namespace,
@@ -1052,7 +1065,7 @@ async fn every_call_is_allowed(
     )
     .await;
     let p = proxy(&format!(
-        "scaler: {{ tick: 300ms }}\nkubernetes:\n  kubeconfig: {}\n  namespaces: {watch}\n",
+        "scaler: {{ tick: 300ms }}\nkubernetes:\n  kubeconfig: {}\n  namespaces: {watch}\n  leader-election: {{ namespace: scalecar, lease-duration: 3s, renew-deadline: 2s, retry-period: 500ms }}\n",
         c.kubeconfig.display()
     ))
     .await;
@@ -1085,6 +1098,7 @@ async fn every_call_is_allowed(
         "watch deployments",
         "patch deployments/scale",
         "create events",
+        "update leases",
     ] {
         let (verb, resource) = needed.split_once(' ').unwrap();
         assert!(
@@ -1095,6 +1109,13 @@ async fn every_call_is_allowed(
         );
     }
     for ((verb, group, resource, ns), uri) in &calls {
+        if resource == "leases" {
+            assert!(
+                allows(&leader_rules, verb, group, resource) && ns.as_deref() == Some("scalecar"),
+                "{verb} {group}/{resource} ({uri}) is not granted by the Role scalecar-leader"
+            );
+            continue;
+        }
         assert!(
             allows(rules, verb, group, resource),
             "{verb} {group}/{resource} ({uri}) is not granted by the RBAC in deploy/"
@@ -1230,5 +1251,271 @@ async fn advisory_mode_decides_and_events_but_writes_nothing_beside_static_pools
     );
     teardown(&p).await;
     p.shutdown().await;
+    c.stop().await;
+}
+
+/// A `scalecar run` process on this cluster, its admin address read from
+/// its own log once it serves.
+struct Replica {
+    child: std::process::Child,
+    proxy: String,
+    admin: String,
+    config: PathBuf,
+}
+
+impl Replica {
+    fn start(c: &Cluster, index: usize, extra: &str) -> Replica {
+        use std::io::BufRead as _;
+        let config = c.kubeconfig.with_extension(format!("replica-{index}.yaml"));
+        std::fs::write(
+            &config,
+            format!(
+                "proxy: {{ listen: \"127.0.0.1:0\", workers: 1 }}\nadmin: {{ listen: \"127.0.0.1:0\" }}\nscaler: {{ tick: 300ms }}\nkubernetes:\n  kubeconfig: {}\n  namespaces: [default]\n  api-timeout: 1s\n  leader-election: {{ lease-duration: 3s, renew-deadline: 2s, retry-period: 500ms, namespace: default }}\n{extra}",
+                c.kubeconfig.display()
+            ),
+        )
+        .unwrap();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_scalecar"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .env("POD_NAME", format!("replica-{index}"))
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        // Killed on every way out, a failed start included.
+        let mut replica = Replica {
+            child,
+            proxy: String::new(),
+            admin: String::new(),
+            config,
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { return };
+                if !sent && line.contains("serving") {
+                    let field = |name: &str| {
+                        line.split(&format!("{name}="))
+                            .nth(1)
+                            .and_then(|r| r.split_whitespace().next())
+                            .map(str::to_string)
+                    };
+                    let _ = tx.send(field("proxy").zip(field("admin")));
+                    sent = true;
+                }
+            }
+        });
+        (replica.proxy, replica.admin) = rx
+            .recv_timeout(Duration::from_secs(20))
+            .ok()
+            .flatten()
+            .expect("the replica logs where it serves");
+        replica
+    }
+
+    /// (leading, holder) from its admin port.
+    async fn leadership(&self) -> Option<(bool, String)> {
+        let (status, body) = get(&format!("http://{}/debug/targets", self.admin))
+            .await
+            .ok()?;
+        if status != 200 {
+            return None;
+        }
+        let v: Value = serde_json::from_str(&body).ok()?;
+        Some((
+            v["leader"]["leading"].as_bool()?,
+            v["leader"]["holder"].as_str().unwrap_or("").to_string(),
+        ))
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill(); // SIGKILL
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+/// The index of the one leader among `replicas`, once there is exactly one
+/// and every live replica names it.
+async fn one_leader(replicas: &[&Replica], within: Duration) -> (usize, String) {
+    eventually("exactly one leader, known to all", within, || async {
+        let mut leaders = Vec::new();
+        let mut holders = Vec::new();
+        for (i, r) in replicas.iter().enumerate() {
+            let (leading, holder) = r.leadership().await?;
+            if leading {
+                leaders.push(i);
+            }
+            holders.push(holder);
+        }
+        let agreed = holders.windows(2).all(|w| w[0] == w[1]) && !holders[0].is_empty();
+        (leaders.len() == 1 && agreed).then(|| (leaders[0], holders[0].clone()))
+    })
+    .await
+}
+
+/// The identities that wrote `name`'s scale, in order (from kube-sim's
+/// request log and scalecar's User-Agent).
+fn scale_writers(c: &Cluster, name: &str) -> Vec<String> {
+    c.sim
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "PATCH" && r.uri.contains(&format!("/deployments/{name}/scale")))
+        .filter_map(|r| {
+            r.user_agent
+                .split_once('(')
+                .map(|(_, rest)| rest.trim_end_matches(')').to_string())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_elect_one_leader_and_a_killed_leader_is_replaced_without_overlap() {
+    let c = Cluster::start().await;
+    let d = c.deployments();
+    c.create(
+        &d,
+        workload(
+            "apps/v1",
+            "Deployment",
+            "shared",
+            "shared",
+            1,
+            json!({"scalecar.io/model": "shared", "scalecar.io/min-replicas": "2"}),
+            &[],
+        ),
+    )
+    .await;
+    let mut replicas: Vec<Replica> = (0..3).map(|i| Replica::start(&c, i, "")).collect();
+    let all: Vec<&Replica> = replicas.iter().collect();
+    let (first, holder) = one_leader(&all, Duration::from_secs(15)).await;
+    // Only the leader writes.
+    eventually("scaled to 2", Duration::from_secs(10), || async {
+        (c.replicas(&d, "shared").await == 2).then_some(())
+    })
+    .await;
+    let writers = scale_writers(&c, "shared");
+    assert!(!writers.is_empty());
+    assert!(
+        writers.iter().all(|w| *w == holder),
+        "{writers:?} vs leader {holder}"
+    );
+    // Every replica serves, leader or not.
+    for r in &replicas {
+        let client = Client::with_config(
+            OpenAIConfig::new()
+                .with_api_base(format!("http://{}/v1", r.proxy))
+                .with_api_key("none"),
+        );
+        assert!(!chat(&client, "shared", "anyone", 2).await.is_empty());
+    }
+    // SIGKILL the leader: another takes over within the lease duration
+    // (3 s) and a retry period.
+    replicas[first].kill();
+    let killed_at = Instant::now();
+    let rest: Vec<&Replica> = replicas
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != first)
+        .map(|(_, r)| r)
+        .collect();
+    let (_, successor) = one_leader(&rest, Duration::from_secs(10)).await;
+    let took = killed_at.elapsed();
+    assert_ne!(successor, holder);
+    assert!(
+        took <= Duration::from_millis(3000 + 2 * 500 + 500),
+        "the successor took over after {took:?}"
+    );
+    // The successor decides: a new floor is written by it, and by it alone.
+    c.annotate(&d, "shared", json!({"scalecar.io/min-replicas": "3"}))
+        .await;
+    eventually("scaled to 3", Duration::from_secs(10), || async {
+        (c.replicas(&d, "shared").await == 3).then_some(())
+    })
+    .await;
+    let writers = scale_writers(&c, "shared");
+    let switch = writers.iter().position(|w| *w != holder).unwrap();
+    assert!(
+        writers[..switch].iter().all(|w| *w == holder)
+            && writers[switch..].iter().all(|w| *w == successor),
+        "the writers overlapped: {writers:?}"
+    );
+    drop(replicas);
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_cannot_renew_steps_down_and_stops_writing() {
+    let c = Cluster::start().await;
+    let d = c.deployments();
+    c.create(
+        &d,
+        workload(
+            "apps/v1",
+            "Deployment",
+            "alone",
+            "alone",
+            1,
+            json!({"scalecar.io/model": "alone", "scalecar.io/min-replicas": "2"}),
+            &[],
+        ),
+    )
+    .await;
+    let replicas = [Replica::start(&c, 0, ""), Replica::start(&c, 1, "")];
+    let all: Vec<&Replica> = replicas.iter().collect();
+    let (leader, _) = one_leader(&all, Duration::from_secs(15)).await;
+    eventually("scaled to 2", Duration::from_secs(10), || async {
+        (c.replicas(&d, "alone").await == 2).then_some(())
+    })
+    .await;
+    // The Lease's API fails for everyone: within the renew deadline (2 s)
+    // and a retry period the leader steps down; nobody leads.
+    c.sim.faults().add(Rule {
+        verb: None,
+        resource: Some("leases".into()),
+        rate: 1.0,
+        fault: Fault::Error(500),
+    });
+    let failing = Instant::now();
+    eventually("the leader steps down", Duration::from_secs(6), || async {
+        let (leading, _) = replicas[leader].leadership().await?;
+        (!leading).then_some(())
+    })
+    .await;
+    assert!(
+        failing.elapsed() <= Duration::from_millis(2000 + 2 * 500 + 500),
+        "stepped down after {:?}",
+        failing.elapsed()
+    );
+    // And writes nothing more, even when there is something to write.
+    let writes = c.writes("/deployments/alone/scale");
+    c.annotate(&d, "alone", json!({"scalecar.io/min-replicas": "3"}))
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        c.writes("/deployments/alone/scale"),
+        writes,
+        "a follower wrote"
+    );
+    for r in &replicas {
+        assert_eq!(r.leadership().await.map(|l| l.0), Some(false));
+    }
+    // The Lease back: a leader again, and the new floor is written.
+    c.sim.faults().clear();
+    one_leader(&all, Duration::from_secs(10)).await;
+    eventually("scaled to 3", Duration::from_secs(10), || async {
+        (c.replicas(&d, "alone").await == 3).then_some(())
+    })
+    .await;
+    drop(replicas);
     c.stop().await;
 }

@@ -191,6 +191,8 @@ pub struct ControlLoop {
     registry: AlgorithmRegistry,
     /// The target set, when it changes while running (discovery).
     updates: Option<tokio::sync::watch::Receiver<Vec<TargetSpec>>>,
+    /// Whether this replica decides (leader election); `None`: always.
+    leading: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 /// Whether `a` and `b` scale the same thing the same way: then the running
@@ -229,6 +231,7 @@ impl ControlLoop {
             poke: Arc::new(Notify::new()),
             registry: registry.clone(),
             updates: None,
+            leading: None,
         };
         if let Some(e) = control.set_targets(specs).into_iter().next() {
             return Err(e);
@@ -296,6 +299,13 @@ impl ControlLoop {
         for e in self.set_targets(specs) {
             tracing::warn!(error = %e, "target left out of the control loop");
         }
+    }
+
+    /// Decides only while `leading` says so (a replica that is not the
+    /// leader neither decides, writes nor events; it keeps recording). A
+    /// new leader starts each algorithm afresh on the windows it has.
+    pub fn lead_with(&mut self, leading: tokio::sync::watch::Receiver<bool>) {
+        self.leading = Some(leading);
     }
 
     /// The names of the targets decided each tick.
@@ -496,6 +506,8 @@ impl ControlLoop {
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let poke = self.poke.clone();
         let mut updates = self.updates.take();
+        let leading = self.leading.take();
+        let mut led = true;
         tokio::pin!(shutdown);
         loop {
             let changed = async {
@@ -519,6 +531,22 @@ impl ControlLoop {
                         _ => updates = None,
                     }
                     continue;
+                }
+            }
+            if let Some(l) = &leading {
+                let now_leading = *l.borrow();
+                if !now_leading {
+                    led = false;
+                    continue;
+                }
+                if !led {
+                    // What an algorithm remembered from before is stale.
+                    for t in &mut self.targets {
+                        t.fresh = true;
+                        t.advised = None;
+                        t.last = None;
+                    }
+                    led = true;
                 }
             }
             self.tick_once().await;

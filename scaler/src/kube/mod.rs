@@ -1,16 +1,18 @@
 //! The Kubernetes side of the scaler, on kube-rs: the watcher of annotated
-//! workloads, the generic scale target, pod discovery and rescale Events;
-//! the leader Lease joins them. The decision core (signals, algorithms,
+//! workloads, the generic scale target, pod discovery, rescale Events and
+//! the leader Lease. The decision core (signals, algorithms,
 //! behavior, the control loop) never imports this module: it sees only the
 //! `ScaleTarget` and `DecisionObserver` traits.
 
 mod events;
+mod lease;
 mod pods;
 mod scale;
 mod selector;
 mod workloads;
 
 pub use events::{EventWriter, RescaleEvents};
+pub use lease::{LeaderElector, Leadership, LeaseTiming};
 pub use pods::{PodInfo, Pods, endpoints_of, watch_pods};
 pub use scale::KubeScaleTarget;
 pub use selector::{LabelSelector, SelectorError};
