@@ -22,6 +22,7 @@ pub mod clock;
 pub mod control;
 pub mod kube;
 pub mod pd;
+pub mod peer;
 pub mod signals;
 pub mod snapshot;
 pub mod target;

@@ -412,6 +412,12 @@ impl PoolSignals {
     }
 
     fn window(&self, now: u64, length: Duration) -> WindowValues {
+        self.window_parts(now, length).0
+    }
+
+    /// A window's values and its latency histograms (TTFT, ITL, end-to-end,
+    /// queue wait) — what a peer snapshot carries.
+    fn window_parts(&self, now: u64, length: Duration) -> (WindowValues, [Histogram<u64>; 4]) {
         let b = self.bucket_us;
         // A window shorter than a slot (Knative allows a 0.6 s panic
         // window) is measured as one slot: the finest this ring can see.
@@ -479,8 +485,8 @@ impl PoolSignals {
         let rate = |n: u64| if covered == 0 { 0.0 } else { n as f64 / secs };
         let mut hists: [Histogram<u64>; LATENCIES] = std::array::from_fn(|_| histogram::empty());
         self.merge_histograms(now, length, &mut hists);
-        let [ttft, itl, e2e, queue_wait] = hists.map(|h| summary(&h));
-        WindowValues {
+        let [ttft, itl, e2e, queue_wait] = hists.each_ref().map(summary);
+        let values = WindowValues {
             duration: length,
             observed: Duration::from_micros(covered),
             concurrency: avg(IN_FLIGHT),
@@ -495,6 +501,25 @@ impl PoolSignals {
             itl,
             e2e,
             queue_wait,
+        };
+        (values, hists)
+    }
+
+    /// The stable and panic windows ending now, with their histograms, as
+    /// sent to the leader (see [`crate::peer`]).
+    pub fn peer_snapshot(&self, stable: Duration, panic: Duration) -> crate::peer::PeerSnapshot {
+        let snap = self.snapshot(stable, panic);
+        let now = micros(snap.at);
+        let (s, s_hists) = self.window_parts(now, stable);
+        let (p, p_hists) = self.window_parts(now, panic);
+        crate::peer::PeerSnapshot {
+            stable: crate::peer::PeerWindow::new(&s, &s_hists),
+            panic: crate::peer::PeerWindow::new(&p, &p_hists),
+            in_flight_now: snap.in_flight_now,
+            queued_now: snap.queued_now,
+            idle_ms: snap
+                .last_activity
+                .map(|t| micros(snap.at.saturating_sub(t)) / 1000),
         }
     }
 
