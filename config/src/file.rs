@@ -87,6 +87,8 @@ struct RawLeaderElection {
     lease_duration: Option<Scalar>,
     renew_deadline: Option<Scalar>,
     retry_period: Option<Scalar>,
+    peer_selector: Option<String>,
+    peer_timeout: Option<Scalar>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -261,6 +263,14 @@ pub struct LeaderElectionConfig {
     pub lease_duration: Duration,
     pub renew_deadline: Duration,
     pub retry_period: Duration,
+    /// The label selector of the gateway's own pods (in the Lease's
+    /// namespace): the leader reads their windows (`/internal/snapshot` on
+    /// their container port named `admin`) and decides on the sum. `None`:
+    /// the leader decides on its own traffic.
+    pub peer_selector: Option<String>,
+    /// A peer that has not answered within this is left out (the decision
+    /// is partial: it may scale up, never down).
+    pub peer_timeout: Duration,
 }
 
 impl Default for LeaderElectionConfig {
@@ -271,6 +281,8 @@ impl Default for LeaderElectionConfig {
             lease_duration: Duration::from_secs(15),
             renew_deadline: Duration::from_secs(10),
             retry_period: Duration::from_secs(2),
+            peer_selector: None,
+            peer_timeout: Duration::from_millis(500),
         }
     }
 }
@@ -442,6 +454,8 @@ impl ScalecarConfig {
                             "lease-duration",
                             "renew-deadline",
                             "retry-period",
+                            "peer-selector",
+                            "peer-timeout",
                             "group",
                             "version",
                             "kind",
@@ -623,6 +637,12 @@ impl ScalecarConfig {
                             &format!("{p}.retry-period"),
                             l.retry_period,
                             d.retry_period,
+                        ),
+                        peer_selector: l.peer_selector.filter(|s| !s.trim().is_empty()),
+                        peer_timeout: c.duration(
+                            &format!("{p}.peer-timeout"),
+                            l.peer_timeout,
+                            d.peer_timeout,
                         ),
                     };
                     // client-go's rules: a leader must step down before

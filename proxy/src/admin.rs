@@ -25,6 +25,9 @@ pub struct Admin {
     pub registry: Registry,
     /// The control loop's decisions, when a loop runs.
     pub decisions: Option<Arc<crate::decisions::DecisionRecorder>>,
+    /// The token peers present for `/internal/snapshot` (`None`: the
+    /// endpoint refuses everyone).
+    pub peer_token: Option<String>,
     /// Set once the proxy listener is serving; cleared at shutdown.
     pub ready: AtomicBool,
 }
@@ -33,11 +36,66 @@ fn entries(plane: &DataPlane) -> Vec<std::sync::Arc<PoolEntry>> {
     plane.routes().entries()
 }
 
+fn json_text(status: StatusCode, body: String) -> Response<ProxyBody> {
+    let mut r = Response::new(full(body));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
 fn ms(d: Option<Duration>) -> Value {
     d.map_or(Value::Null, |d| json!(d.as_secs_f64() * 1000.0))
 }
 
 impl Admin {
+    /// One pool's windows for the leader: `?model=&role=&window_ms=&panic_window_ms=`,
+    /// with `Authorization: Bearer <token>`.
+    fn internal_snapshot(&self, req: &Request<Incoming>) -> Response<ProxyBody> {
+        let error = |status: StatusCode, message: &str| {
+            json_text(status, json!({"error": message}).to_string())
+        };
+        let token = self.peer_token.as_deref().unwrap_or("");
+        if !crate::peers::authorized(req.headers().get(http::header::AUTHORIZATION), token) {
+            return error(
+                StatusCode::FORBIDDEN,
+                "peers only: send Authorization: Bearer <the shared peer token>",
+            );
+        }
+        let mut model = None;
+        let mut role = None;
+        let mut window = None;
+        let mut panic = None;
+        for (k, v) in form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()) {
+            match k.as_ref() {
+                "model" => model = Some(v.into_owned()),
+                "role" => {
+                    role = scalecar_config::Role::ALL
+                        .into_iter()
+                        .find(|r| r.as_str() == v)
+                }
+                "window_ms" => window = v.parse::<u64>().ok().map(Duration::from_millis),
+                "panic_window_ms" => panic = v.parse::<u64>().ok().map(Duration::from_millis),
+                _ => {}
+            }
+        }
+        let (Some(model), Some(role), Some(window), Some(panic)) = (model, role, window, panic)
+        else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "model, role (unified, prefill, decode), window_ms and panic_window_ms are required",
+            );
+        };
+        match crate::gateway::find(&self.plane, &model, role) {
+            Some(e) => json_text(
+                StatusCode::OK,
+                serde_json::to_string(&e.pool.signals.peer_snapshot(window, panic))
+                    .unwrap_or_default(),
+            ),
+            None => error(StatusCode::NOT_FOUND, "no such pool here"),
+        }
+    }
+
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
@@ -102,6 +160,7 @@ impl Admin {
                 "application/json",
                 self.debug_pools().to_string(),
             ),
+            "/internal/snapshot" => self.internal_snapshot(&req),
             "/debug/targets" => text(
                 StatusCode::OK,
                 "application/json",

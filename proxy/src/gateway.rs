@@ -262,10 +262,33 @@ impl GatewayBuilder {
     /// Builds everything and serves on the listeners until the handle is
     /// shut down.
     pub fn start(
-        self,
+        mut self,
         proxy_listener: TcpListener,
         admin_listener: TcpListener,
     ) -> Result<ProxyHandle, StartError> {
+        // Peers: the leader decides on the sum of every replica's windows.
+        let peers = match self
+            .kubernetes
+            .as_ref()
+            .and_then(|(_, k)| k.leader_election.as_ref())
+            .and_then(|le| le.peer_selector.clone().map(|sel| (sel, le.peer_timeout)))
+        {
+            Some((selector, timeout)) => {
+                let selector = scalecar_scaler::kube::LabelSelector::parse(&selector)
+                    .map_err(StartError::PeerSelector)?;
+                let token = std::env::var(crate::peers::TOKEN_ENV)
+                    .ok()
+                    .filter(|t| !t.is_empty())
+                    .ok_or(StartError::PeerToken {
+                        env: crate::peers::TOKEN_ENV,
+                    })?;
+                Some((
+                    crate::peers::PeerSet::register(&mut self.registry, token, timeout),
+                    selector,
+                ))
+            }
+            None => None,
+        };
         let table = Arc::new(RouteTable::default());
         let mut plane =
             DataPlane::with_table(table.clone(), self.limits.clone(), self.metrics.clone());
@@ -319,6 +342,9 @@ impl GatewayBuilder {
         {
             let (leading_tx, leading_rx) = watch::channel(false);
             control.lead_with(leading_rx);
+            if let Some((set, _)) = &peers {
+                control.with_peers(set.clone());
+            }
             self.decisions.set_leadership(false, None);
             let namespace = le
                 .namespace
@@ -340,6 +366,15 @@ impl GatewayBuilder {
                     retry_period: le.retry_period,
                 },
             );
+            if let Some((set, selector)) = peers {
+                handle.spawn(follow_peers(
+                    client.clone(),
+                    namespace.clone(),
+                    selector,
+                    set,
+                    stopped.clone(),
+                ));
+            }
             let (tx, mut rx) = watch::channel(scalecar_scaler::kube::Leadership::default());
             handle.spawn(elector.run(tx, stopped.clone()));
             let decisions = self.decisions.clone();
@@ -397,6 +432,38 @@ impl GatewayBuilder {
             drop(set);
         });
         Ok(handle)
+    }
+}
+
+/// Keeps `set` equal to the serving gateway pods of `selector` in
+/// `namespace` (their container port named `admin`), this replica's own
+/// pod (`POD_NAME`) left out.
+async fn follow_peers(
+    client: kube::Client,
+    namespace: String,
+    selector: scalecar_scaler::kube::LabelSelector,
+    set: Arc<crate::peers::PeerSet>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let me = std::env::var("POD_NAME").unwrap_or_default();
+    let mut pods = scalecar_scaler::kube::watch_pods(client, std::slice::from_ref(&namespace));
+    loop {
+        let mut addrs: Vec<SocketAddr> = pods
+            .borrow_and_update()
+            .values()
+            .filter(|p| p.namespace == namespace && p.name != me && p.serving())
+            .filter(|p| selector.matches(&p.labels))
+            .filter_map(|p| Some(SocketAddr::new(p.ip?, p.admin_port?)))
+            .collect();
+        addrs.sort();
+        if *set.addrs() != addrs {
+            tracing::info!(peers = ?addrs, "gateway peers");
+            set.set(addrs);
+        }
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            r = pods.changed() => if r.is_err() { return },
+        }
     }
 }
 

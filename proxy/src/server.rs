@@ -59,6 +59,12 @@ pub enum StartError {
     KubeConfigInfer(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("Kubernetes client")]
     KubeClient(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error(
+        "kubernetes.leader-election.peer-selector needs the shared peer token in {env} (from a Secret)"
+    )]
+    PeerToken { env: &'static str },
+    #[error("kubernetes.leader-election.peer-selector")]
+    PeerSelector(#[source] scalecar_scaler::kube::SelectorError),
     #[error("starting proxy worker {index}: {source}")]
     Worker {
         index: usize,
@@ -181,6 +187,9 @@ pub fn serve(
         plane: plane.clone(),
         registry,
         decisions,
+        peer_token: std::env::var(crate::peers::TOKEN_ENV)
+            .ok()
+            .filter(|t| !t.is_empty()),
         ready: Default::default(),
     });
     let mut tasks = Vec::new();

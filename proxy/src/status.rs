@@ -170,6 +170,12 @@ pub fn render(v: &Value) -> String {
                 ""
             }
         );
+        if t["partial"].as_bool() == Some(true) {
+            let _ = writeln!(
+                out,
+                "Data:          PARTIAL: a peer did not answer; no scale-down until it does"
+            );
+        }
         let _ = writeln!(
             out,
             "Last decision: {} ({})",

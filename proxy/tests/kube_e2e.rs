@@ -1265,12 +1265,19 @@ struct Replica {
 
 impl Replica {
     fn start(c: &Cluster, index: usize, extra: &str) -> Replica {
+        Self::start_with(c, index, extra, &[])
+    }
+
+    /// A replica with `election` as its leader-election settings and
+    /// `env` added; its admin port listens on every loopback address, so a
+    /// kube-sim Pod standing for it (127.0.0.x) reaches it.
+    fn start_with(c: &Cluster, index: usize, election: &str, env: &[(&str, &str)]) -> Replica {
         use std::io::BufRead as _;
         let config = c.kubeconfig.with_extension(format!("replica-{index}.yaml"));
         std::fs::write(
             &config,
             format!(
-                "proxy: {{ listen: \"127.0.0.1:0\", workers: 1 }}\nadmin: {{ listen: \"127.0.0.1:0\" }}\nscaler: {{ tick: 300ms }}\nkubernetes:\n  kubeconfig: {}\n  namespaces: [default]\n  api-timeout: 1s\n  leader-election: {{ lease-duration: 3s, renew-deadline: 2s, retry-period: 500ms, namespace: default }}\n{extra}",
+                "proxy: {{ listen: \"127.0.0.1:0\", workers: 1 }}\nadmin: {{ listen: \"0.0.0.0:0\" }}\nscaler: {{ tick: 300ms }}\nkubernetes:\n  kubeconfig: {}\n  namespaces: [default]\n  api-timeout: 1s\n  leader-election: {{ lease-duration: 3s, renew-deadline: 2s, retry-period: 500ms, namespace: default{election} }}\n",
                 c.kubeconfig.display()
             ),
         )
@@ -1280,6 +1287,7 @@ impl Replica {
             .arg(&config)
             .env("RUST_LOG", "info")
             .env("POD_NAME", format!("replica-{index}"))
+            .envs(env.iter().copied())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
@@ -1313,6 +1321,7 @@ impl Replica {
             .ok()
             .flatten()
             .expect("the replica logs where it serves");
+        replica.admin = replica.admin.replace("0.0.0.0", "127.0.0.1");
         replica
     }
 
@@ -1516,6 +1525,203 @@ async fn a_leader_that_cannot_renew_steps_down_and_stops_writing() {
         (c.replicas(&d, "alone").await == 3).then_some(())
     })
     .await;
+    drop(replicas);
+    c.stop().await;
+}
+
+/// Three replicas that know each other as peers: each behind a kube-sim
+/// Pod (label app=gateway, its admin port named `admin`) whose address
+/// reaches the replica's admin port.
+async fn peered_replicas(c: &Cluster, n: usize) -> Vec<Replica> {
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(c.client.clone(), "default");
+    let mut replicas = Vec::new();
+    for i in 0..n {
+        let r = Replica::start_with(
+            c,
+            i,
+            ", peer-selector: \"app=gateway\", peer-timeout: 300ms",
+            &[("SCALECAR_PEER_TOKEN", "shared-secret")],
+        );
+        let port: u16 = r.admin.rsplit(':').next().unwrap().parse().unwrap();
+        pods.create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": format!("replica-{i}"), "labels": {"app": "gateway"}},
+                "spec": {"containers": [{"name": "scalecar", "image": "scalecar",
+                                         "ports": [{"name": "admin", "containerPort": port}]}]}
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+        replicas.push(r);
+    }
+    replicas
+}
+
+/// `n` streams through each replica's proxy at once.
+fn load(
+    replicas: &[Replica],
+    model: &str,
+    each: usize,
+    tokens: u32,
+) -> Vec<tokio::task::JoinHandle<String>> {
+    replicas
+        .iter()
+        .flat_map(|r| {
+            let client = Client::with_config(
+                OpenAIConfig::new()
+                    .with_api_base(format!("http://{}/v1", r.proxy))
+                    .with_api_key("none"),
+            );
+            let model = model.to_string();
+            (0..each).map(move |_| {
+                let (client, model) = (client.clone(), model.clone());
+                tokio::spawn(async move { chat(&client, &model, "share the load", tokens).await })
+            })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_leader_decides_on_every_replicas_traffic_summed() {
+    let c = Cluster::start().await;
+    let d = c.deployments();
+    // 2 requests a pod at 100 %: 12 in flight need 6 pods; each replica
+    // alone sees 4, which would ask for 2.
+    c.create(
+        &d,
+        workload(
+            "apps/v1",
+            "Deployment",
+            "summed",
+            "summed",
+            1,
+            json!({"scalecar.io/model": "summed", "scalecar.io/target": "2",
+                   "scalecar.io/target-utilization-percentage": "100",
+                   "scalecar.io/max-replicas": "10", "scalecar.io/window": "6s"}),
+            &[],
+        ),
+    )
+    .await;
+    let replicas = peered_replicas(&c, 3).await;
+    let all: Vec<&Replica> = replicas.iter().collect();
+    one_leader(&all, Duration::from_secs(15)).await;
+    // The internal endpoint is the peers' only: no token, no windows.
+    let (status, _) = get(&format!(
+        "http://{}/internal/snapshot?model=summed&role=unified&window_ms=6000&panic_window_ms=2000",
+        replicas[0].admin
+    ))
+    .await
+    .unwrap();
+    assert_eq!(status, 403);
+    for r in &replicas {
+        let (status, _, _) = request("GET", &format!("http://{}/internal/snapshot", r.proxy), "")
+            .await
+            .unwrap();
+        assert_eq!(status, 404, "the proxy port must not serve it");
+    }
+    let streams = load(&replicas, "summed", 4, 400);
+    let mut peak = 0;
+    let until = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < until && peak < 6 {
+        peak = peak.max(c.replicas(&d, "summed").await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for s in streams {
+        assert!(!s.await.unwrap().is_empty());
+    }
+    assert!(
+        (6..=8).contains(&peak),
+        "12 streams over 3 replicas scaled to {peak}, not 6"
+    );
+    drop(replicas);
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_peer_that_does_not_answer_makes_decisions_partial_and_blocks_scale_down() {
+    let c = Cluster::start().await;
+    let d = c.deployments();
+    c.create(
+        &d,
+        workload(
+            "apps/v1",
+            "Deployment",
+            "held",
+            "held",
+            3,
+            json!({"scalecar.io/model": "held", "scalecar.io/min-replicas": "1",
+                   "scalecar.io/window": "6s", "scalecar.io/scale-down-delay": "0s"}),
+            &[],
+        ),
+    )
+    .await;
+    let replicas = peered_replicas(&c, 2).await;
+    let all: Vec<&Replica> = replicas.iter().collect();
+    let (leader, _) = one_leader(&all, Duration::from_secs(15)).await;
+    let follower = 1 - leader;
+    // The follower stops answering (SIGSTOP: its port accepts, nothing
+    // answers) before the idle pool could be scaled down.
+    let pid = replicas[follower].child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let targets = |r: &Replica| {
+        let admin = r.admin.clone();
+        async move {
+            let (_, body) = get(&format!("http://{admin}/debug/targets")).await.ok()?;
+            let v: Value = serde_json::from_str(&body).ok()?;
+            v["targets"].as_array()?.first().cloned()
+        }
+    };
+    eventually("a partial decision", Duration::from_secs(10), || async {
+        targets(&replicas[leader])
+            .await
+            .filter(|t| t["partial"] == true)
+    })
+    .await;
+    // KPA leaves its start-up panic after the 6 s window and would scale
+    // the idle pool down: partial data holds it.
+    let t = eventually(
+        "a scale-down held back",
+        Duration::from_secs(15),
+        || async {
+            targets(&replicas[leader]).await.filter(|t| {
+                t["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("partial data"))
+            })
+        },
+    )
+    .await;
+    assert!(t["desired"].as_u64() < Some(3), "{t}");
+    assert_eq!(t["applied"], 3, "{t}");
+    assert_eq!(
+        c.replicas(&d, "held").await,
+        3,
+        "scaled down on partial data"
+    );
+    // It answers again: whole data, and the idle pool goes down.
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-CONT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    eventually(
+        "scaled down once whole",
+        Duration::from_secs(20),
+        || async { (c.replicas(&d, "held").await < 3).then_some(()) },
+    )
+    .await;
+    let t = targets(&replicas[leader]).await.unwrap();
+    assert_eq!(t["partial"], false, "{t}");
     drop(replicas);
     c.stop().await;
 }

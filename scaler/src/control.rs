@@ -88,6 +88,8 @@ pub struct TargetStatus {
     pub applied: u32,
     /// `spec.replicas` before this decision.
     pub spec: u32,
+    /// Made without some peer's data: never a scale-down.
+    pub partial: bool,
     pub ready: u32,
     pub panic: bool,
     pub stable_value: f64,
@@ -99,6 +101,30 @@ pub struct TargetStatus {
     /// Scale events and the info-level "rescale" log follow this, not every
     /// tick that disagrees with `spec`.
     pub changed: bool,
+}
+
+/// What the leader asks its peers for: one pool's windows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerAsk {
+    pub model: String,
+    pub role: Role,
+    pub window: Duration,
+    pub panic_window: Duration,
+}
+
+/// The peers' answers for one ask.
+#[derive(Debug, Clone, Default)]
+pub struct Gathered {
+    pub snapshots: Vec<crate::peer::PeerSnapshot>,
+    /// A peer did not answer (in time, or sensibly): the decision is made
+    /// on partial data, so it may scale up but never down.
+    pub partial: bool,
+}
+
+/// The other gateway replicas' windows, gathered by the leader each tick.
+pub trait PeerSource: Send + Sync + fmt::Debug {
+    /// One answer per ask, in order; bounded in time by the source.
+    fn gather(&self, asks: Vec<PeerAsk>) -> crate::target::BoxFuture<'_, Vec<Gathered>>;
 }
 
 /// Receives every decision (metrics, logs, events).
@@ -172,6 +198,8 @@ struct Pending {
     state: Option<ScaleState>,
     snapshot: WindowSnapshot,
     decision: Decision,
+    /// Some peer's data is missing.
+    partial: bool,
 }
 
 /// The longest wait between tries of a failing target: one HPA sync
@@ -193,6 +221,8 @@ pub struct ControlLoop {
     updates: Option<tokio::sync::watch::Receiver<Vec<TargetSpec>>>,
     /// Whether this replica decides (leader election); `None`: always.
     leading: Option<tokio::sync::watch::Receiver<bool>>,
+    /// The other replicas' windows, merged into every decision.
+    peers: Option<Arc<dyn PeerSource>>,
 }
 
 /// Whether `a` and `b` scale the same thing the same way: then the running
@@ -232,6 +262,7 @@ impl ControlLoop {
             registry: registry.clone(),
             updates: None,
             leading: None,
+            peers: None,
         };
         if let Some(e) = control.set_targets(specs).into_iter().next() {
             return Err(e);
@@ -308,6 +339,11 @@ impl ControlLoop {
         self.leading = Some(leading);
     }
 
+    /// Decides on the sum of this replica's windows and its peers'.
+    pub fn with_peers(&mut self, peers: Arc<dyn PeerSource>) {
+        self.peers = Some(peers);
+    }
+
     /// The names of the targets decided each tick.
     pub fn target_names(&self) -> Vec<String> {
         self.targets.iter().map(|t| t.spec.name.clone()).collect()
@@ -321,14 +357,42 @@ impl ControlLoop {
 
     /// Runs one tick for every target and returns their statuses.
     pub async fn tick_once(&mut self) -> Vec<TargetStatus> {
+        let mut gathered = match &self.peers {
+            Some(peers) => {
+                let asks = self
+                    .targets
+                    .iter()
+                    .map(|t| PeerAsk {
+                        model: t.spec.model.clone(),
+                        role: t.spec.role,
+                        window: t.spec.policy.window,
+                        panic_window: t.spec.policy.panic_window(),
+                    })
+                    .collect();
+                peers.gather(asks).await
+            }
+            None => Vec::new(),
+        }
+        .into_iter();
         let now = self.clock.now();
         let unix_secs = self.wall.unix_secs();
         let mut pending = Vec::with_capacity(self.targets.len());
         for t in &mut self.targets {
-            let snapshot = t
-                .spec
-                .signals
-                .snapshot(t.spec.policy.window, t.spec.policy.panic_window());
+            let (window, panic_window) = (t.spec.policy.window, t.spec.policy.panic_window());
+            let (snapshot, partial) = match gathered.next() {
+                None => (t.spec.signals.snapshot(window, panic_window), false),
+                Some(g) => {
+                    let mut parts = vec![t.spec.signals.peer_snapshot(window, panic_window)];
+                    parts.extend(g.snapshots);
+                    match crate::peer::merge(&parts, now) {
+                        Ok(s) => (s, g.partial),
+                        Err(e) => {
+                            tracing::warn!(target = %t.spec.name, error = %e, "peer snapshots do not merge; deciding on this replica's alone, as partial");
+                            (t.spec.signals.snapshot(window, panic_window), true)
+                        }
+                    }
+                }
+            };
             let Some(state) = read_state(t, now, &*self.observer).await else {
                 // A failed read changes nothing: no decision on a guessed
                 // ready count, and the decider keeps waiting for a real one.
@@ -336,6 +400,7 @@ impl ControlLoop {
                     state: None,
                     snapshot,
                     decision: Decision::none("scale target unreadable: holding"),
+                    partial,
                 });
                 continue;
             };
@@ -344,11 +409,12 @@ impl ControlLoop {
             {
                 t.algorithm = algorithm;
             }
-            let decision = decide(t, state, &snapshot, now);
+            let decision = decide(t, state, &snapshot, now, partial);
             pending.push(Pending {
                 state: Some(state),
                 snapshot,
                 decision,
+                partial,
             });
         }
         let coordinated = self.coordinate_groups(&pending);
@@ -368,6 +434,7 @@ impl ControlLoop {
                     desired: None,
                     applied: held,
                     spec: held,
+                    partial: p.partial,
                     ready: t.last.map_or(0, |s| s.ready),
                     panic: false,
                     stable_value: 0.0,
@@ -381,9 +448,10 @@ impl ControlLoop {
                 continue;
             };
             let mut decision = p.decision;
-            let mut snapshot = p.snapshot;
+            let snapshot = p.snapshot;
+            let partial = p.partial;
             let mut desired = desired;
-            let mut applied = behave(t, desired, state.spec, &snapshot, now, unix_secs);
+            let mut applied = behave(t, desired, state.spec, &snapshot, now, unix_secs, partial);
             let mut changed = false;
             match &t.spec.scaling {
                 Scaling::Managed(target) if applied.replicas != state.spec => {
@@ -395,16 +463,15 @@ impl ControlLoop {
                             // Someone else changed the target: decide again on
                             // what it is now. A grouped target keeps the
                             // group's share from this tick.
+                            // The tick's snapshot (peers' included) is
+                            // milliseconds old: decide on it again.
                             state = fresh;
-                            snapshot = t
-                                .spec
-                                .signals
-                                .snapshot(t.spec.policy.window, t.spec.policy.panic_window());
                             if t.spec.policy.group.is_none() {
-                                decision = decide(t, state, &snapshot, now);
+                                decision = decide(t, state, &snapshot, now, partial);
                                 desired = decision.desired;
                             }
-                            applied = behave(t, desired, state.spec, &snapshot, now, unix_secs);
+                            applied =
+                                behave(t, desired, state.spec, &snapshot, now, unix_secs, partial);
                             if applied.replicas != state.spec {
                                 changed = matches!(
                                     apply_scale(
@@ -448,6 +515,7 @@ impl ControlLoop {
                 desired: decision.desired,
                 applied: applied.replicas,
                 spec: state.spec,
+                partial,
                 ready: state.ready,
                 panic: decision.panic,
                 stable_value: decision.stable_value,
@@ -560,6 +628,7 @@ fn decide(
     state: ScaleState,
     snapshot: &WindowSnapshot,
     now: Duration,
+    partial: bool,
 ) -> Decision {
     let input = DecisionInput {
         now,
@@ -569,7 +638,7 @@ fn decide(
         policy: &t.spec.policy,
         role: t.spec.role,
         reachable: true,
-        partial: false,
+        partial,
     };
     let mut decision = t.algorithm.decide(&input);
     // Requests held at a pool with nothing asked for: scale from zero at
@@ -595,6 +664,7 @@ fn behave(
     snapshot: &WindowSnapshot,
     now: Duration,
     unix_secs: u64,
+    partial: bool,
 ) -> behavior::Applied {
     behavior::apply(&BehaviorInput {
         desired,
@@ -603,7 +673,7 @@ fn behave(
         now,
         unix_secs,
         last_activity: snapshot.last_activity,
-        partial: false,
+        partial,
     })
 }
 

@@ -33,6 +33,8 @@ pub struct PodInfo {
     pub terminating: bool,
     /// The first container port named `http`.
     pub http_port: Option<u16>,
+    /// The first container port named `admin` (a gateway replica's).
+    pub admin_port: Option<u16>,
 }
 
 impl PodInfo {
@@ -44,13 +46,16 @@ impl PodInfo {
         let ready = status
             .and_then(|s| s.conditions.as_ref())
             .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-        let http_port = p.spec.as_ref().and_then(|s| {
-            s.containers
-                .iter()
-                .flat_map(|c| c.ports.iter().flatten())
-                .find(|port| port.name.as_deref() == Some("http"))
-                .and_then(|port| u16::try_from(port.container_port).ok())
-        });
+        let named = |name: &str| {
+            p.spec.as_ref().and_then(|s| {
+                s.containers
+                    .iter()
+                    .flat_map(|c| c.ports.iter().flatten())
+                    .find(|port| port.name.as_deref() == Some(name))
+                    .and_then(|port| u16::try_from(port.container_port).ok())
+            })
+        };
+        let (http_port, admin_port) = (named("http"), named("admin"));
         PodInfo {
             namespace: p.namespace().unwrap_or_default(),
             name: p.name_any(),
@@ -59,6 +64,7 @@ impl PodInfo {
             ready,
             terminating: p.metadata.deletion_timestamp.is_some(),
             http_port,
+            admin_port,
         }
     }
 
@@ -194,6 +200,7 @@ mod tests {
             ready,
             terminating,
             http_port: Some(8000),
+            admin_port: None,
         }
     }
 
