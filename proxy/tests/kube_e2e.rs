@@ -1559,6 +1559,25 @@ async fn peered_replicas(c: &Cluster, n: usize) -> Vec<Replica> {
     replicas
 }
 
+/// Until every replica routes `model` to a ready pod.
+async fn routed_everywhere(replicas: &[Replica], model: &str) {
+    for r in replicas {
+        eventually(
+            "the model routed at every replica",
+            Duration::from_secs(10),
+            || async {
+                let (_, body) = get(&format!("http://{}/debug/pools", r.admin)).await.ok()?;
+                let v: Value = serde_json::from_str(&body).ok()?;
+                v["pools"].as_array()?.iter().find(|p| {
+                    p["model"] == model && p["endpoints"].as_array().is_some_and(|e| !e.is_empty())
+                })?;
+                Some(())
+            },
+        )
+        .await;
+    }
+}
+
 /// `n` streams through each replica's proxy at once.
 fn load(
     replicas: &[Replica],
@@ -1621,6 +1640,7 @@ async fn the_leader_decides_on_every_replicas_traffic_summed() {
             .unwrap();
         assert_eq!(status, 404, "the proxy port must not serve it");
     }
+    routed_everywhere(&replicas, "summed").await;
     let streams = load(&replicas, "summed", 4, 400);
     let mut peak = 0;
     let until = Instant::now() + Duration::from_secs(8);
@@ -1722,6 +1742,91 @@ async fn a_peer_that_does_not_answer_makes_decisions_partial_and_blocks_scale_do
     .await;
     let t = targets(&replicas[leader]).await.unwrap();
     assert_eq!(t["partial"], false, "{t}");
+    drop(replicas);
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_leader_decides_at_once_on_the_survivors_full_windows() {
+    let c = Cluster::start().await;
+    let d = c.deployments();
+    c.create(
+        &d,
+        workload(
+            "apps/v1",
+            "Deployment",
+            "kept",
+            "kept",
+            1,
+            json!({"scalecar.io/model": "kept", "scalecar.io/target": "2",
+                   "scalecar.io/target-utilization-percentage": "100",
+                   "scalecar.io/max-replicas": "10", "scalecar.io/window": "6s"}),
+            &[],
+        ),
+    )
+    .await;
+    let mut replicas = peered_replicas(&c, 3).await;
+    let all: Vec<&Replica> = replicas.iter().collect();
+    let (leader, old) = one_leader(&all, Duration::from_secs(15)).await;
+    // Long streams, 4 through each replica: 12 in flight.
+    routed_everywhere(&replicas, "kept").await;
+    let streams = load(&replicas, "kept", 4, 1500);
+    eventually("scaled for 12 streams", Duration::from_secs(10), || async {
+        (c.replicas(&d, "kept").await >= 6).then_some(())
+    })
+    .await;
+    // Let every window fill, then kill the leader (its 4 streams go
+    // with it): 8 remain, at the two survivors.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    replicas[leader].kill();
+    let rest: Vec<&Replica> = replicas
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != leader)
+        .map(|(_, r)| r)
+        .collect();
+    let (successor, holder) = one_leader(&rest, Duration::from_secs(10)).await;
+    assert_ne!(holder, old);
+    // Its first decision: both survivors' full windows (8 in flight),
+    // not its own 4, and no forgetting down to a half-empty window.
+    let first = eventually(
+        "the new leader's first decision",
+        Duration::from_secs(5),
+        || async {
+            let (_, body) = get(&format!("http://{}/debug/targets", rest[successor].admin))
+                .await
+                .ok()?;
+            let v: Value = serde_json::from_str(&body).ok()?;
+            v["targets"].as_array()?.first().cloned()
+        },
+    )
+    .await;
+    let stable = first["stable_value"].as_f64().unwrap();
+    assert!(
+        (7.0..=9.0).contains(&stable),
+        "the new leader's stable concurrency is {stable}, not the survivors' 8: {first}"
+    );
+    assert!(first["desired"].as_u64().unwrap() >= 4, "{first}");
+    // The dead replica's Pod is still listed (no kubelet here to fail its
+    // probes): it does not answer, so the data is partial — until the Pod
+    // goes, as it would in a cluster.
+    assert_eq!(first["partial"], true, "{first}");
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(c.client.clone(), "default");
+    pods.delete(&format!("replica-{leader}"), &Default::default())
+        .await
+        .unwrap();
+    eventually("whole data again", Duration::from_secs(40), || async {
+        let (_, body) = get(&format!("http://{}/debug/targets", rest[successor].admin))
+            .await
+            .ok()?;
+        let v: Value = serde_json::from_str(&body).ok()?;
+        (v["targets"][0]["partial"] == false).then_some(())
+    })
+    .await;
+    for s in streams {
+        // The killed replica's streams end with errors; the rest finish.
+        let _ = s.await;
+    }
     drop(replicas);
     c.stop().await;
 }
