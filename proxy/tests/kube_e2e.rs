@@ -1418,6 +1418,17 @@ async fn three_replicas_elect_one_leader_and_a_killed_leader_is_replaced_without
         writers.iter().all(|w| *w == holder),
         "{writers:?} vs leader {holder}"
     );
+    // A follower's status names the leader.
+    let follower = (first + 1) % 3;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_scalecar"))
+        .args(["status", "--admin", &replicas[follower].admin])
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        status.contains(&format!("Leader:        {holder} (this replica follows")),
+        "{status}"
+    );
     // Every replica serves, leader or not.
     for r in &replicas {
         let client = Client::with_config(
@@ -1721,6 +1732,26 @@ async fn a_peer_that_does_not_answer_makes_decisions_partial_and_blocks_scale_do
     .await;
     assert!(t["desired"].as_u64() < Some(3), "{t}");
     assert_eq!(t["applied"], 3, "{t}");
+    let (_, metrics) = get(&format!("http://{}/metrics", replicas[leader].admin))
+        .await
+        .unwrap();
+    let timeouts: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("scalecar_peer_errors_total{reason=\"timeout\"}"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(timeouts >= 1.0, "no peer timeout counted:\n{metrics}");
+    // scalecar status says so, and names the leader.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_scalecar"))
+        .args(["status", "--admin", &replicas[leader].admin])
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        status.contains("Leader:        this replica (replica-"),
+        "{status}"
+    );
+    assert!(status.contains("PARTIAL"), "{status}");
     assert_eq!(
         c.replicas(&d, "held").await,
         3,
