@@ -247,6 +247,9 @@ pub fn to_prometheus_text(openmetrics: &str) -> String {
             let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
             let (name, kind) = match kind {
                 "counter" => (format!("{name}_total"), "counter"),
+                // The Prometheus text format has no info type: a gauge
+                // named with its `_info` sample, always 1.
+                "info" => (format!("{name}_info"), "gauge"),
                 "unknown" => (name.to_string(), "untyped"),
                 k => (name.to_string(), k),
             };
@@ -273,6 +276,15 @@ pub fn to_prometheus_text(openmetrics: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn info_metrics_are_gauges_named_info() {
+        let om = "# HELP b Build.\n# TYPE b info\nb_info{version=\"1\"} 1\n# EOF\n";
+        assert_eq!(
+            to_prometheus_text(om),
+            "# HELP b_info Build.\n# TYPE b_info gauge\nb_info{version=\"1\"} 1\n"
+        );
+    }
 
     #[test]
     fn counters_get_their_total_names() {

@@ -153,6 +153,14 @@ impl GatewayBuilder {
         let mut registry = Registry::default();
         let metrics = ProxyMetrics::register(&mut registry);
         let decisions = Arc::new(DecisionRecorder::register(&mut registry));
+        registry.register(
+            "scalecar_build",
+            "The version and commit this binary was built from",
+            prometheus_client::metrics::info::Info::new(vec![
+                ("version", env!("CARGO_PKG_VERSION")),
+                ("commit", env!("SCALECAR_COMMIT")),
+            ]),
+        );
         GatewayBuilder {
             limits,
             workers: None,

@@ -17,7 +17,7 @@ use scalecar_scaler::algorithm::AlgorithmRegistry;
 #[derive(Debug, Parser)]
 #[command(
     name = "scalecar",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("SCALECAR_COMMIT"), ")"),
     about = "Gateway-embedded autoscaler for LLM inference",
     after_help = "EXAMPLES\n  scalecar demo --duration 60s\n  scalecar run --config scalecar.yaml\n  scalecar status --admin 127.0.0.1:9090\n  echo '{\"t\":0,\"ready\":1,\"stable\":30,\"panic\":30}' | scalecar replay --set target=10"
 )]

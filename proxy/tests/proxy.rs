@@ -471,6 +471,12 @@ async fn metrics_pass_promtool() {
         "scalecar_in_flight_requests",
         "scalecar_queued_requests",
         "scalecar_tokens_in_flight",
+        "scalecar_leader 1",
+        concat!(
+            "scalecar_build_info{version=\"",
+            env!("CARGO_PKG_VERSION"),
+            "\",commit=\""
+        ),
     ] {
         assert!(text.contains(name), "{name} missing:\n{text}");
     }
