@@ -18,6 +18,10 @@ use std::sync::atomic::AtomicU64;
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct TargetLabels {
     target: String,
+    /// The target's model and role, so its series join the pool's
+    /// (`on (model, role)`) in queries and alerts.
+    model: String,
+    role: &'static str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -209,6 +213,8 @@ impl DecisionObserver for DecisionRecorder {
     fn decided(&self, s: &TargetStatus) {
         let l = TargetLabels {
             target: s.name.clone(),
+            model: s.model.clone(),
+            role: s.role.as_str(),
         };
         self.desired
             .get_or_create(&l)
@@ -304,37 +310,41 @@ mod tests {
         r.decided(&status(Some(0), 1, 1, false));
         let text = exposition(&reg);
         assert!(
-            text.contains("scalecar_desired_replicas{target=\"t\"} 0"),
+            text.contains("scalecar_desired_replicas{target=\"t\",model=\"m\",role=\"unified\"} 0"),
             "{text}"
         );
         assert!(
-            text.contains("scalecar_spec_replicas{target=\"t\"} 1"),
+            text.contains("scalecar_spec_replicas{target=\"t\",model=\"m\",role=\"unified\"} 1"),
             "{text}"
         );
         assert!(
-            !text.contains("scalecar_scale_events_total{target=\"t\"} 1"),
+            !text.contains(
+                "scalecar_scale_events_total{target=\"t\",model=\"m\",role=\"unified\"} 1"
+            ),
             "{text}"
         );
         // A real change from 1 to 6: spec follows, one event.
         r.decided(&status(Some(6), 6, 1, true));
         let text = exposition(&reg);
         assert!(
-            text.contains("scalecar_desired_replicas{target=\"t\"} 6"),
+            text.contains("scalecar_desired_replicas{target=\"t\",model=\"m\",role=\"unified\"} 6"),
             "{text}"
         );
         assert!(
-            text.contains("scalecar_spec_replicas{target=\"t\"} 6"),
+            text.contains("scalecar_spec_replicas{target=\"t\",model=\"m\",role=\"unified\"} 6"),
             "{text}"
         );
         assert!(
-            text.contains("scalecar_scale_events_total{target=\"t\"} 1"),
+            text.contains(
+                "scalecar_scale_events_total{target=\"t\",model=\"m\",role=\"unified\"} 1"
+            ),
             "{text}"
         );
         // No decision: desired shows the count held.
         r.decided(&status(None, 6, 6, false));
         let text = exposition(&reg);
         assert!(
-            text.contains("scalecar_desired_replicas{target=\"t\"} 6"),
+            text.contains("scalecar_desired_replicas{target=\"t\",model=\"m\",role=\"unified\"} 6"),
             "{text}"
         );
         assert_eq!(r.changes().len(), 1);

@@ -199,6 +199,8 @@ impl Discovery {
             self.limits.queue_length,
         );
         pool.set_max_ejection_percent(self.limits.max_ejection_percent);
+        self.metrics
+            .set_ttft_target(&target.model, target.role, policy.ttft_target);
         let entry = Arc::new(PoolEntry {
             metrics: self.metrics.pool(&target.model, target.role),
             pool,

@@ -206,6 +206,8 @@ impl GatewayBuilder {
             self.limits.queue_length,
         );
         pool.set_max_ejection_percent(self.limits.max_ejection_percent);
+        self.metrics
+            .set_ttft_target(model, role, policy.ttft_target);
         Arc::new(PoolEntry {
             metrics: self.metrics.pool(model, role),
             pool,

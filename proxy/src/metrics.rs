@@ -163,6 +163,7 @@ pub struct ProxyMetrics {
     in_flight: Family<PoolLabels, Gauge>,
     queued: Family<PoolLabels, Gauge>,
     tokens_in_flight: Family<PoolLabels, Gauge>,
+    ttft_target: Family<PoolLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
 }
 
 impl ProxyMetrics {
@@ -178,6 +179,7 @@ impl ProxyMetrics {
             in_flight: Family::default(),
             queued: Family::default(),
             tokens_in_flight: Family::default(),
+            ttft_target: Family::default(),
         };
         reg.register(
             "scalecar_requests",
@@ -229,10 +231,32 @@ impl ProxyMetrics {
             "Prompt and generated tokens of requests in flight now",
             m.tokens_in_flight.clone(),
         );
+        reg.register(
+            "scalecar_ttft_target_seconds",
+            "The pool's TTFT target (ttft-target), where its policy sets one",
+            m.ttft_target.clone(),
+        );
         m
     }
 
     /// The handles of one pool, resolved once.
+    /// The pool's TTFT target (`ttft-target`), for alerts to compare the
+    /// TTFT histogram with; absent when the policy sets none.
+    pub fn set_ttft_target(&self, model: &str, role: Role, target: Option<std::time::Duration>) {
+        let labels = PoolLabels {
+            model: model.to_string(),
+            role: role.as_str().to_string(),
+        };
+        match target {
+            Some(t) => {
+                self.ttft_target.get_or_create(&labels).set(t.as_secs_f64());
+            }
+            None => {
+                self.ttft_target.remove(&labels);
+            }
+        }
+    }
+
     pub fn pool(&self, model: &str, role: Role) -> PoolMetrics {
         let labels = PoolLabels {
             model: model.to_string(),

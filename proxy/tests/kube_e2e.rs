@@ -366,7 +366,7 @@ async fn an_annotated_deployment_is_routed_scaled_by_a_burst_and_back_to_min() {
     assert!(
         metric(
             &p,
-            "scalecar_scale_events_total{target=\"deployment/default/llama\"}"
+            "scalecar_scale_events_total{target=\"deployment/default/llama\",model=\"m\",role=\"unified\"}"
         )
         .await
             >= 2.0

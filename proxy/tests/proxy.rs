@@ -582,7 +582,13 @@ async fn static_pools_run_the_scaler_in_advisory_mode() {
         })
         .collect();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while metric(&p, "scalecar_desired_replicas{target=\"m/unified\"}").await < 2.0 {
+    while metric(
+        &p,
+        "scalecar_desired_replicas{target=\"m/unified\",model=\"m\",role=\"unified\"}",
+    )
+    .await
+        < 2.0
+    {
         assert!(
             Instant::now() < deadline,
             "the advisory decision never rose"
@@ -591,7 +597,11 @@ async fn static_pools_run_the_scaler_in_advisory_mode() {
     }
     // Nothing was patched: the pool still has its one static endpoint.
     assert_eq!(
-        metric(&p, "scalecar_spec_replicas{target=\"m/unified\"}").await,
+        metric(
+            &p,
+            "scalecar_spec_replicas{target=\"m/unified\",model=\"m\",role=\"unified\"}"
+        )
+        .await,
         1.0
     );
     assert_eq!(
