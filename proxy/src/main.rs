@@ -28,12 +28,21 @@ struct Cli {
 
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "EXAMPLE\n  scalecar run --config scalecar.yaml   (the file's shape is in the README)"
+    after_help = "EXAMPLE\n  scalecar run --config scalecar.yaml   (the file's shape is in the README)\n  scalecar run --config scalecar.yaml --log-format json"
 )]
 struct RunArgs {
     /// The config file (YAML).
     #[arg(long, value_name = "FILE")]
     config: PathBuf,
+    /// Log lines as text, or one JSON object per line (for log shippers).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -157,16 +166,18 @@ fn demo(args: DemoArgs) -> ExitCode {
 }
 
 fn run(args: RunArgs) -> ExitCode {
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Json => logs.json().flatten_event(true).init(),
         // Colours on a terminal only: `kubectl logs` and log shippers get
         // plain text.
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
     // A config error exits 2 before any port is bound.
     let config = match ScalecarConfig::load(&args.config) {
         Ok(c) => c,

@@ -708,3 +708,48 @@ async fn active_health_checks_take_a_failing_endpoint_out() {
     );
     teardown(&p).await;
 }
+
+/// `--log-format json`: one JSON object per line, fields flattened, for log
+/// shippers.
+#[test]
+fn json_logs_are_one_object_per_line() {
+    use std::io::BufRead as _;
+    let config =
+        std::env::temp_dir().join(format!("scalecar-json-logs-{}.yaml", std::process::id()));
+    std::fs::write(
+        &config,
+        "proxy: { listen: \"127.0.0.1:0\", workers: 1 }\nadmin: { listen: \"127.0.0.1:0\" }\npools: [{model: m, endpoints: [\"127.0.0.1:9\"]}]\n",
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_scalecar"))
+        .args(["run", "--log-format", "json", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut serving = None;
+    for line in std::io::BufReader::new(stderr).lines() {
+        let line = line.unwrap();
+        let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(v["timestamp"].is_string() && v["level"].is_string(), "{v}");
+        if v["message"] == "serving" {
+            serving = Some(v);
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_file(&config);
+    let v = serving.expect("a serving line");
+    assert_eq!(v["level"], "INFO");
+    assert!(
+        v["admin"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{v}"
+    );
+    assert!(
+        v["proxy"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{v}"
+    );
+}
