@@ -216,6 +216,22 @@ impl DecisionObserver for DecisionRecorder {
             model: s.model.clone(),
             role: s.role.as_str(),
         };
+        let first = self
+            .latest
+            .lock()
+            .map(|m| !m.contains_key(&s.name))
+            .unwrap_or(false);
+        if first {
+            // Error counters exist from a target's first decision, at 0:
+            // rate() and alerts see a series before anything fails.
+            for reason in ["conflict", "not_found", "unavailable"] {
+                drop(self.scale_errors.get_or_create(&ErrorLabels {
+                    target: s.name.clone(),
+                    reason,
+                }));
+            }
+            drop(self.scale_events.get_or_create(&l));
+        }
         self.desired
             .get_or_create(&l)
             .set(i64::from(s.desired.unwrap_or(s.spec)));

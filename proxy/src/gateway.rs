@@ -120,6 +120,10 @@ pub struct GatewayBuilder {
     registry: Registry,
     metrics: ProxyMetrics,
     decisions: Arc<DecisionRecorder>,
+    peer_errors: prometheus_client::metrics::family::Family<
+        crate::peers::ErrorLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
     fixed: Vec<Member>,
     /// Static endpoints: actively health-checked, ready counted for the
     /// advisory loop.
@@ -153,6 +157,7 @@ impl GatewayBuilder {
         let mut registry = Registry::default();
         let metrics = ProxyMetrics::register(&mut registry);
         let decisions = Arc::new(DecisionRecorder::register(&mut registry));
+        let peer_errors = crate::peers::PeerSet::register_errors(&mut registry);
         registry.register(
             "scalecar_build",
             "The version and commit this binary was built from",
@@ -169,6 +174,7 @@ impl GatewayBuilder {
             registry,
             metrics,
             decisions,
+            peer_errors,
             fixed: Vec::new(),
             checked: Vec::new(),
             kubernetes: None,
@@ -272,7 +278,7 @@ impl GatewayBuilder {
     /// Builds everything and serves on the listeners until the handle is
     /// shut down.
     pub fn start(
-        mut self,
+        self,
         proxy_listener: TcpListener,
         admin_listener: TcpListener,
     ) -> Result<ProxyHandle, StartError> {
@@ -293,7 +299,7 @@ impl GatewayBuilder {
                         env: crate::peers::TOKEN_ENV,
                     })?;
                 Some((
-                    crate::peers::PeerSet::register(&mut self.registry, token, timeout),
+                    crate::peers::PeerSet::new(self.peer_errors.clone(), token, timeout),
                     selector,
                 ))
             }

@@ -28,7 +28,7 @@ use scalecar_scaler::target::BoxFuture;
 pub const TOKEN_ENV: &str = "SCALECAR_PEER_TOKEN";
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-struct ErrorLabels {
+pub struct ErrorLabels {
     /// `timeout`, `unreachable`, `refused` (not 200) or `invalid`.
     reason: &'static str,
 }
@@ -43,13 +43,26 @@ pub struct PeerSet {
 }
 
 impl PeerSet {
-    pub fn register(reg: &mut Registry, token: String, timeout: Duration) -> Arc<Self> {
-        let errors = Family::default();
+    /// Registers `scalecar_peer_errors_total`, every reason at 0 (whether
+    /// or not peers are configured: dashboards and alerts query it).
+    pub fn register_errors(reg: &mut Registry) -> Family<ErrorLabels, Counter> {
+        let errors: Family<ErrorLabels, Counter> = Family::default();
+        for reason in ["timeout", "unreachable", "refused", "invalid"] {
+            drop(errors.get_or_create(&ErrorLabels { reason }));
+        }
         reg.register(
             "scalecar_peer_errors",
             "Peer window snapshots the leader could not use, by reason (timeout, unreachable, refused, invalid)",
             errors.clone(),
         );
+        errors
+    }
+
+    pub fn new(
+        errors: Family<ErrorLabels, Counter>,
+        token: String,
+        timeout: Duration,
+    ) -> Arc<Self> {
         Arc::new(PeerSet {
             addrs: ArcSwap::from_pointee(Vec::new()),
             token,
