@@ -1878,7 +1878,10 @@ async fn every_kustomization_renders_and_applies_and_the_example_is_served() {
     }
     let out = install(&c, "deploy");
     assert!(out.contains("deployment.apps/scalecar created"), "{out}");
-    assert!(out.contains("configmap/scalecar-dashboard created"), "{out}");
+    assert!(
+        out.contains("configmap/scalecar-dashboard created"),
+        "{out}"
+    );
     assert!(
         install(&c, "deploy/overlays/namespaced")
             .contains("role.rbac.authorization.k8s.io/scalecar created")
