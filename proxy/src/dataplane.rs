@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
@@ -83,7 +83,7 @@ impl fmt::Debug for DataPlane {
     }
 }
 
-const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+use crate::forward::X_REQUEST_ID;
 
 impl DataPlane {
     /// A data plane served by one worker per core.
@@ -181,7 +181,20 @@ impl DataPlane {
             _ => None,
         };
         let mut response = match (req.method(), route) {
-            (&Method::POST, Some(true)) => self.completion(req, start, request_id.clone()).await,
+            (&Method::POST, Some(true)) => {
+                // Every log line about the request carries its id (a
+                // debug-level span: free when debug logs are off).
+                let span = tracing::debug_span!(
+                    "request",
+                    id = request_id.to_str().unwrap_or(""),
+                    path = req.uri().path()
+                );
+                tracing::Instrument::instrument(
+                    self.completion(req, start, request_id.clone()),
+                    span,
+                )
+                .await
+            }
             (&Method::GET, Some(false)) => self.models(),
             (_, Some(_)) => error_response(&ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,

@@ -98,6 +98,9 @@ impl SendError {
     }
 }
 
+/// The request id header: the client's, or one the proxy made.
+pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
 /// What a worker forwards with: its upstream connections and the limits.
 #[derive(Debug)]
 pub(crate) struct Forwarder {
@@ -262,6 +265,7 @@ impl Forwarder {
             start,
         } = request;
         let pool = &entry.pool;
+        let request_id = headers.get(X_REQUEST_ID).cloned();
         // One clock reading serves arrival and, when a slot is free at
         // once, dispatch.
         let now = pool.signals.now();
@@ -292,7 +296,11 @@ impl Forwarder {
             Err(e) => {
                 // The request never got an answer: close its record.
                 observation.fail(e.outcome);
-                tracing::warn!(model = %pool.model, role = %pool.role, message = %e.message, "upstream failed");
+                tracing::warn!(
+                    request_id = request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or(""),
+                    model = %pool.model, role = %pool.role, outcome = ?e.outcome,
+                    error = %e.message, "upstream failed"
+                );
                 e.response()
             }
         }

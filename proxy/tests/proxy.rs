@@ -718,7 +718,7 @@ fn json_logs_are_one_object_per_line() {
         std::env::temp_dir().join(format!("scalecar-json-logs-{}.yaml", std::process::id()));
     std::fs::write(
         &config,
-        "proxy: { listen: \"127.0.0.1:0\", workers: 1 }\nadmin: { listen: \"127.0.0.1:0\" }\npools: [{model: m, endpoints: [\"127.0.0.1:9\"]}]\n",
+        "proxy: { listen: \"127.0.0.1:0\", workers: 1 }\nadmin: { listen: \"127.0.0.1:0\" }\nlimits: { queue-wait: 1s }\npools: [{model: m, endpoints: [\"127.0.0.1:9\"]}]\n",
     )
     .unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_scalecar"))
@@ -729,27 +729,61 @@ fn json_logs_are_one_object_per_line() {
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
-    let mut serving = None;
-    for line in std::io::BufReader::new(stderr).lines() {
-        let line = line.unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let next = || -> Value {
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("a log line within 10 s");
         let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
         assert!(v["timestamp"].is_string() && v["level"].is_string(), "{v}");
+        v
+    };
+    let serving = loop {
+        let v = next();
         if v["message"] == "serving" {
-            serving = Some(v);
-            break;
+            break v;
         }
+    };
+    assert_eq!(serving["level"], "INFO");
+    assert!(
+        serving["admin"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{serving}"
+    );
+    let proxy = serving["proxy"].as_str().unwrap().to_string();
+    // A request whose model server is not there: its failure is logged with
+    // the request's id.
+    {
+        use std::io::{Read as _, Write as _};
+        let body = r#"{"model":"m","prompt":"hi"}"#;
+        let mut conn = std::net::TcpStream::connect(&proxy).unwrap();
+        write!(
+            conn,
+            "POST /v1/completions HTTP/1.1\r\nhost: x\r\nx-request-id: trace-me-42\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut answer = String::new();
+        let _ = conn.read_to_string(&mut answer);
+        assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
     }
+    let failed = loop {
+        let v = next();
+        if v["message"] == "upstream failed" {
+            break v;
+        }
+    };
     let _ = child.kill();
     let _ = child.wait();
     let _ = std::fs::remove_file(&config);
-    let v = serving.expect("a serving line");
-    assert_eq!(v["level"], "INFO");
-    assert!(
-        v["admin"].as_str().unwrap().starts_with("127.0.0.1:"),
-        "{v}"
-    );
-    assert!(
-        v["proxy"].as_str().unwrap().starts_with("127.0.0.1:"),
-        "{v}"
-    );
+    assert_eq!(failed["request_id"], "trace-me-42", "{failed}");
+    assert_eq!(failed["model"], "m", "{failed}");
+    assert_eq!(failed["outcome"], "upstream_error", "{failed}");
 }
