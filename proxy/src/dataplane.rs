@@ -187,7 +187,8 @@ impl DataPlane {
                 let span = tracing::debug_span!(
                     "request",
                     id = request_id.to_str().unwrap_or(""),
-                    path = req.uri().path()
+                    path = req.uri().path(),
+                    endpoint = tracing::field::Empty,
                 );
                 tracing::Instrument::instrument(
                     self.completion(req, start, request_id.clone()),

@@ -282,6 +282,9 @@ impl Forwarder {
             ),
             Err(r) => return r,
         };
+        if let Some(l) = observation.lease() {
+            tracing::Span::current().record("endpoint", tracing::field::display(l.endpoint.addr));
+        }
         match self
             .send(entry, &mut observation, &path, headers, body, prompt_tokens)
             .await

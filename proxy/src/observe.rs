@@ -392,6 +392,9 @@ pub struct ObservedBody<B> {
     inner: B,
     observation: Option<Observation>,
     connection: Option<PooledConnection>,
+    /// The request's span (disabled, and free, unless debug logs are on):
+    /// lines about the body carry the request's id too.
+    span: tracing::Span,
 }
 
 impl<B: Body> ObservedBody<B> {
@@ -400,6 +403,7 @@ impl<B: Body> ObservedBody<B> {
             inner,
             observation: Some(observation),
             connection: Some(connection),
+            span: tracing::Span::current(),
         };
         // An empty body is never polled: it ends here.
         if body.inner.is_end_stream() {
@@ -448,7 +452,7 @@ where
             Poll::Ready(Some(Err(e))) => {
                 this.connection = None;
                 if let Some(o) = this.observation.take() {
-                    tracing::debug!(error = %e, "upstream body failed mid-response");
+                    tracing::debug!(parent: &this.span, error = %e, "upstream body failed mid-response");
                     if let Some(l) = o.lease() {
                         o.entry.pool.record_failure(&l.endpoint);
                     }
