@@ -10,13 +10,8 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use async_openai::Client;
-use async_openai::config::OpenAIConfig;
-use async_openai::types::chat::{
-    ChatCompletionRequestUserMessageArgs, CreateChatCompletionRequestArgs,
-};
 use common::{get, model, proxy, sim};
-use futures_util::StreamExt;
+use scalecar_loadtest::loadgen::{ArrivalPattern, RequestSize, StreamingClient, run_plan};
 use serde_json::Value;
 
 fn deploy() -> PathBuf {
@@ -163,40 +158,30 @@ async fn every_dashboard_query_and_alert_metric_returns_data_from_a_real_prometh
     ))
     .await;
     let prom = prometheus(&p.admin_addr.to_string()).await;
-    // Streams for a while, four at a time.
-    let client = Client::with_config(
-        OpenAIConfig::new()
-            .with_api_base(format!("http://{}/v1", p.proxy_addr))
-            .with_api_key("none"),
+    // loadgen's open-loop load: Poisson arrivals at 8 req/s for 12 s.
+    let client = StreamingClient::new(
+        &format!("http://{}", p.proxy_addr),
+        "m",
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    let pattern: ArrivalPattern = "poisson:8".parse().unwrap();
+    let plan = pattern.plan(
+        Duration::from_secs(12),
+        RequestSize {
+            prompt_tokens: 256,
+            max_tokens: 24,
+        },
+        3,
     );
-    let until = Instant::now() + Duration::from_secs(12);
-    let workers: Vec<_> = (0..4)
-        .map(|_| {
-            let client = client.clone();
-            tokio::spawn(async move {
-                while Instant::now() < until {
-                    let req = CreateChatCompletionRequestArgs::default()
-                        .model("m")
-                        .max_completion_tokens(24u32)
-                        .stream(true)
-                        .messages([ChatCompletionRequestUserMessageArgs::default()
-                            .content("observe me")
-                            .build()
-                            .unwrap()
-                            .into()])
-                        .build()
-                        .unwrap();
-                    let mut stream = client.chat().create_stream(req).await.unwrap();
-                    while let Some(chunk) = stream.next().await {
-                        chunk.unwrap();
-                    }
-                }
-            })
-        })
-        .collect();
-    for w in workers {
-        w.await.unwrap();
-    }
+    let (records, _) = run_plan(&client, &plan, 64, None, std::future::pending()).await;
+    assert!(records.len() >= 60, "{} requests", records.len());
+    assert!(
+        records
+            .iter()
+            .all(|r| r.outcome == scalecar_loadtest::loadgen::Outcome::Ok),
+        "every request ok"
+    );
     let dashboard: Value = serde_json::from_str(
         &std::fs::read_to_string(deploy().join("grafana/scalecar-dashboard.json")).unwrap(),
     )

@@ -576,6 +576,7 @@ impl ControlLoop {
         let mut updates = self.updates.take();
         let leading = self.leading.take();
         let mut led = true;
+        let mut ticks: u64 = 0;
         tokio::pin!(shutdown);
         loop {
             let changed = async {
@@ -617,7 +618,13 @@ impl ControlLoop {
                     led = true;
                 }
             }
-            self.tick_once().await;
+            ticks += 1;
+            // Lines of one tick's decisions share its span (debug level).
+            tracing::Instrument::instrument(
+                self.tick_once(),
+                tracing::debug_span!("tick", n = ticks),
+            )
+            .await;
         }
     }
 }
