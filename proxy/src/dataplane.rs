@@ -188,7 +188,10 @@ impl DataPlane {
                     "request",
                     id = request_id.to_str().unwrap_or(""),
                     path = req.uri().path(),
+                    model = tracing::field::Empty,
+                    role = tracing::field::Empty,
                     endpoint = tracing::field::Empty,
+                    outcome = tracing::field::Empty,
                 );
                 tracing::Instrument::instrument(
                     self.completion(req, start, request_id.clone()),

@@ -282,8 +282,11 @@ impl Forwarder {
             ),
             Err(r) => return r,
         };
+        let span = tracing::Span::current();
+        span.record("model", pool.model.as_str());
+        span.record("role", pool.role.as_str());
         if let Some(l) = observation.lease() {
-            tracing::Span::current().record("endpoint", tracing::field::display(l.endpoint.addr));
+            span.record("endpoint", tracing::field::display(l.endpoint.addr));
         }
         match self
             .send(entry, &mut observation, &path, headers, body, prompt_tokens)
@@ -298,6 +301,7 @@ impl Forwarder {
             }
             Err(e) => {
                 // The request never got an answer: close its record.
+                span.record("outcome", tracing::field::debug(e.outcome));
                 observation.fail(e.outcome);
                 tracing::warn!(
                     request_id = request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or(""),

@@ -235,6 +235,12 @@ impl Observation {
     }
 
     /// Closes the record of a clean end of the response.
+    /// How the record closes if the body ends cleanly (ok, or the model
+    /// server's 4xx).
+    pub fn end_outcome(&self) -> Outcome {
+        self.end_outcome
+    }
+
     pub fn end(mut self) {
         let outcome = self.end_outcome;
         self.finish(outcome);
@@ -419,6 +425,8 @@ impl<B: Body> ObservedBody<B> {
             c.release();
         }
         if let Some(o) = self.observation.take() {
+            self.span
+                .record("outcome", tracing::field::debug(o.end_outcome()));
             o.end();
         }
     }
@@ -452,6 +460,8 @@ where
             Poll::Ready(Some(Err(e))) => {
                 this.connection = None;
                 if let Some(o) = this.observation.take() {
+                    this.span
+                        .record("outcome", tracing::field::debug(Outcome::upstream_error));
                     tracing::debug!(parent: &this.span, error = %e, "upstream body failed mid-response");
                     if let Some(l) = o.lease() {
                         o.entry.pool.record_failure(&l.endpoint);
