@@ -1806,9 +1806,20 @@ async fn a_new_leader_decides_at_once_on_the_survivors_full_windows() {
         (c.replicas(&d, "kept").await >= 6).then_some(())
     })
     .await;
-    // Let every window fill, then kill the leader (its 4 streams go
-    // with it): 8 remain, at the two survivors.
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    // Once the leader's merged stable window holds all 12 streams, kill
+    // it (its 4 streams go with it): 8 remain, at the two survivors.
+    eventually(
+        "the stable window full",
+        Duration::from_secs(15),
+        || async {
+            let (_, body) = get(&format!("http://{}/debug/targets", replicas[leader].admin))
+                .await
+                .ok()?;
+            let v: Value = serde_json::from_str(&body).ok()?;
+            (v["targets"][0]["stable_value"].as_f64()? >= 11.5).then_some(())
+        },
+    )
+    .await;
     replicas[leader].kill();
     let rest: Vec<&Replica> = replicas
         .iter()
