@@ -1,7 +1,10 @@
 //! The simulated GPU: a vLLM-like scheduler with continuous batching,
 //! chunked prefill and a KV-cache capacity.
 //!
-//! One task per replica runs steps. Each step prefills up to the chunk
+//! [`Engine`] is the scheduler as a state machine on a clock it is given:
+//! the model-sim's engine task drives it on tokio's clock ([`run`]) and the
+//! virtual-time simulator drives it on its own, so both share one GPU model.
+//! Each step prefills up to the chunk
 //! budget (FIFO over running sequences) and decodes one token for every
 //! sequence past its prefill; its duration follows the cost model in
 //! [`Timing`]. Requests that do not fit the KV cache or the sequence limit
@@ -115,7 +118,7 @@ impl Default for Progress {
     }
 }
 
-/// A request handed to the engine.
+/// A request handed to the engine task of a model-sim replica.
 #[derive(Debug)]
 pub struct Submission {
     pub prompt_tokens: u32,
@@ -126,7 +129,44 @@ pub struct Submission {
     pub progress: Arc<Progress>,
 }
 
-struct Seq {
+/// What the engine holds a request by: the model-sim's shared progress, or
+/// the virtual-time simulator's request number.
+pub trait Ticket {
+    /// The client went away: drop the request at the next step.
+    fn cancelled(&self) -> bool {
+        false
+    }
+}
+
+impl Ticket for Arc<Progress> {
+    fn cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Acquire)
+    }
+}
+
+/// What the engine reports as it steps (times are the engine's own clock).
+pub trait EngineEvents<T> {
+    /// A request got its KV blocks and started, after `waited`.
+    fn admitted(&mut self, ticket: &T, waited: Duration);
+    /// Prompt tokens prefilled in a step.
+    fn prefilled(&mut self, tokens: u32);
+    /// A token was generated: the first (`ttft` since arrival) or a later
+    /// one (`itl` since the one before).
+    fn token(&mut self, ticket: &T, generated: u32, latency: TokenLatency);
+    /// The request left the engine: all its tokens (`Some(e2e)`), or
+    /// dropped (cancelled, or larger than the KV cache: `None`).
+    fn finished(&mut self, ticket: &T, e2e: Option<Duration>);
+}
+
+/// The latency a token closes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum TokenLatency {
+    FirstToken(Duration),
+    InterToken(Duration),
+}
+
+#[derive(Debug, Clone)]
+struct Seq<T> {
     prompt_tokens: u32,
     prefilled: u32,
     generated: u32,
@@ -135,191 +175,294 @@ struct Seq {
     /// and preempts when full; reserving up front gives the same waiting
     /// behaviour without preemption).
     reserved: u64,
-    arrived: Instant,
-    last_token: Option<Instant>,
-    progress: Arc<Progress>,
+    arrived: Duration,
+    last_token: Option<Duration>,
+    ticket: T,
 }
 
-impl Seq {
-    fn finish(&self) {
-        self.progress.finished.store(true, Ordering::Release);
-        self.progress.waker.wake();
-    }
-}
-
-/// The engine of one replica. Runs until every sender is gone.
-pub async fn run(
+/// The scheduler of one replica as a state machine on a clock it is given
+/// (the model-sim's tokio clock, or the simulator's virtual one): one model
+/// of the GPU for both, so they cannot drift apart.
+///
+/// A step is `begin_step` (admit what fits, plan prefill chunks and decode,
+/// return the step's duration) then `end_step` at that time (apply the
+/// plan, emit tokens, free finished sequences). Requests submitted during a
+/// step wait for the next, as in vLLM.
+#[derive(Debug, Clone)]
+pub struct Engine<T> {
     timing: Timing,
-    mut submissions: mpsc::UnboundedReceiver<Submission>,
-    metrics: Arc<SimMetrics>,
-) {
-    let mut waiting: VecDeque<Seq> = VecDeque::new();
-    let mut running: Vec<Seq> = Vec::new();
-    let mut kv_used: u64 = 0;
-    loop {
-        // Idle: sleep until work arrives.
-        if waiting.is_empty() && running.is_empty() {
-            match submissions.recv().await {
-                Some(s) => waiting.push_back(seq_of(s)),
-                None => return,
-            }
+    waiting: VecDeque<Seq<T>>,
+    running: Vec<Seq<T>>,
+    kv_used: u64,
+    /// The step in progress: (index in `running`, prefill chunk).
+    plan: Vec<(usize, u32)>,
+}
+
+impl<T: Ticket> Engine<T> {
+    pub fn new(timing: Timing) -> Self {
+        Engine {
+            timing,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            kv_used: 0,
+            plan: Vec::new(),
         }
-        while let Ok(s) = submissions.try_recv() {
-            waiting.push_back(seq_of(s));
-        }
-        // Requests whose client left are dropped wherever they are.
-        waiting.retain(|s| {
-            let keep = !s.progress.cancelled.load(Ordering::Acquire);
+    }
+
+    pub fn timing(&self) -> &Timing {
+        &self.timing
+    }
+
+    /// Queues a request that arrived at `arrived`.
+    pub fn submit(
+        &mut self,
+        ticket: T,
+        prompt_tokens: u32,
+        max_tokens: u32,
+        prefilled: bool,
+        arrived: Duration,
+    ) {
+        let max_tokens = max_tokens.max(1);
+        self.waiting.push_back(Seq {
+            prompt_tokens,
+            prefilled: if prefilled { prompt_tokens } else { 0 },
+            generated: 0,
+            max_tokens,
+            reserved: u64::from(prompt_tokens) + u64::from(max_tokens),
+            arrived,
+            last_token: None,
+            ticket,
+        });
+    }
+
+    /// Nothing waiting or running.
+    pub fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.running.is_empty()
+    }
+
+    pub fn running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn kv_used(&self) -> u64 {
+        self.kv_used
+    }
+
+    /// Starts a step at `now`: drops cancelled requests, admits FIFO while
+    /// the sequence limit and the KV cache allow, and plans chunked prefill
+    /// in arrival order with decode for the rest. Returns how long the step
+    /// takes, or `None` when there is nothing to do.
+    pub fn begin_step(
+        &mut self,
+        now: Duration,
+        events: &mut impl EngineEvents<T>,
+    ) -> Option<Duration> {
+        self.waiting.retain(|s| {
+            let keep = !s.ticket.cancelled();
             if !keep {
-                s.finish();
+                events.finished(&s.ticket, None);
             }
             keep
         });
-        running.retain(|s| {
-            let keep = !s.progress.cancelled.load(Ordering::Acquire);
+        let mut freed = 0;
+        self.running.retain(|s| {
+            let keep = !s.ticket.cancelled();
             if !keep {
-                kv_used -= s.reserved;
-                s.finish();
+                freed += s.reserved;
+                events.finished(&s.ticket, None);
             }
             keep
         });
-        let now = Instant::now();
-        // Admit FIFO while the sequence limit and the KV cache allow; a
-        // request that can never fit is failed rather than blocking the queue.
-        while let Some(front) = waiting.front() {
+        self.kv_used -= freed;
+        let timing = &self.timing;
+        // A request that can never fit is failed rather than blocking the
+        // queue.
+        while let Some(front) = self.waiting.front() {
             if front.reserved > timing.kv_capacity {
-                if let Some(s) = waiting.pop_front() {
-                    s.finish();
+                if let Some(s) = self.waiting.pop_front() {
+                    events.finished(&s.ticket, None);
                 }
                 continue;
             }
-            if running.len() as u32 >= timing.max_num_seqs
-                || kv_used + front.reserved > timing.kv_capacity
+            if self.running.len() as u32 >= timing.max_num_seqs
+                || self.kv_used + front.reserved > timing.kv_capacity
             {
                 break;
             }
-            let Some(s) = waiting.pop_front() else { break };
-            metrics.queue_time.observe((now - s.arrived).as_secs_f64());
-            kv_used += s.reserved;
-            running.push(s);
+            let Some(s) = self.waiting.pop_front() else {
+                break;
+            };
+            events.admitted(&s.ticket, now.saturating_sub(s.arrived));
+            self.kv_used += s.reserved;
+            self.running.push(s);
         }
-        metrics.set_state(
-            running.len() as u64,
-            waiting.len() as u64,
-            kv_used,
-            timing.kv_capacity,
-        );
-        if running.is_empty() {
-            // Everything waiting is blocked on capacity that nothing running
-            // will free: cannot happen (a lone request always fits), but
-            // never spin.
-            if waiting.is_empty() {
-                continue;
-            }
-            tokio::time::sleep(timing.decode_base).await;
-            continue;
+        self.plan.clear();
+        if self.running.is_empty() {
+            // Waiting on capacity nothing running will free cannot happen (a
+            // lone request always fits), but never spin.
+            return (!self.waiting.is_empty()).then_some(timing.decode_base);
         }
-        // Plan the step: chunked prefill in arrival order, decode for the rest.
         let mut budget = timing.prefill_chunk;
         let mut prefill_total = 0u32;
         let mut decoding = 0u32;
-        let mut plan: Vec<(usize, u32)> = Vec::new();
-        for (i, s) in running.iter().enumerate() {
+        let mut completing_prefill = 0u32;
+        let mut resident = 0u64;
+        for (i, s) in self.running.iter().enumerate() {
+            resident += u64::from(s.prefilled + s.generated);
             if s.prefilled < s.prompt_tokens {
                 let chunk = (s.prompt_tokens - s.prefilled).min(budget);
                 if chunk > 0 {
-                    plan.push((i, chunk));
+                    self.plan.push((i, chunk));
                     budget -= chunk;
                     prefill_total += chunk;
+                    if s.prefilled + chunk >= s.prompt_tokens {
+                        completing_prefill += 1;
+                    }
                 }
             } else {
                 decoding += 1;
             }
         }
-        let resident: u64 = running
-            .iter()
-            .map(|s| u64::from(s.prefilled + s.generated))
-            .sum();
-        let completing_prefill = plan
-            .iter()
-            .filter(|(i, c)| {
-                running
-                    .get(*i)
-                    .is_some_and(|s| s.prefilled + c >= s.prompt_tokens)
-            })
-            .count() as u32;
-        let step = timing.step_time(prefill_total, decoding + completing_prefill, resident);
+        Some(timing.step_time(prefill_total, decoding + completing_prefill, resident))
+    }
+
+    /// Ends the step begun last, at `end`.
+    pub fn end_step(&mut self, end: Duration, events: &mut impl EngineEvents<T>) {
+        for &(i, chunk) in &self.plan {
+            if let Some(s) = self.running.get_mut(i) {
+                s.prefilled += chunk;
+                events.prefilled(chunk);
+            }
+        }
+        self.plan.clear();
+        // Every sequence past its prefill emits one token.
+        for s in self.running.iter_mut() {
+            if s.prefilled < s.prompt_tokens || s.generated >= s.max_tokens {
+                continue;
+            }
+            s.generated += 1;
+            let latency = match s.last_token {
+                None => TokenLatency::FirstToken(end.saturating_sub(s.arrived)),
+                Some(prev) => TokenLatency::InterToken(end.saturating_sub(prev)),
+            };
+            s.last_token = Some(end);
+            events.token(&s.ticket, s.generated, latency);
+        }
+        let mut freed = 0;
+        self.running.retain(|s| {
+            let done = s.generated >= s.max_tokens;
+            if done {
+                freed += s.reserved;
+                events.finished(&s.ticket, Some(end.saturating_sub(s.arrived)));
+            }
+            !done
+        });
+        self.kv_used -= freed;
+    }
+}
+
+/// model-sim's events: the shared progress its streams read, and its
+/// Prometheus metrics.
+struct Reporter<'a> {
+    metrics: &'a SimMetrics,
+}
+
+impl EngineEvents<Arc<Progress>> for Reporter<'_> {
+    fn admitted(&mut self, _: &Arc<Progress>, waited: Duration) {
+        self.metrics.queue_time.observe(waited.as_secs_f64());
+    }
+
+    fn prefilled(&mut self, tokens: u32) {
+        self.metrics
+            .prompt_tokens
+            .fetch_add(u64::from(tokens), Ordering::Relaxed);
+    }
+
+    fn token(&mut self, p: &Arc<Progress>, generated: u32, latency: TokenLatency) {
+        match latency {
+            TokenLatency::FirstToken(ttft) => {
+                p.ttft_ns
+                    .store(ttft.as_nanos().max(1) as u64, Ordering::Release);
+                self.metrics.ttft.observe(ttft.as_secs_f64());
+            }
+            TokenLatency::InterToken(itl) => self.metrics.itl.observe(itl.as_secs_f64()),
+        }
+        self.metrics
+            .generation_tokens
+            .fetch_add(1, Ordering::Relaxed);
+        p.generated.store(generated, Ordering::Release);
+        p.waker.wake();
+    }
+
+    fn finished(&mut self, p: &Arc<Progress>, e2e: Option<Duration>) {
+        if let Some(e2e) = e2e {
+            self.metrics.e2e.observe(e2e.as_secs_f64());
+            self.metrics
+                .requests_finished
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        p.finished.store(true, Ordering::Release);
+        p.waker.wake();
+    }
+}
+
+/// The engine task of one model-sim replica, on tokio's clock. Runs until
+/// every sender is gone.
+pub async fn run(
+    timing: Timing,
+    mut submissions: mpsc::UnboundedReceiver<Submission>,
+    metrics: Arc<SimMetrics>,
+) {
+    let epoch = Instant::now();
+    let since = |t: Instant| t.saturating_duration_since(epoch);
+    let capacity = timing.kv_capacity;
+    let mut engine: Engine<Arc<Progress>> = Engine::new(timing);
+    let mut events = Reporter { metrics: &metrics };
+    let submit = |engine: &mut Engine<Arc<Progress>>, s: Submission| {
+        engine.submit(
+            s.progress,
+            s.prompt_tokens,
+            s.max_tokens,
+            s.prefilled,
+            since(s.arrived),
+        );
+    };
+    let publish = |engine: &Engine<Arc<Progress>>| {
+        metrics.set_state(
+            engine.running() as u64,
+            engine.waiting() as u64,
+            engine.kv_used(),
+            capacity,
+        );
+    };
+    loop {
+        // Idle: sleep until work arrives.
+        if engine.is_idle() {
+            match submissions.recv().await {
+                Some(s) => submit(&mut engine, s),
+                None => return,
+            }
+        }
+        while let Ok(s) = submissions.try_recv() {
+            submit(&mut engine, s);
+        }
+        let start = Instant::now();
+        let step = engine.begin_step(since(start), &mut events);
+        publish(&engine);
+        let Some(step) = step else { continue };
         if step.is_zero() {
             // A zero-cost model (benchmarks of what sits in front of it):
             // the timer would round the step up to its 1 ms tick.
             tokio::task::yield_now().await;
         } else {
-            tokio::time::sleep_until(now + step).await;
+            tokio::time::sleep_until(start + step).await;
         }
-        let end = Instant::now();
-        for (i, chunk) in plan {
-            if let Some(s) = running.get_mut(i) {
-                s.prefilled += chunk;
-                metrics
-                    .prompt_tokens
-                    .fetch_add(u64::from(chunk), Ordering::Relaxed);
-            }
-        }
-        // Every sequence past its prefill emits one token.
-        let mut emitted = 0u64;
-        for s in running.iter_mut() {
-            if s.prefilled < s.prompt_tokens || s.generated >= s.max_tokens {
-                continue;
-            }
-            s.generated += 1;
-            emitted += 1;
-            match s.last_token {
-                None => {
-                    let ttft = end - s.arrived;
-                    s.progress
-                        .ttft_ns
-                        .store(ttft.as_nanos().max(1) as u64, Ordering::Release);
-                    metrics.ttft.observe(ttft.as_secs_f64());
-                }
-                Some(prev) => metrics.itl.observe((end - prev).as_secs_f64()),
-            }
-            s.last_token = Some(end);
-            s.progress.generated.store(s.generated, Ordering::Release);
-            s.progress.waker.wake();
-        }
-        metrics
-            .generation_tokens
-            .fetch_add(emitted, Ordering::Relaxed);
-        running.retain(|s| {
-            let done = s.generated >= s.max_tokens;
-            if done {
-                kv_used -= s.reserved;
-                metrics.e2e.observe((end - s.arrived).as_secs_f64());
-                metrics.requests_finished.fetch_add(1, Ordering::Relaxed);
-                s.finish();
-            }
-            !done
-        });
-        metrics.set_state(
-            running.len() as u64,
-            waiting.len() as u64,
-            kv_used,
-            timing.kv_capacity,
-        );
-    }
-}
-
-fn seq_of(s: Submission) -> Seq {
-    let max_tokens = s.max_tokens.max(1);
-    Seq {
-        prompt_tokens: s.prompt_tokens,
-        prefilled: if s.prefilled { s.prompt_tokens } else { 0 },
-        generated: 0,
-        max_tokens,
-        reserved: u64::from(s.prompt_tokens) + u64::from(max_tokens),
-        arrived: s.arrived,
-        last_token: None,
-        progress: s.progress,
+        engine.end_step(since(Instant::now()), &mut events);
+        publish(&engine);
     }
 }
 
