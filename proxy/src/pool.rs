@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use scalecar_config::Role;
+use scalecar_scaler::balance::{pick_order, splitmix};
 use scalecar_scaler::signals::PoolSignals;
 use tokio::sync::Notify;
 
@@ -377,26 +378,15 @@ impl Pool {
         let eligible = |e: &Endpoint| {
             e.available(now) && Some(e.addr) != avoid && e.outstanding.load(Ordering::SeqCst) < cap
         };
-        // Two candidates, from this pool's rotation for this worker and a
-        // hash of it; fall back to a scan so a free endpoint is always
-        // found. Ties go to the rotation, so idle endpoints take turns.
-        let k = self.next_pick();
-        let a = (k as usize) % n;
-        let b = (splitmix(k) as usize) % n;
-        let work = |e: &Endpoint| {
-            (
-                e.outstanding_tokens.load(Ordering::Relaxed),
-                e.outstanding.load(Ordering::Relaxed),
-            )
+        let work = |i: usize| {
+            endpoints.get(i).map_or((u64::MAX, u64::MAX), |e| {
+                (
+                    e.outstanding_tokens.load(Ordering::Relaxed),
+                    u64::from(e.outstanding.load(Ordering::Relaxed)),
+                )
+            })
         };
-        let mut order = [a, b];
-        if let (Some(ea), Some(eb)) = (endpoints.get(a), endpoints.get(b))
-            && work(eb) < work(ea)
-        {
-            order = [b, a];
-        }
-        let scan = (0..n).map(|i| (a + i) % n);
-        for i in order.into_iter().chain(scan) {
+        for i in pick_order(n, self.next_pick(), work) {
             let Some(e) = endpoints.get(i) else { continue };
             if !eligible(e) {
                 continue;
@@ -506,13 +496,6 @@ impl Pool {
             .get(slot)
             .map_or(0, |c| c.0.fetch_add(1, Ordering::Relaxed))
     }
-}
-
-fn splitmix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@
 //! see [`signals`].
 
 pub mod algorithm;
+pub mod balance;
 pub mod behavior;
 pub mod clock;
 pub mod control;
