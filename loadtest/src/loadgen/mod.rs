@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 pub use arrivals::{Arrival, ArrivalPattern, RateShape, RequestSize};
 pub use client::{Outcome, RequestRecord, StreamingClient};
 pub use report::{Summary, summarize, write_csv};
-pub use trace::{TraceError, read_trace, read_trace_file};
+pub use trace::{TraceError, read_any_trace_file, read_jsonl_trace, read_trace, read_trace_file};
 
 /// Called once per finished request (for progress and live views).
 pub type OnRecord = Arc<dyn Fn(&RequestRecord) + Send + Sync>;

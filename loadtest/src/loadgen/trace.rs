@@ -1,5 +1,7 @@
-//! The Azure LLM inference trace CSV format (`TIMESTAMP,ContextTokens,
-//! GeneratedTokens`), turned into an arrival plan.
+//! Request traces turned into an arrival plan: the Azure LLM inference
+//! trace CSV (`TIMESTAMP,ContextTokens,GeneratedTokens`) and the JSON-lines
+//! traces published by Mooncake (`timestamp` in ms, `input_length`,
+//! `output_length`; other keys such as `hash_ids` are ignored).
 //!
 //! Timestamps are wall-clock (`2023-11-16 18:17:03.9799600`, 100 ns
 //! resolution); only their differences matter. A bad row stops the load with
@@ -174,6 +176,98 @@ pub fn read_trace_file(path: &Path, speedup: f64) -> Result<Vec<Arrival>, TraceE
     read_trace(std::io::BufReader::new(file), &name, speedup)
 }
 
+/// Reads a JSON-lines trace (Mooncake's format): one object per line with
+/// `timestamp` (milliseconds, never decreasing), `input_length` and
+/// `output_length`, arrivals relative to the first line and divided by
+/// `speedup`.
+pub fn read_jsonl_trace(
+    reader: impl BufRead,
+    path: &str,
+    speedup: f64,
+) -> Result<Vec<Arrival>, TraceError> {
+    let row_error = |line, reason: String| TraceError::Row {
+        path: path.to_string(),
+        line,
+        reason,
+    };
+    if !(speedup.is_finite() && speedup > 0.0) {
+        return Err(row_error(
+            0,
+            format!("speedup {speedup} must be a number > 0"),
+        ));
+    }
+    let mut out = Vec::new();
+    let mut first: Option<u64> = None;
+    let mut previous = 0u64;
+    for (index, text) in reader.lines().enumerate() {
+        let line = index + 1;
+        let text = text.map_err(|e| row_error(line, format!("unreadable: {e}")))?;
+        let text = text.trim();
+        if text.is_empty() {
+            continue;
+        }
+        let value: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| row_error(line, format!("not a JSON object: {e}")))?;
+        let Some(object) = value.as_object() else {
+            return Err(row_error(line, "not a JSON object".into()));
+        };
+        let field = |name: &str| -> Result<u64, TraceError> {
+            match object.get(name) {
+                None => Err(row_error(line, format!("no {name:?}"))),
+                Some(v) => v.as_u64().ok_or_else(|| {
+                    row_error(line, format!("{name:?} is {v}, not a whole number ≥ 0"))
+                }),
+            }
+        };
+        let at = field("timestamp")?;
+        let to_u32 = |name: &str| -> Result<u32, TraceError> {
+            let v = field(name)?;
+            u32::try_from(v).map_err(|_| row_error(line, format!("{name:?} {v} is too large")))
+        };
+        let prompt_tokens = to_u32("input_length")?;
+        let max_tokens = to_u32("output_length")?;
+        if at < previous {
+            return Err(row_error(
+                line,
+                format!("timestamp {at} is earlier than the line before ({previous})"),
+            ));
+        }
+        previous = at;
+        let start = *first.get_or_insert(at);
+        let offset_ms = (at - start) as f64 / speedup;
+        out.push(Arrival {
+            at: Duration::from_secs_f64(offset_ms / 1000.0),
+            prompt_tokens,
+            max_tokens: max_tokens.max(1),
+        });
+    }
+    if out.is_empty() {
+        return Err(TraceError::Empty {
+            path: path.to_string(),
+        });
+    }
+    Ok(out)
+}
+
+/// Reads a trace file of either format: JSON lines when its first
+/// non-blank character is `{`, the Azure CSV otherwise.
+pub fn read_any_trace_file(path: &Path, speedup: f64) -> Result<Vec<Arrival>, TraceError> {
+    let name = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|source| TraceError::Open {
+        path: name.clone(),
+        source,
+    })?;
+    let json = bytes
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|b| *b == b'{');
+    if json {
+        read_jsonl_trace(bytes.as_slice(), &name, speedup)
+    } else {
+        read_trace(bytes.as_slice(), &name, speedup)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -258,5 +352,53 @@ mod tests {
                 "{name}: {span:?}"
             );
         }
+    }
+    #[test]
+    fn mooncake_json_lines_are_read_and_bad_lines_named() {
+        let text = "{\"timestamp\": 0, \"input_length\": 6955, \"output_length\": 52, \"hash_ids\": [1, 2]}\n\
+                    {\"timestamp\": 1500, \"input_length\": 10, \"output_length\": 0}\n";
+        let a = read_jsonl_trace(text.as_bytes(), "m.jsonl", 1.0).unwrap();
+        assert_eq!(a.len(), 2);
+        assert_eq!(a[0].prompt_tokens, 6955);
+        assert_eq!(a[0].max_tokens, 52);
+        assert_eq!(a[1].at, Duration::from_millis(1500));
+        assert_eq!(a[1].max_tokens, 1);
+        for (body, needle) in [
+            ("[1,2]\n", "line 1: not a JSON object"),
+            ("{\"timestamp\": 1}\n", "line 1: no \"input_length\""),
+            (
+                "{\"timestamp\": -1, \"input_length\": 1, \"output_length\": 1}\n",
+                "\"timestamp\" is -1",
+            ),
+            (
+                "{\"timestamp\": 5, \"input_length\": 1, \"output_length\": 1}\n{\"timestamp\": 4, \"input_length\": 1, \"output_length\": 1}\n",
+                "line 2: timestamp 4 is earlier",
+            ),
+            (
+                "{\"timestamp\": 5, \"input_length\": 99999999999, \"output_length\": 1}\n",
+                "too large",
+            ),
+        ] {
+            let err = read_jsonl_trace(body.as_bytes(), "m.jsonl", 1.0)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{body:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn either_format_is_recognised_by_its_first_character() {
+        let dir = std::env::temp_dir().join(format!("scalecar-trace-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let json = dir.join("t.jsonl");
+        std::fs::write(&json, "\n {\"timestamp\": 0, \"input_length\": 3, \"output_length\": 4}\n").unwrap();
+        let csv = dir.join("t.csv");
+        std::fs::write(&csv, "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03.0,3,4\n").unwrap();
+        for p in [&json, &csv] {
+            let a = read_any_trace_file(p, 1.0).unwrap();
+            assert_eq!((a[0].prompt_tokens, a[0].max_tokens), (3, 4), "{}", p.display());
+        }
+        assert!(read_any_trace_file(&dir.join("missing"), 1.0).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
