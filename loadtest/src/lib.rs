@@ -14,3 +14,4 @@ pub mod kube_sim;
 pub mod loadgen;
 pub mod plot;
 pub mod sim;
+pub mod simulate;

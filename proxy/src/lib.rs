@@ -37,5 +37,7 @@ pub mod pool;
 pub mod replay;
 pub mod routes;
 pub mod server;
+#[cfg(feature = "demo")]
+pub mod simulate;
 pub mod status;
 pub mod upstream;

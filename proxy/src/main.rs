@@ -11,6 +11,8 @@ use scalecar_config::ScalecarConfig;
 use scalecar_proxy::demo::DemoArgs;
 use scalecar_proxy::replay::{self, ReplayArgs};
 use scalecar_proxy::server;
+#[cfg(feature = "demo")]
+use scalecar_proxy::simulate::SimulateArgs;
 use scalecar_proxy::status::{self, StatusArgs};
 use scalecar_scaler::algorithm::AlgorithmRegistry;
 
@@ -54,6 +56,9 @@ enum Command {
     /// The closed loop on an embedded cluster of simulated model servers, with a live view and a report.
     #[cfg(feature = "demo")]
     Demo(DemoArgs),
+    /// A whole trace against one algorithm in virtual time, with the oracle's cost to compare.
+    #[cfg(feature = "demo")]
+    Simulate(SimulateArgs),
     /// What a running gateway's scaler is doing, per target (from its admin port).
     Status(StatusArgs),
 }
@@ -86,6 +91,8 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         #[cfg(feature = "demo")]
         Command::Demo(args) => demo(args),
+        #[cfg(feature = "demo")]
+        Command::Simulate(args) => simulate(args),
         Command::Status(args) => show_status(args),
     }
 }
@@ -160,6 +167,54 @@ fn demo(args: DemoArgs) -> ExitCode {
         }
         Err(e) => {
             let _ = writeln!(std::io::stderr(), "scalecar demo: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+#[cfg(feature = "demo")]
+fn simulate(args: SimulateArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread().build() {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "scalecar: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let bar = if std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::new(1000)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg:>8} [{bar:40}] {percent}%")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let started = std::time::Instant::now();
+    let result = runtime.block_on(scalecar_proxy::simulate::run(&args, |what, done| {
+        bar.set_message(what.to_string());
+        bar.set_position((done.clamp(0.0, 1.0) * 1000.0) as u64);
+    }));
+    bar.finish_and_clear();
+    match result {
+        Ok(outcome) => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "scalecar simulate: {} requests over {:.0} s simulated in {:.2} s",
+                outcome.summary.requests,
+                outcome.summary.trace_seconds,
+                started.elapsed().as_secs_f64()
+            );
+            match scalecar_proxy::simulate::print(&outcome.summary) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    let _ = writeln!(std::io::stderr(), "scalecar simulate: stdout: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "scalecar simulate: {e}");
             ExitCode::from(2)
         }
     }

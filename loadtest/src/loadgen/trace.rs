@@ -391,12 +391,25 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("scalecar-trace-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let json = dir.join("t.jsonl");
-        std::fs::write(&json, "\n {\"timestamp\": 0, \"input_length\": 3, \"output_length\": 4}\n").unwrap();
+        std::fs::write(
+            &json,
+            "\n {\"timestamp\": 0, \"input_length\": 3, \"output_length\": 4}\n",
+        )
+        .unwrap();
         let csv = dir.join("t.csv");
-        std::fs::write(&csv, "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03.0,3,4\n").unwrap();
+        std::fs::write(
+            &csv,
+            "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03.0,3,4\n",
+        )
+        .unwrap();
         for p in [&json, &csv] {
             let a = read_any_trace_file(p, 1.0).unwrap();
-            assert_eq!((a[0].prompt_tokens, a[0].max_tokens), (3, 4), "{}", p.display());
+            assert_eq!(
+                (a[0].prompt_tokens, a[0].max_tokens),
+                (3, 4),
+                "{}",
+                p.display()
+            );
         }
         assert!(read_any_trace_file(&dir.join("missing"), 1.0).is_err());
         let _ = std::fs::remove_dir_all(&dir);

@@ -63,7 +63,69 @@ impl Default for Timing {
     }
 }
 
+/// Named cost models, for `scalecar simulate --gpu`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GpuProfile {
+    /// Llama-3-8B on one H100 (model-sim's default).
+    H100Llama8b,
+    /// Llama-3-70B on two H100s (tensor parallel 2).
+    H100x2Llama70b,
+}
+
+impl GpuProfile {
+    pub const ALL: [GpuProfile; 2] = [GpuProfile::H100Llama8b, GpuProfile::H100x2Llama70b];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            GpuProfile::H100Llama8b => "h100-llama-8b",
+            GpuProfile::H100x2Llama70b => "2xh100-llama-70b",
+        }
+    }
+
+    pub fn timing(self) -> Timing {
+        match self {
+            GpuProfile::H100Llama8b => Timing::default(),
+            GpuProfile::H100x2Llama70b => Timing::h100x2_llama_70b(),
+        }
+    }
+}
+
+impl std::str::FromStr for GpuProfile {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        GpuProfile::ALL
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = GpuProfile::ALL.iter().map(|p| p.name()).collect();
+                format!("{s:?} is not a GPU profile (one of {})", names.join(", "))
+            })
+    }
+}
+
 impl Timing {
+    /// Llama-3-70B (bf16) on two H100s with tensor parallelism: ~140
+    /// GFLOP per prompt token at ~40 % of 2 × 990 TFLOPS (≈5,600 tok/s
+    /// prefill); a decode step reads 140 GB of weights at 2 × 3.35 TB/s
+    /// (~25 ms with overheads); 320 KB of KV per token, ~12 GB left for it
+    /// (40,000 tokens). Its replicas are KV-bound at a few dozen
+    /// sequences, so the Azure traces need several of them at peak, while
+    /// every prompt in them still fits a 1–2 s TTFT on one replica.
+    pub fn h100x2_llama_70b() -> Self {
+        Timing {
+            prefill_tokens_per_sec: 5_600.0,
+            prefill_chunk: 4_096,
+            decode_base: Duration::from_micros(25_000),
+            decode_per_seq: Duration::from_micros(180),
+            decode_per_1k_kv: Duration::from_micros(50),
+            max_num_seqs: 128,
+            kv_capacity: 40_000,
+            kv_transfer_base: Duration::from_millis(2),
+            kv_transfer_per_1k: Duration::from_millis(12),
+        }
+    }
+
     /// How long a step with `prefill` prompt tokens and `decoding`
     /// sequences over `kv_tokens` resident tokens takes.
     pub fn step_time(&self, prefill: u32, decoding: u32, kv_tokens: u64) -> Duration {

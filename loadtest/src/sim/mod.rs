@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-pub use engine::Timing;
+pub use engine::{GpuProfile, Timing};
 pub use metrics::SimMetrics;
 
 /// The role a replica plays (vLLM's disaggregated serving).

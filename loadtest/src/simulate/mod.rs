@@ -1,0 +1,408 @@
+//! The virtual-time simulator behind `scalecar simulate`: a whole trace
+//! against the real scaler in seconds of CPU.
+//!
+//! What is real: the pool's signals and windows (`PoolSignals` on a
+//! [`ManualClock`]), the algorithm registry, behavior and the control
+//! loop's tick (`ControlLoop::tick_once`), the proxy's endpoint pick order
+//! ([`pick_order`](scalecar_scaler::balance::pick_order)) and its admission
+//! rules (FIFO queue, bound, deadline, per-endpoint cap), and the GPU model
+//! of model-sim ([`Engine`](crate::sim::engine::Engine)), stepped on the
+//! simulator's clock. What is simulated: time, the network (zero latency)
+//! and Kubernetes (a new replica serves exactly `startup_delay` after it
+//! was asked for).
+//!
+//! Invariants: nothing here reads a wall clock or sleeps, so a run is a
+//! function of its inputs (the same trace and policy give the same report);
+//! every request ends in exactly one [`Fate`]; replica-seconds count each
+//! replica from the moment it was asked for (its cold start holds a GPU)
+//! until it is removed and drained.
+
+pub mod oracle;
+mod world;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use scalecar_config::{Policy, Role};
+use scalecar_scaler::algorithm::AlgorithmRegistry;
+use scalecar_scaler::clock::ManualClock;
+use scalecar_scaler::control::{
+    ControlError, ControlLoop, DecisionObserver, Scaling, TargetSpec, WallClock,
+};
+use scalecar_scaler::signals::{self, PoolSignals, SignalsConfig};
+use scalecar_scaler::target::{BoxFuture, ScaleState, ScaleTarget, TargetError, TargetRef};
+use serde::Serialize;
+
+use world::World;
+pub use world::{Fate, RequestState};
+
+use crate::loadgen::Arrival;
+use crate::plot::TimelinePoint;
+use crate::sim::engine::Timing;
+
+/// What the simulated cluster is made of.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// One replica's GPU model.
+    pub timing: Timing,
+    /// From asking for a replica to its first request.
+    pub startup_delay: Duration,
+    /// The control loop's interval.
+    pub tick: Duration,
+    /// A request meets the SLO when its TTFT (from its arrival at the
+    /// proxy) is at most this.
+    pub ttft_target: Duration,
+    /// The proxy's queue bound (`limits.queue-length`) and deadline
+    /// (`limits.queue-wait`).
+    pub queue_length: usize,
+    pub queue_wait: Duration,
+    /// Requests one replica gets at once (`max-concurrency`).
+    pub max_concurrency: Option<u32>,
+    /// Replicas serving at time zero.
+    pub initial_replicas: u32,
+    /// The most replicas (the oracle searches up to here).
+    pub max_replicas: u32,
+}
+
+impl Settings {
+    /// The proxy's default limits with the given GPU model.
+    pub fn new(timing: Timing) -> Self {
+        let limits = scalecar_config::Limits::default();
+        Settings {
+            timing,
+            startup_delay: Duration::from_secs(60),
+            tick: Duration::from_secs(2),
+            ttft_target: Duration::from_secs(1),
+            queue_length: limits.queue_length,
+            queue_wait: limits.queue_wait,
+            max_concurrency: None,
+            initial_replicas: 1,
+            max_replicas: 64,
+        }
+    }
+}
+
+/// Where the simulated proxy reports what it sees (the pool's signals, or
+/// nothing for the oracle's trial runs). Times come through `set_now`
+/// before the calls they apply to.
+pub trait Recorder {
+    fn set_now(&mut self, _now: Duration) {}
+    fn arrival(&mut self, _prompt_tokens: u64) {}
+    fn queue_enter(&mut self) {}
+    fn queue_leave(&mut self, _waited: Duration) {}
+    fn dispatch(&mut self, _prompt_tokens: u64) {}
+    fn first_token(&mut self, _prompt_tokens: u64, _ttft: Duration) {}
+    fn inter_token(&mut self, _itl: Duration) {}
+    fn decode_tokens(&mut self, _n: u64) {}
+    fn complete(
+        &mut self,
+        _prompt_tokens: u64,
+        _generated: u64,
+        _first_token_seen: bool,
+        _e2e: Option<Duration>,
+    ) {
+    }
+}
+
+/// Records nothing: the oracle's runs, which no scaler watches.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoRecorder;
+
+impl Recorder for NoRecorder {}
+
+/// Records into a pool's signals, as the proxy's request path does, on the
+/// simulator's clock.
+#[derive(Debug, Clone)]
+pub struct SignalsRecorder {
+    clock: Arc<ManualClock>,
+    signals: Arc<PoolSignals>,
+}
+
+impl Recorder for SignalsRecorder {
+    fn set_now(&mut self, now: Duration) {
+        self.clock.set(now);
+    }
+    fn arrival(&mut self, prompt_tokens: u64) {
+        self.signals.arrival(prompt_tokens);
+    }
+    fn queue_enter(&mut self) {
+        self.signals.queue_enter();
+    }
+    fn queue_leave(&mut self, waited: Duration) {
+        self.signals.queue_leave(waited);
+    }
+    fn dispatch(&mut self, prompt_tokens: u64) {
+        self.signals.dispatch(prompt_tokens);
+    }
+    fn first_token(&mut self, prompt_tokens: u64, ttft: Duration) {
+        self.signals.first_token(prompt_tokens, ttft);
+    }
+    fn inter_token(&mut self, itl: Duration) {
+        self.signals.inter_token(itl);
+    }
+    fn decode_tokens(&mut self, n: u64) {
+        self.signals.decode_tokens(n);
+    }
+    fn complete(
+        &mut self,
+        prompt: u64,
+        generated: u64,
+        first_token_seen: bool,
+        e2e: Option<Duration>,
+    ) {
+        self.signals
+            .complete(prompt, generated, first_token_seen, e2e);
+    }
+}
+
+/// The simulated workload's scale subresource: the loop writes `spec`,
+/// the simulator reads it each tick and reports `ready` back.
+#[derive(Debug)]
+struct SimTarget {
+    target: TargetRef,
+    spec: AtomicU32,
+    ready: AtomicU32,
+}
+
+impl ScaleTarget for SimTarget {
+    fn target_ref(&self) -> &TargetRef {
+        &self.target
+    }
+
+    fn scale(&self) -> BoxFuture<'_, Result<ScaleState, TargetError>> {
+        let state = ScaleState {
+            spec: self.spec.load(Ordering::Acquire),
+            ready: self.ready.load(Ordering::Acquire),
+        };
+        Box::pin(async move { Ok(state) })
+    }
+
+    fn set_replicas(&self, replicas: u32) -> BoxFuture<'_, Result<(), TargetError>> {
+        self.spec.store(replicas, Ordering::Release);
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// The loop's statuses come back from `tick_once`; nothing else listens.
+#[derive(Debug)]
+struct Silent;
+
+impl DecisionObserver for Silent {
+    fn decided(&self, _: &scalecar_scaler::control::TargetStatus) {}
+    fn scale_failed(&self, _: &str, _: &TargetError) {}
+}
+
+/// Schedule floors see the Unix epoch plus virtual time: a trace carries no
+/// calendar.
+#[derive(Debug)]
+struct VirtualWall(Arc<ManualClock>);
+
+impl WallClock for VirtualWall {
+    fn unix_secs(&self) -> u64 {
+        use scalecar_scaler::clock::Clock;
+        self.0.now().as_secs()
+    }
+}
+
+/// Why a simulation could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum SimulateError {
+    #[error("the trace has no requests")]
+    EmptyTrace,
+    #[error("the scaler: {0}")]
+    Control(#[from] ControlError),
+}
+
+/// What one run measured.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Measured {
+    pub requests: usize,
+    /// Requests with a TTFT within the target, over all requests (a
+    /// rejected or timed-out request is a miss).
+    pub ttft_attainment: f64,
+    /// TTFT quantiles of the requests that got a first token, seconds.
+    pub ttft_p50: f64,
+    pub ttft_p90: f64,
+    pub ttft_p99: f64,
+    /// ITL p90 over every token after the first, seconds.
+    pub itl_p90: f64,
+    /// Replicas × seconds from time zero to the last arrival, cold starts
+    /// included.
+    pub replica_seconds: f64,
+    pub max_replicas_used: u32,
+    /// Requests that got no answer: queue full, queue deadline, too large.
+    pub failed: usize,
+}
+
+impl Measured {
+    fn of<R: Recorder>(world: &World<'_, R>, target: Duration, horizon: Duration) -> Self {
+        let mut ttfts: Vec<Duration> = world.requests.iter().filter_map(|r| r.ttft).collect();
+        ttfts.sort_unstable();
+        let met = ttfts.iter().filter(|t| **t <= target).count();
+        let requests = world.requests.len();
+        let q = |p: f64| {
+            let i = ((ttfts.len() as f64 * p).ceil() as usize).clamp(1, ttfts.len().max(1)) - 1;
+            ttfts.get(i).map_or(0.0, Duration::as_secs_f64)
+        };
+        let itl = signals::summary(&world.itl);
+        Measured {
+            requests,
+            ttft_attainment: if requests == 0 {
+                1.0
+            } else {
+                met as f64 / requests as f64
+            },
+            ttft_p50: q(0.5),
+            ttft_p90: q(0.9),
+            ttft_p99: q(0.99),
+            itl_p90: itl.p90.map_or(0.0, |d| d.as_secs_f64()),
+            replica_seconds: world.replica_seconds(horizon),
+            max_replicas_used: world.peak_replicas(),
+            failed: world
+                .requests
+                .iter()
+                .filter(|r| matches!(r.fate, Fate::Rejected | Fate::TimedOut | Fate::TooLarge))
+                .count(),
+        }
+    }
+}
+
+/// One algorithm's run over a trace.
+#[derive(Debug, Clone)]
+pub struct Run {
+    pub measured: Measured,
+    /// Ticks where the replica count changed.
+    pub scale_events: u32,
+    /// One point per tick.
+    pub timeline: Vec<TimelinePoint>,
+    /// Virtual time when the last request settled.
+    pub ended: Duration,
+}
+
+/// The time replica-seconds are counted to: the last arrival (every run
+/// of a trace is charged over the same span).
+pub fn horizon(trace: &[Arrival]) -> Duration {
+    trace.last().map_or(Duration::ZERO, |a| a.at)
+}
+
+/// A point of the timeline: the last tick's arrivals and first tokens, and
+/// the world now.
+fn timeline_point<R: Recorder>(
+    world: &mut World<'_, R>,
+    tick: Duration,
+    arrivals: usize,
+    desired: u32,
+    panic: bool,
+) -> TimelinePoint {
+    let ttfts = &mut world.recent_ttfts;
+    ttfts.sort_unstable();
+    let p90 = ttfts
+        .get((ttfts.len() * 9).div_ceil(10).saturating_sub(1))
+        .map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+    ttfts.clear();
+    TimelinePoint {
+        t: world.now().as_secs_f64(),
+        rps: arrivals as f64 / tick.as_secs_f64().max(1e-9),
+        ttft_p90_ms: p90,
+        queue: world.queued() as f64,
+        in_flight: f64::from(world.in_flight()),
+        desired,
+        ready: world.ready(),
+        panic,
+    }
+}
+
+/// Replays `trace` (sorted by arrival) against the scaler with `policy`:
+/// requests flow through the simulated proxy into replicas; every `tick`
+/// the real control loop decides on the real signals and the simulated
+/// Deployment follows, new replicas serving after the startup delay.
+///
+/// `on_tick` sees the virtual time of every tick (for progress).
+pub async fn simulate(
+    trace: &[Arrival],
+    settings: &Settings,
+    policy: &Policy,
+    registry: &AlgorithmRegistry,
+    mut on_tick: impl FnMut(Duration),
+) -> Result<Run, SimulateError> {
+    let last = horizon(trace);
+    if trace.is_empty() {
+        return Err(SimulateError::EmptyTrace);
+    }
+    let clock = Arc::new(ManualClock::new(Duration::ZERO));
+    let signals = Arc::new(PoolSignals::new(
+        SignalsConfig::for_window(policy.window),
+        clock.clone(),
+    ));
+    let initial = settings.initial_replicas;
+    let target = Arc::new(SimTarget {
+        target: TargetRef {
+            api_version: "apps/v1".into(),
+            kind: "Deployment".into(),
+            namespace: "simulated".into(),
+            name: "model".into(),
+        },
+        spec: AtomicU32::new(initial),
+        ready: AtomicU32::new(initial),
+    });
+    let mut control = ControlLoop::new(
+        vec![TargetSpec {
+            name: "model".into(),
+            model: "model".into(),
+            role: Role::Unified,
+            policy: policy.clone(),
+            signals: signals.clone(),
+            scaling: Scaling::Managed(target.clone()),
+        }],
+        registry,
+        clock.clone(),
+        Arc::new(VirtualWall(clock.clone())),
+        Arc::new(Silent),
+        settings.tick,
+    )?;
+    let recorder = SignalsRecorder {
+        clock: clock.clone(),
+        signals,
+    };
+    let mut world = World::new(trace, settings, recorder, initial);
+    let tick = settings.tick.max(Duration::from_millis(1));
+    // Requests never outlive their queue deadline plus a long generation;
+    // a day past the last arrival means something never settles.
+    let give_up = last + Duration::from_secs(86_400);
+    let mut timeline = Vec::new();
+    let mut scale_events = 0;
+    let mut arrived = 0;
+    let mut t = Duration::ZERO;
+    loop {
+        world.run_until(t);
+        target.ready.store(world.ready(), Ordering::Release);
+        let statuses = control.tick_once().await;
+        let status = statuses.first();
+        if status.is_some_and(|s| s.changed) {
+            scale_events += 1;
+        }
+        let spec = target.spec.load(Ordering::Acquire);
+        if spec != world.replicas() {
+            world.set_replicas(spec, false);
+        }
+        let arrivals = world.arrived() - arrived;
+        let panic = status.is_some_and(|s| s.panic);
+        timeline.push(timeline_point(&mut world, tick, arrivals, spec, panic));
+        arrived = world.arrived();
+        on_tick(t);
+        if (world.finished() && t >= last) || t > give_up {
+            break;
+        }
+        t += tick;
+    }
+    Ok(Run {
+        measured: Measured::of(&world, settings.ttft_target, last),
+        scale_events,
+        timeline,
+        ended: t,
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,312 @@
+//! `scalecar simulate`: a whole trace against one algorithm in virtual
+//! time, next to the oracle's schedule, in seconds of CPU.
+//!
+//! The policy comes from the same keys as the annotations (`--policy`,
+//! `--set`), the cluster from flags; the JSON summary on stdout is a
+//! function of those inputs alone (no wall clock), so two runs print the
+//! same bytes.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use scalecar_config::{Limits, Policy, Role};
+use scalecar_loadtest::loadgen::read_any_trace_file;
+use scalecar_loadtest::plot::{write_timeline_csv, write_timeline_svg};
+use scalecar_loadtest::sim::GpuProfile;
+use scalecar_loadtest::simulate::oracle::{Oracle, OracleSettings, oracle};
+use scalecar_loadtest::simulate::{Run, Settings, simulate};
+use scalecar_scaler::algorithm::AlgorithmRegistry;
+use serde::Serialize;
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration (like 60s, 1m): {e}"))
+}
+
+fn profile(s: &str) -> Result<GpuProfile, String> {
+    s.parse()
+}
+
+/// Arguments of `scalecar simulate`.
+#[derive(Debug, Clone, clap::Args)]
+#[command(after_help = SIMULATE_HELP)]
+pub struct SimulateArgs {
+    /// The trace: an Azure LLM CSV (TIMESTAMP,ContextTokens,GeneratedTokens)
+    /// or JSON lines ({"timestamp": ms, "input_length", "output_length"}).
+    #[arg(long, value_name = "FILE")]
+    pub trace: PathBuf,
+    /// kpa, hpa or slo (any registered algorithm).
+    #[arg(long, default_value = "kpa")]
+    pub algorithm: String,
+    /// Policy file (YAML): annotation keys without `scalecar.io/`.
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+    /// One policy key, `key=value`; repeatable; applied over `--policy`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// From asking for a replica to its first request.
+    #[arg(long, default_value = "60s", value_parser = duration)]
+    pub startup_delay: Duration,
+    /// A request meets the SLO when its TTFT is at most this (also the
+    /// policy's `ttft-target` unless set there).
+    #[arg(long, default_value = "1s", value_parser = duration)]
+    pub ttft_target: Duration,
+    /// Most replicas (the policy's `max-replicas` unless set there).
+    #[arg(long, default_value_t = 64)]
+    pub max_replicas: u32,
+    /// One replica's cost model: 2xh100-llama-70b or h100-llama-8b.
+    #[arg(long, default_value = "2xh100-llama-70b", value_parser = profile)]
+    pub gpu: GpuProfile,
+    /// The control loop's interval.
+    #[arg(long, default_value = "2s", value_parser = duration)]
+    pub tick: Duration,
+    /// Trace time compression (2: twice as fast).
+    #[arg(long, default_value_t = 1.0)]
+    pub speedup: f64,
+    /// The oracle's schedule changes at most this often.
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    pub oracle_interval: Duration,
+    /// Skip the oracle (its search costs several runs).
+    #[arg(long)]
+    pub no_oracle: bool,
+    /// Report directory: summary.json, timeline.csv, timeline.svg,
+    /// oracle.csv.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+}
+
+const SIMULATE_HELP: &str = "\
+OUTPUT
+  A JSON summary on stdout: requests, ttft_attainment (TTFT ≤ target, failed
+  requests count as misses), ttft_p50/p90/p99 and itl_p90 (seconds),
+  replica_seconds (cold starts included, up to the last arrival),
+  oracle_replica_seconds, ratio_to_oracle, scale_events, max_replicas_used.
+  Progress and timing go to stderr.
+
+EXAMPLE
+  scalecar simulate --trace loadtest/data/azure-llm-2023-conv.csv --algorithm slo \\
+    --ttft-target 1s --startup-delay 60s --out sim-report";
+
+/// Why a simulation could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum SimulateCliError {
+    #[error("policy: {0}")]
+    Policy(String),
+    #[error("trace {path}: {message}")]
+    Trace { path: String, message: String },
+    #[error("{0}")]
+    Run(#[from] scalecar_loadtest::simulate::SimulateError),
+    #[error("writing the report: {0}")]
+    Report(String),
+    #[error("--{flag}: {message}")]
+    Flag {
+        flag: &'static str,
+        message: &'static str,
+    },
+}
+
+/// The policy: simulate's defaults (algorithm, TTFT target, max
+/// replicas), then `--policy`, then `--set`; validated.
+pub fn load_policy(
+    args: &SimulateArgs,
+    registry: &AlgorithmRegistry,
+) -> Result<Policy, SimulateCliError> {
+    let mut keys = BTreeMap::new();
+    keys.insert("algorithm".to_string(), args.algorithm.clone());
+    keys.insert(
+        "ttft-target".to_string(),
+        format!("{}ms", args.ttft_target.as_millis()),
+    );
+    keys.insert("max-replicas".to_string(), args.max_replicas.to_string());
+    if let Some(path) = &args.policy {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| SimulateCliError::Policy(format!("{}: {e}", path.display())))?;
+        let file = scalecar_config::policy_keys_from_yaml_str(&text)
+            .map_err(|e| SimulateCliError::Policy(format!("{}: {e}", path.display())))?;
+        keys.extend(file);
+    }
+    for kv in &args.set {
+        let Some((k, v)) = kv.split_once('=') else {
+            return Err(SimulateCliError::Policy(format!(
+                "--set {kv:?} is not key=value (e.g. --set target=10)"
+            )));
+        };
+        keys.insert(k.trim().to_string(), v.trim().to_string());
+    }
+    let policy = Policy::from_keys(&keys, Role::Unified)
+        .map_err(|e| SimulateCliError::Policy(e.to_string()))?;
+    policy
+        .validate_algorithm(&registry.names())
+        .map_err(|e| SimulateCliError::Policy(e.to_string()))?;
+    Ok(policy)
+}
+
+/// The summary printed on stdout.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub trace: String,
+    pub algorithm: String,
+    pub gpu: &'static str,
+    pub startup_delay_s: f64,
+    pub ttft_target_s: f64,
+    pub requests: usize,
+    pub ttft_attainment: f64,
+    pub ttft_p50: f64,
+    pub ttft_p90: f64,
+    pub ttft_p99: f64,
+    pub itl_p90: f64,
+    pub replica_seconds: f64,
+    pub oracle_replica_seconds: Option<f64>,
+    pub ratio_to_oracle: Option<f64>,
+    pub oracle_ttft_attainment: Option<f64>,
+    pub oracle_scale_events: Option<u32>,
+    pub scale_events: u32,
+    pub scale_events_per_hour: f64,
+    pub max_replicas_used: u32,
+    pub failed: usize,
+    /// Virtual seconds from the first arrival to the last.
+    pub trace_seconds: f64,
+}
+
+/// A run and its oracle.
+#[derive(Debug)]
+pub struct Outcome {
+    pub summary: Summary,
+    pub run: Run,
+    pub oracle: Option<Oracle>,
+}
+
+fn round(x: f64, digits: i32) -> f64 {
+    let f = 10f64.powi(digits);
+    (x * f).round() / f
+}
+
+/// Runs the simulation and, unless told not to, the oracle.
+pub async fn run(
+    args: &SimulateArgs,
+    mut progress: impl FnMut(&str, f64),
+) -> Result<Outcome, SimulateCliError> {
+    if !(args.speedup.is_finite() && args.speedup > 0.0) {
+        return Err(SimulateCliError::Flag {
+            flag: "speedup",
+            message: "must be a number greater than 0",
+        });
+    }
+    if args.tick.is_zero() {
+        return Err(SimulateCliError::Flag {
+            flag: "tick",
+            message: "must be longer than 0",
+        });
+    }
+    let registry = AlgorithmRegistry::with_builtins();
+    let policy = load_policy(args, &registry)?;
+    let trace =
+        read_any_trace_file(&args.trace, args.speedup).map_err(|e| SimulateCliError::Trace {
+            path: args.trace.display().to_string(),
+            message: e.to_string(),
+        })?;
+    let limits = Limits::default();
+    let settings = Settings {
+        timing: args.gpu.timing(),
+        startup_delay: args.startup_delay,
+        tick: args.tick,
+        ttft_target: args.ttft_target,
+        queue_length: limits.queue_length,
+        queue_wait: limits.queue_wait,
+        max_concurrency: policy.max_concurrency,
+        initial_replicas: policy.initial_scale.max(policy.min_replicas).max(1),
+        max_replicas: policy.max_replicas.unwrap_or(args.max_replicas).max(1),
+    };
+    let span = scalecar_loadtest::simulate::horizon(&trace).as_secs_f64();
+    let run = simulate(&trace, &settings, &policy, &registry, |t| {
+        progress(&args.algorithm, t.as_secs_f64() / span.max(1.0));
+    })
+    .await?;
+    let oracle = (!args.no_oracle).then(|| {
+        progress("oracle", 0.0);
+        oracle(
+            &trace,
+            &settings,
+            OracleSettings {
+                interval: args.oracle_interval,
+                goal: 0.99,
+                min_replicas: policy.min_replicas.max(1),
+            },
+        )
+    });
+    let m = &run.measured;
+    let hours = (span / 3600.0).max(1.0 / 3600.0);
+    let summary = Summary {
+        trace: args.trace.display().to_string(),
+        algorithm: args.algorithm.clone(),
+        gpu: args.gpu.name(),
+        startup_delay_s: args.startup_delay.as_secs_f64(),
+        ttft_target_s: args.ttft_target.as_secs_f64(),
+        requests: m.requests,
+        ttft_attainment: round(m.ttft_attainment, 5),
+        ttft_p50: round(m.ttft_p50, 4),
+        ttft_p90: round(m.ttft_p90, 4),
+        ttft_p99: round(m.ttft_p99, 4),
+        itl_p90: round(m.itl_p90, 4),
+        replica_seconds: round(m.replica_seconds, 1),
+        oracle_replica_seconds: oracle
+            .as_ref()
+            .map(|o| round(o.measured.replica_seconds, 1)),
+        ratio_to_oracle: oracle
+            .as_ref()
+            .filter(|o| o.measured.replica_seconds > 0.0)
+            .map(|o| round(m.replica_seconds / o.measured.replica_seconds, 3)),
+        oracle_ttft_attainment: oracle
+            .as_ref()
+            .map(|o| round(o.measured.ttft_attainment, 5)),
+        oracle_scale_events: oracle.as_ref().map(|o| o.scale_events),
+        scale_events: run.scale_events,
+        scale_events_per_hour: round(f64::from(run.scale_events) / hours, 1),
+        max_replicas_used: m.max_replicas_used,
+        failed: m.failed,
+        trace_seconds: round(span, 3),
+    };
+    if let Some(dir) = &args.out {
+        write_report(dir, &summary, &run, oracle.as_ref())?;
+    }
+    Ok(Outcome {
+        summary,
+        run,
+        oracle,
+    })
+}
+
+fn write_report(
+    dir: &std::path::Path,
+    summary: &Summary,
+    run: &Run,
+    oracle: Option<&Oracle>,
+) -> Result<(), SimulateCliError> {
+    let report = |e: &dyn std::fmt::Display| SimulateCliError::Report(e.to_string());
+    std::fs::create_dir_all(dir).map_err(|e| report(&format!("{}: {e}", dir.display())))?;
+    let json = serde_json::to_string_pretty(summary).map_err(|e| report(&e))?;
+    let path = dir.join("summary.json");
+    std::fs::write(&path, json + "\n").map_err(|e| report(&format!("{}: {e}", path.display())))?;
+    write_timeline_csv(&run.timeline, &dir.join("timeline.csv")).map_err(|e| report(&e))?;
+    let title = format!(
+        "scalecar simulate: {} on {} ({} requests, startup {}s)",
+        summary.algorithm, summary.trace, summary.requests, summary.startup_delay_s
+    );
+    write_timeline_svg(&run.timeline, &title, &dir.join("timeline.svg")).map_err(|e| report(&e))?;
+    if let Some(o) = oracle {
+        let mut csv = String::from("t,replicas\n");
+        for (at, n) in &o.schedule {
+            csv.push_str(&format!("{:.3},{n}\n", at.as_secs_f64()));
+        }
+        let path = dir.join("oracle.csv");
+        std::fs::write(&path, csv).map_err(|e| report(&format!("{}: {e}", path.display())))?;
+    }
+    Ok(())
+}
+
+/// Prints the summary as one JSON object.
+pub fn print(summary: &Summary) -> std::io::Result<()> {
+    let json = serde_json::to_string_pretty(summary).map_err(std::io::Error::other)?;
+    writeln!(std::io::stdout(), "{json}")
+}
