@@ -278,6 +278,8 @@ pub struct Run {
     pub timeline: Vec<TimelinePoint>,
     /// Virtual time when the last request settled.
     pub ended: Duration,
+    /// Every request's measurements, in trace order.
+    pub requests: Vec<RequestState>,
 }
 
 /// The time replica-seconds are counted to: the last arrival (every run
@@ -396,11 +398,13 @@ pub async fn simulate(
         }
         t += tick;
     }
+    let measured = Measured::of(&world, settings.ttft_target, last);
     Ok(Run {
-        measured: Measured::of(&world, settings.ttft_target, last),
+        measured,
         scale_events,
         timeline,
         ended: t,
+        requests: std::mem::take(&mut world.requests),
     })
 }
 

@@ -1,1 +1,192 @@
+use std::collections::BTreeMap;
+use std::time::Duration;
 
+use scalecar_config::{Policy, Role};
+use scalecar_scaler::algorithm::AlgorithmRegistry;
+
+use super::oracle::{OracleSettings, oracle};
+use super::*;
+
+fn policy(keys: &[(&str, &str)]) -> Policy {
+    let keys: BTreeMap<String, String> = keys
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    match Policy::from_keys(&keys, Role::Unified) {
+        Ok(p) => p,
+        Err(e) => panic!("test policy: {e}"),
+    }
+}
+
+/// A GPU whose every request of 1 prompt token and 100 output tokens
+/// takes one second: decode steps of exactly 10 ms whatever the batch,
+/// prefill free, room for everything.
+fn ten_ms_steps() -> Timing {
+    Timing {
+        prefill_tokens_per_sec: 1e12,
+        prefill_chunk: 1 << 20,
+        decode_base: Duration::from_millis(10),
+        decode_per_seq: Duration::ZERO,
+        decode_per_1k_kv: Duration::ZERO,
+        max_num_seqs: 100_000,
+        kv_capacity: 1 << 40,
+        ..Timing::default()
+    }
+}
+
+/// `rps` requests per second, evenly spaced, for `secs`.
+fn constant(rps: u32, secs: u32, prompt_tokens: u32, max_tokens: u32) -> Vec<Arrival> {
+    (0..rps * secs)
+        .map(|i| Arrival {
+            at: Duration::from_secs_f64(f64::from(i) / f64::from(rps)),
+            prompt_tokens,
+            max_tokens,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_constant_load_gets_the_analytic_replica_count() {
+    // 35 req/s × 1 s each (100 tokens at 10 ms) = 35 in flight; a target
+    // of 10 per replica at 100 % utilization is ⌈3.5⌉ = 4 replicas, for
+    // kpa (stable window) and hpa (ready × current / target) alike.
+    let trace = constant(35, 300, 1, 100);
+    let mut settings = Settings::new(ten_ms_steps());
+    settings.startup_delay = Duration::from_secs(10);
+    let registry = AlgorithmRegistry::with_builtins();
+    for algorithm in ["kpa", "hpa"] {
+        let p = policy(&[
+            ("algorithm", algorithm),
+            ("target", "10"),
+            ("target-utilization-percentage", "100"),
+            ("window", "30s"),
+            ("hpa-scale-down-stabilization-window", "30s"),
+        ]);
+        let run = match simulate(&trace, &settings, &p, &registry, |_| {}).await {
+            Ok(r) => r,
+            Err(e) => panic!("{algorithm}: {e}"),
+        };
+        let settled: Vec<u32> = run
+            .timeline
+            .iter()
+            .filter(|p| p.t >= 150.0 && p.t < 300.0)
+            .map(|p| p.desired)
+            .collect();
+        assert!(!settled.is_empty());
+        assert!(
+            settled.iter().all(|&n| n == 4),
+            "{algorithm}: replicas over the last half {settled:?}"
+        );
+        let m = &run.measured;
+        assert_eq!(m.requests, trace.len());
+        assert_eq!(m.failed, 0);
+        assert_eq!(m.ttft_attainment, 1.0, "{algorithm}");
+        // Tokens every step: the ITL is the step (the histogram keeps two
+        // significant digits).
+        assert!(
+            (m.itl_p90 - 0.010).abs() < 0.0002,
+            "{algorithm}: itl p90 {}",
+            m.itl_p90
+        );
+        assert!(run.scale_events >= 1, "{algorithm}: it scaled from 1");
+    }
+}
+
+#[tokio::test]
+async fn replica_seconds_count_cold_starts_and_stop_at_the_horizon() {
+    // One replica throughout, never scaled (min = max = 1): it costs the
+    // whole span, and nothing more.
+    let trace = constant(2, 120, 1, 100);
+    let settings = Settings::new(ten_ms_steps());
+    let p = policy(&[("min-replicas", "1"), ("max-replicas", "1")]);
+    let registry = AlgorithmRegistry::with_builtins();
+    let run = match simulate(&trace, &settings, &p, &registry, |_| {}).await {
+        Ok(r) => r,
+        Err(e) => panic!("{e}"),
+    };
+    let span = horizon(&trace).as_secs_f64();
+    assert!((run.measured.replica_seconds - span).abs() < 1e-6);
+    assert_eq!(run.scale_events, 0);
+    assert_eq!(run.measured.max_replicas_used, 1);
+}
+
+/// Deterministic bursty load: a base rate with two bursts, prompts and
+/// outputs varying request to request.
+fn bursty(secs: u32) -> Vec<Arrival> {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut out = Vec::new();
+    let mut t = 0.0f64;
+    while t < f64::from(secs) {
+        let rate = if (100.0..160.0).contains(&t) || (280.0..310.0).contains(&t) {
+            14.0
+        } else {
+            3.0
+        };
+        out.push(Arrival {
+            at: Duration::from_secs_f64(t),
+            prompt_tokens: 200 + (next() % 1800) as u32,
+            max_tokens: 20 + (next() % 200) as u32,
+        });
+        t += 1.0 / rate;
+    }
+    out
+}
+
+#[tokio::test]
+async fn the_oracle_is_never_above_an_algorithm_at_the_same_attainment() {
+    let trace = bursty(420);
+    let mut settings = Settings::new(Timing::h100x2_llama_70b());
+    settings.startup_delay = Duration::from_secs(30);
+    settings.max_replicas = 16;
+    let registry = AlgorithmRegistry::with_builtins();
+    let runs = [("kpa", "4"), ("kpa", "12"), ("hpa", "6"), ("slo", "3000")];
+    for (algorithm, target) in runs {
+        let p = policy(&[
+            ("algorithm", algorithm),
+            ("target", target),
+            ("ttft-target", "1s"),
+            ("max-replicas", "16"),
+            ("window", "30s"),
+            ("hpa-scale-down-stabilization-window", "30s"),
+        ]);
+        let run = match simulate(&trace, &settings, &p, &registry, |_| {}).await {
+            Ok(r) => r,
+            Err(e) => panic!("{algorithm}: {e}"),
+        };
+        let m = &run.measured;
+        let o = oracle(
+            &trace,
+            &settings,
+            OracleSettings {
+                goal: m.ttft_attainment,
+                ..OracleSettings::default()
+            },
+        );
+        eprintln!(
+            "{algorithm} {target}: attainment {:.4} at {:.0} replica-s; oracle {:.4} at {:.0}",
+            m.ttft_attainment,
+            m.replica_seconds,
+            o.measured.ttft_attainment,
+            o.measured.replica_seconds
+        );
+        assert!(
+            o.measured.ttft_attainment >= m.ttft_attainment,
+            "{algorithm} {target}: oracle attainment {} below the algorithm's {}",
+            o.measured.ttft_attainment,
+            m.ttft_attainment
+        );
+        assert!(
+            o.measured.replica_seconds <= m.replica_seconds,
+            "{algorithm} {target}: oracle {} replica-seconds above the algorithm's {} at attainment {}",
+            o.measured.replica_seconds,
+            m.replica_seconds,
+            m.ttft_attainment
+        );
+    }
+}
