@@ -21,13 +21,14 @@ pub const PREFIX: &str = "scalecar.io/";
 pub const IDENTITY_KEYS: [&str; 3] = ["model", "role", "port"];
 
 /// Every policy key.
-pub const POLICY_KEYS: [&str; 31] = [
+pub const POLICY_KEYS: [&str; 32] = [
     "algorithm",
     "metric",
     "target",
     "target-utilization-percentage",
     "ttft-target",
     "itl-target",
+    "slo-percentile",
     "min-replicas",
     "max-replicas",
     "initial-scale",
@@ -291,6 +292,14 @@ fn parse_policy(
         Duration::from_micros(100),
         Duration::from_secs(60),
     );
+    if let Some(q) = r.parse("slo-percentile", |v| match v.trim() {
+        "50" => Ok(50),
+        "90" => Ok(90),
+        "99" => Ok(99),
+        _ => Err("must be 50, 90 or 99".to_string()),
+    }) {
+        p.slo_percentile = q;
+    }
     if let Some(n) = r.u32_in("min-replicas", 0, 100_000) {
         p.min_replicas = n;
     }
@@ -628,6 +637,7 @@ mod tests {
             ("target-utilization-percentage", "80"),
             ("ttft-target", "500ms"),
             ("itl-target", "50ms"),
+            ("slo-percentile", "99"),
             ("min-replicas", "0"),
             ("max-replicas", "20"),
             ("initial-scale", "2"),
@@ -653,6 +663,7 @@ mod tests {
         ]))
         .unwrap();
         let p = &t.policy;
+        assert_eq!(p.slo_percentile, 99);
         assert_eq!((t.role, t.port), (Role::Prefill, Some(8000)));
         assert_eq!(
             (p.algorithm.as_str(), p.metric, p.target),
@@ -783,6 +794,10 @@ mod tests {
             (
                 vec![("window", "5s")],
                 "scalecar.io/window: \"5s\" must be between 6s and 1h",
+            ),
+            (
+                vec![("slo-percentile", "95")],
+                "scalecar.io/slo-percentile: \"95\" must be 50, 90 or 99",
             ),
             (
                 vec![("window", "soon")],

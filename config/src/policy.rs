@@ -196,6 +196,10 @@ pub struct Policy {
     pub ttft_target: Option<Duration>,
     /// `itl-target`: the ITL p90 the `slo` algorithm keeps decode pools under.
     pub itl_target: Option<Duration>,
+    /// `slo-percentile` (90): which latency percentile `slo` keeps under
+    /// the target — 50, 90 or 99 (99 for an SLO stated as "99 % of
+    /// requests within the target").
+    pub slo_percentile: u32,
     /// `min-replicas` (1: LLM servers take minutes to start, so zero is an
     /// explicit choice).
     pub min_replicas: u32,
@@ -244,6 +248,7 @@ impl Default for Policy {
             target_utilization: 0.7,
             ttft_target: None,
             itl_target: None,
+            slo_percentile: 90,
             min_replicas: 1,
             max_replicas: None,
             initial_scale: 1,

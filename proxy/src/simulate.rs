@@ -71,7 +71,7 @@ pub struct SimulateArgs {
     #[arg(long)]
     pub no_oracle: bool,
     /// Report directory: summary.json, timeline.csv, timeline.svg,
-    /// oracle.csv.
+    /// decisions.jsonl (every tick's decision and its reason), oracle.csv.
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
 }
@@ -289,6 +289,13 @@ fn write_report(
     let path = dir.join("summary.json");
     std::fs::write(&path, json + "\n").map_err(|e| report(&format!("{}: {e}", path.display())))?;
     write_timeline_csv(&run.timeline, &dir.join("timeline.csv")).map_err(|e| report(&e))?;
+    let mut lines = String::new();
+    for d in &run.decisions {
+        lines.push_str(&serde_json::to_string(d).map_err(|e| report(&e))?);
+        lines.push('\n');
+    }
+    let path = dir.join("decisions.jsonl");
+    std::fs::write(&path, lines).map_err(|e| report(&format!("{}: {e}", path.display())))?;
     let title = format!(
         "scalecar simulate: {} on {} ({} requests, startup {}s)",
         summary.algorithm, summary.trace, summary.requests, summary.startup_delay_s

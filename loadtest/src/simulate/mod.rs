@@ -280,6 +280,19 @@ pub struct Run {
     pub ended: Duration,
     /// Every request's measurements, in trace order.
     pub requests: Vec<RequestState>,
+    /// The scaler's decision at every tick, with its reason.
+    pub decisions: Vec<Decided>,
+}
+
+/// One tick's decision, as the report's `decisions.jsonl` keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Decided {
+    pub t: f64,
+    pub ready: u32,
+    pub desired: Option<u32>,
+    pub applied: u32,
+    pub panic: bool,
+    pub reason: String,
 }
 
 /// The time replica-seconds are counted to: the last arrival (every run
@@ -374,6 +387,7 @@ pub async fn simulate(
     let give_up = last + Duration::from_secs(86_400);
     let mut timeline = Vec::new();
     let mut scale_events = 0;
+    let mut decisions = Vec::new();
     let mut arrived = 0;
     let mut t = Duration::ZERO;
     loop {
@@ -383,6 +397,16 @@ pub async fn simulate(
         let status = statuses.first();
         if status.is_some_and(|s| s.changed) {
             scale_events += 1;
+        }
+        if let Some(s) = status {
+            decisions.push(Decided {
+                t: t.as_secs_f64(),
+                ready: s.ready,
+                desired: s.desired,
+                applied: s.applied,
+                panic: s.panic,
+                reason: s.reason.clone(),
+            });
         }
         let spec = target.spec.load(Ordering::Acquire);
         if spec != world.replicas() {
@@ -405,6 +429,7 @@ pub async fn simulate(
         timeline,
         ended: t,
         requests: std::mem::take(&mut world.requests),
+        decisions,
     })
 }
 

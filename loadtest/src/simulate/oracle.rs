@@ -20,6 +20,9 @@
 //!    measured exactly as an algorithm's run is: every replica costs from
 //!    the start of its cold start until it is removed and drained.
 //!
+//! It starts as the algorithms do: `initial_replicas` serving at time
+//! zero, and no more before a cold start has passed.
+//!
 //! Why it is a fair lower bound for a real autoscaler: it sees the future
 //! (no reaction lag, no forecasting error), pays the same cold starts, and
 //! serves through the same engines and proxy, so an algorithm cannot beat
@@ -125,6 +128,7 @@ impl<'a> Search<'a> {
         let last = horizon(trace);
         let min = self.search.min_replicas.min(settings.max_replicas);
         let max = settings.max_replicas.max(min);
+        let initial = settings.initial_replicas.clamp(min, max);
         let slack = (1.0 - self.search.goal).clamp(0.0, 1.0);
         let feasible = |i: usize| self.feasible.get(i) == Some(&true);
         let missed = |world: &World<'_, NoRecorder>, i: usize| {
@@ -133,7 +137,7 @@ impl<'a> Search<'a> {
                 .get(i)
                 .is_none_or(|r| r.ttft.is_none_or(|t| t > target))
         };
-        let mut world = World::new(trace, settings, NoRecorder, 0);
+        let mut world = World::new(trace, settings, NoRecorder, initial);
         let mut schedule = Vec::new();
         let mut start = Duration::ZERO;
         let mut first = 0usize;
@@ -180,10 +184,17 @@ impl<'a> Search<'a> {
                 trial.run_until(end + target);
                 judged.iter().filter(|&&i| missed(&trial, i)).count() <= allowed
             };
+            // What runs at time zero is the algorithms' start too: more
+            // can serve only after a cold start.
+            let max = if start < settings.startup_delay {
+                initial
+            } else {
+                max
+            };
             let floor = floors
                 .and_then(|f| f.get(schedule.len()).copied())
                 .unwrap_or(min)
-                .clamp(min, max);
+                .clamp(min.min(max), max);
             // The smallest n in [floor, max] that meets the goal (max if
             // none does; more replicas never make a request later).
             let (mut lo, mut hi) = (floor, max);
