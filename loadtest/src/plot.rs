@@ -189,6 +189,69 @@ where
     Ok(())
 }
 
+/// Draws replica counts over time as step lines, one per named series
+/// (an algorithm's ready replicas next to the oracle's schedule).
+pub fn write_replicas_svg(
+    series: &[(&str, Vec<(f64, u32)>)],
+    title: &str,
+    path: &Path,
+) -> Result<(), PlotError> {
+    let root = SVGBackend::new(path, (1000, 400)).into_drawing_area();
+    draw_replicas(&root, series, title).map_err(|e| write_error(path, e))?;
+    root.present().map_err(|e| write_error(path, e))
+}
+
+fn draw_replicas<DB: DrawingBackend>(
+    root: &DrawingArea<DB, plotters::coord::Shift>,
+    series: &[(&str, Vec<(f64, u32)>)],
+    title: &str,
+) -> DrawResult<()>
+where
+    DB::ErrorType: 'static,
+{
+    root.fill(&WHITE)?;
+    let points = || series.iter().flat_map(|(_, s)| s.iter());
+    let t_max = points().map(|p| p.0).fold(1.0f64, f64::max);
+    let n_max = f64::from(points().map(|p| p.1).max().unwrap_or(1)) + 1.0;
+    let mut chart = ChartBuilder::on(root)
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(50)
+        .caption(title, ("sans-serif", 18))
+        .build_cartesian_2d(0.0..t_max, 0.0..n_max)?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds")
+        .y_desc("replicas")
+        .draw()?;
+    let colors = [BLACK, RED, BLUE, GREEN, MAGENTA, CYAN];
+    for (i, (name, s)) in series.iter().enumerate() {
+        let color = colors[i % colors.len()];
+        // A step line: each count holds until the next point.
+        let mut steps = Vec::with_capacity(s.len() * 2);
+        for w in s.windows(2) {
+            steps.push((w[0].0, f64::from(w[0].1)));
+            steps.push((w[1].0, f64::from(w[0].1)));
+        }
+        if let Some(&(t, n)) = s.last() {
+            steps.push((t, f64::from(n)));
+        }
+        chart
+            .draw_series(LineSeries::new(
+                steps,
+                color.stroke_width(if i == 0 { 2 } else { 1 }),
+            ))?
+            .label(*name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+    }
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .draw()?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,6 +300,20 @@ mod tests {
             "{}",
             rows.lines().nth(20).unwrap()
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn replicas_are_drawn_per_series() {
+        let dir = std::env::temp_dir().join(format!("scalecar-replicas-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let svg = dir.join("replicas.svg");
+        let a = vec![(0.0, 1), (10.0, 4), (20.0, 2)];
+        let b = vec![(0.0, 1), (10.0, 3)];
+        write_replicas_svg(&[("slo", a), ("oracle", b)], "replicas", &svg).unwrap();
+        let text = std::fs::read_to_string(&svg).unwrap();
+        assert!(text.contains("slo") && text.contains("oracle"));
+        assert!(text.matches("<polyline").count() >= 2);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use scalecar_config::{Limits, Policy, Role};
 use scalecar_loadtest::loadgen::read_any_trace_file;
-use scalecar_loadtest::plot::{write_timeline_csv, write_timeline_svg};
+use scalecar_loadtest::plot::{write_replicas_svg, write_timeline_csv, write_timeline_svg};
 use scalecar_loadtest::sim::GpuProfile;
 use scalecar_loadtest::simulate::oracle::{Oracle, OracleSettings, oracle};
 use scalecar_loadtest::simulate::{Run, Settings, simulate};
@@ -64,6 +64,12 @@ pub struct SimulateArgs {
     /// Trace time compression (2: twice as fast).
     #[arg(long, default_value_t = 1.0)]
     pub speedup: f64,
+    /// Replay the trace's last stretch of this length first, unmeasured,
+    /// so the run starts warm (windows, learned capacity, replicas) as a
+    /// running system does; the oracle then starts with the count it
+    /// chooses. 0: start cold, with `initial-scale` replicas.
+    #[arg(long, default_value = "0s", value_parser = duration)]
+    pub warmup: Duration,
     /// The oracle's schedule changes at most this often.
     #[arg(long, default_value = "10s", value_parser = duration)]
     pub oracle_interval: Duration,
@@ -71,7 +77,8 @@ pub struct SimulateArgs {
     #[arg(long)]
     pub no_oracle: bool,
     /// Report directory: summary.json, timeline.csv, timeline.svg,
-    /// decisions.jsonl (every tick's decision and its reason), oracle.csv.
+    /// decisions.jsonl (every tick's decision and its reason), oracle.csv,
+    /// replicas.svg (ready replicas next to the oracle's).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
 }
@@ -150,6 +157,7 @@ pub struct Summary {
     pub gpu: &'static str,
     pub startup_delay_s: f64,
     pub ttft_target_s: f64,
+    pub warmup_s: f64,
     pub requests: usize,
     pub ttft_attainment: f64,
     pub ttft_p50: f64,
@@ -217,6 +225,7 @@ pub async fn run(
         max_concurrency: policy.max_concurrency,
         initial_replicas: policy.initial_scale.max(policy.min_replicas).max(1),
         max_replicas: policy.max_replicas.unwrap_or(args.max_replicas).max(1),
+        warmup: args.warmup,
     };
     let span = scalecar_loadtest::simulate::horizon(&trace).as_secs_f64();
     let run = simulate(&trace, &settings, &policy, &registry, |t| {
@@ -232,6 +241,7 @@ pub async fn run(
                 interval: args.oracle_interval,
                 goal: 0.99,
                 min_replicas: policy.min_replicas.max(1),
+                ..OracleSettings::default()
             },
         )
     });
@@ -243,6 +253,7 @@ pub async fn run(
         gpu: args.gpu.name(),
         startup_delay_s: args.startup_delay.as_secs_f64(),
         ttft_target_s: args.ttft_target.as_secs_f64(),
+        warmup_s: args.warmup.as_secs_f64(),
         requests: m.requests,
         ttft_attainment: round(m.ttft_attainment, 5),
         ttft_p50: round(m.ttft_p50, 4),
@@ -309,6 +320,27 @@ fn write_report(
         let path = dir.join("oracle.csv");
         std::fs::write(&path, csv).map_err(|e| report(&format!("{}: {e}", path.display())))?;
     }
+    let mut series = vec![(
+        summary.algorithm.as_str(),
+        run.timeline
+            .iter()
+            .map(|p| (p.t, p.ready))
+            .collect::<Vec<_>>(),
+    )];
+    if let Some(o) = oracle {
+        series.push((
+            "oracle",
+            o.schedule
+                .iter()
+                .map(|(t, n)| (t.as_secs_f64(), *n))
+                .collect(),
+        ));
+    }
+    let title = format!(
+        "ready replicas: {} vs the oracle ({})",
+        summary.algorithm, summary.trace
+    );
+    write_replicas_svg(&series, &title, &dir.join("replicas.svg")).map_err(|e| report(&e))?;
     Ok(())
 }
 

@@ -63,6 +63,12 @@ pub struct Settings {
     pub initial_replicas: u32,
     /// The most replicas (the oracle searches up to here).
     pub max_replicas: u32,
+    /// Replays the trace's last stretch of this length first, unmeasured,
+    /// so the run starts as a running system does — with warm windows, a
+    /// learned capacity and the replicas the load called for — rather than
+    /// with `initial_replicas` facing the trace's first minute. The oracle
+    /// then starts with the count it chooses.
+    pub warmup: Duration,
 }
 
 impl Settings {
@@ -79,6 +85,7 @@ impl Settings {
             max_concurrency: None,
             initial_replicas: 1,
             max_replicas: 64,
+            warmup: Duration::ZERO,
         }
     }
 }
@@ -236,11 +243,18 @@ pub struct Measured {
 }
 
 impl Measured {
-    fn of<R: Recorder>(world: &World<'_, R>, target: Duration, horizon: Duration) -> Self {
-        let mut ttfts: Vec<Duration> = world.requests.iter().filter_map(|r| r.ttft).collect();
+    /// Over the requests from `first` on and the time `span`.
+    fn of<R: Recorder>(
+        world: &World<'_, R>,
+        target: Duration,
+        first: usize,
+        span: (Duration, Duration),
+    ) -> Self {
+        let measured = world.requests.get(first..).unwrap_or(&[]);
+        let mut ttfts: Vec<Duration> = measured.iter().filter_map(|r| r.ttft).collect();
         ttfts.sort_unstable();
         let met = ttfts.iter().filter(|t| **t <= target).count();
-        let requests = world.requests.len();
+        let requests = measured.len();
         let q = |p: f64| {
             let i = ((ttfts.len() as f64 * p).ceil() as usize).clamp(1, ttfts.len().max(1)) - 1;
             ttfts.get(i).map_or(0.0, Duration::as_secs_f64)
@@ -257,10 +271,9 @@ impl Measured {
             ttft_p90: q(0.9),
             ttft_p99: q(0.99),
             itl_p90: itl.p90.map_or(0.0, |d| d.as_secs_f64()),
-            replica_seconds: world.replica_seconds(horizon),
-            max_replicas_used: world.peak_replicas(),
-            failed: world
-                .requests
+            replica_seconds: world.replica_seconds(span.0, span.1),
+            max_replicas_used: world.peak_replicas(span.0, span.1),
+            failed: measured
                 .iter()
                 .filter(|r| matches!(r.fate, Fate::Rejected | Fate::TimedOut | Fate::TooLarge))
                 .count(),
@@ -299,6 +312,32 @@ pub struct Decided {
 /// of a trace is charged over the same span).
 pub fn horizon(trace: &[Arrival]) -> Duration {
     trace.last().map_or(Duration::ZERO, |a| a.at)
+}
+
+/// The trace with its last `warmup` replayed before it: the warm-up
+/// requests first, then the trace shifted by the warm-up. Returns the
+/// combined arrivals and how many of them are warm-up.
+pub fn with_warmup(trace: &[Arrival], warmup: Duration) -> (Vec<Arrival>, usize) {
+    if warmup.is_zero() {
+        return (trace.to_vec(), 0);
+    }
+    let last = horizon(trace);
+    let from = last.saturating_sub(warmup);
+    let lead = last - from;
+    let mut out: Vec<Arrival> = trace
+        .iter()
+        .filter(|a| a.at >= from)
+        .map(|a| Arrival {
+            at: a.at - from,
+            ..*a
+        })
+        .collect();
+    let warm = out.len();
+    out.extend(trace.iter().map(|a| Arrival {
+        at: a.at + lead + Duration::from_nanos(1),
+        ..*a
+    }));
+    (out, warm)
 }
 
 /// A point of the timeline: the last tick's arrivals and first tokens, and
@@ -341,10 +380,16 @@ pub async fn simulate(
     registry: &AlgorithmRegistry,
     mut on_tick: impl FnMut(Duration),
 ) -> Result<Run, SimulateError> {
-    let last = horizon(trace);
     if trace.is_empty() {
         return Err(SimulateError::EmptyTrace);
     }
+    let (combined, warm) = with_warmup(trace, settings.warmup);
+    let trace = &combined[..];
+    // Measured from the real trace's first instant.
+    let start = trace.get(warm).map_or(Duration::ZERO, |a| {
+        a.at.saturating_sub(Duration::from_nanos(1))
+    });
+    let last = horizon(trace);
     let clock = Arc::new(ManualClock::new(Duration::ZERO));
     let signals = Arc::new(PoolSignals::new(
         SignalsConfig::for_window(policy.window),
@@ -395,12 +440,13 @@ pub async fn simulate(
         target.ready.store(world.ready(), Ordering::Release);
         let statuses = control.tick_once().await;
         let status = statuses.first();
-        if status.is_some_and(|s| s.changed) {
+        let measuring = t >= start;
+        if measuring && status.is_some_and(|s| s.changed) {
             scale_events += 1;
         }
-        if let Some(s) = status {
+        if let Some(s) = status.filter(|_| measuring) {
             decisions.push(Decided {
-                t: t.as_secs_f64(),
+                t: (t - start).as_secs_f64(),
                 ready: s.ready,
                 desired: s.desired,
                 applied: s.applied,
@@ -414,21 +460,31 @@ pub async fn simulate(
         }
         let arrivals = world.arrived() - arrived;
         let panic = status.is_some_and(|s| s.panic);
-        timeline.push(timeline_point(&mut world, tick, arrivals, spec, panic));
+        let mut point = timeline_point(&mut world, tick, arrivals, spec, panic);
+        if measuring {
+            point.t -= start.as_secs_f64();
+            timeline.push(point);
+        }
         arrived = world.arrived();
-        on_tick(t);
+        // Latencies are measured from the trace's start.
+        if !measuring && t + tick >= start {
+            world.itl.reset();
+        }
+        on_tick(t.saturating_sub(start));
         if (world.finished() && t >= last) || t > give_up {
             break;
         }
         t += tick;
     }
-    let measured = Measured::of(&world, settings.ttft_target, last);
+    let measured = Measured::of(&world, settings.ttft_target, warm, (start, last));
+    let mut requests = std::mem::take(&mut world.requests);
+    requests.drain(..warm.min(requests.len()));
     Ok(Run {
         measured,
         scale_events,
         timeline,
-        ended: t,
-        requests: std::mem::take(&mut world.requests),
+        ended: t.saturating_sub(start),
+        requests,
         decisions,
     })
 }

@@ -21,7 +21,9 @@
 //!    the start of its cold start until it is removed and drained.
 //!
 //! It starts as the algorithms do: `initial_replicas` serving at time
-//! zero, and no more before a cold start has passed.
+//! zero, and no more before a cold start has passed — or, when the
+//! algorithms run after a warm-up, with the count it chooses (it too has
+//! a past).
 //!
 //! Why it is a fair lower bound for a real autoscaler: it sees the future
 //! (no reaction lag, no forecasting error), pays the same cold starts, and
@@ -58,6 +60,8 @@ pub struct OracleSettings {
     pub goal: f64,
     /// The fewest replicas at any time.
     pub min_replicas: u32,
+    /// Bisection steps over the miss rate (each costs two searches).
+    pub refinements: u32,
 }
 
 impl Default for OracleSettings {
@@ -66,6 +70,7 @@ impl Default for OracleSettings {
             interval: Duration::from_secs(10),
             goal: 0.99,
             min_replicas: 1,
+            refinements: 5,
         }
     }
 }
@@ -73,6 +78,7 @@ impl Default for OracleSettings {
 /// Computes the oracle's schedule for `trace` and measures it.
 pub fn oracle(trace: &[Arrival], settings: &Settings, search: OracleSettings) -> Oracle {
     let target = settings.ttft_target;
+    let last = horizon(trace);
     // Requests no schedule can serve in time (slower than the target on an
     // idle replica) are left out of the search; they still count as misses
     // in the measured attainment, for the oracle and algorithms alike.
@@ -89,24 +95,30 @@ pub fn oracle(trace: &[Arrival], settings: &Settings, search: OracleSettings) ->
         interval: search.interval.max(Duration::from_millis(100)),
         feasible: &feasible,
     };
-    let (first, _) = searcher.run(None);
-    let mut floors: Vec<u32> = first.iter().map(|&(_, n)| n).collect();
-    keep_through_dips(&mut floors, settings.startup_delay, searcher.interval);
-    // Serving differs in detail once counts change (another replica takes
-    // a request), so the kept schedule is searched again, never below
-    // its floors, and that run is the one measured.
-    let (schedule, mut world) = searcher.run(Some(&floors));
-    while !world.finished() {
-        let next = world.now() + searcher.interval;
-        world.run_until(next);
-        world.recent_ttfts.clear();
+    // Misses allowed accrue with the requests at `rate` and are spent as
+    // soon as an interval can save a replica with them. Spent at the
+    // goal's own rate, the budget is always near empty, and one interval
+    // with a miss only many replicas avoid costs those replicas; accrued
+    // faster, intervals that need none build a reserve. The rate is
+    // searched (bisection) for the cheapest schedule that still meets the
+    // goal over the whole trace.
+    let slack = (1.0 - search.goal).clamp(0.0, 1.0);
+    let mut best = searcher.attempt(slack, last);
+    let meets = |o: &Oracle| o.measured.ttft_attainment >= search.goal;
+    let (mut lo, mut hi) = (slack, (slack * 8.0).min(1.0));
+    for _ in 0..search.refinements {
+        let rate = (lo + hi) / 2.0;
+        let o = searcher.attempt(rate, last);
+        if meets(&o) {
+            lo = rate;
+            if !meets(&best) || o.measured.replica_seconds < best.measured.replica_seconds {
+                best = o;
+            }
+        } else {
+            hi = rate;
+        }
     }
-    let scale_events = schedule.windows(2).filter(|w| w[0].1 != w[1].1).count() as u32;
-    Oracle {
-        measured: Measured::of(&world, target, horizon(trace)),
-        schedule,
-        scale_events,
-    }
+    best
 }
 
 /// One pass of the per-interval search.
@@ -119,17 +131,42 @@ struct Search<'a> {
 }
 
 impl<'a> Search<'a> {
+    /// The two passes at one miss rate, measured.
+    fn attempt(&self, rate: f64, last: Duration) -> Oracle {
+        let (first, _) = self.run(None, rate);
+        let mut floors: Vec<u32> = first.iter().map(|&(_, n)| n).collect();
+        keep_through_dips(&mut floors, self.settings.startup_delay, self.interval);
+        // Serving differs in detail once counts change (another replica
+        // takes a request), so the kept schedule is searched again, never
+        // below its floors, and that run is the one measured.
+        let (schedule, mut world) = self.run(Some(&floors), rate);
+        while !world.finished() {
+            let next = world.now() + self.interval;
+            world.run_until(next);
+            world.recent_ttfts.clear();
+        }
+        let scale_events = schedule.windows(2).filter(|w| w[0].1 != w[1].1).count() as u32;
+        Oracle {
+            measured: Measured::of(&world, self.settings.ttft_target, 0, (Duration::ZERO, last)),
+            schedule,
+            scale_events,
+        }
+    }
+
     /// The smallest count per interval (at least `floors`, if given) that
     /// keeps the TTFT goal over every request so far; returns the schedule
     /// and the world at the last interval's end.
-    fn run(&self, floors: Option<&[u32]>) -> (Vec<(Duration, u32)>, World<'a, NoRecorder>) {
+    fn run(
+        &self,
+        floors: Option<&[u32]>,
+        rate: f64,
+    ) -> (Vec<(Duration, u32)>, World<'a, NoRecorder>) {
         let (trace, settings, interval) = (self.trace, self.settings, self.interval);
         let target = settings.ttft_target;
         let last = horizon(trace);
         let min = self.search.min_replicas.min(settings.max_replicas);
         let max = settings.max_replicas.max(min);
         let initial = settings.initial_replicas.clamp(min, max);
-        let slack = (1.0 - self.search.goal).clamp(0.0, 1.0);
         let feasible = |i: usize| self.feasible.get(i) == Some(&true);
         let missed = |world: &World<'_, NoRecorder>, i: usize| {
             world
@@ -176,7 +213,7 @@ impl<'a> Search<'a> {
             infeasible_seen += (first..after).filter(|&i| !feasible(i)).count();
             // The goal over every request so far: the misses it allows,
             // less those already spent.
-            let allowed = ((slack * after as f64).floor() as usize)
+            let allowed = ((rate * after as f64).floor() as usize)
                 .saturating_sub(infeasible_seen + decided_misses + carried_misses);
             let meets = |n: u32| {
                 let mut trial = world.clone();
@@ -186,7 +223,7 @@ impl<'a> Search<'a> {
             };
             // What runs at time zero is the algorithms' start too: more
             // can serve only after a cold start.
-            let max = if start < settings.startup_delay {
+            let max = if start < settings.startup_delay && settings.warmup.is_zero() {
                 initial
             } else {
                 max

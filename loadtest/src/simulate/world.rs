@@ -168,28 +168,32 @@ impl<'t, R: Recorder> World<'t, R> {
         self.next >= self.trace.len() && self.settled >= self.trace.len()
     }
 
-    /// Replica-seconds spent in `[0, until]`: every replica from its
+    /// Replica-seconds spent in `[from, until]`: every replica from its
     /// creation (its cold start holds the GPU too) until it is gone.
-    pub fn replica_seconds(&self, until: Duration) -> f64 {
+    pub fn replica_seconds(&self, from: Duration, until: Duration) -> f64 {
         self.replicas
             .iter()
             .map(|r| {
                 let end = r.gone.unwrap_or(until).min(until);
-                end.saturating_sub(r.created).as_secs_f64()
+                end.saturating_sub(r.created.max(from)).as_secs_f64()
             })
             .sum()
     }
 
-    /// The most replicas that existed at once.
-    pub fn peak_replicas(&self) -> u32 {
+    /// The most replicas that existed at once in `[from, until]`.
+    pub fn peak_replicas(&self, from: Duration, until: Duration) -> u32 {
         let mut edges: Vec<(Duration, i32)> = Vec::new();
         for r in &self.replicas {
-            edges.push((r.created, 1));
+            if r.created > until || r.gone.is_some_and(|g| g <= from) {
+                continue;
+            }
+            edges.push((r.created.max(from), 1));
             if let Some(g) = r.gone {
                 edges.push((g, -1));
             }
         }
-        edges.sort();
+        // A replica gone at t and one created at t are not both counted.
+        edges.sort_by_key(|&(t, d)| (t, d));
         let (mut now, mut peak) = (0i32, 0i32);
         for (_, d) in edges {
             now += d;
