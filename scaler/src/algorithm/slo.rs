@@ -140,24 +140,29 @@ impl ScalingAlgorithm for Slo {
             99 => l.p99,
             _ => l.p90,
         };
-        let observed = percentile(&latency).filter(|_| latency.count >= MIN_SAMPLES);
-        if let Some(l) = observed {
-            self.learn(demand_stable / f64::from(ready), l, target, settled);
-        }
-        // A miss in the panic window is news the stable window gives a
-        // window later: it may lower the capacity now (never raise it).
-        let panic_miss = percentile(&panic_latency)
-            .filter(|l| panic_latency.count >= MIN_SAMPLES && *l > target);
-        if let Some(l) = panic_miss {
-            self.learn(demand_panic / f64::from(ready), l, target, settled);
-        }
-        let cap = self.capacity;
         let horizon = if p.scale_down_delay.is_zero() {
             p.window
         } else {
             p.scale_down_delay
         };
         let demand = self.peak(input.now, horizon, demand_stable.max(demand_panic));
+        // Capacity is learned on the windows' own demand, never on the held
+        // peak: learning "the peak was served" from a quiet window after a
+        // burst raised the estimate until the next burst missed (on the
+        // code trace: 81 % attainment instead of 98 %).
+        let (learn_stable, learn_panic) = (demand_stable, demand_panic);
+        let observed = percentile(&latency).filter(|_| latency.count >= MIN_SAMPLES);
+        if let Some(l) = observed {
+            self.learn(learn_stable / f64::from(ready), l, target, settled);
+        }
+        // A miss in the panic window is news the stable window gives a
+        // window later: it may lower the capacity now (never raise it).
+        let panic_miss = percentile(&panic_latency)
+            .filter(|l| panic_latency.count >= MIN_SAMPLES && *l > target);
+        if let Some(l) = panic_miss {
+            self.learn(learn_panic / f64::from(ready), l, target, settled);
+        }
+        let cap = self.capacity;
         let need = |d: f64| (d / cap).ceil().min(f64::from(u32::MAX)) as u32;
         let mut desired = need(demand);
         let over = observed.is_some_and(|l| l > target) || panic_miss.is_some();
