@@ -1,0 +1,172 @@
+//! `scalecar simulate` as users run it: the real binary on trace files.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("scalecar-simulate-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The first `n` requests of the Azure conv trace (about a minute and a half).
+fn azure_head(dir: &Path, n: usize) -> PathBuf {
+    let full =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../loadtest/data/azure-llm-2023-conv.csv");
+    let text = std::fs::read_to_string(full).unwrap();
+    let head: Vec<&str> = text.lines().take(n + 1).collect();
+    let path = dir.join("head.csv");
+    std::fs::write(&path, head.join("\n") + "\n").unwrap();
+    path
+}
+
+fn simulate(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_scalecar"))
+        .arg("simulate")
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[test]
+fn a_trace_gives_a_summary_a_report_and_the_same_bytes_twice() {
+    let dir = temp_dir("report");
+    let trace = azure_head(&dir, 400);
+    let out = dir.join("report");
+    let args = [
+        "--trace",
+        trace.to_str().unwrap(),
+        "--algorithm",
+        "kpa",
+        "--set",
+        "target=4",
+        "--startup-delay",
+        "20s",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let (code, stdout, stderr) = simulate(&args);
+    assert_eq!(code, 0, "{stderr}");
+    let s: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(s["requests"], 400);
+    assert_eq!(s["algorithm"], "kpa");
+    let attainment = s["ttft_attainment"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&attainment), "{s}");
+    let p50 = s["ttft_p50"].as_f64().unwrap();
+    let p99 = s["ttft_p99"].as_f64().unwrap();
+    assert!(p50 > 0.0 && p50 <= p99, "{s}");
+    assert!(s["itl_p90"].as_f64().unwrap() > 0.0, "{s}");
+    let rs = s["replica_seconds"].as_f64().unwrap();
+    let oracle = s["oracle_replica_seconds"].as_f64().unwrap();
+    // At least one replica over the whole span, never more than 64.
+    let span = s["trace_seconds"].as_f64().unwrap();
+    assert!(rs >= span - 1e-6 && rs <= 64.0 * span, "{s}");
+    assert!(oracle > 0.0, "{s}");
+    let ratio = s["ratio_to_oracle"].as_f64().unwrap();
+    assert!((ratio - rs / oracle).abs() < 0.001, "{s}");
+    assert!(s["max_replicas_used"].as_u64().unwrap() >= 1);
+    for file in [
+        "summary.json",
+        "timeline.csv",
+        "timeline.svg",
+        "replicas.svg",
+        "decisions.jsonl",
+        "oracle.csv",
+    ] {
+        let meta = std::fs::metadata(out.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert!(meta.len() > 0, "{file} is empty");
+    }
+    let decisions = std::fs::read_to_string(out.join("decisions.jsonl")).unwrap();
+    let decided: Vec<Value> = decisions
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // One per tick, and kpa's reasons once there is data.
+    assert!(decided.len() >= (span / 2.0) as usize, "{}", decided.len());
+    assert!(
+        decided
+            .iter()
+            .any(|d| d["reason"].as_str().unwrap().contains("concurrency")),
+        "{decisions}"
+    );
+    // Virtual time only: the same input prints the same bytes.
+    let (_, again, _) = simulate(&args);
+    assert_eq!(stdout, again);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn json_lines_traces_are_read_too() {
+    let dir = temp_dir("jsonl");
+    let lines: Vec<String> = (0..120)
+        .map(|i| {
+            format!(
+                r#"{{"timestamp": {}, "input_length": {}, "output_length": {}}}"#,
+                i * 250,
+                200 + 37 * i,
+                20 + i % 50
+            )
+        })
+        .collect();
+    let trace = dir.join("trace.jsonl");
+    std::fs::write(&trace, lines.join("\n") + "\n").unwrap();
+    let (code, stdout, stderr) = simulate(&[
+        "--trace",
+        trace.to_str().unwrap(),
+        "--algorithm",
+        "slo",
+        "--set",
+        "target=3000",
+        "--no-oracle",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let s: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(s["requests"], 120);
+    assert!(s["oracle_replica_seconds"].is_null());
+    // 30 s of trace: 119 gaps of 250 ms.
+    assert!(
+        (s["trace_seconds"].as_f64().unwrap() - 29.75).abs() < 1e-6,
+        "{s}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bad_input_exits_2_and_says_what_was_wrong() {
+    let dir = temp_dir("bad");
+    let trace = dir.join("bad.csv");
+    std::fs::write(
+        &trace,
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.6805900,374,44\n2023-11-16 18:15:47,many,44\n",
+    )
+    .unwrap();
+    let (code, stdout, stderr) = simulate(&["--trace", trace.to_str().unwrap(), "--no-oracle"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stdout.is_empty());
+    assert!(
+        stderr.contains("bad.csv") && stderr.contains("line 3"),
+        "{stderr}"
+    );
+
+    let good = azure_head(&dir, 10);
+    let (code, _, stderr) = simulate(&["--trace", good.to_str().unwrap(), "--set", "tagret=4"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("policy") && stderr.contains("tagret"),
+        "{stderr}"
+    );
+
+    let (code, _, stderr) = simulate(&["--trace", good.to_str().unwrap(), "--gpu", "a100"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("not a GPU profile"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
