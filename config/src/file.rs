@@ -138,7 +138,9 @@ struct RawScaler {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPool {
-    model: Option<String>,
+    /// A `Scalar` so that `model: true` or `model: 8` is refused rather
+    /// than served as the model "true" or "8".
+    model: Option<Scalar>,
     role: Option<String>,
     endpoints: Option<Vec<String>>,
     policy: Option<BTreeMap<String, Scalar>>,
@@ -680,7 +682,17 @@ impl ScalecarConfig {
         for (i, p) in raw_pools.into_iter().enumerate() {
             let path = format!("pools[{i}]");
             let model = match p.model {
-                Some(m) if !m.trim().is_empty() => m.trim().to_string(),
+                Some(Scalar::Str(m)) if !m.trim().is_empty() => m.trim().to_string(),
+                Some(other @ (Scalar::Bool(_) | Scalar::Int(_) | Scalar::Float(_))) => {
+                    let value = other.into_string();
+                    c.fail(
+                        &format!("{path}.model"),
+                        format!(
+                            "{value} is not a string: a model name is text (quote it: \"{value}\")"
+                        ),
+                    );
+                    continue;
+                }
                 _ => {
                     c.fail(
                         &format!("{path}.model"),
@@ -850,6 +862,16 @@ pools:
     }
 
     #[test]
+    fn a_quoted_model_name_is_text_whatever_it_looks_like() {
+        let c = ScalecarConfig::from_yaml_str(
+            "pools: [{model: \"true\", endpoints: [\"1.2.3.4:80\"]}, {model: '8', endpoints: [\"1.2.3.4:81\"]}]",
+        )
+        .unwrap();
+        let names: Vec<&str> = c.pools.iter().map(|p| p.model.as_str()).collect();
+        assert_eq!(names, ["true", "8"]);
+    }
+
+    #[test]
     fn errors_carry_the_field_path() {
         let pool = "pools: [{model: m, endpoints: [\"1.2.3.4:80\"]}]";
         for (text, want) in [
@@ -864,6 +886,8 @@ pools:
             ("pools: [{model: m, policy: {min-replicas: 5, max-replicas: 3}}]".into(), "pools[0].policy: min-replicas 5 is greater than max-replicas 3"),
             ("pools: [{model: m, role: both}]".into(), "pools[0].role: \"both\" must be unified"),
             ("pools: [{role: decode}]".into(), "pools[0].model: is required"),
+            ("pools: [{model: true}]".into(), "pools[0].model: true is not a string: a model name is text (quote it: \"true\")"),
+            ("pools: [{model: 8}]".into(), "pools[0].model: 8 is not a string"),
             ("pools: []".into(), "pools: at least one pool"),
             ("pools: [{model: m}, {model: m}]".into(), "pools[1]: model m role unified is already pools[0]"),
             ("pools: [{model: m, role: prefill}]".into(), "model m has no decode pool"),

@@ -260,6 +260,24 @@ impl DataPlane {
                 ));
             }
         };
+        // serde reads a struct from an array too (fields by position):
+        // only an object is a request body.
+        let first = body.iter().find(|b| !b.is_ascii_whitespace()).copied();
+        if first.is_some_and(|b| b != b'{') {
+            self.metrics.rejected(Rejection::bad_request);
+            let got = match first {
+                Some(b'[') => "an array",
+                Some(b'"') => "a string",
+                Some(b'0'..=b'9' | b'-') => "a number",
+                Some(b't' | b'f') => "a boolean",
+                Some(b'n') => "null",
+                _ => "something else",
+            };
+            return error_response(&ApiError::bad_request(
+                format!("request body must be a JSON object (got {got})"),
+                None,
+            ));
+        }
         let fields: RequestFields<'_> = match serde_json::from_slice(&body) {
             Ok(f) => f,
             Err(e) => {

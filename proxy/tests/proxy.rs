@@ -400,6 +400,21 @@ async fn bad_input_is_refused_clearly() {
         assert!(json["error"]["message"].is_string(), "{text}");
         assert!(headers.get("x-request-id").is_some());
     }
+    // A JSON array whose items line up with the fields (model, stream, …)
+    // is not a request body: refused, saying what a body must be.
+    let (status, _, text) = request(
+        "POST",
+        &format!("{base}/v1/completions"),
+        r#"["m", false, null, "x", null]"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 400, "{text}");
+    // The proxy's own answer (model-sim would refuse it too, differently).
+    assert!(
+        text.contains("request body must be a JSON object (got an array)"),
+        "{text}"
+    );
     // An absolute URI naming another host still goes to the pool.
     let (status, _, _) = request(
         "POST",
