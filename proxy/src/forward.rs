@@ -131,7 +131,12 @@ impl Forwarder {
         };
         let waited = Instant::now();
         let result = entry.pool.admit(tokens, avoid, deadline).await;
-        entry.metrics.queue_wait.observe(waited.elapsed());
+        // Only a request that entered the queue waited: a full queue turns
+        // it away at once (429), and a zero there would drag the quantiles
+        // down exactly when waits are longest.
+        if !matches!(result, Err(AdmitError::QueueFull)) {
+            entry.metrics.queue_wait.observe(waited.elapsed());
+        }
         result.map(|lease| (lease, true)).map_err(|e| {
             let (outcome, status, message, retry) = match e {
                 AdmitError::QueueFull => (
