@@ -52,7 +52,8 @@ INPUT (JSON lines on stdin; `t` in seconds, never decreasing; every line of one 
   every --tick. A sample holds from its t until the next line.
     {\"t\": 12.0, \"ready\": 5, \"concurrency\": 12.5, \"rps\": 3.0, \"queue\": 0,
      \"tokens\": 4096, \"ttft_ms\": [350, 420], \"itl_ms\": [20, 22]}
-  Every key but `t` and `ready` is optional (absent means 0 / no samples).
+  Besides `t` and `ready`, a sample carries at least one of the others;
+  any left out means 0 / no samples.
 
   The decider is created at the first line, with that line's ready count.
 
@@ -61,8 +62,9 @@ OUTPUT (JSON lines on stdout)
   `desired` is the algorithm's count (null: no decision); `applied` the count
   after schedule floors, scale-to-zero and the min/max bounds.
 
-Bad input (malformed line, t going backwards, unknown key) stops with the
-line number on stderr and exit code 2.
+Bad input (malformed line, t going backwards or past 1e9 s, samples more
+than a day apart, unknown key) stops with the line number on stderr and
+exit code 2.
 
 EXAMPLE
   printf '%s\\n' '{\"t\":0,\"ready\":1,\"stable\":10,\"panic\":10}' \\
@@ -144,6 +146,11 @@ enum InputKind {
 }
 
 const COMMON_KEYS: [&str; 2] = ["t", "ready"];
+/// The largest `t` taken, in seconds: a bound that keeps every duration
+/// and instant arithmetic far from overflow.
+const MAX_T: f64 = 1e9;
+/// The longest gap between two samples, seconds.
+const MAX_SAMPLE_GAP: f64 = 86_400.0;
 const WINDOW_KEYS: [&str; 2] = ["stable", "panic"];
 const SAMPLE_KEYS: [&str; 6] = ["concurrency", "rps", "queue", "tokens", "ttft_ms", "itl_ms"];
 
@@ -245,6 +252,14 @@ fn parse_line(text: &str, line: usize) -> Result<(InputKind, InputLine), ReplayE
         )
     })?;
     let t = match obj.get("t").and_then(Value::as_f64) {
+        Some(t) if t.is_finite() && t > MAX_T => {
+            return Err(input_error(
+                line,
+                format!(
+                    "\"t\": {t:e} is more than {MAX_T:e} seconds (about 31 years): is it in milliseconds?"
+                ),
+            ));
+        }
         Some(t) if t.is_finite() && t >= 0.0 => t,
         Some(_) | None => {
             return Err(input_error(
@@ -543,6 +558,21 @@ pub fn run(
             return Err(input_error(
                 line,
                 format!("t {} goes back from {}", sample.t, last_t),
+            ));
+        }
+        // Samples are decided every tick across a gap: one longer than a
+        // day is a unit mistake (t in milliseconds), not a quiet spell.
+        if replayed.is_some()
+            && this_kind == InputKind::Samples
+            && sample.t - last_t > MAX_SAMPLE_GAP
+        {
+            return Err(input_error(
+                line,
+                format!(
+                    "t jumps {:e} s from {} (more than a day between samples, a decision every tick): is t in milliseconds?",
+                    sample.t - last_t,
+                    last_t
+                ),
             ));
         }
         last_t = sample.t;

@@ -172,6 +172,20 @@ fn bad_input_names_the_line_and_exits_2() {
             "{\"t\": 0, \"ready\": 1, \"stable\": 1, \"panic\": 1}\n{\"t\": 1, \"ready\": 1, \"rps\": 1}\n",
             "line 2: mixes window values and samples",
         ),
+        // Was a panic (exit 101): a duration out of range.
+        (
+            "{\"t\": 1e300, \"ready\": 1, \"stable\": 1, \"panic\": 1}\n",
+            "line 1: \"t\": 1e300 is more than 1e9 seconds",
+        ),
+        (
+            "{\"t\": 0, \"ready\": 1}\n",
+            "line 1: neither window values",
+        ),
+        // Was hours of CPU: a decision every tick across the gap.
+        (
+            "{\"t\": 0, \"ready\": 1, \"rps\": 1}\n{\"t\": 9000000, \"ready\": 1, \"rps\": 1}\n",
+            "line 2: t jumps 9e6 s from 0 (more than a day between samples",
+        ),
     ] {
         let (code, _, err) = replay(&[], input);
         assert_eq!(code, 2, "{input}");
