@@ -363,6 +363,13 @@ impl Checker {
         let Some(v) = v else { return default };
         let text = v.into_string();
         match humantime::parse_duration(&text) {
+            Ok(d) if d > MAX_DURATION => {
+                self.fail(
+                    path,
+                    format!("{text:?} is more than 24h, the longest any duration here may be"),
+                );
+                default
+            }
             Ok(d) if !d.is_zero() => d,
             Ok(_) => {
                 self.fail(path, format!("{text:?} must be greater than 0"));
@@ -378,6 +385,11 @@ impl Checker {
         }
     }
 }
+
+/// The longest duration any config key takes. Timeouts are added to
+/// instants on every connection and request: an unbounded one overflowed
+/// there (a panic per connection) after passing validation.
+const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 
 fn valid_endpoint(e: &str) -> bool {
     let Some((host, port)) = e.rsplit_once(':') else {
@@ -882,6 +894,8 @@ pools:
             (format!("limits: {{queue-length: -1}}\n{pool}"), "limits.queue-length: \"-1\" is not a whole number"),
             (format!("limits: {{max-ejection-percent: 101}}\n{pool}"), "limits.max-ejection-percent: 101 is more than 100"),
             (format!("limits: {{upstream-idle-timeout: 0s}}\n{pool}"), "limits.upstream-idle-timeout: \"0s\" must be greater than 0"),
+            (format!("limits: {{header-timeout: 18446744073709551615s}}\n{pool}"), "limits.header-timeout: \"18446744073709551615s\" is more than 24h, the longest any duration here may be"),
+            (format!("limits: {{request-timeout: 25h}}\n{pool}"), "limits.request-timeout: \"25h\" is more than 24h"),
             ("pools: [{model: m, endpoints: [\"10.0.0.5\"]}]".into(), "pools[0].endpoints[0]: \"10.0.0.5\" is not host:port"),
             ("pools: [{model: m, policy: {min-replicas: 5, max-replicas: 3}}]".into(), "pools[0].policy: min-replicas 5 is greater than max-replicas 3"),
             ("pools: [{model: m, role: both}]".into(), "pools[0].role: \"both\" must be unified"),
