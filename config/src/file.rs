@@ -727,6 +727,14 @@ impl ScalecarConfig {
                 },
             };
             let endpoints = p.endpoints.unwrap_or_default();
+            if endpoints.is_empty() {
+                // Its requests could only wait out the activation timeout:
+                // nothing would ever add an endpoint to a static pool.
+                c.fail(
+                    &format!("{path}.endpoints"),
+                    "at least one endpoint (host:port) is needed; a pool that may be at zero replicas comes from an annotated workload (kubernetes:)",
+                );
+            }
             for (j, e) in endpoints.iter().enumerate() {
                 if !valid_endpoint(e) {
                     c.fail(
@@ -900,6 +908,8 @@ pools:
             ("pools: [{model: m, policy: {min-replicas: 5, max-replicas: 3}}]".into(), "pools[0].policy: min-replicas 5 is greater than max-replicas 3"),
             ("pools: [{model: m, role: both}]".into(), "pools[0].role: \"both\" must be unified"),
             ("pools: [{role: decode}]".into(), "pools[0].model: is required"),
+            ("pools: [{model: m}]".into(), "pools[0].endpoints: at least one endpoint (host:port) is needed"),
+            ("pools: [{model: m, endpoints: []}]".into(), "pools[0].endpoints: at least one endpoint"),
             ("pools: [{model: true}]".into(), "pools[0].model: true is not a string: a model name is text (quote it: \"true\")"),
             ("pools: [{model: 8}]".into(), "pools[0].model: 8 is not a string"),
             ("pools: []".into(), "pools: at least one pool"),
