@@ -447,7 +447,14 @@ impl<'t, R: Recorder> World<'t, R> {
         }
     }
 
-    fn begin_step(&mut self, replica: u32) {
+    /// Runs `f` on a replica's engine with the events applied to the
+    /// requests and the recorder, then settles the replica's outstanding
+    /// counts; returns what `f` returned and how many requests left.
+    fn with_engine<T>(
+        &mut self,
+        replica: u32,
+        f: impl FnOnce(&mut Engine<RequestId>, Duration, &mut Sink<'_, R>) -> T,
+    ) -> Option<(T, u32)> {
         let now = self.now;
         let mut sink = Sink {
             now,
@@ -461,14 +468,24 @@ impl<'t, R: Recorder> World<'t, R> {
             freed_tokens: 0,
             added_tokens: 0,
         };
+        let r = self.replicas.get_mut(replica as usize)?;
+        let out = f(&mut r.engine, now, &mut sink);
+        r.outstanding -= sink.freed.min(r.outstanding);
+        r.outstanding_tokens =
+            (r.outstanding_tokens + sink.added_tokens).saturating_sub(sink.freed_tokens);
+        Some((out, sink.freed))
+    }
+
+    fn begin_step(&mut self, replica: u32) {
+        let Some((step, freed)) =
+            self.with_engine(replica, |engine, now, sink| engine.begin_step(now, sink))
+        else {
+            return;
+        };
+        let now = self.now;
         let Some(r) = self.replicas.get_mut(replica as usize) else {
             return;
         };
-        let step = r.engine.begin_step(now, &mut sink);
-        let (freed, freed_tokens) = (sink.freed, sink.freed_tokens);
-        r.outstanding -= freed.min(r.outstanding);
-        r.outstanding_tokens =
-            (r.outstanding_tokens + sink.added_tokens).saturating_sub(freed_tokens);
         match step {
             Some(d) => {
                 r.stepping = true;
@@ -489,27 +506,11 @@ impl<'t, R: Recorder> World<'t, R> {
     }
 
     fn end_step(&mut self, replica: u32) {
-        let now = self.now;
-        let mut sink = Sink {
-            now,
-            trace: self.trace,
-            requests: &mut self.requests,
-            recorder: &mut self.recorder,
-            itl: &mut self.itl,
-            settled: &mut self.settled,
-            recent_ttfts: &mut self.recent_ttfts,
-            freed: 0,
-            freed_tokens: 0,
-            added_tokens: 0,
-        };
-        let Some(r) = self.replicas.get_mut(replica as usize) else {
+        let Some(((), freed)) =
+            self.with_engine(replica, |engine, now, sink| engine.end_step(now, sink))
+        else {
             return;
         };
-        r.engine.end_step(now, &mut sink);
-        let (freed, freed_tokens) = (sink.freed, sink.freed_tokens);
-        r.outstanding -= freed.min(r.outstanding);
-        r.outstanding_tokens =
-            (r.outstanding_tokens + sink.added_tokens).saturating_sub(freed_tokens);
         // The next step begins at once (as the engine task loops); freed
         // slots are offered to the queue first, so what they admit joins it.
         if freed > 0 {
