@@ -100,24 +100,37 @@ fn policy_error(e: PolicyErrors) -> ReplayError {
     ReplayError::Policy(e.to_string())
 }
 
+/// The policy keys of `--policy FILE` (YAML, annotation keys without the
+/// prefix) with each `--set key=value` applied over them, on top of
+/// `base`. Shared by `replay` and `simulate`; the error names the file or
+/// the flag.
+pub fn policy_keys_from_args(
+    mut base: BTreeMap<String, String>,
+    file: Option<&std::path::Path>,
+    set: &[String],
+) -> Result<BTreeMap<String, String>, String> {
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let keys = scalecar_config::policy_keys_from_yaml_str(&text)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        base.extend(keys);
+    }
+    for kv in set {
+        let Some((k, v)) = kv.split_once('=') else {
+            return Err(format!(
+                "--set {kv:?} is not key=value (e.g. --set target=10)"
+            ));
+        };
+        base.insert(k.trim().to_string(), v.trim().to_string());
+    }
+    Ok(base)
+}
+
 /// Builds the policy from `--policy` and `--set`, validated, with the
 /// algorithm checked against the registry.
 pub fn load_policy(args: &ReplayArgs, registry: &AlgorithmRegistry) -> Result<Policy, ReplayError> {
-    let mut keys = BTreeMap::new();
-    if let Some(path) = &args.policy {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ReplayError::Policy(format!("{}: {e}", path.display())))?;
-        keys = scalecar_config::policy_keys_from_yaml_str(&text)
-            .map_err(|e| ReplayError::Policy(format!("{}: {e}", path.display())))?;
-    }
-    for kv in &args.set {
-        let Some((k, v)) = kv.split_once('=') else {
-            return Err(ReplayError::Policy(format!(
-                "--set {kv:?} is not key=value (e.g. --set target=10)"
-            )));
-        };
-        keys.insert(k.trim().to_string(), v.trim().to_string());
-    }
+    let keys = policy_keys_from_args(BTreeMap::new(), args.policy.as_deref(), &args.set)
+        .map_err(ReplayError::Policy)?;
     let policy = Policy::from_keys(&keys, args.role).map_err(policy_error)?;
     policy
         .validate_algorithm(&registry.names())
