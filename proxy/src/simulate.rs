@@ -24,6 +24,11 @@ fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration (like 60s, 1m): {e}"))
 }
 
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(24 * 3600);
+/// The longest trace simulated (a tick every 2 s is 302,400 ticks).
+const MAX_TRACE: Duration = Duration::from_secs(7 * 24 * 3600);
+
 fn profile(s: &str) -> Result<GpuProfile, String> {
     s.parse()
 }
@@ -126,21 +131,8 @@ pub fn load_policy(
         format!("{}ms", args.ttft_target.as_millis()),
     );
     keys.insert("max-replicas".to_string(), args.max_replicas.to_string());
-    if let Some(path) = &args.policy {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| SimulateCliError::Policy(format!("{}: {e}", path.display())))?;
-        let file = scalecar_config::policy_keys_from_yaml_str(&text)
-            .map_err(|e| SimulateCliError::Policy(format!("{}: {e}", path.display())))?;
-        keys.extend(file);
-    }
-    for kv in &args.set {
-        let Some((k, v)) = kv.split_once('=') else {
-            return Err(SimulateCliError::Policy(format!(
-                "--set {kv:?} is not key=value (e.g. --set target=10)"
-            )));
-        };
-        keys.insert(k.trim().to_string(), v.trim().to_string());
-    }
+    let keys = crate::replay::policy_keys_from_args(keys, args.policy.as_deref(), &args.set)
+        .map_err(SimulateCliError::Policy)?;
     let policy = Policy::from_keys(&keys, Role::Unified)
         .map_err(|e| SimulateCliError::Policy(e.to_string()))?;
     policy
@@ -201,11 +193,32 @@ pub async fn run(
             message: "must be a number greater than 0",
         });
     }
-    if args.tick.is_zero() {
-        return Err(SimulateCliError::Flag {
-            flag: "tick",
-            message: "must be longer than 0",
-        });
+    // Bounded so that no instant arithmetic can overflow and no run ticks
+    // for years of virtual time.
+    for (flag, d, max, message) in [
+        (
+            "tick",
+            args.tick,
+            HOUR,
+            "must be longer than 0 and at most 1h",
+        ),
+        (
+            "startup-delay",
+            args.startup_delay,
+            DAY,
+            "must be at most 24h",
+        ),
+        ("warmup", args.warmup, DAY, "must be at most 24h"),
+        (
+            "oracle-interval",
+            args.oracle_interval,
+            HOUR,
+            "must be at most 1h",
+        ),
+    ] {
+        if d > max || (flag == "tick" && d.is_zero()) {
+            return Err(SimulateCliError::Flag { flag, message });
+        }
     }
     let registry = AlgorithmRegistry::with_builtins();
     let policy = load_policy(args, &registry)?;
@@ -227,7 +240,17 @@ pub async fn run(
         max_replicas: policy.max_replicas.unwrap_or(args.max_replicas).max(1),
         warmup: args.warmup,
     };
-    let span = scalecar_loadtest::simulate::horizon(&trace).as_secs_f64();
+    let horizon = scalecar_loadtest::simulate::horizon(&trace);
+    if horizon > MAX_TRACE {
+        return Err(SimulateCliError::Trace {
+            path: args.trace.display().to_string(),
+            message: format!(
+                "spans {}, more than the 7 days simulate takes (timestamps in the wrong unit?)",
+                humantime::format_duration(Duration::from_secs(horizon.as_secs()))
+            ),
+        });
+    }
+    let span = horizon.as_secs_f64();
     let run = simulate(&trace, &settings, &policy, &registry, |t| {
         progress(&args.algorithm, t.as_secs_f64() / span.max(1.0));
     })

@@ -168,5 +168,31 @@ fn bad_input_exits_2_and_says_what_was_wrong() {
     let (code, _, stderr) = simulate(&["--trace", good.to_str().unwrap(), "--gpu", "a100"]);
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("not a GPU profile"), "{stderr}");
+
+    // A cold start of 584 years overflowed an instant; a tick of 0 never ends.
+    for (flag, value, needle) in [
+        (
+            "--startup-delay",
+            "18446744073709551615s",
+            "--startup-delay: must be at most 24h",
+        ),
+        ("--tick", "0s", "--tick: must be longer than 0"),
+        ("--warmup", "30d", "--warmup: must be at most 24h"),
+    ] {
+        let (code, _, stderr) = simulate(&["--trace", good.to_str().unwrap(), flag, value]);
+        assert_eq!(code, 2, "{flag} {value}: {stderr}");
+        assert!(stderr.contains(needle), "{flag} {value}: {stderr}");
+    }
+
+    // Timestamps in seconds read as milliseconds' worth of years.
+    let far = dir.join("far.jsonl");
+    std::fs::write(
+        &far,
+        "{\"timestamp\": 0, \"input_length\": 10, \"output_length\": 5}\n{\"timestamp\": 1700000000000, \"input_length\": 10, \"output_length\": 5}\n",
+    )
+    .unwrap();
+    let (code, _, stderr) = simulate(&["--trace", far.to_str().unwrap(), "--no-oracle"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("more than the 7 days"), "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

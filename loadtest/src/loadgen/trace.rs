@@ -77,6 +77,18 @@ fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
+/// A trace's time compression must be a number > 0.
+fn check_speedup(speedup: f64, path: &str) -> Result<(), TraceError> {
+    if speedup.is_finite() && speedup > 0.0 {
+        return Ok(());
+    }
+    Err(TraceError::Row {
+        path: path.to_string(),
+        line: 0,
+        reason: format!("speedup {speedup} must be a number > 0"),
+    })
+}
+
 /// Reads a trace, returning arrivals relative to its first row and divided
 /// by `speedup`. Rows must not go back in time. Output lengths of 0 are sent
 /// as 1 token (a server cannot generate nothing).
@@ -90,12 +102,7 @@ pub fn read_trace(
         line,
         reason,
     };
-    if !(speedup.is_finite() && speedup > 0.0) {
-        return Err(row_error(
-            0,
-            format!("speedup {speedup} must be a number > 0"),
-        ));
-    }
+    check_speedup(speedup, path)?;
     let mut out = Vec::new();
     let mut first: Option<i128> = None;
     let mut previous: Option<i128> = None;
@@ -190,12 +197,7 @@ pub fn read_jsonl_trace(
         line,
         reason,
     };
-    if !(speedup.is_finite() && speedup > 0.0) {
-        return Err(row_error(
-            0,
-            format!("speedup {speedup} must be a number > 0"),
-        ));
-    }
+    check_speedup(speedup, path)?;
     let mut out = Vec::new();
     let mut first: Option<u64> = None;
     let mut previous = 0u64;
@@ -235,8 +237,14 @@ pub fn read_jsonl_trace(
         previous = at;
         let start = *first.get_or_insert(at);
         let offset_ms = (at - start) as f64 / speedup;
+        let at = Duration::try_from_secs_f64(offset_ms / 1000.0).map_err(|_| {
+            row_error(
+                line,
+                format!("timestamp {at} is too far from the first line ({start} ms)"),
+            )
+        })?;
         out.push(Arrival {
-            at: Duration::from_secs_f64(offset_ms / 1000.0),
+            at,
             prompt_tokens,
             max_tokens: max_tokens.max(1),
         });
@@ -384,6 +392,15 @@ mod tests {
                 .to_string();
             assert!(err.contains(needle), "{body:?}: {err}");
         }
+        // Stretched past what a duration holds: an error, not a panic.
+        let far = "{\"timestamp\": 0, \"input_length\": 1, \"output_length\": 1}\n{\"timestamp\": 18000000000000000000, \"input_length\": 1, \"output_length\": 1}\n";
+        let err = read_jsonl_trace(far.as_bytes(), "m.jsonl", 1e-9)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("line 2: timestamp 18000000000000000000 is too far"),
+            "{err}"
+        );
     }
 
     #[test]
