@@ -118,6 +118,7 @@ struct RawLimits {
     max_header_bytes: Option<Scalar>,
     max_body_bytes: Option<Scalar>,
     header_timeout: Option<Scalar>,
+    body_timeout: Option<Scalar>,
     request_timeout: Option<Scalar>,
     connect_timeout: Option<Scalar>,
     queue_length: Option<Scalar>,
@@ -167,6 +168,9 @@ pub struct Limits {
     pub max_header_bytes: usize,
     pub max_body_bytes: usize,
     pub header_timeout: Duration,
+    /// From the end of the headers to the end of the request body: a
+    /// client that stops sending mid-body gets a 408, not a held task.
+    pub body_timeout: Duration,
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
     /// Per pool.
@@ -191,6 +195,7 @@ impl Default for Limits {
             max_header_bytes: 64 << 10,
             max_body_bytes: 16 << 20,
             header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(600),
             connect_timeout: Duration::from_secs(2),
             queue_length: 1024,
@@ -443,6 +448,7 @@ impl ScalecarConfig {
                             "max-header-bytes",
                             "max-body-bytes",
                             "header-timeout",
+                            "body-timeout",
                             "request-timeout",
                             "connect-timeout",
                             "queue-length",
@@ -516,6 +522,7 @@ impl ScalecarConfig {
                 1024,
             ),
             header_timeout: c.duration("limits.header-timeout", l.header_timeout, d.header_timeout),
+            body_timeout: c.duration("limits.body-timeout", l.body_timeout, d.body_timeout),
             request_timeout: c.duration(
                 "limits.request-timeout",
                 l.request_timeout,

@@ -242,8 +242,23 @@ impl DataPlane {
     ) -> Response<ProxyBody> {
         let (parts, body) = req.into_parts();
         let limit = self.limits.max_body_bytes;
-        let body = match read_body(body, limit).await {
+        let timeout = self.limits.body_timeout;
+        let read = tokio::time::timeout(timeout, read_body(body, limit)).await;
+        let body = match read.unwrap_or(Err(BodyError::TimedOut)) {
             Ok(b) => b,
+            Err(BodyError::TimedOut) => {
+                // hyper closes the connection after this answer: the rest
+                // of the body is never waited for.
+                self.metrics.rejected(Rejection::body_timeout);
+                return error_response(&ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!(
+                        "the request body did not arrive within {}",
+                        humantime::format_duration(timeout)
+                    ),
+                    None,
+                ));
+            }
             Err(BodyError::TooLarge) => {
                 self.metrics.rejected(Rejection::body_too_large);
                 return error_response(&ApiError::new(
@@ -349,6 +364,7 @@ impl DataPlane {
 
 enum BodyError {
     TooLarge,
+    TimedOut,
     Read(hyper::Error),
 }
 

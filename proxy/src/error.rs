@@ -23,7 +23,7 @@ impl ApiError {
         param: Option<&'static str>,
     ) -> Self {
         let kind = match status.as_u16() {
-            400 | 405 | 413 => "invalid_request_error",
+            400 | 405 | 408 | 413 => "invalid_request_error",
             404 => "not_found_error",
             429 => "rate_limit_error",
             _ => "server_error",

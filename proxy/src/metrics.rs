@@ -52,6 +52,7 @@ impl Outcome {
 pub enum Rejection {
     bad_request,
     body_too_large,
+    body_timeout,
     unknown_model,
     not_found,
 }

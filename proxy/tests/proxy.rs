@@ -374,7 +374,7 @@ async fn bad_input_is_refused_clearly() {
     let p = proxy(&pool_yaml(
         "m",
         &[s.local_addr().to_string()],
-        "max-body-bytes: 2048, header-timeout: 300ms",
+        "max-body-bytes: 2048, header-timeout: 300ms, body-timeout: 400ms",
         "",
     ))
     .await;
@@ -467,6 +467,27 @@ async fn bad_input_is_refused_clearly() {
     let read = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut buf)).await;
     assert!(read.is_ok(), "the connection stayed open");
     assert!(start.elapsed() < Duration::from_secs(3));
+    // A body that stops half way: 408 in OpenAI's JSON once body-timeout
+    // passes, and the connection is closed (no task is left waiting).
+    let mut tcp = tokio::net::TcpStream::connect(p.proxy_addr).await.unwrap();
+    tcp.write_all(
+        b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 40\r\n\r\n{\"model\":\"m\",",
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "a stalled body held the connection");
+    let answer = String::from_utf8_lossy(&buf);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.contains(r#""message":"the request body did not arrive within 400ms""#),
+        "{answer}"
+    );
+    assert_eq!(
+        metric(&p, "scalecar_rejected_requests_total{reason=\"body_timeout\"}").await,
+        1.0
+    );
     teardown(&p).await;
 }
 
