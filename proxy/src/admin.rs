@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 
 use crate::body::{ProxyBody, full};
 use crate::dataplane::DataPlane;
+use crate::pool::Serving;
 use crate::routes::PoolEntry;
 
 /// What the admin server shows.
@@ -49,6 +50,42 @@ fn ms(d: Option<Duration>) -> Value {
 }
 
 impl Admin {
+    /// `/readyz`: 503 before serving and while draining; 503 too when no
+    /// pool can take a request (every static pool without a healthy
+    /// endpoint). Otherwise 200, naming the pools that cannot serve — a
+    /// load balancer probing this keeps a gateway that serves some models.
+    fn readiness(&self) -> (StatusCode, String) {
+        if !self.ready.load(Ordering::Acquire) {
+            return (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into());
+        }
+        let mut serving = 0usize;
+        let mut not = Vec::new();
+        let entries = entries(&self.plane);
+        for e in &entries {
+            let p = &e.pool;
+            match p.serving() {
+                Serving::Ready => serving += 1,
+                // A discovered pool at zero scales up on the first request.
+                Serving::Empty if !p.is_health_checked() => serving += 1,
+                state => not.push(format!("{}/{}: {}\n", p.model, p.role, state.as_str())),
+            }
+        }
+        let status = if serving > 0 || entries.is_empty() {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        let mut body = String::from(if status == StatusCode::OK {
+            "ready\n"
+        } else {
+            "not ready: no pool can serve\n"
+        });
+        for line in not {
+            body.push_str(&line);
+        }
+        (status, body)
+    }
+
     /// One pool's windows for the leader: `?model=&role=&window_ms=&panic_window_ms=`,
     /// with `Authorization: Bearer <token>`.
     fn internal_snapshot(&self, req: &Request<Incoming>) -> Response<ProxyBody> {
@@ -116,14 +153,10 @@ impl Admin {
         }
         Ok(match req.uri().path() {
             "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
-            "/readyz" if self.ready.load(Ordering::Acquire) => {
-                text(StatusCode::OK, "text/plain", "ready\n".into())
+            "/readyz" => {
+                let (status, body) = self.readiness();
+                text(status, "text/plain", body)
             }
-            "/readyz" => text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "text/plain",
-                "not ready\n".into(),
-            ),
             "/metrics" => {
                 for e in entries(&self.plane) {
                     let s = &e.pool.signals;
@@ -187,7 +220,8 @@ impl Admin {
                             "address": ep.addr.to_string(),
                             "outstanding": ep.outstanding.load(Ordering::Relaxed),
                             "outstanding_tokens": ep.outstanding_tokens.load(Ordering::Relaxed),
-                            "healthy": ep.healthy.load(Ordering::Relaxed),
+                            "healthy": ep.is_healthy(),
+                            "health": ep.health().as_str(),
                             "ejected": ep.is_ejected(now),
                             "consecutive_failures": ep.consecutive_failures(),
                         })

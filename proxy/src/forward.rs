@@ -131,10 +131,14 @@ impl Forwarder {
         };
         let waited = Instant::now();
         let result = entry.pool.admit(tokens, avoid, deadline).await;
-        // Only a request that entered the queue waited: a full queue turns
-        // it away at once (429), and a zero there would drag the quantiles
+        // Only a request that entered the queue waited: a full queue (429)
+        // or a pool with no healthy endpoint (503) turns it away at once,
+        // and a zero there would drag the quantiles
         // down exactly when waits are longest.
-        if !matches!(result, Err(AdmitError::QueueFull)) {
+        if !matches!(
+            result,
+            Err(AdmitError::QueueFull | AdmitError::NoHealthyEndpoint { queued: false })
+        ) {
             entry.metrics.queue_wait.observe(waited.elapsed());
         }
         result.map(|lease| (lease, true)).map_err(|e| {
@@ -150,6 +154,12 @@ impl Forwarder {
                     StatusCode::SERVICE_UNAVAILABLE,
                     "no capacity for the model before the deadline",
                     "2",
+                ),
+                AdmitError::NoHealthyEndpoint { .. } => (
+                    Outcome::upstream_error,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no healthy endpoint for the model: every one failed its health checks",
+                    "1",
                 ),
                 AdmitError::Closed => (
                     Outcome::rejected,
@@ -222,7 +232,13 @@ impl Forwarder {
                 entry.pool.record_failure(&l.endpoint);
             }
             match back {
-                Some(r) if error.is_connect() && attempts < 3 => {
+                // With no other endpoint up, a retry could only wait for
+                // this one: fail now rather than after the queue's deadline.
+                Some(r)
+                    if error.is_connect()
+                        && attempts < 3
+                        && entry.pool.has_other_available(addr) =>
+                {
                     tracing::debug!(endpoint = %addr, %error, "connect failed; retrying elsewhere");
                     // Nothing reached the client: take a slot elsewhere
                     // (the queue's deadline, not the activation's).

@@ -421,9 +421,11 @@ impl GatewayBuilder {
         let mut stop = stopped;
         handle.spawn(async move {
             // Static endpoints serve while healthy and not ejected: that is
-            // their ready count for the advisory loop.
+            // their ready count for the advisory loop (a few loads per
+            // endpoint; often enough that the loop's ticks see the first
+            // health checks).
             let counting = async {
-                let mut every = tokio::time::interval(Duration::from_secs(1));
+                let mut every = tokio::time::interval(Duration::from_millis(250));
                 loop {
                     every.tick().await;
                     for (pool, ready) in &counts {
@@ -431,7 +433,7 @@ impl GatewayBuilder {
                         let n = pool
                             .endpoints()
                             .iter()
-                            .filter(|e| e.healthy.load(Ordering::Relaxed) && !e.is_ejected(now))
+                            .filter(|e| e.is_healthy() && !e.is_ejected(now))
                             .count();
                         ready.store(n as u32, Ordering::Relaxed);
                     }

@@ -9,7 +9,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -32,8 +32,37 @@ pub struct Endpoint {
     /// Passive ejection: no new requests before this (ms on the pool clock).
     ejected_until_ms: AtomicU64,
     consecutive_failures: AtomicU32,
-    /// Active health checks' verdict (static endpoints).
-    pub healthy: AtomicBool,
+    /// Active health checks' verdict, a [`Health`] (static endpoints start
+    /// unknown; discovered ones are ready when they arrive).
+    health: AtomicU8,
+}
+
+/// What the active health checks know of an endpoint. Only a healthy one
+/// is sent requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// Not checked yet: a replica may still be loading its model.
+    Unknown = 0,
+    Healthy = 1,
+    Unhealthy = 2,
+}
+
+impl Health {
+    fn from_u8(v: u8) -> Health {
+        match v {
+            0 => Health::Unknown,
+            1 => Health::Healthy,
+            _ => Health::Unhealthy,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Unknown => "unknown",
+            Health::Healthy => "healthy",
+            Health::Unhealthy => "unhealthy",
+        }
+    }
 }
 
 impl Endpoint {
@@ -46,14 +75,27 @@ impl Endpoint {
             outstanding_tokens: AtomicU64::new(0),
             ejected_until_ms: AtomicU64::new(0),
             consecutive_failures: AtomicU32::new(0),
-            healthy: AtomicBool::new(true),
+            health: AtomicU8::new(Health::Healthy as u8),
         })
+    }
+
+    pub fn health(&self) -> Health {
+        Health::from_u8(self.health.load(Ordering::Acquire))
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.health() == Health::Healthy
+    }
+
+    /// Sets the checks' verdict; returns the one before.
+    pub fn set_health(&self, h: Health) -> Health {
+        Health::from_u8(self.health.swap(h as u8, Ordering::AcqRel))
     }
 
     /// Healthy and not ejected; `now_ms` is read only for an endpoint that
     /// was ever ejected.
     fn available(&self, now_ms: impl FnOnce() -> u64) -> bool {
-        if !self.healthy.load(Ordering::Relaxed) {
+        if !self.is_healthy() {
             return false;
         }
         let until = self.ejected_until_ms.load(Ordering::Relaxed);
@@ -107,6 +149,12 @@ pub struct Pool {
     /// Called when a request waits on a pool with no endpoint (scale from
     /// zero).
     on_empty: ArcSwap<Option<Arc<dyn Fn() + Send + Sync>>>,
+    /// Actively health-checked (static endpoints): new endpoints start
+    /// [`Health::Unknown`], and a pool with none healthy fails fast.
+    health_checked: AtomicBool,
+    /// Called when a request finds no healthy endpoint: an early re-check
+    /// (the checker rate-limits it), so recovery needs no full interval.
+    on_unhealthy: ArcSwap<Option<Arc<dyn Fn() + Send + Sync>>>,
     /// Pick rotations, one cache line per worker thread: each pool rotates
     /// on its own (a request that picks in two pools — a PD flow — must not
     /// lock both rotations into one parity), and no line is shared between
@@ -143,6 +191,33 @@ pub enum AdmitError {
     Timeout,
     /// The pool was removed or replaced while the request waited: 503.
     Closed,
+    /// Every endpoint failed its health checks: 503 at once, not after
+    /// the queue's deadline (`queued`: it went down while this waited).
+    NoHealthyEndpoint { queued: bool },
+}
+
+/// Whether a pool can take requests now, as `/readyz` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Serving {
+    /// At least one endpoint is healthy.
+    Ready,
+    /// None healthy yet, some not checked yet: requests wait.
+    Starting,
+    /// Every endpoint failed its checks: requests get 503 at once.
+    Down,
+    /// No endpoint at all: requests wait for one (scale from zero).
+    Empty,
+}
+
+impl Serving {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Serving::Ready => "ready",
+            Serving::Starting => "starting",
+            Serving::Down => "no healthy endpoint",
+            Serving::Empty => "scaled to zero",
+        }
+    }
 }
 
 /// One request in the admission queue.
@@ -244,6 +319,8 @@ impl Pool {
             queue_length,
             epoch: Instant::now(),
             on_empty: ArcSwap::from_pointee(None),
+            health_checked: AtomicBool::new(false),
+            on_unhealthy: ArcSwap::from_pointee(None),
             closed: AtomicBool::new(false),
             picks: (0..PICK_SLOTS)
                 .map(|i| PickCounter(AtomicU64::new(splitmix(i as u64 ^ seed()))))
@@ -266,6 +343,8 @@ impl Pool {
     /// (one burst) count once; no more than `max-ejection-percent` of the
     /// endpoints are ejected at once, and never the last one.
     pub fn record_failure(&self, e: &Endpoint) {
+        // The checks confirm an outage sooner than the next interval.
+        self.ask_for_check();
         let now = self.now_ms();
         if e.is_ejected(now) {
             return;
@@ -298,6 +377,65 @@ impl Pool {
         self.endpoints.load_full()
     }
 
+    /// Marks the pool actively health-checked: its endpoints (now and
+    /// later) serve only after a good check. `on_unhealthy` asks for an
+    /// early check.
+    pub fn health_checked(&self, on_unhealthy: Arc<dyn Fn() + Send + Sync>) {
+        self.health_checked.store(true, Ordering::Release);
+        for e in self.endpoints.load().iter() {
+            e.set_health(Health::Unknown);
+        }
+        self.on_unhealthy.store(Arc::new(Some(on_unhealthy)));
+    }
+
+    pub fn is_health_checked(&self) -> bool {
+        self.health_checked.load(Ordering::Acquire)
+    }
+
+    /// Whether an endpoint other than `addr` could take a request now
+    /// (healthy, not ejected; caps aside): a retry elsewhere is worth a wait.
+    pub fn has_other_available(&self, addr: SocketAddr) -> bool {
+        let now = std::cell::OnceCell::new();
+        let now = || *now.get_or_init(|| self.now_ms());
+        self.endpoints
+            .load()
+            .iter()
+            .any(|e| e.addr != addr && e.available(now))
+    }
+
+    /// Whether the pool can take requests now.
+    pub fn serving(&self) -> Serving {
+        let endpoints = self.endpoints.load();
+        if endpoints.is_empty() {
+            return Serving::Empty;
+        }
+        let mut unknown = false;
+        for e in endpoints.iter() {
+            match e.health() {
+                Health::Healthy => return Serving::Ready,
+                Health::Unknown => unknown = true,
+                Health::Unhealthy => {}
+            }
+        }
+        if unknown {
+            Serving::Starting
+        } else {
+            Serving::Down
+        }
+    }
+
+    /// The checks found `e` healthy again (or for the first time): the
+    /// head of the queue may take it.
+    pub fn endpoint_recovered(&self) {
+        self.wake_head();
+    }
+
+    fn ask_for_check(&self) {
+        if let Some(f) = self.on_unhealthy.load().as_ref() {
+            f();
+        }
+    }
+
     /// Replaces the endpoint set, keeping the state of endpoints that stay.
     pub fn set_endpoints(&self, addrs: &[SocketAddr]) {
         let current = self.endpoints.load();
@@ -308,7 +446,13 @@ impl Pool {
                     .iter()
                     .find(|e| e.addr == *a)
                     .cloned()
-                    .unwrap_or_else(|| Endpoint::new(*a))
+                    .unwrap_or_else(|| {
+                        let e = Endpoint::new(*a);
+                        if self.is_health_checked() {
+                            e.set_health(Health::Unknown);
+                        }
+                        e
+                    })
             })
             .collect();
         self.endpoints.store(Arc::new(next));
@@ -423,6 +567,16 @@ impl Pool {
         if let Some(l) = self.try_admit(tokens, avoid) {
             return Ok(l);
         }
+        match self.serving() {
+            Serving::Ready | Serving::Empty => {}
+            Serving::Starting => self.ask_for_check(),
+            Serving::Down => {
+                // Waiting would only hold a queue slot until the deadline;
+                // the re-check lets the next request in once one is back.
+                self.ask_for_check();
+                return Err(AdmitError::NoHealthyEndpoint { queued: false });
+            }
+        }
         // Queue, within the bound.
         let admitted = self
             .queued
@@ -453,10 +607,14 @@ impl Pool {
             if head && let Some(l) = self.take_slot(tokens, avoid) {
                 return Ok(l);
             }
-            if self.endpoints.load().is_empty()
-                && let Some(f) = self.on_empty.load().as_ref()
-            {
-                f();
+            match self.serving() {
+                Serving::Empty => {
+                    if let Some(f) = self.on_empty.load().as_ref() {
+                        f();
+                    }
+                }
+                Serving::Down => return Err(AdmitError::NoHealthyEndpoint { queued: true }),
+                Serving::Ready | Serving::Starting => {}
             }
             // Ejections expire without a notification: look again soon.
             let recheck = tokio::time::Instant::now() + Duration::from_millis(250);

@@ -34,7 +34,7 @@ use crate::admin::Admin;
 use crate::dataplane::DataPlane;
 use crate::decisions::DecisionRecorder;
 use crate::gateway::GatewayBuilder;
-use crate::pool::Pool;
+use crate::pool::{Health, Pool};
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -183,6 +183,13 @@ pub fn serve(
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let (shutdown, shutdown_rx) = watch::channel(false);
+    // Before any request: checked endpoints start unknown, and a request
+    // that finds none healthy asks for an early check.
+    let early = Arc::new(tokio::sync::Notify::new());
+    for pool in &checked {
+        let early = early.clone();
+        pool.health_checked(Arc::new(move || early.notify_one()));
+    }
     let admin = Arc::new(Admin {
         plane: plane.clone(),
         registry,
@@ -236,6 +243,7 @@ pub fn serve(
     tasks.push(tokio::spawn(health_checks(
         plane.clone(),
         checked,
+        early,
         shutdown_rx,
     )));
     admin.ready.store(true, Ordering::Release);
@@ -323,12 +331,16 @@ async fn serve_admin(admin: Arc<Admin>, listener: TcpListener, mut stop: watch::
     }
 }
 
-/// Active health checks of static endpoints: `GET /health` every
-/// `limits.health-check-interval` (5 s); two
-/// failures in a row take an endpoint out, one success brings it back.
+/// Active health checks of static endpoints: `GET /health` of every
+/// endpoint at once, every `limits.health-check-interval` (5 s), and early
+/// when a request finds a pool with no healthy endpoint (at most every
+/// [`EARLY_CHECK_GAP`]). A new endpoint serves after its first good check;
+/// one that served is taken out after two failures in a row (one blip is
+/// not an outage); one good check brings it back and wakes the queue.
 async fn health_checks(
     plane: Arc<DataPlane>,
     checked: Vec<Arc<Pool>>,
+    early: Arc<tokio::sync::Notify>,
     mut stop: watch::Receiver<bool>,
 ) {
     if checked.is_empty() {
@@ -337,42 +349,72 @@ async fn health_checks(
     let mut failures: HashMap<SocketAddr, u32> = HashMap::new();
     let mut tick = tokio::time::interval(plane.limits.health_check_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = tokio::time::Instant::now();
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
+        let asked = tokio::select! {
+            _ = tick.tick() => false,
+            _ = early.notified() => true,
             _ = stop.wait_for(|s| *s) => return,
+        };
+        if asked {
+            // Rate-limited: a flood of requests to a dead pool costs one
+            // check per gap, not one per request.
+            tokio::select! {
+                _ = tokio::time::sleep_until(last + EARLY_CHECK_GAP) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
         }
+        last = tokio::time::Instant::now();
         // The checks' own keep-alive connections (this runtime's pool):
         // drop those that closed, e.g. of endpoints gone.
         plane.upstream().sweep();
-        let endpoints: Vec<_> = checked
+        let endpoints: Vec<(Arc<Pool>, Arc<crate::pool::Endpoint>)> = checked
             .iter()
-            .flat_map(|p| p.endpoints().iter().cloned().collect::<Vec<_>>())
+            .flat_map(|p| p.endpoints().iter().map(|e| (p.clone(), e.clone())).collect::<Vec<_>>())
             .collect();
-        for ep in endpoints {
-            let Ok(req) = http::Request::get("/health")
-                .header(http::header::HOST, ep.host.clone())
-                .body(Full::new(Bytes::new()))
-            else {
-                continue;
-            };
-            let check = async {
-                let (resp, conn) = plane.upstream().send(ep.addr, req).await.ok()?;
-                let ok = resp.status().is_success();
-                resp.into_body().collect().await.ok()?;
-                conn.release();
-                Some(ok)
-            };
-            let ok = matches!(
-                tokio::time::timeout(Duration::from_secs(2), check).await,
-                Ok(Some(true))
-            );
+        let checks = endpoints.iter().map(|(_, ep)| check(&plane, ep));
+        let results = futures_util::future::join_all(checks).await;
+        for ((pool, ep), ok) in endpoints.iter().zip(results) {
             let n = failures.entry(ep.addr).or_insert(0);
             *n = if ok { 0 } else { *n + 1 };
-            let healthy = *n < 2;
-            if ep.healthy.swap(healthy, Ordering::AcqRel) != healthy {
-                tracing::info!(endpoint = %ep.addr, healthy, "endpoint health changed");
+            let next = match (ok, ep.health(), *n) {
+                (true, _, _) => Health::Healthy,
+                (false, Health::Healthy, 1) => Health::Healthy,
+                (false, _, _) => Health::Unhealthy,
+            };
+            let before = ep.set_health(next);
+            if before != next {
+                tracing::info!(endpoint = %ep.addr, model = %pool.model, health = next.as_str(), "endpoint health changed");
+                if next == Health::Healthy {
+                    pool.endpoint_recovered();
+                }
             }
         }
+        // Endpoints that left the pools are forgotten.
+        failures.retain(|a, _| endpoints.iter().any(|(_, e)| e.addr == *a));
     }
+}
+
+/// The shortest gap between two health checks asked for by requests.
+const EARLY_CHECK_GAP: Duration = Duration::from_millis(200);
+
+/// One `GET /health`: a 2xx within 2 s.
+async fn check(plane: &DataPlane, ep: &crate::pool::Endpoint) -> bool {
+    let Ok(req) = http::Request::get("/health")
+        .header(http::header::HOST, ep.host.clone())
+        .body(Full::new(Bytes::new()))
+    else {
+        return false;
+    };
+    let check = async {
+        let (resp, conn) = plane.upstream().send(ep.addr, req).await.ok()?;
+        let ok = resp.status().is_success();
+        resp.into_body().collect().await.ok()?;
+        conn.release();
+        Some(ok)
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), check).await,
+        Ok(Some(true))
+    )
 }

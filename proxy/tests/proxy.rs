@@ -254,12 +254,27 @@ async fn an_endpoint_killed_mid_stream_releases_everything() {
 #[tokio::test]
 async fn a_refused_connection_is_retried_elsewhere() {
     let s = sim(model("m")).await;
-    // A port nothing listens on.
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().to_string()
-    };
-    let p = proxy(&pool_yaml("m", &[dead, s.local_addr().to_string()], "", "")).await;
+    // An endpoint that passed its first check, then stopped listening.
+    let gone = sim(model("m")).await;
+    let p = proxy(&pool_yaml(
+        "m",
+        &[gone.local_addr().to_string(), s.local_addr().to_string()],
+        "",
+        "",
+    ))
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pools(&p).await["pools"][0]["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["health"] != "healthy")
+    {
+        assert!(Instant::now() < deadline, "both endpoints never healthy");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    gone.shutdown();
+    drop(gone);
     for _ in 0..6 {
         let (status, _, body) = request(
             "POST",
@@ -700,6 +715,109 @@ fn a_config_error_exits_2_naming_the_field() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// POSTs a small completion; the status, Retry-After and body.
+async fn complete(p: &ProxyHandle) -> (u16, Option<String>, String) {
+    let (status, headers, body) = request(
+        "POST",
+        &format!("http://{}/v1/completions", p.proxy_addr),
+        r#"{"model":"m","prompt":"x","max_tokens":2}"#,
+    )
+    .await
+    .unwrap();
+    let retry = headers
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_string());
+    (status, retry, body)
+}
+
+#[tokio::test]
+async fn with_every_endpoint_down_requests_fail_at_once_and_recover_on_arrival() {
+    let s = sim(model("m")).await;
+    let addr = s.local_addr();
+    // Checks every hour: only failures and arrivals can make them run.
+    let p = proxy(&pool_yaml(
+        "m",
+        &[addr.to_string()],
+        "health-check-interval: 1h, queue-wait: 30s",
+        "",
+    ))
+    .await;
+    assert_eq!(complete(&p).await.0, 200);
+    s.shutdown();
+    drop(s);
+    // The refused connections ask for early checks; two failed checks
+    // take the endpoint out. From then on: 503 at once, not after 30 s.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let start = Instant::now();
+        let (status, retry, body) = complete(&p).await;
+        assert!(start.elapsed() < Duration::from_secs(5), "{status} {body}");
+        if status == 503 {
+            assert!(body.contains("no healthy endpoint for the model"), "{body}");
+            assert_eq!(retry.as_deref(), Some("1"));
+            break;
+        }
+        assert_eq!(status, 502, "{body}");
+        assert!(Instant::now() < deadline, "the endpoint never went unhealthy");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // No request holds a queue slot meanwhile.
+    assert_eq!(pools(&p).await["pools"][0]["queued"], 0);
+    let (status, body) = get(&format!("http://{}/readyz", p.admin_addr)).await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("m/unified: no healthy endpoint"), "{body}");
+    // The model server comes back on the same port: the next arrivals
+    // re-check it, long before the hourly check.
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let _back = scalecar_loadtest::sim::ModelSim::spawn(model("m"), listener);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, _, body) = complete(&p).await;
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 503, "{body}");
+        assert!(Instant::now() < deadline, "never recovered: {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, body) = get(&format!("http://{}/readyz", p.admin_addr)).await.unwrap();
+    assert_eq!((status, body.as_str()), (200, "ready\n"));
+    teardown(&p).await;
+}
+
+#[tokio::test]
+async fn a_replica_still_starting_joins_after_its_first_good_check() {
+    let up = sim(model("m")).await;
+    // Answers 503 (health and completions alike) for its first 1.5 s, as
+    // a server loading its model does.
+    let starting = scalecar_loadtest::sim::ModelSim::spawn(
+        SimConfig {
+            startup_delay: Duration::from_millis(1500),
+            ..model("m")
+        },
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    );
+    let p = proxy(&pool_yaml(
+        "m",
+        &[starting.local_addr().to_string(), up.local_addr().to_string()],
+        "health-check-interval: 200ms",
+        "",
+    ))
+    .await;
+    for _ in 0..10 {
+        let (status, _, body) = complete(&p).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!(starting.metrics().requests_finished.load(std::sync::atomic::Ordering::Relaxed), 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while starting.metrics().requests_finished.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        let (status, _, body) = complete(&p).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(Instant::now() < deadline, "the started replica never joined");
+    }
+    teardown(&p).await;
+}
+
 #[tokio::test]
 async fn active_health_checks_take_a_failing_endpoint_out() {
     let good = sim(model("m")).await;
@@ -752,11 +870,28 @@ async fn active_health_checks_take_a_failing_endpoint_out() {
 #[test]
 fn json_logs_are_one_object_per_line() {
     use std::io::BufRead as _;
+    // A model server that passes its health checks and then drops every
+    // completion without an answer.
+    let broken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let broken_addr = broken.local_addr().unwrap();
+    std::thread::spawn(move || {
+        use std::io::{Read as _, Write as _};
+        for conn in broken.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut head = [0u8; 1024];
+            let n = conn.read(&mut head).unwrap_or(0);
+            if head[..n].starts_with(b"GET /health") {
+                let _ = conn.write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                );
+            }
+        }
+    });
     let config =
         std::env::temp_dir().join(format!("scalecar-json-logs-{}.yaml", std::process::id()));
     std::fs::write(
         &config,
-        "proxy: { listen: \"127.0.0.1:0\", workers: 1 }\nadmin: { listen: \"127.0.0.1:0\" }\nlimits: { queue-wait: 1s }\npools: [{model: m, endpoints: [\"127.0.0.1:9\"]}]\n",
+        format!("proxy: {{ listen: \"127.0.0.1:0\", workers: 1 }}\nadmin: {{ listen: \"127.0.0.1:0\" }}\nlimits: {{ queue-wait: 1s }}\npools: [{{model: m, endpoints: [\"{broken_addr}\"]}}]\n"),
     )
     .unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_scalecar"))
@@ -796,7 +931,7 @@ fn json_logs_are_one_object_per_line() {
         "{serving}"
     );
     let proxy = serving["proxy"].as_str().unwrap().to_string();
-    // A request whose model server is not there: its failure is logged with
+    // A request whose model server breaks off: its failure is logged with
     // the request's id.
     {
         use std::io::{Read as _, Write as _};
