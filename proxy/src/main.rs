@@ -298,8 +298,14 @@ fn run(args: RunArgs) -> ExitCode {
         tracing::info!(proxy = %handle.proxy_addr, admin = %handle.admin_addr, "serving");
         wait_for_signal().await;
         tracing::info!(grace = ?config.limits.shutdown_grace, "shutting down");
-        handle.shutdown().await;
-        ExitCode::SUCCESS
+        tokio::select! {
+            _ = handle.shutdown() => ExitCode::SUCCESS,
+            // An operator who asks twice means now.
+            _ = wait_for_signal() => {
+                tracing::warn!("second signal: exiting without waiting for open requests");
+                ExitCode::from(130)
+            }
+        }
     })
 }
 

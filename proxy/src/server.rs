@@ -81,6 +81,10 @@ pub struct ProxyHandle {
     pub admin: Arc<Admin>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    /// The admin server outlives the drain: `/readyz` answers 503 and the
+    /// last metrics can be scraped until the streams are done.
+    admin_stop: watch::Sender<bool>,
+    admin_task: JoinHandle<()>,
 }
 
 impl ProxyHandle {
@@ -96,13 +100,16 @@ impl ProxyHandle {
     }
 
     /// Stops accepting, waits for open requests up to the grace period,
-    /// then returns.
+    /// then stops the admin server and returns. `/readyz` is 503 from the
+    /// start.
     pub async fn shutdown(self) {
         self.admin.ready.store(false, Ordering::Release);
         let _ = self.shutdown.send(true);
         for t in self.tasks {
             let _ = t.await;
         }
+        let _ = self.admin_stop.send(true);
+        let _ = self.admin_task.await;
     }
 }
 
@@ -235,11 +242,8 @@ pub fn serve(
             let _ = finished.await;
         }));
     }
-    tasks.push(tokio::spawn(serve_admin(
-        admin.clone(),
-        admin_listener,
-        shutdown_rx.clone(),
-    )));
+    let (admin_stop, admin_stop_rx) = watch::channel(false);
+    let admin_task = tokio::spawn(serve_admin(admin.clone(), admin_listener, admin_stop_rx));
     tasks.push(tokio::spawn(health_checks(
         plane.clone(),
         checked,
@@ -254,6 +258,8 @@ pub fn serve(
         admin,
         shutdown,
         tasks,
+        admin_stop,
+        admin_task,
     })
 }
 
@@ -370,7 +376,12 @@ async fn health_checks(
         plane.upstream().sweep();
         let endpoints: Vec<(Arc<Pool>, Arc<crate::pool::Endpoint>)> = checked
             .iter()
-            .flat_map(|p| p.endpoints().iter().map(|e| (p.clone(), e.clone())).collect::<Vec<_>>())
+            .flat_map(|p| {
+                p.endpoints()
+                    .iter()
+                    .map(|e| (p.clone(), e.clone()))
+                    .collect::<Vec<_>>()
+            })
             .collect();
         let checks = endpoints.iter().map(|(_, ep)| check(&plane, ep));
         let results = futures_util::future::join_all(checks).await;

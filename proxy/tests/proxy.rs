@@ -500,7 +500,11 @@ async fn bad_input_is_refused_clearly() {
         "{answer}"
     );
     assert_eq!(
-        metric(&p, "scalecar_rejected_requests_total{reason=\"body_timeout\"}").await,
+        metric(
+            &p,
+            "scalecar_rejected_requests_total{reason=\"body_timeout\"}"
+        )
+        .await,
         1.0
     );
     teardown(&p).await;
@@ -606,6 +610,145 @@ async fn shutdown_lets_open_streams_finish() {
             (0, 0, 0)
         );
     }
+}
+
+/// `scalecar run` as a child process, with its JSON log lines on a channel
+/// and the addresses it logged when serving.
+struct RunningBinary {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    proxy: String,
+    admin: String,
+    /// The "serving" log line.
+    serving: Value,
+    config: std::path::PathBuf,
+}
+
+impl RunningBinary {
+    fn start(name: &str, yaml: &str) -> RunningBinary {
+        use std::io::BufRead as _;
+        let config =
+            std::env::temp_dir().join(format!("scalecar-{name}-{}.yaml", std::process::id()));
+        std::fs::write(&config, yaml).unwrap();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_scalecar"))
+            .args(["run", "--log-format", "json", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let serving = loop {
+            let line = lines
+                .recv_timeout(Duration::from_secs(10))
+                .expect("a log line within 10 s");
+            let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+            assert!(v["timestamp"].is_string() && v["level"].is_string(), "{v}");
+            if v["message"] == "serving" {
+                break v;
+            }
+        };
+        RunningBinary {
+            child,
+            lines,
+            proxy: serving["proxy"].as_str().unwrap().to_string(),
+            admin: serving["admin"].as_str().unwrap().to_string(),
+            serving,
+            config,
+        }
+    }
+
+    fn signal(&self, name: &str) {
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// The exit code, if it exits within `limit`.
+    async fn exit_within(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+}
+
+impl Drop for RunningBinary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+#[tokio::test]
+async fn during_the_drain_admin_answers_and_a_second_signal_exits_at_once() {
+    let s = sim(model("m")).await;
+    let mut bin = RunningBinary::start(
+        "drain",
+        &format!(
+            "proxy: {{ listen: \"127.0.0.1:0\", workers: 1 }}\nadmin: {{ listen: \"127.0.0.1:0\" }}\nlimits: {{ shutdown-grace: 60s }}\npools: [{{model: m, endpoints: [\"{}\"]}}]\n",
+            s.local_addr()
+        ),
+    );
+    let ready = format!("http://{}/readyz", bin.admin);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get(&ready).await.map(|(s, _)| s) != Ok(200) {
+        assert!(Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // A stream far longer than the test.
+    let client = HttpClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let req = hyper::Request::post(format!("http://{}/v1/completions", bin.proxy))
+        .body(Full::new(Bytes::from(
+            r#"{"model":"m","prompt":"x","stream":true,"max_tokens":100000}"#,
+        )))
+        .unwrap();
+    let mut body = client.request(req).await.unwrap().into_body();
+    body.frame().await.unwrap().unwrap();
+    bin.signal("TERM");
+    // Draining: not ready, still scrapeable, the stream still flowing.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, text) = get(&ready).await.unwrap();
+        if status == 503 {
+            assert_eq!(text, "not ready\n");
+            break;
+        }
+        assert!(Instant::now() < deadline, "readyz stayed {status}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (status, text) = get(&format!("http://{}/metrics", bin.admin)).await.unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        text.contains("scalecar_in_flight_requests{model=\"m\",role=\"unified\"} 1"),
+        "{text}"
+    );
+    for _ in 0..3 {
+        body.frame().await.unwrap().unwrap();
+    }
+    assert_eq!(bin.exit_within(Duration::from_millis(300)).await, None);
+    // Asked twice: gone now, the stream with it.
+    bin.signal("INT");
+    assert_eq!(bin.exit_within(Duration::from_secs(3)).await, Some(130));
+    let warned = std::iter::from_fn(|| bin.lines.recv_timeout(Duration::from_secs(1)).ok())
+        .any(|l| l.contains("second signal"));
+    assert!(warned);
 }
 
 #[tokio::test]
@@ -758,12 +901,17 @@ async fn with_every_endpoint_down_requests_fail_at_once_and_recover_on_arrival()
             break;
         }
         assert_eq!(status, 502, "{body}");
-        assert!(Instant::now() < deadline, "the endpoint never went unhealthy");
+        assert!(
+            Instant::now() < deadline,
+            "the endpoint never went unhealthy"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // No request holds a queue slot meanwhile.
     assert_eq!(pools(&p).await["pools"][0]["queued"], 0);
-    let (status, body) = get(&format!("http://{}/readyz", p.admin_addr)).await.unwrap();
+    let (status, body) = get(&format!("http://{}/readyz", p.admin_addr))
+        .await
+        .unwrap();
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("m/unified: no healthy endpoint"), "{body}");
     // The model server comes back on the same port: the next arrivals
@@ -780,7 +928,9 @@ async fn with_every_endpoint_down_requests_fail_at_once_and_recover_on_arrival()
         assert!(Instant::now() < deadline, "never recovered: {body}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let (status, body) = get(&format!("http://{}/readyz", p.admin_addr)).await.unwrap();
+    let (status, body) = get(&format!("http://{}/readyz", p.admin_addr))
+        .await
+        .unwrap();
     assert_eq!((status, body.as_str()), (200, "ready\n"));
     teardown(&p).await;
 }
@@ -799,7 +949,10 @@ async fn a_replica_still_starting_joins_after_its_first_good_check() {
     );
     let p = proxy(&pool_yaml(
         "m",
-        &[starting.local_addr().to_string(), up.local_addr().to_string()],
+        &[
+            starting.local_addr().to_string(),
+            up.local_addr().to_string(),
+        ],
         "health-check-interval: 200ms",
         "",
     ))
@@ -808,12 +961,26 @@ async fn a_replica_still_starting_joins_after_its_first_good_check() {
         let (status, _, body) = complete(&p).await;
         assert_eq!(status, 200, "{body}");
     }
-    assert_eq!(starting.metrics().requests_finished.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(
+        starting
+            .metrics()
+            .requests_finished
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
-    while starting.metrics().requests_finished.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+    while starting
+        .metrics()
+        .requests_finished
+        .load(std::sync::atomic::Ordering::Relaxed)
+        == 0
+    {
         let (status, _, body) = complete(&p).await;
         assert_eq!(status, 200, "{body}");
-        assert!(Instant::now() < deadline, "the started replica never joined");
+        assert!(
+            Instant::now() < deadline,
+            "the started replica never joined"
+        );
     }
     teardown(&p).await;
 }
@@ -869,7 +1036,6 @@ async fn active_health_checks_take_a_failing_endpoint_out() {
 /// shippers.
 #[test]
 fn json_logs_are_one_object_per_line() {
-    use std::io::BufRead as _;
     // A model server that passes its health checks and then drops every
     // completion without an answer.
     let broken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -887,50 +1053,24 @@ fn json_logs_are_one_object_per_line() {
             }
         }
     });
-    let config =
-        std::env::temp_dir().join(format!("scalecar-json-logs-{}.yaml", std::process::id()));
-    std::fs::write(
-        &config,
-        format!("proxy: {{ listen: \"127.0.0.1:0\", workers: 1 }}\nadmin: {{ listen: \"127.0.0.1:0\" }}\nlimits: {{ queue-wait: 1s }}\npools: [{{model: m, endpoints: [\"{broken_addr}\"]}}]\n"),
-    )
-    .unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_scalecar"))
-        .args(["run", "--log-format", "json", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "info")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr).lines() {
-            let Ok(line) = line else { return };
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    let next = || -> Value {
-        let line = rx
+    let mut bin = RunningBinary::start(
+        "json-logs",
+        &format!(
+            "proxy: {{ listen: \"127.0.0.1:0\", workers: 1 }}\nadmin: {{ listen: \"127.0.0.1:0\" }}\nlimits: {{ queue-wait: 1s }}\npools: [{{model: m, endpoints: [\"{broken_addr}\"]}}]\n"
+        ),
+    );
+    let next = |bin: &RunningBinary| -> Value {
+        let line = bin
+            .lines
             .recv_timeout(std::time::Duration::from_secs(10))
             .expect("a log line within 10 s");
         let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
         assert!(v["timestamp"].is_string() && v["level"].is_string(), "{v}");
         v
     };
-    let serving = loop {
-        let v = next();
-        if v["message"] == "serving" {
-            break v;
-        }
-    };
-    assert_eq!(serving["level"], "INFO");
-    assert!(
-        serving["admin"].as_str().unwrap().starts_with("127.0.0.1:"),
-        "{serving}"
-    );
-    let proxy = serving["proxy"].as_str().unwrap().to_string();
+    assert_eq!(bin.serving["level"], "INFO");
+    assert!(bin.admin.starts_with("127.0.0.1:"), "{}", bin.serving);
+    let proxy = bin.proxy.clone();
     // A request whose model server breaks off: its failure is logged with
     // the request's id.
     {
@@ -948,14 +1088,12 @@ fn json_logs_are_one_object_per_line() {
         assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
     }
     let failed = loop {
-        let v = next();
+        let v = next(&bin);
         if v["message"] == "upstream failed" {
             break v;
         }
     };
-    let _ = child.kill();
-    let _ = child.wait();
-    let _ = std::fs::remove_file(&config);
+    let _ = bin.child.kill();
     assert_eq!(failed["request_id"], "trace-me-42", "{failed}");
     assert_eq!(failed["model"], "m", "{failed}");
     assert_eq!(failed["outcome"], "upstream_error", "{failed}");
