@@ -21,7 +21,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use prometheus_client::registry::Registry;
 use scalecar_config::{KubernetesConfig, ScalecarConfig};
@@ -269,12 +269,20 @@ async fn serve_proxy(
     mut stop: watch::Receiver<bool>,
 ) {
     let graceful = GracefulShutdown::new();
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
         .timer(TokioTimer::new())
         .header_read_timeout(plane.limits.header_timeout)
         .max_buf_size(plane.limits.max_header_bytes.max(8192))
         .keep_alive(true);
+    let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    http2
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(plane.limits.max_header_bytes).unwrap_or(u32::MAX))
+        // A client that stops answering pings is gone: its streams end.
+        .keep_alive_interval(Some(Duration::from_secs(20)))
+        .keep_alive_timeout(plane.limits.header_timeout)
+        .max_concurrent_streams(H2_MAX_STREAMS);
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -290,14 +298,26 @@ async fn serve_proxy(
         };
         let _ = stream.set_nodelay(true);
         let plane = plane.clone();
+        let header_timeout = plane.limits.header_timeout;
         let service = service_fn(move |req| {
             let plane = plane.clone();
             async move { Ok::<_, Infallible>(plane.handle(req).await) }
         });
-        let conn = builder.serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
+        let watcher = graceful.watcher();
+        let (http1, http2) = (http1.clone(), http2.clone());
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            // The protocol is told by the first bytes, which must come
+            // within the header timeout like the rest of a request head.
+            let protocol = match tokio::time::timeout(header_timeout, sniff(&stream)).await {
+                Ok(Ok(Some(p))) => p,
+                Ok(Ok(None) | Err(_)) | Err(_) => return,
+            };
+            let io = TokioIo::new(stream);
+            let ended = match protocol {
+                Protocol::Http1 => watcher.watch(http1.serve_connection(io, service)).await,
+                Protocol::Http2 => watcher.watch(http2.serve_connection(io, service)).await,
+            };
+            if let Err(e) = ended {
                 tracing::debug!(error = %e, "client connection ended with an error");
             }
         });
@@ -312,6 +332,44 @@ async fn serve_proxy(
             ?grace,
             "streams still open after the shutdown grace period; closing"
         );
+    }
+}
+
+/// Streams at once on one HTTP/2 connection (a gateway multiplexes many
+/// clients' requests over few connections).
+const H2_MAX_STREAMS: u32 = 1024;
+
+/// What a client connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    /// h2c with prior knowledge, as gateways (Envoy, Istio) talk to
+    /// upstreams.
+    Http2,
+}
+
+/// The client preface every HTTP/2 connection opens with (RFC 9113 §3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Tells HTTP/2 from HTTP/1.1 by peeking at the first bytes (nothing is
+/// consumed); `None` if the client closed first.
+async fn sniff(stream: &tokio::net::TcpStream) -> std::io::Result<Option<Protocol>> {
+    let mut buf = [0u8; H2_PREFACE.len()];
+    loop {
+        let n = stream.peek(&mut buf).await?;
+        let seen = buf.get(..n).unwrap_or_default();
+        if n == 0 {
+            return Ok(None);
+        }
+        if !H2_PREFACE.starts_with(seen) {
+            return Ok(Some(Protocol::Http1));
+        }
+        if n == H2_PREFACE.len() {
+            return Ok(Some(Protocol::Http2));
+        }
+        // Part of the preface so far (rare: it is one write): peek
+        // returns at once while bytes wait, so wait a little for more.
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 

@@ -158,6 +158,80 @@ async fn streams_pass_through_with_the_same_content_and_ttft() {
 }
 
 #[tokio::test]
+async fn h2c_streams_are_served_and_measured_as_on_http1() {
+    let s = sim(model("m")).await;
+    let p = proxy(&pool_yaml("m", &[s.local_addr().to_string()], "", "")).await;
+    // HTTP/2 with prior knowledge, as a gateway talks to its upstreams:
+    // every request below shares one connection.
+    let h2 = HttpClient::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    let post = |body: &'static str| {
+        hyper::Request::post(format!("http://{}/v1/completions", p.proxy_addr))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap()
+    };
+    let resp = h2
+        .request(post(r#"{"model":"m","prompt":"x","max_tokens":3}"#))
+        .await
+        .unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers().get("x-request-id").is_some());
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let json: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(json["usage"]["completion_tokens"], 3, "{json}");
+    // Four streams at once, multiplexed.
+    let streams: Vec<_> = (0..4)
+        .map(|_| {
+            let h2 = h2.clone();
+            let req = post(r#"{"model":"m","prompt":"x","stream":true,"max_tokens":20}"#);
+            tokio::spawn(async move {
+                let resp = h2.request(req).await.unwrap();
+                assert_eq!(resp.version(), http::Version::HTTP_2);
+                resp.into_body().collect().await.unwrap().to_bytes()
+            })
+        })
+        .collect();
+    for st in streams {
+        let text = st.await.unwrap();
+        assert!(text.windows(6).any(|w| w == b"[DONE]"));
+    }
+    // A stream the client resets half way is a cancel, as a closed HTTP/1
+    // connection is.
+    let resp = h2
+        .request(post(
+            r#"{"model":"m","prompt":"x","stream":true,"max_tokens":100000}"#,
+        ))
+        .await
+        .unwrap();
+    let mut body = resp.into_body();
+    body.frame().await.unwrap().unwrap();
+    drop(body);
+    teardown(&p).await;
+    assert_eq!(common::outcome(&p, "unified", "ok").await, 5.0);
+    assert_eq!(common::outcome(&p, "unified", "cancelled").await, 1.0);
+    // Each stream's first token was timed once: four finished, one cancelled.
+    assert_eq!(
+        metric(
+            &p,
+            "scalecar_ttft_seconds_count{model=\"m\",role=\"unified\"}"
+        )
+        .await,
+        5.0
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.in_flight() != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the model server kept the reset stream"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
 async fn the_cap_queues_and_a_full_queue_answers_429() {
     let s = sim(model("m")).await;
     let p = proxy(&pool_yaml(
@@ -482,6 +556,12 @@ async fn bad_input_is_refused_clearly() {
     let read = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut buf)).await;
     assert!(read.is_ok(), "the connection stayed open");
     assert!(start.elapsed() < Duration::from_secs(3));
+    // A connection that never sends a byte (neither protocol's start) is
+    // closed after the header timeout too.
+    let mut tcp = tokio::net::TcpStream::connect(p.proxy_addr).await.unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "a silent connection stayed open");
     // A body that stops half way: 408 in OpenAI's JSON once body-timeout
     // passes, and the connection is closed (no task is left waiting).
     let mut tcp = tokio::net::TcpStream::connect(p.proxy_addr).await.unwrap();
