@@ -275,62 +275,20 @@ impl DataPlane {
                 ));
             }
         };
-        // serde reads a struct from an array too (fields by position):
-        // only an object is a request body.
-        let first = body.iter().find(|b| !b.is_ascii_whitespace()).copied();
-        if first.is_some_and(|b| b != b'{') {
-            self.metrics.rejected(Rejection::bad_request);
-            let got = match first {
-                Some(b'[') => "an array",
-                Some(b'"') => "a string",
-                Some(b'0'..=b'9' | b'-') => "a number",
-                Some(b't' | b'f') => "a boolean",
-                Some(b'n') => "null",
-                _ => "something else",
-            };
-            return error_response(&ApiError::bad_request(
-                format!("request body must be a JSON object (got {got})"),
-                None,
-            ));
-        }
-        let fields: RequestFields<'_> = match serde_json::from_slice(&body) {
-            Ok(f) => f,
+        let parsed = match parse_request(&body) {
+            Ok(p) => p,
             Err(e) => {
                 self.metrics.rejected(Rejection::bad_request);
-                return error_response(&ApiError::bad_request(
-                    format!("request body is not a valid JSON object: {e}"),
-                    None,
-                ));
+                return error_response(&e);
             }
         };
-        // Borrowed from the body unless the name has escapes.
-        let model: std::borrow::Cow<'_, str> = match fields.model.map(|m| {
-            serde_json::from_str::<&str>(m.get())
-                .map(std::borrow::Cow::Borrowed)
-                .or_else(|_| serde_json::from_str::<String>(m.get()).map(std::borrow::Cow::Owned))
-        }) {
-            Some(Ok(m)) if !m.is_empty() => m,
-            Some(_) => {
-                self.metrics.rejected(Rejection::bad_request);
-                return error_response(&ApiError::bad_request(
-                    "model must be a non-empty string",
-                    Some("model"),
-                ));
-            }
-            None => {
-                self.metrics.rejected(Rejection::bad_request);
-                return error_response(&ApiError::bad_request(
-                    "you must provide a model parameter",
-                    Some("model"),
-                ));
-            }
-        };
+        let model = parsed.model;
         let Some(route) = self.routes.get(model.as_ref()) else {
             self.metrics.rejected(Rejection::unknown_model);
             return error_response(&ApiError::model_not_found(&model));
         };
-        let prompt_tokens = fields.prompt_tokens();
-        let streaming = fields.stream.unwrap_or(false);
+        let prompt_tokens = parsed.prompt_tokens;
+        let streaming = parsed.streaming;
         // Only the path and query go upstream (origin form), whatever form
         // the client used.
         let path = parts
@@ -360,6 +318,65 @@ impl DataPlane {
             }
         }
     }
+}
+
+/// What routing takes from a request body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParsedRequest<'a> {
+    /// Borrowed from the body unless the name has escapes.
+    pub model: std::borrow::Cow<'a, str>,
+    /// Estimated from the prompt's JSON text (see [`RequestFields`]).
+    pub prompt_tokens: u64,
+    pub streaming: bool,
+}
+
+/// Reads the routing fields of a request body, or says (as a 400) what is
+/// wrong with it. Pure: no I/O, no metrics; fuzzed.
+pub fn parse_request(body: &[u8]) -> Result<ParsedRequest<'_>, ApiError> {
+    // serde reads a struct from an array too (fields by position): only
+    // an object is a request body.
+    let first = body.iter().find(|b| !b.is_ascii_whitespace()).copied();
+    if first.is_some_and(|b| b != b'{') {
+        let got = match first {
+            Some(b'[') => "an array",
+            Some(b'"') => "a string",
+            Some(b'0'..=b'9' | b'-') => "a number",
+            Some(b't' | b'f') => "a boolean",
+            Some(b'n') => "null",
+            _ => "something else",
+        };
+        return Err(ApiError::bad_request(
+            format!("request body must be a JSON object (got {got})"),
+            None,
+        ));
+    }
+    let fields: RequestFields<'_> = serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request(format!("request body is not a valid JSON object: {e}"), None)
+    })?;
+    let model = match fields.model.map(|m| {
+        serde_json::from_str::<&str>(m.get())
+            .map(std::borrow::Cow::Borrowed)
+            .or_else(|_| serde_json::from_str::<String>(m.get()).map(std::borrow::Cow::Owned))
+    }) {
+        Some(Ok(m)) if !m.is_empty() => m,
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "model must be a non-empty string",
+                Some("model"),
+            ));
+        }
+        None => {
+            return Err(ApiError::bad_request(
+                "you must provide a model parameter",
+                Some("model"),
+            ));
+        }
+    };
+    Ok(ParsedRequest {
+        model,
+        prompt_tokens: fields.prompt_tokens(),
+        streaming: fields.stream.unwrap_or(false),
+    })
 }
 
 enum BodyError {

@@ -39,5 +39,6 @@ pub mod routes;
 pub mod server;
 #[cfg(feature = "demo")]
 pub mod simulate;
+pub mod sse;
 pub mod status;
 pub mod upstream;

@@ -7,12 +7,9 @@
 //! client went away, even before any response header arrived. It is the one
 //! RAII guard for in-flight requests and tokens on every path.
 //!
-//! Each data frame goes to the client as it came; on the way, SSE events are
-//! found by their blank-line separator (LF, CRLF or CR line ends, a
-//! separator split across frames found at once) and classified in place. An
-//! event split across frames is carried in a buffer reused for the whole
-//! request, so no allocation per token, and bounded, so an upstream that
-//! never ends an event cannot grow memory. The first generated-token event
+//! Each data frame goes to the client as it came; on the way, its SSE events
+//! are framed by [`crate::sse`] (no copy, no allocation per token) and
+//! classified in place. The first generated-token event
 //! (content, reasoning or tool-call delta) gives TTFT, the gaps ITL, `usage`
 //! or the event count the tokens.
 
@@ -31,9 +28,8 @@ use crate::pool::Lease;
 use crate::routes::PoolEntry;
 use crate::upstream::PooledConnection;
 
-/// The longest partial SSE event carried between frames. Past it the event
-/// is skipped (still forwarded to the client, not classified).
-pub const MAX_CARRIED_EVENT: usize = 256 << 10;
+pub use crate::sse::MAX_CARRIED_EVENT;
+use crate::sse::SseFramer;
 
 /// What a request carries from dispatch to the end of its response.
 #[derive(Debug)]
@@ -53,13 +49,7 @@ pub struct Observation {
     complete_seen: bool,
     /// How the request ends if its body ends cleanly (by status class).
     end_outcome: Outcome,
-    carry: Vec<u8>,
-    /// The previous byte ended a line and nothing followed it yet.
-    at_line_start: bool,
-    /// The previous byte was a CR: a following LF belongs to it.
-    after_cr: bool,
-    /// The carried event grew past [`MAX_CARRIED_EVENT`]: skip to its end.
-    skipping: bool,
+    sse: SseFramer,
     finished: bool,
 }
 
@@ -88,10 +78,7 @@ impl Observation {
             usage_completion_tokens: None,
             complete_seen: false,
             end_outcome: Outcome::ok,
-            carry: Vec::new(),
-            at_line_start: true,
-            after_cr: false,
-            skipping: false,
+            sse: SseFramer::default(),
             finished: false,
         }
     }
@@ -164,69 +151,11 @@ impl Observation {
             }
             return;
         }
-        let mut from = 0;
-        let mut at = 0;
-        while let Some(i) = memchr::memchr2(b'\n', b'\r', chunk.get(at..).unwrap_or_default()) {
-            let pos = at + i;
-            let byte = chunk.get(pos).copied().unwrap_or(b'\n');
-            if pos > at {
-                // Line content since the last line end.
-                self.at_line_start = false;
-                self.after_cr = false;
-            }
-            at = pos + 1;
-            if byte == b'\n' && self.after_cr {
-                // The LF of a CRLF: one line end, already counted.
-                self.after_cr = false;
-                continue;
-            }
-            self.after_cr = byte == b'\r';
-            if !self.at_line_start {
-                self.at_line_start = true;
-                continue;
-            }
-            // A blank line: the event ends here.
-            let part = chunk.get(from..pos).unwrap_or_default();
-            if self.skipping {
-                self.skipping = false;
-                self.carry.clear();
-            } else if self.carry.is_empty() {
-                self.events_in(part);
-            } else {
-                let mut carry = std::mem::take(&mut self.carry);
-                carry.extend_from_slice(part);
-                self.events_in(&carry);
-                carry.clear();
-                self.carry = carry;
-            }
-            from = at;
-        }
-        let rest = chunk.get(from..).unwrap_or_default();
-        if self.skipping || rest.is_empty() {
-            return;
-        }
-        if self.carry.len() + rest.len() > MAX_CARRIED_EVENT {
-            tracing::debug!(
-                model = %self.entry.pool.model,
-                "an SSE event longer than {MAX_CARRIED_EVENT} bytes: not observed"
-            );
-            self.carry = Vec::new();
-            self.skipping = true;
-            return;
-        }
-        // Exact: the bound is on memory, not only on the length.
-        self.carry.reserve_exact(rest.len());
-        self.carry.extend_from_slice(rest);
-    }
-
-    /// The `data:` lines of one SSE event (any line ends).
-    fn events_in(&mut self, event: &[u8]) {
-        for line in event.split(|&b| b == b'\n' || b == b'\r') {
-            if let Some(data) = line.strip_prefix(b"data:") {
-                let data = data.strip_prefix(b" ").unwrap_or(data);
-                self.event(data);
-            }
-        }
+        // Taken out for the call (a move, no allocation): the payloads
+        // go to this observation.
+        let mut sse = std::mem::take(&mut self.sse);
+        sse.feed(chunk, &mut |data: &[u8]| self.event(data));
+        self.sse = sse;
     }
 
     /// Closes the record with `outcome`.
@@ -252,9 +181,9 @@ impl Observation {
             return;
         }
         self.finished = true;
-        if !self.carry.is_empty() && self.streaming && !self.skipping {
-            let carry = std::mem::take(&mut self.carry);
-            self.events_in(&carry);
+        if self.streaming {
+            let mut sse = std::mem::take(&mut self.sse);
+            sse.finish(&mut |data: &[u8]| self.event(data));
         }
         let e2e = self.start.elapsed();
         let e2e_sample = (outcome == Outcome::ok).then_some(e2e);
@@ -525,9 +454,9 @@ mod tests {
         for _ in 0..16 {
             o.frame(&piece);
             assert!(
-                o.carry.capacity() <= MAX_CARRIED_EVENT,
+                o.sse.carried_capacity() <= MAX_CARRIED_EVENT,
                 "{}",
-                o.carry.capacity()
+                o.sse.carried_capacity()
             );
         }
         // The monster's end, then a normal event: observed again.
@@ -558,7 +487,7 @@ mod tests {
             o.frame(y);
             assert_eq!(o.generated, 4, "cut at {cut}");
             assert!(o.complete_seen, "cut at {cut}");
-            assert!(o.carry.is_empty(), "cut at {cut}");
+            assert_eq!(o.sse.carried(), 0, "cut at {cut}");
             o.end();
         }
     }

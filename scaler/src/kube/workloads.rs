@@ -57,6 +57,19 @@ fn count(o: &DynamicObject, pointer: &str) -> Option<u32> {
         .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
 }
 
+impl Workload {
+    /// What a watched object says: `None` without `scalecar.io/model` (not
+    /// ours), else valid or invalid with the errors in words. Pure; fuzzed
+    /// with arbitrary objects.
+    pub fn from_object(
+        o: &DynamicObject,
+        resource: &ApiResource,
+        algorithms: &[String],
+    ) -> Option<Workload> {
+        parse(o, resource, algorithms)
+    }
+}
+
 fn parse(o: &DynamicObject, resource: &ApiResource, algorithms: &[String]) -> Option<Workload> {
     let annotations: BTreeMap<String, String> = o
         .annotations()
