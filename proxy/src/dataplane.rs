@@ -351,7 +351,10 @@ pub fn parse_request(body: &[u8]) -> Result<ParsedRequest<'_>, ApiError> {
         ));
     }
     let fields: RequestFields<'_> = serde_json::from_slice(body).map_err(|e| {
-        ApiError::bad_request(format!("request body is not a valid JSON object: {e}"), None)
+        ApiError::bad_request(
+            format!("request body is not a valid JSON object: {e}"),
+            None,
+        )
     })?;
     let model = match fields.model.map(|m| {
         serde_json::from_str::<&str>(m.get())

@@ -134,7 +134,8 @@ mod tests {
 
     #[test]
     fn every_separator_kind_split_anywhere() {
-        let stream = b"data: a\n\ndata: b\r\n\r\ndata:c\r\rdata: d\n\r\n: comment\n\ndata: [DONE]\n\n";
+        let stream =
+            b"data: a\n\ndata: b\r\n\r\ndata:c\r\rdata: d\n\r\n: comment\n\ndata: [DONE]\n\n";
         for cut in 0..=stream.len() {
             let (x, y) = stream.split_at(cut);
             let got = all(&mut SseFramer::default(), &[x, y]);
