@@ -120,6 +120,7 @@ struct RawLimits {
     header_timeout: Option<Scalar>,
     body_timeout: Option<Scalar>,
     request_timeout: Option<Scalar>,
+    stream_idle_timeout: Option<Scalar>,
     connect_timeout: Option<Scalar>,
     queue_length: Option<Scalar>,
     queue_wait: Option<Scalar>,
@@ -171,7 +172,11 @@ pub struct Limits {
     /// From the end of the headers to the end of the request body: a
     /// client that stops sending mid-body gets a 408, not a held task.
     pub body_timeout: Duration,
+    /// Until the model server's response headers.
     pub request_timeout: Duration,
+    /// No byte of a response body from the model server for this long
+    /// ends it as a timeout (a server hung after its headers).
+    pub stream_idle_timeout: Duration,
     pub connect_timeout: Duration,
     /// Per pool.
     pub queue_length: usize,
@@ -197,6 +202,7 @@ impl Default for Limits {
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(600),
+            stream_idle_timeout: Duration::from_secs(300),
             connect_timeout: Duration::from_secs(2),
             queue_length: 1024,
             queue_wait: Duration::from_secs(30),
@@ -450,6 +456,7 @@ impl ScalecarConfig {
                             "header-timeout",
                             "body-timeout",
                             "request-timeout",
+                            "stream-idle-timeout",
                             "connect-timeout",
                             "queue-length",
                             "queue-wait",
@@ -527,6 +534,11 @@ impl ScalecarConfig {
                 "limits.request-timeout",
                 l.request_timeout,
                 d.request_timeout,
+            ),
+            stream_idle_timeout: c.duration(
+                "limits.stream-idle-timeout",
+                l.stream_idle_timeout,
+                d.stream_idle_timeout,
             ),
             connect_timeout: c.duration(
                 "limits.connect-timeout",

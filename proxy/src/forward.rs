@@ -317,7 +317,8 @@ impl Forwarder {
                 observation.answered(resp.status());
                 let (mut parts, upstream) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
-                let body = ObservedBody::new(upstream, observation, conn);
+                let body =
+                    ObservedBody::new(upstream, observation, conn, self.limits.stream_idle_timeout);
                 Response::from_parts(parts, ProxyBody::Observed(body))
             }
             Err(e) => {

@@ -327,17 +327,30 @@ pub struct ObservedBody<B> {
     inner: B,
     observation: Option<Observation>,
     connection: Option<PooledConnection>,
+    /// `limits.stream-idle-timeout`: armed when the body first waits, and
+    /// re-armed only when it fires (not per frame) from `last_data`.
+    idle: Option<Pin<Box<tokio::time::Sleep>>>,
+    idle_limit: Duration,
+    last_data: tokio::time::Instant,
     /// The request's span (disabled, and free, unless debug logs are on):
     /// lines about the body carry the request's id too.
     span: tracing::Span,
 }
 
 impl<B: Body> ObservedBody<B> {
-    pub fn new(inner: B, observation: Observation, connection: PooledConnection) -> Self {
+    pub fn new(
+        inner: B,
+        observation: Observation,
+        connection: PooledConnection,
+        idle_limit: Duration,
+    ) -> Self {
         let mut body = ObservedBody {
             inner,
             observation: Some(observation),
             connection: Some(connection),
+            idle: None,
+            idle_limit,
+            last_data: tokio::time::Instant::now(),
             span: tracing::Span::current(),
         };
         // An empty body is never polled: it ends here.
@@ -361,21 +374,76 @@ impl<B: Body> ObservedBody<B> {
     }
 }
 
+/// Why an observed body failed.
+#[derive(Debug)]
+pub enum ObservedError<E> {
+    /// The model server's body broke off.
+    Upstream(E),
+    /// No byte from the model server for `stream-idle-timeout`.
+    Idle(Duration),
+}
+
+impl<E: std::fmt::Display> std::fmt::Display for ObservedError<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ObservedError::Upstream(e) => write!(f, "upstream body: {e}"),
+            ObservedError::Idle(d) => write!(
+                f,
+                "no byte from the model server for {}",
+                humantime::format_duration(*d)
+            ),
+        }
+    }
+}
+
+impl<E: std::error::Error + 'static> std::error::Error for ObservedError<E> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ObservedError::Upstream(e) => Some(e),
+            ObservedError::Idle(_) => None,
+        }
+    }
+}
+
+impl<B: Body + Unpin> ObservedBody<B> {
+    /// Whether the model server has been silent for the idle limit; arms
+    /// (or re-arms) the timer otherwise. Called only when the body waits.
+    fn idle_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let limit = self.idle_limit;
+        let last = self.last_data;
+        let sleep = self
+            .idle
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(last + limit)));
+        loop {
+            if sleep.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            // Fired: data may have come since it was armed.
+            let deadline = self.last_data + limit;
+            if deadline <= tokio::time::Instant::now() {
+                return true;
+            }
+            sleep.as_mut().reset(deadline);
+        }
+    }
+}
+
 impl<B> Body for ObservedBody<B>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
     type Data = Bytes;
-    type Error = B::Error;
+    type Error = ObservedError<B::Error>;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
+                this.last_data = tokio::time::Instant::now();
                 if let (Some(data), Some(o)) = (frame.data_ref(), this.observation.as_mut()) {
                     o.frame(data);
                 }
@@ -397,13 +465,30 @@ where
                     }
                     o.fail(Outcome::upstream_error);
                 }
-                Poll::Ready(Some(Err(e)))
+                Poll::Ready(Some(Err(ObservedError::Upstream(e))))
             }
             Poll::Ready(None) => {
                 this.end();
                 Poll::Ready(None)
             }
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                if this.observation.is_none() || !this.idle_expired(cx) {
+                    return Poll::Pending;
+                }
+                // Hung after its headers: the connection is closed (the
+                // server sees the cancel), the client's response fails.
+                this.connection = None;
+                if let Some(o) = this.observation.take() {
+                    this.span
+                        .record("outcome", tracing::field::debug(Outcome::timeout));
+                    tracing::warn!(parent: &this.span, model = %o.entry.pool.model, idle = ?this.idle_limit, "model server silent mid-response; ending it");
+                    if let Some(l) = o.lease() {
+                        o.entry.pool.record_failure(&l.endpoint);
+                    }
+                    o.fail(Outcome::timeout);
+                }
+                Poll::Ready(Some(Err(ObservedError::Idle(this.idle_limit))))
+            }
         }
     }
 

@@ -776,6 +776,80 @@ impl Drop for RunningBinary {
     }
 }
 
+/// A model server that passes its health checks and answers every other
+/// request with `answer` (raw bytes), then closes — or, with `hold`, keeps
+/// the connection open and silent until the peer leaves.
+fn scripted_backend(answer: &'static [u8], hold: bool) -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        use std::io::{Read as _, Write as _};
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                let mut head = [0u8; 4096];
+                let n = conn.read(&mut head).unwrap_or(0);
+                if head[..n].starts_with(b"GET /health") {
+                    let _ = conn.write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                    );
+                    return;
+                }
+                let _ = conn.write_all(answer);
+                if hold {
+                    // Until the proxy closes its side.
+                    let _ = conn.read(&mut head);
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_model_server_silent_after_its_headers_is_timed_out() {
+    let addr = scripted_backend(
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n2c\r\ndata: {\"choices\":[{\"text\":\"a\",\"index\":0}]}\n\n\r\n",
+        true,
+    );
+    let p = proxy(&pool_yaml(
+        "m",
+        &[addr.to_string()],
+        "stream-idle-timeout: 500ms",
+        "",
+    ))
+    .await;
+    let client = HttpClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let req = hyper::Request::post(format!("http://{}/v1/completions", p.proxy_addr))
+        .body(Full::new(Bytes::from(
+            r#"{"model":"m","prompt":"x","stream":true}"#,
+        )))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap();
+    assert!(first.data_ref().unwrap().starts_with(b"data: "));
+    // Then silence: the response fails (not a clean end) soon after the
+    // idle limit, instead of holding the client forever.
+    let start = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match body.frame().await {
+                Some(Ok(_)) => continue,
+                Some(Err(_)) => return true,
+                None => return false,
+            }
+        }
+    })
+    .await
+    .expect("the silent stream was held");
+    assert!(ended, "a cut stream must not look complete");
+    assert!(start.elapsed() >= Duration::from_millis(300));
+    teardown(&p).await;
+    assert_eq!(common::outcome(&p, "unified", "timeout").await, 1.0);
+}
+
 #[tokio::test]
 async fn during_the_drain_admin_answers_and_a_second_signal_exits_at_once() {
     let s = sim(model("m")).await;
@@ -1118,21 +1192,7 @@ async fn active_health_checks_take_a_failing_endpoint_out() {
 fn json_logs_are_one_object_per_line() {
     // A model server that passes its health checks and then drops every
     // completion without an answer.
-    let broken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let broken_addr = broken.local_addr().unwrap();
-    std::thread::spawn(move || {
-        use std::io::{Read as _, Write as _};
-        for conn in broken.incoming() {
-            let Ok(mut conn) = conn else { return };
-            let mut head = [0u8; 1024];
-            let n = conn.read(&mut head).unwrap_or(0);
-            if head[..n].starts_with(b"GET /health") {
-                let _ = conn.write_all(
-                    b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
-                );
-            }
-        }
-    });
+    let broken_addr = scripted_backend(b"", false);
     let mut bin = RunningBinary::start(
         "json-logs",
         &format!(

@@ -142,6 +142,18 @@ impl EventWriter {
 /// Events waiting to be written.
 const QUEUE: usize = 256;
 
+/// Tries per Event: 250 ms … 8 s apart, about 30 s in all.
+const EVENT_ATTEMPTS: u32 = 7;
+
+/// Worth another try: the API server was unreachable, overloaded or failed
+/// (a 4xx other than 429 would fail the same way again).
+fn transient(e: &kube::Error) -> bool {
+    match e {
+        kube::Error::Api(s) => s.code == 429 || s.code >= 500,
+        _ => true,
+    }
+}
+
 /// A [`DecisionObserver`] that also writes Events on the targets' objects.
 #[derive(Debug)]
 pub struct RescaleEvents {
@@ -160,8 +172,23 @@ impl RescaleEvents {
         let recorder = EventWriter::new(client, reporter);
         tokio::spawn(async move {
             while let Some((object, event)) = rx.recv().await {
-                if let Err(e) = recorder.publish(&event, &object).await {
-                    tracing::warn!(reason = %event.reason, object = ?object.name, error = %e, "writing an event failed");
+                // A FailedRescale is written while the API server is having
+                // trouble: a transient failure is retried (it is emitted
+                // once per distinct error, so a lost one stays lost).
+                let mut delay = std::time::Duration::from_millis(250);
+                for attempt in 1..=EVENT_ATTEMPTS {
+                    match recorder.publish(&event, &object).await {
+                        Ok(()) => break,
+                        Err(e) if attempt < EVENT_ATTEMPTS && transient(&e) => {
+                            tracing::debug!(reason = %event.reason, attempt, error = %e, "writing an event failed; retrying");
+                            tokio::time::sleep(delay).await;
+                            delay = (delay * 2).min(std::time::Duration::from_secs(8));
+                        }
+                        Err(e) => {
+                            tracing::warn!(reason = %event.reason, object = ?object.name, error = %e, "writing an event failed");
+                            break;
+                        }
+                    }
                 }
             }
         });
