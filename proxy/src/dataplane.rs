@@ -350,7 +350,19 @@ pub fn parse_request(body: &[u8]) -> Result<ParsedRequest<'_>, ApiError> {
             None,
         ));
     }
-    let fields: RequestFields<'_> = serde_json::from_slice(body).map_err(|e| {
+    // JSON is UTF-8; serde skips unknown fields' strings without checking
+    // them, so a body could otherwise be routed that no model server can
+    // read (found by fuzzing).
+    let body = std::str::from_utf8(body).map_err(|e| {
+        ApiError::bad_request(
+            format!(
+                "request body is not UTF-8 (invalid byte at offset {})",
+                e.valid_up_to()
+            ),
+            None,
+        )
+    })?;
+    let fields: RequestFields<'_> = serde_json::from_str(body).map_err(|e| {
         ApiError::bad_request(
             format!("request body is not a valid JSON object: {e}"),
             None,
@@ -467,6 +479,20 @@ mod tests {
             push_hex(&mut s, n);
             assert_eq!(s, format!("{n:x}"));
         }
+    }
+
+    #[test]
+    fn a_body_that_is_not_utf8_is_refused() {
+        // An unknown field's string is skipped by serde without a UTF-8
+        // check: the whole body is checked first.
+        let body = b"{\"model\":\"m\",\"x\":\"\x8f\x8f\"}";
+        let e = parse_request(body).unwrap_err();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            e.message,
+            "request body is not UTF-8 (invalid byte at offset 18)"
+        );
+        assert_eq!(parse_request(br#"{"model":"m"}"#).unwrap().model, "m");
     }
 
     #[test]
