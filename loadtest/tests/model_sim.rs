@@ -317,7 +317,9 @@ async fn ttft(sim: &SimHandle, prompt_tokens: usize, max_tokens: u32) -> Duratio
 #[tokio::test]
 async fn timing_follows_the_model_at_idle_and_when_kv_is_full() {
     // Idle: a 2,000-token prompt takes its prefill time (125 ms at 16k
-    // tokens/s) plus the step that emits the first token (~6 ms): ±10 %.
+    // tokens/s) plus the step that emits the first token (~6 ms): -10 %,
+    // +25 % (a loaded 2-core machine delays timers by a few ms; a model
+    // that skipped or doubled the prefill is still caught).
     let sim = start(SimConfig {
         model: "m".into(),
         ..SimConfig::default()
@@ -326,7 +328,7 @@ async fn timing_follows_the_model_at_idle_and_when_kv_is_full() {
     let prefill = Duration::from_secs_f64(2000.0 / 16_000.0);
     let measured = ttft(&sim, 2000, 2).await;
     assert!(
-        measured >= prefill.mul_f64(0.9) && measured <= prefill.mul_f64(1.1),
+        measured >= prefill.mul_f64(0.9) && measured <= prefill.mul_f64(1.25),
         "TTFT {measured:?} vs prefill {prefill:?}"
     );
 
