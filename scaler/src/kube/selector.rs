@@ -130,46 +130,73 @@ impl LabelSelector {
             selector: v.to_string(),
             message,
         };
+        // Validated as the API server does (found by fuzzing: an `In`
+        // without values was read as matching nothing, and printed as a
+        // selector that parses back differently).
+        let key = |k: &str| {
+            if valid_key(k) {
+                Ok(k.to_string())
+            } else {
+                Err(err(format!("{k:?} is not a label key")))
+            }
+        };
+        let value = |k: &str, v: &Value| match v.as_str() {
+            Some(s) if valid_value(s) => Ok(s.to_string()),
+            Some(s) => Err(err(format!("{k}: {s:?} is not a label value"))),
+            None => Err(err(format!("{k}: {v} is not a string"))),
+        };
         let mut requirements = Vec::new();
         if let Some(labels) = v.get("matchLabels") {
             let labels = labels
                 .as_object()
                 .ok_or_else(|| err("matchLabels is not an object".into()))?;
             for (k, val) in labels {
-                let val = val
-                    .as_str()
-                    .ok_or_else(|| err(format!("matchLabels.{k} is not a string")))?;
-                requirements.push(Requirement::Equals(k.clone(), val.to_string()));
+                requirements.push(Requirement::Equals(
+                    key(k)?,
+                    value(&format!("matchLabels.{k}"), val)?,
+                ));
             }
         }
         if let Some(exprs) = v.get("matchExpressions") {
             let exprs = exprs
                 .as_array()
                 .ok_or_else(|| err("matchExpressions is not a list".into()))?;
-            for e in exprs {
-                let key = e
+            for (i, e) in exprs.iter().enumerate() {
+                let at = format!("matchExpressions[{i}]");
+                let k = e
                     .get("key")
                     .and_then(Value::as_str)
-                    .ok_or_else(|| err("a matchExpression has no key".into()))?
-                    .to_string();
-                let values: Vec<String> = e
-                    .get("values")
-                    .and_then(Value::as_array)
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(Value::as_str)
-                            .map(str::to_string)
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                let r = match e.get("operator").and_then(Value::as_str) {
-                    Some("In") => Requirement::In(key, values),
-                    Some("NotIn") => Requirement::NotIn(key, values),
-                    Some("Exists") => Requirement::Exists(key),
-                    Some("DoesNotExist") => Requirement::DoesNotExist(key),
+                    .ok_or_else(|| err(format!("{at} has no key")))?;
+                let k = key(k)?;
+                let values: Vec<String> = match e.get("values") {
+                    None | Some(Value::Null) => Vec::new(),
+                    Some(Value::Array(a)) => a
+                        .iter()
+                        .map(|x| value(&format!("{at}.values"), x))
+                        .collect::<Result<_, _>>()?,
+                    Some(other) => return Err(err(format!("{at}.values: {other} is not a list"))),
+                };
+                let operator = e.get("operator").and_then(Value::as_str);
+                let r = match operator {
+                    Some("In" | "NotIn") if values.is_empty() => {
+                        return Err(err(format!(
+                            "{at}: operator {} needs at least one value",
+                            operator.unwrap_or_default()
+                        )));
+                    }
+                    Some("Exists" | "DoesNotExist") if !values.is_empty() => {
+                        return Err(err(format!(
+                            "{at}: operator {} takes no values",
+                            operator.unwrap_or_default()
+                        )));
+                    }
+                    Some("In") => Requirement::In(k, values),
+                    Some("NotIn") => Requirement::NotIn(k, values),
+                    Some("Exists") => Requirement::Exists(k),
+                    Some("DoesNotExist") => Requirement::DoesNotExist(k),
                     other => {
                         return Err(err(format!(
-                            "operator {other:?} of {key:?} is not In, NotIn, Exists or DoesNotExist"
+                            "{at}: operator {other:?} of {k:?} is not In, NotIn, Exists or DoesNotExist"
                         )));
                     }
                 };
@@ -281,5 +308,40 @@ mod tests {
         .unwrap_err();
         assert!(e.to_string().contains("Near"), "{e}");
         assert!(LabelSelector::parse("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn object_selectors_are_validated_as_the_api_server_does() {
+        for (v, why) in [
+            (
+                json!({"matchExpressions": [{"key": "k", "operator": "In"}]}),
+                "needs at least one value",
+            ),
+            (
+                json!({"matchExpressions": [{"key": "k", "operator": "NotIn", "values": []}]}),
+                "needs at least one value",
+            ),
+            (
+                json!({"matchExpressions": [{"key": "k", "operator": "Exists", "values": ["a"]}]}),
+                "takes no values",
+            ),
+            (
+                json!({"matchExpressions": [{"key": "k", "operator": "In", "values": [1]}]}),
+                "is not a string",
+            ),
+            (
+                json!({"matchLabels": {"app": "a,b"}}),
+                "is not a label value",
+            ),
+            (json!({"matchLabels": {"a b": "x"}}), "is not a label key"),
+        ] {
+            let e = LabelSelector::from_object(&v).unwrap_err();
+            assert!(e.to_string().contains(why), "{v}: {e}");
+        }
+        let s = LabelSelector::from_object(&json!({
+            "matchExpressions": [{"key": "k", "operator": "In", "values": ["a", ""]}]
+        }))
+        .unwrap();
+        assert_eq!(LabelSelector::parse(&s.to_string()).unwrap(), s);
     }
 }
