@@ -93,7 +93,9 @@ OUTPUT
   A JSON summary on stdout: requests, ttft_attainment (TTFT ≤ target, failed
   requests count as misses), ttft_p50/p90/p99 and itl_p90 (seconds),
   replica_seconds (cold starts included, up to the last arrival),
-  oracle_replica_seconds, ratio_to_oracle, scale_events, max_replicas_used.
+  oracle_replica_seconds, ratio_to_oracle, reactive_oracle_* (the oracle's
+  schedule without foresight), constant_* (the smallest constant count that
+  meets the goal), scale_events, max_replicas_used.
   Progress and timing go to stderr.
 
 EXAMPLE
@@ -161,6 +163,15 @@ pub struct Summary {
     pub ratio_to_oracle: Option<f64>,
     pub oracle_ttft_attainment: Option<f64>,
     pub oracle_scale_events: Option<u32>,
+    /// The oracle's schedule followed without foresight (each rise asked
+    /// for when its interval begins): what knowing the future is worth.
+    pub reactive_oracle_ttft_attainment: Option<f64>,
+    pub reactive_oracle_replica_seconds: Option<f64>,
+    /// The smallest constant count that meets the goal: the cost of not
+    /// scaling at all.
+    pub constant_replicas: Option<u32>,
+    pub constant_replica_seconds: Option<f64>,
+    pub constant_ttft_attainment: Option<f64>,
     pub scale_events: u32,
     pub scale_events_per_hour: f64,
     pub max_replicas_used: u32,
@@ -269,6 +280,8 @@ pub async fn run(
         )
     });
     let m = &run.measured;
+    let reactive = oracle.as_ref().and_then(|o| o.reactive.as_ref());
+    let constant = oracle.as_ref().and_then(|o| o.constant.as_ref());
     let hours = (span / 3600.0).max(1.0 / 3600.0);
     let summary = Summary {
         trace: args.trace.display().to_string(),
@@ -295,6 +308,11 @@ pub async fn run(
             .as_ref()
             .map(|o| round(o.measured.ttft_attainment, 5)),
         oracle_scale_events: oracle.as_ref().map(|o| o.scale_events),
+        reactive_oracle_ttft_attainment: reactive.map(|m| round(m.ttft_attainment, 5)),
+        reactive_oracle_replica_seconds: reactive.map(|m| round(m.replica_seconds, 1)),
+        constant_replicas: constant.map(|(n, _)| *n),
+        constant_replica_seconds: constant.map(|(_, m)| round(m.replica_seconds, 1)),
+        constant_ttft_attainment: constant.map(|(_, m)| round(m.ttft_attainment, 5)),
         scale_events: run.scale_events,
         scale_events_per_hour: round(f64::from(run.scale_events) / hours, 1),
         max_replicas_used: m.max_replicas_used,

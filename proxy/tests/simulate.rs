@@ -74,6 +74,24 @@ fn a_trace_gives_a_summary_a_report_and_the_same_bytes_twice() {
     let ratio = s["ratio_to_oracle"].as_f64().unwrap();
     assert!((ratio - rs / oracle).abs() < 0.001, "{s}");
     assert!(s["max_replicas_used"].as_u64().unwrap() >= 1);
+    // The yardsticks: the constant count meets the goal and costs no less
+    // than the oracle (one of the schedules the oracle chose from); the
+    // oracle's schedule without foresight is a measured run too.
+    let n = s["constant_replicas"].as_u64().unwrap();
+    assert!((1..=64).contains(&n), "{s}");
+    assert!(
+        s["constant_ttft_attainment"].as_f64().unwrap() >= 0.99,
+        "{s}"
+    );
+    let constant = s["constant_replica_seconds"].as_f64().unwrap();
+    assert!(constant >= oracle - 1e-6, "{s}");
+    assert!((constant - n as f64 * span).abs() <= 0.1 + 1e-6, "{s}");
+    let reactive = s["reactive_oracle_ttft_attainment"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&reactive), "{s}");
+    assert!(
+        s["reactive_oracle_replica_seconds"].as_f64().unwrap() > 0.0,
+        "{s}"
+    );
     for file in [
         "summary.json",
         "timeline.csv",
@@ -132,6 +150,8 @@ fn json_lines_traces_are_read_too() {
     let s: Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(s["requests"], 120);
     assert!(s["oracle_replica_seconds"].is_null());
+    assert!(s["constant_replicas"].is_null());
+    assert!(s["reactive_oracle_ttft_attainment"].is_null());
     // 30 s of trace: 119 gaps of 250 ms.
     assert!(
         (s["trace_seconds"].as_f64().unwrap() - 29.75).abs() < 1e-6,

@@ -49,6 +49,14 @@ pub struct Oracle {
     pub measured: Measured,
     /// Changes of the replica count in the schedule.
     pub scale_events: u32,
+    /// The smallest constant count that meets the goal, and its run: what
+    /// needs no controller at all (`None` when even `max_replicas` misses).
+    pub constant: Option<(u32, Measured)>,
+    /// The oracle's schedule without its foresight: every rise asked for
+    /// when its interval begins, ready a cold start later; every fall on
+    /// time. A reactive controller that knew each interval's exact need,
+    /// but only once it came, would do this.
+    pub reactive: Option<Measured>,
 }
 
 /// How the oracle searches.
@@ -146,20 +154,31 @@ pub fn oracle(trace: &[Arrival], settings: &Settings, search: OracleSettings) ->
                 (at, n)
             })
             .collect();
-        let o = searcher.replay(held, last);
+        let o = searcher.replay(held, last, true);
         better(&mut best, o);
     }
     let (mut lo, mut hi) = (1u32, settings.max_replicas.max(1));
+    let mut constant = None;
     while lo < hi {
         let mid = lo + (hi - lo) / 2;
-        let o = searcher.replay(vec![(Duration::ZERO, mid)], last);
+        let o = searcher.replay(vec![(Duration::ZERO, mid)], last, true);
         if meets(&o) {
             hi = mid;
+            constant = Some((mid, o.measured.clone()));
             better(&mut best, o);
         } else {
             lo = mid + 1;
         }
     }
+    if constant.is_none() && lo == hi {
+        let o = searcher.replay(vec![(Duration::ZERO, lo)], last, true);
+        if meets(&o) {
+            constant = Some((lo, o.measured.clone()));
+            better(&mut best, o);
+        }
+    }
+    best.reactive = Some(searcher.replay(best.schedule.clone(), last, false).measured);
+    best.constant = constant;
     best
 }
 
@@ -174,7 +193,10 @@ struct Search<'a> {
 
 impl<'a> Search<'a> {
     /// A fixed schedule (counts from each time on), replayed and measured.
-    fn replay(&self, schedule: Vec<(Duration, u32)>, last: Duration) -> Oracle {
+    /// `ahead`: each rise was asked for a cold start earlier and serves at
+    /// once; otherwise it is asked for then. The first count serves from
+    /// the start either way (the run's past asked for it).
+    fn replay(&self, schedule: Vec<(Duration, u32)>, last: Duration, ahead: bool) -> Oracle {
         let mut world = World::new(self.trace, self.settings, NoRecorder, 0);
         let mut previous = None;
         let mut scale_events = 0;
@@ -182,8 +204,8 @@ impl<'a> Search<'a> {
             world.run_until(at);
             world.recent_ttfts.clear();
             if previous != Some(n) {
+                world.set_replicas(n, ahead || previous.is_none());
                 scale_events += u32::from(previous.is_some());
-                world.set_replicas(n, true);
                 previous = Some(n);
             }
         }
@@ -196,6 +218,8 @@ impl<'a> Search<'a> {
             measured: Measured::of(&world, self.settings.ttft_target, 0, (Duration::ZERO, last)),
             schedule,
             scale_events,
+            constant: None,
+            reactive: None,
         }
     }
 
@@ -218,6 +242,8 @@ impl<'a> Search<'a> {
             measured: Measured::of(&world, self.settings.ttft_target, 0, (Duration::ZERO, last)),
             schedule,
             scale_events,
+            constant: None,
+            reactive: None,
         }
     }
 

@@ -201,3 +201,86 @@ async fn the_oracle_is_never_above_an_algorithm_at_the_same_attainment() {
         );
     }
 }
+
+/// 2 req/s for ten minutes with 20 s spikes of 16 req/s at 150, 330 and
+/// 480 s; prompts and outputs vary as in `bursty`.
+fn spikes() -> Vec<Arrival> {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut out = Vec::new();
+    let mut t = 0.0f64;
+    while t < 600.0 {
+        let spike = [150.0, 330.0, 480.0]
+            .iter()
+            .any(|s| (*s..s + 20.0).contains(&t));
+        out.push(Arrival {
+            at: Duration::from_secs_f64(t),
+            prompt_tokens: 200 + (next() % 1800) as u32,
+            max_tokens: 20 + (next() % 200) as u32,
+        });
+        t += if spike { 1.0 / 16.0 } else { 0.5 };
+    }
+    out
+}
+
+#[tokio::test]
+async fn the_yardsticks_show_what_foresight_and_scaling_are_worth() {
+    // Three 20 s bursts at 8× the base rate, far apart: the oracle has
+    // their replicas ready at their first request and holds nothing
+    // between them; the same counts asked for when a burst arrives come a
+    // cold start (60 s) too late.
+    let trace = spikes();
+    let mut settings = Settings::new(Timing::h100x2_llama_70b());
+    settings.startup_delay = Duration::from_secs(60);
+    settings.max_replicas = 16;
+    let o = oracle(&trace, &settings, OracleSettings::default());
+    let attained = o.measured.ttft_attainment;
+    assert!(attained >= 0.99, "oracle attainment {attained}");
+    let Some(reactive) = &o.reactive else {
+        panic!("no reactive replay")
+    };
+    eprintln!(
+        "oracle {attained:.4} at {:.0} replica-s; reactive {:.4} at {:.0}",
+        o.measured.replica_seconds, reactive.ttft_attainment, reactive.replica_seconds
+    );
+    assert!(
+        reactive.ttft_attainment < attained - 0.05,
+        "without foresight {} vs {attained}",
+        reactive.ttft_attainment
+    );
+    let Some((n, constant)) = &o.constant else {
+        panic!("no constant count meets the goal within 16")
+    };
+    assert!(
+        constant.ttft_attainment >= 0.99,
+        "{}",
+        constant.ttft_attainment
+    );
+    assert!(o.measured.replica_seconds <= constant.replica_seconds);
+    // n is the smallest such count: one fewer, never scaled, misses.
+    assert!(*n > 1, "one replica carries the bursts: a useless trace");
+    let fewer = (n - 1).to_string();
+    let p = policy(&[
+        ("ttft-target", "1s"),
+        ("min-replicas", &fewer),
+        ("max-replicas", &fewer),
+    ]);
+    settings.initial_replicas = n - 1;
+    let registry = AlgorithmRegistry::with_builtins();
+    let run = match simulate(&trace, &settings, &p, &registry, |_| {}).await {
+        Ok(r) => r,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(run.scale_events, 0);
+    assert!(
+        run.measured.ttft_attainment < 0.99,
+        "{} constant replicas attain {}",
+        n - 1,
+        run.measured.ttft_attainment
+    );
+}
