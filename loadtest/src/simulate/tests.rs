@@ -110,16 +110,21 @@ async fn replica_seconds_count_cold_starts_and_stop_at_the_horizon() {
     assert_eq!(run.measured.max_replicas_used, 1);
 }
 
-/// Deterministic bursty load: a base rate with two bursts, prompts and
-/// outputs varying request to request.
-fn bursty(secs: u32) -> Vec<Arrival> {
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    let mut next = || {
+/// A deterministic xorshift64 sequence from `seed`: varied prompts and
+/// outputs, the same every run.
+fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
+    move || {
         state ^= state << 13;
         state ^= state >> 7;
         state ^= state << 17;
         state
-    };
+    }
+}
+
+/// Deterministic bursty load: a base rate with two bursts, prompts and
+/// outputs varying request to request.
+fn bursty(secs: u32) -> Vec<Arrival> {
+    let mut next = xorshift(0x2545_f491_4f6c_dd1d);
     let mut out = Vec::new();
     let mut t = 0.0f64;
     while t < f64::from(secs) {
@@ -205,13 +210,7 @@ async fn the_oracle_is_never_above_an_algorithm_at_the_same_attainment() {
 /// 2 req/s for ten minutes with 20 s spikes of 16 req/s at 150, 330 and
 /// 480 s; prompts and outputs vary as in `bursty`.
 fn spikes() -> Vec<Arrival> {
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
     let mut out = Vec::new();
     let mut t = 0.0f64;
     while t < 600.0 {
