@@ -142,8 +142,10 @@ impl EventWriter {
 /// Events waiting to be written.
 const QUEUE: usize = 256;
 
-/// Tries per Event: 250 ms … 8 s apart, about 30 s in all.
-const EVENT_ATTEMPTS: u32 = 7;
+/// How long an Event is retried while the API server fails transiently
+/// (250 ms … 10 s apart): longer than an outage a FailedRescale reports is
+/// likely to last (client-go's recorder retries about as long: 12 × 10 s).
+const EVENT_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// Worth another try: the API server was unreachable, overloaded or failed
 /// (a 4xx other than 429 would fail the same way again).
@@ -176,13 +178,14 @@ impl RescaleEvents {
                 // trouble: a transient failure is retried (it is emitted
                 // once per distinct error, so a lost one stays lost).
                 let mut delay = std::time::Duration::from_millis(250);
-                for attempt in 1..=EVENT_ATTEMPTS {
+                let give_up = tokio::time::Instant::now() + EVENT_RETRY_FOR;
+                for attempt in 1u32.. {
                     match recorder.publish(&event, &object).await {
                         Ok(()) => break,
-                        Err(e) if attempt < EVENT_ATTEMPTS && transient(&e) => {
+                        Err(e) if tokio::time::Instant::now() < give_up && transient(&e) => {
                             tracing::debug!(reason = %event.reason, attempt, error = %e, "writing an event failed; retrying");
                             tokio::time::sleep(delay).await;
-                            delay = (delay * 2).min(std::time::Duration::from_secs(8));
+                            delay = (delay * 2).min(std::time::Duration::from_secs(10));
                         }
                         Err(e) => {
                             tracing::warn!(reason = %event.reason, object = ?object.name, error = %e, "writing an event failed");
