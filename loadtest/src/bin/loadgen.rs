@@ -8,8 +8,10 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
+use scalecar_loadtest::loadgen::shapes::write_jsonl;
 use scalecar_loadtest::loadgen::{
-    ArrivalPattern, RequestSize, StreamingClient, read_trace_file, run_plan, summarize, write_csv,
+    ArrivalPattern, RequestSize, Shape, StreamingClient, read_trace_file, run_plan, summarize,
+    write_csv,
 };
 
 #[derive(Debug, Parser)]
@@ -17,15 +19,27 @@ use scalecar_loadtest::loadgen::{
     name = "loadgen",
     version,
     about = "Open-loop load (synthetic or a real trace) against an OpenAI-compatible endpoint",
-    after_help = "EXAMPLE\n  loadgen --url http://127.0.0.1:8000 --model llama-3-8b --pattern burst:2,20@10s+20s --duration 60s --ttft-slo 500ms\n  loadgen --url http://127.0.0.1:8080 --model llama-3-8b --trace loadtest/data/azure-llm-2023-conv.csv --speedup 60"
+    after_help = "EXAMPLE\n  loadgen --url http://127.0.0.1:8000 --model llama-3-8b --pattern burst:2,20@10s+20s --duration 60s --ttft-slo 500ms\n  loadgen --url http://127.0.0.1:8080 --model llama-3-8b --trace loadtest/data/azure-llm-2023-conv.csv --speedup 60\n  loadgen --shape flash-crowd --seed 2 --write-trace flash.jsonl"
 )]
 struct Args {
     /// Base URL of the endpoint (requests go to /v1/chat/completions).
-    #[arg(long)]
-    url: String,
+    #[arg(long, required_unless_present = "write_trace")]
+    url: Option<String>,
     /// Model name sent in each request.
-    #[arg(long)]
-    model: String,
+    #[arg(long, required_unless_present = "write_trace")]
+    model: Option<String>,
+    /// A generated traffic shape (long-context-bursts, diurnal, flash-crowd,
+    /// slow-ramp) instead of a pattern: its own request sizes and length
+    /// (--length to change it), seeded by --seed.
+    #[arg(long, conflicts_with_all = ["trace"], value_parser = |s: &str| s.parse::<Shape>())]
+    shape: Option<Shape>,
+    /// The shape's length.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    length: Option<Duration>,
+    /// Write the planned arrivals as a JSON-lines trace (timestamp ms,
+    /// input_length, output_length) to this file and exit without sending.
+    #[arg(long, value_name = "FILE")]
+    write_trace: Option<PathBuf>,
     /// Arrival pattern: constant:R, poisson:R, step:A,B@T, burst:BASE,PEAK@START+LEN, sine:MEAN,AMP/PERIOD.
     #[arg(long, default_value = "poisson:5", conflicts_with = "trace")]
     pattern: ArrivalPattern,
@@ -70,9 +84,10 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let plan = match &args.trace {
-        Some(path) => read_trace_file(path, args.speedup)?,
-        None => args.pattern.plan(
+    let plan = match (&args.trace, args.shape) {
+        (Some(path), _) => read_trace_file(path, args.speedup)?,
+        (None, Some(shape)) => shape.generate(args.length, args.seed),
+        (None, None) => args.pattern.plan(
             args.duration,
             RequestSize {
                 prompt_tokens: args.prompt_tokens,
@@ -81,7 +96,17 @@ async fn main() -> anyhow::Result<()> {
             args.seed,
         ),
     };
-    let client = StreamingClient::new(&args.url, &args.model, args.timeout)?;
+    if let Some(path) = &args.write_trace {
+        let file = std::fs::File::create(path).with_context(|| format!("{}", path.display()))?;
+        let mut out = std::io::BufWriter::new(file);
+        write_jsonl(&plan, &mut out).with_context(|| format!("{}", path.display()))?;
+        out.flush().with_context(|| format!("{}", path.display()))?;
+        return Ok(());
+    }
+    let (Some(url), Some(model)) = (&args.url, &args.model) else {
+        anyhow::bail!("--url and --model are needed to send requests");
+    };
+    let client = StreamingClient::new(url, model, args.timeout)?;
     let bar = if args.quiet {
         ProgressBar::hidden()
     } else {

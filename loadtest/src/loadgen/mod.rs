@@ -9,6 +9,7 @@
 pub mod arrivals;
 pub mod client;
 pub mod report;
+pub mod shapes;
 pub mod trace;
 
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use std::time::{Duration, Instant};
 pub use arrivals::{Arrival, ArrivalPattern, RateShape, RequestSize};
 pub use client::{Outcome, RequestRecord, StreamingClient};
 pub use report::{Summary, summarize, write_csv};
+pub use shapes::Shape;
 pub use trace::{TraceError, read_any_trace_file, read_jsonl_trace, read_trace, read_trace_file};
 
 /// Called once per finished request (for progress and live views).
