@@ -28,6 +28,9 @@ fn snapshot() -> WindowSnapshot {
         tokens: 80_000.0,
         prompt_tokens_per_sec: 20_000.0,
         decode_tokens_per_sec: 3_000.0,
+        prefilled_tokens_per_sec: 19_000.0,
+        prefill_busy: 3.5,
+        decode_busy: 4.0,
         arrivals: 720,
         completions: 700,
         ttft: lat,
@@ -72,6 +75,7 @@ fn decide(c: &mut Criterion) {
                     role: Role::Unified,
                     reachable: true,
                     partial: false,
+                    cold_start: None,
                 };
                 black_box(algorithm.decide(black_box(&input)))
             })

@@ -43,6 +43,8 @@ pub struct DecisionRecorder {
     stable_value: Family<TargetLabels, FloatGauge>,
     panic_value: Family<TargetLabels, FloatGauge>,
     target_value: Family<TargetLabels, FloatGauge>,
+    prefill_rate: Family<TargetLabels, FloatGauge>,
+    decode_rate: Family<TargetLabels, FloatGauge>,
     scale_events: Family<TargetLabels, Counter>,
     scale_errors: Family<ErrorLabels, Counter>,
     /// Each target's latest decision and when it was made (Unix seconds).
@@ -71,6 +73,8 @@ impl DecisionRecorder {
             stable_value: Family::default(),
             panic_value: Family::default(),
             target_value: Family::default(),
+            prefill_rate: Family::default(),
+            decode_rate: Family::default(),
             scale_events: Family::default(),
             scale_errors: Family::default(),
             latest: Mutex::new(BTreeMap::new()),
@@ -114,6 +118,16 @@ impl DecisionRecorder {
             "scalecar_target_value",
             "The per-replica target the algorithm used",
             r.target_value.clone(),
+        );
+        reg.register(
+            "scalecar_replica_prefill_rate",
+            "Prompt tokens one replica prefilled per second while it had prompts waiting for their first token, over the stable window (absent until measured)",
+            r.prefill_rate.clone(),
+        );
+        reg.register(
+            "scalecar_replica_decode_rate",
+            "Tokens one replica generated per second while it had sequences decoding, over the stable window (absent until measured)",
+            r.decode_rate.clone(),
         );
         reg.register(
             "scalecar_scale_events",
@@ -194,6 +208,8 @@ impl DecisionRecorder {
                     "stable_value": s.stable_value,
                     "panic_value": s.panic_value,
                     "target": s.target,
+                    "prefill_rate": s.prefill_rate,
+                    "decode_rate": s.decode_rate,
                     "reason": s.reason,
                     "decided_unix": at,
                     "last_rescale": last,
@@ -247,6 +263,14 @@ impl DecisionObserver for DecisionRecorder {
         self.stable_value.get_or_create(&l).set(s.stable_value);
         self.panic_value.get_or_create(&l).set(s.panic_value);
         self.target_value.get_or_create(&l).set(s.target);
+        // A rate is shown while it is measured; the last one stands when
+        // the pool goes quiet (nothing new was learned).
+        if let Some(r) = s.prefill_rate {
+            self.prefill_rate.get_or_create(&l).set(r);
+        }
+        if let Some(r) = s.decode_rate {
+            self.decode_rate.get_or_create(&l).set(r);
+        }
         if s.changed {
             self.scale_events.get_or_create(&l).inc();
             if let Ok(mut c) = self.changes.lock() {
@@ -307,6 +331,8 @@ mod tests {
             stable_value: 0.0,
             panic_value: 0.0,
             target: 1.0,
+            prefill_rate: None,
+            decode_rate: None,
             reason: String::new(),
             changed,
         }

@@ -9,7 +9,7 @@
 //! resource whose controller has not set its selector) is tried again
 //! every few seconds; the proxy serves the rest meanwhile.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -22,8 +22,8 @@ use scalecar_scaler::algorithm::AlgorithmRegistry;
 use scalecar_scaler::clock::Clock;
 use scalecar_scaler::control::{Scaling, TargetSpec};
 use scalecar_scaler::kube::{
-    Annotated, KubeScaleTarget, Pods, RescaleEvents, Workload, Workloads, endpoints_of, watch_pods,
-    watch_workloads,
+    Annotated, KubeScaleTarget, Pods, RescaleEvents, Workload, Workloads, cold_starts_of,
+    endpoints_of, watch_pods, watch_workloads,
 };
 use scalecar_scaler::signals::{PoolSignals, SignalsConfig};
 use scalecar_scaler::target::{ScaleTarget, TargetRef};
@@ -81,6 +81,8 @@ struct Found {
     ready: Arc<AtomicU32>,
     /// Serving pods without a port to reach them were reported.
     portless_reported: bool,
+    /// Pods whose cold start the pool's signals have seen.
+    cold_started: HashSet<String>,
 }
 
 /// The reconciler.
@@ -255,6 +257,16 @@ impl Discovery {
                 );
             }
             f.portless_reported = portless > 0;
+            // Each ready pod's created → Ready once: what slo plans a
+            // replica's cold start by.
+            let mut present = HashSet::new();
+            for (name, took) in cold_starts_of(pods, &r.namespace, f.scale.selector()) {
+                if !f.cold_started.contains(name) {
+                    f.entry.pool.signals.observe_cold_start(took);
+                }
+                present.insert(name.to_string());
+            }
+            f.cold_started = present;
             let current = f.entry.pool.endpoints();
             if current.len() != addrs.len() || current.iter().zip(&addrs).any(|(e, a)| e.addr != *a)
             {
@@ -345,6 +357,7 @@ impl Discovery {
                 spec,
                 ready,
                 portless_reported: false,
+                cold_started: HashSet::new(),
             },
         );
         true

@@ -247,11 +247,7 @@ impl Forwarder {
                         .admit(tokens, Some(addr), self.limits.queue_wait)
                         .await
                     {
-                        Ok(next) => {
-                            if let Some(l) = observation.lease_mut() {
-                                *l = next;
-                            }
-                        }
+                        Ok(next) => observation.move_to(next),
                         Err(_) => {
                             return Err(SendError {
                                 outcome: Outcome::upstream_error,

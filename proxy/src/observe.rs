@@ -66,6 +66,10 @@ impl Observation {
         streaming: bool,
     ) -> Self {
         entry.pool.signals.dispatch_at(now, prompt_tokens);
+        let mut lease = lease;
+        if streaming {
+            lease.prefilling();
+        }
         Observation {
             entry,
             lease: Some(lease),
@@ -83,9 +87,13 @@ impl Observation {
         }
     }
 
-    /// The endpoint slot held (replaced when a retry moves elsewhere).
-    pub fn lease_mut(&mut self) -> Option<&mut Lease> {
-        self.lease.as_mut()
+    /// A retry moved the request to `next` before anything reached the
+    /// client: the old slot is freed, the new one counts as prefilling.
+    pub fn move_to(&mut self, mut next: Lease) {
+        if self.streaming && !self.first_seen {
+            next.prefilling();
+        }
+        self.lease = Some(next);
     }
 
     pub fn lease(&self) -> Option<&Lease> {
@@ -121,6 +129,9 @@ impl Observation {
             let ttft = self.start.elapsed();
             signals.first_token(self.prompt_tokens, ttft);
             metrics.ttft.observe(ttft);
+            if let Some(l) = &mut self.lease {
+                l.first_token();
+            }
         }
         self.last_token = now;
         self.generated += 1;

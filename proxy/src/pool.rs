@@ -29,6 +29,11 @@ pub struct Endpoint {
     pub outstanding: AtomicU32,
     /// Prompt + generated tokens of those requests (the work they carry).
     pub outstanding_tokens: AtomicU64,
+    /// Of those, requests waiting for their first token, and requests
+    /// decoding: the pool's signals count the endpoint busy prefilling
+    /// (decoding) while these are above zero.
+    prefilling: AtomicU32,
+    decoding: AtomicU32,
     /// Passive ejection: no new requests before this (ms on the pool clock).
     ejected_until_ms: AtomicU64,
     consecutive_failures: AtomicU32,
@@ -73,6 +78,8 @@ impl Endpoint {
                 .unwrap_or_else(|_| http::HeaderValue::from_static("localhost")),
             outstanding: AtomicU32::new(0),
             outstanding_tokens: AtomicU64::new(0),
+            prefilling: AtomicU32::new(0),
+            decoding: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
             consecutive_failures: AtomicU32::new(0),
             health: AtomicU8::new(Health::Healthy as u8),
@@ -233,6 +240,38 @@ pub struct Lease {
     pool: Arc<Pool>,
     pub endpoint: Arc<Endpoint>,
     tokens: u64,
+    /// `None`: not counted (a non-streaming answer has no first token to
+    /// end its prefill by).
+    phase: Option<Phase>,
+}
+
+/// Where a leased request is, for the endpoint's busy counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Prefilling,
+    Decoding,
+}
+
+impl Pool {
+    /// Counts a request into (`+`) or out of (`-`) an endpoint's phase
+    /// count; the first in and the last out tell the signals.
+    fn phase_count(&self, e: &Endpoint, phase: Phase, enter: bool) {
+        let count = match phase {
+            Phase::Prefilling => &e.prefilling,
+            Phase::Decoding => &e.decoding,
+        };
+        let edge = if enter {
+            count.fetch_add(1, Ordering::AcqRel) == 0
+        } else {
+            count.fetch_sub(1, Ordering::AcqRel) == 1
+        };
+        if edge {
+            match phase {
+                Phase::Prefilling => self.signals.prefill_busy(enter),
+                Phase::Decoding => self.signals.decode_busy(enter),
+            }
+        }
+    }
 }
 
 impl fmt::Debug for Lease {
@@ -251,10 +290,34 @@ impl Lease {
             .fetch_add(n, Ordering::Relaxed);
         self.tokens += n;
     }
+
+    /// The request is sent and its first token will be seen (a stream):
+    /// the endpoint has prefill work until then. Once.
+    pub fn prefilling(&mut self) {
+        if self.phase.is_none() {
+            self.pool
+                .phase_count(&self.endpoint, Phase::Prefilling, true);
+            self.phase = Some(Phase::Prefilling);
+        }
+    }
+
+    /// The request's first token arrived: the endpoint is done prefilling
+    /// it and decodes it from now on. Once; later calls do nothing.
+    pub fn first_token(&mut self) {
+        if self.phase == Some(Phase::Prefilling) {
+            self.pool
+                .phase_count(&self.endpoint, Phase::Prefilling, false);
+            self.pool.phase_count(&self.endpoint, Phase::Decoding, true);
+            self.phase = Some(Phase::Decoding);
+        }
+    }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
+        if let Some(phase) = self.phase {
+            self.pool.phase_count(&self.endpoint, phase, false);
+        }
         // SeqCst pairs with the waiter's queue count and its look at
         // `outstanding` (see `Pool::admit`): either the waiter sees this
         // slot free, or this drop sees the waiter and wakes it. With no
@@ -548,6 +611,7 @@ impl Pool {
                     pool: self.clone(),
                     endpoint: e.clone(),
                     tokens,
+                    phase: None,
                 });
             }
         }

@@ -95,6 +95,11 @@ pub struct TargetStatus {
     pub stable_value: f64,
     pub panic_value: f64,
     pub target: f64,
+    /// A replica's measured service rates over the stable window: prompt
+    /// tokens prefilled and tokens generated per second while it had
+    /// such work (`None`: too little busy time to measure on).
+    pub prefill_rate: Option<f64>,
+    pub decode_rate: Option<f64>,
     pub reason: String,
     /// True when the replica count really changed: the target accepted the
     /// new count, or (advisory) the advice differs from the last advice.
@@ -190,6 +195,9 @@ impl fmt::Debug for Managed {
             .finish()
     }
 }
+
+/// Endpoint-busy time a window needs before its service rates are shown.
+const MEASURED_BUSY: Duration = Duration::from_secs(2);
 
 /// One decision before PD coordination and behavior.
 struct Pending {
@@ -440,6 +448,8 @@ impl ControlLoop {
                     stable_value: 0.0,
                     panic_value: 0.0,
                     target: 0.0,
+                    prefill_rate: p.snapshot.stable.prefill_rate(MEASURED_BUSY),
+                    decode_rate: p.snapshot.stable.decode_rate(MEASURED_BUSY),
                     reason: p.decision.reason,
                     changed: false,
                 };
@@ -521,6 +531,8 @@ impl ControlLoop {
                 stable_value: decision.stable_value,
                 panic_value: decision.panic_value,
                 target: decision.target,
+                prefill_rate: p.snapshot.stable.prefill_rate(MEASURED_BUSY),
+                decode_rate: p.snapshot.stable.decode_rate(MEASURED_BUSY),
                 reason,
                 changed,
             };
@@ -646,6 +658,7 @@ fn decide(
         role: t.spec.role,
         reachable: true,
         partial,
+        cold_start: t.spec.signals.cold_start(),
     };
     let mut decision = t.algorithm.decide(&input);
     // Requests held at a pool with nothing asked for: scale from zero at
@@ -1086,6 +1099,7 @@ mod tests {
         // max-concurrency 4, no target: the target is 4 (× 70 %); 4 in
         // flight and 4 queued behind them are 8 of load → 3 replicas.
         let mut keys = BTreeMap::new();
+        keys.insert("algorithm".to_string(), "kpa".to_string());
         keys.insert("max-concurrency".to_string(), "4".to_string());
         keys.insert("window".to_string(), "10s".to_string());
         let policy = Policy::from_keys(&keys, Role::Unified).unwrap();

@@ -29,6 +29,13 @@ pub struct PeerWindow {
     pub tokens: f64,
     pub prompt_tokens_per_sec: f64,
     pub decode_tokens_per_sec: f64,
+    /// Absent from peers older than the measured capacity: zero.
+    #[serde(default)]
+    pub prefilled_tokens_per_sec: f64,
+    #[serde(default)]
+    pub prefill_busy: f64,
+    #[serde(default)]
+    pub decode_busy: f64,
     pub arrivals: u64,
     pub completions: u64,
     /// TTFT, ITL, end-to-end and queue wait, each an HdrHistogram V2.
@@ -84,6 +91,9 @@ impl PeerWindow {
             tokens: v.tokens,
             prompt_tokens_per_sec: v.prompt_tokens_per_sec,
             decode_tokens_per_sec: v.decode_tokens_per_sec,
+            prefilled_tokens_per_sec: v.prefilled_tokens_per_sec,
+            prefill_busy: v.prefill_busy,
+            decode_busy: v.decode_busy,
             arrivals: v.arrivals,
             completions: v.completions,
             histograms,
@@ -113,6 +123,9 @@ impl Sum {
             ("tokens", w.tokens),
             ("prompt_tokens_per_sec", w.prompt_tokens_per_sec),
             ("decode_tokens_per_sec", w.decode_tokens_per_sec),
+            ("prefilled_tokens_per_sec", w.prefilled_tokens_per_sec),
+            ("prefill_busy", w.prefill_busy),
+            ("decode_busy", w.decode_busy),
         ] {
             if !x.is_finite() || x < 0.0 {
                 return Err(MergeError::Value { window, what });
@@ -147,6 +160,14 @@ impl Sum {
         s.tokens += w.tokens;
         s.prompt_tokens_per_sec += w.prompt_tokens_per_sec;
         s.decode_tokens_per_sec += w.decode_tokens_per_sec;
+        s.prefilled_tokens_per_sec += w.prefilled_tokens_per_sec;
+        // Gateway replicas share the model servers: each sees an endpoint
+        // busy while its own requests wait there, and those spans overlap
+        // under load. The busiest replica's view is the closest to the
+        // union (summing would count one busy endpoint once per gateway
+        // and divide the measured rate by their number).
+        s.prefill_busy = s.prefill_busy.max(w.prefill_busy);
+        s.decode_busy = s.decode_busy.max(w.decode_busy);
         s.arrivals = s.arrivals.saturating_add(w.arrivals);
         s.completions = s.completions.saturating_add(w.completions);
         Ok(())

@@ -38,6 +38,14 @@ pub struct WindowValues {
     pub prompt_tokens_per_sec: f64,
     /// Generated (decode) tokens per second.
     pub decode_tokens_per_sec: f64,
+    /// Prompt tokens whose first token arrived, per second: prefill work
+    /// done (admitted prompt tokens are work asked for).
+    pub prefilled_tokens_per_sec: f64,
+    /// Average endpoints with at least one request waiting for its first
+    /// token (busy prefilling, or with prefill work queued inside).
+    pub prefill_busy: f64,
+    /// Average endpoints with at least one request decoding.
+    pub decode_busy: f64,
     pub arrivals: u64,
     pub completions: u64,
     pub ttft: LatencySummary,
@@ -56,6 +64,27 @@ impl WindowValues {
             Metric::Rps => self.rps,
             Metric::Tokens => self.tokens,
         }
+    }
+
+    /// Prompt tokens one replica prefilled per second while it had prefill
+    /// work: a replica's measured prefill rate, `None` with less than
+    /// `min_busy` of endpoint-busy time in the window to measure it on.
+    /// A backlog does not lower it: queued work keeps the endpoint busy
+    /// and the rate is what it got through meanwhile.
+    pub fn prefill_rate(&self, min_busy: Duration) -> Option<f64> {
+        let busy_secs = self.prefill_busy * self.observed.as_secs_f64();
+        (busy_secs >= min_busy.as_secs_f64()
+            && busy_secs > 0.0
+            && self.prefilled_tokens_per_sec > 0.0)
+            .then(|| self.prefilled_tokens_per_sec / self.prefill_busy)
+    }
+
+    /// Tokens one replica generated per second while it had sequences
+    /// decoding, as [`Self::prefill_rate`].
+    pub fn decode_rate(&self, min_busy: Duration) -> Option<f64> {
+        let busy_secs = self.decode_busy * self.observed.as_secs_f64();
+        (busy_secs >= min_busy.as_secs_f64() && busy_secs > 0.0 && self.decode_tokens_per_sec > 0.0)
+            .then(|| self.decode_tokens_per_sec / self.decode_busy)
     }
 
     /// Whether the recorder covered any of this window.

@@ -13,7 +13,7 @@ mod workloads;
 
 pub use events::{EventWriter, RescaleEvents};
 pub use lease::{LeaderElector, Leadership, LeaseTiming};
-pub use pods::{PodInfo, Pods, endpoints_of, watch_pods};
+pub use pods::{PodInfo, Pods, cold_starts_of, endpoints_of, watch_pods};
 pub use scale::KubeScaleTarget;
 pub use selector::{LabelSelector, SelectorError};
 pub use workloads::{Annotated, Workload, Workloads, watch_workloads};

@@ -35,7 +35,14 @@ pub struct PodInfo {
     pub http_port: Option<u16>,
     /// The first container port named `admin` (a gateway replica's).
     pub admin_port: Option<u16>,
+    /// From created to Ready, for a Ready pod whose Ready condition came
+    /// within [`LONGEST_COLD_START`] of its creation (a later one is a pod
+    /// that was unready again, not a cold start).
+    pub cold_start: Option<std::time::Duration>,
 }
+
+/// Longer from created to Ready than this is not taken for a cold start.
+pub const LONGEST_COLD_START: std::time::Duration = std::time::Duration::from_secs(3600);
 
 impl PodInfo {
     pub fn from_pod(p: &Pod) -> PodInfo {
@@ -43,9 +50,18 @@ impl PodInfo {
         let ip = status
             .and_then(|s| s.pod_ip.as_deref())
             .and_then(|ip| ip.parse().ok());
-        let ready = status
+        let ready_condition = status
             .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready" && c.status == "True"));
+        let ready = ready_condition.is_some();
+        let cold_start = ready_condition
+            .and_then(|c| c.last_transition_time.as_ref())
+            .zip(p.metadata.creation_timestamp.as_ref())
+            .and_then(|(ready_at, created)| {
+                let d = ready_at.0.duration_since(created.0);
+                std::time::Duration::try_from(d).ok()
+            })
+            .filter(|d| *d <= LONGEST_COLD_START);
         let named = |name: &str| {
             p.spec.as_ref().and_then(|s| {
                 s.containers
@@ -65,6 +81,7 @@ impl PodInfo {
             terminating: p.metadata.deletion_timestamp.is_some(),
             http_port,
             admin_port,
+            cold_start,
         }
     }
 
@@ -110,6 +127,22 @@ pub fn endpoints_of(
     }
     out.sort();
     (out, portless)
+}
+
+/// The cold starts of the Ready pods `selector` picks in `namespace`, by
+/// pod name.
+pub fn cold_starts_of<'a>(
+    pods: &'a Pods,
+    namespace: &str,
+    selector: &'a LabelSelector,
+) -> impl Iterator<Item = (&'a str, std::time::Duration)> + 'a {
+    let from = (namespace.to_string(), String::new());
+    let namespace = namespace.to_string();
+    pods.range(from..)
+        .map(|(_, p)| p)
+        .take_while(move |p| p.namespace == namespace)
+        .filter(move |p| p.serving() && selector.matches(&p.labels))
+        .filter_map(|p| Some((p.name.as_str(), p.cold_start?)))
 }
 
 /// Watches the pods of `namespaces` (empty: all) and publishes them. Runs
@@ -201,7 +234,62 @@ mod tests {
             terminating,
             http_port: Some(8000),
             admin_port: None,
+            cold_start: None,
         }
+    }
+
+    #[test]
+    fn a_pods_cold_start_is_created_to_ready() {
+        let object = |created: &str, ready: &str, status: &str| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "p", "namespace": "a", "creationTimestamp": created},
+                "status": {"podIP": "10.0.0.1", "conditions": [
+                    {"type": "Ready", "status": status, "lastTransitionTime": ready}]}
+            }))
+            .unwrap()
+        };
+        let p = PodInfo::from_pod(&object(
+            "2026-12-01T10:00:00Z",
+            "2026-12-01T10:01:32Z",
+            "True",
+        ));
+        assert_eq!(p.cold_start, Some(std::time::Duration::from_secs(92)));
+        // Not ready: no cold start yet.
+        let p = PodInfo::from_pod(&object(
+            "2026-12-01T10:00:00Z",
+            "2026-12-01T10:01:32Z",
+            "False",
+        ));
+        assert_eq!(p.cold_start, None);
+        // Ready again days later: a restart, not a cold start.
+        let p = PodInfo::from_pod(&object(
+            "2026-12-01T10:00:00Z",
+            "2026-12-03T10:00:00Z",
+            "True",
+        ));
+        assert_eq!(p.cold_start, None);
+        // A clock that puts Ready before creation: nothing.
+        let p = PodInfo::from_pod(&object(
+            "2026-12-01T10:00:00Z",
+            "2026-12-01T09:59:00Z",
+            "True",
+        ));
+        assert_eq!(p.cold_start, None);
+        let pods: Pods = [(("a".to_string(), "p".to_string()), {
+            let mut p = PodInfo::from_pod(&object(
+                "2026-12-01T10:00:00Z",
+                "2026-12-01T10:00:45Z",
+                "True",
+            ));
+            p.labels = BTreeMap::from([("app".to_string(), "llama".to_string())]);
+            p
+        })]
+        .into_iter()
+        .collect();
+        let sel = LabelSelector::parse("app=llama").unwrap();
+        let seen: Vec<_> = cold_starts_of(&pods, "a", &sel).collect();
+        assert_eq!(seen, vec![("p", std::time::Duration::from_secs(45))]);
+        assert_eq!(cold_starts_of(&pods, "b", &sel).count(), 0);
     }
 
     #[test]

@@ -17,7 +17,7 @@
 //! coarser slots (retention / 30, at least one slot).
 //!
 //! Memory per pool (rings are rounded up to powers of two): counters
-//! 13 × 8 B per slot (128 slots for a 60 s retention: ~13 KB), histograms
+//! 18 × 8 B per slot (128 slots for a 60 s retention: ~18 KB), histograms
 //! 4 × 2,944 × 4 B = 47 KB per histogram slot (64 slots of 2 s for 60 s:
 //! ~3 MB; a 1 h window has 64 slots of 2 min, the same 3 MB). Fixed at
 //! creation; recording never allocates.
@@ -69,7 +69,11 @@ const IN_FLIGHT: usize = 0;
 const QUEUED: usize = 1;
 const PREFILL_TOKENS: usize = 2;
 const DECODE_TOKENS: usize = 3;
-const GAUGES: usize = 4;
+/// Endpoints with at least one request waiting for its first token.
+const PREFILL_BUSY: usize = 4;
+/// Endpoints with at least one request decoding.
+const DECODE_BUSY: usize = 5;
+const GAUGES: usize = 6;
 
 #[derive(Debug, Default)]
 struct GaugeSlot {
@@ -85,6 +89,8 @@ struct CounterSlot {
     arrivals: AtomicU64,
     completions: AtomicU64,
     prompt_tokens: AtomicU64,
+    /// Prompt tokens whose first token arrived (their prefill is done).
+    prefilled_tokens: AtomicU64,
     decode_tokens: AtomicU64,
     gauges: [GaugeSlot; GAUGES],
 }
@@ -94,6 +100,7 @@ impl CounterSlot {
         self.arrivals.store(0, Ordering::Relaxed);
         self.completions.store(0, Ordering::Relaxed);
         self.prompt_tokens.store(0, Ordering::Relaxed);
+        self.prefilled_tokens.store(0, Ordering::Relaxed);
         self.decode_tokens.store(0, Ordering::Relaxed);
         for g in &self.gauges {
             g.delta.store(0, Ordering::Relaxed);
@@ -187,6 +194,9 @@ pub struct PoolSignals {
     levels: [AtomicI64; GAUGES],
     /// Clock time of the last arrival + 1, µs (0: never).
     last_arrival_us: AtomicU64,
+    /// The replicas' observed cold start (created → ready), ms; 0: none
+    /// observed.
+    cold_start_ms: AtomicU64,
 }
 
 fn micros(d: Duration) -> u64 {
@@ -212,6 +222,27 @@ impl PoolSignals {
             hists: (0..hist_slots).map(|_| HistSlot::default()).collect(),
             levels: Default::default(),
             last_arrival_us: AtomicU64::new(0),
+            cold_start_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// One replica of the pool took `d` from created to ready. The pool's
+    /// cold start follows the latest ones (each moves it a quarter of the
+    /// way), so a changed image or node pool is learned in a few pods.
+    pub fn observe_cold_start(&self, d: Duration) {
+        let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1);
+        let _ = self
+            .cold_start_ms
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |old| {
+                Some(if old == 0 { ms } else { old - old / 4 + ms / 4 })
+            });
+    }
+
+    /// The observed cold start, if any replica was seen starting.
+    pub fn cold_start(&self) -> Option<Duration> {
+        match self.cold_start_ms.load(Ordering::Acquire) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
         }
     }
 
@@ -293,7 +324,25 @@ impl PoolSignals {
         let n = Self::tokens(prompt_tokens);
         self.gauge(now, PREFILL_TOKENS, -n);
         self.gauge(now, DECODE_TOKENS, n);
+        if let Some(s) = self.counter_slot(now) {
+            s.prefilled_tokens
+                .fetch_add(prompt_tokens, Ordering::Relaxed);
+        }
         self.latency(now, TTFT, ttft);
+    }
+
+    /// One more (`busy`) or one fewer endpoint has a request waiting for
+    /// its first token. The caller counts per endpoint and reports only
+    /// the 0 → 1 and 1 → 0 transitions: the time-weighted average of this
+    /// gauge is the endpoints' busy prefilling time, and prompt tokens
+    /// prefilled over it are a replica's measured prefill rate.
+    pub fn prefill_busy(&self, busy: bool) {
+        self.gauge(self.now_us(), PREFILL_BUSY, if busy { 1 } else { -1 });
+    }
+
+    /// As [`Self::prefill_busy`], for endpoints with a request decoding.
+    pub fn decode_busy(&self, busy: bool) {
+        self.gauge(self.now_us(), DECODE_BUSY, if busy { 1 } else { -1 });
     }
 
     /// The pool's clock: a caller that already read it for a latency passes
@@ -432,6 +481,7 @@ impl PoolSignals {
         let mut level_end: [i64; GAUGES] = std::array::from_fn(|g| self.level(g) as i64);
         let mut area = [0i128; GAUGES];
         let (mut arrivals, mut completions, mut prompt, mut decode) = (0u64, 0u64, 0u64, 0u64);
+        let mut prefilled = 0u64;
         let mut covered = 0u64;
         let mut number = current + 1;
         while number > first {
@@ -468,6 +518,7 @@ impl PoolSignals {
                 arrivals += s.arrivals.load(Ordering::Relaxed);
                 completions += s.completions.load(Ordering::Relaxed);
                 prompt += s.prompt_tokens.load(Ordering::Relaxed);
+                prefilled += s.prefilled_tokens.load(Ordering::Relaxed);
                 decode += s.decode_tokens.load(Ordering::Relaxed);
             }
         }
@@ -495,6 +546,9 @@ impl PoolSignals {
             tokens: avg(PREFILL_TOKENS) + avg(DECODE_TOKENS),
             prompt_tokens_per_sec: rate(prompt),
             decode_tokens_per_sec: rate(decode),
+            prefilled_tokens_per_sec: rate(prefilled),
+            prefill_busy: avg(PREFILL_BUSY),
+            decode_busy: avg(DECODE_BUSY),
             arrivals,
             completions,
             ttft,
