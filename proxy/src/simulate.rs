@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use scalecar_config::{Limits, Policy, Role};
-use scalecar_loadtest::loadgen::read_any_trace_file;
+use scalecar_loadtest::loadgen::{Shape, read_any_trace_file};
 use scalecar_loadtest::plot::{write_replicas_svg, write_timeline_csv, write_timeline_svg};
 use scalecar_loadtest::sim::GpuProfile;
 use scalecar_loadtest::simulate::oracle::{Oracle, OracleSettings, oracle};
@@ -33,16 +33,36 @@ fn profile(s: &str) -> Result<GpuProfile, String> {
     s.parse()
 }
 
+fn shape(s: &str) -> Result<Shape, String> {
+    s.parse()
+}
+
 /// Arguments of `scalecar simulate`.
 #[derive(Debug, Clone, clap::Args)]
 #[command(after_help = SIMULATE_HELP)]
 pub struct SimulateArgs {
     /// The trace: an Azure LLM CSV (TIMESTAMP,ContextTokens,GeneratedTokens)
     /// or JSON lines ({"timestamp": ms, "input_length", "output_length"}).
-    #[arg(long, value_name = "FILE")]
-    pub trace: PathBuf,
-    /// kpa, hpa or slo (any registered algorithm).
-    #[arg(long, default_value = "kpa")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "shape",
+        conflicts_with = "shape"
+    )]
+    pub trace: Option<PathBuf>,
+    /// A generated traffic shape instead of a trace file: long-context-bursts,
+    /// diurnal, flash-crowd or slow-ramp (seeded by --seed).
+    #[arg(long, value_name = "NAME", value_parser = shape)]
+    pub shape: Option<Shape>,
+    /// The shape's seed.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// The shape's length (its own when absent: 30 min to 24 h).
+    #[arg(long, value_parser = duration)]
+    pub length: Option<Duration>,
+    /// slo (the LLM default), kpa, hpa or keda-prometheus (any registered
+    /// algorithm).
+    #[arg(long, default_value = "slo")]
     pub algorithm: String,
     /// Policy file (YAML): annotation keys without `scalecar.io/`.
     #[arg(long, value_name = "FILE")]
@@ -91,7 +111,9 @@ pub struct SimulateArgs {
 const SIMULATE_HELP: &str = "\
 OUTPUT
   A JSON summary on stdout: requests, ttft_attainment (TTFT ≤ target, failed
-  requests count as misses), ttft_p50/p90/p99 and itl_p90 (seconds),
+  requests count as misses), infeasible (requests no count could serve in
+  time: over the KV cache, or slower than the target alone on an idle
+  replica), feasible_ttft_attainment (over the others: the goal is 99 %), ttft_p50/p90/p99 and itl_p90 (seconds),
   replica_seconds (cold starts included, up to the last arrival),
   oracle_replica_seconds, ratio_to_oracle, reactive_oracle_* (the oracle's
   schedule without foresight), constant_* (the smallest constant count that
@@ -100,7 +122,8 @@ OUTPUT
 
 EXAMPLE
   scalecar simulate --trace loadtest/data/azure-llm-2023-conv.csv --algorithm slo \\
-    --ttft-target 1s --startup-delay 60s --out sim-report";
+    --ttft-target 1s --startup-delay 60s --out sim-report
+  scalecar simulate --shape diurnal --gpu 2xh100-llama-70b --ttft-target 2s --algorithm slo";
 
 /// Why a simulation could not run.
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +141,15 @@ pub enum SimulateCliError {
         flag: &'static str,
         message: &'static str,
     },
+}
+
+/// What the summary calls the trace: its path, or the shape and seed.
+fn trace_name(args: &SimulateArgs) -> String {
+    match (&args.trace, args.shape) {
+        (Some(path), _) => path.display().to_string(),
+        (None, Some(shape)) => format!("{} (seed {})", shape.name(), args.seed),
+        (None, None) => String::new(),
+    }
 }
 
 /// The policy: simulate's defaults (algorithm, TTFT target, max
@@ -154,6 +186,8 @@ pub struct Summary {
     pub warmup_s: f64,
     pub requests: usize,
     pub ttft_attainment: f64,
+    pub infeasible: usize,
+    pub feasible_ttft_attainment: f64,
     pub ttft_p50: f64,
     pub ttft_p90: f64,
     pub ttft_p99: f64,
@@ -162,16 +196,19 @@ pub struct Summary {
     pub oracle_replica_seconds: Option<f64>,
     pub ratio_to_oracle: Option<f64>,
     pub oracle_ttft_attainment: Option<f64>,
+    pub oracle_feasible_ttft_attainment: Option<f64>,
     pub oracle_scale_events: Option<u32>,
     /// The oracle's schedule followed without foresight (each rise asked
     /// for when its interval begins): what knowing the future is worth.
     pub reactive_oracle_ttft_attainment: Option<f64>,
+    pub reactive_oracle_feasible_ttft_attainment: Option<f64>,
     pub reactive_oracle_replica_seconds: Option<f64>,
     /// The smallest constant count that meets the goal: the cost of not
     /// scaling at all.
     pub constant_replicas: Option<u32>,
     pub constant_replica_seconds: Option<f64>,
     pub constant_ttft_attainment: Option<f64>,
+    pub constant_feasible_ttft_attainment: Option<f64>,
     pub scale_events: u32,
     pub scale_events_per_hour: f64,
     pub max_replicas_used: u32,
@@ -233,11 +270,34 @@ pub async fn run(
     }
     let registry = AlgorithmRegistry::with_builtins();
     let policy = load_policy(args, &registry)?;
-    let trace =
-        read_any_trace_file(&args.trace, args.speedup).map_err(|e| SimulateCliError::Trace {
-            path: args.trace.display().to_string(),
-            message: e.to_string(),
-        })?;
+    let name = trace_name(args);
+    let trace = match (&args.trace, args.shape) {
+        (Some(path), _) => {
+            read_any_trace_file(path, args.speedup).map_err(|e| SimulateCliError::Trace {
+                path: name.clone(),
+                message: e.to_string(),
+            })?
+        }
+        (None, Some(shape)) => {
+            if args.length.is_some_and(|l| l > MAX_TRACE) {
+                return Err(SimulateCliError::Flag {
+                    flag: "length",
+                    message: "must be at most 7 days",
+                });
+            }
+            let mut arrivals = shape.generate(args.length, args.seed);
+            for a in &mut arrivals {
+                a.at = a.at.div_f64(args.speedup);
+            }
+            arrivals
+        }
+        (None, None) => {
+            return Err(SimulateCliError::Flag {
+                flag: "trace",
+                message: "or --shape is needed",
+            });
+        }
+    };
     let limits = Limits::default();
     let settings = Settings {
         timing: args.gpu.timing(),
@@ -254,7 +314,7 @@ pub async fn run(
     let horizon = scalecar_loadtest::simulate::horizon(&trace);
     if horizon > MAX_TRACE {
         return Err(SimulateCliError::Trace {
-            path: args.trace.display().to_string(),
+            path: name.clone(),
             message: format!(
                 "spans {}, more than the 7 days simulate takes (timestamps in the wrong unit?)",
                 humantime::format_duration(Duration::from_secs(horizon.as_secs()))
@@ -284,7 +344,7 @@ pub async fn run(
     let constant = oracle.as_ref().and_then(|o| o.constant.as_ref());
     let hours = (span / 3600.0).max(1.0 / 3600.0);
     let summary = Summary {
-        trace: args.trace.display().to_string(),
+        trace: name,
         algorithm: args.algorithm.clone(),
         gpu: args.gpu.name(),
         startup_delay_s: args.startup_delay.as_secs_f64(),
@@ -292,6 +352,8 @@ pub async fn run(
         warmup_s: args.warmup.as_secs_f64(),
         requests: m.requests,
         ttft_attainment: round(m.ttft_attainment, 5),
+        infeasible: m.infeasible,
+        feasible_ttft_attainment: round(m.feasible_ttft_attainment, 5),
         ttft_p50: round(m.ttft_p50, 4),
         ttft_p90: round(m.ttft_p90, 4),
         ttft_p99: round(m.ttft_p99, 4),
@@ -307,12 +369,19 @@ pub async fn run(
         oracle_ttft_attainment: oracle
             .as_ref()
             .map(|o| round(o.measured.ttft_attainment, 5)),
+        oracle_feasible_ttft_attainment: oracle
+            .as_ref()
+            .map(|o| round(o.measured.feasible_ttft_attainment, 5)),
         oracle_scale_events: oracle.as_ref().map(|o| o.scale_events),
         reactive_oracle_ttft_attainment: reactive.map(|m| round(m.ttft_attainment, 5)),
+        reactive_oracle_feasible_ttft_attainment: reactive
+            .map(|m| round(m.feasible_ttft_attainment, 5)),
         reactive_oracle_replica_seconds: reactive.map(|m| round(m.replica_seconds, 1)),
         constant_replicas: constant.map(|(n, _)| *n),
         constant_replica_seconds: constant.map(|(_, m)| round(m.replica_seconds, 1)),
         constant_ttft_attainment: constant.map(|(_, m)| round(m.ttft_attainment, 5)),
+        constant_feasible_ttft_attainment: constant
+            .map(|(_, m)| round(m.feasible_ttft_attainment, 5)),
         scale_events: run.scale_events,
         scale_events_per_hour: round(f64::from(run.scale_events) / hours, 1),
         max_replicas_used: m.max_replicas_used,

@@ -18,6 +18,7 @@
 //! until it is removed and drained.
 
 pub mod oracle;
+mod requests;
 mod world;
 
 use std::sync::Arc;
@@ -39,7 +40,7 @@ pub use world::{Fate, RequestState};
 
 use crate::loadgen::Arrival;
 use crate::plot::TimelinePoint;
-use crate::sim::engine::Timing;
+use crate::sim::engine::{Engine, EngineEvents, Timing, TokenLatency};
 
 /// What the simulated cluster is made of.
 #[derive(Debug, Clone)]
@@ -94,6 +95,11 @@ impl Settings {
 /// nothing for the oracle's trial runs). Times come through `set_now`
 /// before the calls they apply to.
 pub trait Recorder {
+    /// Whether this run's latencies are kept (ITL histogram): not for the
+    /// oracle's trials.
+    fn measures(&self) -> bool {
+        true
+    }
     fn set_now(&mut self, _now: Duration) {}
     fn arrival(&mut self, _prompt_tokens: u64) {}
     fn queue_enter(&mut self) {}
@@ -102,6 +108,14 @@ pub trait Recorder {
     fn first_token(&mut self, _prompt_tokens: u64, _ttft: Duration) {}
     fn inter_token(&mut self, _itl: Duration) {}
     fn decode_tokens(&mut self, _n: u64) {}
+    /// A replica started (`true`) or stopped having requests before their
+    /// first token, as the proxy counts per endpoint.
+    fn prefill_busy(&mut self, _busy: bool) {}
+    /// The same for requests decoding.
+    fn decode_busy(&mut self, _busy: bool) {}
+    /// A replica became ready `_took` after it was asked for (what the pod
+    /// watch sees as created → Ready).
+    fn replica_ready(&mut self, _took: Duration) {}
     fn complete(
         &mut self,
         _prompt_tokens: u64,
@@ -116,7 +130,11 @@ pub trait Recorder {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NoRecorder;
 
-impl Recorder for NoRecorder {}
+impl Recorder for NoRecorder {
+    fn measures(&self) -> bool {
+        false
+    }
+}
 
 /// Records into a pool's signals, as the proxy's request path does, on the
 /// simulator's clock.
@@ -150,6 +168,15 @@ impl Recorder for SignalsRecorder {
     }
     fn decode_tokens(&mut self, n: u64) {
         self.signals.decode_tokens(n);
+    }
+    fn prefill_busy(&mut self, busy: bool) {
+        self.signals.prefill_busy(busy);
+    }
+    fn decode_busy(&mut self, busy: bool) {
+        self.signals.decode_busy(busy);
+    }
+    fn replica_ready(&mut self, took: Duration) {
+        self.signals.observe_cold_start(took);
     }
     fn complete(
         &mut self,
@@ -228,6 +255,13 @@ pub struct Measured {
     /// Requests with a TTFT within the target, over all requests (a
     /// rejected or timed-out request is a miss).
     pub ttft_attainment: f64,
+    /// Requests no replica count could serve in time: larger than a
+    /// replica's KV cache, or slower than the target alone on an idle
+    /// replica.
+    pub infeasible: usize,
+    /// Requests with a TTFT within the target, over the feasible ones:
+    /// what a scaler can be held to.
+    pub feasible_ttft_attainment: f64,
     /// TTFT quantiles of the requests that got a first token, seconds.
     pub ttft_p50: f64,
     pub ttft_p90: f64,
@@ -243,42 +277,102 @@ pub struct Measured {
 }
 
 impl Measured {
-    /// Over the requests from `first` on and the time `span`.
+    /// Over the requests from `first` on and the time `span`; `feasible`
+    /// says, by trace index, which requests some count could serve in time.
     fn of<R: Recorder>(
         world: &World<'_, R>,
         target: Duration,
         first: usize,
         span: (Duration, Duration),
+        feasible: &[bool],
     ) -> Self {
-        let measured = world.requests.get(first..).unwrap_or(&[]);
-        let mut ttfts: Vec<Duration> = measured.iter().filter_map(|r| r.ttft).collect();
+        let measured = || world.requests.iter_from(first);
+        let mut ttfts: Vec<Duration> = measured().filter_map(|r| r.ttft).collect();
         ttfts.sort_unstable();
         let met = ttfts.iter().filter(|t| **t <= target).count();
-        let requests = measured.len();
+        let requests = world.requests.len().saturating_sub(first);
+        let feasible = feasible.get(first..).unwrap_or(&[]);
+        let infeasible = feasible.iter().filter(|f| !**f).count();
+        let feasible_met = measured()
+            .zip(feasible)
+            .filter(|(r, f)| **f && r.ttft.is_some_and(|t| t <= target))
+            .count();
+        let share = |n: usize, of: usize| if of == 0 { 1.0 } else { n as f64 / of as f64 };
         let q = |p: f64| {
             let i = ((ttfts.len() as f64 * p).ceil() as usize).clamp(1, ttfts.len().max(1)) - 1;
             ttfts.get(i).map_or(0.0, Duration::as_secs_f64)
         };
-        let itl = signals::summary(&world.itl);
+        let itl = world
+            .itl
+            .as_ref()
+            .map_or_else(Default::default, signals::summary);
         Measured {
             requests,
-            ttft_attainment: if requests == 0 {
-                1.0
-            } else {
-                met as f64 / requests as f64
-            },
+            ttft_attainment: share(met, requests),
+            infeasible,
+            feasible_ttft_attainment: share(feasible_met, requests.saturating_sub(infeasible)),
             ttft_p50: q(0.5),
             ttft_p90: q(0.9),
             ttft_p99: q(0.99),
             itl_p90: itl.p90.map_or(0.0, |d| d.as_secs_f64()),
             replica_seconds: world.replica_seconds(span.0, span.1),
             max_replicas_used: world.peak_replicas(span.0, span.1),
-            failed: measured
-                .iter()
+            failed: measured()
                 .filter(|r| matches!(r.fate, Fate::Rejected | Fate::TimedOut | Fate::TooLarge))
                 .count(),
         }
     }
+}
+
+/// Which requests of `trace` some replica count could serve within the
+/// target: those whose TTFT alone on an idle replica is within it (one
+/// larger than the KV cache never gets a first token).
+pub fn feasibility(trace: &[Arrival], settings: &Settings) -> Vec<bool> {
+    let mut known: std::collections::HashMap<(u32, u32), bool> = std::collections::HashMap::new();
+    trace
+        .iter()
+        .map(|a| {
+            *known
+                .entry((a.prompt_tokens, a.max_tokens))
+                .or_insert_with(|| {
+                    alone_ttft(&settings.timing, a.prompt_tokens, a.max_tokens)
+                        .is_some_and(|t| t <= settings.ttft_target)
+                })
+        })
+        .collect()
+}
+
+/// The TTFT of a request alone on an idle replica (`None`: it never gets
+/// a first token, being larger than the KV cache).
+pub(crate) fn alone_ttft(timing: &Timing, prompt_tokens: u32, max_tokens: u32) -> Option<Duration> {
+    struct FirstToken(Option<Duration>);
+    impl EngineEvents<world::RequestId> for FirstToken {
+        fn admitted(&mut self, _: &world::RequestId, _: Duration) {}
+        fn prefilled(&mut self, _: u32) {}
+        fn token(&mut self, _: &world::RequestId, _: u32, latency: TokenLatency) {
+            if let TokenLatency::FirstToken(t) = latency {
+                self.0 = Some(t);
+            }
+        }
+        fn finished(&mut self, _: &world::RequestId, _: Option<Duration>) {}
+    }
+    let mut engine = Engine::new(timing.clone());
+    engine.submit(
+        world::RequestId(0),
+        prompt_tokens,
+        max_tokens,
+        false,
+        Duration::ZERO,
+    );
+    let mut first = FirstToken(None);
+    let mut now = Duration::ZERO;
+    // Every step prefills a chunk or emits the token: this ends.
+    while first.0.is_none() {
+        let step = engine.begin_step(now, &mut first)?;
+        now += step;
+        engine.end_step(now, &mut first);
+    }
+    first.0
 }
 
 /// One algorithm's run over a trace.
@@ -467,8 +561,11 @@ pub async fn simulate(
         }
         arrived = world.arrived();
         // Latencies are measured from the trace's start.
-        if !measuring && t + tick >= start {
-            world.itl.reset();
+        if !measuring
+            && t + tick >= start
+            && let Some(h) = world.itl.as_mut()
+        {
+            h.reset();
         }
         on_tick(t.saturating_sub(start));
         if (world.finished() && t >= last) || t > give_up {
@@ -476,9 +573,9 @@ pub async fn simulate(
         }
         t += tick;
     }
-    let measured = Measured::of(&world, settings.ttft_target, warm, (start, last));
-    let mut requests = std::mem::take(&mut world.requests);
-    requests.drain(..warm.min(requests.len()));
+    let feasible = feasibility(trace, settings);
+    let measured = Measured::of(&world, settings.ttft_target, warm, (start, last), &feasible);
+    let requests = world.requests.to_vec_from(warm);
     Ok(Run {
         measured,
         scale_events,

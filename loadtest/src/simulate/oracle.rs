@@ -36,10 +36,9 @@
 
 use std::time::Duration;
 
-use super::world::{RequestId, World};
-use super::{Fate, Measured, NoRecorder, Settings, horizon};
+use super::world::World;
+use super::{Fate, Measured, NoRecorder, Settings, feasibility, horizon};
 use crate::loadgen::Arrival;
-use crate::sim::engine::{Engine, EngineEvents, Timing, TokenLatency};
 
 /// The oracle's result.
 #[derive(Debug, Clone)]
@@ -85,17 +84,12 @@ impl Default for OracleSettings {
 
 /// Computes the oracle's schedule for `trace` and measures it.
 pub fn oracle(trace: &[Arrival], settings: &Settings, search: OracleSettings) -> Oracle {
-    let target = settings.ttft_target;
     let last = horizon(trace);
     // Requests no schedule can serve in time (slower than the target on an
-    // idle replica) are left out of the search; they still count as misses
-    // in the measured attainment, for the oracle and algorithms alike.
-    let feasible: Vec<bool> = trace
-        .iter()
-        .map(|a| {
-            alone_ttft(&settings.timing, a.prompt_tokens, a.max_tokens).is_some_and(|t| t <= target)
-        })
-        .collect();
+    // idle replica) are left out of the search and of the goal, which is
+    // over the feasible requests; the plain attainment still counts them
+    // as misses, for the oracle and algorithms alike.
+    let feasible = feasibility(trace, settings);
     let searcher = Search {
         trace,
         settings,
@@ -112,7 +106,7 @@ pub fn oracle(trace: &[Arrival], settings: &Settings, search: OracleSettings) ->
     // goal over the whole trace.
     let slack = (1.0 - search.goal).clamp(0.0, 1.0);
     let mut best = searcher.attempt(slack, last);
-    let meets = |o: &Oracle| o.measured.ttft_attainment >= search.goal;
+    let meets = |o: &Oracle| o.measured.feasible_ttft_attainment >= search.goal;
     let (mut lo, mut hi) = (slack, (slack * 8.0).min(1.0));
     for _ in 0..search.refinements {
         let rate = (lo + hi) / 2.0;
@@ -215,7 +209,13 @@ impl<'a> Search<'a> {
             world.recent_ttfts.clear();
         }
         Oracle {
-            measured: Measured::of(&world, self.settings.ttft_target, 0, (Duration::ZERO, last)),
+            measured: Measured::of(
+                &world,
+                self.settings.ttft_target,
+                0,
+                (Duration::ZERO, last),
+                self.feasible,
+            ),
             schedule,
             scale_events,
             constant: None,
@@ -239,7 +239,13 @@ impl<'a> Search<'a> {
         }
         let scale_events = schedule.windows(2).filter(|w| w[0].1 != w[1].1).count() as u32;
         Oracle {
-            measured: Measured::of(&world, self.settings.ttft_target, 0, (Duration::ZERO, last)),
+            measured: Measured::of(
+                &world,
+                self.settings.ttft_target,
+                0,
+                (Duration::ZERO, last),
+                self.feasible,
+            ),
             schedule,
             scale_events,
             constant: None,
@@ -305,10 +311,10 @@ impl<'a> Search<'a> {
                 }
             }
             infeasible_seen += (first..after).filter(|&i| !feasible(i)).count();
-            // The goal over every request so far: the misses it allows,
-            // less those already spent.
-            let allowed = ((rate * after as f64).floor() as usize)
-                .saturating_sub(infeasible_seen + decided_misses + carried_misses);
+            // The goal over every feasible request so far: the misses it
+            // allows, less those already spent.
+            let allowed = ((rate * after.saturating_sub(infeasible_seen) as f64).floor() as usize)
+                .saturating_sub(decided_misses + carried_misses);
             let meets = |n: u32| {
                 let mut trial = world.clone();
                 trial.set_replicas(n, true);
@@ -332,8 +338,36 @@ impl<'a> Search<'a> {
             if judged.is_empty() && world.in_flight() == 0 && world.queued() == 0 {
                 hi = floor;
             }
-            if lo < hi && meets(lo) {
-                hi = lo;
+            // Counts change little from one interval to the next: gallop
+            // from the count that runs (most intervals take two trials),
+            // then bisect what is left.
+            if lo < hi {
+                let guess = world.replicas().clamp(lo, hi);
+                let mut step = 1;
+                if meets(guess) {
+                    hi = guess;
+                    while lo < hi {
+                        let probe = hi.saturating_sub(step).max(lo);
+                        if meets(probe) {
+                            hi = probe;
+                            step = step.saturating_mul(2);
+                        } else {
+                            lo = probe + 1;
+                            break;
+                        }
+                    }
+                } else {
+                    lo = guess + 1;
+                    while lo < hi {
+                        let probe = lo.saturating_add(step - 1).min(hi);
+                        if meets(probe) {
+                            hi = probe;
+                            break;
+                        }
+                        lo = probe + 1;
+                        step = step.saturating_mul(2);
+                    }
+                }
             }
             while lo < hi {
                 let mid = lo + (hi - lo) / 2;
@@ -352,39 +386,6 @@ impl<'a> Search<'a> {
         }
         (schedule, world)
     }
-}
-
-/// The TTFT of a request alone on an idle replica (`None`: it never gets
-/// a first token, being larger than the KV cache).
-fn alone_ttft(timing: &Timing, prompt_tokens: u32, max_tokens: u32) -> Option<Duration> {
-    struct FirstToken(Option<Duration>);
-    impl EngineEvents<RequestId> for FirstToken {
-        fn admitted(&mut self, _: &RequestId, _: Duration) {}
-        fn prefilled(&mut self, _: u32) {}
-        fn token(&mut self, _: &RequestId, _: u32, latency: TokenLatency) {
-            if let TokenLatency::FirstToken(t) = latency {
-                self.0 = Some(t);
-            }
-        }
-        fn finished(&mut self, _: &RequestId, _: Option<Duration>) {}
-    }
-    let mut engine = Engine::new(timing.clone());
-    engine.submit(
-        RequestId(0),
-        prompt_tokens,
-        max_tokens,
-        false,
-        Duration::ZERO,
-    );
-    let mut first = FirstToken(None);
-    let mut now = Duration::ZERO;
-    // Every step prefills a chunk or emits the token: this ends.
-    while first.0.is_none() {
-        let step = engine.begin_step(now, &mut first)?;
-        now += step;
-        engine.end_step(now, &mut first);
-    }
-    first.0
 }
 
 /// Fills, for every replica level, the gaps between two stretches at or
@@ -413,6 +414,8 @@ fn keep_through_dips(counts: &mut [u32], startup: Duration, interval: Duration) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sim::engine::Timing;
+    use crate::simulate::alone_ttft;
 
     #[test]
     fn short_dips_are_kept_long_ones_released() {

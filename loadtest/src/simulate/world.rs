@@ -19,6 +19,7 @@ use hdrhistogram::Histogram;
 use scalecar_scaler::balance::pick_order;
 use scalecar_scaler::signals::histogram;
 
+use super::requests::RequestTable;
 use super::{Recorder, Settings};
 use crate::loadgen::Arrival;
 use crate::sim::engine::{Engine, EngineEvents, Ticket, TokenLatency};
@@ -66,6 +67,10 @@ struct Replica {
     gone: Option<Duration>,
     outstanding: u32,
     outstanding_tokens: u64,
+    /// Of the outstanding requests, those before their first token and
+    /// those decoding (the proxy's busy counts per endpoint).
+    prefilling: u32,
+    decoding: u32,
     /// A step is in progress (its end is in the event queue).
     stepping: bool,
 }
@@ -96,9 +101,11 @@ pub(crate) struct World<'t, R> {
     /// Orders events of one instant by when they were scheduled.
     sequence: u64,
     rotation: u64,
-    pub requests: Vec<RequestState>,
+    pub requests: RequestTable,
     /// Inter-token latencies, in the signals' histogram layout.
-    pub itl: Histogram<u64>,
+    /// (`None` where the recorder does not measure: the oracle's trials,
+    /// which clone the world often.)
+    pub itl: Option<Histogram<u64>>,
     /// Requests finished with all their tokens or failed.
     pub settled: usize,
     /// TTFTs since the caller last took them (for a timeline).
@@ -108,6 +115,7 @@ pub(crate) struct World<'t, R> {
 impl<'t, R: Recorder> World<'t, R> {
     /// `initial` replicas, ready at time zero.
     pub fn new(trace: &'t [Arrival], settings: &'t Settings, recorder: R, initial: u32) -> Self {
+        let measures = recorder.measures();
         let mut w = World {
             trace,
             settings,
@@ -120,8 +128,8 @@ impl<'t, R: Recorder> World<'t, R> {
             events: BinaryHeap::new(),
             sequence: 0,
             rotation: 0,
-            requests: vec![RequestState::default(); trace.len()],
-            itl: histogram::empty(),
+            requests: RequestTable::new(trace.len()),
+            itl: measures.then(histogram::empty),
             settled: 0,
             recent_ttfts: Vec::new(),
         };
@@ -212,6 +220,8 @@ impl<'t, R: Recorder> World<'t, R> {
             gone: None,
             outstanding: 0,
             outstanding_tokens: 0,
+            prefilling: 0,
+            decoding: 0,
             stepping: false,
         });
         if ready_at > self.now {
@@ -336,6 +346,10 @@ impl<'t, R: Recorder> World<'t, R> {
     fn handle(&mut self, event: Event) {
         match event {
             Event::Ready(i) => {
+                if let Some(r) = self.replicas.get(i as usize) {
+                    self.recorder
+                        .replica_ready(r.ready_at.saturating_sub(r.created));
+                }
                 self.refresh_endpoints();
                 if self.endpoints.contains(&i) {
                     self.pump();
@@ -440,6 +454,10 @@ impl<'t, R: Recorder> World<'t, R> {
         };
         r.outstanding += 1;
         r.outstanding_tokens += u64::from(a.prompt_tokens);
+        r.prefilling += 1;
+        if r.prefilling == 1 {
+            self.recorder.prefill_busy(true);
+        }
         r.engine
             .submit(RequestId(index), a.prompt_tokens, a.max_tokens, false, now);
         if !r.stepping {
@@ -467,12 +485,29 @@ impl<'t, R: Recorder> World<'t, R> {
             freed: 0,
             freed_tokens: 0,
             added_tokens: 0,
+            first_tokens: 0,
+            freed_prefilling: 0,
+            freed_decoding: 0,
         };
         let r = self.replicas.get_mut(replica as usize)?;
         let out = f(&mut r.engine, now, &mut sink);
         r.outstanding -= sink.freed.min(r.outstanding);
         r.outstanding_tokens =
             (r.outstanding_tokens + sink.added_tokens).saturating_sub(sink.freed_tokens);
+        // Every change of this step happened at one instant: only whether
+        // the endpoint was and is busy matters to the signals.
+        let (prefilling, decoding) = (r.prefilling, r.decoding);
+        r.prefilling = r
+            .prefilling
+            .saturating_sub(sink.first_tokens + sink.freed_prefilling);
+        r.decoding = (r.decoding + sink.first_tokens).saturating_sub(sink.freed_decoding);
+        let recorder = sink.recorder;
+        if (prefilling > 0) != (r.prefilling > 0) {
+            recorder.prefill_busy(r.prefilling > 0);
+        }
+        if (decoding > 0) != (r.decoding > 0) {
+            recorder.decode_busy(r.decoding > 0);
+        }
         Some((out, sink.freed))
     }
 
@@ -524,15 +559,20 @@ impl<'t, R: Recorder> World<'t, R> {
 struct Sink<'a, R> {
     now: Duration,
     trace: &'a [Arrival],
-    requests: &'a mut [RequestState],
+    requests: &'a mut RequestTable,
     recorder: &'a mut R,
-    itl: &'a mut Histogram<u64>,
+    itl: &'a mut Option<Histogram<u64>>,
     settled: &'a mut usize,
     recent_ttfts: &'a mut Vec<Duration>,
     /// Slots freed this step and their outstanding tokens; tokens generated.
     freed: u32,
     freed_tokens: u64,
     added_tokens: u64,
+    /// Requests that got their first token, and finished requests that
+    /// had (not) got one.
+    first_tokens: u32,
+    freed_prefilling: u32,
+    freed_decoding: u32,
 }
 
 impl<R: Recorder> EngineEvents<RequestId> for Sink<'_, R> {
@@ -553,12 +593,15 @@ impl<R: Recorder> EngineEvents<RequestId> for Sink<'_, R> {
                 // proxy: its queue time is part of its TTFT.
                 let ttft = self.now.saturating_sub(a.at);
                 s.ttft = Some(ttft);
+                self.first_tokens += 1;
                 self.recent_ttfts.push(ttft);
                 self.recorder.first_token(u64::from(a.prompt_tokens), ttft);
             }
             TokenLatency::InterToken(itl) => {
                 self.recorder.inter_token(itl);
-                let _ = self.itl.record(histogram::units_of(itl).max(1));
+                if let Some(h) = self.itl.as_mut() {
+                    let _ = h.record(histogram::units_of(itl).max(1));
+                }
             }
         }
         self.recorder.decode_tokens(1);
@@ -589,6 +632,11 @@ impl<R: Recorder> EngineEvents<RequestId> for Sink<'_, R> {
         };
         *self.settled += 1;
         self.freed += 1;
+        if s.ttft.is_some() {
+            self.freed_decoding += 1;
+        } else {
+            self.freed_prefilling += 1;
+        }
         self.freed_tokens += u64::from(a.prompt_tokens) + u64::from(s.generated);
     }
 }
