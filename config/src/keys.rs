@@ -21,7 +21,7 @@ pub const PREFIX: &str = "scalecar.io/";
 pub const IDENTITY_KEYS: [&str; 3] = ["model", "role", "port"];
 
 /// Every policy key.
-pub const POLICY_KEYS: [&str; 32] = [
+pub const POLICY_KEYS: [&str; 33] = [
     "algorithm",
     "metric",
     "target",
@@ -40,6 +40,7 @@ pub const POLICY_KEYS: [&str; 32] = [
     "max-scale-down-rate",
     "scale-down-delay",
     "scale-to-zero-grace-period",
+    "cold-start",
     "max-concurrency",
     "group",
     "preferred-share",
@@ -250,7 +251,10 @@ fn parse_policy(
         errors: PolicyErrors::default(),
     };
     check_unknown(ctx, keys, &mut r.errors);
-    let mut p = Policy::default();
+    let mut p = Policy {
+        algorithm: crate::policy::DEFAULT_ALGORITHM.to_string(),
+        ..Policy::default()
+    };
     if let Some(v) = r.parse("algorithm", |v| {
         if !v.is_empty()
             && v.bytes()
@@ -284,6 +288,8 @@ fn parse_policy(
         "in [1, 100]",
     ) {
         p.target_utilization = u / 100.0;
+    } else if p.algorithm == "slo" {
+        p.target_utilization = crate::policy::SLO_UTILIZATION;
     }
     let hour = Duration::from_secs(3600);
     p.ttft_target = r.duration_in("ttft-target", Duration::from_millis(1), hour);
@@ -292,6 +298,18 @@ fn parse_policy(
         Duration::from_micros(100),
         Duration::from_secs(60),
     );
+    if p.algorithm == "slo" {
+        // The LLM default needs no latency key to start from: TTFT for
+        // prefill and unified pools, ITL for decode pools.
+        match role {
+            Role::Decode => {
+                p.itl_target = p.itl_target.or(Some(crate::policy::DEFAULT_ITL_TARGET));
+            }
+            Role::Unified | Role::Prefill => {
+                p.ttft_target = p.ttft_target.or(Some(crate::policy::DEFAULT_TTFT_TARGET));
+            }
+        }
+    }
     if let Some(q) = r.parse("slo-percentile", |v| match v.trim() {
         "50" => Ok(50),
         "90" => Ok(90),
@@ -339,12 +357,16 @@ fn parse_policy(
     if let Some(d) = r.duration_in("scale-to-zero-grace-period", Duration::ZERO, hour) {
         p.scale_to_zero_grace_period = d;
     }
+    p.cold_start = r.duration_in("cold-start", Duration::from_secs(1), hour);
     p.max_concurrency = r.u32_in("max-concurrency", 1, 1_000_000);
     // As Knative's containerConcurrency: a per-pod cap on requests is also
     // the default per-pod concurrency target (before utilization), so a
     // pool whose cap queues requests scales out instead of holding.
     match (explicit_target, p.max_concurrency, p.metric) {
         (Some(t), _, _) => p.target = t,
+        // slo's target is its prior for a replica's prefill rate, in prompt
+        // tokens per second, until the proxy has measured one.
+        (None, _, _) if p.algorithm == "slo" => p.target = crate::policy::SLO_PRIOR_CAPACITY,
         (None, Some(cap), Metric::Concurrency | Metric::Queue) => p.target = f64::from(cap),
         (None, _, _) => {}
     }
@@ -423,18 +445,6 @@ fn parse_policy(
                     ),
                 ));
             }
-        }
-    }
-    if p.algorithm == "slo" {
-        let (key, set) = match role {
-            Role::Decode => ("itl-target", p.itl_target.is_some()),
-            Role::Unified | Role::Prefill => ("ttft-target", p.ttft_target.is_some()),
-        };
-        if !set {
-            errors.push(PolicyError::combination(
-                &name(key),
-                format!("algorithm slo for a {role} pool needs {}", name(key)),
-            ));
         }
     }
     (p, errors)
@@ -602,6 +612,13 @@ mod tests {
             .collect()
     }
 
+    /// `pairs` for kpa, whose Knative defaults these tests check.
+    fn kpa_keys(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        let mut k = keys(pairs);
+        k.insert("algorithm".into(), "kpa".into());
+        k
+    }
+
     fn annotations(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
             .iter()
@@ -617,10 +634,37 @@ mod tests {
     }
 
     #[test]
-    fn defaults_are_knatives() {
+    fn the_default_is_slo_with_llm_defaults_and_kpa_keeps_knatives() {
         let t = Policy::from_annotations(&annotations(&[("model", "llama")])).unwrap();
         assert_eq!(t.model, "llama");
         assert_eq!(t.role, Role::Unified);
+        assert_eq!(
+            t.policy,
+            Policy {
+                algorithm: "slo".into(),
+                target: crate::policy::SLO_PRIOR_CAPACITY,
+                target_utilization: crate::policy::SLO_UTILIZATION,
+                ttft_target: Some(Duration::from_secs(2)),
+                ..Policy::default()
+            }
+        );
+        // A decode pool needs no key either.
+        let t = Policy::from_annotations(&annotations(&[("model", "llama"), ("role", "decode")]))
+            .unwrap();
+        assert_eq!(t.policy.itl_target, Some(Duration::from_millis(50)));
+        assert_eq!(t.policy.ttft_target, None);
+        // An explicit target wins over the LLM defaults.
+        let t = Policy::from_annotations(&annotations(&[
+            ("model", "llama"),
+            ("ttft-target", "700ms"),
+            ("target-utilization-percentage", "80"),
+        ]))
+        .unwrap();
+        assert_eq!(t.policy.ttft_target, Some(Duration::from_millis(700)));
+        assert_eq!(t.policy.target_utilization, 0.8);
+        // kpa named: Knative's defaults, exactly.
+        let t = Policy::from_annotations(&annotations(&[("model", "llama"), ("algorithm", "kpa")]))
+            .unwrap();
         assert_eq!(t.policy, Policy::default());
         assert_eq!(t.policy.panic_window(), Duration::from_secs(6));
     }
@@ -730,31 +774,31 @@ mod tests {
 
     #[test]
     fn target_default_follows_the_metric() {
-        let p = Policy::from_keys(&keys(&[("metric", "rps")]), Role::Unified).unwrap();
+        let p = Policy::from_keys(&kpa_keys(&[("metric", "rps")]), Role::Unified).unwrap();
         assert_eq!(p.target, 200.0);
-        let p = Policy::from_keys(&keys(&[("metric", "tokens")]), Role::Unified).unwrap();
+        let p = Policy::from_keys(&kpa_keys(&[("metric", "tokens")]), Role::Unified).unwrap();
         assert_eq!(p.target, 100_000.0);
     }
 
     #[test]
     fn max_concurrency_is_the_default_concurrency_target() {
-        let p = Policy::from_keys(&keys(&[("max-concurrency", "4")]), Role::Unified).unwrap();
+        let p = Policy::from_keys(&kpa_keys(&[("max-concurrency", "4")]), Role::Unified).unwrap();
         assert_eq!(p.target, 4.0);
         let p = Policy::from_keys(
-            &keys(&[("max-concurrency", "4"), ("metric", "queue")]),
+            &kpa_keys(&[("max-concurrency", "4"), ("metric", "queue")]),
             Role::Unified,
         )
         .unwrap();
         assert_eq!(p.target, 4.0);
         // An explicit target wins; other metrics keep their own default.
         let p = Policy::from_keys(
-            &keys(&[("max-concurrency", "4"), ("target", "9")]),
+            &kpa_keys(&[("max-concurrency", "4"), ("target", "9")]),
             Role::Unified,
         )
         .unwrap();
         assert_eq!(p.target, 9.0);
         let p = Policy::from_keys(
-            &keys(&[("max-concurrency", "4"), ("metric", "rps")]),
+            &kpa_keys(&[("max-concurrency", "4"), ("metric", "rps")]),
             Role::Unified,
         )
         .unwrap();
@@ -845,14 +889,6 @@ mod tests {
                 "scalecar.io/schedule: ",
             ),
             (vec![("algorithm", "KPA!")], "is not an algorithm name"),
-            (
-                vec![("algorithm", "slo")],
-                "algorithm slo for a unified pool needs scalecar.io/ttft-target",
-            ),
-            (
-                vec![("algorithm", "slo"), ("role", "decode")],
-                "algorithm slo for a decode pool needs scalecar.io/itl-target",
-            ),
             (
                 vec![("activation-scale", "5"), ("max-replicas", "2")],
                 "activation-scale 5 is greater than scalecar.io/max-replicas 2",

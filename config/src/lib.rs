@@ -28,6 +28,7 @@ pub use file::{
 };
 pub use keys::{AnnotatedTarget, KeyContext, POLICY_KEYS, PREFIX, validate_group};
 pub use policy::{
-    Cron, CronField, HpaBehavior, HpaRatePolicy, HpaRules, Metric, Policy, Role, ScheduleFloor,
-    SelectPolicy, ShareBand,
+    Cron, CronField, DEFAULT_ALGORITHM, DEFAULT_ITL_TARGET, DEFAULT_TTFT_TARGET, HpaBehavior,
+    HpaRatePolicy, HpaRules, Metric, Policy, Role, SLO_PRIOR_CAPACITY, SLO_UTILIZATION,
+    ScheduleFloor, SelectPolicy, ShareBand,
 };

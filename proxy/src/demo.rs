@@ -35,7 +35,7 @@ fn duration(s: &str) -> Result<Duration, String> {
 /// Arguments of `scalecar demo`.
 #[derive(Debug, Clone, clap::Args)]
 #[command(
-    after_help = "EXAMPLES\n  scalecar demo\n  scalecar demo --duration 60s --algorithm slo --out report\n  scalecar demo --trace loadtest/data/azure-llm-2023-conv.csv --speedup 60 --duration 2m"
+    after_help = "EXAMPLES\n  scalecar demo\n  scalecar demo --duration 60s --algorithm kpa --out report\n  scalecar demo --trace loadtest/data/azure-llm-2023-conv.csv --speedup 60 --duration 2m"
 )]
 pub struct DemoArgs {
     /// How long the load runs.
@@ -51,8 +51,8 @@ pub struct DemoArgs {
     /// Trace time compression.
     #[arg(long, default_value_t = 60.0)]
     pub speedup: f64,
-    /// kpa, hpa or slo.
-    #[arg(long, default_value = "kpa")]
+    /// slo (the LLM default), kpa, hpa or keda-prometheus.
+    #[arg(long, default_value = "slo")]
     pub algorithm: String,
     /// Report directory (default: a new scalecar-report-<time> here).
     #[arg(long)]
@@ -76,9 +76,8 @@ pub struct DemoArgs {
     #[arg(long, default_value = "2s", value_parser = duration)]
     pub tick: Duration,
     /// Target per replica: for kpa and hpa the concurrency aimed for before
-    /// the 70 % utilization (default 8); for slo the starting guess of the
-    /// prompt tokens/s one replica serves within the TTFT target (default
-    /// 4000, then learned).
+    /// the 70 % utilization (default 8); for slo the prior for a replica's
+    /// prefill rate in prompt tok/s (default 4000) until it is measured.
     #[arg(long)]
     pub target: Option<f64>,
     /// Prompt tokens of synthetic requests.
@@ -109,9 +108,8 @@ pub struct DemoReport {
     pub requests: usize,
 }
 
-/// slo's first guess of one simulated replica's prompt tokens/s within a 1 s
-/// TTFT: a quarter of its prefill rate, leaving room for decode steps.
-const SLO_STARTING_CAPACITY: f64 = 4000.0;
+/// The demo's concurrency per replica for kpa and hpa (before 70 %).
+const KPA_DEMO_TARGET: f64 = 8.0;
 
 /// The demo's policy as the `scalecar.io/` annotations of its Deployment
 /// (keys without the prefix), checked by parsing them as scalecar will.
@@ -121,11 +119,14 @@ fn policy_keys(
 ) -> Result<(BTreeMap<String, String>, Policy), DemoError> {
     let mut keys = BTreeMap::new();
     keys.insert("algorithm".to_string(), args.algorithm.clone());
-    let target = args.target.unwrap_or(match args.algorithm.as_str() {
-        "slo" => SLO_STARTING_CAPACITY,
-        _ => 8.0,
-    });
-    keys.insert("target".to_string(), target.to_string());
+    // slo measures a replica's capacity; its prior stays the default
+    // unless given.
+    let target = args
+        .target
+        .or((args.algorithm != "slo").then_some(KPA_DEMO_TARGET));
+    if let Some(t) = target {
+        keys.insert("target".to_string(), t.to_string());
+    }
     keys.insert("window".to_string(), format!("{}ms", window.as_millis()));
     // A panic window of at least 2 s: the signals' slots are 1 s.
     let panic_pct = (200_000.0 / window.as_millis() as f64).clamp(10.0, 100.0);
@@ -459,12 +460,14 @@ fn markdown(
     let _ = writeln!(md, "# scalecar demo report\n");
     let aim = if policy.algorithm == "slo" {
         format!(
-            "TTFT p90 within {}, starting from {} prompt tok/s per replica (then learned)",
+            "TTFT p{} within {}, capacity measured in the path (prior {} prompt tok/s per replica, {:.0} % of it planned)",
+            policy.slo_percentile,
             policy.ttft_target.map_or_else(
                 || "—".to_string(),
                 |t| humantime::format_duration(t).to_string()
             ),
-            policy.target
+            policy.target,
+            policy.target_utilization * 100.0
         )
     } else {
         format!(
@@ -600,9 +603,10 @@ mod tests {
 
     #[test]
     fn the_target_defaults_to_what_the_algorithm_measures() {
-        assert_eq!(target_of(&[]), 8.0);
+        // slo by default, with its prior for a replica's prefill rate.
+        assert_eq!(target_of(&[]), scalecar_config::SLO_PRIOR_CAPACITY);
         assert_eq!(target_of(&["--algorithm", "hpa"]), 8.0);
-        assert_eq!(target_of(&["--algorithm", "slo"]), SLO_STARTING_CAPACITY);
+        assert_eq!(target_of(&["--algorithm", "kpa"]), KPA_DEMO_TARGET);
         assert_eq!(target_of(&["--algorithm", "slo", "--target", "900"]), 900.0);
     }
 

@@ -69,7 +69,7 @@ exit code 2.
 EXAMPLE
   printf '%s\\n' '{\"t\":0,\"ready\":1,\"stable\":10,\"panic\":10}' \\
                  '{\"t\":2,\"ready\":1,\"stable\":10,\"panic\":80}' \\
-    | scalecar replay --set target=10 --set target-utilization-percentage=100";
+    | scalecar replay --set algorithm=kpa --set target=10 --set target-utilization-percentage=100";
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s)
@@ -361,6 +361,7 @@ impl Replayed {
             role: self.role,
             reachable: true,
             partial: false,
+            cold_start: None,
         };
         let decision = self.algorithm.decide(&input);
         let applied = behavior::apply(&BehaviorInput {

@@ -92,6 +92,7 @@ async fn a_burst_scales_up_within_two_ticks_and_idle_returns_to_min() {
     let tick = Duration::from_millis(500);
     let l = closed_loop(
         &[
+            ("algorithm", "kpa"),
             ("target", "4"),
             ("window", "6s"),
             ("panic-window-percentage", "34"),
@@ -152,6 +153,7 @@ async fn a_burst_scales_up_within_two_ticks_and_idle_returns_to_min() {
 async fn a_request_to_an_idle_pool_at_zero_scales_it_from_zero() {
     let l = closed_loop(
         &[
+            ("algorithm", "kpa"),
             ("min-replicas", "0"),
             ("window", "6s"),
             ("panic-window-percentage", "34"),

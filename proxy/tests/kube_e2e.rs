@@ -284,7 +284,7 @@ async fn an_annotated_deployment_is_routed_scaled_by_a_burst_and_back_to_min() {
     c.annotate(
         &d,
         "llama",
-        json!({"scalecar.io/model": "m", "scalecar.io/target": "2", "scalecar.io/min-replicas": "1",
+        json!({"scalecar.io/algorithm": "kpa", "scalecar.io/model": "m", "scalecar.io/target": "2", "scalecar.io/min-replicas": "1",
                "scalecar.io/max-replicas": "4", "scalecar.io/window": "6s",
                "scalecar.io/panic-window-percentage": "34", "scalecar.io/scale-down-delay": "0s"}),
     )
@@ -470,7 +470,7 @@ async fn a_prefill_decode_pair_is_one_route_and_long_prompts_scale_prefill_more(
     let c = Cluster::start().await;
     let d = c.deployments();
     let keys = |role: &str| {
-        json!({"scalecar.io/model": "pd", "scalecar.io/role": role, "scalecar.io/target": "1",
+        json!({"scalecar.io/algorithm": "kpa", "scalecar.io/model": "pd", "scalecar.io/role": role, "scalecar.io/target": "1",
                "scalecar.io/max-replicas": "4", "scalecar.io/window": "6s",
                "scalecar.io/panic-window-percentage": "34"})
     };
@@ -1632,7 +1632,7 @@ async fn the_leader_decides_on_every_replicas_traffic_summed() {
             "summed",
             "summed",
             1,
-            json!({"scalecar.io/model": "summed", "scalecar.io/target": "2",
+            json!({"scalecar.io/algorithm": "kpa", "scalecar.io/model": "summed", "scalecar.io/target": "2",
                    "scalecar.io/target-utilization-percentage": "100",
                    "scalecar.io/max-replicas": "10", "scalecar.io/window": "6s"}),
             &[],
@@ -1794,7 +1794,7 @@ async fn a_new_leader_decides_at_once_on_the_survivors_full_windows() {
             "kept",
             "kept",
             1,
-            json!({"scalecar.io/model": "kept", "scalecar.io/target": "2",
+            json!({"scalecar.io/algorithm": "kpa", "scalecar.io/model": "kept", "scalecar.io/target": "2",
                    "scalecar.io/target-utilization-percentage": "100",
                    "scalecar.io/max-replicas": "10", "scalecar.io/window": "6s"}),
             &[],

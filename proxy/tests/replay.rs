@@ -44,6 +44,8 @@ fn window_values_run_the_algorithm_per_line() {
     let (code, out, err) = replay(
         &[
             "--set",
+            "algorithm=kpa",
+            "--set",
             "target=10",
             "--set",
             "target-utilization-percentage=100",

@@ -257,6 +257,7 @@ mod tests {
             role: Role::Unified,
             reachable: true,
             partial: false,
+            cold_start: None,
         })
         .desired
         .unwrap()

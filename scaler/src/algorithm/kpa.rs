@@ -193,6 +193,7 @@ mod tests {
             role: Role::Unified,
             reachable,
             partial: false,
+            cold_start: None,
         })
     }
 
@@ -549,6 +550,7 @@ mod tests {
                     role: Role::Unified,
                     reachable: st.reachable,
                     partial: false,
+                    cold_start: None,
                 });
                 assert_eq!(d.desired, st.want, "{} step {i}: {}", c.name, d.reason);
                 if let Some(at) = st.panic_at {

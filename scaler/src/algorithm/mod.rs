@@ -6,7 +6,9 @@
 //! time comes in the input, so every algorithm runs on virtual time in tests
 //! and in `scalecar replay`.
 
+pub mod capacity;
 mod hpa;
+mod keda;
 mod kpa;
 mod slo;
 
@@ -20,6 +22,7 @@ use scalecar_config::{Policy, Role};
 use crate::snapshot::WindowSnapshot;
 
 pub use hpa::Hpa;
+pub use keda::KedaPrometheus;
 pub use kpa::Kpa;
 pub use slo::Slo;
 
@@ -44,6 +47,9 @@ pub struct DecisionInput<'a> {
     /// True when some gateway replica's signals are missing from the
     /// snapshot: the decision may scale up but never down.
     pub partial: bool,
+    /// How long this workload's replicas took from created to ready, as
+    /// observed (`None`: nothing observed yet).
+    pub cold_start: Option<Duration>,
 }
 
 /// What an algorithm decided, and why.
@@ -113,10 +119,11 @@ impl fmt::Debug for AlgorithmRegistry {
 }
 
 impl AlgorithmRegistry {
-    /// A registry with `kpa`, `hpa` and `slo`.
+    /// A registry with `kpa`, `hpa`, `slo` and the `keda-prometheus`
+    /// baseline.
     pub fn with_builtins() -> Self {
         let mut r = AlgorithmRegistry::default();
-        let builtins: [(&str, AlgorithmFactory); 3] = [
+        let builtins: [(&str, AlgorithmFactory); 4] = [
             (
                 "kpa",
                 Arc::new(|p: &Policy, ready, now| {
@@ -130,6 +137,12 @@ impl AlgorithmRegistry {
             (
                 "slo",
                 Arc::new(|p: &Policy, _, _| Box::new(Slo::new(p)) as Box<dyn ScalingAlgorithm>),
+            ),
+            (
+                "keda-prometheus",
+                Arc::new(|_: &Policy, _, now| {
+                    Box::new(KedaPrometheus::new(now)) as Box<dyn ScalingAlgorithm>
+                }),
             ),
         ];
         for (name, factory) in builtins {
@@ -233,7 +246,7 @@ mod tests {
     #[test]
     fn registering_twice_is_an_error_and_dispatch_is_by_name() {
         let mut r = AlgorithmRegistry::with_builtins();
-        assert_eq!(r.names(), vec!["hpa", "kpa", "slo"]);
+        assert_eq!(r.names(), vec!["hpa", "keda-prometheus", "kpa", "slo"]);
         let e = r.register(
             "kpa",
             Arc::new(|_: &Policy, _, _| Box::new(Fixed(1)) as Box<dyn ScalingAlgorithm>),
@@ -260,14 +273,15 @@ mod tests {
             role: Role::Unified,
             reachable: true,
             partial: false,
+            cold_start: None,
         };
         assert_eq!(a.decide(&input).desired, Some(7));
-        for (name, want) in [("kpa", "kpa"), ("hpa", "hpa"), ("slo", "slo")] {
+        for name in ["kpa", "hpa", "slo", "keda-prometheus"] {
             let p = Policy {
                 algorithm: name.into(),
                 ..Policy::default()
             };
-            assert_eq!(r.create(&p, 1, Duration::ZERO).unwrap().name(), want);
+            assert_eq!(r.create(&p, 1, Duration::ZERO).unwrap().name(), name);
         }
         let p = Policy {
             algorithm: "nope".into(),
@@ -276,7 +290,7 @@ mod tests {
         let e = r.create(&p, 1, Duration::ZERO).unwrap_err().to_string();
         assert_eq!(
             e,
-            "algorithm \"nope\" is not registered; registered: fixed, hpa, kpa, slo"
+            "algorithm \"nope\" is not registered; registered: fixed, hpa, keda-prometheus, kpa, slo"
         );
     }
 }

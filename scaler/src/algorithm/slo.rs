@@ -1,101 +1,251 @@
-//! `slo`: keep a latency percentile under its target with as few replicas
-//! as that takes.
+//! `slo`: keep TTFT (prefill and unified pools) or ITL (decode pools)
+//! under its target with as few replicas as that takes — the LLM default.
 //!
-//! Prefill and unified pools keep TTFT p90 under `ttft-target`, with demand
-//! measured as prompt tokens admitted per second; decode pools keep ITL p90
-//! under `itl-target`, with demand as tokens in flight (the KV footprint).
-//! Demand is what arrives at the proxy, never completions, which flatten
-//! exactly when capacity runs out.
+//! **Demand is work**: prompt tokens admitted per second at the proxy
+//! (decode pools: tokens in flight, their KV footprint), never
+//! completions, which flatten exactly when capacity runs out.
 //!
-//! The capacity of one replica (demand it carries within the target) is
-//! learned online, starting from `target`. Load served within the target
-//! is a lower bound (and near the estimate, with room to spare, it probes
-//! 5 % higher). A miss lowers it only when it is news: the load per ready
-//! replica was within the estimate and nothing was starting. A miss while
-//! overloaded by the scaler's own lag says nothing about a replica (the
-//! TTFT of a backlog keeps rising long after replicas arrive), and
-//! learning from it collapsed the estimate to a few tokens per second.
+//! **Capacity is measured**: the prompt tokens one replica prefills per
+//! second while it has prefill work ([`CapacityEstimate`]), starting from
+//! `target` as a prior. Planned per replica: the measured rate ×
+//! `target-utilization-percentage` × a latency correction. The correction
+//! is the only thing latency misses move: a miss that is news (every
+//! replica asked for has been ready for the whole window, and the work
+//! fitted the plan) lowers it by a tenth at most every 15 s, never below
+//! one half;
+//! served load within the target brings it back. A backlog cannot
+//! collapse the plan: its misses are not news, and its rate is the
+//! engine's.
 //!
-//! Replicas take minutes to start, so demand is sized by its recent peak:
-//! the largest of the stable- and panic-window demand over the hold
-//! horizon (`scale-down-delay`, or the stable window when that is 0). A
-//! burst keeps its replicas for the horizon, so the next burst of a bursty
-//! stream finds them, and a count that falls does so only after the peak
-//! has aged out. Scaling down must also pass consolidation: the peak of N
-//! replicas must fit N−1 with 10 % to spare. Replicas still starting count
-//! as supply: the count compared against is spec, not ready.
+//! **Sizing knows the TTFT budget**: the work that arrived in the last
+//! `w` seconds must fit the replicas' capacity over `w` plus the budget,
+//! for the panic and the stable window. A burst shorter than the budget
+//! is the queue's job (`w` ≪ budget asks for little); a sustained rate is
+//! the scaler's. A sustained rise is projected one cold start ahead when
+//! the stable window's demand has a clear upward trend.
+//!
+//! **A horizon of at least the cold start**: each replica count reached
+//! is held after its last need for the longest of: five cold starts (the
+//! cold start learned from the pods, or the `cold-start` key), the stable
+//! window, `scale-down-delay`, and twice the longest gap seen between two needs of
+//! that count in the last half hour (at most 15 minutes). Bursts that
+//! recur every few minutes keep their replicas between them, since a
+//! replica released in the gap is back only a cold start after the next
+//! burst began; a count needed once is let go after the floor.
+//!
+//! Scaling down also passes consolidation (the need fits the smaller count
+//! with 10 % to spare), and replicas still starting count as supply: the
+//! count compared against is spec, not ready.
 
 use std::collections::VecDeque;
 use std::time::Duration;
 
 use scalecar_config::{Policy, Role};
 
+use super::capacity::CapacityEstimate;
 use super::{Decision, DecisionInput, ScalingAlgorithm, show};
 
 /// Fewer latency samples than this in a window teach nothing.
 const MIN_SAMPLES: u64 = 5;
+/// Endpoint-busy time a window needs before its rate is a measurement.
+const MIN_BUSY: Duration = Duration::from_secs(2);
 /// Headroom kept when consolidating.
 const CONSOLIDATION_MARGIN: f64 = 0.9;
-/// The most one miss lowers the capacity estimate.
-const MAX_LOWERING: f64 = 0.8;
+/// The latency correction's floor, its step down and how often it may
+/// step down.
+const MIN_CORRECTION: f64 = 0.5;
+const CORRECTION_STEP: f64 = 0.9;
+const CORRECTION_EVERY: Duration = Duration::from_secs(15);
+/// The correction's recovery per decision while the target is met.
+const RECOVERY: f64 = 1.01;
+/// How far back needs are remembered, and the longest any level is held.
+const LOOKBACK: Duration = Duration::from_secs(30 * 60);
+const LONGEST_HOLD: Duration = Duration::from_secs(15 * 60);
+/// A level is held for the longest gap between its needs times this (gaps
+/// between bursts vary; on the Azure code trace 1.25 let a level go a
+/// minute before its burst came back).
+const GAP_MARGIN: f64 = 2.0;
+/// Every level is held at least this many cold starts after its last need:
+/// a replica released and asked for again soon costs a cold start and the
+/// misses while it starts (5 minutes for a 60 s cold start).
+pub const HOLD_COLD_STARTS: u32 = 5;
+/// Levels looked at (replica counts) at most, besides `max-replicas`: the
+/// hold walks levels × remembered decisions.
+const MAX_LEVELS: u32 = 1024;
+/// The span a trend is fitted over: at least this, and three cold starts
+/// (a burst passing through the stable window looks like a rise for one
+/// window length, never for several).
+const TREND_SPAN: Duration = Duration::from_secs(300);
+/// A trend is projected only when the fit explains this much variance.
+const TREND_FIT: f64 = 0.6;
+/// Without an observed cold start or the `cold-start` key.
+pub const DEFAULT_COLD_START: Duration = Duration::from_secs(60);
 
 /// The SLO controller of one target.
 #[derive(Debug)]
 pub struct Slo {
-    /// Learned demand one replica carries within the target.
-    capacity: f64,
-    /// Demand over the hold horizon as a falling sequence (time, demand):
-    /// the front is the peak.
-    peaks: VecDeque<(Duration, f64)>,
+    capacity: CapacityEstimate,
+    correction: f64,
+    last_lowered: Option<Duration>,
+    /// Since when every replica asked for has been ready.
+    settled_since: Option<Duration>,
+    /// (time, replicas needed) of every decision over the look-back.
+    needs: VecDeque<(Duration, f64)>,
+    /// (time, stable-window demand) over the trend's span.
+    demand: VecDeque<(Duration, f64)>,
+}
+
+/// What one decision sized, for its reason.
+struct Sizing {
+    need: f64,
+    held: f64,
+    horizon: Duration,
+    trend: Option<f64>,
 }
 
 impl Slo {
     pub fn new(policy: &Policy) -> Self {
         Slo {
-            capacity: policy.target.max(f64::MIN_POSITIVE),
-            peaks: VecDeque::new(),
+            capacity: CapacityEstimate::new(policy.target),
+            correction: 1.0,
+            last_lowered: None,
+            settled_since: None,
+            needs: VecDeque::new(),
+            demand: VecDeque::new(),
         }
     }
 
+    /// The measured (or prior) capacity per replica.
     pub fn capacity(&self) -> f64 {
-        self.capacity
+        self.capacity.value()
     }
 
-    /// Learns from `per_replica` demand served at `observed` latency;
-    /// `settled`: every replica asked for is ready.
-    fn learn(&mut self, per_replica: f64, observed: Duration, target: Duration, settled: bool) {
-        if per_replica <= 0.0 {
-            return;
-        }
-        let ratio = observed.as_secs_f64() / target.as_secs_f64().max(1e-9);
-        if ratio > 1.0 {
-            if settled && per_replica <= self.capacity {
-                self.capacity = (self.capacity * MAX_LOWERING).max(per_replica);
+    /// The latency correction in [0.5, 1].
+    pub fn correction(&self) -> f64 {
+        self.correction
+    }
+
+    /// Moves the correction on one latency observation.
+    fn correct(&mut self, now: Duration, over: bool, within_plan: bool, busy: bool) {
+        if over {
+            let due = self
+                .last_lowered
+                .is_none_or(|t| now.saturating_sub(t) >= CORRECTION_EVERY);
+            if within_plan && due {
+                self.correction = (self.correction * CORRECTION_STEP).max(MIN_CORRECTION);
+                self.last_lowered = Some(now);
             }
-        } else {
-            // Served within target: at least this much is sustainable.
-            self.capacity = self.capacity.max(per_replica);
-            if ratio < 0.8 && per_replica >= 0.9 * self.capacity {
-                self.capacity *= 1.05;
-            }
+        } else if busy {
+            self.correction = (self.correction * RECOVERY).min(1.0);
         }
     }
 
-    /// The peak of `demand` over the last `horizon`, `demand` included.
-    fn peak(&mut self, now: Duration, horizon: Duration, demand: f64) -> f64 {
+    /// The demand's slope (per second) over the recent past, when the
+    /// points fit a rising line well; `None` otherwise.
+    fn trend(&mut self, now: Duration, span: Duration, demand: f64) -> Option<f64> {
         while self
-            .peaks
+            .demand
             .front()
-            .is_some_and(|(t, _)| now.saturating_sub(*t) >= horizon)
+            .is_some_and(|(t, _)| now.saturating_sub(*t) > span)
         {
-            self.peaks.pop_front();
+            self.demand.pop_front();
         }
-        while self.peaks.back().is_some_and(|(_, d)| *d <= demand) {
-            self.peaks.pop_back();
+        self.demand.push_back((now, demand));
+        let n = self.demand.len() as f64;
+        let covered = self
+            .demand
+            .front()
+            .is_some_and(|(t, _)| now.saturating_sub(*t) >= span.mul_f64(0.9));
+        if n < 5.0 || !covered {
+            return None;
         }
-        self.peaks.push_back((now, demand));
-        self.peaks.front().map_or(demand, |(_, d)| *d)
+        let x = |t: &Duration| now.saturating_sub(*t).as_secs_f64();
+        let (mut sx, mut sy) = (0.0, 0.0);
+        for (t, d) in &self.demand {
+            sx += -x(t);
+            sy += d;
+        }
+        let (mx, my) = (sx / n, sy / n);
+        let (mut sxy, mut sxx, mut syy) = (0.0, 0.0, 0.0);
+        for (t, d) in &self.demand {
+            let (dx, dy) = (-x(t) - mx, d - my);
+            sxy += dx * dy;
+            sxx += dx * dx;
+            syy += dy * dy;
+        }
+        if sxx <= 0.0 || syy <= 0.0 {
+            return None;
+        }
+        let slope = sxy / sxx;
+        let fit = sxy * sxy / (sxx * syy);
+        (slope > 0.0 && fit >= TREND_FIT).then_some(slope)
     }
+
+    /// Records `need` and returns the count to hold and the horizon it is
+    /// held over. Each level (replica count) is held for the longest gap
+    /// seen between two needs of it in the look-back (× 1.25), and at
+    /// least `floor`: a level that recurs every few minutes is kept across
+    /// its gaps, one that came once is let go after `floor`.
+    fn hold(&mut self, now: Duration, need: f64, floor: Duration, max: u32) -> (f64, Duration) {
+        while self
+            .needs
+            .front()
+            .is_some_and(|(t, _)| now.saturating_sub(*t) > LOOKBACK)
+        {
+            self.needs.pop_front();
+        }
+        self.needs.push_back((now, need));
+        let peak = self.needs.iter().map(|(_, n)| *n).fold(0.0, f64::max);
+        let top = peak.ceil().min(f64::from(MAX_LEVELS.min(max))) as u32;
+        // Per level: the last time it was needed and the longest gap
+        // between two needs of it.
+        let mut last: Vec<Option<Duration>> = vec![None; top as usize + 1];
+        let mut gap: Vec<Duration> = vec![Duration::ZERO; top as usize + 1];
+        for (t, n) in &self.needs {
+            let reached = (n.ceil().max(0.0) as u32).min(top) as usize;
+            for level in 1..=reached {
+                if let (Some(l), Some(g)) = (last.get_mut(level), gap.get_mut(level)) {
+                    if let Some(previous) = *l {
+                        *g = (*g).max(t.saturating_sub(previous));
+                    }
+                    *l = Some(*t);
+                }
+            }
+        }
+        let mut held = need;
+        let mut horizon = floor;
+        for level in (1..=top as usize).rev() {
+            let (Some(Some(at)), Some(g)) = (last.get(level), gap.get(level)) else {
+                continue;
+            };
+            let keep = g.mul_f64(GAP_MARGIN).min(LONGEST_HOLD).max(floor);
+            if now.saturating_sub(*at) <= keep {
+                // The level's own need, not more (the top level may be a
+                // fraction of a replica).
+                let level_need = self
+                    .needs
+                    .iter()
+                    .filter(|(t, n)| *t >= *at && n.ceil() as usize >= level)
+                    .map(|(_, n)| *n)
+                    .fold(0.0, f64::max);
+                held = held.max(level_need.min(level as f64));
+                horizon = keep;
+                break;
+            }
+        }
+        (held, horizon)
+    }
+}
+
+/// The part of `rate` sustained over `window` that the replicas must
+/// carry when requests may take `budget` beyond it: work arrived in the
+/// window, spread over the window plus the budget.
+fn budgeted(rate: f64, window: Duration, budget: Duration) -> f64 {
+    let w = window.as_secs_f64();
+    if w <= 0.0 {
+        return 0.0;
+    }
+    rate * w / (w + budget.as_secs_f64())
 }
 
 impl ScalingAlgorithm for Slo {
@@ -106,79 +256,128 @@ impl ScalingAlgorithm for Slo {
     fn decide(&mut self, input: &DecisionInput<'_>) -> Decision {
         let p = input.policy;
         let snap = input.snapshot;
+        let now = input.now;
         if !snap.stable.has_data() {
             return Decision::none("no data to scale on yet");
         }
-        let (what, latency, panic_latency, target, demand_stable, demand_panic, unit) =
-            match input.role {
-                Role::Decode => (
-                    "itl",
-                    snap.stable.itl,
-                    snap.panic.itl,
-                    p.itl_target,
-                    snap.stable.tokens,
-                    snap.panic.tokens,
-                    "tokens in flight",
-                ),
-                Role::Prefill | Role::Unified => (
-                    "ttft",
-                    snap.stable.ttft,
-                    snap.panic.ttft,
-                    p.ttft_target,
-                    snap.stable.prompt_tokens_per_sec,
-                    snap.panic.prompt_tokens_per_sec,
-                    "prompt tok/s",
-                ),
-            };
+        let decode = input.role == Role::Decode;
+        let (what, latency, target, demand_stable, demand_panic, unit) = if decode {
+            (
+                "itl",
+                snap.stable.itl,
+                p.itl_target,
+                snap.stable.tokens,
+                snap.panic.tokens,
+                "tokens in flight",
+            )
+        } else {
+            (
+                "ttft",
+                snap.stable.ttft,
+                p.ttft_target,
+                snap.stable.prompt_tokens_per_sec,
+                snap.panic.prompt_tokens_per_sec,
+                "prompt tok/s",
+            )
+        };
         let Some(target) = target else {
             return Decision::none(format!("slo needs a {what} target"));
         };
+        // A decode pool's capacity (tokens it holds within the ITL target)
+        // is not a rate: it stays the prior, corrected by ITL misses.
+        if !decode {
+            let rate = snap
+                .panic
+                .prefill_rate(MIN_BUSY)
+                .or_else(|| snap.stable.prefill_rate(MIN_BUSY));
+            self.capacity.observe(now, rate);
+        }
+        let cold_start = p
+            .cold_start
+            .or(input.cold_start)
+            .unwrap_or(DEFAULT_COLD_START);
         let ready = input.ready.max(1);
         let settled = input.ready >= input.spec;
-        let percentile = |l: &crate::snapshot::LatencySummary| match p.slo_percentile {
-            50 => l.p50,
-            99 => l.p99,
-            _ => l.p90,
-        };
-        let horizon = if p.scale_down_delay.is_zero() {
-            p.window
+        let planned = |s: &Slo| s.capacity.value() * p.target_utilization * s.correction;
+        let observed = match p.slo_percentile {
+            50 => latency.p50,
+            99 => latency.p99,
+            _ => latency.p90,
+        }
+        .filter(|_| latency.count >= MIN_SAMPLES);
+        let over = observed.is_some_and(|l| l > target);
+        // Decode pools hold their tokens for the whole generation: the
+        // budget does not spread them.
+        let budget = if decode { Duration::ZERO } else { target };
+        let stable_w = snap.stable.observed.min(snap.stable.duration);
+        let panic_w = snap.panic.observed.min(snap.panic.duration);
+        let work =
+            budgeted(demand_panic, panic_w, budget).max(budgeted(demand_stable, stable_w, budget));
+        let trend = self.trend(
+            now,
+            TREND_SPAN.max(cold_start * 3).max(stable_w * 2),
+            demand_stable,
+        );
+        let projected = trend.map_or(0.0, |slope| {
+            budgeted(
+                demand_stable + slope * cold_start.as_secs_f64(),
+                stable_w,
+                budget,
+            )
+        });
+        let demand = work.max(projected);
+        self.settled_since = if settled {
+            Some(self.settled_since.unwrap_or(now))
         } else {
-            p.scale_down_delay
+            None
         };
-        let demand = self.peak(input.now, horizon, demand_stable.max(demand_panic));
-        // Capacity is learned on the windows' own demand, never on the held
-        // peak: learning "the peak was served" from a quiet window after a
-        // burst raised the estimate until the next burst missed (on the
-        // code trace: 81 % attainment instead of 98 %).
-        let (learn_stable, learn_panic) = (demand_stable, demand_panic);
-        let observed = percentile(&latency).filter(|_| latency.count >= MIN_SAMPLES);
-        if let Some(l) = observed {
-            self.learn(learn_stable / f64::from(ready), l, target, settled);
+        if observed.is_some() {
+            // News: the plan said the replicas that serve were enough for
+            // the work, and they were all there for the whole window the
+            // latency was measured over (a backlog left by replicas that
+            // came late says nothing of a replica).
+            let plan = planned(self);
+            let fit = demand / plan.max(f64::MIN_POSITIVE) <= f64::from(ready);
+            let settled_long = self
+                .settled_since
+                .is_some_and(|t| now.saturating_sub(t) >= stable_w);
+            self.correct(
+                now,
+                over,
+                settled_long && fit,
+                demand >= 0.5 * plan * f64::from(ready),
+            );
         }
-        // A miss in the panic window is news the stable window gives a
-        // window later: it may lower the capacity now (never raise it).
-        let panic_miss = percentile(&panic_latency)
-            .filter(|l| panic_latency.count >= MIN_SAMPLES && *l > target);
-        if let Some(l) = panic_miss {
-            self.learn(learn_panic / f64::from(ready), l, target, settled);
-        }
-        let cap = self.capacity;
-        let need = |d: f64| (d / cap).ceil().min(f64::from(u32::MAX)) as u32;
-        let mut desired = need(demand);
-        let over = observed.is_some_and(|l| l > target) || panic_miss.is_some();
-        if over {
-            // The target is missed now: never ask for less than what runs.
-            desired = desired.max(input.spec.saturating_add(u32::from(settled)));
-        }
+        let cap = planned(self).max(f64::MIN_POSITIVE);
+        let need = demand / cap;
+        // Never shorter than the stable window the need is read from (pods
+        // Ready within a second of creation show a cold start of 0).
+        let floor = (cold_start * HOLD_COLD_STARTS)
+            .max(p.window)
+            .max(p.scale_down_delay);
+        let (held, horizon) = self.hold(now, need, floor, p.max_bound());
+        let sizing = Sizing {
+            need,
+            held,
+            horizon,
+            trend,
+        };
+        let whole = |x: f64| x.ceil().clamp(0.0, f64::from(u32::MAX)) as u32;
+        let mut desired = whole(sizing.held - 1e-9);
         let spec = input.spec;
         let mut note = "";
+        if over && desired < spec {
+            // The target is missed now: never ask for less than what runs.
+            desired = spec;
+            note = "; target missed: no scale-down";
+        }
         if desired < spec {
-            let fits = spec > 1 && demand / f64::from(spec - 1) <= cap * CONSOLIDATION_MARGIN;
-            if !fits && demand > 0.0 {
+            let fits = spec > 1 && sizing.held <= f64::from(spec - 1) * CONSOLIDATION_MARGIN;
+            if !fits && sizing.held > 0.0 {
                 desired = spec;
-                note = "; consolidation: the peak does not fit one replica fewer";
+                note = "; consolidation: the need does not fit one replica fewer";
             } else {
-                desired = desired.max(((demand / (cap * CONSOLIDATION_MARGIN)).ceil()) as u32);
+                desired = desired.max(whole(sizing.held / CONSOLIDATION_MARGIN - 1e-9));
             }
         }
         let latency_text = match observed {
@@ -191,9 +390,27 @@ impl ScalingAlgorithm for Slo {
             ),
             None => format!("{what} target {} (too few samples)", show(target)),
         };
+        let source = if decode {
+            "prior"
+        } else if self.capacity.measured() {
+            "measured"
+        } else {
+            "prior"
+        };
+        let trend_text = sizing
+            .trend
+            .map(|s| format!(", rising {s:.0}/s"))
+            .unwrap_or_default();
         let reason = format!(
-            "{latency_text}; demand {demand_stable:.0} {unit} (peak {demand:.0} over {}), capacity {cap:.0} per replica → {desired}{note}",
-            show(horizon)
+            "{latency_text}; demand {demand_stable:.0} {unit} ({:.0} over {}{trend_text}); capacity {:.0} {source} × {:.0} % × {:.2} = {cap:.0} per replica; need {:.1}, {:.1} held over {} → {desired}{note}",
+            demand_panic,
+            show(panic_w),
+            self.capacity.value(),
+            p.target_utilization * 100.0,
+            self.correction,
+            sizing.need,
+            sizing.held,
+            show(sizing.horizon),
         );
         Decision {
             desired: Some(desired),
@@ -207,247 +424,4 @@ impl ScalingAlgorithm for Slo {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::snapshot::{LatencySummary, WindowSnapshot, WindowValues};
-
-    fn policy() -> Policy {
-        Policy {
-            algorithm: "slo".into(),
-            target: 4000.0,
-            ttft_target: Some(Duration::from_millis(500)),
-            itl_target: Some(Duration::from_millis(40)),
-            ..Policy::default()
-        }
-    }
-
-    fn snap(prompt_tps: f64, panic_tps: f64, ttft_p90_ms: Option<u64>) -> WindowSnapshot {
-        let lat = |ms: Option<u64>| LatencySummary {
-            count: if ms.is_some() { 100 } else { 0 },
-            p90: ms.map(Duration::from_millis),
-            ..LatencySummary::default()
-        };
-        let w = |tps| WindowValues {
-            duration: Duration::from_secs(60),
-            observed: Duration::from_secs(60),
-            prompt_tokens_per_sec: tps,
-            ttft: lat(ttft_p90_ms),
-            ..WindowValues::default()
-        };
-        WindowSnapshot {
-            stable: w(prompt_tps),
-            panic: w(panic_tps),
-            ..WindowSnapshot::default()
-        }
-    }
-
-    fn decide(s: &mut Slo, p: &Policy, ready: u32, spec: u32, snap: &WindowSnapshot) -> Decision {
-        s.decide(&DecisionInput {
-            now: Duration::ZERO,
-            ready,
-            spec,
-            snapshot: snap,
-            policy: p,
-            role: Role::Unified,
-            reachable: true,
-            partial: false,
-        })
-    }
-
-    #[test]
-    fn demand_over_capacity() {
-        let p = policy();
-        let mut s = Slo::new(&p);
-        let d = decide(&mut s, &p, 2, 2, &snap(10_000.0, 10_000.0, None));
-        assert_eq!(d.desired, Some(3));
-        assert!(d.reason.contains("too few samples"), "{}", d.reason);
-        // A burst in the panic window is answered at once.
-        let d = decide(&mut s, &p, 3, 3, &snap(10_000.0, 30_000.0, None));
-        assert_eq!(d.desired, Some(8));
-    }
-
-    #[test]
-    fn a_missed_target_lowers_capacity_and_adds_replicas() {
-        let p = policy();
-        let mut s = Slo::new(&p);
-        // 2 settled replicas at 3,000 tok/s each, within the estimate of
-        // 4,000, miss 500 ms: each window's miss lowers the estimate by at
-        // most a fifth, and not below the load that missed (4,000 → 3,200
-        // → 3,000); one replica more is asked for.
-        let d = decide(&mut s, &p, 2, 2, &snap(6_000.0, 6_000.0, Some(1000)));
-        assert!((s.capacity() - 3000.0).abs() < 1e-9, "{}", s.capacity());
-        assert_eq!(d.desired, Some(3));
-        assert!(
-            d.reason.starts_with("ttft p90 1.0s over target 500ms"),
-            "{}",
-            d.reason
-        );
-    }
-
-    #[test]
-    fn served_load_raises_capacity() {
-        let p = policy();
-        let mut s = Slo::new(&p);
-        // 1 replica carries 6,000 tok/s at 200 ms: at least 6,000, and
-        // comfortably under the target near the estimate: +5 %.
-        decide(&mut s, &p, 1, 1, &snap(6_000.0, 6_000.0, Some(200)));
-        assert!((s.capacity() - 6300.0).abs() < 1e-9, "{}", s.capacity());
-    }
-
-    #[test]
-    fn consolidation_guards_scale_down() {
-        let p = policy();
-        let mut s = Slo::new(&p);
-        // 4 replicas, demand 11,000 at capacity 4,000: 3 would be at 3,667
-        // each, over 90 % of 4,000 → hold 4.
-        let d = decide(&mut s, &p, 4, 4, &snap(11_000.0, 11_000.0, Some(450)));
-        assert_eq!(d.desired, Some(4));
-        assert!(d.reason.contains("consolidation"), "{}", d.reason);
-        // Demand 7,000: fits 3 (2,333 each) → down, to ceil(7000 / 3600) = 2.
-        let mut s = Slo::new(&p);
-        let d = decide(&mut s, &p, 4, 4, &snap(7_000.0, 7_000.0, Some(300)));
-        assert_eq!(d.desired, Some(2));
-    }
-
-    #[test]
-    fn starting_replicas_count_as_supply() {
-        let p = policy();
-        let mut s = Slo::new(&p);
-        // 2 ready, 4 asked for, demand needs 3: no new ask, no scale down
-        // below what is starting unless it passes consolidation (it does:
-        // 3 replicas carry 3,000 each).
-        let d = decide(&mut s, &p, 2, 4, &snap(9_000.0, 9_000.0, None));
-        assert_eq!(d.desired, Some(3));
-        // Target missed while replicas start: hold spec, do not pile on.
-        let mut s = Slo::new(&p);
-        let d = decide(&mut s, &p, 2, 4, &snap(4_000.0, 4_000.0, Some(900)));
-        assert_eq!(d.desired, Some(4));
-    }
-
-    #[test]
-    fn decode_pools_keep_itl() {
-        let p = policy();
-        let mut s = Slo::new(&p);
-        let mut w = snap(0.0, 0.0, None);
-        for v in [&mut w.stable, &mut w.panic] {
-            v.tokens = 20_000.0;
-            v.itl = LatencySummary {
-                count: 500,
-                p90: Some(Duration::from_millis(80)),
-                ..LatencySummary::default()
-            };
-        }
-        let d = s.decide(&DecisionInput {
-            now: Duration::ZERO,
-            ready: 2,
-            spec: 2,
-            snapshot: &w,
-            policy: &p,
-            role: Role::Decode,
-            reachable: true,
-            partial: false,
-        });
-        // 10,000 tokens per replica at 2× the ITL target: capacity 5,000.
-        assert!((s.capacity() - 4000.0).abs() < 1e-9 || (s.capacity() - 5000.0).abs() < 1e-9);
-        assert_eq!(d.desired, Some(5));
-        assert!(
-            d.reason.starts_with("itl p90 80ms over target 40ms"),
-            "{}",
-            d.reason
-        );
-    }
-
-    #[test]
-    fn a_miss_in_the_panic_window_acts_before_the_stable_window_sees_it() {
-        let p = policy();
-        let mut s = Slo::new(&p);
-        // The stable window is still within target; the last seconds are
-        // not: 1 replica at 3,000 tok/s with TTFT p90 1.5 s (3× 500 ms).
-        let mut w = snap(2_000.0, 3_000.0, Some(300));
-        w.panic.ttft.p90 = Some(Duration::from_millis(1500));
-        let d = decide(&mut s, &p, 1, 1, &w);
-        assert!((s.capacity() - 3200.0).abs() < 1e-9, "{}", s.capacity());
-        assert_eq!(d.desired, Some(2));
-        // Too few samples in the panic window teach nothing.
-        let mut s = Slo::new(&p);
-        w.panic.ttft.count = MIN_SAMPLES - 1;
-        let d = decide(&mut s, &p, 1, 1, &w);
-        assert!(s.capacity() >= 4000.0, "{}", s.capacity());
-        assert_eq!(d.desired, Some(1));
-    }
-
-    #[test]
-    fn a_miss_while_overloaded_by_lag_teaches_nothing() {
-        let p = policy();
-        let mut s = Slo::new(&p);
-        // 1 ready of 6 asked for, far over the target: the replicas are
-        // coming; the estimate stays.
-        decide(&mut s, &p, 1, 6, &snap(20_000.0, 20_000.0, Some(30_000)));
-        assert!((s.capacity() - 4000.0).abs() < 1e-9, "{}", s.capacity());
-        // All ready but each over the estimate: overloaded, not news.
-        decide(&mut s, &p, 2, 2, &snap(20_000.0, 20_000.0, Some(30_000)));
-        assert!((s.capacity() - 4000.0).abs() < 1e-9, "{}", s.capacity());
-    }
-
-    #[test]
-    fn a_burst_keeps_its_replicas_for_the_hold_horizon() {
-        let mut p = policy();
-        p.scale_down_delay = Duration::from_secs(120);
-        let mut s = Slo::new(&p);
-        let empty = WindowSnapshot::default();
-        let at = |secs| DecisionInput {
-            now: Duration::from_secs(secs),
-            ready: 5,
-            spec: 5,
-            snapshot: &empty,
-            policy: &p,
-            role: Role::Unified,
-            reachable: true,
-            partial: false,
-        };
-        let burst = snap(8_000.0, 20_000.0, Some(300));
-        let quiet = snap(1_000.0, 1_000.0, Some(100));
-        let d = s.decide(&DecisionInput {
-            snapshot: &burst,
-            ..at(0)
-        });
-        assert_eq!(d.desired, Some(5));
-        // 119 s later the burst's 20,000 tok/s still sizes the pool.
-        let d = s.decide(&DecisionInput {
-            snapshot: &quiet,
-            ..at(119)
-        });
-        assert_eq!(d.desired, Some(5), "{}", d.reason);
-        // At 120 s it has aged out: down to what 1,000 tok/s needs.
-        let d = s.decide(&DecisionInput {
-            snapshot: &quiet,
-            ..at(120)
-        });
-        assert_eq!(d.desired, Some(1), "{}", d.reason);
-    }
-
-    #[test]
-    fn the_percentile_kept_is_the_policys() {
-        let mut p = policy();
-        p.slo_percentile = 99;
-        let mut s = Slo::new(&p);
-        // p90 within 500 ms, p99 not: a p99 policy sees a miss.
-        let mut w = snap(3_000.0, 3_000.0, Some(300));
-        w.stable.ttft.p99 = Some(Duration::from_millis(900));
-        let d = decide(&mut s, &p, 1, 1, &w);
-        assert!(
-            d.reason.starts_with("ttft p99 900ms over target 500ms"),
-            "{}",
-            d.reason
-        );
-        assert_eq!(d.desired, Some(2));
-    }
-
-    #[test]
-    fn idle_asks_for_zero() {
-        let p = policy();
-        let mut s = Slo::new(&p);
-        let d = decide(&mut s, &p, 3, 3, &snap(0.0, 0.0, None));
-        assert_eq!(d.desired, Some(0));
-    }
-}
+mod tests;

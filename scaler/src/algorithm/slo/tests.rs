@@ -1,0 +1,346 @@
+use std::sync::Arc;
+
+use super::*;
+use crate::clock::ManualClock;
+use crate::signals::{PoolSignals, SignalsConfig};
+use crate::snapshot::{LatencySummary, WindowSnapshot, WindowValues};
+
+fn policy() -> Policy {
+    Policy {
+        algorithm: "slo".into(),
+        target: 4000.0,
+        target_utilization: 1.0,
+        slo_percentile: 90,
+        ttft_target: Some(Duration::from_secs(1)),
+        itl_target: Some(Duration::from_millis(40)),
+        ..Policy::default()
+    }
+}
+
+/// A window of `secs` with `demand` prompt tok/s arriving and, when
+/// `measured` is given, one replica busy all along prefilling at it.
+fn window(secs: u64, demand: f64, measured: Option<f64>, ttft_p90_ms: Option<u64>) -> WindowValues {
+    WindowValues {
+        duration: Duration::from_secs(secs),
+        observed: Duration::from_secs(secs),
+        prompt_tokens_per_sec: demand,
+        prefilled_tokens_per_sec: measured.unwrap_or(0.0),
+        prefill_busy: if measured.is_some() { 1.0 } else { 0.0 },
+        ttft: LatencySummary {
+            count: if ttft_p90_ms.is_some() { 100 } else { 0 },
+            p90: ttft_p90_ms.map(Duration::from_millis),
+            ..LatencySummary::default()
+        },
+        ..WindowValues::default()
+    }
+}
+
+fn snap(stable: WindowValues, panic: WindowValues) -> WindowSnapshot {
+    WindowSnapshot {
+        stable,
+        panic,
+        ..WindowSnapshot::default()
+    }
+}
+
+fn decide_at(
+    s: &mut Slo,
+    p: &Policy,
+    t: Duration,
+    ready: u32,
+    spec: u32,
+    snap: &WindowSnapshot,
+) -> Decision {
+    s.decide(&DecisionInput {
+        now: t,
+        ready,
+        spec,
+        snapshot: snap,
+        policy: p,
+        role: Role::Unified,
+        reachable: true,
+        partial: false,
+        cold_start: Some(Duration::from_secs(60)),
+    })
+}
+
+fn decide(s: &mut Slo, p: &Policy, ready: u32, spec: u32, snap: &WindowSnapshot) -> Decision {
+    decide_at(s, p, Duration::ZERO, ready, spec, snap)
+}
+
+#[test]
+fn the_measured_rate_replaces_the_prior() {
+    let p = policy();
+    let mut s = Slo::new(&p);
+    assert_eq!(s.capacity(), 4000.0);
+    let w = window(60, 5000.0, Some(5600.0), Some(300));
+    let d = decide(&mut s, &p, 1, 1, &snap(w, w));
+    assert_eq!(s.capacity(), 5600.0);
+    assert!(d.reason.contains("capacity 5600 measured"), "{}", d.reason);
+}
+
+#[test]
+fn a_backlog_does_not_lower_capacity_below_the_engines_rate() {
+    // One replica prefilling 5,000 tok/s; 40 prompts of 1,000 tokens
+    // arrive at once: the last gets its first token 8 s later, far over
+    // the 1 s target. Recorded through the real signals.
+    let clock = Arc::new(ManualClock::new(Duration::from_secs(100)));
+    let signals = PoolSignals::new(SignalsConfig::default(), clock.clone());
+    for _ in 0..40 {
+        signals.arrival(1000);
+        signals.dispatch(1000);
+    }
+    signals.prefill_busy(true);
+    for i in 1..=40u64 {
+        clock.set(Duration::from_secs(100) + Duration::from_millis(200 * i));
+        signals.first_token(1000, Duration::from_millis(200 * i));
+        signals.complete(1000, 1, true, None);
+    }
+    signals.prefill_busy(false);
+    clock.set(Duration::from_secs(110));
+    let p = policy();
+    let mut s = Slo::new(&p);
+    let snapshot = signals.snapshot(Duration::from_secs(60), Duration::from_secs(6));
+    let measured = snapshot.stable.prefill_rate(Duration::from_secs(2));
+    assert!(
+        measured.is_some_and(|r| (r - 5000.0).abs() < 50.0),
+        "{measured:?}"
+    );
+    assert!(snapshot.stable.ttft.p90 > Some(Duration::from_secs(5)));
+    // Every decision for the next minute sees the backlog's misses.
+    for k in 0..30u64 {
+        decide_at(
+            &mut s,
+            &p,
+            Duration::from_secs(110 + 2 * k),
+            1,
+            1,
+            &snapshot,
+        );
+    }
+    // Not below the engine's rate (the panic window's whole-second slots
+    // may read a little above it).
+    assert!((4950.0..5600.0).contains(&s.capacity()), "{}", s.capacity());
+    // Misses may lower the plan, never collapse it.
+    assert!(s.correction() >= 0.5, "{}", s.correction());
+}
+
+#[test]
+fn a_burst_shorter_than_the_budget_adds_no_replica() {
+    let mut p = policy();
+    p.ttft_target = Some(Duration::from_secs(10));
+    let mut s = Slo::new(&p);
+    // 5,000 tok/s measured; 4,000 tok/s sustained, and in the last 6 s a
+    // 3 s burst at 16,000 tok/s: 10,000 tok/s over the panic window. The
+    // 60,000 tokens fit 5,000 tok/s over the 6 s plus the 10 s budget.
+    let stable = window(60, 4000.0, Some(5000.0), Some(500));
+    let panic = window(6, 10_000.0, Some(5000.0), Some(500));
+    let d = decide(&mut s, &p, 1, 1, &snap(stable, panic));
+    assert_eq!(d.desired, Some(1), "{}", d.reason);
+    // Without the budget (1 s), the same burst needs two.
+    p.ttft_target = Some(Duration::from_secs(1));
+    let mut s = Slo::new(&p);
+    let d = decide(&mut s, &p, 1, 1, &snap(stable, panic));
+    assert_eq!(d.desired, Some(2), "{}", d.reason);
+    // Sustained at 12,000 tok/s: three replicas, whatever the budget.
+    p.ttft_target = Some(Duration::from_secs(10));
+    let mut s = Slo::new(&p);
+    let sustained = window(60, 12_000.0, Some(5000.0), Some(500));
+    let d = decide(&mut s, &p, 1, 1, &snap(sustained, panic));
+    assert_eq!(d.desired, Some(3), "{}", d.reason);
+}
+
+#[test]
+fn a_sustained_rise_is_met_one_cold_start_ahead() {
+    let p = policy();
+    // Demand rises 50 tok/s every second for six minutes (0 → 18,000);
+    // the cold start is 60 s: the trend says 21,000 by the time a replica
+    // asked for now serves.
+    let run = |rising: bool| {
+        let mut s = Slo::new(&p);
+        let mut last = None;
+        for k in 0..=180u64 {
+            let t = 2 * k;
+            let demand = if rising { 50.0 * t as f64 } else { 18_000.0 };
+            let w = window(60, demand, Some(5000.0), Some(300));
+            last = Some(decide_at(
+                &mut s,
+                &p,
+                Duration::from_secs(t),
+                3,
+                3,
+                &snap(w, w),
+            ));
+        }
+        last.unwrap()
+    };
+    let flat = run(false);
+    let rising = run(true);
+    // 18,000 × 60/61 / 5,000 → 4 without the trend; 21,000 → 5 with it.
+    assert_eq!(flat.desired, Some(4), "{}", flat.reason);
+    assert_eq!(rising.desired, Some(5), "{}", rising.reason);
+    assert!(rising.reason.contains("rising 50/s"), "{}", rising.reason);
+}
+
+#[test]
+fn recurring_bursts_keep_their_replicas_between_them() {
+    let p = policy();
+    let quiet = window(60, 1000.0, Some(5000.0), Some(300));
+    let burst = window(6, 30_000.0, Some(5000.0), Some(300));
+    let run = |bursts: &[u64], until: u64| {
+        let mut s = Slo::new(&p);
+        let mut out = Vec::new();
+        for t in (0..=until).step_by(2) {
+            let in_burst = bursts.iter().any(|b| (*b..b + 10).contains(&t));
+            let panic = if in_burst { burst } else { quiet };
+            let d = decide_at(
+                &mut s,
+                &p,
+                Duration::from_secs(t),
+                6,
+                6,
+                &snap(quiet, panic),
+            );
+            out.push((t, d));
+        }
+        out
+    };
+    let at = |run: &[(u64, Decision)], t: u64| {
+        run.iter()
+            .find(|(x, _)| *x == t)
+            .map(|(_, d)| d.clone())
+            .unwrap()
+    };
+    // Bursts every 3 minutes: each burst's count is held for twice the
+    // gap (6 minutes) after the last one, past the floor of five cold
+    // starts (5 minutes).
+    let r = run(&[0, 180, 360], 800);
+    let d = at(&r, 700);
+    assert!(d.desired >= Some(5), "{}", d.reason);
+    // The gap: from the last decision of one burst (8 s) to the first of
+    // the next (180 s).
+    assert!(d.reason.contains("held over 344.0s"), "{}", d.reason);
+    let d = at(&r, 800);
+    assert_eq!(d.desired, Some(1), "{}", d.reason);
+    // A single burst is let go after five cold starts.
+    let r = run(&[0], 400);
+    let d = at(&r, 290);
+    assert!(d.desired >= Some(5), "{}", d.reason);
+    let d = at(&r, 400);
+    assert_eq!(d.desired, Some(1), "{}", d.reason);
+}
+
+#[test]
+fn a_miss_that_is_news_lowers_the_plan_by_a_bounded_step() {
+    let p = policy();
+    // 2 replicas measured at 5,000 tok/s carry 3,000 each and miss: the
+    // plan was wrong. It is news once both have served the whole window
+    // (60 s); then the correction steps down at most every 15 s.
+    let w = window(60, 6000.0, Some(5000.0), Some(1500));
+    let at = |s: &mut Slo, t: u64, ready: u32, spec: u32, w: WindowValues| {
+        decide_at(s, &p, Duration::from_secs(t), ready, spec, &snap(w, w));
+    };
+    let mut s = Slo::new(&p);
+    for t in (0..60).step_by(2) {
+        at(&mut s, t, 2, 2, w);
+    }
+    assert_eq!(s.correction(), 1.0);
+    at(&mut s, 60, 2, 2, w);
+    assert!((s.correction() - 0.9).abs() < 1e-9, "{}", s.correction());
+    at(&mut s, 62, 2, 2, w);
+    assert!((s.correction() - 0.9).abs() < 1e-9, "{}", s.correction());
+    for t in (64..2000).step_by(2) {
+        at(&mut s, t, 2, 2, w);
+    }
+    // It stops once the plan says two replicas are too few (5,902 tok/s
+    // over 5,000 × c < 2 → c < 0.59): the misses are explained, and the
+    // decision asks for a third.
+    assert!((0.5..0.59).contains(&s.correction()), "{}", s.correction());
+    let d = decide_at(&mut s, &p, Duration::from_secs(2000), 2, 2, &snap(w, w));
+    assert_eq!(d.desired, Some(3), "{}", d.reason);
+    // Replicas still starting: a miss is not news.
+    let mut s = Slo::new(&p);
+    for t in (0..200).step_by(2) {
+        at(&mut s, t, 2, 4, w);
+    }
+    assert_eq!(s.correction(), 1.0);
+    // Met again under load: it recovers.
+    let ok = window(60, 6000.0, Some(5000.0), Some(300));
+    for t in (200..400).step_by(2) {
+        at(&mut s, t, 2, 2, ok);
+    }
+    assert_eq!(s.correction(), 1.0);
+}
+
+#[test]
+fn consolidation_guards_scale_down() {
+    let p = policy();
+    let mut s = Slo::new(&p);
+    // 5 replicas, need 3.7 (18,800 × 60/61 over 5,000): 4 would run over
+    // 90 % each → hold 5.
+    let w = window(60, 18_800.0, Some(5000.0), Some(300));
+    let d = decide(&mut s, &p, 5, 5, &snap(w, w));
+    assert_eq!(d.desired, Some(5), "{}", d.reason);
+    assert!(d.reason.contains("consolidation"), "{}", d.reason);
+    // Need 2.0: down to what it needs with 10 % to spare (2.2 → 3).
+    let mut s = Slo::new(&p);
+    let w = window(60, 10_200.0, Some(5000.0), Some(300));
+    let d = decide(&mut s, &p, 5, 5, &snap(w, w));
+    assert_eq!(d.desired, Some(3), "{}", d.reason);
+}
+
+#[test]
+fn a_miss_now_never_scales_down() {
+    let p = policy();
+    let mut s = Slo::new(&p);
+    let w = window(60, 1000.0, Some(5000.0), Some(3000));
+    let d = decide(&mut s, &p, 4, 4, &snap(w, w));
+    assert_eq!(d.desired, Some(4), "{}", d.reason);
+}
+
+#[test]
+fn decode_pools_size_tokens_in_flight_on_the_prior() {
+    let mut p = policy();
+    p.target = 10_000.0;
+    let mut s = Slo::new(&p);
+    let mut w = WindowValues {
+        duration: Duration::from_secs(60),
+        observed: Duration::from_secs(60),
+        tokens: 25_000.0,
+        ..WindowValues::default()
+    };
+    w.itl = LatencySummary {
+        count: 500,
+        p90: Some(Duration::from_millis(20)),
+        ..LatencySummary::default()
+    };
+    let d = s.decide(&DecisionInput {
+        now: Duration::ZERO,
+        ready: 2,
+        spec: 2,
+        snapshot: &snap(w, w),
+        policy: &p,
+        role: Role::Decode,
+        reachable: true,
+        partial: false,
+        cold_start: None,
+    });
+    assert_eq!(d.desired, Some(3), "{}", d.reason);
+    assert!(
+        d.reason.starts_with("itl p90 20ms within target 40ms"),
+        "{}",
+        d.reason
+    );
+}
+
+#[test]
+fn no_data_no_decision_and_idle_asks_for_zero() {
+    let p = policy();
+    let mut s = Slo::new(&p);
+    let d = decide(&mut s, &p, 3, 3, &WindowSnapshot::default());
+    assert_eq!(d.desired, None);
+    let idle = window(60, 0.0, None, None);
+    let mut s = Slo::new(&p);
+    let d = decide(&mut s, &p, 3, 3, &snap(idle, idle));
+    assert_eq!(d.desired, Some(0), "{}", d.reason);
+}
