@@ -31,6 +31,8 @@ fn snapshot() -> WindowSnapshot {
         prefilled_tokens_per_sec: 19_000.0,
         prefill_busy: 3.5,
         decode_busy: 4.0,
+        slo_eligible: 700,
+        slo_met: 690,
         arrivals: 720,
         completions: 700,
         ttft: lat,

@@ -216,3 +216,55 @@ fn bad_input_exits_2_and_says_what_was_wrong() {
     assert!(stderr.contains("more than the 7 days"), "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_generated_shape_runs_and_infeasible_requests_are_counted_apart() {
+    // Long-context bursts on the 70B replica with a 1 s target: a prompt
+    // of more than ~5,600 tokens cannot prefill in time alone, and one
+    // over the 40,000-token KV cache never gets a first token.
+    let args = [
+        "--shape",
+        "long-context-bursts",
+        "--seed",
+        "3",
+        "--length",
+        "5m",
+        "--gpu",
+        "2xh100-llama-70b",
+        "--ttft-target",
+        "1s",
+        "--no-oracle",
+    ];
+    let (code, stdout, stderr) = simulate(&args);
+    assert_eq!(code, 0, "{stderr}");
+    let s: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(s["trace"], "long-context-bursts (seed 3)");
+    // slo is the default.
+    assert_eq!(s["algorithm"], "slo");
+    let requests = s["requests"].as_u64().unwrap();
+    let infeasible = s["infeasible"].as_u64().unwrap();
+    assert!(infeasible > requests / 4 && infeasible < requests, "{s}");
+    // An infeasible request never meets the target: attainment over the
+    // feasible ones is the plain one scaled up by exactly their share.
+    let all = s["ttft_attainment"].as_f64().unwrap();
+    let feasible = s["feasible_ttft_attainment"].as_f64().unwrap();
+    let scaled = all * requests as f64 / (requests - infeasible) as f64;
+    assert!((feasible - scaled).abs() < 1e-4, "{s}");
+    // Seeded: the same seed, the same bytes; another seed, another trace.
+    let (_, again, _) = simulate(&args);
+    assert_eq!(stdout, again);
+    let mut other = args;
+    other[3] = "4";
+    let (_, other_out, _) = simulate(&other);
+    assert_ne!(stdout, other_out);
+    // A trace and a shape, or neither: exit 2 with the reason.
+    let (code, _, stderr) = simulate(&["--shape", "diurnal", "--trace", "x.csv"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("cannot be used with"), "{stderr}");
+    let (code, _, stderr) = simulate(&["--no-oracle"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--trace"), "{stderr}");
+    let (code, _, stderr) = simulate(&["--shape", "sawtooth"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("not a traffic shape"), "{stderr}");
+}

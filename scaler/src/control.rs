@@ -401,6 +401,12 @@ impl ControlLoop {
                     }
                 }
             };
+            // First tokens from now on are judged by this tick's measured
+            // rate (the SLO counts slo keeps its target on).
+            t.spec.signals.set_slo_reference(
+                t.spec.policy.ttft_target,
+                snapshot.stable.prefill_rate(MEASURED_BUSY),
+            );
             let Some(state) = read_state(t, now, &*self.observer).await else {
                 // A failed read changes nothing: no decision on a guessed
                 // ready count, and the decider keeps waiting for a real one.

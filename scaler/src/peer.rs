@@ -36,6 +36,10 @@ pub struct PeerWindow {
     pub prefill_busy: f64,
     #[serde(default)]
     pub decode_busy: f64,
+    #[serde(default)]
+    pub slo_eligible: u64,
+    #[serde(default)]
+    pub slo_met: u64,
     pub arrivals: u64,
     pub completions: u64,
     /// TTFT, ITL, end-to-end and queue wait, each an HdrHistogram V2.
@@ -94,6 +98,8 @@ impl PeerWindow {
             prefilled_tokens_per_sec: v.prefilled_tokens_per_sec,
             prefill_busy: v.prefill_busy,
             decode_busy: v.decode_busy,
+            slo_eligible: v.slo_eligible,
+            slo_met: v.slo_met,
             arrivals: v.arrivals,
             completions: v.completions,
             histograms,
@@ -168,6 +174,8 @@ impl Sum {
         // and divide the measured rate by their number).
         s.prefill_busy = s.prefill_busy.max(w.prefill_busy);
         s.decode_busy = s.decode_busy.max(w.decode_busy);
+        s.slo_eligible = s.slo_eligible.saturating_add(w.slo_eligible);
+        s.slo_met = s.slo_met.saturating_add(w.slo_met);
         s.arrivals = s.arrivals.saturating_add(w.arrivals);
         s.completions = s.completions.saturating_add(w.completions);
         Ok(())

@@ -46,6 +46,11 @@ pub struct WindowValues {
     pub prefill_busy: f64,
     /// Average endpoints with at least one request decoding.
     pub decode_busy: f64,
+    /// First tokens of requests whose prompt alone fits the TTFT target at
+    /// a replica's measured prefill rate (those a scaler can be held to),
+    /// and of those, the ones within the target.
+    pub slo_eligible: u64,
+    pub slo_met: u64,
     pub arrivals: u64,
     pub completions: u64,
     pub ttft: LatencySummary,
@@ -85,6 +90,17 @@ impl WindowValues {
         let busy_secs = self.decode_busy * self.observed.as_secs_f64();
         (busy_secs >= min_busy.as_secs_f64() && busy_secs > 0.0 && self.decode_tokens_per_sec > 0.0)
             .then(|| self.decode_tokens_per_sec / self.decode_busy)
+    }
+
+    /// The share of eligible first tokens within the TTFT target, with
+    /// how many were judged (`None`: none).
+    pub fn slo_attainment(&self) -> Option<(f64, u64)> {
+        (self.slo_eligible > 0).then(|| {
+            (
+                self.slo_met.min(self.slo_eligible) as f64 / self.slo_eligible as f64,
+                self.slo_eligible,
+            )
+        })
     }
 
     /// Whether the recorder covered any of this window.

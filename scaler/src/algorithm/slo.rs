@@ -1,5 +1,6 @@
 //! `slo`: keep TTFT (prefill and unified pools) or ITL (decode pools)
-//! under its target with as few replicas as that takes — the LLM default.
+//! within its target for `slo-percentile` % of requests with as few
+//! replicas as that takes — the LLM default.
 //!
 //! **Demand is work**: prompt tokens admitted per second at the proxy
 //! (decode pools: tokens in flight, their KV footprint), never
@@ -7,35 +8,44 @@
 //!
 //! **Capacity is measured**: the prompt tokens one replica prefills per
 //! second while it has prefill work ([`CapacityEstimate`]), starting from
-//! `target` as a prior. Planned per replica: the measured rate ×
-//! `target-utilization-percentage` × a latency correction. The correction
-//! is the only thing latency misses move: a miss that is news (every
-//! replica asked for has been ready for the whole window, and the work
-//! fitted the plan) lowers it by a tenth at most every 15 s, never below
-//! one half;
-//! served load within the target brings it back. A backlog cannot
-//! collapse the plan: its misses are not news, and its rate is the
-//! engine's.
+//! `target` as a prior. Sustained work is planned at the measured rate ×
+//! `target-utilization-percentage` (its headroom is for random arrivals)
+//! × a latency correction; a burst, already its own peak, at 85 % of the
+//! corrected rate.
+//!
+//! **Latency corrects, never collapses**: the signals count, per window,
+//! the first tokens of requests whose prompt alone fits the target at the
+//! measured rate, and how many of those met it (a prompt no count of
+//! replicas serves in time is no reason to add one). A window below the
+//! goal (half the misses the percentile allows, as misses cluster) that is
+//! news — every replica asked for ready for the whole window, and the plan
+//! said they were enough — lowers the correction by a tenth at most every
+//! 15 s, never below one half; served load within the goal brings it
+//! back. A backlog cannot collapse the plan: its misses are not news, and
+//! its rate is the engine's.
 //!
 //! **Sizing knows the TTFT budget**: the work that arrived in the last
 //! `w` seconds must fit the replicas' capacity over `w` plus the budget,
 //! for the panic and the stable window. A burst shorter than the budget
 //! is the queue's job (`w` ≪ budget asks for little); a sustained rate is
-//! the scaler's. A sustained rise is projected one cold start ahead when
-//! the stable window's demand has a clear upward trend.
+//! the scaler's. The panic window speaks only when its work is beyond
+//! what random arrivals at the stable rate explain (3 σ); a sustained rise
+//! is projected one cold start ahead when the stable window's demand has
+//! a clear upward trend over several cold starts.
 //!
 //! **A horizon of at least the cold start**: each replica count reached
 //! is held after its last need for the longest of: five cold starts (the
 //! cold start learned from the pods, or the `cold-start` key), the stable
-//! window, `scale-down-delay`, and twice the longest gap seen between two needs of
-//! that count in the last half hour (at most 15 minutes). Bursts that
-//! recur every few minutes keep their replicas between them, since a
+//! window, `scale-down-delay`, and twice the longest gap seen between two
+//! needs of that count in the last half hour (at most 15 minutes). Bursts
+//! that recur every few minutes keep their replicas between them, since a
 //! replica released in the gap is back only a cold start after the next
 //! burst began; a count needed once is let go after the floor.
 //!
 //! Scaling down also passes consolidation (the need fits the smaller count
-//! with 10 % to spare), and replicas still starting count as supply: the
-//! count compared against is spec, not ready.
+//! with 10 % to spare), a window under the goal never scales down, and
+//! replicas still starting count as supply: the count compared against is
+//! spec, not ready.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -76,6 +86,13 @@ const MAX_LEVELS: u32 = 1024;
 /// (a burst passing through the stable window looks like a rise for one
 /// window length, never for several).
 const TREND_SPAN: Duration = Duration::from_secs(300);
+/// The share of the measured (and corrected) rate a burst is planned at.
+const BURST_UTILIZATION: f64 = 0.85;
+/// The share of the goal's allowed misses one window may have.
+const GOAL_SHARE: f64 = 0.5;
+/// Standard deviations above the stable rate at which the panic window's
+/// work is a burst rather than noise.
+const NOISE_SIGMAS: f64 = 3.0;
 /// A trend is projected only when the fit explains this much variance.
 const TREND_FIT: f64 = 0.6;
 /// Without an observed cold start or the `cold-start` key.
@@ -237,6 +254,19 @@ impl Slo {
     }
 }
 
+/// The highest prompt-token rate over a window of `length` that random
+/// arrivals at the stable window's rate and mean prompt explain.
+fn noise_ceiling(stable: &crate::snapshot::WindowValues, length: Duration) -> f64 {
+    let secs = length.as_secs_f64();
+    if secs <= 0.0 || stable.rps <= 0.0 {
+        return stable.prompt_tokens_per_sec;
+    }
+    let mean_prompt = stable.prompt_tokens_per_sec / stable.rps;
+    let arrivals = stable.rps * secs;
+    let sigma = (2.0 * arrivals).sqrt() * mean_prompt / secs;
+    stable.prompt_tokens_per_sec + NOISE_SIGMAS * sigma
+}
+
 /// The part of `rate` sustained over `window` that the replicas must
 /// carry when requests may take `budget` beyond it: work arrived in the
 /// window, spread over the window plus the budget.
@@ -305,14 +335,40 @@ impl ScalingAlgorithm for Slo {
             _ => latency.p90,
         }
         .filter(|_| latency.count >= MIN_SAMPLES);
-        let over = observed.is_some_and(|l| l > target);
+        // TTFT is judged on the requests a scaler can be held to: those
+        // whose prompt alone fits the target at the measured rate. A long
+        // prompt that no count of replicas serves in time is not a reason
+        // to add one (on a day of code-like prompts, the p99 was such
+        // prompts and kept the plan at its floor).
+        // Windows with misses come in clusters: each is held to half the
+        // misses the goal allows, so that the whole run meets it.
+        let goal = 1.0 - (1.0 - f64::from(p.slo_percentile) / 100.0) * GOAL_SHARE;
+        let attained = if decode {
+            None
+        } else {
+            snap.stable
+                .slo_attainment()
+                .filter(|(_, n)| *n >= MIN_SAMPLES)
+        };
+        let over = match attained {
+            Some((share, _)) => share < goal,
+            None => observed.is_some_and(|l| l > target),
+        };
+        let judged = attained.is_some() || observed.is_some();
         // Decode pools hold their tokens for the whole generation: the
         // budget does not spread them.
         let budget = if decode { Duration::ZERO } else { target };
         let stable_w = snap.stable.observed.min(snap.stable.duration);
         let panic_w = snap.panic.observed.min(snap.panic.duration);
-        let work =
-            budgeted(demand_panic, panic_w, budget).max(budgeted(demand_stable, stable_w, budget));
+        // The panic window speaks only when its work is more than random
+        // arrivals at the stable rate would bring (three standard
+        // deviations of a compound Poisson count, prompt sizes with a
+        // coefficient of variation of 1): noise is what the utilization's
+        // headroom is for, and holding its peaks for minutes is waste.
+        let burst = decode || demand_panic > noise_ceiling(&snap.stable, panic_w);
+        let panic_demand = if burst { demand_panic } else { 0.0 };
+        let burst_work = budgeted(panic_demand, panic_w, budget);
+        let sustained_work = budgeted(demand_stable, stable_w, budget);
         let trend = self.trend(
             now,
             TREND_SPAN.max(cold_start * 3).max(stable_w * 2),
@@ -325,31 +381,39 @@ impl ScalingAlgorithm for Slo {
                 budget,
             )
         });
-        let demand = work.max(projected);
+        let sustained_work = sustained_work.max(projected);
+        // Sustained work is planned at the utilization (its headroom is
+        // for random arrivals); a burst is already its own peak and is
+        // planned at 85 % of the corrected rate.
+        let need_of = |s: &Slo| {
+            let plan = planned(s).max(f64::MIN_POSITIVE);
+            let burst_plan =
+                (s.capacity.value() * s.correction * BURST_UTILIZATION).max(f64::MIN_POSITIVE);
+            (sustained_work / plan).max(burst_work / burst_plan)
+        };
         self.settled_since = if settled {
             Some(self.settled_since.unwrap_or(now))
         } else {
             None
         };
-        if observed.is_some() {
+        if judged {
             // News: the plan said the replicas that serve were enough for
             // the work, and they were all there for the whole window the
             // latency was measured over (a backlog left by replicas that
             // came late says nothing of a replica).
-            let plan = planned(self);
-            let fit = demand / plan.max(f64::MIN_POSITIVE) <= f64::from(ready);
+            let need = need_of(self);
             let settled_long = self
                 .settled_since
                 .is_some_and(|t| now.saturating_sub(t) >= stable_w);
             self.correct(
                 now,
                 over,
-                settled_long && fit,
-                demand >= 0.5 * plan * f64::from(ready),
+                settled_long && need <= f64::from(ready),
+                need >= 0.5 * f64::from(ready),
             );
         }
         let cap = planned(self).max(f64::MIN_POSITIVE);
-        let need = demand / cap;
+        let need = need_of(self);
         // Never shorter than the stable window the need is read from (pods
         // Ready within a second of creation show a cold start of 0).
         let floor = (cold_start * HOLD_COLD_STARTS)
@@ -380,15 +444,22 @@ impl ScalingAlgorithm for Slo {
                 desired = desired.max(whole(sizing.held / CONSOLIDATION_MARGIN - 1e-9));
             }
         }
-        let latency_text = match observed {
-            Some(l) => format!(
+        let latency_text = match (attained, observed) {
+            (Some((share, n)), _) => format!(
+                "{what} within {} for {:.1} % of {n} feasible requests ({} the {}% goal)",
+                show(target),
+                share * 100.0,
+                if over { "under" } else { "meets" },
+                p.slo_percentile,
+            ),
+            (None, Some(l)) => format!(
                 "{what} p{} {} {} target {}",
                 p.slo_percentile,
                 show(l),
                 if over { "over" } else { "within" },
                 show(target)
             ),
-            None => format!("{what} target {} (too few samples)", show(target)),
+            (None, None) => format!("{what} target {} (too few samples)", show(target)),
         };
         let source = if decode {
             "prior"

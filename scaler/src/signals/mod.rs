@@ -17,7 +17,7 @@
 //! coarser slots (retention / 30, at least one slot).
 //!
 //! Memory per pool (rings are rounded up to powers of two): counters
-//! 18 × 8 B per slot (128 slots for a 60 s retention: ~18 KB), histograms
+//! 20 × 8 B per slot (128 slots for a 60 s retention: ~20 KB), histograms
 //! 4 × 2,944 × 4 B = 47 KB per histogram slot (64 slots of 2 s for 60 s:
 //! ~3 MB; a 1 h window has 64 slots of 2 min, the same 3 MB). Fixed at
 //! creation; recording never allocates.
@@ -91,6 +91,11 @@ struct CounterSlot {
     prompt_tokens: AtomicU64,
     /// Prompt tokens whose first token arrived (their prefill is done).
     prefilled_tokens: AtomicU64,
+    /// First tokens of requests that could have met the TTFT target (their
+    /// prompt alone fits it at the measured prefill rate), and of those,
+    /// the ones that did.
+    slo_eligible: AtomicU64,
+    slo_met: AtomicU64,
     decode_tokens: AtomicU64,
     gauges: [GaugeSlot; GAUGES],
 }
@@ -101,6 +106,8 @@ impl CounterSlot {
         self.completions.store(0, Ordering::Relaxed);
         self.prompt_tokens.store(0, Ordering::Relaxed);
         self.prefilled_tokens.store(0, Ordering::Relaxed);
+        self.slo_eligible.store(0, Ordering::Relaxed);
+        self.slo_met.store(0, Ordering::Relaxed);
         self.decode_tokens.store(0, Ordering::Relaxed);
         for g in &self.gauges {
             g.delta.store(0, Ordering::Relaxed);
@@ -197,6 +204,11 @@ pub struct PoolSignals {
     /// The replicas' observed cold start (created → ready), ms; 0: none
     /// observed.
     cold_start_ms: AtomicU64,
+    /// The pool's TTFT target (µs; 0: none) and a replica's measured
+    /// prefill rate (f64 bits; 0: not measured yet), set by the control
+    /// loop: what a first token is judged by for the SLO counts.
+    ttft_target_us: AtomicU64,
+    prefill_rate_bits: AtomicU64,
 }
 
 fn micros(d: Duration) -> u64 {
@@ -223,6 +235,20 @@ impl PoolSignals {
             levels: Default::default(),
             last_arrival_us: AtomicU64::new(0),
             cold_start_ms: AtomicU64::new(0),
+            ttft_target_us: AtomicU64::new(0),
+            prefill_rate_bits: AtomicU64::new(0),
+        }
+    }
+
+    /// What first tokens are judged by: the pool's TTFT target, and a
+    /// replica's measured prefill rate (`None` keeps the last one). A
+    /// request is eligible when its prompt alone fits the target at that
+    /// rate (every request, before a rate is known).
+    pub fn set_slo_reference(&self, ttft_target: Option<Duration>, prefill_rate: Option<f64>) {
+        self.ttft_target_us
+            .store(ttft_target.map_or(0, micros), Ordering::Relaxed);
+        if let Some(r) = prefill_rate.filter(|r| r.is_finite() && *r > 0.0) {
+            self.prefill_rate_bits.store(r.to_bits(), Ordering::Relaxed);
         }
     }
 
@@ -324,9 +350,24 @@ impl PoolSignals {
         let n = Self::tokens(prompt_tokens);
         self.gauge(now, PREFILL_TOKENS, -n);
         self.gauge(now, DECODE_TOKENS, n);
+        let target_us = self.ttft_target_us.load(Ordering::Relaxed);
         if let Some(s) = self.counter_slot(now) {
             s.prefilled_tokens
                 .fetch_add(prompt_tokens, Ordering::Relaxed);
+            if target_us > 0 {
+                let rate = f64::from_bits(self.prefill_rate_bits.load(Ordering::Relaxed));
+                let alone_us = if rate > 0.0 {
+                    prompt_tokens as f64 / rate * 1e6
+                } else {
+                    0.0
+                };
+                if alone_us <= target_us as f64 {
+                    s.slo_eligible.fetch_add(1, Ordering::Relaxed);
+                    if micros(ttft) <= target_us {
+                        s.slo_met.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
         }
         self.latency(now, TTFT, ttft);
     }
@@ -481,7 +522,7 @@ impl PoolSignals {
         let mut level_end: [i64; GAUGES] = std::array::from_fn(|g| self.level(g) as i64);
         let mut area = [0i128; GAUGES];
         let (mut arrivals, mut completions, mut prompt, mut decode) = (0u64, 0u64, 0u64, 0u64);
-        let mut prefilled = 0u64;
+        let (mut prefilled, mut eligible, mut met) = (0u64, 0u64, 0u64);
         let mut covered = 0u64;
         let mut number = current + 1;
         while number > first {
@@ -519,6 +560,8 @@ impl PoolSignals {
                 completions += s.completions.load(Ordering::Relaxed);
                 prompt += s.prompt_tokens.load(Ordering::Relaxed);
                 prefilled += s.prefilled_tokens.load(Ordering::Relaxed);
+                eligible += s.slo_eligible.load(Ordering::Relaxed);
+                met += s.slo_met.load(Ordering::Relaxed);
                 decode += s.decode_tokens.load(Ordering::Relaxed);
             }
         }
@@ -549,6 +592,8 @@ impl PoolSignals {
             prefilled_tokens_per_sec: rate(prefilled),
             prefill_busy: avg(PREFILL_BUSY),
             decode_busy: avg(DECODE_BUSY),
+            slo_eligible: eligible,
+            slo_met: met,
             arrivals,
             completions,
             ttft,
