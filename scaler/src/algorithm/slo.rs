@@ -21,7 +21,9 @@
 //! news — every replica asked for ready for the whole window, and the plan
 //! said they were enough — lowers the correction by a tenth at most every
 //! 15 s, never below one half; served load within the goal brings it
-//! back. A backlog cannot collapse the plan: its misses are not news, and
+//! back, and past 1 slowly up to 1.5 (a pool that keeps its goal with
+//! room to spare plans closer to its measured rate), all of which is lost
+//! at the first window under the goal. A backlog cannot collapse the plan: its misses are not news, and
 //! its rate is the engine's.
 //!
 //! **Sizing knows the TTFT budget**: the work that arrived in the last
@@ -66,11 +68,16 @@ const CONSOLIDATION_MARGIN: f64 = 0.9;
 const MIN_CORRECTION: f64 = 0.5;
 const CORRECTION_STEP: f64 = 0.9;
 const CORRECTION_EVERY: Duration = Duration::from_secs(15);
-/// The correction's recovery per decision while the target is met.
+/// The correction's recovery per decision while the goal is met under
+/// load, and its slower climb above 1 (≈ 6 % a minute at 2 s ticks) up to
+/// `MAX_CORRECTION`: a pool that meets its goal with room to spare (a
+/// generous TTFT budget) plans closer to its measured rate.
 const RECOVERY: f64 = 1.01;
+const EARNED: f64 = 1.002;
+const MAX_CORRECTION: f64 = 1.5;
 /// How far back needs are remembered, and the longest any level is held.
 const LOOKBACK: Duration = Duration::from_secs(30 * 60);
-const LONGEST_HOLD: Duration = Duration::from_secs(15 * 60);
+const LONGEST_HOLD: Duration = Duration::from_secs(10 * 60);
 /// A level is held for the longest gap between its needs times this (gaps
 /// between bursts vary; on the Azure code trace 1.25 let a level go a
 /// minute before its burst came back).
@@ -137,7 +144,7 @@ impl Slo {
         self.capacity.value()
     }
 
-    /// The latency correction in [0.5, 1].
+    /// The latency correction in [0.5, 1.5].
     pub fn correction(&self) -> f64 {
         self.correction
     }
@@ -145,6 +152,9 @@ impl Slo {
     /// Moves the correction on one latency observation.
     fn correct(&mut self, now: Duration, over: bool, within_plan: bool, busy: bool) {
         if over {
+            // Headroom given back above the plan is lost at the first
+            // window under the goal, news or not.
+            self.correction = self.correction.min(1.0);
             let due = self
                 .last_lowered
                 .is_none_or(|t| now.saturating_sub(t) >= CORRECTION_EVERY);
@@ -153,7 +163,12 @@ impl Slo {
                 self.last_lowered = Some(now);
             }
         } else if busy {
-            self.correction = (self.correction * RECOVERY).min(1.0);
+            let step = if self.correction < 1.0 {
+                RECOVERY
+            } else {
+                EARNED
+            };
+            self.correction = (self.correction * step).min(MAX_CORRECTION);
         }
     }
 
