@@ -62,11 +62,58 @@ pub fn write_timeline_svg(
     path: &Path,
 ) -> Result<(), PlotError> {
     let root = SVGBackend::new(path, (1000, 900)).into_drawing_area();
-    draw(&root, points, title).map_err(|e| write_error(path, e))?;
+    let thinned = thin(points, MAX_PLOTTED);
+    draw(&root, &thinned, title).map_err(|e| write_error(path, e))?;
     root.present().map_err(|e| write_error(path, e))
 }
 
 type DrawResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+/// More points than this are merged before plotting: a day at one point
+/// per 2 s tick is 43,200 points, far more than 1,000 pixels show, and
+/// made a 2 MB SVG.
+const MAX_PLOTTED: usize = 2000;
+
+/// `points` merged in runs of equal length down to at most `max`, each run
+/// keeping its first time and the largest value of every series (a spike
+/// stays visible), and panic if any point had it.
+fn thin(points: &[TimelinePoint], max: usize) -> Vec<TimelinePoint> {
+    if points.len() <= max || max == 0 {
+        return points.to_vec();
+    }
+    let run = points.len().div_ceil(max);
+    points
+        .chunks(run)
+        .filter_map(|c| {
+            let first = c.first()?;
+            Some(c.iter().fold(*first, |a, p| TimelinePoint {
+                t: a.t,
+                rps: a.rps.max(p.rps),
+                ttft_p90_ms: a.ttft_p90_ms.max(p.ttft_p90_ms),
+                queue: a.queue.max(p.queue),
+                in_flight: a.in_flight.max(p.in_flight),
+                desired: a.desired.max(p.desired),
+                ready: a.ready.max(p.ready),
+                panic: a.panic || p.panic,
+            }))
+        })
+        .collect()
+}
+
+/// A series with the points inside flat stretches left out: each kept
+/// point is the first or last of the series, or has a neighbour of
+/// another value, so the lines drawn between kept points are the same.
+fn changes(series: &[(f64, u32)]) -> Vec<(f64, u32)> {
+    let n = |i: usize| series.get(i).map(|p| p.1);
+    series
+        .iter()
+        .enumerate()
+        .filter(|&(i, &(_, v))| {
+            i == 0 || i + 1 == series.len() || n(i - 1) != Some(v) || n(i + 1) != Some(v)
+        })
+        .map(|(_, p)| *p)
+        .collect()
+}
 
 fn draw<DB: DrawingBackend>(
     root: &DrawingArea<DB, plotters::coord::Shift>,
@@ -197,7 +244,9 @@ pub fn write_replicas_svg(
     path: &Path,
 ) -> Result<(), PlotError> {
     let root = SVGBackend::new(path, (1000, 400)).into_drawing_area();
-    draw_replicas(&root, series, title).map_err(|e| write_error(path, e))?;
+    let steps: Vec<(&str, Vec<(f64, u32)>)> =
+        series.iter().map(|(name, s)| (*name, changes(s))).collect();
+    draw_replicas(&root, &steps, title).map_err(|e| write_error(path, e))?;
     root.present().map_err(|e| write_error(path, e))
 }
 
@@ -301,6 +350,31 @@ mod tests {
             rows.lines().nth(20).unwrap()
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn long_runs_are_thinned_keeping_spikes_and_steps_keep_their_changes() {
+        let points: Vec<TimelinePoint> = (0..10_000)
+            .map(|i| TimelinePoint {
+                t: f64::from(i) * 2.0,
+                rps: if i == 4321 { 99.0 } else { 1.0 },
+                ttft_p90_ms: 0.0,
+                queue: 0.0,
+                in_flight: 0.0,
+                desired: 1,
+                ready: 1,
+                panic: i == 777,
+            })
+            .collect();
+        let thinned = thin(&points, 2000);
+        assert_eq!(thinned.len(), 2000);
+        assert_eq!(thinned[0].t, 0.0);
+        assert!(thinned.iter().any(|p| p.rps == 99.0));
+        assert_eq!(thinned.iter().filter(|p| p.panic).count(), 1);
+        assert_eq!(thin(&points[..10], 2000).len(), 10);
+        let steps = changes(&[(0.0, 1), (1.0, 1), (2.0, 1), (4.0, 3), (6.0, 3), (8.0, 3)]);
+        assert_eq!(steps, vec![(0.0, 1), (2.0, 1), (4.0, 3), (8.0, 3)]);
+        assert!(changes(&[]).is_empty());
     }
 
     #[test]
