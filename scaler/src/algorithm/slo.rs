@@ -39,7 +39,7 @@
 //! is held after its last need for the longest of: five cold starts (the
 //! cold start learned from the pods, or the `cold-start` key), the stable
 //! window, `scale-down-delay`, and twice the longest gap seen between two
-//! needs of that count in the last half hour (at most 15 minutes). Bursts
+//! needs of that count in the last half hour (at most 10 minutes). Bursts
 //! that recur every few minutes keep their replicas between them, since a
 //! replica released in the gap is back only a cold start after the next
 //! burst began; a count needed once is let go after the floor.
@@ -175,14 +175,7 @@ impl Slo {
     /// The demand's slope (per second) over the recent past, when the
     /// points fit a rising line well; `None` otherwise.
     fn trend(&mut self, now: Duration, span: Duration, demand: f64) -> Option<f64> {
-        while self
-            .demand
-            .front()
-            .is_some_and(|(t, _)| now.saturating_sub(*t) > span)
-        {
-            self.demand.pop_front();
-        }
-        self.demand.push_back((now, demand));
+        record(&mut self.demand, now, span, demand);
         let n = self.demand.len() as f64;
         let covered = self
             .demand
@@ -215,18 +208,12 @@ impl Slo {
 
     /// Records `need` and returns the count to hold and the horizon it is
     /// held over. Each level (replica count) is held for the longest gap
-    /// seen between two needs of it in the look-back (× 1.25), and at
-    /// least `floor`: a level that recurs every few minutes is kept across
-    /// its gaps, one that came once is let go after `floor`.
+    /// seen between two needs of it in the look-back (× 2, at most 10
+    /// minutes), and at least `floor`: a level that recurs every few
+    /// minutes is kept across its gaps, one that came once is let go after
+    /// `floor`.
     fn hold(&mut self, now: Duration, need: f64, floor: Duration, max: u32) -> (f64, Duration) {
-        while self
-            .needs
-            .front()
-            .is_some_and(|(t, _)| now.saturating_sub(*t) > LOOKBACK)
-        {
-            self.needs.pop_front();
-        }
-        self.needs.push_back((now, need));
+        record(&mut self.needs, now, LOOKBACK, need);
         let peak = self.needs.iter().map(|(_, n)| *n).fold(0.0, f64::max);
         let top = peak.ceil().min(f64::from(MAX_LEVELS.min(max))) as u32;
         // Per level: the last time it was needed and the longest gap
@@ -267,6 +254,18 @@ impl Slo {
         }
         (held, horizon)
     }
+}
+
+/// Appends `(now, value)` to a time series, first dropping the points
+/// older than `span`.
+fn record(series: &mut VecDeque<(Duration, f64)>, now: Duration, span: Duration, value: f64) {
+    while series
+        .front()
+        .is_some_and(|(t, _)| now.saturating_sub(*t) > span)
+    {
+        series.pop_front();
+    }
+    series.push_back((now, value));
 }
 
 /// The highest prompt-token rate over a window of `length` that random
