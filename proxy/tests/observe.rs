@@ -684,3 +684,64 @@ async fn a_successful_prefill_leg_resets_its_endpoints_failures() {
     teardown(&p).await;
     assert_eq!(failures_of_a(&pools(&p).await), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replicas_prefill_rate_is_measured_in_the_path_whatever_the_queue() {
+    // A model server that prefills 4,000 tok/s (counting a token per four
+    // characters, as the proxy estimates prompts), sent eight streams of
+    // 2,500-token prompts at once: most wait inside the engine, their TTFTs
+    // climb to seconds, and the rate measured over the busy time is still
+    // the engine's.
+    let mut config = common::model("m");
+    config.timing.prefill_tokens_per_sec = 4000.0;
+    let s = sim(config).await;
+    let yaml = format!(
+        "scaler: {{ tick: 200ms }}\nlimits: {{ health-check-interval: 1h }}\npools:\n  - model: m\n    endpoints: [\"{}\"]\n",
+        s.local_addr()
+    );
+    let p = proxy(&yaml).await;
+    let url = format!("http://{}/v1/completions", p.proxy_addr);
+    let prompt = "word ".repeat(2000);
+    let body = format!(r#"{{"model":"m","prompt":"{prompt}","max_tokens":4,"stream":true}}"#);
+    let streams: Vec<_> = (0..8)
+        .map(|_| {
+            let (url, body) = (url.clone(), body.clone());
+            tokio::spawn(async move { request_bytes("POST", &url, &body).await })
+        })
+        .collect();
+    for s in streams {
+        assert_eq!(s.await.unwrap().unwrap().0, 200);
+    }
+    let slowest = metric(&p, "scalecar_ttft_seconds_sum{model=\"m\"").await;
+    assert!(slowest > 8.0, "the TTFTs queued: their sum is {slowest} s");
+    // The decisions made since carry it: /debug/targets and the gauge.
+    // (One made mid-burst saw the work done so far: first tokens come in
+    // lumps, a chunk of prompts at a time.)
+    let done = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let rate = loop {
+        let (_, body) = common::get(&format!("http://{}/debug/targets", p.admin_addr))
+            .await
+            .unwrap();
+        let v: Value = serde_json::from_str(&body).unwrap();
+        let t = &v["targets"][0];
+        if let Some(r) = t["prefill_rate"]
+            .as_f64()
+            .filter(|_| t["decided_unix"].as_f64() > Some(done))
+        {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "no prefill rate measured: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        (3000.0..4400.0).contains(&rate),
+        "measured {rate} tok/s; ttft sum {slowest}"
+    );
+    let gauge = metric(&p, "scalecar_replica_prefill_rate{").await;
+    assert!((3000.0..4400.0).contains(&gauge), "gauge {gauge}");
+    teardown(&p).await;
+}
