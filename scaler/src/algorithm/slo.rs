@@ -86,6 +86,9 @@ const GAP_MARGIN: f64 = 2.0;
 /// a replica released and asked for again soon costs a cold start and the
 /// misses while it starts (5 minutes for a 60 s cold start).
 pub const HOLD_COLD_STARTS: u32 = 5;
+/// How often the per-level table is rebuilt from every remembered
+/// decision.
+const LEVELS_REBUILT_EVERY: Duration = Duration::from_secs(15);
 /// Levels looked at (replica counts) at most, besides `max-replicas`: the
 /// hold walks levels × remembered decisions.
 const MAX_LEVELS: u32 = 1024;
@@ -117,6 +120,47 @@ pub struct Slo {
     needs: VecDeque<(Duration, f64)>,
     /// (time, stable-window demand) over the trend's span.
     demand: VecDeque<(Duration, f64)>,
+    /// Per replica count, when it was last needed and its longest gap.
+    levels: Levels,
+}
+
+/// Per replica count (index 1..=top): when it was last needed, and the
+/// longest gap between two needs of it, over the remembered decisions.
+#[derive(Debug, Default)]
+struct Levels {
+    top: u32,
+    last: Vec<Option<Duration>>,
+    gap: Vec<Duration>,
+    /// When the table was last rebuilt from every remembered decision.
+    built: Option<Duration>,
+}
+
+impl Levels {
+    fn of(needs: &VecDeque<(Duration, f64)>, top: u32, now: Duration) -> Levels {
+        let mut l = Levels {
+            top,
+            last: vec![None; top as usize + 1],
+            gap: vec![Duration::ZERO; top as usize + 1],
+            built: Some(now),
+        };
+        for (t, n) in needs {
+            l.add(*t, *n);
+        }
+        l
+    }
+
+    /// A decision at `t` needed `need` replicas.
+    fn add(&mut self, t: Duration, need: f64) {
+        let reached = (need.ceil().max(0.0) as u32).min(self.top) as usize;
+        for level in 1..=reached {
+            if let (Some(l), Some(g)) = (self.last.get_mut(level), self.gap.get_mut(level)) {
+                if let Some(previous) = *l {
+                    *g = (*g).max(t.saturating_sub(previous));
+                }
+                *l = Some(t);
+            }
+        }
+    }
 }
 
 /// What one decision sized, for its reason.
@@ -136,6 +180,7 @@ impl Slo {
             settled_since: None,
             needs: VecDeque::new(),
             demand: VecDeque::new(),
+            levels: Levels::default(),
         }
     }
 
@@ -217,20 +262,22 @@ impl Slo {
         let peak = self.needs.iter().map(|(_, n)| *n).fold(0.0, f64::max);
         let top = peak.ceil().min(f64::from(MAX_LEVELS.min(max))) as u32;
         // Per level: the last time it was needed and the longest gap
-        // between two needs of it.
-        let mut last: Vec<Option<Duration>> = vec![None; top as usize + 1];
-        let mut gap: Vec<Duration> = vec![Duration::ZERO; top as usize + 1];
-        for (t, n) in &self.needs {
-            let reached = (n.ceil().max(0.0) as u32).min(top) as usize;
-            for level in 1..=reached {
-                if let (Some(l), Some(g)) = (last.get_mut(level), gap.get_mut(level)) {
-                    if let Some(previous) = *l {
-                        *g = (*g).max(t.saturating_sub(previous));
-                    }
-                    *l = Some(*t);
-                }
-            }
+        // between two needs of it. Walking every level of every remembered
+        // decision costs levels × decisions (≈ 100 µs at 50 levels and
+        // half an hour of 2 s ticks), so the table is rebuilt every 15 s
+        // and extended by each new decision in between; gaps that aged out
+        // of the look-back leave at the next rebuild.
+        let rebuild = self.levels.top != top
+            || self
+                .levels
+                .built
+                .is_none_or(|b| now.saturating_sub(b) >= LEVELS_REBUILT_EVERY);
+        if rebuild {
+            self.levels = Levels::of(&self.needs, top, now);
+        } else {
+            self.levels.add(now, need);
         }
+        let (last, gap) = (&self.levels.last, &self.levels.gap);
         let mut held = need;
         let mut horizon = floor;
         for level in (1..=top as usize).rev() {
