@@ -163,13 +163,18 @@ mod tests {
         .desired
     }
 
-    #[test]
-    fn a_burst_is_seen_through_scrape_poll_and_sync() {
-        let p = Policy {
+    /// KEDA's threshold 10 per pod.
+    fn threshold_10() -> Policy {
+        Policy {
             algorithm: "keda-prometheus".into(),
             target: 10.0,
             ..Policy::default()
-        };
+        }
+    }
+
+    #[test]
+    fn a_burst_is_seen_through_scrape_poll_and_sync() {
+        let p = threshold_10();
         let mut k = KedaPrometheus::new(Duration::ZERO);
         // Quiet: 10 running on 1 pod. Scraped at 0, polled at 10, synced
         // at 20: 1 replica.
@@ -191,11 +196,7 @@ mod tests {
 
     #[test]
     fn the_scale_down_waits_for_the_stabilization_window() {
-        let p = Policy {
-            algorithm: "keda-prometheus".into(),
-            target: 10.0,
-            ..Policy::default()
-        };
+        let p = threshold_10();
         let mut k = KedaPrometheus::new(Duration::ZERO);
         for t in (0..=60).step_by(2) {
             at(&mut k, &p, t, 4, 40);
