@@ -460,7 +460,7 @@ fn markdown(
     let _ = writeln!(md, "# scalecar demo report\n");
     let aim = if policy.algorithm == "slo" {
         format!(
-            "TTFT p{} within {}, capacity measured in the path (prior {} prompt tok/s per replica, {:.0} % of it planned)",
+            "TTFT p{} within {}, capacity measured in the path (prior {} prompt tok/s per replica, at most {:.0} % of it planned)",
             policy.slo_percentile,
             policy.ttft_target.map_or_else(
                 || "—".to_string(),

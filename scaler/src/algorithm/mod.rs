@@ -10,6 +10,7 @@ pub mod capacity;
 mod hpa;
 mod keda;
 mod kpa;
+pub mod queueing;
 mod slo;
 
 use std::collections::BTreeMap;

@@ -8,10 +8,18 @@
 //!
 //! **Capacity is measured**: the prompt tokens one replica prefills per
 //! second while it has prefill work ([`CapacityEstimate`]), starting from
-//! `target` as a prior. Sustained work is planned at the measured rate ×
-//! `target-utilization-percentage` (its headroom is for random arrivals)
-//! × a latency correction; a burst, already its own peak, at 85 % of the
-//! corrected rate.
+//! `target` as a prior, times a latency correction.
+//!
+//! **Headroom from a queueing model, not a fixed share**: sustained prompt
+//! work is sized by Erlang C ([`queueing`]) — the fewest replicas with
+//! which random arrivals at the stable window's rate, each prompt served
+//! at the corrected rate, wait longer than the TTFT budget (less the mean
+//! prompt's own prefill) for no more than the goal's share of requests —
+//! and never planned above `target-utilization-percentage` (65 %) of the
+//! corrected rate. A pool of two replicas so runs well under half busy, a
+//! pool of ten near the ceiling. A burst, already its own peak, is planned
+//! at 85 % of the corrected rate; a decode pool's tokens at the
+//! utilization.
 //!
 //! **Latency corrects, never collapses**: the signals count, per window,
 //! the first tokens of requests whose prompt alone fits the target at the
@@ -21,10 +29,9 @@
 //! news — every replica asked for ready for the whole window, and the plan
 //! said they were enough — lowers the correction by a tenth at most every
 //! 15 s, never below one half; served load within the goal brings it
-//! back, and past 1 slowly up to 1.5 (a pool that keeps its goal with
-//! room to spare plans closer to its measured rate), all of which is lost
-//! at the first window under the goal. A backlog cannot collapse the plan: its misses are not news, and
-//! its rate is the engine's.
+//! back to 1, never above (the queueing model already plans as close to
+//! the measured rate as the tail allows). A backlog cannot collapse the
+//! plan: its misses are not news, and its rate is the engine's.
 //!
 //! **Sizing knows the TTFT budget**: the work that arrived in the last
 //! `w` seconds must fit the replicas' capacity over `w` plus the budget,
@@ -55,6 +62,7 @@ use std::time::Duration;
 use scalecar_config::{Policy, Role};
 
 use super::capacity::CapacityEstimate;
+use super::queueing;
 use super::{Decision, DecisionInput, ScalingAlgorithm, show};
 
 /// Fewer latency samples than this in a window teach nothing.
@@ -69,12 +77,10 @@ const MIN_CORRECTION: f64 = 0.5;
 const CORRECTION_STEP: f64 = 0.9;
 const CORRECTION_EVERY: Duration = Duration::from_secs(15);
 /// The correction's recovery per decision while the goal is met under
-/// load, and its slower climb above 1 (≈ 6 % a minute at 2 s ticks) up to
-/// `MAX_CORRECTION`: a pool that meets its goal with room to spare (a
-/// generous TTFT budget) plans closer to its measured rate.
+/// load, up to 1: above it, the plan would be the measured rate's
+/// optimism, which the queueing model's tail already spends (tried: a
+/// climb to 1.5 cost the long-context bursts 3 points of attainment).
 const RECOVERY: f64 = 1.01;
-const EARNED: f64 = 1.002;
-const MAX_CORRECTION: f64 = 1.5;
 /// How far back needs are remembered, and the longest any level is held.
 const LOOKBACK: Duration = Duration::from_secs(30 * 60);
 const LONGEST_HOLD: Duration = Duration::from_secs(10 * 60);
@@ -189,7 +195,7 @@ impl Slo {
         self.capacity.value()
     }
 
-    /// The latency correction in [0.5, 1.5].
+    /// The latency correction in [0.5, 1].
     pub fn correction(&self) -> f64 {
         self.correction
     }
@@ -197,9 +203,6 @@ impl Slo {
     /// Moves the correction on one latency observation.
     fn correct(&mut self, now: Duration, over: bool, within_plan: bool, busy: bool) {
         if over {
-            // Headroom given back above the plan is lost at the first
-            // window under the goal, news or not.
-            self.correction = self.correction.min(1.0);
             let due = self
                 .last_lowered
                 .is_none_or(|t| now.saturating_sub(t) >= CORRECTION_EVERY);
@@ -208,12 +211,7 @@ impl Slo {
                 self.last_lowered = Some(now);
             }
         } else if busy {
-            let step = if self.correction < 1.0 {
-                RECOVERY
-            } else {
-                EARNED
-            };
-            self.correction = (self.correction * step).min(MAX_CORRECTION);
+            self.correction = (self.correction * RECOVERY).min(1.0);
         }
     }
 
@@ -443,15 +441,35 @@ impl ScalingAlgorithm for Slo {
             )
         });
         let sustained_work = sustained_work.max(projected);
-        // Sustained work is planned at the utilization (its headroom is
-        // for random arrivals); a burst is already its own peak and is
-        // planned at 85 % of the corrected rate.
-        let need_of = |s: &Slo| {
-            let plan = planned(s).max(f64::MIN_POSITIVE);
-            let burst_plan =
-                (s.capacity.value() * s.correction * BURST_UTILIZATION).max(f64::MIN_POSITIVE);
-            (sustained_work / plan).max(burst_work / burst_plan)
+        // Prompts arrive at `rps`, each of `mean_prompt` tokens on average.
+        let mean_prompt = if snap.stable.rps > 0.0 {
+            demand_stable / snap.stable.rps
+        } else {
+            0.0
         };
+        let miss = 1.0 - goal;
+        let max = p.max_bound().min(MAX_LEVELS);
+        // Sustained prompt work is sized by the queueing model: the fewest
+        // replicas with which random arrivals at this rate wait past the
+        // budget (less the mean prompt's own prefill) for no more than the
+        // goal's share of requests, never planned above the utilization.
+        // A decode pool's work is tokens held, planned at the utilization.
+        // A burst is already its own peak and is planned at 85 % of the
+        // corrected rate.
+        let sizing_of = |s: &Slo| {
+            let rate = (s.capacity.value() * s.correction).max(f64::MIN_POSITIVE);
+            let ceiling = (sustained_work / planned(s).max(f64::MIN_POSITIVE)).max(0.0);
+            let queue = (!decode && mean_prompt > 0.0).then(|| {
+                let load = sustained_work / rate;
+                let wait = target.as_secs_f64() - mean_prompt / rate;
+                let n = queueing::replicas_for_tail(load, rate / mean_prompt, wait, miss, max);
+                (load, wait, n)
+            });
+            let sustained = queue.map_or(ceiling, |(_, _, n)| n.max(ceiling));
+            let need = sustained.max(burst_work / (rate * BURST_UTILIZATION));
+            (need, queue)
+        };
+        let need_of = |s: &Slo| sizing_of(s).0;
         self.settled_since = if settled {
             Some(self.settled_since.unwrap_or(now))
         } else {
@@ -474,7 +492,7 @@ impl ScalingAlgorithm for Slo {
             );
         }
         let cap = planned(self).max(f64::MIN_POSITIVE);
-        let need = need_of(self);
+        let (need, queue) = sizing_of(self);
         // Never shorter than the stable window the need is read from (pods
         // Ready within a second of creation show a cold start of 0).
         let floor = (cold_start * HOLD_COLD_STARTS)
@@ -533,13 +551,27 @@ impl ScalingAlgorithm for Slo {
             .trend
             .map(|s| format!(", rising {s:.0}/s"))
             .unwrap_or_default();
+        let plan_text = match queue {
+            Some((load, wait, n)) => format!(
+                "capacity {:.0} {source} × {:.2} = {:.0} per replica; work for {load:.1}, {n:.1} keep waits over {} under {:.1} % (at most {:.0} % busy)",
+                self.capacity.value(),
+                self.correction,
+                self.capacity.value() * self.correction,
+                show(Duration::from_secs_f64(wait.max(0.0))),
+                miss * 100.0,
+                p.target_utilization * 100.0,
+            ),
+            None => format!(
+                "capacity {:.0} {source} × {:.0} % × {:.2} = {cap:.0} per replica",
+                self.capacity.value(),
+                p.target_utilization * 100.0,
+                self.correction,
+            ),
+        };
         let reason = format!(
-            "{latency_text}; demand {demand_stable:.0} {unit} ({:.0} over {}{trend_text}); capacity {:.0} {source} × {:.0} % × {:.2} = {cap:.0} per replica; need {:.1}, {:.1} held over {} → {desired}{note}",
+            "{latency_text}; demand {demand_stable:.0} {unit} ({:.0} over {}{trend_text}); {plan_text}; need {:.1}, {:.1} held over {} → {desired}{note}",
             demand_panic,
             show(panic_w),
-            self.capacity.value(),
-            p.target_utilization * 100.0,
-            self.correction,
             sizing.need,
             sizing.held,
             show(sizing.horizon),
