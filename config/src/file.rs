@@ -89,6 +89,7 @@ struct RawLeaderElection {
     retry_period: Option<Scalar>,
     peer_selector: Option<String>,
     peer_timeout: Option<Scalar>,
+    peer_token_secret: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -125,6 +126,7 @@ struct RawLimits {
     queue_length: Option<Scalar>,
     queue_wait: Option<Scalar>,
     shutdown_grace: Option<Scalar>,
+    shutdown_delay: Option<Scalar>,
     activation_timeout: Option<Scalar>,
     health_check_interval: Option<Scalar>,
     upstream_idle_timeout: Option<Scalar>,
@@ -182,6 +184,12 @@ pub struct Limits {
     pub queue_length: usize,
     pub queue_wait: Duration,
     pub shutdown_grace: Duration,
+    /// After SIGTERM, how long the proxy keeps accepting and serving while
+    /// `/readyz` answers 503, before it stops accepting and drains: the
+    /// time Service endpoints and load balancers take to stop sending new
+    /// connections. HTTP/1 responses in this time say `Connection: close`,
+    /// so kept-alive clients re-dial a pod that stays. 0 stops at once.
+    pub shutdown_delay: Duration,
     pub activation_timeout: Duration,
     /// Active `GET /health` checks of static endpoints.
     pub health_check_interval: Duration,
@@ -207,6 +215,7 @@ impl Default for Limits {
             queue_length: 1024,
             queue_wait: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(30),
+            shutdown_delay: Duration::from_secs(5),
             activation_timeout: Duration::from_secs(120),
             health_check_interval: Duration::from_secs(5),
             upstream_idle_timeout: Duration::from_secs(4),
@@ -284,6 +293,10 @@ pub struct LeaderElectionConfig {
     /// A peer that has not answered within this is left out (the decision
     /// is partial: it may scale up, never down).
     pub peer_timeout: Duration,
+    /// When `SCALECAR_PEER_TOKEN` is not set: the Secret (in the Lease's
+    /// namespace, key `token`) the replicas share it through. The first
+    /// replica to start creates it with a random token; the rest read it.
+    pub peer_token_secret: Option<String>,
 }
 
 impl Default for LeaderElectionConfig {
@@ -296,6 +309,7 @@ impl Default for LeaderElectionConfig {
             retry_period: Duration::from_secs(2),
             peer_selector: None,
             peer_timeout: Duration::from_millis(500),
+            peer_token_secret: None,
         }
     }
 }
@@ -335,6 +349,11 @@ fn dns_label(s: &str) -> bool {
         && !s.ends_with('-')
 }
 
+/// A DNS-1123 subdomain, as Secret names are: dot-separated labels.
+fn dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(dns_label)
+}
+
 /// More threads than this serve no machine better.
 const MAX_WORKERS: usize = 1024;
 
@@ -367,6 +386,19 @@ impl Checker {
                 self.fail(path, format!("{text:?} is not a whole number ≥ {min}"));
                 default
             }
+        }
+    }
+
+    /// As [`Self::duration`], 0 allowed (a step that may be skipped).
+    fn duration_or_zero(&mut self, path: &str, v: Option<Scalar>, default: Duration) -> Duration {
+        match v {
+            Some(v)
+                if humantime::parse_duration(&v.clone().into_string())
+                    .is_ok_and(|d| d.is_zero()) =>
+            {
+                Duration::ZERO
+            }
+            v => self.duration(path, v, default),
         }
     }
 
@@ -461,6 +493,7 @@ impl ScalecarConfig {
                             "queue-length",
                             "queue-wait",
                             "shutdown-grace",
+                            "shutdown-delay",
                             "activation-timeout",
                             "health-check-interval",
                             "upstream-idle-timeout",
@@ -483,6 +516,7 @@ impl ScalecarConfig {
                             "retry-period",
                             "peer-selector",
                             "peer-timeout",
+                            "peer-token-secret",
                             "group",
                             "version",
                             "kind",
@@ -548,6 +582,11 @@ impl ScalecarConfig {
             queue_length: c.size("limits.queue-length", l.queue_length, d.queue_length, 0),
             queue_wait: c.duration("limits.queue-wait", l.queue_wait, d.queue_wait),
             shutdown_grace: c.duration("limits.shutdown-grace", l.shutdown_grace, d.shutdown_grace),
+            shutdown_delay: c.duration_or_zero(
+                "limits.shutdown-delay",
+                l.shutdown_delay,
+                d.shutdown_delay,
+            ),
             activation_timeout: c.duration(
                 "limits.activation-timeout",
                 l.activation_timeout,
@@ -677,7 +716,16 @@ impl ScalecarConfig {
                             l.peer_timeout,
                             d.peer_timeout,
                         ),
+                        peer_token_secret: l.peer_token_secret.filter(|s| !s.trim().is_empty()),
                     };
+                    if let Some(name) = &e.peer_token_secret
+                        && !dns_subdomain(name)
+                    {
+                        c.fail(
+                            &format!("{p}.peer-token-secret"),
+                            format!("{name:?} is not a Secret name (lowercase letters, digits, '-' and '.', at most 253)"),
+                        );
+                    }
                     // client-go's rules: a leader must step down before
                     // anyone may take over, and renew more than once.
                     if e.renew_deadline >= e.lease_duration {

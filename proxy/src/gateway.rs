@@ -129,6 +129,8 @@ pub struct GatewayBuilder {
     /// advisory loop.
     checked: Vec<(Arc<Pool>, Arc<AtomicU32>)>,
     kubernetes: Option<(kube::Client, KubernetesConfig)>,
+    /// The peers' shared token, when not from `SCALECAR_PEER_TOKEN`.
+    peer_token: Option<String>,
 }
 
 impl std::fmt::Debug for GatewayBuilder {
@@ -178,6 +180,7 @@ impl GatewayBuilder {
             fixed: Vec::new(),
             checked: Vec::new(),
             kubernetes: None,
+            peer_token: None,
         }
     }
 
@@ -275,6 +278,12 @@ impl GatewayBuilder {
         self
     }
 
+    /// The peers' shared token (else `SCALECAR_PEER_TOKEN`).
+    pub fn peer_token(mut self, token: String) -> Self {
+        self.peer_token = Some(token);
+        self
+    }
+
     /// Builds everything and serves on the listeners until the handle is
     /// shut down.
     pub fn start(
@@ -282,6 +291,11 @@ impl GatewayBuilder {
         proxy_listener: TcpListener,
         admin_listener: TcpListener,
     ) -> Result<ProxyHandle, StartError> {
+        let peer_token = self.peer_token.clone().or_else(|| {
+            std::env::var(crate::peers::TOKEN_ENV)
+                .ok()
+                .filter(|t| !t.is_empty())
+        });
         // Peers: the leader decides on the sum of every replica's windows.
         let peers = match self
             .kubernetes
@@ -292,12 +306,9 @@ impl GatewayBuilder {
             Some((selector, timeout)) => {
                 let selector = scalecar_scaler::kube::LabelSelector::parse(&selector)
                     .map_err(StartError::PeerSelector)?;
-                let token = std::env::var(crate::peers::TOKEN_ENV)
-                    .ok()
-                    .filter(|t| !t.is_empty())
-                    .ok_or(StartError::PeerToken {
-                        env: crate::peers::TOKEN_ENV,
-                    })?;
+                let token = peer_token.clone().ok_or(StartError::PeerToken {
+                    env: crate::peers::TOKEN_ENV,
+                })?;
                 Some((
                     crate::peers::PeerSet::new(self.peer_errors.clone(), token, timeout),
                     selector,
@@ -349,6 +360,7 @@ impl GatewayBuilder {
             self.registry,
             Some(self.decisions.clone()),
             checked,
+            peer_token,
             proxy_listener,
             admin_listener,
         )?;
@@ -362,15 +374,7 @@ impl GatewayBuilder {
                 control.with_peers(set.clone());
             }
             self.decisions.set_leadership(false, None);
-            let namespace = le
-                .namespace
-                .clone()
-                .or_else(|| {
-                    std::env::var("POD_NAMESPACE")
-                        .ok()
-                        .filter(|s| !s.is_empty())
-                })
-                .unwrap_or_else(|| "default".into());
+            let namespace = server::lease_namespace(le);
             let elector = scalecar_scaler::kube::LeaderElector::new(
                 client.clone(),
                 &namespace,

@@ -32,6 +32,7 @@ pub mod gateway;
 pub mod metrics;
 pub mod observe;
 pub mod pd;
+pub mod peer_token;
 pub mod peers;
 pub mod pool;
 pub mod replay;

@@ -297,9 +297,13 @@ fn run(args: RunArgs) -> ExitCode {
         };
         tracing::info!(proxy = %handle.proxy_addr, admin = %handle.admin_addr, "serving");
         wait_for_signal().await;
-        tracing::info!(grace = ?config.limits.shutdown_grace, "shutting down");
+        tracing::info!(
+            delay = ?config.limits.shutdown_delay,
+            grace = ?config.limits.shutdown_grace,
+            "shutting down"
+        );
         tokio::select! {
-            _ = handle.shutdown() => ExitCode::SUCCESS,
+            _ = handle.terminate(config.limits.shutdown_delay) => ExitCode::SUCCESS,
             // An operator who asks twice means now.
             _ = wait_for_signal() => {
                 tracing::warn!("second signal: exiting without waiting for open requests");

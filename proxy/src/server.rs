@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -60,9 +60,11 @@ pub enum StartError {
     #[error("Kubernetes client")]
     KubeClient(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error(
-        "kubernetes.leader-election.peer-selector needs the shared peer token in {env} (from a Secret)"
+        "kubernetes.leader-election.peer-selector needs the shared peer token: set {env} or kubernetes.leader-election.peer-token-secret"
     )]
     PeerToken { env: &'static str },
+    #[error("kubernetes.leader-election.peer-token-secret: {0}")]
+    PeerTokenSecret(#[from] crate::peer_token::TokenSecretError),
     #[error("kubernetes.leader-election.peer-selector")]
     PeerSelector(#[source] scalecar_scaler::kube::SelectorError),
     #[error("starting proxy worker {index}: {source}")]
@@ -80,6 +82,9 @@ pub struct ProxyHandle {
     pub plane: Arc<DataPlane>,
     pub admin: Arc<Admin>,
     shutdown: watch::Sender<bool>,
+    /// Set while the proxy still serves but is on its way out: HTTP/1
+    /// responses then close their connection.
+    draining: Arc<AtomicBool>,
     tasks: Vec<JoinHandle<()>>,
     /// The admin server outlives the drain: `/readyz` answers 503 and the
     /// last metrics can be scraped until the streams are done.
@@ -97,6 +102,20 @@ impl ProxyHandle {
     /// when [`ProxyHandle::stopped`] turns true).
     pub fn spawn(&mut self, task: impl std::future::Future<Output = ()> + Send + 'static) {
         self.tasks.push(tokio::spawn(task));
+    }
+
+    /// What SIGTERM does: `/readyz` turns 503 and for `delay` the proxy
+    /// keeps accepting and serving — Service endpoints and load balancers
+    /// take a few seconds to stop sending — with HTTP/1 responses asking
+    /// kept-alive clients to re-dial; then [`ProxyHandle::shutdown`].
+    pub async fn terminate(self, delay: Duration) {
+        self.admin.ready.store(false, Ordering::Release);
+        if !delay.is_zero() {
+            self.draining.store(true, Ordering::Release);
+            tracing::info!(?delay, "not ready; serving until endpoints drop this pod");
+            tokio::time::sleep(delay).await;
+        }
+        self.shutdown().await;
     }
 
     /// Stops accepting, waits for open requests up to the grace period,
@@ -125,7 +144,11 @@ pub async fn start(
         .static_pools(&config.pools)
         .await?;
     if let Some(k) = &config.kubernetes {
-        builder = builder.kubernetes(kube_client(k).await?, k.clone());
+        let client = kube_client(k).await?;
+        if let Some(token) = shared_peer_token(&client, k).await? {
+            builder = builder.peer_token(token);
+        }
+        builder = builder.kubernetes(client, k.clone());
     }
     builder.start(proxy_listener, admin_listener)
 }
@@ -156,6 +179,38 @@ pub async fn kube_client(k: &KubernetesConfig) -> Result<kube::Client, StartErro
         .map_err(|source| StartError::KubeClient(Box::new(source)))
 }
 
+/// The peers' token from `leader-election.peer-token-secret` (created on
+/// first start), when peers are on and `SCALECAR_PEER_TOKEN` is not set.
+async fn shared_peer_token(
+    client: &kube::Client,
+    k: &KubernetesConfig,
+) -> Result<Option<String>, StartError> {
+    let Some(le) = &k.leader_election else {
+        return Ok(None);
+    };
+    let from_env = std::env::var(crate::peers::TOKEN_ENV).is_ok_and(|t| !t.is_empty());
+    let (Some(_), Some(name), false) = (&le.peer_selector, &le.peer_token_secret, from_env) else {
+        return Ok(None);
+    };
+    let namespace = lease_namespace(le);
+    Ok(Some(
+        crate::peer_token::shared_token(client.clone(), &namespace, name).await?,
+    ))
+}
+
+/// Where the Lease (and the peer token Secret) live: the configured
+/// namespace, else the gateway's own (`POD_NAMESPACE`), else `default`.
+pub fn lease_namespace(le: &scalecar_config::LeaderElectionConfig) -> String {
+    le.namespace
+        .clone()
+        .or_else(|| {
+            std::env::var("POD_NAMESPACE")
+                .ok()
+                .filter(|s| !s.is_empty())
+        })
+        .unwrap_or_else(|| "default".into())
+}
+
 /// scalecar's User-Agent on every call, `scalecar/VERSION (identity)`, so
 /// audit logs (and kube-sim's request log) tell its calls — and each
 /// replica's — apart.
@@ -180,6 +235,7 @@ pub fn serve(
     registry: Registry,
     decisions: Option<Arc<DecisionRecorder>>,
     checked: Vec<Arc<Pool>>,
+    peer_token: Option<String>,
     proxy_listener: TcpListener,
     admin_listener: TcpListener,
 ) -> Result<ProxyHandle, StartError> {
@@ -190,6 +246,7 @@ pub fn serve(
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let (shutdown, shutdown_rx) = watch::channel(false);
+    let draining = Arc::new(AtomicBool::new(false));
     // Before any request: checked endpoints start unknown, and a request
     // that finds none healthy asks for an early check.
     let early = Arc::new(tokio::sync::Notify::new());
@@ -201,9 +258,7 @@ pub fn serve(
         plane: plane.clone(),
         registry,
         decisions,
-        peer_token: std::env::var(crate::peers::TOKEN_ENV)
-            .ok()
-            .filter(|t| !t.is_empty()),
+        peer_token,
         ready: Default::default(),
     });
     let mut tasks = Vec::new();
@@ -217,6 +272,7 @@ pub fn serve(
             .map_err(worker_error(index))?;
         let worker = Arc::new(plane.for_worker(index));
         let stop = shutdown_rx.clone();
+        let draining = draining.clone();
         let (done, finished) = tokio::sync::oneshot::channel::<()>();
         std::thread::Builder::new()
             .name(format!("scalecar-worker-{index}"))
@@ -231,7 +287,7 @@ pub fn serve(
                         }
                     });
                     match TcpListener::from_std(listener) {
-                        Ok(l) => serve_proxy(worker, l, stop).await,
+                        Ok(l) => serve_proxy(worker, l, stop, draining).await,
                         Err(e) => tracing::error!(worker = index, error = %e, "proxy listener"),
                     }
                 });
@@ -257,6 +313,7 @@ pub fn serve(
         plane,
         admin,
         shutdown,
+        draining,
         tasks,
         admin_stop,
         admin_task,
@@ -267,6 +324,7 @@ async fn serve_proxy(
     plane: Arc<DataPlane>,
     listener: TcpListener,
     mut stop: watch::Receiver<bool>,
+    draining: Arc<AtomicBool>,
 ) {
     let graceful = GracefulShutdown::new();
     let mut http1 = hyper::server::conn::http1::Builder::new();
@@ -299,9 +357,21 @@ async fn serve_proxy(
         let _ = stream.set_nodelay(true);
         let plane = plane.clone();
         let header_timeout = plane.limits.header_timeout;
-        let service = service_fn(move |req| {
+        let draining = draining.clone();
+        let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
             let plane = plane.clone();
-            async move { Ok::<_, Infallible>(plane.handle(req).await) }
+            let draining = draining.clone();
+            async move {
+                let http1 = req.version() < hyper::Version::HTTP_2;
+                let mut response = plane.handle(req).await;
+                if http1 && draining.load(Ordering::Acquire) {
+                    response.headers_mut().insert(
+                        hyper::header::CONNECTION,
+                        hyper::header::HeaderValue::from_static("close"),
+                    );
+                }
+                Ok::<_, Infallible>(response)
+            }
         });
         let watcher = graceful.watcher();
         let (http1, http2) = (http1.clone(), http2.clone());

@@ -1552,11 +1552,12 @@ async fn peered_replicas(c: &Cluster, n: usize) -> Vec<Replica> {
     let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(c.client.clone(), "default");
     let mut replicas = Vec::new();
     for i in 0..n {
+        // The shared token from a Secret the first replica creates.
         let r = Replica::start_with(
             c,
             i,
-            ", peer-selector: \"app=gateway\", peer-timeout: 300ms",
-            &[("SCALECAR_PEER_TOKEN", "shared-secret")],
+            ", peer-selector: \"app=gateway\", peer-timeout: 300ms, peer-token-secret: gateway-peer-token",
+            &[],
         );
         let port: u16 = r.admin.rsplit(':').next().unwrap().parse().unwrap();
         pods.create(
@@ -1642,6 +1643,22 @@ async fn the_leader_decides_on_every_replicas_traffic_summed() {
     let replicas = peered_replicas(&c, 3).await;
     let all: Vec<&Replica> = replicas.iter().collect();
     one_leader(&all, Duration::from_secs(15)).await;
+    // The token nobody made by hand: one Secret, 64 random hex digits,
+    // that every replica read (their windows are summed below).
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(c.client.clone(), "default");
+    let token = secrets
+        .get("gateway-peer-token")
+        .await
+        .unwrap()
+        .data
+        .unwrap()["token"]
+        .clone();
+    let token = String::from_utf8(token.0).unwrap();
+    assert!(
+        token.len() == 64 && token.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{token}"
+    );
     // The internal endpoint is the peers' only: no token, no windows.
     let (status, _) = get(&format!(
         "http://{}/internal/snapshot?model=summed&role=unified&window_ms=6000&panic_window_ms=2000",
