@@ -82,6 +82,7 @@ struct RawKubernetes {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct RawLeaderElection {
+    enabled: Option<bool>,
     lease_name: Option<String>,
     namespace: Option<String>,
     lease_duration: Option<Scalar>,
@@ -272,7 +273,9 @@ pub struct KubernetesConfig {
     pub managed: bool,
     /// Bound on each call to the API server from the control loop.
     pub api_timeout: Duration,
-    /// One decider among several gateway replicas (`leader-election: {}`).
+    /// One decider among several gateway replicas. On whenever scalecar
+    /// patches (`managed`), so two replicas never both write; off with
+    /// `leader-election: {enabled: false}` or when advisory.
     pub leader_election: Option<LeaderElectionConfig>,
 }
 
@@ -314,6 +317,9 @@ impl Default for LeaderElectionConfig {
     }
 }
 
+/// The programmatic default: no leader election (one writer by construction,
+/// as tests and the demo build it). A config file's `kubernetes:` section
+/// turns it on whenever `managed` (see `leader_election`).
 impl Default for KubernetesConfig {
     fn default() -> Self {
         KubernetesConfig {
@@ -510,6 +516,7 @@ impl ScalecarConfig {
                             "managed",
                             "api-timeout",
                             "leader-election",
+                            "enabled",
                             "lease-name",
                             "lease-duration",
                             "renew-deadline",
@@ -668,13 +675,21 @@ impl ScalecarConfig {
                     kind,
                 });
             }
+            let managed = k.managed.unwrap_or(d.managed);
+            // Whoever patches elects: absent, the section is the defaults.
+            let election = match k.leader_election {
+                Some(l) if l.enabled == Some(false) => None,
+                Some(l) => Some(l),
+                None if managed => Some(RawLeaderElection::default()),
+                None => None,
+            };
             KubernetesConfig {
                 kubeconfig: k.kubeconfig.filter(|p| !p.trim().is_empty()),
                 namespaces,
                 kinds,
-                managed: k.managed.unwrap_or(d.managed),
+                managed,
                 api_timeout: c.duration("kubernetes.api-timeout", k.api_timeout, d.api_timeout),
-                leader_election: k.leader_election.map(|l| {
+                leader_election: election.map(|l| {
                     let d = LeaderElectionConfig::default();
                     let p = "kubernetes.leader-election";
                     let lease_name = l.lease_name.unwrap_or(d.lease_name);
@@ -998,7 +1013,13 @@ pools:
     fn kubernetes_alone_is_a_config_and_its_fields_are_checked() {
         let c = ScalecarConfig::from_yaml_str("kubernetes: {}").unwrap();
         assert!(c.pools.is_empty());
-        assert_eq!(c.kubernetes, Some(KubernetesConfig::default()));
+        assert_eq!(
+            c.kubernetes,
+            Some(KubernetesConfig {
+                leader_election: Some(LeaderElectionConfig::default()),
+                ..KubernetesConfig::default()
+            })
+        );
         assert!(c.kubernetes.as_ref().is_some_and(|k| k.managed));
         let c = ScalecarConfig::from_yaml_str(
             "kubernetes:\n  kubeconfig: /tmp/kc\n  namespaces: [llm, batch]\n  managed: false\n  api-timeout: 3s\n  kinds: [{group: serving.example.com, version: v1, kind: ModelServer}]\n",
@@ -1043,6 +1064,27 @@ pools:
         let c = ScalecarConfig::from_yaml_str("kubernetes: {leader-election: {}}").unwrap();
         assert_eq!(
             c.kubernetes.unwrap().leader_election,
+            Some(LeaderElectionConfig::default())
+        );
+        // Whoever patches elects, unless told not to; advisory need not.
+        let election = |text: &str| {
+            ScalecarConfig::from_yaml_str(text)
+                .unwrap()
+                .kubernetes
+                .unwrap()
+                .leader_election
+        };
+        assert_eq!(
+            election("kubernetes: {}"),
+            Some(LeaderElectionConfig::default())
+        );
+        assert_eq!(election("kubernetes: {managed: false}"), None);
+        assert_eq!(
+            election("kubernetes: {leader-election: {enabled: false}}"),
+            None
+        );
+        assert_eq!(
+            election("kubernetes: {managed: false, leader-election: {enabled: true}}"),
             Some(LeaderElectionConfig::default())
         );
         let e = errors("kubernetes: {leader-election: {lease-duration: 5s, renew-deadline: 6s}}");

@@ -45,6 +45,8 @@ pub struct DecisionRecorder {
     target_value: Family<TargetLabels, FloatGauge>,
     prefill_rate: Family<TargetLabels, FloatGauge>,
     decode_rate: Family<TargetLabels, FloatGauge>,
+    min: Family<TargetLabels, Gauge>,
+    max: Family<TargetLabels, Gauge>,
     scale_events: Family<TargetLabels, Counter>,
     scale_errors: Family<ErrorLabels, Counter>,
     /// Each target's latest decision and when it was made (Unix seconds).
@@ -75,6 +77,8 @@ impl DecisionRecorder {
             target_value: Family::default(),
             prefill_rate: Family::default(),
             decode_rate: Family::default(),
+            min: Family::default(),
+            max: Family::default(),
             scale_events: Family::default(),
             scale_errors: Family::default(),
             latest: Mutex::new(BTreeMap::new()),
@@ -130,6 +134,16 @@ impl DecisionRecorder {
             r.decode_rate.clone(),
         );
         reg.register(
+            "scalecar_min_replicas",
+            "The target's min-replicas",
+            r.min.clone(),
+        );
+        reg.register(
+            "scalecar_max_replicas",
+            "The target's max-replicas (absent when unbounded)",
+            r.max.clone(),
+        );
+        reg.register(
             "scalecar_scale_events",
             "Decisions that changed the replica count",
             r.scale_events.clone(),
@@ -170,11 +184,37 @@ impl DecisionRecorder {
     }
 
     /// Who decides: this replica (`leading`) and the Lease holder last seen.
+    /// A replica that does not lead exports no decision series: after a
+    /// leader change only the new leader's remain, so `max(...)` shows no
+    /// ghost of the old one and `on (target)` joins stay one-to-one.
     pub fn set_leadership(&self, leading: bool, holder: Option<String>) {
         self.leader.set(i64::from(leading));
         if let Ok(mut l) = self.leadership.lock() {
             *l = (leading, holder);
         }
+        if !leading {
+            for f in [&self.desired, &self.spec, &self.ready, &self.panic] {
+                f.clear();
+            }
+            for f in [
+                &self.stable_value,
+                &self.panic_value,
+                &self.target_value,
+                &self.prefill_rate,
+                &self.decode_rate,
+            ] {
+                f.clear();
+            }
+            self.min.clear();
+            self.max.clear();
+            if let Ok(mut m) = self.latest.lock() {
+                m.clear();
+            }
+        }
+    }
+
+    fn leading(&self) -> bool {
+        self.leadership.lock().map(|l| l.0).unwrap_or(false)
     }
 
     /// Every target's latest decision and last rescale, as `/debug/targets`
@@ -227,6 +267,12 @@ impl DecisionRecorder {
 
 impl DecisionObserver for DecisionRecorder {
     fn decided(&self, s: &TargetStatus) {
+        // A tick that ends after leadership was lost: its decision is
+        // logged, not exported.
+        if !self.leading() {
+            LogObserver.decided(s);
+            return;
+        }
         let l = TargetLabels {
             target: s.name.clone(),
             model: s.model.clone(),
@@ -270,6 +316,15 @@ impl DecisionObserver for DecisionRecorder {
         }
         if let Some(r) = s.decode_rate {
             self.decode_rate.get_or_create(&l).set(r);
+        }
+        self.min.get_or_create(&l).set(i64::from(s.min_replicas));
+        match s.max_replicas {
+            Some(m) => {
+                self.max.get_or_create(&l).set(i64::from(m));
+            }
+            None => {
+                self.max.remove(&l);
+            }
         }
         if s.changed {
             self.scale_events.get_or_create(&l).inc();
@@ -333,6 +388,8 @@ mod tests {
             target: 1.0,
             prefill_rate: None,
             decode_rate: None,
+            min_replicas: 1,
+            max_replicas: Some(10),
             reason: String::new(),
             changed,
         }
@@ -342,6 +399,44 @@ mod tests {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, reg).unwrap();
         text
+    }
+
+    #[test]
+    fn a_replica_that_stops_leading_exports_no_decision_series() {
+        let mut reg = Registry::default();
+        let r = DecisionRecorder::register(&mut reg);
+        r.decided(&status(Some(3), 3, 2, true));
+        let text = exposition(&reg);
+        for series in [
+            "scalecar_desired_replicas{",
+            "scalecar_spec_replicas{",
+            "scalecar_max_replicas{target=\"t\",model=\"m\",role=\"unified\"} 10",
+            "scalecar_min_replicas{target=\"t\",model=\"m\",role=\"unified\"} 1",
+        ] {
+            assert!(text.contains(series), "{series} missing:\n{text}");
+        }
+        r.set_leadership(false, Some("other".into()));
+        // A tick that ends after the loss changes nothing either.
+        r.decided(&status(Some(4), 4, 3, true));
+        let text = exposition(&reg);
+        for gone in [
+            "scalecar_desired_replicas{",
+            "scalecar_spec_replicas{",
+            "scalecar_ready_replicas{",
+            "scalecar_max_replicas{",
+            "scalecar_target_value{",
+        ] {
+            assert!(!text.contains(gone), "{gone} still exported:\n{text}");
+        }
+        assert!(text.contains("scalecar_leader 0"), "{text}");
+        assert_eq!(r.latest().len(), 0);
+        // Leading again: series come back with the next decision.
+        r.set_leadership(true, None);
+        r.decided(&status(Some(4), 4, 3, true));
+        assert!(
+            exposition(&reg)
+                .contains("scalecar_desired_replicas{target=\"t\",model=\"m\",role=\"unified\"} 4")
+        );
     }
 
     #[test]

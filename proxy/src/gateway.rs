@@ -395,6 +395,7 @@ impl GatewayBuilder {
                     stopped.clone(),
                 ));
             }
+            control.guard_writes(Arc::new(elector.write_lease()));
             let (tx, mut rx) = watch::channel(scalecar_scaler::kube::Leadership::default());
             handle.spawn(elector.run(tx, stopped.clone()));
             let decisions = self.decisions.clone();

@@ -100,6 +100,9 @@ pub struct TargetStatus {
     /// such work (`None`: too little busy time to measure on).
     pub prefill_rate: Option<f64>,
     pub decode_rate: Option<f64>,
+    /// The policy's bounds (`None`: no maximum).
+    pub min_replicas: u32,
+    pub max_replicas: Option<u32>,
     pub reason: String,
     /// True when the replica count really changed: the target accepted the
     /// new count, or (advisory) the advice differs from the last advice.
@@ -229,6 +232,9 @@ pub struct ControlLoop {
     updates: Option<tokio::sync::watch::Receiver<Vec<TargetSpec>>>,
     /// Whether this replica decides (leader election); `None`: always.
     leading: Option<tokio::sync::watch::Receiver<bool>>,
+    /// Asked right before every write of a replica count: a tick that
+    /// began as leader may have spent its API and peer timeouts since.
+    write_guard: Option<Arc<dyn WriteGuard>>,
     /// The other replicas' windows, merged into every decision.
     peers: Option<Arc<dyn PeerSource>>,
 }
@@ -270,6 +276,7 @@ impl ControlLoop {
             registry: registry.clone(),
             updates: None,
             leading: None,
+            write_guard: None,
             peers: None,
         };
         if let Some(e) = control.set_targets(specs).into_iter().next() {
@@ -345,6 +352,12 @@ impl ControlLoop {
     /// new leader starts each algorithm afresh on the windows it has.
     pub fn lead_with(&mut self, leading: tokio::sync::watch::Receiver<bool>) {
         self.leading = Some(leading);
+    }
+
+    /// Asks `guard` right before every write of a replica count; a write
+    /// it refuses is not made (the decision says so).
+    pub fn guard_writes(&mut self, guard: Arc<dyn WriteGuard>) {
+        self.write_guard = Some(guard);
     }
 
     /// Decides on the sum of this replica's windows and its peers'.
@@ -456,6 +469,8 @@ impl ControlLoop {
                     target: 0.0,
                     prefill_rate: p.snapshot.stable.prefill_rate(MEASURED_BUSY),
                     decode_rate: p.snapshot.stable.decode_rate(MEASURED_BUSY),
+                    min_replicas: t.spec.policy.min_replicas,
+                    max_replicas: t.spec.policy.max_replicas,
                     reason: p.decision.reason,
                     changed: false,
                 };
@@ -469,12 +484,24 @@ impl ControlLoop {
             let mut desired = desired;
             let mut applied = behave(t, desired, state.spec, &snapshot, now, unix_secs, partial);
             let mut changed = false;
+            let mut refused = false;
+            let guard = self.write_guard.clone();
             match &t.spec.scaling {
                 Scaling::Managed(target) if applied.replicas != state.spec => {
                     let target = target.clone();
-                    match apply_scale(t, &*target, applied.replicas, now, &*self.observer).await {
+                    match apply_scale(
+                        t,
+                        &*target,
+                        applied.replicas,
+                        now,
+                        &*self.observer,
+                        guard.as_deref(),
+                    )
+                    .await
+                    {
                         Applied::Done => changed = true,
                         Applied::Failed => {}
+                        Applied::Refused => refused = true,
                         Applied::Conflict(fresh) => {
                             // Someone else changed the target: decide again on
                             // what it is now. A grouped target keeps the
@@ -489,17 +516,20 @@ impl ControlLoop {
                             applied =
                                 behave(t, desired, state.spec, &snapshot, now, unix_secs, partial);
                             if applied.replicas != state.spec {
-                                changed = matches!(
-                                    apply_scale(
-                                        t,
-                                        &*target,
-                                        applied.replicas,
-                                        now,
-                                        &*self.observer
-                                    )
-                                    .await,
-                                    Applied::Done
-                                );
+                                match apply_scale(
+                                    t,
+                                    &*target,
+                                    applied.replicas,
+                                    now,
+                                    &*self.observer,
+                                    guard.as_deref(),
+                                )
+                                .await
+                                {
+                                    Applied::Done => changed = true,
+                                    Applied::Refused => refused = true,
+                                    Applied::Failed | Applied::Conflict(_) => {}
+                                }
                             }
                         }
                     }
@@ -520,6 +550,9 @@ impl ControlLoop {
                 reason.push_str("; ");
                 reason.push_str(why);
             }
+            if refused {
+                reason.push_str("; not written: no longer the leader");
+            }
             let status = TargetStatus {
                 name: t.spec.name.clone(),
                 model: t.spec.model.clone(),
@@ -539,6 +572,8 @@ impl ControlLoop {
                 target: decision.target,
                 prefill_rate: p.snapshot.stable.prefill_rate(MEASURED_BUSY),
                 decode_rate: p.snapshot.stable.decode_rate(MEASURED_BUSY),
+                min_replicas: t.spec.policy.min_replicas,
+                max_replicas: t.spec.policy.max_replicas,
                 reason,
                 changed,
             };
@@ -739,9 +774,17 @@ fn note_failure(t: &mut Managed, now: Duration) {
     t.backoff_until = now + backoff;
 }
 
+/// Whether this replica may write now (leader election: its Lease was
+/// renewed within the renew deadline).
+pub trait WriteGuard: Send + Sync + std::fmt::Debug {
+    fn may_write(&self) -> bool;
+}
+
 /// How a write of the replica count went.
 enum Applied {
     Done,
+    /// Not written: the guard refused (leadership lost during the tick).
+    Refused,
     /// Not written (backing off, or an error already reported).
     Failed,
     /// The target changed under us (409): here is what it is now.
@@ -756,9 +799,13 @@ async fn apply_scale(
     replicas: u32,
     now: Duration,
     observer: &dyn DecisionObserver,
+    guard: Option<&dyn WriteGuard>,
 ) -> Applied {
     if now < t.backoff_until {
         return Applied::Failed;
+    }
+    if guard.is_some_and(|g| !g.may_write()) {
+        return Applied::Refused;
     }
     match target.set_replicas(replicas).await {
         Ok(()) => {
@@ -934,6 +981,43 @@ mod tests {
             max_replicas: Some(10),
             ..Policy::default()
         }
+    }
+
+    /// A write guard a test turns on and off.
+    #[derive(Debug, Default)]
+    struct Switch(std::sync::atomic::AtomicBool);
+
+    impl WriteGuard for Switch {
+        fn may_write(&self) -> bool {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_write_is_not_made_and_the_decision_says_so() {
+        let target = Instant::new(1);
+        let (clock, signals, _, mut l) = setup(Scaling::Managed(target.clone()), policy());
+        let guard = Arc::new(Switch::default());
+        l.guard_writes(guard.clone());
+        for _ in 0..12 {
+            signals.dispatch(0);
+        }
+        clock.advance(Duration::from_secs(2));
+        let s = l.tick_once().await;
+        assert_eq!(s[0].applied, 6);
+        assert!(!s[0].changed, "{:?}", s[0]);
+        assert!(
+            s[0].reason.contains("not written: no longer the leader"),
+            "{}",
+            s[0].reason
+        );
+        assert!(target.sets.lock().unwrap().is_empty());
+        // Allowed again: the same decision is written.
+        guard.0.store(true, Ordering::SeqCst);
+        clock.advance(Duration::from_secs(2));
+        let s = l.tick_once().await;
+        assert!(s[0].changed, "{:?}", s[0]);
+        assert_eq!(*target.sets.lock().unwrap(), vec![6]);
     }
 
     #[tokio::test]

@@ -13,6 +13,7 @@
 //! has its own duration/grace semantics; these are client-go's (15 s / 10 s
 //! / 2 s), which users of the HPA and controller-runtime already know.
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -21,6 +22,8 @@ use k8s_openapi::jiff::Timestamp;
 use kube::Client;
 use kube::api::{Api, PostParams};
 use tokio::sync::watch;
+
+use crate::control::WriteGuard;
 
 /// Lease timing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +55,31 @@ pub struct Leadership {
     pub holder: Option<String>,
 }
 
+/// Until when this replica may write: the start of its last successful
+/// renewal plus the renew deadline. The elector notices a lost Lease only
+/// at its next attempt; the writer asks this right before each write, so a
+/// write after the renew deadline cannot happen however long the tick took.
+#[derive(Debug, Clone, Default)]
+pub struct WriteLease {
+    until: Arc<Mutex<Option<Instant>>>,
+}
+
+impl WriteLease {
+    fn set(&self, until: Option<Instant>) {
+        if let Ok(mut u) = self.until.lock() {
+            *u = until;
+        }
+    }
+}
+
+impl WriteGuard for WriteLease {
+    fn may_write(&self) -> bool {
+        self.until
+            .lock()
+            .is_ok_and(|u| u.is_some_and(|t| Instant::now() < t))
+    }
+}
+
 /// One replica's candidacy.
 #[derive(Debug)]
 pub struct LeaderElector {
@@ -59,6 +87,7 @@ pub struct LeaderElector {
     name: String,
     identity: String,
     timing: LeaseTiming,
+    write: WriteLease,
 }
 
 /// What was last read of the Lease, and when (this replica's clock).
@@ -87,7 +116,13 @@ impl LeaderElector {
             name: name.to_string(),
             identity: identity.to_string(),
             timing,
+            write: WriteLease::default(),
         }
+    }
+
+    /// What the writer asks before each write.
+    pub fn write_lease(&self) -> WriteLease {
+        self.write.clone()
     }
 
     /// Runs the candidacy, publishing every change of leadership, until
@@ -97,6 +132,7 @@ impl LeaderElector {
         let mut observed: Option<Observed> = None;
         let mut last_renew: Option<Instant> = None;
         loop {
+            let started = Instant::now();
             let attempt = tokio::time::timeout(
                 self.timing.retry_period.max(Duration::from_millis(100)),
                 self.try_acquire_or_renew(&mut observed),
@@ -107,6 +143,9 @@ impl LeaderElector {
             let next = match attempt {
                 Attempt::Leading => {
                     last_renew = Some(now);
+                    // From when the renewal was sent: the Lease may have been
+                    // written at any moment of the call.
+                    self.write.set(Some(started + self.timing.renew_deadline));
                     Leadership {
                         leading: true,
                         holder: Some(self.identity.clone()),
@@ -114,6 +153,7 @@ impl LeaderElector {
                 }
                 Attempt::Held(holder) => {
                     last_renew = None;
+                    self.write.set(None);
                     Leadership {
                         leading: false,
                         holder,
@@ -128,6 +168,7 @@ impl LeaderElector {
                     if was.leading && !within {
                         tracing::warn!(lease = %self.name, error = %why, "lease not renewed within the renew deadline; stepping down");
                         last_renew = None;
+                        self.write.set(None);
                         Leadership {
                             leading: false,
                             holder: None,
@@ -156,6 +197,7 @@ impl LeaderElector {
                 _ = stop.wait_for(|s| *s) => true,
             };
             if stopping {
+                self.write.set(None);
                 let leading = tx.borrow().leading;
                 tx.send_replace(Leadership::default());
                 if leading {
@@ -277,5 +319,23 @@ impl LeaderElector {
         {
             tracing::warn!(lease = %self.name, error = %e, "releasing the lease failed; it expires on its own");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_write_lease_allows_writes_until_its_deadline_only() {
+        let w = WriteLease::default();
+        assert!(!w.may_write(), "never renewed");
+        w.set(Some(Instant::now() + Duration::from_secs(3600)));
+        assert!(w.may_write());
+        let shared = w.clone();
+        w.set(Instant::now().checked_sub(Duration::from_millis(1)));
+        assert!(!shared.may_write(), "past the renew deadline");
+        w.set(None);
+        assert!(!shared.may_write());
     }
 }

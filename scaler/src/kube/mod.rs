@@ -12,7 +12,7 @@ mod selector;
 mod workloads;
 
 pub use events::{EventWriter, RescaleEvents};
-pub use lease::{LeaderElector, Leadership, LeaseTiming};
+pub use lease::{LeaderElector, Leadership, LeaseTiming, WriteLease};
 pub use pods::{PodInfo, Pods, cold_starts_of, endpoints_of, watch_pods};
 pub use scale::KubeScaleTarget;
 pub use selector::{LabelSelector, SelectorError};
