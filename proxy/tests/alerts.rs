@@ -36,7 +36,7 @@ fn promtool(args: &[&str]) -> String {
 #[test]
 fn the_rules_pass_promtools_checks_and_their_unit_tests() {
     let checked = promtool(&["check", "rules", "scalecar-rules.yml"]);
-    assert!(checked.contains("SUCCESS: 5 rules found"), "{checked}");
+    assert!(checked.contains("SUCCESS: 6 rules found"), "{checked}");
     let tested = promtool(&["test", "rules", "scalecar-rules.test.yml"]);
     assert!(tested.contains("SUCCESS"), "{tested}");
 }
@@ -48,7 +48,7 @@ fn the_prometheus_rule_carries_the_same_groups() {
             .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
     };
     let plain = read(deploy().join("prometheus/scalecar-rules.yml"));
-    let operator = read(deploy().join("base/prometheusrule.yaml"));
+    let operator = read(deploy().join("components/prometheus-operator/prometheusrule.yaml"));
     assert_eq!(operator["kind"], "PrometheusRule");
     assert_eq!(operator["spec"]["groups"], plain["groups"]);
     let alerts: Vec<&str> = plain["groups"][0]["rules"]
@@ -64,9 +64,31 @@ fn the_prometheus_rule_carries_the_same_groups() {
             "ScalecarScaleErrors",
             "ScalecarAtMaxWhileQueueing",
             "ScalecarNoLeader",
-            "ScalecarPeersMissing"
+            "ScalecarPeersMissing",
+            "ScalecarAbsent"
         ]
     );
+    // Each alert says what happened and links its runbook, which exists.
+    let runbooks = std::fs::read_to_string(deploy().join("../docs/runbooks.md")).unwrap();
+    for rule in plain["groups"][0]["rules"].as_array().unwrap() {
+        let alert = rule["alert"].as_str().unwrap();
+        let a = &rule["annotations"];
+        assert!(
+            a["description"].as_str().is_some_and(|d| d.len() > 40),
+            "{alert}"
+        );
+        let url = a["runbook_url"].as_str().unwrap_or_default();
+        let anchor = alert.to_lowercase();
+        assert_eq!(
+            url,
+            format!("https://github.com/scalecar/scalecar/blob/main/docs/runbooks.md#{anchor}"),
+            "{alert}"
+        );
+        assert!(
+            runbooks.contains(&format!("\n## {alert}\n")),
+            "docs/runbooks.md has no section for {alert}"
+        );
+    }
 }
 
 /// A Prometheus server scraping `target` every second, on a free port.
@@ -153,7 +175,7 @@ fn dashboard_expr(e: &str) -> String {
 async fn every_dashboard_query_and_alert_metric_returns_data_from_a_real_prometheus() {
     let s = sim(model("m")).await;
     let p = proxy(&format!(
-        "scaler: {{ tick: 500ms }}\npools: [{{ model: m, endpoints: [\"{}\"], policy: {{ ttft-target: 1s }} }}]\n",
+        "scaler: {{ tick: 500ms }}\npools: [{{ model: m, endpoints: [\"{}\"], policy: {{ ttft-target: 1s, max-replicas: 8 }} }}]\n",
         s.local_addr()
     ))
     .await;

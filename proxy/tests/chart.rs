@@ -40,6 +40,11 @@ fn the_default_values_validate_and_bad_ones_do_not() {
         ("/leaderElection/leaseDuration", json!("15 seconds")),
         ("/kubernetes/namespaces", json!(["Not_A_Namespace"])),
         ("/admin/port", json!(70000)),
+        // The binary refuses a zero duration; so does the schema.
+        ("/limits/queueWait", json!("0s")),
+        ("/limits/shutdownGraceSeconds", json!(0)),
+        // Non-root cannot bind under 1024 (the Service port may be 80).
+        ("/containerPorts/http", json!(80)),
     ] {
         let mut v = values.clone();
         *v.pointer_mut(path).unwrap() = bad.clone();
@@ -48,6 +53,12 @@ fn the_default_values_validate_and_bad_ones_do_not() {
     let mut v = values.clone();
     v["replicas"] = json!(3); // a misspelt key
     assert!(!errors(&v).is_empty(), "an unknown key was accepted");
+    // As a subchart: the parent's `global` and a Service on port 80.
+    let mut v = values.clone();
+    v["global"] = json!({"imageRegistry": "mirror.example"});
+    v["service"]["port"] = json!(80);
+    v["limits"]["shutdownDelaySeconds"] = json!(0);
+    assert_eq!(errors(&v), Vec::<String>::new());
 }
 
 /// Every `.Values.a.b` a template reads.

@@ -1915,6 +1915,16 @@ async fn every_kustomization_renders_and_applies_and_the_example_is_served() {
         out.contains("configmap/scalecar-dashboard created"),
         "{out}"
     );
+    // Nothing of the Prometheus Operator's unless asked for: a cluster
+    // without its CRDs takes the default install.
+    assert!(!out.contains("monitoring.coreos.com"), "{out}");
+    let out = install(&c, "deploy/overlays/monitored");
+    for what in [
+        "servicemonitor.monitoring.coreos.com/scalecar created",
+        "prometheusrule.monitoring.coreos.com/scalecar created",
+    ] {
+        assert!(out.contains(what), "{what} missing from:\n{out}");
+    }
     assert!(
         install(&c, "deploy/overlays/namespaced")
             .contains("role.rbac.authorization.k8s.io/scalecar created")
