@@ -915,3 +915,142 @@ async fn badly_shaped_objects_get_errors_and_the_controllers_keep_going() {
     .await;
     sim.shutdown().await;
 }
+
+/// As a kubelet: a Pod whose Secret is missing does not start — its
+/// container waits in CreateContainerConfigError with the kubelet's Event —
+/// and starts once the Secret is created; a missing ConfigMap volume keeps
+/// it in ContainerCreating.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_wait_for_the_secrets_and_config_maps_they_name() {
+    let (sim, config) = start(KubeSimConfig::default()).await;
+    let app = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: needs-token}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: needs-token}}
+  template:
+    metadata: {labels: {app: needs-token}}
+    spec:
+      containers:
+        - name: app
+          image: example/app:1
+          env:
+            - name: TOKEN
+              valueFrom: {secretKeyRef: {name: app-token, key: token}}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: needs-config}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: needs-config}}
+  template:
+    metadata: {labels: {app: needs-config}}
+    spec:
+      containers: [{name: app, image: example/app:1}]
+      volumes: [{name: config, configMap: {name: app-config}}]
+"#;
+    kubectl(
+        &config,
+        &["apply", "--validate=false", "-f", "-"],
+        Some(app),
+    )
+    .await;
+    let status = |label: &'static str| {
+        let config = config.clone();
+        async move {
+            kubectl(
+                &config,
+                &["get", "pods", "-l", label, "--no-headers", "-o", "custom-columns=S:.status.containerStatuses[0].state.waiting.reason,R:.status.conditions[?(@.type==\"Ready\")].status"],
+                None,
+            )
+            .await
+        }
+    };
+    eventually("the pod waits for its Secret", || {
+        let s = status("app=needs-token");
+        async move { s.await.contains("CreateContainerConfigError") }
+    })
+    .await;
+    eventually("the pod waits for its volume", || {
+        let s = status("app=needs-config");
+        async move { s.await.contains("ContainerCreating") }
+    })
+    .await;
+    // kubectl shows it as users know it, and the kubelet's Events say why.
+    let pods = kubectl(&config, &["get", "pods", "-l", "app=needs-token"], None).await;
+    assert!(
+        pods.contains("CreateContainerConfigError") && pods.contains("0/1"),
+        "{pods}"
+    );
+    let events = kubectl(
+        &config,
+        &[
+            "get",
+            "events",
+            "-o",
+            "custom-columns=T:.type,R:.reason,M:.message",
+            "--no-headers",
+        ],
+        None,
+    )
+    .await;
+    assert!(
+        events.contains("Warning   Failed   Error: secret \"app-token\" not found")
+            || (events.contains("Failed")
+                && events.contains("Error: secret \"app-token\" not found")),
+        "{events}"
+    );
+    assert!(
+        events.contains("FailedMount") && events.contains("configmap \"app-config\" not found"),
+        "{events}"
+    );
+    let deploy = kubectl(
+        &config,
+        &[
+            "get",
+            "deploy/needs-token",
+            "-o",
+            "jsonpath={.status.readyReplicas}",
+        ],
+        None,
+    )
+    .await;
+    assert!(deploy.is_empty() || deploy == "0", "ready: {deploy}");
+    // Created (kubectl create renders, apply sends JSON): the kubelet
+    // retries and the pods start.
+    for what in [
+        &[
+            "create",
+            "secret",
+            "generic",
+            "app-token",
+            "--from-literal=token=s3cret",
+        ][..],
+        &["create", "configmap", "app-config", "--from-literal=a=1"][..],
+    ] {
+        let mut args = what.to_vec();
+        args.extend(["--dry-run=client", "-o", "yaml"]);
+        let object = kubectl(&config, &args, None).await;
+        kubectl(
+            &config,
+            &["apply", "--validate=false", "-f", "-"],
+            Some(&object),
+        )
+        .await;
+    }
+    for label in ["app=needs-token", "app=needs-config"] {
+        eventually("the pod starts once what it names exists", || {
+            let s = status(label);
+            async move {
+                let s = s.await;
+                s.contains("True") && !s.contains("Error") && !s.contains("Creating")
+            }
+        })
+        .await;
+    }
+    let _ = std::fs::remove_file(&config);
+    sim.shutdown().await;
+}

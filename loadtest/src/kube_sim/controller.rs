@@ -193,6 +193,8 @@ fn template_hash(template: &Value) -> String {
 pub struct Controller {
     store: Arc<Store>,
     pods: HashMap<(String, String), Runtime>,
+    /// Pods that cannot start yet, and why (reported once per reason).
+    blocked: HashMap<(String, String), String>,
 }
 
 const WORKLOADS: [Storage; 5] = [
@@ -208,6 +210,7 @@ impl Controller {
         Controller {
             store,
             pods: HashMap::new(),
+            blocked: HashMap::new(),
         }
     }
 
@@ -278,6 +281,7 @@ impl Controller {
             .filter(|k| !seen.contains(*k))
             .cloned()
             .collect();
+        self.blocked.retain(|k, _| seen.contains(k));
         for k in gone {
             if let Some(rt) = self.pods.remove(&k) {
                 if let Some(sim) = rt.sim {
@@ -454,9 +458,20 @@ impl Controller {
         let (ns, name) = (&key.0, &key.1);
         if !self.pods.contains_key(&key) {
             if terminating(pod) {
+                self.blocked.remove(&key);
                 let _ = self.store.delete(pod_rt, ns, name, None);
                 return;
             }
+            // As a kubelet: nothing starts until the ConfigMaps and
+            // Secrets the Pod names are there (checked again every pass).
+            if let Some(b) = super::kubelet::missing(&self.store, ns, pod) {
+                if self.blocked.get(&key) != Some(&b.message) {
+                    block(&self.store, ns, name, pod, &b);
+                    self.blocked.insert(key, b.message);
+                }
+                return;
+            }
+            self.blocked.remove(&key);
             let ip = Addresses::shared().take();
             let container = pod
                 .pointer("/spec/containers/0")
@@ -668,6 +683,59 @@ fn record_event(store: &Store, rt: &ResourceType, w: &Value, reason: &str, messa
     if let Err(e) = store.create(events, meta(w, "namespace"), event) {
         tracing::debug!(error = %e, "recording an event failed");
     }
+}
+
+/// A Pod the kubelet cannot start: Pending, its containers waiting with
+/// the reason, and the Warning Event a kubelet writes.
+fn block(store: &Store, ns: &str, name: &str, pod: &Value, b: &super::kubelet::Blocked) {
+    let pod_rt = of_storage(Storage::Pods);
+    let containers: Vec<Value> = pod
+        .pointer("/spec/containers")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            json!({"name": c.get("name").cloned().unwrap_or(json!("main")),
+                   "image": c.get("image").cloned().unwrap_or(json!("")),
+                   "imageID": "", "ready": false, "started": false, "restartCount": 0,
+                   "state": {"waiting": {"reason": b.waiting, "message": b.message}}})
+        })
+        .collect();
+    let _ = store.modify(pod_rt, ns, name, Part::Status, |o| {
+        o["status"] = json!({
+            "phase": "Pending",
+            "hostIP": "127.0.0.1",
+            "startTime": now_rfc3339(),
+            "qosClass": "BestEffort",
+            "conditions": [
+                {"type": "PodScheduled", "status": "True", "lastTransitionTime": now_rfc3339()},
+                {"type": "Initialized", "status": "True", "lastTransitionTime": now_rfc3339()},
+                {"type": "ContainersReady", "status": "False", "reason": "ContainersNotReady", "lastTransitionTime": now_rfc3339()},
+                {"type": "Ready", "status": "False", "reason": "ContainersNotReady", "lastTransitionTime": now_rfc3339()},
+            ],
+            "containerStatuses": containers,
+        });
+        Ok(())
+    });
+    let events = super::resources::by_kind("events.k8s.io/v1", "Event")
+        .unwrap_or_else(|| of_storage(Storage::Events));
+    let now = now_rfc3339();
+    let event = json!({
+        "metadata": {"generateName": format!("{name}.")},
+        "eventTime": format!("{}.000000Z", now.trim_end_matches('Z')),
+        "reportingController": "kubelet",
+        "reportingInstance": "kube-sim",
+        "action": "Start",
+        "reason": b.event,
+        "note": b.message,
+        "type": "Warning",
+        "regarding": {"apiVersion": "v1", "kind": "Pod", "name": name, "namespace": ns,
+                      "uid": meta(pod, "uid")},
+    });
+    if let Err(e) = store.create(events, ns, event) {
+        tracing::debug!(error = %e, "recording an event failed");
+    }
+    tracing::info!(pod = %name, namespace = %ns, reason = b.waiting, message = %b.message, "pod cannot start");
 }
 
 fn pod_grace(pod: &Value) -> u64 {

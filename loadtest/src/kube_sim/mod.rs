@@ -13,7 +13,10 @@
 //! `/status`; one cluster-wide resourceVersion, optimistic concurrency,
 //! `generation`; controllers that turn workloads into Pods on their own
 //! loopback addresses running in-process model-sims, readiness from
-//! `/health`, graceful termination, EndpointSlices; fault injection.
+//! `/health`, graceful termination, EndpointSlices; a kubelet's strictness
+//! where installs fail (a Pod whose ConfigMaps or Secrets are missing waits
+//! in `CreateContainerConfigError` or `ContainerCreating`, with the
+//! kubelet's Warning Event, until they exist); fault injection.
 //!
 //! What it is not: a full apiserver. No authentication or admission, no
 //! OpenAPI schemas (clients must not validate: `kubectl apply
@@ -29,6 +32,7 @@
 mod api;
 mod controller;
 pub mod faults;
+mod kubelet;
 mod patch;
 pub mod resources;
 mod selector;

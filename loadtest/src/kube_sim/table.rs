@@ -179,8 +179,15 @@ fn cells(rt: &ResourceType, o: &Value) -> Vec<Value> {
                 .iter()
                 .filter(|c| c.get("ready").and_then(Value::as_bool) == Some(true))
                 .count();
+            // As kubectl shows it: a container's waiting reason
+            // (CreateContainerConfigError, ContainerCreating) over the phase.
+            let waiting = statuses
+                .iter()
+                .find_map(|c| c.pointer("/state/waiting/reason").and_then(Value::as_str));
             let status = if o.pointer("/metadata/deletionTimestamp").is_some() {
                 "Terminating".to_string()
+            } else if let Some(reason) = waiting {
+                reason.to_string()
             } else {
                 or_none(s(o, "/status/phase").to_string())
             };
