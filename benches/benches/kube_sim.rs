@@ -73,6 +73,7 @@ fn bench(c: &mut Criterion) {
             KubeSimConfig {
                 history: 10_000,
                 controllers: false,
+                ..KubeSimConfig::default()
             },
             listener,
         )

@@ -565,6 +565,7 @@ async fn a_reflector_survives_dropped_watches_and_a_410() {
     let (sim, _) = start(KubeSimConfig {
         history: 20,
         controllers: false,
+        ..KubeSimConfig::default()
     })
     .await;
     sim.faults()

@@ -14,7 +14,7 @@ use scalecar_loadtest::kube_sim::{Fault, KubeSim, KubeSimConfig, Rule};
     name = "kube-sim",
     version,
     about = "A Kubernetes API server for tests: real REST/watch protocol, Deployments whose Pods are in-process model-sims on their own loopback addresses",
-    after_help = "EXAMPLE\n  kube-sim --listen 127.0.0.1:6443 --kubeconfig /tmp/kube-sim.yaml &\n  export KUBECONFIG=/tmp/kube-sim.yaml\n  kubectl apply --validate=false -f - <<'EOF'\n  apiVersion: apps/v1\n  kind: Deployment\n  metadata: {name: llama}\n  spec:\n    selector: {matchLabels: {app: llama}}\n    template:\n      metadata: {labels: {app: llama}}\n      spec: {containers: [{name: vllm, image: vllm/vllm-openai, args: [--model, llama-3-8b, --port, \"8000\"]}]}\n  EOF\n  kubectl scale deploy/llama --replicas=3 && kubectl get pods -o wide\n  curl http://127.0.0.2:8000/v1/models\n\nFAULTS (also at runtime: curl -X POST http://127.0.0.1:6443/kube-sim/faults -d '{\"rules\":[{\"verb\":\"patch\",\"error\":500,\"rate\":0.5}]}')\n  --fail patch:deployments:500:0.5   --latency 50ms   --drop-watches-after 30s"
+    after_help = "EXAMPLE\n  kube-sim --listen 127.0.0.1:6443 --kubeconfig /tmp/kube-sim.yaml &\n  export KUBECONFIG=/tmp/kube-sim.yaml\n  kubectl apply --validate=false -f - <<'EOF'\n  apiVersion: apps/v1\n  kind: Deployment\n  metadata: {name: llama}\n  spec:\n    selector: {matchLabels: {app: llama}}\n    template:\n      metadata: {labels: {app: llama}}\n      spec: {containers: [{name: vllm, image: vllm/vllm-openai, args: [--model, llama-3-8b, --port, \"8000\"]}]}\n  EOF\n  kubectl scale deploy/llama --replicas=3 && kubectl get pods -o wide\n  curl http://127.0.0.2:8000/v1/models\n\nREAL PODS\n  kube-sim --run-image ghcr.io/scalecar/scalecar=target/release/scalecar --kubeconfig /tmp/kube-sim.yaml &\n  kubectl kustomize deploy/ | kubectl apply --validate=false -f -   # the gateway pods run the real binary\n\nFAULTS (also at runtime: curl -X POST http://127.0.0.1:6443/kube-sim/faults -d '{\"rules\":[{\"verb\":\"patch\",\"error\":500,\"rate\":0.5}]}')\n  --fail patch:deployments:500:0.5   --latency 50ms   --drop-watches-after 30s"
 )]
 struct Args {
     /// Address to serve on (plain HTTP).
@@ -36,6 +36,11 @@ struct Args {
     /// End every watch after this long (clients must resume).
     #[arg(long, value_parser = humantime::parse_duration)]
     drop_watches_after: Option<Duration>,
+    /// Pods whose image is IMAGE (any tag) run BINARY as a real process:
+    /// their args, env, ConfigMap and Secret volumes, on their own IP;
+    /// repeatable. E.g. ghcr.io/scalecar/scalecar=target/release/scalecar.
+    #[arg(long = "run-image", value_name = "IMAGE=BINARY")]
+    run_image: Vec<scalecar_loadtest::kube_sim::runner::RunImage>,
 }
 
 fn rule(spec: &str) -> anyhow::Result<Rule> {
@@ -87,6 +92,7 @@ async fn main() -> anyhow::Result<()> {
     let sim = KubeSim::start(
         KubeSimConfig {
             history: args.history,
+            run_images: args.run_image.clone(),
             ..KubeSimConfig::default()
         },
         listener,

@@ -31,6 +31,8 @@ struct Runtime {
     ip: Ipv4Addr,
     /// The model-sim of a container that serves a model.
     sim: Option<SimHandle>,
+    /// The real process of a container whose image is a run-image.
+    process: Option<super::runner::Process>,
     port: u16,
     ready: bool,
     /// When termination began.
@@ -195,6 +197,9 @@ pub struct Controller {
     pods: HashMap<(String, String), Runtime>,
     /// Pods that cannot start yet, and why (reported once per reason).
     blocked: HashMap<(String, String), String>,
+    /// Images run as real processes, and the kubeconfig they get.
+    run_images: Vec<super::runner::RunImage>,
+    kubeconfig: Option<std::path::PathBuf>,
 }
 
 const WORKLOADS: [Storage; 5] = [
@@ -211,7 +216,20 @@ impl Controller {
             store,
             pods: HashMap::new(),
             blocked: HashMap::new(),
+            run_images: Vec::new(),
+            kubeconfig: None,
         }
+    }
+
+    /// Pods of these images run the real binaries, with `kubeconfig`.
+    pub fn run_images(
+        mut self,
+        images: Vec<super::runner::RunImage>,
+        kubeconfig: std::path::PathBuf,
+    ) -> Self {
+        self.run_images = images;
+        self.kubeconfig = Some(kubeconfig);
+        self
     }
 
     /// Reconciles after every change and every 100 ms until `stop`.
@@ -309,6 +327,10 @@ impl Controller {
         let live: Vec<&Value> = owned.iter().copied().filter(|p| !terminating(p)).collect();
         let pod_rt = of_storage(Storage::Pods);
         let template = w.pointer("/spec/template").cloned().unwrap_or(json!({}));
+        if rt.storage == Storage::Deployments && self.roll(rt, w, &template, desired, &live) {
+            self.workload_status(rt, w, &live);
+            return;
+        }
         if live.len() != desired {
             let (verb, n) = if live.len() < desired {
                 ("Created", desired - live.len())
@@ -348,35 +370,7 @@ impl Controller {
                 } else {
                     format!("{name}-{}", suffix(5))
                 };
-                // Anything a client wrote may be the wrong shape: only
-                // objects are extended.
-                let mut labels = template
-                    .pointer("/metadata/labels")
-                    .filter(|l| l.is_object())
-                    .cloned()
-                    .unwrap_or(json!({}));
-                if rt.storage == Storage::Deployments {
-                    labels["pod-template-hash"] = json!(hash);
-                }
-                let mut spec = template
-                    .get("spec")
-                    .filter(|s| s.is_object())
-                    .cloned()
-                    .unwrap_or(json!({}));
-                spec["nodeName"] = json!("kube-sim");
-                let pod = json!({
-                    "metadata": {
-                        "name": pod_name,
-                        "labels": labels,
-                        "annotations": template.pointer("/metadata/annotations").cloned().unwrap_or(json!({})),
-                        "ownerReferences": [{"apiVersion": rt.api_version(), "kind": rt.kind, "name": name,
-                                             "uid": uid, "controller": true, "blockOwnerDeletion": true}],
-                    },
-                    "spec": spec,
-                    "status": {"phase": "Pending", "qosClass": "BestEffort",
-                               "conditions": [{"type": "PodScheduled", "status": "True",
-                                               "lastTransitionTime": now_rfc3339()}]},
-                });
+                let pod = pod_from_template(rt, w, &template, &pod_name, &hash);
                 if let Err(e) = self.store.create(pod_rt, ns, pod) {
                     tracing::warn!(workload = %name, error = %e, "creating a pod failed");
                 }
@@ -410,6 +404,106 @@ impl Controller {
                     .delete(pod_rt, ns, meta(p, "name"), Some(pod_grace(p)));
             }
         }
+        self.workload_status(rt, w, &live);
+    }
+
+    /// A Deployment whose Pods are not all of its current template rolls,
+    /// as the Deployment controller does with its default strategy: new
+    /// Pods up to `maxSurge` above the count, old ones deleted while the
+    /// Ready count stays at least `maxUnavailable` under it (25 % each,
+    /// rounded up and down; at least one surge). Returns whether it rolled.
+    fn roll(
+        &self,
+        rt: &ResourceType,
+        w: &Value,
+        template: &Value,
+        desired: usize,
+        live: &[&Value],
+    ) -> bool {
+        let hash = template_hash(template);
+        let (current, old): (Vec<&Value>, Vec<&Value>) = live.iter().partition(|p| {
+            p.pointer("/metadata/labels/pod-template-hash")
+                .and_then(Value::as_str)
+                == Some(hash.as_str())
+        });
+        if old.is_empty() {
+            return false;
+        }
+        let ns = meta(w, "namespace");
+        let name = meta(w, "name");
+        let pod_rt = of_storage(Storage::Pods);
+        let quarter = |key: &str, round_up: bool| -> usize {
+            let v = w.pointer(&format!("/spec/strategy/rollingUpdate/{key}"));
+            match v {
+                Some(Value::Number(n)) => n.as_u64().unwrap_or(0) as usize,
+                Some(Value::String(s)) if s.ends_with('%') => {
+                    let pct: f64 = s.trim_end_matches('%').parse().unwrap_or(25.0);
+                    let x = desired as f64 * pct / 100.0;
+                    (if round_up { x.ceil() } else { x.floor() }) as usize
+                }
+                _ => {
+                    let x = desired as f64 * 0.25;
+                    (if round_up { x.ceil() } else { x.floor() }) as usize
+                }
+            }
+        };
+        let max_unavailable = quarter("maxUnavailable", false);
+        let max_surge = quarter("maxSurge", true).max(usize::from(max_unavailable == 0));
+        let mut total = live.len();
+        let mut created = 0;
+        let mut fresh = current.len();
+        while fresh < desired && total < desired + max_surge {
+            let pod = pod_from_template(
+                rt,
+                w,
+                template,
+                &format!("{name}-{hash}-{}", suffix(5)),
+                &hash,
+            );
+            if let Err(e) = self.store.create(pod_rt, ns, pod) {
+                tracing::warn!(workload = %name, error = %e, "creating a pod failed");
+                break;
+            }
+            total += 1;
+            fresh += 1;
+            created += 1;
+        }
+        let mut ready = live.iter().filter(|p| pod_ready(p)).count();
+        let floor = desired.saturating_sub(max_unavailable);
+        let mut deleted = 0;
+        // Old Pods that serve nothing go first; the others only while the
+        // Ready count stays at the floor.
+        let mut victims = old.clone();
+        victims.sort_by_key(|p| pod_ready(p));
+        for p in victims {
+            let was_ready = pod_ready(p);
+            if was_ready && ready.saturating_sub(1) < floor {
+                break;
+            }
+            let _ = self
+                .store
+                .delete(pod_rt, ns, meta(p, "name"), Some(pod_grace(p)));
+            deleted += 1;
+            if was_ready {
+                ready -= 1;
+            }
+        }
+        if created + deleted > 0 {
+            record_event(
+                &self.store,
+                rt,
+                w,
+                "ScalingReplicaSet",
+                &format!("Rolling {name} to {hash}: {created} new, {deleted} old removed"),
+            );
+        }
+        true
+    }
+
+    /// Writes the workload's status from its live Pods.
+    fn workload_status(&self, rt: &ResourceType, w: &Value, live: &[&Value]) {
+        let ns = meta(w, "namespace");
+        let name = meta(w, "name");
         let ready = live.iter().filter(|p| pod_ready(p)).count();
         let replicas = live.len();
         let generation = w
@@ -489,15 +583,41 @@ impl Controller {
                 }
                 None => (None, 0),
             };
-            let serves = sim.is_some();
+            let process = match (
+                super::runner::matching(&self.run_images, &container),
+                &self.kubeconfig,
+            ) {
+                (Some(run), Some(kubeconfig)) => {
+                    match super::runner::Process::spawn(&self.store, ns, pod, ip, run, kubeconfig) {
+                        Ok(p) => Some(p),
+                        Err(message) => {
+                            Addresses::shared().give_back(ip);
+                            let b = super::kubelet::Blocked {
+                                waiting: "RunContainerError",
+                                event: "Failed",
+                                message: format!("Error: {message}"),
+                            };
+                            if self.blocked.get(&key) != Some(&b.message) {
+                                block(&self.store, ns, name, pod, &b);
+                                self.blocked.insert(key, b.message);
+                            }
+                            return;
+                        }
+                    }
+                }
+                _ => None,
+            };
+            // A container that serves no model and runs nothing is ready at
+            // once; the others when their probe answers.
+            let ready = sim.is_none() && process.is_none();
             self.pods.insert(
                 key.clone(),
                 Runtime {
                     ip,
                     sim,
+                    process,
                     port,
-                    // A container that serves no model is ready at once.
-                    ready: !serves,
+                    ready,
                     terminating: None,
                 },
             );
@@ -542,16 +662,23 @@ impl Controller {
             let (since, grace) = *rt
                 .terminating
                 .get_or_insert((Instant::now(), Duration::from_secs(pod_grace(pod))));
-            let drained = match &rt.sim {
-                Some(sim) => {
+            let drained = match (&rt.sim, &mut rt.process) {
+                (Some(sim), _) => {
                     sim.drain();
                     sim.is_drained()
                 }
-                None => true,
+                (None, Some(p)) => {
+                    p.terminate();
+                    p.exited()
+                }
+                (None, None) => true,
             };
             if drained || since.elapsed() >= grace {
                 if let Some(sim) = rt.sim.take() {
                     sim.shutdown();
+                }
+                if let Some(mut p) = rt.process.take() {
+                    p.kill();
                 }
                 let _ = self.store.delete(pod_rt, ns, name, None);
                 if let Some(rt) = self.pods.remove(&key) {
@@ -565,7 +692,15 @@ impl Controller {
             }
             return;
         }
-        if !rt.ready && rt.sim.is_some() && health(SocketAddr::from((rt.ip, rt.port))).await {
+        if let Some(p) = &mut rt.process {
+            // A kubelet probes for as long as the container runs.
+            let now_ready = p.ready().await;
+            if rt.ready && !now_ready && p.exited() {
+                tracing::warn!(pod = %name, namespace = %ns, last = %p.last_words(), "pod's process exited");
+            }
+            rt.ready = now_ready;
+        } else if !rt.ready && rt.sim.is_some() && health(SocketAddr::from((rt.ip, rt.port))).await
+        {
             rt.ready = true;
         }
         if rt.ready != pod_ready(pod) {
@@ -780,11 +915,15 @@ fn set_ready(store: &Store, ns: &str, name: &str, ready: bool) {
 
 /// `GET /health` answers 200 within 200 ms.
 async fn health(addr: SocketAddr) -> bool {
+    http_ok(addr, "/health").await
+}
+
+/// `GET path` answers 200 within 200 ms (a kubelet's httpGet probe).
+pub(super) async fn http_ok(addr: SocketAddr, path: &str) -> bool {
     let probe = async {
         let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-        s.write_all(b"GET /health HTTP/1.1\r\nhost: pod\r\nconnection: close\r\n\r\n")
-            .await
-            .ok()?;
+        let request = format!("GET {path} HTTP/1.1\r\nhost: pod\r\nconnection: close\r\n\r\n");
+        s.write_all(request.as_bytes()).await.ok()?;
         let mut buf = [0u8; 16];
         let n = s.read(&mut buf).await.ok()?;
         Some(buf.get(..n)?.starts_with(b"HTTP/1.1 200"))
@@ -794,6 +933,46 @@ async fn health(addr: SocketAddr) -> bool {
         .ok()
         .flatten()
         .unwrap_or(false)
+}
+
+/// A Pod of workload `w` (of type `rt`) from its `template`, named
+/// `pod_name`; Deployments' Pods carry the template's hash.
+fn pod_from_template(
+    rt: &ResourceType,
+    w: &Value,
+    template: &Value,
+    pod_name: &str,
+    hash: &str,
+) -> Value {
+    // Anything a client wrote may be the wrong shape: only objects are
+    // extended.
+    let mut labels = template
+        .pointer("/metadata/labels")
+        .filter(|l| l.is_object())
+        .cloned()
+        .unwrap_or(json!({}));
+    if rt.storage == Storage::Deployments {
+        labels["pod-template-hash"] = json!(hash);
+    }
+    let mut spec = template
+        .get("spec")
+        .filter(|s| s.is_object())
+        .cloned()
+        .unwrap_or(json!({}));
+    spec["nodeName"] = json!("kube-sim");
+    json!({
+        "metadata": {
+            "name": pod_name,
+            "labels": labels,
+            "annotations": template.pointer("/metadata/annotations").cloned().unwrap_or(json!({})),
+            "ownerReferences": [{"apiVersion": rt.api_version(), "kind": rt.kind, "name": meta(w, "name"),
+                                 "uid": meta(w, "uid"), "controller": true, "blockOwnerDeletion": true}],
+        },
+        "spec": spec,
+        "status": {"phase": "Pending", "qosClass": "BestEffort",
+                   "conditions": [{"type": "PodScheduled", "status": "True",
+                                   "lastTransitionTime": now_rfc3339()}]},
+    })
 }
 
 #[cfg(test)]

@@ -35,6 +35,7 @@ pub mod faults;
 mod kubelet;
 mod patch;
 pub mod resources;
+pub mod runner;
 mod selector;
 pub mod store;
 mod table;
@@ -66,6 +67,8 @@ pub struct KubeSimConfig {
     pub history: usize,
     /// Run the controllers (workloads → Pods → model-sims, EndpointSlices).
     pub controllers: bool,
+    /// Pods of these images run the real binaries (see [`runner`]).
+    pub run_images: Vec<runner::RunImage>,
 }
 
 impl Default for KubeSimConfig {
@@ -73,6 +76,7 @@ impl Default for KubeSimConfig {
         KubeSimConfig {
             history: 10_000,
             controllers: true,
+            run_images: Vec::new(),
         }
     }
 }
@@ -85,6 +89,8 @@ pub struct KubeSim {
     api: Arc<api::Api>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    /// The kubeconfig written for run-image Pods (removed on drop).
+    pod_kubeconfig: Option<std::path::PathBuf>,
 }
 
 impl KubeSim {
@@ -96,8 +102,20 @@ impl KubeSim {
         let api = Arc::new(api::Api::new(store.clone(), faults.clone(), addr));
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = Vec::new();
+        let mut pod_kubeconfig = None;
         if config.controllers {
-            let c = controller::Controller::new(store);
+            let mut c = controller::Controller::new(store);
+            if !config.run_images.is_empty() {
+                // What the Pods' processes reach the API with.
+                let path = std::env::temp_dir().join(format!(
+                    "kube-sim-{}-{}-pods.kubeconfig",
+                    std::process::id(),
+                    addr.port()
+                ));
+                std::fs::write(&path, kubeconfig(&format!("http://{addr}")))?;
+                c = c.run_images(config.run_images.clone(), path.clone());
+                pod_kubeconfig = Some(path);
+            }
             tasks.push(tokio::spawn(c.run(stop_rx.clone())));
         }
         tasks.push(tokio::spawn(serve(listener, api.clone(), stop_rx)));
@@ -106,6 +124,7 @@ impl KubeSim {
             api,
             stop,
             tasks,
+            pod_kubeconfig,
         })
     }
 
@@ -157,6 +176,9 @@ impl KubeSim {
 
 impl Drop for KubeSim {
     fn drop(&mut self) {
+        if let Some(p) = &self.pod_kubeconfig {
+            let _ = std::fs::remove_file(p);
+        }
         let _ = self.stop.send(true);
         for t in &self.tasks {
             t.abort();
