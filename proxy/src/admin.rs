@@ -31,6 +31,9 @@ pub struct Admin {
     pub peer_token: Option<String>,
     /// Set once the proxy listener is serving; cleared at shutdown.
     pub ready: AtomicBool,
+    /// False until discovery has listed every watched kind and the pods:
+    /// before that a model may be unknown only because it was not seen yet.
+    pub routes_known: std::sync::Arc<AtomicBool>,
 }
 
 fn entries(plane: &DataPlane) -> Vec<std::sync::Arc<PoolEntry>> {
@@ -57,6 +60,12 @@ impl Admin {
     fn readiness(&self) -> (StatusCode, String) {
         if !self.ready.load(Ordering::Acquire) {
             return (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into());
+        }
+        if !self.routes_known.load(Ordering::Acquire) {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: discovery has not listed the cluster yet\n".into(),
+            );
         }
         let mut serving = 0usize;
         let mut not = Vec::new();

@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use kube::api::GroupVersionKind;
@@ -22,7 +22,7 @@ use scalecar_scaler::algorithm::AlgorithmRegistry;
 use scalecar_scaler::clock::Clock;
 use scalecar_scaler::control::{Scaling, TargetSpec};
 use scalecar_scaler::kube::{
-    Annotated, KubeScaleTarget, Pods, RescaleEvents, Workload, Workloads, cold_starts_of,
+    Annotated, KubeScaleTarget, Listed, Pods, RescaleEvents, Workload, Workloads, cold_starts_of,
     endpoints_of, watch_pods, watch_workloads,
 };
 use scalecar_scaler::signals::{PoolSignals, SignalsConfig};
@@ -98,7 +98,13 @@ pub(crate) struct Discovery {
     /// Workloads whose scale target could not be found, and why (logged
     /// once per distinct reason).
     failed: BTreeMap<TargetRef, String>,
+    /// Set once the cluster is listed (see [`Discovery::known_routes`]).
+    routes_known: Option<Arc<AtomicBool>>,
 }
+
+/// How often discovery looks whether every watch has listed, until they
+/// have.
+const LISTED_POLL: Duration = Duration::from_millis(50);
 
 /// How often a workload whose discovery failed is tried again.
 const RETRY: Duration = Duration::from_secs(2);
@@ -123,7 +129,15 @@ impl Discovery {
             events,
             found: BTreeMap::new(),
             failed: BTreeMap::new(),
+            routes_known: None,
         }
+    }
+
+    /// Set once every watch has delivered its first list and the routes
+    /// were built from it.
+    pub fn known_routes(mut self, known: Arc<AtomicBool>) -> Self {
+        self.routes_known = Some(known);
+        self
     }
 
     /// Watches and reconciles until `stop` turns true.
@@ -143,14 +157,19 @@ impl Discovery {
             .into_iter()
             .map(str::to_string)
             .collect();
+        let listed = Listed::default();
+        let scopes = self.config.namespaces.len().max(1);
+        // One list per kind and namespace, and the pods' per namespace.
+        let expected = kinds.len() * scopes + scopes;
         let mut workloads = watch_workloads(
             self.client.clone(),
             kinds,
             &self.config.namespaces,
             algorithms,
             reporter(),
+            listed.clone(),
         );
-        let mut pods = watch_pods(self.client.clone(), &self.config.namespaces);
+        let mut pods = watch_pods(self.client.clone(), &self.config.namespaces, listed.clone());
         let mut retry = tokio::time::interval(RETRY);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -159,10 +178,22 @@ impl Discovery {
                 r = workloads.changed() => if r.is_err() { return },
                 r = pods.changed() => if r.is_err() { return },
                 _ = retry.tick(), if !self.failed.is_empty() => {}
+                // A watch counts its list just after publishing it: look
+                // again shortly until every one has.
+                _ = tokio::time::sleep(LISTED_POLL), if self.routes_known.as_ref().is_some_and(|k| !k.load(Ordering::Acquire)) => {}
             }
+            // Read before the lists: a count that says all are listed
+            // promises that these receivers hold them.
+            let all_listed = listed.count() >= expected;
             let w = workloads.borrow_and_update().clone();
             let p = pods.borrow_and_update().clone();
             self.reconcile(&w, &p).await;
+            if all_listed
+                && let Some(known) = &self.routes_known
+                && !known.swap(true, Ordering::AcqRel)
+            {
+                tracing::info!(workloads = w.len(), "discovery listed the cluster: ready");
+            }
         }
     }
 

@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -355,12 +355,19 @@ impl GatewayBuilder {
         set.publish(&[]);
         control.follow(updates);
         let checked: Vec<Arc<Pool>> = self.checked.iter().map(|(p, _)| p.clone()).collect();
+        // With discovery, routes are known once the cluster is listed:
+        // until then /readyz says so (a new gateway replica in a rollout
+        // would otherwise answer 404 for models it has not seen yet).
+        let routes_known = Arc::new(AtomicBool::new(self.kubernetes.is_none()));
         let mut handle = server::serve(
             plane,
-            self.registry,
-            Some(self.decisions.clone()),
+            server::AdminParts {
+                registry: self.registry,
+                decisions: Some(self.decisions.clone()),
+                peer_token,
+                routes_known: routes_known.clone(),
+            },
             checked,
-            peer_token,
             proxy_listener,
             admin_listener,
         )?;
@@ -419,7 +426,8 @@ impl GatewayBuilder {
                 self.limits,
                 self.clock,
                 events,
-            );
+            )
+            .known_routes(routes_known);
             handle.spawn(discovery.run(stopped.clone()));
         }
         let counts = self.checked;
@@ -469,7 +477,11 @@ async fn follow_peers(
     mut stop: watch::Receiver<bool>,
 ) {
     let me = std::env::var("POD_NAME").unwrap_or_default();
-    let mut pods = scalecar_scaler::kube::watch_pods(client, std::slice::from_ref(&namespace));
+    let mut pods = scalecar_scaler::kube::watch_pods(
+        client,
+        std::slice::from_ref(&namespace),
+        scalecar_scaler::kube::Listed::default(),
+    );
     loop {
         let mut addrs: Vec<SocketAddr> = pods
             .borrow_and_update()

@@ -227,18 +227,34 @@ pub fn identified(mut config: kube::Config) -> kube::Config {
     config
 }
 
+/// What the admin server serves besides the data plane.
+#[derive(Debug)]
+pub struct AdminParts {
+    pub registry: Registry,
+    /// The control loop's decisions, when a loop runs.
+    pub decisions: Option<Arc<DecisionRecorder>>,
+    /// The token peers present for `/internal/snapshot`.
+    pub peer_token: Option<String>,
+    /// False until discovery has listed the cluster (`/readyz` 503).
+    pub routes_known: Arc<AtomicBool>,
+}
+
 /// Serves an already built data plane: `plane.workers` threads on the
 /// proxy listener, the admin server and health checks on this runtime.
 /// `checked` pools get active health checks (static endpoints).
 pub fn serve(
     plane: Arc<DataPlane>,
-    registry: Registry,
-    decisions: Option<Arc<DecisionRecorder>>,
+    parts: AdminParts,
     checked: Vec<Arc<Pool>>,
-    peer_token: Option<String>,
     proxy_listener: TcpListener,
     admin_listener: TcpListener,
 ) -> Result<ProxyHandle, StartError> {
+    let AdminParts {
+        registry,
+        decisions,
+        peer_token,
+        routes_known,
+    } = parts;
     let proxy_addr = proxy_listener
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
@@ -260,6 +276,7 @@ pub fn serve(
         decisions,
         peer_token,
         ready: Default::default(),
+        routes_known,
     });
     let mut tasks = Vec::new();
     let worker_error = |index| move |source| StartError::Worker { index, source };

@@ -245,6 +245,7 @@ async fn annotated_workloads_are_found_and_invalid_ones_get_a_warning() {
         workload("apps/v1", "Deployment", "plain"),
     )
     .await;
+    let listed = scalecar_scaler::kube::Listed::default();
     let rx = watch_workloads(
         client,
         vec![kube::api::GroupVersionKind::gvk("apps", "v1", "Deployment")],
@@ -254,9 +255,21 @@ async fn annotated_workloads_are_found_and_invalid_ones_get_a_warning() {
             controller: "scalecar".into(),
             instance: Some("test".into()),
         },
+        listed.clone(),
     );
     let key = |name: &str| target("apps/v1", "Deployment", name);
     wait_for(&rx, |w| w.len() == 2).await;
+    // The one watch counts its first list once it is published (and only
+    // that one).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while listed.count() < 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the list was never counted"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(listed.count(), 1);
     {
         let w = rx.borrow();
         match w.get(&key("llama")) {

@@ -16,4 +16,4 @@ pub use lease::{LeaderElector, Leadership, LeaseTiming, WriteLease};
 pub use pods::{PodInfo, Pods, cold_starts_of, endpoints_of, watch_pods};
 pub use scale::KubeScaleTarget;
 pub use selector::{LabelSelector, SelectorError};
-pub use workloads::{Annotated, Workload, Workloads, watch_workloads};
+pub use workloads::{Annotated, Listed, Workload, Workloads, watch_workloads};

@@ -148,7 +148,11 @@ pub fn cold_starts_of<'a>(
 /// Watches the pods of `namespaces` (empty: all) and publishes them. Runs
 /// until the receiver is dropped; a failed watch re-lists with kube-rs's
 /// default backoff, and a re-list replaces the namespace's pods at once.
-pub fn watch_pods(client: Client, namespaces: &[String]) -> watch::Receiver<Arc<Pods>> {
+pub fn watch_pods(
+    client: Client,
+    namespaces: &[String],
+    listed: super::Listed,
+) -> watch::Receiver<Arc<Pods>> {
     let (tx, rx) = watch::channel(Arc::new(Pods::new()));
     let scopes: Vec<Option<String>> = if namespaces.is_empty() {
         vec![None]
@@ -162,7 +166,9 @@ pub fn watch_pods(client: Client, namespaces: &[String]) -> watch::Receiver<Arc<
             None => Api::all(client.clone()),
         };
         let tx = tx.clone();
+        let listed_count = listed.clone();
         tokio::spawn(async move {
+            let mut first_list = true;
             let mut events = watcher(api, watcher::Config::default())
                 .default_backoff()
                 .boxed();
@@ -192,6 +198,9 @@ pub fn watch_pods(client: Client, namespaces: &[String]) -> watch::Receiver<Arc<
                                 pods.insert((p.namespace.clone(), p.name.clone()), p);
                             }
                         });
+                        if std::mem::take(&mut first_list) {
+                            listed_count.one_done();
+                        }
                     }
                     watcher::Event::Apply(p) => {
                         let info = PodInfo::from_pod(&p);

@@ -141,6 +141,7 @@ pub fn watch_workloads(
     namespaces: &[String],
     algorithms: Vec<String>,
     reporter: Reporter,
+    listed: Listed,
 ) -> watch::Receiver<Workloads> {
     let (tx, rx) = watch::channel(Workloads::new());
     let state = Arc::new(Mutex::new((
@@ -161,10 +162,14 @@ pub fn watch_workloads(
         let (tx, state, recorder) = (tx.clone(), state.clone(), recorder.clone());
         let algorithms = algorithms.clone();
         let client = client.clone();
+        let listed = listed.clone();
         tokio::spawn(async move {
             let Some(resource) = find_kind(&client, &gvk, &tx).await else {
+                // A kind the cluster does not serve is listed: empty.
+                listed.one_done();
                 return;
             };
+            let mut first_list = true;
             let api: Api<DynamicObject> = match &scope {
                 Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
                 None => Api::all_with(client.clone(), &resource),
@@ -252,8 +257,28 @@ pub fn watch_workloads(
                 if tx.send(workloads.clone()).is_err() {
                     return;
                 }
+                // Counted once published: whoever sees the count sees the
+                // list.
+                if restart && std::mem::take(&mut first_list) {
+                    listed.one_done();
+                }
             }
         });
     }
     rx
+}
+
+/// How many of a set of watches have delivered their first complete
+/// list: a gateway is ready to route only once it knows the cluster.
+#[derive(Debug, Clone, Default)]
+pub struct Listed(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Listed {
+    pub fn one_done(&self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    pub fn count(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
