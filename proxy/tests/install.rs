@@ -1,0 +1,481 @@
+//! The install exactly as README's Install section says it — `kubectl apply
+//! -k deploy/` (rendered by the real kubectl's kustomize, applied with
+//! `--validate=false` as kube-sim needs) and nothing created by hand — on a
+//! kube-sim as strict as a kubelet (Pods wait for the ConfigMaps and Secrets
+//! they name) whose scalecar Pods run the real `scalecar` binary
+//! (`--run-image`): Ready means the binary started on the rendered config,
+//! env and args and answers `/readyz`. Then it routes a request through
+//! the Pod's own address and scales an annotated Deployment.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use async_openai::Client;
+use async_openai::config::OpenAIConfig;
+use async_openai::types::chat::{
+    ChatCompletionRequestUserMessageArgs, CreateChatCompletionRequestArgs,
+};
+use common::get;
+use scalecar_loadtest::kube_sim::runner::RunImage;
+use scalecar_loadtest::kube_sim::{KubeSim, KubeSimConfig};
+
+/// A kube-sim whose scalecar image runs this build's binary.
+struct Cluster {
+    sim: KubeSim,
+    kubeconfig: PathBuf,
+}
+
+impl Cluster {
+    async fn start() -> Cluster {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let sim = KubeSim::start(
+            KubeSimConfig {
+                run_images: vec![RunImage {
+                    image: "ghcr.io/scalecar/scalecar".into(),
+                    binary: PathBuf::from(env!("CARGO_BIN_EXE_scalecar")),
+                }],
+                ..KubeSimConfig::default()
+            },
+            listener,
+        )
+        .unwrap();
+        let kubeconfig = std::env::temp_dir().join(format!(
+            "scalecar-install-{}-{}.kubeconfig",
+            std::process::id(),
+            sim.addr().port()
+        ));
+        sim.write_kubeconfig(&kubeconfig).unwrap();
+        Cluster { sim, kubeconfig }
+    }
+
+    fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> String {
+        use std::io::Write as _;
+        let mut child = std::process::Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("kubectl runs");
+        let mut input = child.stdin.take().unwrap();
+        if let Some(s) = stdin {
+            input.write_all(s.as_bytes()).unwrap();
+        }
+        drop(input);
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "kubectl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `kubectl apply -k DIR`, as README says (kustomize by kubectl).
+    fn apply(&self, dir: &str) -> String {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(dir);
+        let rendered = self.kubectl(&["kustomize", path.to_str().unwrap()], None);
+        self.kubectl(&["apply", "--validate=false", "-f", "-"], Some(&rendered))
+    }
+
+    async fn stop(self) {
+        let _ = std::fs::remove_file(&self.kubeconfig);
+        self.sim.shutdown().await;
+    }
+}
+
+async fn eventually<T, F, Fut>(what: &str, within: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_install_starts_the_real_gateway_which_routes_and_scales() {
+    let c = Cluster::start().await;
+    // The model servers to try it with, then the install.
+    c.apply("deploy/example");
+    let out = c.apply("deploy");
+    assert!(out.contains("deployment.apps/scalecar created"), "{out}");
+    // Ready: the real binary answers /readyz on its Pod's admin port.
+    let ip = eventually("the scalecar pod Ready", Duration::from_secs(30), || async {
+        let line = c.kubectl(
+            &[
+                "-n",
+                "scalecar",
+                "get",
+                "pods",
+                "-l",
+                "app.kubernetes.io/name=scalecar",
+                "-o",
+                "jsonpath={range .items[*]}{.status.podIP} {.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}",
+            ],
+            None,
+        );
+        let (ip, ready) = line.lines().next()?.split_once(' ')?;
+        (ready == "True").then(|| ip.to_string())
+    })
+    .await;
+    let (status, _) = get(&format!("http://{ip}:9090/readyz")).await.unwrap();
+    assert_eq!(status, 200);
+    // The peer token it made for itself, as nobody was asked to.
+    let token = c.kubectl(
+        &[
+            "-n",
+            "scalecar",
+            "get",
+            "secret",
+            "scalecar-peer-token",
+            "-o",
+            "jsonpath={.data.token}",
+        ],
+        None,
+    );
+    assert!(!token.is_empty());
+    // Discovery routes the example's model to its ready pod.
+    eventually("llama-3-8b routed", Duration::from_secs(20), || async {
+        let (_, body) = get(&format!("http://{ip}:9090/debug/pools")).await.ok()?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        v["pools"].as_array()?.iter().find(|p| {
+            p["model"] == "llama-3-8b" && p["endpoints"].as_array().is_some_and(|e| !e.is_empty())
+        })?;
+        Some(())
+    })
+    .await;
+    let client = Client::with_config(
+        OpenAIConfig::new()
+            .with_api_base(format!("http://{ip}:8080/v1"))
+            .with_api_key("unused"),
+    );
+    let request = CreateChatCompletionRequestArgs::default()
+        .model("llama-3-8b")
+        .max_completion_tokens(8u32)
+        .messages([ChatCompletionRequestUserMessageArgs::default()
+            .content("installed?")
+            .build()
+            .unwrap()
+            .into()])
+        .build()
+        .unwrap();
+    let answer = client.chat().create(request).await.unwrap();
+    assert!(!answer.choices.is_empty());
+    // It scales: a new floor on the annotated Deployment is written through
+    // /scale by scalecar (its User-Agent), and evented.
+    c.kubectl(
+        &[
+            "-n",
+            "llm",
+            "annotate",
+            "--overwrite",
+            "deploy/llama-3-8b",
+            "scalecar.io/min-replicas=2",
+        ],
+        None,
+    );
+    eventually(
+        "llama-3-8b scaled to 2",
+        Duration::from_secs(20),
+        || async {
+            let n = c.kubectl(
+                &[
+                    "-n",
+                    "llm",
+                    "get",
+                    "deploy/llama-3-8b",
+                    "-o",
+                    "jsonpath={.spec.replicas}",
+                ],
+                None,
+            );
+            (n.trim() == "2").then_some(())
+        },
+    )
+    .await;
+    assert!(
+        c.sim.requests().iter().any(|r| r.method == "PATCH"
+            && r.uri.contains("/deployments/llama-3-8b/scale")
+            && r.user_agent.starts_with("scalecar/")),
+        "the scale write was not scalecar's"
+    );
+    let events = c.kubectl(
+        &[
+            "-n",
+            "llm",
+            "get",
+            "events",
+            "-o",
+            "custom-columns=R:.reason,M:.message",
+            "--no-headers",
+        ],
+        None,
+    );
+    assert!(events.contains("SuccessfulRescale"), "{events}");
+    c.stop().await;
+}
+
+/// `scalecar_leader` from one gateway pod's `/metrics`.
+async fn leader_gauge(ip: &str) -> Option<f64> {
+    let (_, text) = get(&format!("http://{ip}:9090/metrics")).await.ok()?;
+    text.lines()
+        .find(|l| l.starts_with("scalecar_leader "))?
+        .rsplit(' ')
+        .next()?
+        .parse()
+        .ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ha_overlay_runs_three_real_gateways_one_of_which_leads() {
+    let c = Cluster::start().await;
+    c.apply("deploy/example");
+    c.apply("deploy/overlays/ha");
+    let ips: Vec<String> = eventually("three scalecar pods Ready", Duration::from_secs(30), || async {
+        let lines = c.kubectl(
+            &[
+                "-n",
+                "scalecar",
+                "get",
+                "pods",
+                "-l",
+                "app.kubernetes.io/name=scalecar",
+                "-o",
+                "jsonpath={range .items[*]}{.status.podIP} {.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}",
+            ],
+            None,
+        );
+        let ready: Vec<String> = lines
+            .lines()
+            .filter_map(|l| l.split_once(' '))
+            .filter(|(_, r)| *r == "True")
+            .map(|(ip, _)| ip.to_string())
+            .collect();
+        (ready.len() == 3).then_some(ready)
+    })
+    .await;
+    // One Lease, one leader among the three real processes; the others
+    // export no decision series.
+    eventually("exactly one leader", Duration::from_secs(20), || async {
+        let mut leaders = 0.0;
+        for ip in &ips {
+            leaders += leader_gauge(ip).await?;
+        }
+        (leaders == 1.0).then_some(())
+    })
+    .await;
+    // The leader decides on the example's targets; the followers export
+    // none of it.
+    eventually(
+        "decisions at the leader only",
+        Duration::from_secs(20),
+        || async {
+            for ip in &ips {
+                let (_, text) = get(&format!("http://{ip}:9090/metrics")).await.ok()?;
+                let leads = text.contains("\nscalecar_leader 1");
+                let decides = text.contains("scalecar_desired_replicas{");
+                assert!(!decides || leads, "{ip}: decision series on a follower");
+                if leads && !decides {
+                    return None;
+                }
+            }
+            Some(())
+        },
+    )
+    .await;
+    c.stop().await;
+}
+
+/// How stale a load balancer's view of the Service's endpoints is.
+const ENDPOINT_LAG: Duration = Duration::from_secs(2);
+
+/// The Ready addresses of Service `scalecar`, as kube-proxy would pick
+/// from its EndpointSlices.
+async fn service_endpoints(client: &kube::Client) -> Vec<String> {
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    let slices: kube::Api<EndpointSlice> = kube::Api::namespaced(client.clone(), "scalecar");
+    let Ok(list) = slices
+        .list(&kube::api::ListParams::default().labels("kubernetes.io/service-name=scalecar"))
+        .await
+    else {
+        return Vec::new();
+    };
+    list.items
+        .iter()
+        .flat_map(|s| s.endpoints.iter())
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
+        .flat_map(|e| e.addresses.iter().cloned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rolling_the_gateway_under_streaming_load_fails_no_request() {
+    use futures_util::StreamExt as _;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let c = Cluster::start().await;
+    c.apply("deploy/example");
+    c.apply("deploy");
+    let client = kube::Client::try_from(kube::Config::new(c.sim.url().parse().unwrap())).unwrap();
+    let first = eventually(
+        "the gateway in its Service",
+        Duration::from_secs(30),
+        || async {
+            let eps = service_endpoints(&client).await;
+            (eps.len() == 1).then(|| eps[0].clone())
+        },
+    )
+    .await;
+    // Ready means routes known: the example's model is served at once.
+    let (status, body) = get(&format!("http://{first}:9090/debug/pools"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert!(body.contains("llama-3-8b"), "{body}");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    let served = Arc::new(Mutex::new(std::collections::BTreeSet::<String>::new()));
+    let mut workers = Vec::new();
+    for w in 0..4usize {
+        let (stop, ok, failures, served, client) = (
+            stop.clone(),
+            ok.clone(),
+            failures.clone(),
+            served.clone(),
+            client.clone(),
+        );
+        workers.push(tokio::spawn(async move {
+            // One kept-alive OpenAI client per gateway address, as an
+            // application behind a Service holds connections.
+            let mut clients: std::collections::HashMap<String, Client<OpenAIConfig>> =
+                Default::default();
+            let mut n = w;
+            // Endpoints reach load balancers seconds after they change
+            // (kube-proxy's sync, a cloud LB's health checks): each worker
+            // refreshes its view every 2 s, as such a balancer would.
+            let mut eps = Vec::new();
+            let mut refreshed: Option<Instant> = None;
+            while !stop.load(Ordering::Acquire) {
+                if refreshed.is_none_or(|t| t.elapsed() >= ENDPOINT_LAG) || eps.is_empty() {
+                    eps = service_endpoints(&client).await;
+                    refreshed = Some(Instant::now());
+                }
+                if eps.is_empty() {
+                    failures.lock().unwrap().push("no ready endpoint".into());
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+                n += 1;
+                let ip = eps[n % eps.len()].clone();
+                let openai = clients.entry(ip.clone()).or_insert_with(|| {
+                    Client::with_config(
+                        OpenAIConfig::new()
+                            .with_api_base(format!("http://{ip}:8080/v1"))
+                            .with_api_key("unused"),
+                    )
+                });
+                let request = CreateChatCompletionRequestArgs::default()
+                    .model("llama-3-8b")
+                    .max_completion_tokens(60u32)
+                    .stream(true)
+                    .messages([ChatCompletionRequestUserMessageArgs::default()
+                        .content("roll on")
+                        .build()
+                        .unwrap()
+                        .into()])
+                    .build()
+                    .unwrap();
+                let outcome = async {
+                    let mut s = openai
+                        .chat()
+                        .create_stream(request)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let mut chunks = 0;
+                    while let Some(chunk) = s.next().await {
+                        chunk.map_err(|e| format!("after {chunks} chunks: {e}"))?;
+                        chunks += 1;
+                    }
+                    Ok::<usize, String>(chunks)
+                }
+                .await;
+                match outcome {
+                    Ok(chunks) if chunks > 0 => {
+                        ok.fetch_add(1, Ordering::AcqRel);
+                        served.lock().unwrap().insert(ip);
+                    }
+                    Ok(_) => failures
+                        .lock()
+                        .unwrap()
+                        .push(format!("{ip}: an empty stream")),
+                    Err(e) => failures.lock().unwrap().push(format!("{ip}: {e}")),
+                }
+            }
+        }));
+    }
+    eventually("streams flowing", Duration::from_secs(20), || async {
+        (ok.load(Ordering::Acquire) >= 8).then_some(())
+    })
+    .await;
+    c.kubectl(
+        &["-n", "scalecar", "rollout", "restart", "deploy/scalecar"],
+        None,
+    );
+    // The new pod takes over; the old one drains and is gone.
+    let second = eventually("the gateway replaced", Duration::from_secs(60), || async {
+        let eps = service_endpoints(&client).await;
+        let pods = c.kubectl(
+            &[
+                "-n",
+                "scalecar",
+                "get",
+                "pods",
+                "-l",
+                "app.kubernetes.io/name=scalecar",
+                "-o",
+                "name",
+            ],
+            None,
+        );
+        (eps.len() == 1 && eps[0] != first && pods.lines().count() == 1).then(|| eps[0].clone())
+    })
+    .await;
+    let before = ok.load(Ordering::Acquire);
+    eventually(
+        "streams through the new gateway",
+        Duration::from_secs(20),
+        || async { (ok.load(Ordering::Acquire) >= before + 8).then_some(()) },
+    )
+    .await;
+    stop.store(true, Ordering::Release);
+    for w in workers {
+        w.await.unwrap();
+    }
+    let failures = failures.lock().unwrap().clone();
+    assert!(
+        failures.is_empty(),
+        "{} failed: {failures:?}",
+        failures.len()
+    );
+    let served = served.lock().unwrap().clone();
+    assert!(
+        served.contains(&first) && served.contains(&second),
+        "served by {served:?}, old {first}, new {second}"
+    );
+    c.stop().await;
+}
