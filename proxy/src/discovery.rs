@@ -22,8 +22,8 @@ use scalecar_scaler::algorithm::AlgorithmRegistry;
 use scalecar_scaler::clock::Clock;
 use scalecar_scaler::control::{Scaling, TargetSpec};
 use scalecar_scaler::kube::{
-    Annotated, KubeScaleTarget, Listed, Pods, RescaleEvents, Workload, Workloads, cold_starts_of,
-    endpoints_of, watch_pods, watch_workloads,
+    Annotated, Claimed, Claims, KubeScaleTarget, Listed, Pods, RescaleEvents, Workload, Workloads,
+    cold_starts_of, endpoints_of, watch_competitors, watch_pods, watch_workloads,
 };
 use scalecar_scaler::signals::{PoolSignals, SignalsConfig};
 use scalecar_scaler::target::{ScaleTarget, TargetRef};
@@ -83,6 +83,9 @@ struct Found {
     portless_reported: bool,
     /// Pods whose cold start the pool's signals have seen.
     cold_started: HashSet<String>,
+    /// Another autoscaler that claims the workload: scalecar does not
+    /// write it meanwhile.
+    competing: Option<String>,
 }
 
 /// The reconciler.
@@ -159,8 +162,11 @@ impl Discovery {
             .collect();
         let listed = Listed::default();
         let scopes = self.config.namespaces.len().max(1);
-        // One list per kind and namespace, and the pods' per namespace.
-        let expected = kinds.len() * scopes + scopes;
+        // One list per kind and namespace, the pods' per namespace, and
+        // the other autoscalers' (HPAs, ScaledObjects) per namespace.
+        let expected = kinds.len() * scopes + scopes + 2 * scopes;
+        let mut claims =
+            watch_competitors(self.client.clone(), &self.config.namespaces, listed.clone());
         let mut workloads = watch_workloads(
             self.client.clone(),
             kinds,
@@ -177,6 +183,7 @@ impl Discovery {
                 _ = stop.wait_for(|s| *s) => return,
                 r = workloads.changed() => if r.is_err() { return },
                 r = pods.changed() => if r.is_err() { return },
+                r = claims.changed() => if r.is_err() { return },
                 _ = retry.tick(), if !self.failed.is_empty() => {}
                 // A watch counts its list just after publishing it: look
                 // again shortly until every one has.
@@ -187,7 +194,8 @@ impl Discovery {
             let all_listed = listed.count() >= expected;
             let w = workloads.borrow_and_update().clone();
             let p = pods.borrow_and_update().clone();
-            self.reconcile(&w, &p).await;
+            let c = claims.borrow_and_update().clone();
+            self.reconcile(&w, &p, &c).await;
             if all_listed
                 && let Some(known) = &self.routes_known
                 && !known.swap(true, Ordering::AcqRel)
@@ -238,7 +246,10 @@ impl Discovery {
             metrics: self.metrics.pool(&target.model, target.role),
             pool,
         });
-        let scaling = if self.config.managed {
+        // A workload another autoscaler claims stays unwritten across an
+        // edit of its annotations.
+        let claimed = previous.is_some_and(|f| f.competing.is_some());
+        let scaling = if self.config.managed && !claimed {
             Scaling::Managed(scale.clone() as Arc<dyn ScaleTarget>)
         } else {
             Scaling::Advisory {
@@ -256,7 +267,7 @@ impl Discovery {
         (entry, spec)
     }
 
-    async fn reconcile(&mut self, workloads: &Workloads, pods: &Pods) {
+    async fn reconcile(&mut self, workloads: &Workloads, pods: &Pods, claims: &Claims) {
         let mut changed = false;
         // Gone, or no longer valid: out of the routes and the loop.
         let gone: Vec<TargetRef> = self
@@ -278,6 +289,7 @@ impl Discovery {
             let Workload::Valid(a) = w else { continue };
             changed |= self.upsert(r, a).await;
         }
+        let mut competing_changed = Vec::new();
         for (r, f) in &mut self.found {
             let (addrs, portless) =
                 endpoints_of(pods, &r.namespace, f.scale.selector(), f.target.port);
@@ -307,6 +319,39 @@ impl Discovery {
             let n = u32::try_from(addrs.len()).unwrap_or(u32::MAX);
             f.scale.set_ready(n);
             f.ready.store(n, Ordering::Relaxed);
+            // Another autoscaler on the same workload: two writers would
+            // undo each other's counts; it keeps the workload, scalecar
+            // routes and decides but writes nothing meanwhile.
+            let claimant = claims
+                .get(&Claimed {
+                    namespace: r.namespace.clone(),
+                    kind: r.kind.clone(),
+                    name: r.name.clone(),
+                })
+                .cloned();
+            if claimant != f.competing {
+                let name = target_name(r);
+                match &claimant {
+                    Some(by) => {
+                        tracing::warn!(target = %name, claimant = %by, "another autoscaler scales this workload; not writing it")
+                    }
+                    None => {
+                        tracing::info!(target = %name, "no other autoscaler claims this workload any more; scaling it")
+                    }
+                }
+                self.metrics.set_competing(&name, claimant.is_some());
+                f.competing = claimant;
+                if self.config.managed {
+                    f.spec.scaling = match &f.competing {
+                        Some(_) => Scaling::Advisory {
+                            ready: f.ready.clone(),
+                        },
+                        None => Scaling::Managed(f.scale.clone() as Arc<dyn ScaleTarget>),
+                    };
+                    changed = true;
+                }
+                competing_changed.push((name, f.competing.clone()));
+            }
         }
         if changed {
             let members = self
@@ -328,6 +373,9 @@ impl Discovery {
                 })
                 .collect();
             self.events.set_objects(objects);
+        }
+        for (name, claimant) in competing_changed {
+            self.events.competing(&name, claimant.as_deref());
         }
     }
 
@@ -389,6 +437,7 @@ impl Discovery {
                 ready,
                 portless_reported: false,
                 cold_started: HashSet::new(),
+                competing: None,
             },
         );
         true

@@ -165,6 +165,13 @@ pub struct ProxyMetrics {
     queued: Family<PoolLabels, Gauge>,
     tokens_in_flight: Family<PoolLabels, Gauge>,
     ttft_target: Family<PoolLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    competing: Family<TargetLabel, Gauge>,
+}
+
+/// One scale target.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct TargetLabel {
+    target: String,
 }
 
 impl ProxyMetrics {
@@ -181,6 +188,7 @@ impl ProxyMetrics {
             queued: Family::default(),
             tokens_in_flight: Family::default(),
             ttft_target: Family::default(),
+            competing: Family::default(),
         };
         reg.register(
             "scalecar_requests",
@@ -237,7 +245,24 @@ impl ProxyMetrics {
             "The pool's TTFT target (ttft-target), where its policy sets one",
             m.ttft_target.clone(),
         );
+        reg.register(
+            "scalecar_competing_autoscaler",
+            "1 while a HorizontalPodAutoscaler or KEDA ScaledObject also scales the target: scalecar decides but does not write",
+            m.competing.clone(),
+        );
         m
+    }
+
+    /// Whether another autoscaler claims `target` (absent when none does).
+    pub fn set_competing(&self, target: &str, competing: bool) {
+        let labels = TargetLabel {
+            target: target.to_string(),
+        };
+        if competing {
+            self.competing.get_or_create(&labels).set(1);
+        } else {
+            self.competing.remove(&labels);
+        }
     }
 
     /// The handles of one pool, resolved once.

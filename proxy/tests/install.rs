@@ -479,3 +479,146 @@ async fn rolling_the_gateway_under_streaming_load_fails_no_request() {
     );
     c.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_another_autoscaler_claims_is_left_to_it() {
+    let c = Cluster::start().await;
+    c.apply("deploy/example");
+    c.apply("deploy");
+    let ip = eventually("the scalecar pod Ready", Duration::from_secs(30), || async {
+        let line = c.kubectl(
+            &["-n", "scalecar", "get", "pods", "-l", "app.kubernetes.io/name=scalecar", "-o",
+              "jsonpath={range .items[*]}{.status.podIP} {.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}"],
+            None,
+        );
+        let (ip, ready) = line.lines().next()?.split_once(' ')?;
+        (ready == "True").then(|| ip.to_string())
+    })
+    .await;
+    // An HPA on the llama Deployment, and KEDA on qwen's prefill.
+    c.kubectl(
+        &["apply", "--validate=false", "-f", "-"],
+        Some(
+            r#"
+apiVersion: autoscaling/v2
+kind: HorizontalPodAutoscaler
+metadata: {name: llama-cpu, namespace: llm}
+spec:
+  scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: llama-3-8b}
+  minReplicas: 1
+  maxReplicas: 4
+---
+apiVersion: keda.sh/v1alpha1
+kind: ScaledObject
+metadata: {name: qwen-prefill, namespace: llm}
+spec:
+  scaleTargetRef: {name: qwen-prefill}
+  triggers: [{type: prometheus, metadata: {query: "sum(vllm:num_requests_waiting)", threshold: "4"}}]
+"#,
+        ),
+    );
+    let metrics = || async {
+        get(&format!("http://{ip}:9090/metrics"))
+            .await
+            .map(|(_, t)| t)
+            .unwrap_or_default()
+    };
+    eventually("both claims seen", Duration::from_secs(20), || async {
+        let m = metrics().await;
+        (m.contains("scalecar_competing_autoscaler{target=\"deployment/llm/llama-3-8b\"} 1")
+            && m.contains(
+                "scalecar_competing_autoscaler{target=\"deployment/llm/qwen-prefill\"} 1",
+            ))
+        .then_some(())
+    })
+    .await;
+    let events = c.kubectl(
+        &[
+            "-n",
+            "llm",
+            "get",
+            "events",
+            "-o",
+            "custom-columns=T:.type,R:.reason,O:.involvedObject.name,M:.message",
+            "--no-headers",
+        ],
+        None,
+    );
+    assert!(
+        events.lines().any(|l| l.contains("Warning")
+            && l.contains("CompetingAutoscaler")
+            && l.contains("llama-3-8b")
+            && l.contains("HorizontalPodAutoscaler llm/llama-cpu")),
+        "{events}"
+    );
+    assert!(events.contains("ScaledObject llm/qwen-prefill"), "{events}");
+    // A new floor would be written, but the HPA owns the count: scalecar
+    // decides (its reason says the floor) and writes nothing.
+    let writes = || {
+        c.sim
+            .requests()
+            .iter()
+            .filter(|r| {
+                r.method == "PATCH"
+                    && r.uri.contains("/deployments/llama-3-8b/scale")
+                    && r.user_agent.starts_with("scalecar/")
+            })
+            .count()
+    };
+    let before = writes();
+    c.kubectl(
+        &[
+            "-n",
+            "llm",
+            "annotate",
+            "--overwrite",
+            "deploy/llama-3-8b",
+            "scalecar.io/min-replicas=3",
+        ],
+        None,
+    );
+    eventually(
+        "a decision for the new floor",
+        Duration::from_secs(20),
+        || async {
+            let (_, body) = get(&format!("http://{ip}:9090/debug/targets")).await.ok()?;
+            let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+            v["targets"].as_array()?.iter().find(|t| {
+                t["name"] == "deployment/llm/llama-3-8b"
+                    && t["applied"] == 3
+                    && t["advisory"] == true
+            })?;
+            Some(())
+        },
+    )
+    .await;
+    assert_eq!(writes(), before, "scalecar wrote a workload an HPA scales");
+    // The HPA gone: scalecar takes the workload back and writes the floor.
+    c.kubectl(&["-n", "llm", "delete", "hpa", "llama-cpu"], None);
+    eventually(
+        "llama-3-8b scaled to 3 once the HPA is gone",
+        Duration::from_secs(20),
+        || async {
+            let n = c.kubectl(
+                &[
+                    "-n",
+                    "llm",
+                    "get",
+                    "deploy/llama-3-8b",
+                    "-o",
+                    "jsonpath={.spec.replicas}",
+                ],
+                None,
+            );
+            (n.trim() == "3").then_some(())
+        },
+    )
+    .await;
+    assert!(writes() > before);
+    assert!(
+        !metrics()
+            .await
+            .contains("scalecar_competing_autoscaler{target=\"deployment/llm/llama-3-8b\"}")
+    );
+    c.stop().await;
+}

@@ -46,6 +46,8 @@ pub enum Storage {
     PodDisruptionBudgets,
     ServiceMonitors,
     PrometheusRules,
+    HorizontalPodAutoscalers,
+    ScaledObjects,
 }
 
 impl ResourceType {
@@ -326,6 +328,28 @@ pub static RESOURCES: &[ResourceType] = &[
         true,
         Storage::PrometheusRules,
     ),
+    // Other autoscalers a workload may already have: scalecar must not
+    // fight them.
+    with_status(rt(
+        "autoscaling",
+        "v2",
+        "HorizontalPodAutoscaler",
+        "horizontalpodautoscalers",
+        "horizontalpodautoscaler",
+        &["hpa"],
+        true,
+        Storage::HorizontalPodAutoscalers,
+    )),
+    with_status(rt(
+        "keda.sh",
+        "v1alpha1",
+        "ScaledObject",
+        "scaledobjects",
+        "scaledobject",
+        &["so"],
+        true,
+        Storage::ScaledObjects,
+    )),
     // A custom kind with the scale subresource, and one without (its
     // replicas are set by patching spec.replicas).
     with_scale(rt(

@@ -211,6 +211,30 @@ impl RescaleEvents {
         }
     }
 
+    /// Another autoscaler began (`Some(claimant)`) or stopped claiming
+    /// target `name`: a Warning `CompetingAutoscaler`, or a Normal
+    /// `CompetingAutoscalerGone`.
+    pub fn competing(&self, name: &str, claimant: Option<&str>) {
+        match claimant {
+            Some(by) => self.emit(
+                name,
+                EventType::Warning,
+                "CompetingAutoscaler",
+                "Scale",
+                format!(
+                    "{by} also scales this workload: scalecar keeps routing and deciding but does not write its replicas while it exists"
+                ),
+            ),
+            None => self.emit(
+                name,
+                EventType::Normal,
+                "CompetingAutoscalerGone",
+                "Scale",
+                "no other autoscaler claims this workload any more: scalecar scales it".to_string(),
+            ),
+        }
+    }
+
     fn emit(&self, name: &str, type_: EventType, reason: &str, action: &str, note: String) {
         let Some(object) = self.objects.read().ok().and_then(|o| o.get(name).cloned()) else {
             return;

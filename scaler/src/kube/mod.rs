@@ -4,6 +4,7 @@
 //! behavior, the control loop) never imports this module: it sees only the
 //! `ScaleTarget` and `DecisionObserver` traits.
 
+mod competitors;
 mod events;
 mod lease;
 mod pods;
@@ -11,6 +12,7 @@ mod scale;
 mod selector;
 mod workloads;
 
+pub use competitors::{Claimed, Claims, watch_competitors};
 pub use events::{EventWriter, RescaleEvents};
 pub use lease::{LeaderElector, Leadership, LeaseTiming, WriteLease};
 pub use pods::{PodInfo, Pods, cold_starts_of, endpoints_of, watch_pods};
