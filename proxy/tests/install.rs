@@ -622,3 +622,125 @@ spec:
     );
     c.stop().await;
 }
+
+/// `helm ARGS` (`$HELM`, as scripts/test sets it, else `helm` on PATH).
+fn helm(args: &[&str]) -> String {
+    let bin = std::env::var("HELM").unwrap_or_else(|_| "helm".into());
+    let out = std::process::Command::new(&bin)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{bin}: {e} (scripts/install-helm puts one in target/tools)"));
+    assert!(
+        out.status.success(),
+        "helm {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_charts_defaults_install_the_real_gateway_which_routes_and_scales() {
+    let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/scalecar");
+    let chart = chart.to_str().unwrap();
+    // Without the Prometheus Operator's CRDs: nothing of it is rendered.
+    let plain = helm(&["template", "scalecar", chart, "-n", "scalecar"]);
+    assert!(!plain.contains("monitoring.coreos.com"), "{plain}");
+    // With them, both objects, carrying the release label asked for.
+    let monitored = helm(&[
+        "template",
+        "scalecar",
+        chart,
+        "-n",
+        "scalecar",
+        "--api-versions",
+        "monitoring.coreos.com/v1/ServiceMonitor",
+        "--api-versions",
+        "monitoring.coreos.com/v1/PrometheusRule",
+        "--set",
+        "serviceMonitor.labels.release=kube-prometheus-stack",
+        "--set",
+        "prometheusRule.labels.release=kube-prometheus-stack",
+    ]);
+    for kind in ["kind: ServiceMonitor", "kind: PrometheusRule"] {
+        assert!(monitored.contains(kind), "{kind} missing");
+    }
+    assert_eq!(
+        monitored.matches("release: kube-prometheus-stack").count(),
+        2
+    );
+    // Rendered twice, the same objects (GitOps syncs see no change).
+    assert_eq!(
+        plain,
+        helm(&["template", "scalecar", chart, "-n", "scalecar"])
+    );
+
+    // helm install --create-namespace, as the chart's README says it.
+    let c = Cluster::start().await;
+    c.apply("deploy/example");
+    c.kubectl(
+        &["apply", "--validate=false", "-f", "-"],
+        Some("apiVersion: v1\nkind: Namespace\nmetadata: {name: scalecar}\n"),
+    );
+    c.kubectl(
+        &["apply", "--validate=false", "-n", "scalecar", "-f", "-"],
+        Some(&plain),
+    );
+    let ip = eventually("the chart's gateway pod Ready", Duration::from_secs(30), || async {
+        let line = c.kubectl(
+            &["-n", "scalecar", "get", "pods", "-l", "app.kubernetes.io/instance=scalecar", "-o",
+              "jsonpath={range .items[*]}{.status.podIP} {.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}"],
+            None,
+        );
+        let (ip, ready) = line.lines().next()?.split_once(' ')?;
+        (ready == "True").then(|| ip.to_string())
+    })
+    .await;
+    let client = Client::with_config(
+        OpenAIConfig::new()
+            .with_api_base(format!("http://{ip}:8080/v1"))
+            .with_api_key("unused"),
+    );
+    let request = CreateChatCompletionRequestArgs::default()
+        .model("llama-3-8b")
+        .max_completion_tokens(8u32)
+        .messages([ChatCompletionRequestUserMessageArgs::default()
+            .content("charted?")
+            .build()
+            .unwrap()
+            .into()])
+        .build()
+        .unwrap();
+    let answer = client.chat().create(request).await.unwrap();
+    assert!(!answer.choices.is_empty());
+    c.kubectl(
+        &[
+            "-n",
+            "llm",
+            "annotate",
+            "--overwrite",
+            "deploy/llama-3-8b",
+            "scalecar.io/min-replicas=2",
+        ],
+        None,
+    );
+    eventually(
+        "llama-3-8b scaled to 2 by the chart's gateway",
+        Duration::from_secs(20),
+        || async {
+            let n = c.kubectl(
+                &[
+                    "-n",
+                    "llm",
+                    "get",
+                    "deploy/llama-3-8b",
+                    "-o",
+                    "jsonpath={.spec.replicas}",
+                ],
+                None,
+            );
+            (n.trim() == "2").then_some(())
+        },
+    )
+    .await;
+    c.stop().await;
+}
