@@ -45,6 +45,10 @@ fn the_default_values_validate_and_bad_ones_do_not() {
         ("/limits/shutdownGraceSeconds", json!(0)),
         // Non-root cannot bind under 1024 (the Service port may be 80).
         ("/containerPorts/http", json!(80)),
+        ("/image/digest", json!("latest")),
+        ("/fullnameOverride", json!("Not_A_Name")),
+        ("/extraArgs", json!([1])),
+        ("/podDisruptionBudget/maxUnavailable", json!("half")),
     ] {
         let mut v = values.clone();
         *v.pointer_mut(path).unwrap() = bad.clone();

@@ -673,6 +673,46 @@ async fn the_charts_defaults_install_the_real_gateway_which_routes_and_scales() 
         plain,
         helm(&["template", "scalecar", chart, "-n", "scalecar"])
     );
+    // The values users of other charts reach for.
+    let digest = format!("sha256:{}", "a".repeat(64));
+    let custom = helm(&[
+        "template",
+        "scalecar",
+        chart,
+        "-n",
+        "team-a",
+        "--set",
+        "fullnameOverride=gw",
+        "--set",
+        &format!("image.digest={digest}"),
+        "--set",
+        "serviceAccount.annotations.eks\\.amazonaws\\.com/role-arn=arn:aws:iam::1:role/gw",
+        "--set",
+        "networkPolicy.enabled=true",
+        "--set",
+        "podDisruptionBudget.minAvailable=1",
+        "--set",
+        "priorityClassName=critical",
+        "--set",
+        "podLabels.team=a",
+        "--set",
+        "extraArgs={--log-level,debug}",
+    ]);
+    for want in [
+        // Cluster-scoped names carry the namespace.
+        "name: gw-team-a\n",
+        &format!("ghcr.io/scalecar/scalecar@{digest}"),
+        "eks.amazonaws.com/role-arn: arn:aws:iam::1:role/gw",
+        "kind: NetworkPolicy",
+        "minAvailable: 1",
+        "priorityClassName: critical",
+        "team: a",
+        "- \"--log-level\"",
+        "lease-name: gw",
+    ] {
+        assert!(custom.contains(want), "{want} missing from:\n{custom}");
+    }
+    assert!(!custom.contains("maxUnavailable"), "minAvailable wins");
 
     // helm install --create-namespace, as the chart's README says it.
     let c = Cluster::start().await;

@@ -1,3 +1,31 @@
+{{/* Object names: the release's, or fullnameOverride. */}}
+{{- define "scalecar.fullname" -}}
+{{- default .Release.Name .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end }}
+
+{{/* Cluster-scoped names carry the namespace: two releases of one name in
+two namespaces never share a ClusterRole. */}}
+{{- define "scalecar.clusterName" -}}
+{{- printf "%s-%s" (include "scalecar.fullname" .) .Release.Namespace | trunc 63 | trimSuffix "-" -}}
+{{- end }}
+
+{{- define "scalecar.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "scalecar.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end }}
+
+{{/* A digest pins the image and wins over the tag. */}}
+{{- define "scalecar.image" -}}
+{{- if .Values.image.digest -}}
+{{ .Values.image.repository }}@{{ .Values.image.digest }}
+{{- else -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+{{- end }}
+
 {{- define "scalecar.labels" -}}
 app.kubernetes.io/name: scalecar
 app.kubernetes.io/instance: {{ .Release.Name }}
