@@ -125,6 +125,7 @@ struct RawLimits {
     stream_idle_timeout: Option<Scalar>,
     connect_timeout: Option<Scalar>,
     queue_length: Option<Scalar>,
+    queue_bytes: Option<Scalar>,
     queue_wait: Option<Scalar>,
     shutdown_grace: Option<Scalar>,
     shutdown_delay: Option<Scalar>,
@@ -183,6 +184,11 @@ pub struct Limits {
     pub connect_timeout: Duration,
     /// Per pool.
     pub queue_length: usize,
+    /// Request body bytes a pool's queued requests may hold at once; a
+    /// request that would pass it is refused (429) like one that finds the
+    /// queue full. What keeps a burst of long prompts inside the pod's
+    /// memory limit (README: memory).
+    pub queue_bytes: usize,
     pub queue_wait: Duration,
     pub shutdown_grace: Duration,
     /// After SIGTERM, how long the proxy keeps accepting and serving while
@@ -214,6 +220,7 @@ impl Default for Limits {
             stream_idle_timeout: Duration::from_secs(300),
             connect_timeout: Duration::from_secs(2),
             queue_length: 1024,
+            queue_bytes: 32 << 20,
             queue_wait: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(30),
             shutdown_delay: Duration::from_secs(5),
@@ -497,6 +504,7 @@ impl ScalecarConfig {
                             "stream-idle-timeout",
                             "connect-timeout",
                             "queue-length",
+                            "queue-bytes",
                             "queue-wait",
                             "shutdown-grace",
                             "shutdown-delay",
@@ -587,6 +595,7 @@ impl ScalecarConfig {
                 d.connect_timeout,
             ),
             queue_length: c.size("limits.queue-length", l.queue_length, d.queue_length, 0),
+            queue_bytes: c.size("limits.queue-bytes", l.queue_bytes, d.queue_bytes, 1024),
             queue_wait: c.duration("limits.queue-wait", l.queue_wait, d.queue_wait),
             shutdown_grace: c.duration("limits.shutdown-grace", l.shutdown_grace, d.shutdown_grace),
             shutdown_delay: c.duration_or_zero(
@@ -949,6 +958,7 @@ pools:
         assert_eq!(c.limits.max_body_bytes, 1 << 20);
         assert_eq!(c.limits.queue_wait, Duration::from_secs(5));
         assert_eq!(c.limits.queue_length, 1024);
+        assert_eq!(c.limits.queue_bytes, 32 << 20);
         assert_eq!(c.limits.upstream_idle_timeout, Duration::from_secs(2));
         assert_eq!(c.limits.max_ejection_percent, 34);
         assert_eq!(c.scaler.tick, Duration::from_secs(1));

@@ -240,6 +240,7 @@ impl Discovery {
             self.limits.queue_length,
         );
         pool.set_max_ejection_percent(self.limits.max_ejection_percent);
+        pool.set_queue_bytes(self.limits.queue_bytes);
         self.metrics
             .set_ttft_target(&target.model, target.role, policy.ttft_target);
         let entry = Arc::new(PoolEntry {

@@ -116,6 +116,7 @@ impl Forwarder {
         &self,
         entry: &PoolEntry,
         tokens: u64,
+        body_bytes: usize,
         avoid: Option<std::net::SocketAddr>,
     ) -> Result<(Lease, bool), Response<ProxyBody>> {
         // The common case, a free slot now: no wait to time.
@@ -130,7 +131,10 @@ impl Forwarder {
             self.limits.queue_wait
         };
         let waited = Instant::now();
-        let result = entry.pool.admit(tokens, avoid, deadline).await;
+        let result = entry
+            .pool
+            .admit_holding(tokens, body_bytes, avoid, deadline)
+            .await;
         // Only a request that entered the queue waited: a full queue (429)
         // or a pool with no healthy endpoint (503) turns it away at once,
         // and a zero there would drag the quantiles
@@ -146,7 +150,7 @@ impl Forwarder {
                 AdmitError::QueueFull => (
                     Outcome::rejected,
                     StatusCode::TOO_MANY_REQUESTS,
-                    "the model's queue is full",
+                    "the model's queue is full (requests or queued body bytes)",
                     "1",
                 ),
                 AdmitError::Timeout => (
@@ -288,7 +292,7 @@ impl Forwarder {
         let now = pool.signals.now();
         pool.signals.arrival_at(now, prompt_tokens);
         entry.metrics.prompt_tokens.inc_by(prompt_tokens);
-        let mut observation = match self.admit(entry, prompt_tokens, None).await {
+        let mut observation = match self.admit(entry, prompt_tokens, body.len(), None).await {
             Ok((lease, waited)) => Observation::dispatch(
                 entry.clone(),
                 lease,

@@ -215,6 +215,7 @@ impl GatewayBuilder {
             self.limits.queue_length,
         );
         pool.set_max_ejection_percent(self.limits.max_ejection_percent);
+        pool.set_queue_bytes(self.limits.queue_bytes);
         self.metrics
             .set_ttft_target(model, role, policy.ttft_target);
         Arc::new(PoolEntry {

@@ -80,7 +80,10 @@ pub(crate) async fn two_stage(
     let now = pool.signals.now();
     pool.signals.arrival_at(now, prompt_tokens);
     prefill.metrics.prompt_tokens.inc_by(prompt_tokens);
-    let mut leg = match plane.admit(prefill, prompt_tokens, None).await {
+    let mut leg = match plane
+        .admit(prefill, prompt_tokens, request.body.len(), None)
+        .await
+    {
         Ok((lease, waited)) => Observation::dispatch(
             prefill.clone(),
             lease,

@@ -149,6 +149,11 @@ pub struct Pool {
     /// head may take a freed slot, and a new arrival queues behind them.
     waiters: Mutex<VecDeque<Arc<Waiter>>>,
     queued: AtomicUsize,
+    /// Request body bytes the queued requests hold, and the most they may
+    /// (`limits.queue-bytes`): what bounds the memory a burst of large
+    /// prompts can pin while it waits.
+    queued_bytes: AtomicUsize,
+    queue_bytes: AtomicUsize,
     /// Passive ejection's cap, in percent of the endpoints.
     max_ejection_percent: AtomicU32,
     pub queue_length: usize,
@@ -338,6 +343,8 @@ struct Queued<'a> {
     pool: &'a Pool,
     waiter: Arc<Waiter>,
     since: Instant,
+    /// Body bytes it holds against the pool's bound.
+    bytes: usize,
 }
 
 impl Drop for Queued<'_> {
@@ -357,6 +364,9 @@ impl Drop for Queued<'_> {
             }
         }
         self.pool.queued.fetch_sub(1, Ordering::AcqRel);
+        self.pool
+            .queued_bytes
+            .fetch_sub(self.bytes, Ordering::AcqRel);
         self.pool.signals.queue_leave(self.since.elapsed());
     }
 }
@@ -378,6 +388,8 @@ impl Pool {
             max_concurrency,
             waiters: Mutex::new(VecDeque::new()),
             queued: AtomicUsize::new(0),
+            queued_bytes: AtomicUsize::new(0),
+            queue_bytes: AtomicUsize::new(usize::MAX),
             max_ejection_percent: AtomicU32::new(50),
             queue_length,
             epoch: Instant::now(),
@@ -396,6 +408,16 @@ impl Pool {
     }
 
     /// Sets passive ejection's cap (`limits.max-ejection-percent`).
+    /// The most request body bytes queued requests may hold at once.
+    pub fn set_queue_bytes(&self, bytes: usize) {
+        self.queue_bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Request body bytes the queued requests hold now.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes.load(Ordering::Relaxed)
+    }
+
     pub fn set_max_ejection_percent(&self, percent: u32) {
         self.max_ejection_percent
             .store(percent.min(100), Ordering::Relaxed);
@@ -628,6 +650,19 @@ impl Pool {
         avoid: Option<SocketAddr>,
         deadline: Duration,
     ) -> Result<Lease, AdmitError> {
+        self.admit_holding(tokens, 0, avoid, deadline).await
+    }
+
+    /// [`Pool::admit`] for a request that holds `bytes` of body while it
+    /// waits: it queues only while the queued bodies stay within the
+    /// pool's bound (else 429, as a full queue).
+    pub async fn admit_holding(
+        self: &Arc<Self>,
+        tokens: u64,
+        bytes: usize,
+        avoid: Option<SocketAddr>,
+        deadline: Duration,
+    ) -> Result<Lease, AdmitError> {
         if let Some(l) = self.try_admit(tokens, avoid) {
             return Ok(l);
         }
@@ -651,6 +686,17 @@ impl Pool {
         if !admitted {
             return Err(AdmitError::QueueFull);
         }
+        let limit = self.queue_bytes.load(Ordering::Relaxed);
+        let within = self
+            .queued_bytes
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| {
+                b.checked_add(bytes).filter(|n| *n <= limit)
+            })
+            .is_ok();
+        if !within {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(AdmitError::QueueFull);
+        }
         self.signals.queue_enter();
         let waiter = Arc::new(Waiter::default());
         self.line().push_back(waiter.clone());
@@ -658,6 +704,7 @@ impl Pool {
             pool: self,
             waiter: waiter.clone(),
             since: Instant::now(),
+            bytes,
         };
         let until = tokio::time::Instant::now() + deadline;
         loop {
@@ -759,6 +806,47 @@ mod tests {
                 .iter()
                 .all(|e| e.outstanding_tokens.load(Ordering::Relaxed) == 0)
         );
+    }
+
+    #[tokio::test]
+    async fn queued_bodies_stay_within_the_pools_byte_bound() {
+        // One slot, a queue of ten, at most 1,000 body bytes queued.
+        let p = pool(1, Some(1), 10);
+        p.set_queue_bytes(1000);
+        let first = p.admit(0, None, Duration::from_secs(1)).await.unwrap();
+        let waiter = {
+            let p = p.clone();
+            tokio::spawn(async move {
+                p.admit_holding(0, 600, None, Duration::from_secs(5))
+                    .await
+                    .is_ok()
+            })
+        };
+        while p.queued() == 0 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(p.queued_bytes(), 600);
+        // 600 + 500 would pass the bound: refused at once, as a full queue,
+        // though the queue has room for nine more.
+        assert_eq!(
+            p.admit_holding(0, 500, None, Duration::from_secs(1))
+                .await
+                .unwrap_err(),
+            AdmitError::QueueFull
+        );
+        assert_eq!((p.queued(), p.queued_bytes()), (1, 600));
+        // 400 fits; it waits behind the first and gives up at its deadline,
+        // returning its bytes.
+        assert_eq!(
+            p.admit_holding(0, 400, None, Duration::from_millis(50))
+                .await
+                .unwrap_err(),
+            AdmitError::Timeout
+        );
+        assert_eq!(p.queued_bytes(), 600);
+        drop(first);
+        assert!(waiter.await.unwrap());
+        assert_eq!((p.queued(), p.queued_bytes()), (0, 0));
     }
 
     #[tokio::test]

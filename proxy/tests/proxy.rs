@@ -284,6 +284,54 @@ async fn the_cap_queues_and_a_full_queue_answers_429() {
 }
 
 #[tokio::test]
+async fn queued_bodies_past_the_pools_byte_bound_answer_429_at_once() {
+    let s = sim(model("m")).await;
+    let p = proxy(&pool_yaml(
+        "m",
+        &[s.local_addr().to_string()],
+        "queue-length: 100, queue-bytes: 4096",
+        "max-concurrency: 1",
+    ))
+    .await;
+    let url = format!("http://{}/v1/completions", p.proxy_addr);
+    let long = r#"{"model":"m","prompt":"x","max_tokens":60,"stream":true}"#;
+    let first = {
+        let url = url.clone();
+        tokio::spawn(async move { request("POST", &url, long).await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pools(&p).await["pools"][0]["in_flight"] != 1 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // A prompt of 3,000 bytes queues (within 4,096)…
+    let prompt = "y".repeat(3000);
+    let big = format!(r#"{{"model":"m","prompt":"{prompt}","max_tokens":2}}"#);
+    let second = {
+        let (url, big) = (url.clone(), big.clone());
+        tokio::spawn(async move { request("POST", &url, &big).await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pools(&p).await["pools"][0]["queued"] != 1 {
+        assert!(Instant::now() < deadline, "the second request never queued");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // …a second one would hold 6,000: refused at once though the queue has
+    // room for 99 more requests; a small one still queues.
+    let started = Instant::now();
+    let (status, headers, body) = request("POST", &url, &big).await.unwrap();
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("queued body bytes"), "{body}");
+    assert!(headers.get("retry-after").is_some());
+    assert!(started.elapsed() < Duration::from_secs(2), "it waited");
+    let (status, _, _) = request("POST", &url, long).await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(first.await.unwrap().unwrap().0, 200);
+    assert_eq!(second.await.unwrap().unwrap().0, 200);
+    teardown(&p).await;
+}
+
+#[tokio::test]
 async fn an_endpoint_killed_mid_stream_releases_everything() {
     let s = sim(model("m")).await;
     let p = proxy(&pool_yaml("m", &[s.local_addr().to_string()], "", "")).await;
