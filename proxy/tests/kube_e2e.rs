@@ -9,6 +9,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_openai::Client;
@@ -1474,6 +1475,120 @@ async fn three_replicas_elect_one_leader_and_a_killed_leader_is_replaced_without
             && writers[switch..].iter().all(|w| *w == successor),
         "the writers overlapped: {writers:?}"
     );
+    drop(replicas);
+    c.stop().await;
+}
+
+/// A stalled API server (Lease calls never answered) while a write is due
+/// every tick: writes go on while the Lease is still good and none leaves
+/// later than the last renewal plus the renew deadline. (Here the
+/// elector's own timing keeps it too — its attempts time out each retry
+/// period; what the write-time check adds for a tick that outlasts the
+/// deadline, e.g. waiting on slow peers, is tested in `control` and
+/// `kube::lease`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_write_leaves_after_the_renew_deadline_when_the_api_stalls() {
+    let c = Cluster::start().await;
+    let d = c.deployments();
+    c.create(
+        &d,
+        workload(
+            "apps/v1",
+            "Deployment",
+            "busy",
+            "busy",
+            1,
+            json!({"scalecar.io/model": "busy", "scalecar.io/min-replicas": "2"}),
+            &[],
+        ),
+    )
+    .await;
+    let replicas = [Replica::start(&c, 0, "")];
+    let all: Vec<&Replica> = replicas.iter().collect();
+    let (leader, holder) = one_leader(&all, Duration::from_secs(15)).await;
+    assert_eq!(leader, 0);
+    eventually("scaled to 2", Duration::from_secs(10), || async {
+        (c.replicas(&d, "busy").await == 2).then_some(())
+    })
+    .await;
+    // Someone else sets the count to 1 every 100 ms: every tick (300 ms)
+    // has the floor of 2 to write back.
+    let toggling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let toggler = {
+        let (toggling, d) = (toggling.clone(), c.deployments());
+        tokio::spawn(async move {
+            while toggling.load(std::sync::atomic::Ordering::Acquire) {
+                let _ = d
+                    .patch(
+                        "busy",
+                        &PatchParams::default(),
+                        &Patch::Merge(json!({"spec": {"replicas": 1}})),
+                    )
+                    .await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let writes = |c: &Cluster| -> Vec<Instant> {
+        c.sim
+            .requests()
+            .into_iter()
+            .filter(|r| {
+                r.method == "PATCH"
+                    && r.uri.contains("/deployments/busy/scale")
+                    && r.user_agent.contains(&holder)
+            })
+            .map(|r| r.at)
+            .collect()
+    };
+    eventually("writes flowing", Duration::from_secs(10), || async {
+        (writes(&c).len() >= 3).then_some(())
+    })
+    .await;
+    // The API server stops answering Lease calls.
+    c.sim.faults().add(Rule {
+        verb: None,
+        resource: Some("leases".into()),
+        rate: 1.0,
+        fault: Fault::Timeout,
+    });
+    let stalled = Instant::now();
+    eventually("the leader steps down", Duration::from_secs(8), || async {
+        let (leading, _) = replicas[0].leadership().await?;
+        (!leading).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    toggling.store(false, std::sync::atomic::Ordering::Release);
+    toggler.await.unwrap();
+    // The last renewal that got through, and every write after it.
+    let renewed = c
+        .sim
+        .requests()
+        .into_iter()
+        .filter(|r| {
+            r.uri.contains("/leases/")
+                && r.method == "PUT"
+                && r.status == 200
+                && r.user_agent.contains(&holder)
+                && r.at < stalled
+        })
+        .map(|r| r.at)
+        .max()
+        .expect("the leader renewed before the stall");
+    let deadline = renewed + Duration::from_secs(2);
+    let late: Vec<Duration> = writes(&c)
+        .into_iter()
+        .filter(|t| *t >= deadline)
+        .map(|t| t - deadline)
+        .collect();
+    assert!(
+        late.is_empty(),
+        "writes after the renew deadline, by {late:?}"
+    );
+    // It wrote while it still held the Lease (the check is not a freeze).
+    assert!(writes(&c).iter().any(|t| *t > renewed));
+    c.sim.faults().clear();
     drop(replicas);
     c.stop().await;
 }

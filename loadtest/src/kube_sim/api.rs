@@ -36,6 +36,8 @@ pub struct RequestRecord {
     pub uri: String,
     pub status: u16,
     pub micros: u64,
+    /// When it arrived (this process's clock).
+    pub at: Instant,
     /// The client's User-Agent (who asked).
     pub user_agent: String,
 }
@@ -176,6 +178,7 @@ impl Api {
             user_agent,
             status: response.status().as_u16(),
             micros: start.elapsed().as_micros() as u64,
+            at: start,
         });
         response
     }
