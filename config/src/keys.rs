@@ -605,6 +605,46 @@ pub fn validate_group(group: &str, members: &[(Role, &Policy)]) -> Result<(), Po
 mod tests {
     use super::*;
 
+    /// docs/annotations.md is the reference users read: its keys are the
+    /// parser's, and its examples behave as it says.
+    #[test]
+    fn the_annotation_reference_matches_the_parser() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/annotations.md");
+        let text = std::fs::read_to_string(path).unwrap();
+        let cell = |c: &str| c.trim().trim_matches('`').to_string();
+        let rows: Vec<Vec<String>> = text
+            .lines()
+            .filter(|l| l.starts_with("| `"))
+            .map(|l| l.split('|').map(cell).collect())
+            .collect();
+        let documented: std::collections::BTreeSet<&str> =
+            rows.iter().map(|r| r[1].as_str()).collect();
+        let known: std::collections::BTreeSet<&str> = POLICY_KEYS
+            .iter()
+            .chain(IDENTITY_KEYS.iter())
+            .copied()
+            .collect();
+        assert_eq!(documented, known, "docs/annotations.md keys");
+        let parse = |key: &str, value: &str| {
+            let mut a = BTreeMap::from([(format!("{PREFIX}model"), "m".to_string())]);
+            a.insert(format!("{PREFIX}{key}"), value.to_string());
+            Policy::from_annotations(&a)
+        };
+        for r in &rows {
+            let (key, accepted, refused) = (&r[1], &r[4], &r[5]);
+            if let Err(e) = parse(key, accepted) {
+                panic!("{key}: {accepted:?} is documented as accepted: {e}");
+            }
+            match parse(key, refused) {
+                Ok(_) => panic!("{key}: {refused:?} is documented as refused"),
+                Err(e) => assert!(
+                    e.to_string().contains(&format!("{PREFIX}{key}")),
+                    "{key}: the error names another key: {e}"
+                ),
+            }
+        }
+    }
+
     fn keys(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
             .iter()
