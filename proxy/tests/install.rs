@@ -784,3 +784,48 @@ async fn the_charts_defaults_install_the_real_gateway_which_routes_and_scales() 
     .await;
     c.stop().await;
 }
+
+/// An older install's RBAC without the rights on HorizontalPodAutoscalers
+/// (every list of them answers 403): other autoscalers go undetected, but
+/// the gateway still turns Ready and serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_not_allowed_to_watch_hpas_still_serves() {
+    use scalecar_loadtest::kube_sim::{Fault, Rule};
+    let c = Cluster::start().await;
+    c.sim.faults().add(Rule {
+        verb: None,
+        resource: Some("horizontalpodautoscalers".into()),
+        rate: 1.0,
+        fault: Fault::Error(403),
+    });
+    c.apply("deploy/example");
+    c.apply("deploy");
+    let ip = eventually("the scalecar pod Ready", Duration::from_secs(30), || async {
+        let line = c.kubectl(
+            &[
+                "-n",
+                "scalecar",
+                "get",
+                "pods",
+                "-l",
+                "app.kubernetes.io/name=scalecar",
+                "-o",
+                "jsonpath={range .items[*]}{.status.podIP} {.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}",
+            ],
+            None,
+        );
+        let (ip, ready) = line.lines().next()?.split_once(' ')?;
+        (ready == "True").then(|| ip.to_string())
+    })
+    .await;
+    let (_, body) = get(&format!("http://{ip}:9090/debug/pools")).await.unwrap();
+    assert!(body.contains("llama-3-8b"), "{body}");
+    assert!(
+        c.sim
+            .requests()
+            .iter()
+            .any(|r| r.uri.contains("horizontalpodautoscalers") && r.status == 403),
+        "the HPA list was never refused"
+    );
+    c.stop().await;
+}

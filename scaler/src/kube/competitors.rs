@@ -134,6 +134,17 @@ pub fn watch_competitors(
     rx
 }
 
+/// Whether a watch failed for want of the right to list.
+fn forbidden(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code == 403,
+        watcher::Error::WatchError(s) => s.code == 403,
+        _ => false,
+    }
+}
+
 /// Applies one claimant kind's watch events to `sources` and publishes.
 async fn follow<K, S>(
     events: S,
@@ -160,7 +171,16 @@ async fn follow<K, S>(
         let ev = match ev {
             Ok(ev) => ev,
             Err(e) => {
-                tracing::warn!(%kind, error = %e, "autoscaler watch failed; retrying");
+                // Without the right to list them (an older install's RBAC),
+                // other autoscalers go undetected: said once, and the
+                // gateway is not kept from serving for it.
+                if first && forbidden(&e) {
+                    tracing::warn!(%kind, error = %e, "not allowed to watch; other autoscalers on the same workloads go undetected (add get/list/watch to the RBAC)");
+                    first = false;
+                    listed.one_done();
+                } else {
+                    tracing::warn!(%kind, error = %e, "autoscaler watch failed; retrying");
+                }
                 continue;
             }
         };
