@@ -83,10 +83,64 @@ impl Cluster {
         self.kubectl(&["apply", "--validate=false", "-f", "-"], Some(&rendered))
     }
 
+    /// The Pod IPs of `n` Ready gateway Pods matching `selector`, once
+    /// there are (Ready: the real binary answers /readyz).
+    async fn ready_gateways(&self, selector: &str, n: usize) -> Vec<String> {
+        eventually(
+            &format!("{n} gateway pod(s) Ready"),
+            Duration::from_secs(30),
+            || async {
+                let lines = self.kubectl(
+                    &[
+                        "-n",
+                        "scalecar",
+                        "get",
+                        "pods",
+                        "-l",
+                        selector,
+                        "-o",
+                        "jsonpath={range .items[*]}{.status.podIP} {.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}",
+                    ],
+                    None,
+                );
+                let ready: Vec<String> = lines
+                    .lines()
+                    .filter_map(|l| l.split_once(' '))
+                    .filter(|(_, r)| *r == "True")
+                    .map(|(ip, _)| ip.to_string())
+                    .collect();
+                (ready.len() == n).then_some(ready)
+            },
+        )
+        .await
+    }
+
     async fn stop(self) {
         let _ = std::fs::remove_file(&self.kubeconfig);
         self.sim.shutdown().await;
     }
+}
+
+/// One chat completion for the example's model through the gateway Pod
+/// at `ip`, with the OpenAI SDK; it must answer.
+async fn ask_llama(ip: &str, question: &str) {
+    let client = Client::with_config(
+        OpenAIConfig::new()
+            .with_api_base(format!("http://{ip}:8080/v1"))
+            .with_api_key("unused"),
+    );
+    let request = CreateChatCompletionRequestArgs::default()
+        .model("llama-3-8b")
+        .max_completion_tokens(8u32)
+        .messages([ChatCompletionRequestUserMessageArgs::default()
+            .content(question)
+            .build()
+            .unwrap()
+            .into()])
+        .build()
+        .unwrap();
+    let answer = client.chat().create(request).await.unwrap();
+    assert!(!answer.choices.is_empty());
 }
 
 async fn eventually<T, F, Fut>(what: &str, within: Duration, mut f: F) -> T
@@ -112,24 +166,10 @@ async fn the_default_install_starts_the_real_gateway_which_routes_and_scales() {
     let out = c.apply("deploy");
     assert!(out.contains("deployment.apps/scalecar created"), "{out}");
     // Ready: the real binary answers /readyz on its Pod's admin port.
-    let ip = eventually("the scalecar pod Ready", Duration::from_secs(30), || async {
-        let line = c.kubectl(
-            &[
-                "-n",
-                "scalecar",
-                "get",
-                "pods",
-                "-l",
-                "app.kubernetes.io/name=scalecar",
-                "-o",
-                "jsonpath={range .items[*]}{.status.podIP} {.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}",
-            ],
-            None,
-        );
-        let (ip, ready) = line.lines().next()?.split_once(' ')?;
-        (ready == "True").then(|| ip.to_string())
-    })
-    .await;
+    let ip = c
+        .ready_gateways("app.kubernetes.io/name=scalecar", 1)
+        .await
+        .remove(0);
     let (status, _) = get(&format!("http://{ip}:9090/readyz")).await.unwrap();
     assert_eq!(status, 200);
     // The peer token it made for itself, as nobody was asked to.
@@ -156,23 +196,7 @@ async fn the_default_install_starts_the_real_gateway_which_routes_and_scales() {
         Some(())
     })
     .await;
-    let client = Client::with_config(
-        OpenAIConfig::new()
-            .with_api_base(format!("http://{ip}:8080/v1"))
-            .with_api_key("unused"),
-    );
-    let request = CreateChatCompletionRequestArgs::default()
-        .model("llama-3-8b")
-        .max_completion_tokens(8u32)
-        .messages([ChatCompletionRequestUserMessageArgs::default()
-            .content("installed?")
-            .build()
-            .unwrap()
-            .into()])
-        .build()
-        .unwrap();
-    let answer = client.chat().create(request).await.unwrap();
-    assert!(!answer.choices.is_empty());
+    ask_llama(&ip, "installed?").await;
     // It scales: a new floor on the annotated Deployment is written through
     // /scale by scalecar (its User-Agent), and evented.
     c.kubectl(
@@ -243,29 +267,7 @@ async fn the_ha_overlay_runs_three_real_gateways_one_of_which_leads() {
     let c = Cluster::start().await;
     c.apply("deploy/example");
     c.apply("deploy/overlays/ha");
-    let ips: Vec<String> = eventually("three scalecar pods Ready", Duration::from_secs(30), || async {
-        let lines = c.kubectl(
-            &[
-                "-n",
-                "scalecar",
-                "get",
-                "pods",
-                "-l",
-                "app.kubernetes.io/name=scalecar",
-                "-o",
-                "jsonpath={range .items[*]}{.status.podIP} {.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}",
-            ],
-            None,
-        );
-        let ready: Vec<String> = lines
-            .lines()
-            .filter_map(|l| l.split_once(' '))
-            .filter(|(_, r)| *r == "True")
-            .map(|(ip, _)| ip.to_string())
-            .collect();
-        (ready.len() == 3).then_some(ready)
-    })
-    .await;
+    let ips = c.ready_gateways("app.kubernetes.io/name=scalecar", 3).await;
     // One Lease, one leader among the three real processes; the others
     // export no decision series.
     eventually("exactly one leader", Duration::from_secs(20), || async {
@@ -485,16 +487,10 @@ async fn a_workload_another_autoscaler_claims_is_left_to_it() {
     let c = Cluster::start().await;
     c.apply("deploy/example");
     c.apply("deploy");
-    let ip = eventually("the scalecar pod Ready", Duration::from_secs(30), || async {
-        let line = c.kubectl(
-            &["-n", "scalecar", "get", "pods", "-l", "app.kubernetes.io/name=scalecar", "-o",
-              "jsonpath={range .items[*]}{.status.podIP} {.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}"],
-            None,
-        );
-        let (ip, ready) = line.lines().next()?.split_once(' ')?;
-        (ready == "True").then(|| ip.to_string())
-    })
-    .await;
+    let ip = c
+        .ready_gateways("app.kubernetes.io/name=scalecar", 1)
+        .await
+        .remove(0);
     // An HPA on the llama Deployment, and KEDA on qwen's prefill.
     c.kubectl(
         &["apply", "--validate=false", "-f", "-"],
@@ -725,33 +721,11 @@ async fn the_charts_defaults_install_the_real_gateway_which_routes_and_scales() 
         &["apply", "--validate=false", "-n", "scalecar", "-f", "-"],
         Some(&plain),
     );
-    let ip = eventually("the chart's gateway pod Ready", Duration::from_secs(30), || async {
-        let line = c.kubectl(
-            &["-n", "scalecar", "get", "pods", "-l", "app.kubernetes.io/instance=scalecar", "-o",
-              "jsonpath={range .items[*]}{.status.podIP} {.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}"],
-            None,
-        );
-        let (ip, ready) = line.lines().next()?.split_once(' ')?;
-        (ready == "True").then(|| ip.to_string())
-    })
-    .await;
-    let client = Client::with_config(
-        OpenAIConfig::new()
-            .with_api_base(format!("http://{ip}:8080/v1"))
-            .with_api_key("unused"),
-    );
-    let request = CreateChatCompletionRequestArgs::default()
-        .model("llama-3-8b")
-        .max_completion_tokens(8u32)
-        .messages([ChatCompletionRequestUserMessageArgs::default()
-            .content("charted?")
-            .build()
-            .unwrap()
-            .into()])
-        .build()
-        .unwrap();
-    let answer = client.chat().create(request).await.unwrap();
-    assert!(!answer.choices.is_empty());
+    let ip = c
+        .ready_gateways("app.kubernetes.io/instance=scalecar", 1)
+        .await
+        .remove(0);
+    ask_llama(&ip, "charted?").await;
     c.kubectl(
         &[
             "-n",
@@ -800,24 +774,10 @@ async fn a_gateway_not_allowed_to_watch_hpas_still_serves() {
     });
     c.apply("deploy/example");
     c.apply("deploy");
-    let ip = eventually("the scalecar pod Ready", Duration::from_secs(30), || async {
-        let line = c.kubectl(
-            &[
-                "-n",
-                "scalecar",
-                "get",
-                "pods",
-                "-l",
-                "app.kubernetes.io/name=scalecar",
-                "-o",
-                "jsonpath={range .items[*]}{.status.podIP} {.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}",
-            ],
-            None,
-        );
-        let (ip, ready) = line.lines().next()?.split_once(' ')?;
-        (ready == "True").then(|| ip.to_string())
-    })
-    .await;
+    let ip = c
+        .ready_gateways("app.kubernetes.io/name=scalecar", 1)
+        .await
+        .remove(0);
     let (_, body) = get(&format!("http://{ip}:9090/debug/pools")).await.unwrap();
     assert!(body.contains("llama-3-8b"), "{body}");
     assert!(

@@ -1558,7 +1558,14 @@ async fn no_write_leaves_after_the_renew_deadline_when_the_api_stalls() {
         (!leading).then_some(())
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Past the step-down, the toggled count stays where the other writer
+    // put it: nobody writes the floor back any more.
+    eventually(
+        "the floor left unwritten",
+        Duration::from_secs(5),
+        || async { (c.replicas(&d, "busy").await == 1).then_some(()) },
+    )
+    .await;
     toggling.store(false, std::sync::atomic::Ordering::Release);
     toggler.await.unwrap();
     // The last renewal that got through, and every write after it.
