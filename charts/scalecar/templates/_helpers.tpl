@@ -68,3 +68,31 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   resources: ["scaledobjects"]
   verbs: ["get", "list", "watch"]
 {{- end }}
+
+{{/* The pod's grace: the gateway's own shutdown (delay, then drain) plus
+10 s for the process to exit, unless set. */}}
+{{- define "scalecar.terminationGrace" -}}
+{{- $own := add .Values.limits.shutdownDelaySeconds .Values.limits.shutdownGraceSeconds -}}
+{{- if kindIs "invalid" .Values.terminationGracePeriodSeconds -}}
+{{ add $own 10 }}
+{{- else -}}
+{{ .Values.terminationGracePeriodSeconds | int64 }}
+{{- end -}}
+{{- end }}
+
+{{/* A duration the schema admits (one unit: 500ms, 30s, 2m, 1h) in
+milliseconds. */}}
+{{- define "scalecar.ms" -}}
+{{- $d := toString . -}}
+{{- if hasSuffix "ms" $d -}}
+{{ trimSuffix "ms" $d | int64 }}
+{{- else if hasSuffix "s" $d -}}
+{{ mul (trimSuffix "s" $d | int64) 1000 }}
+{{- else if hasSuffix "m" $d -}}
+{{ mul (trimSuffix "m" $d | int64) 60000 }}
+{{- else if hasSuffix "h" $d -}}
+{{ mul (trimSuffix "h" $d | int64) 3600000 }}
+{{- else -}}
+{{ fail (printf "%q is not a duration (like 500ms, 30s, 2m)" $d) }}
+{{- end -}}
+{{- end }}
