@@ -925,6 +925,144 @@ impl ScalecarConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
+
+    /// A file setting `key` (a row of docs/configuration.md) to `value`, or
+    /// the same file without it. Discovery is on so no pool is required.
+    fn file_with(key: &str, value: Option<&str>) -> String {
+        let item = |base: &[(&str, &str)], field: &str| {
+            let mut fields: BTreeMap<&str, &str> = base.iter().copied().collect();
+            if let Some(v) = value {
+                fields.insert(field, v);
+            }
+            let inner: Vec<String> = fields.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+            format!("[{{{}}}]", inner.join(", "))
+        };
+        if let Some(field) = key.strip_prefix("pools[].") {
+            let pool = item(&[("model", "m"), ("endpoints", "[\"h:1\"]")], field);
+            return format!("{{pools: {pool}, kubernetes: {{}}}}");
+        }
+        if let Some(field) = key.strip_prefix("kubernetes.kinds[].") {
+            let kind = item(&[("version", "v1"), ("kind", "Model")], field);
+            return format!("{{kubernetes: {{kinds: {kind}}}}}");
+        }
+        let Some(value) = value else {
+            return "{kubernetes: {}}".into();
+        };
+        let nested = key
+            .rsplit('.')
+            .fold(value.to_string(), |inner, k| format!("{{{k}: {inner}}}"));
+        if key.starts_with("kubernetes") {
+            nested
+        } else {
+            format!("{{{}, kubernetes: {{}}}}", &nested[1..nested.len() - 1])
+        }
+    }
+
+    /// The fields serde knows at `probe`'s `zz-unknown`.
+    fn known_fields(probe: &str) -> Vec<String> {
+        let e = ScalecarConfig::from_yaml_str(probe)
+            .unwrap_err()
+            .to_string();
+        let first = e.lines().next().unwrap_or_default();
+        let (_, expected) = first
+            .split_once("expected")
+            .unwrap_or_else(|| panic!("{probe}: {e}"));
+        expected
+            .split(" (")
+            .next()
+            .unwrap_or_default()
+            .trim_start_matches(" one of")
+            .split(',')
+            .map(|f| f.trim().trim_matches('`').to_string())
+            .collect()
+    }
+
+    /// docs/configuration.md is the reference users read: its keys are the
+    /// parser's, its literal defaults the parser's defaults, and its
+    /// examples behave as it says.
+    #[test]
+    fn the_config_reference_matches_the_parser() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/configuration.md");
+        let text = std::fs::read_to_string(path).unwrap();
+        let rows: Vec<Vec<String>> = text
+            .lines()
+            .filter(|l| l.starts_with("| `"))
+            .map(|l| {
+                l.split(" | ")
+                    .map(|c| c.trim_matches(['|', ' ']).to_string())
+                    .collect()
+            })
+            .collect();
+        let literal = |c: &str| {
+            (c.starts_with('`') && c.ends_with('`') && c.matches('`').count() == 2)
+                .then(|| c[1..c.len() - 1].to_string())
+        };
+        let documented: BTreeSet<String> = rows.iter().filter_map(|r| literal(&r[0])).collect();
+        let mut known = BTreeSet::new();
+        for (prefix, probe) in [
+            ("", "{zz-unknown: 1}"),
+            ("proxy.", "{proxy: {zz-unknown: 1}}"),
+            ("admin.", "{admin: {zz-unknown: 1}}"),
+            ("limits.", "{limits: {zz-unknown: 1}}"),
+            ("scaler.", "{scaler: {zz-unknown: 1}}"),
+            ("kubernetes.", "{kubernetes: {zz-unknown: 1}}"),
+            (
+                "kubernetes.leader-election.",
+                "{kubernetes: {leader-election: {zz-unknown: 1}}}",
+            ),
+            (
+                "kubernetes.kinds[].",
+                "{kubernetes: {kinds: [{zz-unknown: 1}]}}",
+            ),
+            ("pools[].", "{pools: [{zz-unknown: 1}]}"),
+        ] {
+            for f in known_fields(probe) {
+                known.insert(format!("{prefix}{f}"));
+            }
+        }
+        // A section documented only through its keys is not a row.
+        let sections: BTreeSet<String> = known
+            .iter()
+            .filter(|k| !documented.contains(*k))
+            .filter(|k| documented.iter().any(|d| d.starts_with(&format!("{k}."))))
+            .cloned()
+            .collect();
+        let rows_known: BTreeSet<String> = known.difference(&sections).cloned().collect();
+        assert_eq!(documented, rows_known, "docs/configuration.md keys");
+        assert!(documented.len() > 40, "{} rows", documented.len());
+
+        let base = |key: &str| ScalecarConfig::from_yaml_str(&file_with(key, None)).unwrap();
+        for r in &rows {
+            let Some(key) = literal(&r[0]) else { continue };
+            let (default, accepted, refused) = (&r[2], &r[3], &r[4]);
+            if let Some(d) = literal(default) {
+                let with = ScalecarConfig::from_yaml_str(&file_with(&key, Some(&d)))
+                    .unwrap_or_else(|e| panic!("{key}: default {d}: {e}"));
+                assert_eq!(with, base(&key), "{key}: {d} is not the default");
+            }
+            let a = literal(accepted).unwrap_or_else(|| panic!("{key}: no accepted example"));
+            let file = file_with(&key, Some(&a));
+            let with = ScalecarConfig::from_yaml_str(&file)
+                .unwrap_or_else(|e| panic!("{key}: {a} is documented as accepted: {e}"));
+            if literal(default).is_some_and(|d| d != a) {
+                assert_ne!(with, base(&key), "{key}: {a} changed nothing");
+            }
+            let Some(bad) = literal(refused) else {
+                assert_eq!(refused, "—", "{key}: the refused cell");
+                continue;
+            };
+            let e = match ScalecarConfig::from_yaml_str(&file_with(&key, Some(&bad))) {
+                Ok(_) => panic!("{key}: {bad} is documented as refused"),
+                Err(e) => e.to_string(),
+            };
+            let leaf = key.rsplit('.').next().unwrap().trim_end_matches("[]");
+            assert!(
+                e.contains(leaf),
+                "{key} = {bad}: the error names another key: {e}"
+            );
+        }
+    }
 
     const GOOD: &str = r#"
 proxy: { listen: "127.0.0.1:8080", workers: 3 }

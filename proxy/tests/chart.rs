@@ -128,20 +128,39 @@ fn the_chart_refuses_what_the_binary_refuses() {
     ];
     let mut cases: Vec<(String, Value)> = Vec::new();
     for d in durations {
-        for v in ["1s", "750ms", "0s", "0ms", "24h", "25h", "1441m", "-1s", "soon"] {
+        for v in [
+            "1s", "750ms", "0s", "0ms", "24h", "25h", "1441m", "-1s", "soon",
+        ] {
             cases.push((d.into(), json!(v)));
         }
     }
     for (path, values) in [
-        ("workers", vec![json!(0), json!(4), json!(1024), json!(1025), json!(-1)]),
+        (
+            "workers",
+            vec![json!(0), json!(4), json!(1024), json!(1025), json!(-1)],
+        ),
         ("limits.queueLength", vec![json!(0), json!(10), json!(-1)]),
-        ("limits.queueBytes", vec![json!(1024), json!(1023), json!(1 << 30)]),
-        ("limits.maxBodyBytes", vec![json!(1024), json!(100), json!("1Mi")]),
-        ("limits.shutdownDelaySeconds", vec![json!(0), json!(30), json!(-5)]),
+        (
+            "limits.queueBytes",
+            vec![json!(1024), json!(1023), json!(1 << 30)],
+        ),
+        (
+            "limits.maxBodyBytes",
+            vec![json!(1024), json!(100), json!("1Mi")],
+        ),
+        (
+            "limits.shutdownDelaySeconds",
+            vec![json!(0), json!(30), json!(-5)],
+        ),
         ("limits.shutdownGraceSeconds", vec![json!(1), json!(0)]),
         (
             "kubernetes.namespaces",
-            vec![json!(["llm", "a-b"]), json!(["LLM"]), json!(["-x"]), json!([""])],
+            vec![
+                json!(["llm", "a-b"]),
+                json!(["LLM"]),
+                json!(["-x"]),
+                json!([""]),
+            ],
         ),
         (
             "kubernetes.kinds",
@@ -165,10 +184,18 @@ fn the_chart_refuses_what_the_binary_refuses() {
         ),
         (
             "peers.tokenSecret",
-            vec![json!("my-token"), json!("a.b-c"), json!("Token"), json!("a_b")],
+            vec![
+                json!("my-token"),
+                json!("a.b-c"),
+                json!("Token"),
+                json!("a_b"),
+            ],
         ),
         ("fullnameOverride", vec![json!("gw"), json!("-gw")]),
-        ("containerPorts.http", vec![json!(8000), json!(65535), json!(65536)]),
+        (
+            "containerPorts.http",
+            vec![json!(8000), json!(65535), json!(65536)],
+        ),
     ] {
         for v in values {
             cases.push((path.into(), v));
@@ -201,10 +228,16 @@ fn the_chart_refuses_what_the_binary_refuses() {
             (Err(e), Ok(_)) => panic!("{path} = {v}: the binary takes it, the chart refuses: {e}"),
         }
     }
-    assert!(taken >= 30 && refused >= 50, "{taken} taken, {refused} refused");
+    assert!(
+        taken >= 30 && refused >= 50,
+        "{taken} taken, {refused} refused"
+    );
     for (path, v) in stricter {
         let values = nested(path, v.clone());
-        assert!(render_config(&chart(), &values, &dir).is_err(), "{path} = {v}");
+        assert!(
+            render_config(&chart(), &values, &dir).is_err(),
+            "{path} = {v}"
+        );
         let text = render_config(&bare, &values, &dir).unwrap();
         assert!(
             scalecar_config::ScalecarConfig::from_yaml_str(&text).is_ok(),
@@ -212,7 +245,8 @@ fn the_chart_refuses_what_the_binary_refuses() {
         );
     }
     // The chart's own rule: a grace shorter than the gateway's shutdown.
-    let grace = |g: Value| render_config(&chart(), &json!({"terminationGracePeriodSeconds": g}), &dir);
+    let grace =
+        |g: Value| render_config(&chart(), &json!({"terminationGracePeriodSeconds": g}), &dir);
     assert!(grace(json!(35)).is_ok());
     let short = grace(json!(34)).unwrap_err();
     assert!(short.contains("kubelet would kill streams"), "{short}");
