@@ -645,6 +645,69 @@ mod tests {
         }
     }
 
+    /// docs/migration.md: every scalecar key its tables name is a key the
+    /// parser knows (with its example value, where one is given, accepted),
+    /// and every annotated example parses.
+    #[test]
+    fn the_migration_guide_names_real_keys_and_its_examples_parse() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/migration.md");
+        let text = std::fs::read_to_string(path).unwrap();
+        let known: std::collections::BTreeSet<&str> = POLICY_KEYS
+            .iter()
+            .chain(IDENTITY_KEYS.iter())
+            .copied()
+            .collect();
+        let mut checked = 0;
+        for row in text.lines().filter(|l| l.starts_with("| `")) {
+            let cells: Vec<&str> = row.split(" | ").collect();
+            let ours = cells.get(1).copied().unwrap_or_default();
+            // `key`, `key: value`, or `key`, `key`, …
+            for item in ours.split('`').skip(1).step_by(2) {
+                let (key, value) = match item.split_once(": ") {
+                    Some((k, v)) => (k.trim(), Some(v.trim())),
+                    None => (item.trim(), None),
+                };
+                assert!(
+                    known.contains(key),
+                    "{key} (in {row:?}) is not a scalecar key"
+                );
+                // `N` stands for the number in the source's row.
+                if let Some(v) = value.filter(|v| *v != "N") {
+                    let mut a = BTreeMap::from([
+                        (format!("{PREFIX}model"), "m".to_string()),
+                        (format!("{PREFIX}{key}"), v.to_string()),
+                    ]);
+                    if key.starts_with("hpa-") {
+                        a.insert(format!("{PREFIX}algorithm"), "hpa".into());
+                    }
+                    if let Err(e) = Policy::from_annotations(&a) {
+                        panic!("{key}: {v} (in {row:?}): {e}");
+                    }
+                }
+                checked += 1;
+            }
+        }
+        assert!(checked >= 30, "only {checked} keys in the tables");
+        let mut examples = 0;
+        for block in text.split("```yaml").skip(1) {
+            let block = block.split("```").next().unwrap_or_default();
+            let annotations: BTreeMap<String, String> = block
+                .lines()
+                .filter_map(|l| l.trim().split_once(": "))
+                .filter(|(k, _)| k.starts_with(PREFIX))
+                .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
+                .collect();
+            if annotations.is_empty() {
+                continue;
+            }
+            examples += 1;
+            if let Err(e) = Policy::from_annotations(&annotations) {
+                panic!("the example {annotations:?}: {e}");
+            }
+        }
+        assert_eq!(examples, 3, "one annotated example per source");
+    }
+
     fn keys(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
             .iter()
