@@ -4,14 +4,14 @@
 //! the latest status of each target for live views.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use scalecar_scaler::control::{DecisionObserver, LogObserver, TargetStatus};
+use scalecar_scaler::control::{DecisionObserver, LogObserver, TargetStatus, WriteGuard};
 use scalecar_scaler::target::TargetError;
 use std::sync::atomic::AtomicU64;
 
@@ -53,6 +53,8 @@ pub struct DecisionRecorder {
     latest: Mutex<BTreeMap<String, (TargetStatus, f64)>>,
     /// 1 while this replica decides.
     leader: Gauge,
+    /// Writes the Lease check refused (shared with [`CountedGuard`]).
+    writes_refused: Counter,
     /// (leading, the holder last seen).
     leadership: Mutex<(bool, Option<String>)>,
     /// Each target's last change and when.
@@ -60,6 +62,24 @@ pub struct DecisionRecorder {
     /// The last changes (bounded), newest last.
     changes: Mutex<std::collections::VecDeque<TargetStatus>>,
     decisions: AtomicU64,
+}
+
+/// A write guard whose refusals are counted: each one is a tick that
+/// outlasted the renew deadline, which an operator should see.
+#[derive(Debug)]
+struct CountedGuard {
+    inner: Arc<dyn WriteGuard>,
+    refused: Counter,
+}
+
+impl WriteGuard for CountedGuard {
+    fn may_write(&self) -> bool {
+        let may = self.inner.may_write();
+        if !may {
+            self.refused.inc();
+        }
+        may
+    }
 }
 
 /// How many changes [`DecisionRecorder::changes`] keeps.
@@ -81,6 +101,7 @@ impl DecisionRecorder {
             max: Family::default(),
             scale_events: Family::default(),
             scale_errors: Family::default(),
+            writes_refused: Counter::default(),
             latest: Mutex::new(BTreeMap::new()),
             leader: Gauge::default(),
             leadership: Mutex::new((true, None)),
@@ -155,11 +176,24 @@ impl DecisionRecorder {
         );
         r.leader.set(1);
         reg.register(
+            "scalecar_writes_refused",
+            "Scale writes not made because this replica's Lease lapsed during the tick (a tick longer than the renew deadline: slow peers or API server)",
+            r.writes_refused.clone(),
+        );
+        reg.register(
             "scalecar_scale_errors",
             "Failed reads or writes of the scale target, by reason (conflict, not_found, unavailable)",
             r.scale_errors.clone(),
         );
         r
+    }
+
+    /// `inner`, counting what it refuses in `scalecar_writes_refused_total`.
+    pub fn count_refusals(&self, inner: Arc<dyn WriteGuard>) -> Arc<dyn WriteGuard> {
+        Arc::new(CountedGuard {
+            inner,
+            refused: self.writes_refused.clone(),
+        })
     }
 
     /// Decisions made so far (one per target per tick).

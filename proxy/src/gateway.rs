@@ -403,7 +403,10 @@ impl GatewayBuilder {
                     stopped.clone(),
                 ));
             }
-            control.guard_writes(Arc::new(elector.write_lease()));
+            control.guard_writes(
+                self.decisions
+                    .count_refusals(Arc::new(elector.write_lease())),
+            );
             let (tx, mut rx) = watch::channel(scalecar_scaler::kube::Leadership::default());
             handle.spawn(elector.run(tx, stopped.clone()));
             let decisions = self.decisions.clone();

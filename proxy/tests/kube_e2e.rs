@@ -1483,9 +1483,8 @@ async fn three_replicas_elect_one_leader_and_a_killed_leader_is_replaced_without
 /// every tick: writes go on while the Lease is still good and none leaves
 /// later than the last renewal plus the renew deadline. (Here the
 /// elector's own timing keeps it too — its attempts time out each retry
-/// period; what the write-time check adds for a tick that outlasts the
-/// deadline, e.g. waiting on slow peers, is tested in `control` and
-/// `kube::lease`.)
+/// period; what the write-time check adds, for a tick that outlasts the
+/// deadline, is the next test.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_write_leaves_after_the_renew_deadline_when_the_api_stalls() {
     let c = Cluster::start().await;
@@ -1596,6 +1595,170 @@ async fn no_write_leaves_after_the_renew_deadline_when_the_api_stalls() {
     // It wrote while it still held the Lease (the check is not a freeze).
     assert!(writes(&c).iter().any(|t| *t > renewed));
     c.sim.faults().clear();
+    drop(replicas);
+    c.stop().await;
+}
+
+/// A tick that began while the Lease was good and outlasted the renew
+/// deadline — waiting on a peer that answers only after the API server
+/// stalled and the leader stepped down — writes nothing: the Lease check
+/// right before the write refuses it, and says so in
+/// `scalecar_writes_refused_total`. Without that check the floor below
+/// would be written back seconds after the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tick_that_outlasts_the_renew_deadline_writes_nothing() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let c = Cluster::start().await;
+    let d = c.deployments();
+    c.create(
+        &d,
+        workload(
+            "apps/v1",
+            "Deployment",
+            "late",
+            "late",
+            1,
+            json!({"scalecar.io/model": "late", "scalecar.io/min-replicas": "2"}),
+            &[],
+        ),
+    )
+    .await;
+    // A peer that refuses (503) every snapshot request, at once or, while
+    // `hold` is set, only once `release` turns true.
+    let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let hold = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (asked_tx, mut asked) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let (release_tx, release) = tokio::sync::watch::channel(false);
+    let peer = {
+        let hold = hold.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut conn, _)) = listener.accept().await else {
+                    return;
+                };
+                let (hold, asked_tx, mut release) =
+                    (hold.clone(), asked_tx.clone(), release.clone());
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    if hold.load(std::sync::atomic::Ordering::Acquire) {
+                        let _ = asked_tx.send(());
+                        let _ = release.wait_for(|r| *r).await;
+                    }
+                    let _ = conn
+                        .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                        .await;
+                });
+            }
+        })
+    };
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(c.client.clone(), "default");
+    pods.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({
+            "metadata": {"name": "slow-peer", "labels": {"app": "gateway"}},
+            "spec": {"containers": [{"name": "scalecar", "image": "scalecar",
+                                     "ports": [{"name": "admin", "containerPort": port}]}]}
+        }))
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    let replicas = [Replica::start_with(
+        &c,
+        0,
+        ", peer-selector: \"app=gateway\", peer-timeout: 20s, peer-token-secret: late-peer-token",
+        &[],
+    )];
+    let all: Vec<&Replica> = replicas.iter().collect();
+    let (_, holder) = one_leader(&all, Duration::from_secs(15)).await;
+    eventually("scaled to 2", Duration::from_secs(10), || async {
+        (c.replicas(&d, "late").await == 2).then_some(())
+    })
+    .await;
+    // A leading tick is now waiting on the peer.
+    hold.store(true, std::sync::atomic::Ordering::Release);
+    tokio::time::timeout(Duration::from_secs(10), asked.recv())
+        .await
+        .expect("the leader asks its peer")
+        .unwrap();
+    // Someone else lowers the count (a write of the floor is due when the
+    // tick goes on) and the API server stops answering Lease calls.
+    d.patch(
+        "late",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"replicas": 1}})),
+    )
+    .await
+    .unwrap();
+    c.sim.faults().add(Rule {
+        verb: None,
+        resource: Some("leases".into()),
+        rate: 1.0,
+        fault: Fault::Timeout,
+    });
+    let stalled = Instant::now();
+    eventually("the leader steps down", Duration::from_secs(8), || async {
+        let (leading, _) = replicas[0].leadership().await?;
+        (!leading).then_some(())
+    })
+    .await;
+    // Only now does the tick go on, past the deadline.
+    release_tx.send_replace(true);
+    eventually(
+        "the late write refused",
+        Duration::from_secs(10),
+        || async {
+            let (_, text) = get(&format!("http://{}/metrics", replicas[0].admin))
+                .await
+                .ok()?;
+            text.lines()
+                .any(|l| l.starts_with("scalecar_writes_refused_total ") && !l.ends_with(" 0"))
+                .then_some(())
+        },
+    )
+    .await;
+    let renewed = c
+        .sim
+        .requests()
+        .into_iter()
+        .filter(|r| {
+            r.uri.contains("/leases/")
+                && r.method == "PUT"
+                && r.status == 200
+                && r.user_agent.contains(&holder)
+                && r.at < stalled
+        })
+        .map(|r| r.at)
+        .max()
+        .expect("the leader renewed before the stall");
+    let late: Vec<Instant> = c
+        .sim
+        .requests()
+        .into_iter()
+        .filter(|r| {
+            r.method == "PATCH"
+                && r.uri.contains("/deployments/late/scale")
+                && r.user_agent.contains(&holder)
+                && r.at >= renewed + Duration::from_secs(2)
+        })
+        .map(|r| r.at)
+        .collect();
+    assert!(
+        late.is_empty(),
+        "{} writes after the renew deadline",
+        late.len()
+    );
+    assert_eq!(c.replicas(&d, "late").await, 1);
+    c.sim.faults().clear();
+    peer.abort();
     drop(replicas);
     c.stop().await;
 }

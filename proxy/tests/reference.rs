@@ -61,8 +61,10 @@ fn registered() -> BTreeMap<String, &'static str> {
                     .next()
                     .unwrap_or_default()
                     .to_string();
-                // Counters are the families declared as such.
-                if text.contains(&format!("{field}: Family<")) {
+                // Counters are the fields and families declared as such.
+                if text.contains(&format!("{field}: Counter")) {
+                    "counter"
+                } else if text.contains(&format!("{field}: Family<")) {
                     let decl = text
                         .split(&format!("{field}: Family<"))
                         .nth(1)
