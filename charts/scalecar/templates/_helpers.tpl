@@ -45,28 +45,28 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   verbs: ["get", "list", "watch"]
 - apiGroups: ["apps"]
   resources: ["deployments/scale", "statefulsets/scale"]
-  verbs: ["get", "update", "patch"]
+  verbs: ["get", "patch"]
 {{- range .Values.kubernetes.kinds }}
 - apiGroups: [{{ .group | default "" | quote }}]
   resources: [{{ .plural | quote }}]
   verbs: ["get", "list", "watch", "patch"]
 - apiGroups: [{{ .group | default "" | quote }}]
   resources: [{{ printf "%s/scale" .plural | quote }}]
-  verbs: ["get", "update", "patch"]
+  verbs: ["get", "patch"]
 {{- end }}
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list", "watch"]
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
 # Other autoscalers on the same workloads (scalecar stands aside).
 - apiGroups: ["autoscaling"]
   resources: ["horizontalpodautoscalers"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list", "watch"]
 - apiGroups: ["keda.sh"]
   resources: ["scaledobjects"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list", "watch"]
 {{- end }}
 
 {{/* The pod's grace: the gateway's own shutdown (delay, then drain) plus
