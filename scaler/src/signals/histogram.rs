@@ -4,6 +4,7 @@
 //! `hdrhistogram::Histogram`s — with their quantiles, merging and V2 wire
 //! format — without converting values.
 
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
@@ -66,34 +67,58 @@ pub fn empty() -> Histogram<u64> {
     Histogram::new_with_bounds(1, HIGHEST, 2).expect("constant histogram bounds are valid")
 }
 
-/// One histogram's atomic counters.
-#[derive(Debug)]
+/// One histogram's atomic counters, allocated at its first sample: most
+/// slots of an idle pool (and of one serving a model nobody asks for) are
+/// never written, and the counters are 11.5 KiB each. Once allocated they
+/// stay (reset in place), so the hot path allocates at most once per slot
+/// in the life of the pool, and afterwards reads one pointer.
+#[derive(Debug, Default)]
 pub struct AtomicCounts {
-    counts: Box<[AtomicU32]>,
+    counts: OnceLock<Box<[AtomicU32]>>,
 }
 
 impl AtomicCounts {
     pub fn new() -> Self {
-        AtomicCounts {
-            counts: (0..COUNTS_LEN).map(|_| AtomicU32::new(0)).collect(),
-        }
+        Self::default()
     }
 
+    #[inline]
     pub fn record(&self, d: Duration) {
-        if let Some(c) = self.counts.get(index_of(units_of(d))) {
+        let counts = match self.counts.get() {
+            Some(c) => c,
+            None => self.allocate(),
+        };
+        if let Some(c) = counts.get(index_of(units_of(d))) {
             c.fetch_add(1, Ordering::Relaxed);
         }
     }
 
+    /// The first sample's path, kept out of line so the hot one stays a
+    /// load and a branch.
+    #[cold]
+    #[inline(never)]
+    fn allocate(&self) -> &[AtomicU32] {
+        self.counts
+            .get_or_init(|| (0..COUNTS_LEN).map(|_| AtomicU32::new(0)).collect())
+    }
+
     pub fn reset(&self) {
-        for c in self.counts.iter() {
+        for c in self.counts.get().into_iter().flat_map(|c| c.iter()) {
             c.store(0, Ordering::Relaxed);
         }
     }
 
+    /// Whether any sample was ever recorded here (the counters exist).
+    pub fn allocated(&self) -> bool {
+        self.counts.get().is_some()
+    }
+
     /// Adds these counts into `h`.
     pub fn add_to(&self, h: &mut Histogram<u64>) {
-        for (i, c) in self.counts.iter().enumerate() {
+        let Some(counts) = self.counts.get() else {
+            return;
+        };
+        for (i, c) in counts.iter().enumerate() {
             let n = c.load(Ordering::Relaxed);
             if n > 0 {
                 // Values are within bounds by construction; a failed record
@@ -101,12 +126,6 @@ impl AtomicCounts {
                 let _ = h.record_n(value_of(i).max(1), u64::from(n));
             }
         }
-    }
-}
-
-impl Default for AtomicCounts {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -143,6 +162,23 @@ mod tests {
         assert_eq!(h.len(), 1000);
         let p90 = h.value_at_quantile(0.9) as f64 * UNIT.as_secs_f64() * 1000.0;
         assert!((p90 - 900.0).abs() / 900.0 < 0.01, "{p90}");
+    }
+
+    #[test]
+    fn counters_exist_only_once_recorded_and_survive_a_reset() {
+        let counts = AtomicCounts::new();
+        counts.reset();
+        let mut h = empty();
+        counts.add_to(&mut h);
+        assert!(!counts.allocated() && h.is_empty());
+        counts.record(Duration::from_millis(5));
+        assert!(counts.allocated());
+        counts.reset();
+        counts.add_to(&mut h);
+        assert!(counts.allocated() && h.is_empty());
+        counts.record(Duration::from_millis(7));
+        counts.add_to(&mut h);
+        assert_eq!(h.len(), 1);
     }
 
     #[test]

@@ -17,10 +17,13 @@
 //! coarser slots (retention / 30, at least one slot).
 //!
 //! Memory per pool (rings are rounded up to powers of two): counters
-//! 20 × 8 B per slot (128 slots for a 60 s retention: ~20 KB), histograms
-//! 4 × 2,944 × 4 B = 47 KB per histogram slot (64 slots of 2 s for 60 s:
-//! ~3 MB; a 1 h window has 64 slots of 2 min, the same 3 MB). Fixed at
-//! creation; recording never allocates.
+//! 20 × 8 B per slot (128 slots for a 60 s retention: ~20 KB), allocated at
+//! creation; a histogram's 2,944 × 4 B = 11.5 KiB of counters only at its
+//! first sample ([`histogram::AtomicCounts`]), so an idle pool costs ~27 KB
+//! and a busy one at most 64 slots × 4 × 11.5 KiB ≈ 3 MB more (64 slots of
+//! 2 s for a 60 s retention; a 1 h window has 64 slots of 2 min, the same
+//! bound). Recording allocates only a histogram slot's first sample, once
+//! in the pool's life: the counters stay, reset in place.
 
 pub mod histogram;
 
@@ -465,6 +468,16 @@ impl PoolSignals {
     }
 
     /// The longest window this pool keeps.
+    /// Latency histograms whose counters exist: those that ever had a
+    /// sample (a pool's memory beyond its fixed ~27 KB is 11.5 KiB each).
+    pub fn allocated_histograms(&self) -> usize {
+        self.hists
+            .iter()
+            .flat_map(|s| s.latencies.iter())
+            .filter(|h| h.allocated())
+            .count()
+    }
+
     pub fn retention(&self) -> Duration {
         self.retention
     }

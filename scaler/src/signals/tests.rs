@@ -19,6 +19,31 @@ fn pool(retention_s: u64) -> (Arc<ManualClock>, PoolSignals) {
 const S: fn(u64) -> Duration = Duration::from_secs;
 const MS: fn(u64) -> Duration = Duration::from_millis;
 
+/// An idle pool holds no histogram counters; one that serves holds them
+/// for the slots and kinds it recorded, and a window's quantiles read the
+/// same with unwritten slots in it.
+#[test]
+fn histograms_exist_only_where_samples_were_recorded() {
+    let (clock, p) = pool(60);
+    assert_eq!(p.allocated_histograms(), 0);
+    p.arrival(100);
+    p.dispatch(100);
+    clock.advance(S(10));
+    let _ = p.snapshot(S(60), S(6));
+    assert_eq!(p.allocated_histograms(), 0, "counters and gauges only");
+    p.first_token(100, MS(250));
+    assert_eq!(p.allocated_histograms(), 1);
+    clock.advance(S(20));
+    p.first_token(100, MS(750));
+    p.inter_token(MS(20));
+    assert_eq!(p.allocated_histograms(), 3);
+    clock.advance(S(1));
+    let s = p.snapshot(S(60), S(6));
+    assert_eq!(s.stable.ttft.count, 2);
+    let p90 = s.stable.ttft.p90.unwrap();
+    assert!((p90.as_secs_f64() - 0.75).abs() < 0.01, "{p90:?}");
+}
+
 #[test]
 fn constant_concurrency_averages_exactly() {
     let (clock, p) = pool(60);
