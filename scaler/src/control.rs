@@ -401,7 +401,14 @@ impl ControlLoop {
         for t in &mut self.targets {
             let (window, panic_window) = (t.spec.policy.window, t.spec.policy.panic_window());
             let (snapshot, partial) = match gathered.next() {
-                None => (t.spec.signals.snapshot(window, panic_window), false),
+                None => (
+                    t.spec.signals.snapshot_of(
+                        window,
+                        panic_window,
+                        t.algorithm.latencies(t.spec.role),
+                    ),
+                    false,
+                ),
                 Some(g) => {
                     let mut parts = vec![t.spec.signals.peer_snapshot(window, panic_window)];
                     parts.extend(g.snapshots);
@@ -409,7 +416,14 @@ impl ControlLoop {
                         Ok(s) => (s, g.partial),
                         Err(e) => {
                             tracing::warn!(target = %t.spec.name, error = %e, "peer snapshots do not merge; deciding on this replica's alone, as partial");
-                            (t.spec.signals.snapshot(window, panic_window), true)
+                            (
+                                t.spec.signals.snapshot_of(
+                                    window,
+                                    panic_window,
+                                    t.algorithm.latencies(t.spec.role),
+                                ),
+                                true,
+                            )
                         }
                     }
                 }

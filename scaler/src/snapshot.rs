@@ -6,6 +6,46 @@ use std::time::Duration;
 
 use scalecar_config::Metric;
 
+/// Which latency summaries a snapshot computes. Each is a merge of up to
+/// 64 histogram slots, the bulk of a snapshot's cost (memory-bound with a
+/// thousand pools): a decision asks only for those its algorithm reads,
+/// and the others stay empty.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Latencies {
+    pub ttft: bool,
+    pub itl: bool,
+    pub e2e: bool,
+    pub queue_wait: bool,
+}
+
+impl Latencies {
+    pub const ALL: Latencies = Latencies {
+        ttft: true,
+        itl: true,
+        e2e: true,
+        queue_wait: true,
+    };
+    pub const NONE: Latencies = Latencies {
+        ttft: false,
+        itl: false,
+        e2e: false,
+        queue_wait: false,
+    };
+    pub const TTFT: Latencies = Latencies {
+        ttft: true,
+        ..Latencies::NONE
+    };
+    pub const ITL: Latencies = Latencies {
+        itl: true,
+        ..Latencies::NONE
+    };
+
+    /// In the signals' histogram order: TTFT, ITL, end-to-end, queue wait.
+    pub fn as_array(self) -> [bool; 4] {
+        [self.ttft, self.itl, self.e2e, self.queue_wait]
+    }
+}
+
 /// Latency quantiles of one window. `None` where the window saw no sample.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct LatencySummary {

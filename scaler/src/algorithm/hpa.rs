@@ -148,6 +148,11 @@ impl Hpa {
 }
 
 impl ScalingAlgorithm for Hpa {
+    /// Load metrics only: no latency.
+    fn latencies(&self, _role: scalecar_config::Role) -> crate::snapshot::Latencies {
+        crate::snapshot::Latencies::NONE
+    }
+
     fn name(&self) -> &str {
         "hpa"
     }

@@ -77,6 +77,11 @@ fn advance(due: Duration, period: Duration, now: Duration) -> Duration {
 }
 
 impl ScalingAlgorithm for KedaPrometheus {
+    /// Load metrics only: no latency.
+    fn latencies(&self, _role: scalecar_config::Role) -> crate::snapshot::Latencies {
+        crate::snapshot::Latencies::NONE
+    }
+
     fn name(&self) -> &str {
         "keda-prometheus"
     }

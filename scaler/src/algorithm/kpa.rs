@@ -71,6 +71,11 @@ fn clamp(x: f64, lo: f64, hi: f64) -> f64 {
 }
 
 impl ScalingAlgorithm for Kpa {
+    /// Load metrics only: no latency.
+    fn latencies(&self, _role: scalecar_config::Role) -> crate::snapshot::Latencies {
+        crate::snapshot::Latencies::NONE
+    }
+
     fn name(&self) -> &str {
         "kpa"
     }

@@ -90,6 +90,12 @@ pub trait ScalingAlgorithm: Send + fmt::Debug {
     /// The registered name.
     fn name(&self) -> &str;
     fn decide(&mut self, input: &DecisionInput<'_>) -> Decision;
+    /// The latency summaries `decide` reads for a pool in `role`; the
+    /// others are left empty in its snapshots (they cost the most to
+    /// compute). All, unless the algorithm says otherwise.
+    fn latencies(&self, _role: Role) -> crate::snapshot::Latencies {
+        crate::snapshot::Latencies::ALL
+    }
 }
 
 /// Builds an algorithm for a target: its policy, the ready count at

@@ -338,6 +338,15 @@ fn budgeted(rate: f64, window: Duration, budget: Duration) -> f64 {
 }
 
 impl ScalingAlgorithm for Slo {
+    /// TTFT, or ITL for a decode pool: what the target is judged by.
+    fn latencies(&self, role: Role) -> crate::snapshot::Latencies {
+        if role == Role::Decode {
+            crate::snapshot::Latencies::ITL
+        } else {
+            crate::snapshot::Latencies::TTFT
+        }
+    }
+
     fn name(&self) -> &str {
         "slo"
     }

@@ -27,6 +27,8 @@
 
 pub mod histogram;
 
+use histogram::Merged;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
@@ -34,7 +36,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 
 use crate::clock::Clock;
-use crate::snapshot::{LatencySummary, WindowSnapshot, WindowValues};
+use crate::snapshot::{Latencies, LatencySummary, WindowSnapshot, WindowValues};
 use histogram::AtomicCounts;
 
 /// How a pool's signals are kept.
@@ -485,6 +487,17 @@ impl PoolSignals {
     /// The stable and panic windows ending now. Windows longer than the
     /// retention are cut to it.
     pub fn snapshot(&self, stable: Duration, panic: Duration) -> WindowSnapshot {
+        self.snapshot_of(stable, panic, Latencies::ALL)
+    }
+
+    /// [`Self::snapshot`] with only the latency summaries in `latencies`
+    /// (the others empty): what a decision reads, at a fraction of the cost.
+    pub fn snapshot_of(
+        &self,
+        stable: Duration,
+        panic: Duration,
+        latencies: Latencies,
+    ) -> WindowSnapshot {
         let now = self.now_us();
         // Prepare the next slots so writers rarely pay for a reset.
         for ahead in 1..=2 {
@@ -506,21 +519,22 @@ impl PoolSignals {
         };
         WindowSnapshot {
             at: Duration::from_micros(now),
-            stable: self.window(now, stable),
-            panic: self.window(now, panic),
+            stable: self.window_parts(now, stable, latencies).0,
+            panic: self.window_parts(now, panic, latencies).0,
             in_flight_now: in_flight,
             queued_now: queued,
             last_activity,
         }
     }
 
-    fn window(&self, now: u64, length: Duration) -> WindowValues {
-        self.window_parts(now, length).0
-    }
-
     /// A window's values and its latency histograms (TTFT, ITL, end-to-end,
     /// queue wait) — what a peer snapshot carries.
-    fn window_parts(&self, now: u64, length: Duration) -> (WindowValues, [Histogram<u64>; 4]) {
+    fn window_parts(
+        &self,
+        now: u64,
+        length: Duration,
+        latencies: Latencies,
+    ) -> (WindowValues, [Merged; LATENCIES]) {
         let b = self.bucket_us;
         // A window shorter than a slot (Knative allows a 0.6 s panic
         // window) is measured as one slot: the finest this ring can see.
@@ -590,9 +604,9 @@ impl PoolSignals {
             }
         };
         let rate = |n: u64| if covered == 0 { 0.0 } else { n as f64 / secs };
-        let mut hists: [Histogram<u64>; LATENCIES] = std::array::from_fn(|_| histogram::empty());
-        self.merge_histograms(now, length, &mut hists);
-        let [ttft, itl, e2e, queue_wait] = hists.each_ref().map(summary);
+        let mut hists: [Merged; LATENCIES] = Default::default();
+        self.merge_histograms(now, length, latencies, &mut hists);
+        let [ttft, itl, e2e, queue_wait] = hists.each_ref().map(merged_summary);
         let values = WindowValues {
             duration: length,
             observed: Duration::from_micros(covered),
@@ -622,11 +636,11 @@ impl PoolSignals {
     pub fn peer_snapshot(&self, stable: Duration, panic: Duration) -> crate::peer::PeerSnapshot {
         let snap = self.snapshot(stable, panic);
         let now = micros(snap.at);
-        let (s, s_hists) = self.window_parts(now, stable);
-        let (p, p_hists) = self.window_parts(now, panic);
+        let (s, s_hists) = self.window_parts(now, stable, Latencies::ALL);
+        let (p, p_hists) = self.window_parts(now, panic, Latencies::ALL);
         crate::peer::PeerSnapshot {
-            stable: crate::peer::PeerWindow::new(&s, &s_hists),
-            panic: crate::peer::PeerWindow::new(&p, &p_hists),
+            stable: crate::peer::PeerWindow::new(&s, &s_hists.each_ref().map(Merged::to_histogram)),
+            panic: crate::peer::PeerWindow::new(&p, &p_hists.each_ref().map(Merged::to_histogram)),
             in_flight_now: snap.in_flight_now,
             queued_now: snap.queued_now,
             idle_ms: snap
@@ -635,7 +649,14 @@ impl PoolSignals {
         }
     }
 
-    fn merge_histograms(&self, now: u64, length: Duration, into: &mut [Histogram<u64>; LATENCIES]) {
+    fn merge_histograms(
+        &self,
+        now: u64,
+        length: Duration,
+        latencies: Latencies,
+        into: &mut [Merged; LATENCIES],
+    ) {
+        let wanted = latencies.as_array();
         let h = self.hist_slot_us;
         let current = now / h;
         let partial = now - current * h;
@@ -651,8 +672,10 @@ impl PoolSignals {
             if s.epoch.load(Ordering::Acquire) != number + 1 {
                 continue;
             }
-            for (counts, hist) in s.latencies.iter().zip(into.iter_mut()) {
-                counts.add_to(hist);
+            for ((counts, merged), wanted) in s.latencies.iter().zip(into.iter_mut()).zip(wanted) {
+                if wanted {
+                    merged.add(counts);
+                }
             }
         }
     }
@@ -660,14 +683,36 @@ impl PoolSignals {
     /// The window's latency histograms (TTFT, ITL, end-to-end, queue wait),
     /// for merging across gateway replicas.
     pub fn window_histograms(&self, length: Duration) -> [Histogram<u64>; 4] {
-        let mut hists: [Histogram<u64>; LATENCIES] = std::array::from_fn(|_| histogram::empty());
-        self.merge_histograms(self.now_us(), length.min(self.retention), &mut hists);
-        hists
+        let mut hists: [Merged; LATENCIES] = Default::default();
+        self.merge_histograms(
+            self.now_us(),
+            length.min(self.retention),
+            Latencies::ALL,
+            &mut hists,
+        );
+        hists.each_ref().map(Merged::to_histogram)
     }
 }
 
 fn to_duration(units: u64) -> Duration {
     histogram::UNIT * u32::try_from(units).unwrap_or(u32::MAX)
+}
+
+/// [`summary`] of a window's merged counts, without a `Histogram`.
+fn merged_summary(m: &Merged) -> LatencySummary {
+    if m.is_empty() {
+        return LatencySummary::default();
+    }
+    let layout = |v: u64| to_duration(histogram::highest_equivalent(v));
+    LatencySummary {
+        count: m.len(),
+        mean: Some(Duration::from_secs_f64(
+            m.mean() * histogram::UNIT.as_secs_f64(),
+        )),
+        p50: Some(layout(m.value_at_quantile(0.5))),
+        p90: Some(layout(m.value_at_quantile(0.9))),
+        p99: Some(layout(m.value_at_quantile(0.99))),
+    }
 }
 
 /// Quantiles of a histogram in [`histogram::UNIT`]s.

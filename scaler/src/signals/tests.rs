@@ -44,6 +44,38 @@ fn histograms_exist_only_where_samples_were_recorded() {
     assert!((p90.as_secs_f64() - 0.75).abs() < 0.01, "{p90:?}");
 }
 
+/// A decision's snapshot computes only the latencies asked for; what it
+/// computes equals the full snapshot's.
+#[test]
+fn a_snapshot_of_some_latencies_leaves_the_others_empty() {
+    let (clock, p) = pool(60);
+    for i in 0..50u64 {
+        p.first_token(100, MS(100 + i * 10));
+        p.inter_token(MS(20 + i));
+        p.complete(100, 10, true, Some(S(2)));
+        clock.advance(MS(500));
+    }
+    let all = p.snapshot(S(60), S(6));
+    let ttft = p.snapshot_of(S(60), S(6), Latencies::TTFT);
+    assert_eq!(ttft.stable.ttft, all.stable.ttft);
+    assert_eq!(ttft.panic.ttft, all.panic.ttft);
+    assert!(all.stable.itl.count > 0 && all.stable.e2e.count > 0);
+    assert_eq!(ttft.stable.itl, LatencySummary::default());
+    assert_eq!(ttft.stable.e2e, LatencySummary::default());
+    // Everything else is the same window.
+    let mut same = ttft;
+    same.stable.itl = all.stable.itl;
+    same.stable.e2e = all.stable.e2e;
+    same.stable.queue_wait = all.stable.queue_wait;
+    same.panic.itl = all.panic.itl;
+    same.panic.e2e = all.panic.e2e;
+    same.panic.queue_wait = all.panic.queue_wait;
+    assert_eq!(same, all);
+    let none = p.snapshot_of(S(60), S(6), Latencies::NONE);
+    assert_eq!(none.stable.ttft, LatencySummary::default());
+    assert_eq!(none.stable.concurrency, all.stable.concurrency);
+}
+
 #[test]
 fn constant_concurrency_averages_exactly() {
     let (clock, p) = pool(60);

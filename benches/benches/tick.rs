@@ -1,0 +1,110 @@
+//! One control-loop tick over many targets (#23: 1,000 targets within
+//! 50 ms of CPU per tick): every target's windows snapshotted, decided and
+//! reported, half `slo` and half `kpa`, each pool with a minute of traffic
+//! (requests, first tokens, tokens, latencies in every histogram slot).
+//! Advisory targets, so the tick's cost is the loop's own, not an API
+//! server's.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU32;
+use std::time::Duration;
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use scalecar_config::{Policy, Role};
+use scalecar_scaler::algorithm::AlgorithmRegistry;
+use scalecar_scaler::clock::ManualClock;
+use scalecar_scaler::control::{
+    ControlLoop, DecisionObserver, Scaling, TargetSpec, TargetStatus, WallClock,
+};
+use scalecar_scaler::signals::{PoolSignals, SignalsConfig};
+use scalecar_scaler::target::TargetError;
+
+#[derive(Debug)]
+struct Quiet;
+
+impl DecisionObserver for Quiet {
+    fn decided(&self, s: &TargetStatus) {
+        std::hint::black_box(s);
+    }
+    fn scale_failed(&self, _: &str, _: &TargetError) {}
+}
+
+#[derive(Debug)]
+struct Wall;
+
+impl WallClock for Wall {
+    fn unix_secs(&self) -> u64 {
+        1_700_000_000
+    }
+}
+
+fn loop_of(n: usize) -> ControlLoop {
+    let clock = Arc::new(ManualClock::new(Duration::from_secs(1_000)));
+    let specs: Vec<TargetSpec> = (0..n)
+        .map(|i| {
+            let policy = Policy {
+                algorithm: if i % 2 == 0 { "slo" } else { "kpa" }.into(),
+                ttft_target: Some(Duration::from_secs(2)),
+                ..Policy::default()
+            };
+            let signals = Arc::new(PoolSignals::new(
+                SignalsConfig::for_window(policy.window),
+                clock.clone(),
+            ));
+            TargetSpec {
+                name: format!("deployment/llm/model-{i}"),
+                model: format!("model-{i}"),
+                role: Role::Unified,
+                policy,
+                signals,
+                scaling: Scaling::Advisory {
+                    ready: Arc::new(AtomicU32::new(2)),
+                },
+            }
+        })
+        .collect();
+    let pools: Vec<Arc<PoolSignals>> = specs.iter().map(|s| s.signals.clone()).collect();
+    // A minute of traffic: two requests a second per pool.
+    for _ in 0..60 {
+        for p in &pools {
+            for _ in 0..2 {
+                p.arrival(800);
+                p.dispatch(800);
+                p.first_token(800, Duration::from_millis(300));
+                p.decode_tokens(100);
+                p.inter_token(Duration::from_millis(20));
+                p.complete(800, 100, true, Some(Duration::from_secs(2)));
+            }
+        }
+        clock.advance(Duration::from_secs(1));
+    }
+    ControlLoop::new(
+        specs,
+        &AlgorithmRegistry::with_builtins(),
+        clock,
+        Arc::new(Wall),
+        Arc::new(Quiet),
+        Duration::from_secs(2),
+    )
+    .unwrap()
+}
+
+fn tick(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let mut g = c.benchmark_group("tick");
+    g.sample_size(20);
+    g.measurement_time(Duration::from_secs(5));
+    for n in [100, 1_000] {
+        let mut l = loop_of(n);
+        g.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
+            b.iter(|| rt.block_on(l.tick_once()))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, tick);
+criterion_main!(benches);
