@@ -19,6 +19,10 @@ use crate::dataplane::DataPlane;
 use crate::pool::Serving;
 use crate::routes::PoolEntry;
 
+/// The largest asks body a peer accepts (a thousand pools' asks are about
+/// 100 KB).
+const MAX_ASKS_BYTES: usize = 4 << 20;
+
 /// What the admin server shows.
 #[derive(Debug)]
 pub struct Admin {
@@ -97,6 +101,7 @@ impl Admin {
 
     /// One pool's windows for the leader: `?model=&role=&window_ms=&panic_window_ms=`,
     /// with `Authorization: Bearer <token>`.
+    /// One pool's windows (peers before `/internal/snapshots`).
     fn internal_snapshot(&self, req: &Request<Incoming>) -> Response<ProxyBody> {
         let error = |status: StatusCode, message: &str| {
             json_text(status, json!({"error": message}).to_string())
@@ -142,6 +147,64 @@ impl Admin {
         }
     }
 
+    /// Every pool the leader asks for at once (one request per peer per
+    /// tick): a JSON `SnapshotAsks` in, `SnapshotAnswers` out.
+    async fn internal_snapshots(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        use http_body_util::BodyExt as _;
+        let error = |status: StatusCode, message: String| {
+            json_text(status, json!({"error": message}).to_string())
+        };
+        let token = self.peer_token.as_deref().unwrap_or("");
+        if !crate::peers::authorized(req.headers().get(http::header::AUTHORIZATION), token) {
+            return error(
+                StatusCode::FORBIDDEN,
+                "peers only: send Authorization: Bearer <the shared peer token>".into(),
+            );
+        }
+        let body = match http_body_util::Limited::new(req.into_body(), MAX_ASKS_BYTES)
+            .collect()
+            .await
+        {
+            Ok(b) => b.to_bytes(),
+            Err(e) => {
+                return error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("asks: {e} (at most {MAX_ASKS_BYTES} bytes)"),
+                );
+            }
+        };
+        let asks: scalecar_scaler::peer::SnapshotAsks = match serde_json::from_slice(&body) {
+            Ok(a) => a,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "asks: not a JSON {{\"asks\": [{{model, role, window_ms, panic_window_ms}}]}}: {e}"
+                    ),
+                );
+            }
+        };
+        let snapshots = asks
+            .asks
+            .iter()
+            .map(|a| {
+                let role = scalecar_config::Role::ALL
+                    .into_iter()
+                    .find(|r| r.as_str() == a.role)?;
+                let e = crate::gateway::find(&self.plane, &a.model, role)?;
+                Some(e.pool.signals.peer_snapshot(
+                    Duration::from_millis(a.window_ms),
+                    Duration::from_millis(a.panic_window_ms),
+                ))
+            })
+            .collect();
+        json_text(
+            StatusCode::OK,
+            serde_json::to_string(&scalecar_scaler::peer::SnapshotAnswers { snapshots })
+                .unwrap_or_default(),
+        )
+    }
+
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
@@ -153,6 +216,9 @@ impl Admin {
                 .insert(CONTENT_TYPE, HeaderValue::from_static(ct));
             r
         };
+        if req.method() == Method::POST && req.uri().path() == "/internal/snapshots" {
+            return Ok(self.internal_snapshots(req).await);
+        }
         if req.method() != Method::GET {
             return Ok(text(
                 StatusCode::METHOD_NOT_ALLOWED,

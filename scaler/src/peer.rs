@@ -18,6 +18,31 @@ use serde::{Deserialize, Serialize};
 use crate::signals::{histogram, summary};
 use crate::snapshot::{WindowSnapshot, WindowValues};
 
+/// One pool's windows, as the leader asks a peer for them. A tick asks
+/// each peer once for every pool (`POST /internal/snapshots`, a JSON
+/// [`SnapshotAsks`]), over a connection kept from tick to tick.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotAsk {
+    pub model: String,
+    /// `unified`, `prefill` or `decode`.
+    pub role: String,
+    pub window_ms: u64,
+    pub panic_window_ms: u64,
+}
+
+/// The body of `POST /internal/snapshots`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotAsks {
+    pub asks: Vec<SnapshotAsk>,
+}
+
+/// The answer: one entry per ask, in order; `None` where the peer has no
+/// such pool (yet).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotAnswers {
+    pub snapshots: Vec<Option<PeerSnapshot>>,
+}
+
 /// One window of one replica.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PeerWindow {
