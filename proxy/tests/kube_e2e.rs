@@ -1479,6 +1479,23 @@ async fn three_replicas_elect_one_leader_and_a_killed_leader_is_replaced_without
     c.stop().await;
 }
 
+/// When `holder` last renewed its Lease before `stalled`.
+fn last_renewal(c: &Cluster, holder: &str, stalled: Instant) -> Instant {
+    c.sim
+        .requests()
+        .into_iter()
+        .filter(|r| {
+            r.uri.contains("/leases/")
+                && r.method == "PUT"
+                && r.status == 200
+                && r.user_agent.contains(holder)
+                && r.at < stalled
+        })
+        .map(|r| r.at)
+        .max()
+        .expect("the leader renewed before the stall")
+}
+
 /// A stalled API server (Lease calls never answered) while a write is due
 /// every tick: writes go on while the Lease is still good and none leaves
 /// later than the last renewal plus the renew deadline. (Here the
@@ -1568,20 +1585,7 @@ async fn no_write_leaves_after_the_renew_deadline_when_the_api_stalls() {
     toggling.store(false, std::sync::atomic::Ordering::Release);
     toggler.await.unwrap();
     // The last renewal that got through, and every write after it.
-    let renewed = c
-        .sim
-        .requests()
-        .into_iter()
-        .filter(|r| {
-            r.uri.contains("/leases/")
-                && r.method == "PUT"
-                && r.status == 200
-                && r.user_agent.contains(&holder)
-                && r.at < stalled
-        })
-        .map(|r| r.at)
-        .max()
-        .expect("the leader renewed before the stall");
+    let renewed = last_renewal(&c, &holder, stalled);
     let deadline = renewed + Duration::from_secs(2);
     let late: Vec<Duration> = writes(&c)
         .into_iter()
@@ -1725,20 +1729,7 @@ async fn a_tick_that_outlasts_the_renew_deadline_writes_nothing() {
         },
     )
     .await;
-    let renewed = c
-        .sim
-        .requests()
-        .into_iter()
-        .filter(|r| {
-            r.uri.contains("/leases/")
-                && r.method == "PUT"
-                && r.status == 200
-                && r.user_agent.contains(&holder)
-                && r.at < stalled
-        })
-        .map(|r| r.at)
-        .max()
-        .expect("the leader renewed before the stall");
+    let renewed = last_renewal(&c, &holder, stalled);
     let late: Vec<Instant> = c
         .sim
         .requests()
