@@ -74,7 +74,14 @@ pub enum KeyContext {
 /// A workload's annotations, parsed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AnnotatedTarget {
+    /// The first name of `scalecar.io/model`: the workload's own, which
+    /// labels its decisions and its pool's gauges.
     pub model: String,
+    /// The other names the same pods serve (LoRA adapters, aliases, the
+    /// rest of a `--served-model-name` list), in the annotation's order:
+    /// routed to the same pool and measured per name, while the workload
+    /// is decided once on the sum.
+    pub aliases: Vec<String>,
     pub role: Role,
     pub port: Option<u16>,
     pub policy: Policy,
@@ -200,6 +207,34 @@ fn parse_share(v: &str) -> Result<ShareBand, String> {
         min_percent: min,
         max_percent: max,
     })
+}
+
+/// `scalecar.io/model`: one served model name, or several separated by
+/// commas (a base model and its LoRA adapters, aliases) that the same pods
+/// serve. The first, then the rest in order.
+fn served_names(v: &str) -> Result<(String, Vec<String>), String> {
+    let mut names: Vec<String> = Vec::new();
+    for name in v.split(',').map(str::trim) {
+        if name.is_empty() {
+            return Err(if v.trim().is_empty() {
+                "must not be empty".to_string()
+            } else {
+                "has an empty name: separate names with single commas".to_string()
+            });
+        }
+        if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(format!(
+                "{name:?} holds whitespace: separate several names with commas"
+            ));
+        }
+        if names.iter().any(|n| n == name) {
+            return Err(format!("names {name:?} twice"));
+        }
+        names.push(name.to_string());
+    }
+    let mut names = names.into_iter();
+    let first = names.next().unwrap_or_default();
+    Ok((first, names.collect()))
 }
 
 fn parse_role(v: &str) -> Result<Role, String> {
@@ -486,22 +521,20 @@ impl Policy {
             .filter_map(|(k, v)| k.strip_prefix(PREFIX).map(|k| (k.to_string(), v.clone())))
             .collect();
         let mut errors = PolicyErrors::default();
-        let model = match keys.get("model").map(|m| m.trim()) {
-            Some(m) if !m.is_empty() => m.to_string(),
-            Some(m) => {
-                errors.push(PolicyError::value(
-                    &format!("{PREFIX}model"),
-                    m,
-                    "must not be empty",
-                ));
-                String::new()
-            }
+        let (model, aliases) = match keys.get("model") {
+            Some(v) => match served_names(v) {
+                Ok((first, rest)) => (first, rest),
+                Err(problem) => {
+                    errors.push(PolicyError::value(&format!("{PREFIX}model"), v, problem));
+                    (String::new(), Vec::new())
+                }
+            },
             None => {
                 errors.push(PolicyError::combination(
                     &format!("{PREFIX}model"),
                     format!("{PREFIX}model is required (the served model name)"),
                 ));
-                String::new()
+                (String::new(), Vec::new())
             }
         };
         let role = match keys.get("role") {
@@ -529,6 +562,7 @@ impl Policy {
         if errors.is_empty() {
             Ok(AnnotatedTarget {
                 model,
+                aliases,
                 role,
                 port,
                 policy,
@@ -734,6 +768,38 @@ mod tests {
         a.entry(format!("{PREFIX}model"))
             .or_insert_with(|| "m".into());
         Policy::from_annotations(&a).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn model_names_a_list_the_first_the_workloads_own() {
+        let t = Policy::from_annotations(&annotations(&[(
+            "model",
+            " llama-3-8b , llama-3-8b-sql-lora,meta-llama/Llama-3-8B ",
+        )]))
+        .unwrap();
+        assert_eq!(t.model, "llama-3-8b");
+        assert_eq!(t.aliases, ["llama-3-8b-sql-lora", "meta-llama/Llama-3-8B"]);
+        let one = Policy::from_annotations(&annotations(&[("model", "llama")])).unwrap();
+        assert!(one.aliases.is_empty());
+        for (value, says) in [
+            ("", "must not be empty"),
+            ("  ", "must not be empty"),
+            ("a,,b", "has an empty name"),
+            ("a,", "has an empty name"),
+            (
+                "a b",
+                "\"a b\" holds whitespace: separate several names with commas",
+            ),
+            ("a,b,a", "names \"a\" twice"),
+        ] {
+            let e = Policy::from_annotations(&annotations(&[("model", value)]))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("scalecar.io/model") && e.contains(says),
+                "{value:?}: {e}"
+            );
+        }
     }
 
     #[test]

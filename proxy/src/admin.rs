@@ -235,9 +235,11 @@ impl Admin {
             "/metrics" => {
                 for e in entries(&self.plane) {
                     let s = &e.pool.signals;
-                    e.metrics.in_flight.set(s.in_flight() as i64);
-                    e.metrics.queued.set(s.queued() as i64);
-                    e.metrics.tokens_in_flight.set(s.tokens_in_flight() as i64);
+                    if let Some(g) = &e.metrics.gauges {
+                        g.in_flight.set(s.in_flight() as i64);
+                        g.queued.set(s.queued() as i64);
+                        g.tokens_in_flight.set(s.tokens_in_flight() as i64);
+                    }
                 }
                 let openmetrics = req
                     .headers()
@@ -282,10 +284,18 @@ impl Admin {
     }
 
     fn debug_pools(&self) -> Value {
+        let names = self.plane.routes().names_by_pool();
         let pools: Vec<Value> = entries(&self.plane)
             .into_iter()
             .map(|e| {
                 let p = &e.pool;
+                // The other names routed here (LoRA adapters, aliases).
+                let aliases: Vec<&String> = names
+                    .get(&Arc::as_ptr(p))
+                    .into_iter()
+                    .flatten()
+                    .filter(|n| **n != p.model)
+                    .collect();
                 let now = p.now_ms();
                 let endpoints: Vec<Value> = p
                     .endpoints()
@@ -323,6 +333,7 @@ impl Admin {
                 };
                 json!({
                     "model": p.model,
+                    "aliases": aliases,
                     "role": p.role.as_str(),
                     "max_concurrency": p.max_concurrency,
                     "in_flight": p.signals.in_flight(),

@@ -76,6 +76,8 @@ struct Found {
     target: AnnotatedTarget,
     scale: Arc<KubeScaleTarget>,
     entry: Arc<PoolEntry>,
+    /// The same pool under the workload's other model names.
+    aliases: Vec<Arc<PoolEntry>>,
     spec: TargetSpec,
     /// Serving pods (the advisory loop's ready and spec count).
     ready: Arc<AtomicU32>,
@@ -212,7 +214,7 @@ impl Discovery {
         scale: &Arc<KubeScaleTarget>,
         ready: &Arc<AtomicU32>,
         previous: Option<&Found>,
-    ) -> (Arc<PoolEntry>, TargetSpec) {
+    ) -> (Arc<PoolEntry>, Vec<Arc<PoolEntry>>, TargetSpec) {
         let policy = &target.policy;
         // The windows carry over an edit that keeps model, role and window.
         let signals = previous
@@ -241,9 +243,26 @@ impl Discovery {
         );
         pool.set_max_ejection_percent(self.limits.max_ejection_percent);
         pool.set_queue_bytes(self.limits.queue_bytes);
-        self.metrics
-            .set_ttft_target(&target.model, target.role, policy.ttft_target);
+        for name in std::iter::once(&target.model).chain(&target.aliases) {
+            self.metrics
+                .set_ttft_target(name, target.role, policy.ttft_target);
+        }
+        // Every other name the pods serve routes to the same pool (one
+        // admission queue, one set of endpoint slots, one decision) and
+        // is measured under its own name.
+        let aliases = target
+            .aliases
+            .iter()
+            .map(|name| {
+                Arc::new(PoolEntry {
+                    model: name.clone(),
+                    metrics: self.metrics.alias(name, target.role),
+                    pool: pool.clone(),
+                })
+            })
+            .collect();
         let entry = Arc::new(PoolEntry {
+            model: target.model.clone(),
             metrics: self.metrics.pool(&target.model, target.role),
             pool,
         });
@@ -265,7 +284,7 @@ impl Discovery {
             signals,
             scaling,
         };
-        (entry, spec)
+        (entry, aliases, spec)
     }
 
     async fn reconcile(&mut self, workloads: &Workloads, pods: &Pods, claims: &Claims) {
@@ -360,6 +379,7 @@ impl Discovery {
                 .values()
                 .map(|f| Member {
                     entry: f.entry.clone(),
+                    aliases: f.aliases.clone(),
                     spec: f.spec.clone(),
                 })
                 .collect();
@@ -392,11 +412,13 @@ impl Discovery {
             }
             // An edit of the annotations: a new pool on the same scale
             // target; requests waiting on the old one are told to retry.
-            let (entry, spec) = self.build(name.clone(), &a.target, &f.scale, &f.ready, Some(f));
-            tracing::info!(target = %name, model = %a.target.model, role = %a.target.role, "annotations changed; pool rebuilt");
+            let (entry, aliases, spec) =
+                self.build(name.clone(), &a.target, &f.scale, &f.ready, Some(f));
+            tracing::info!(target = %name, model = %a.target.model, aliases = ?a.target.aliases, role = %a.target.role, "annotations changed; pool rebuilt");
             if let Some(f) = self.found.get_mut(r) {
                 f.entry.pool.close();
                 f.entry = entry;
+                f.aliases = aliases;
                 f.spec = spec;
                 f.target = a.target.clone();
             }
@@ -422,9 +444,9 @@ impl Discovery {
         self.failed.remove(r);
         scale.observe(a.replicas, a.ready_replicas, a.resource_version.clone());
         let ready = Arc::new(AtomicU32::new(0));
-        let (entry, spec) = self.build(name.clone(), &a.target, &scale, &ready, None);
+        let (entry, aliases, spec) = self.build(name.clone(), &a.target, &scale, &ready, None);
         tracing::info!(
-            target = %name, model = %a.target.model, role = %a.target.role,
+            target = %name, model = %a.target.model, aliases = ?a.target.aliases, role = %a.target.role,
             selector = %scale.selector(), through_scale = scale.has_scale_subresource(),
             "workload discovered; pool added"
         );
@@ -434,6 +456,7 @@ impl Discovery {
                 target: a.target.clone(),
                 scale,
                 entry,
+                aliases,
                 spec,
                 ready,
                 portless_reported: false,

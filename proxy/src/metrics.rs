@@ -227,17 +227,17 @@ impl ProxyMetrics {
         );
         reg.register(
             "scalecar_in_flight_requests",
-            "Requests at an endpoint now",
+            "Requests at an endpoint now, per pool (under its first model name)",
             m.in_flight.clone(),
         );
         reg.register(
             "scalecar_queued_requests",
-            "Requests in the admission queue now",
+            "Requests in the admission queue now, per pool (under its first model name)",
             m.queued.clone(),
         );
         reg.register(
             "scalecar_tokens_in_flight",
-            "Prompt and generated tokens of requests in flight now",
+            "Prompt and generated tokens of requests in flight now, per pool (under its first model name)",
             m.tokens_in_flight.clone(),
         );
         reg.register(
@@ -283,7 +283,30 @@ impl ProxyMetrics {
         }
     }
 
+    /// The handles of a workload's pool, under its first model name: the
+    /// per-request series and the pool's gauges.
     pub fn pool(&self, model: &str, role: Role) -> PoolMetrics {
+        let labels = PoolLabels {
+            model: model.to_string(),
+            role: role.as_str().to_string(),
+        };
+        let gauges = PoolGauges {
+            in_flight: self.in_flight.get_or_create_owned(&labels),
+            queued: self.queued.get_or_create_owned(&labels),
+            tokens_in_flight: self.tokens_in_flight.get_or_create_owned(&labels),
+        };
+        PoolMetrics {
+            gauges: Some(gauges),
+            ..self.alias(model, role)
+        }
+    }
+
+    /// The handles of another name the same pool serves (a LoRA adapter,
+    /// an alias): its requests, latencies and tokens are its own; the
+    /// pool's in-flight, queued and tokens-in-flight gauges are the
+    /// workload's and appear once, under its first name, so a sum over
+    /// models does not count one pool twice.
+    pub fn alias(&self, model: &str, role: Role) -> PoolMetrics {
         let labels = PoolLabels {
             model: model.to_string(),
             role: role.as_str().to_string(),
@@ -310,9 +333,7 @@ impl ProxyMetrics {
             queue_wait: self.queue_wait.get_or_create_owned(&labels),
             prompt_tokens: tokens(TokenKind::prompt),
             generated_tokens: tokens(TokenKind::generated),
-            in_flight: self.in_flight.get_or_create_owned(&labels),
-            queued: self.queued.get_or_create_owned(&labels),
-            tokens_in_flight: self.tokens_in_flight.get_or_create_owned(&labels),
+            gauges: None,
         }
     }
 
@@ -333,6 +354,13 @@ pub struct PoolMetrics {
     pub queue_wait: LatencyHistogram,
     pub prompt_tokens: Counter,
     pub generated_tokens: Counter,
+    /// The pool's own gauges: on its first name's handles only.
+    pub gauges: Option<PoolGauges>,
+}
+
+/// A pool's state gauges, set from its signals at each scrape.
+#[derive(Debug, Clone)]
+pub struct PoolGauges {
     pub in_flight: Gauge,
     pub queued: Gauge,
     pub tokens_in_flight: Gauge,

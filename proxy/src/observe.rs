@@ -537,7 +537,11 @@ mod tests {
         let lease = pool.try_admit(10, None).unwrap();
         let mut reg = prometheus_client::registry::Registry::default();
         let metrics = ProxyMetrics::register(&mut reg).pool("m", Role::Unified);
-        let entry = Arc::new(PoolEntry { pool, metrics });
+        let entry = Arc::new(PoolEntry {
+            model: "m".into(),
+            pool,
+            metrics,
+        });
         let now = entry.pool.signals.now();
         Observation::dispatch(entry, lease, now, Instant::now(), 10, true)
     }

@@ -12,11 +12,22 @@ use arc_swap::ArcSwap;
 use crate::metrics::PoolMetrics;
 use crate::pool::Pool;
 
-/// A pool with its metric handles.
+/// A pool with its metric handles, under one of the names it serves.
 #[derive(Debug, Clone)]
 pub struct PoolEntry {
+    /// The model name this entry routes: the pool's own (`pool.model`),
+    /// or another name its pods serve (a LoRA adapter, an alias).
+    pub model: String,
     pub pool: Arc<Pool>,
     pub metrics: PoolMetrics,
+}
+
+impl PoolEntry {
+    /// The entry of the pool's own name (the one whose metrics carry the
+    /// pool's gauges), not an alias.
+    pub fn is_primary(&self) -> bool {
+        self.model == self.pool.model
+    }
 }
 
 /// Where a model's requests go. Entries are shared by the workers and by
@@ -67,7 +78,9 @@ impl RouteTable {
         self.current.load_full()
     }
 
-    /// Every pool entry, sorted by model and role.
+    /// Every pool once, by its own name's entry, sorted by model and
+    /// role (a pool reached only through aliases — its own name routed to
+    /// another workload — by its first alias).
     pub fn entries(&self) -> Vec<Arc<PoolEntry>> {
         let mut out: Vec<Arc<PoolEntry>> = self
             .current
@@ -75,7 +88,32 @@ impl RouteTable {
             .values()
             .flat_map(|r| r.entries().cloned())
             .collect();
-        out.sort_by(|a, b| (&a.pool.model, a.pool.role).cmp(&(&b.pool.model, b.pool.role)));
+        out.sort_by(|a, b| {
+            (&a.pool.model, a.pool.role, !a.is_primary(), &a.model).cmp(&(
+                &b.pool.model,
+                b.pool.role,
+                !b.is_primary(),
+                &b.model,
+            ))
+        });
+        let mut seen = std::collections::HashSet::new();
+        out.retain(|e| seen.insert(Arc::as_ptr(&e.pool)));
+        out
+    }
+
+    /// Every name routed to each pool (by the pool's address), sorted.
+    pub fn names_by_pool(&self) -> HashMap<*const Pool, Vec<String>> {
+        let mut out: HashMap<*const Pool, Vec<String>> = HashMap::new();
+        for (name, r) in self.current.load().iter() {
+            for e in r.entries() {
+                out.entry(Arc::as_ptr(&e.pool))
+                    .or_default()
+                    .push(name.clone());
+            }
+        }
+        for names in out.values_mut() {
+            names.sort();
+        }
         out
     }
 

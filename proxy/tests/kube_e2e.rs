@@ -398,6 +398,143 @@ async fn an_annotated_deployment_is_routed_scaled_by_a_burst_and_back_to_min() {
     c.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_base_model_and_its_lora_adapters_are_one_workload_scaled_on_their_sum() {
+    let c = Cluster::start().await;
+    let d = c.deployments();
+    // vLLM serving a base model and two adapters; the annotation names
+    // all three. 2 requests a pod at 100 %.
+    c.create(
+        &d,
+        workload(
+            "apps/v1",
+            "Deployment",
+            "base",
+            "base",
+            1,
+            json!({"scalecar.io/algorithm": "kpa", "scalecar.io/model": "base, base-sql, base-chat",
+                   "scalecar.io/target": "2", "scalecar.io/target-utilization-percentage": "100",
+                   "scalecar.io/max-replicas": "10", "scalecar.io/window": "6s"}),
+            &[
+                "--enable-lora",
+                "--lora-modules",
+                "base-sql=/adapters/sql",
+                "base-chat=/adapters/chat",
+            ],
+        ),
+    )
+    .await;
+    let p = c.scalecar("500ms", "").await;
+    // One pool, routed under every name.
+    let pool = eventually("one pool with the pod", Duration::from_secs(10), || async {
+        let v = pools(&p).await;
+        let all = v["pools"].as_array()?.clone();
+        let ready = all.len() == 1 && all[0]["endpoints"].as_array().is_some_and(|e| e.len() == 1);
+        ready.then(|| all[0].clone())
+    })
+    .await;
+    assert_eq!(pool["model"], "base");
+    assert_eq!(pool["aliases"], json!(["base-chat", "base-sql"]));
+    let client = openai(&p);
+    for name in ["base", "base-sql", "base-chat"] {
+        assert!(!chat(&client, name, "hello", 4).await.is_empty(), "{name}");
+    }
+    let url = format!("http://{}/v1/chat/completions", p.proxy_addr);
+    let other =
+        r#"{"model":"base-math","messages":[{"role":"user","content":"hi"}],"max_tokens":4}"#;
+    let (status, _, _) = request("POST", &url, other).await.unwrap();
+    assert_eq!(
+        status, 404,
+        "a name the annotation does not list is not routed"
+    );
+
+    // Measured per name: each adapter's requests under its own label;
+    // the pool's gauges once, under the workload's first name.
+    for name in ["base", "base-sql", "base-chat"] {
+        let ok = metric(
+            &p,
+            &format!("scalecar_requests_total{{model=\"{name}\",role=\"unified\",outcome=\"ok\"}}"),
+        )
+        .await;
+        assert_eq!(ok, 1.0, "{name}");
+    }
+    let (_, text) = get(&format!("http://{}/metrics", p.admin_addr))
+        .await
+        .unwrap();
+    let gauges: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("scalecar_in_flight_requests{"))
+        .collect();
+    assert_eq!(gauges.len(), 1, "{gauges:?}");
+    assert!(gauges[0].contains("model=\"base\""), "{gauges:?}");
+
+    // Decided once, on the sum: 4 streams on each adapter and none on the
+    // base need 4 pods; decided per name, each would ask for 2.
+    let streams: Vec<_> = ["base-sql", "base-chat"]
+        .into_iter()
+        .flat_map(|name| {
+            let client = client.clone();
+            (0..4).map(move |_| {
+                let client = client.clone();
+                tokio::spawn(async move { chat(&client, name, "share the load", 400).await })
+            })
+        })
+        .collect();
+    let mut peak = 0;
+    let until = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < until && peak < 4 {
+        peak = peak.max(c.replicas(&d, "base").await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for s in streams {
+        assert!(!s.await.unwrap().is_empty());
+    }
+    assert!(
+        (4..=6).contains(&peak),
+        "8 streams over two adapters scaled to {peak}, not 4"
+    );
+    let (_, targets) = get(&format!("http://{}/debug/targets", p.admin_addr))
+        .await
+        .unwrap();
+    let targets: Value = serde_json::from_str(&targets).unwrap();
+    let names: Vec<&str> = targets["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    assert_eq!(
+        names,
+        ["deployment/default/base"],
+        "one scale target: {targets}"
+    );
+    assert!(
+        c.sim.requests().iter().all(|r| r.method != "PATCH"
+            || !r.uri.contains("/scale")
+            || r.uri.contains("/deployments/base/scale")),
+        "only the workload's own /scale is written"
+    );
+
+    // An edit that drops an adapter stops routing it; the rest go on.
+    c.annotate(&d, "base", json!({"scalecar.io/model": "base, base-sql"}))
+        .await;
+    let dropped =
+        r#"{"model":"base-chat","messages":[{"role":"user","content":"hi"}],"max_tokens":4}"#;
+    eventually(
+        "base-chat no longer routed",
+        Duration::from_secs(10),
+        || async {
+            let (status, _, _) = request("POST", &url, dropped).await.ok()?;
+            (status == 404).then_some(())
+        },
+    )
+    .await;
+    assert!(!chat(&client, "base-sql", "still here", 4).await.is_empty());
+    teardown(&p).await;
+    p.shutdown().await;
+    c.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn custom_kinds_scale_through_their_scale_subresource_or_their_spec() {
     let c = Cluster::start().await;

@@ -33,6 +33,10 @@ struct Args {
     /// Served model name.
     #[arg(long)]
     model: String,
+    /// Another name served by the same engine (an alias, a LoRA adapter);
+    /// repeat for several.
+    #[arg(long = "alias")]
+    aliases: Vec<String>,
     #[arg(long, value_enum, default_value = "unified")]
     role: SimRole,
     /// Cold start: /health answers 503 until this has passed.
@@ -106,6 +110,7 @@ async fn main() -> anyhow::Result<()> {
             .with_context(|| format!("binding {addr}"))?;
         let config = SimConfig {
             model: args.model.clone(),
+            aliases: args.aliases.clone(),
             role: args.role,
             timing: timing.clone(),
             startup_delay: args.startup_delay,

@@ -82,66 +82,84 @@ impl Addresses {
 }
 
 /// A container's model-sim settings from its command and args, as a vLLM
-/// user writes them (`vllm serve MODEL`, `--model`, `--served-model-name`,
-/// `--port`) plus model-sim's own flags (`--role`, `--startup-delay`,
-/// `--seed`). `None`: the container serves no model.
+/// user writes them (`vllm serve MODEL`, `--model`, `--served-model-name`
+/// with one name or several, `--lora-modules NAME=PATH …`, `--port`) plus
+/// model-sim's own flags (`--role`, `--startup-delay`, `--seed`). `None`:
+/// the container serves no model.
 pub fn sim_of(container: &Value) -> Option<(SimConfig, u16)> {
+    // vLLM's flags that take every following word (nargs="+").
+    const LISTS: [&str; 2] = ["served-model-name", "lora-modules"];
     let words: Vec<String> = ["command", "args"]
         .iter()
         .filter_map(|k| container.get(*k).and_then(Value::as_array))
         .flatten()
         .filter_map(|v| v.as_str().map(String::from))
         .collect();
-    let mut flags: HashMap<String, String> = HashMap::new();
+    let mut flags: HashMap<String, Vec<String>> = HashMap::new();
     let mut positional = Vec::new();
     let mut i = 0;
     while let Some(w) = words.get(i) {
         if let Some(flag) = w.strip_prefix("--") {
             if let Some((k, v)) = flag.split_once('=') {
-                flags.insert(k.to_string(), v.to_string());
-            } else if let Some(v) = words.get(i + 1).filter(|v| !v.starts_with("--")) {
-                flags.insert(flag.to_string(), v.clone());
-                i += 1;
+                flags.entry(k.to_string()).or_default().push(v.to_string());
             } else {
-                flags.insert(flag.to_string(), String::new());
+                let values = flags.entry(flag.to_string()).or_default();
+                while let Some(v) = words.get(i + 1).filter(|v| !v.starts_with("--")) {
+                    values.push(v.clone());
+                    i += 1;
+                    if !LISTS.contains(&flag) {
+                        break;
+                    }
+                }
             }
         } else {
             positional.push(w.clone());
         }
         i += 1;
     }
-    let served = flags
+    let first = |k: &str| flags.get(k).and_then(|v| v.first()).cloned();
+    let mut names: Vec<String> = flags
         .get("served-model-name")
-        .or_else(|| flags.get("model"))
+        .filter(|v| !v.is_empty())
         .cloned()
+        .or_else(|| first("model").map(|m| vec![m]))
         .or_else(|| {
             positional
                 .iter()
                 .position(|w| w == "serve")
                 .and_then(|at| positional.get(at + 1).cloned())
+                .map(|m| vec![m])
         })?;
-    let port = flags
-        .get("port")
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(8000);
+    // An adapter is served under its name: `NAME=PATH`, or vLLM's JSON
+    // form `{"name": …, "path": …}`.
+    for m in flags.get("lora-modules").into_iter().flatten() {
+        let name = match serde_json::from_str::<Value>(m) {
+            Ok(v) => v.get("name").and_then(Value::as_str).map(String::from),
+            Err(_) => m.split_once('=').map(|(n, _)| n.to_string()),
+        };
+        if let Some(n) = name.filter(|n| !n.is_empty() && !names.contains(n)) {
+            names.push(n);
+        }
+    }
+    let mut names = names.into_iter();
+    let served = names.next()?;
+    let port = first("port").and_then(|p| p.parse().ok()).unwrap_or(8000);
     let mut config = SimConfig {
         model: served,
+        aliases: names.collect(),
         ..SimConfig::default()
     };
-    if let Some(r) = flags.get("role") {
+    if let Some(r) = first("role") {
         config.role = match r.as_str() {
             "prefill" => SimRole::Prefill,
             "decode" => SimRole::Decode,
             _ => SimRole::Unified,
         };
     }
-    if let Some(d) = flags
-        .get("startup-delay")
-        .and_then(|d| humantime::parse_duration(d).ok())
-    {
+    if let Some(d) = first("startup-delay").and_then(|d| humantime::parse_duration(&d).ok()) {
         config.startup_delay = d;
     }
-    if let Some(s) = flags.get("seed").and_then(|s| s.parse().ok()) {
+    if let Some(s) = first("seed").and_then(|s| s.parse().ok()) {
         config.seed = s;
     }
     Some((config, port))
@@ -996,6 +1014,24 @@ mod tests {
         let (c, _) = sim_of(&json!({"command": ["vllm", "serve", "qwen"]})).unwrap();
         assert_eq!(c.model, "qwen");
         assert!(sim_of(&json!({"image": "nginx", "args": ["-g", "daemon off;"]})).is_none());
+    }
+
+    #[test]
+    fn several_served_names_and_lora_adapters_are_aliases() {
+        let (c, port) = sim_of(&json!({
+            "command": ["vllm", "serve", "meta-llama/Llama-3-8B"],
+            "args": ["--served-model-name", "llama", "llama-3", "--enable-lora",
+                     "--lora-modules", "sql=/a/sql", "{\"name\": \"chat\", \"path\": \"/a/chat\"}",
+                     "llama=/dup", "--port", "8002"]
+        }))
+        .unwrap();
+        assert_eq!(port, 8002);
+        assert_eq!(c.model, "llama");
+        assert_eq!(c.aliases, ["llama-3", "sql", "chat"]);
+        assert!(c.serves("sql") && c.serves("llama") && !c.serves("meta-llama/Llama-3-8B"));
+        // A flag of one value still takes one word.
+        let (c, _) = sim_of(&json!({"args": ["--model", "m", "serve"]})).unwrap();
+        assert!(c.aliases.is_empty());
     }
 
     #[test]

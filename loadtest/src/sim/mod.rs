@@ -35,6 +35,9 @@ pub enum SimRole {
 pub struct SimConfig {
     /// The served model name.
     pub model: String,
+    /// Other names served by the same engine: the rest of a
+    /// `--served-model-name` list, LoRA adapters (`--lora-modules NAME=…`).
+    pub aliases: Vec<String>,
     pub role: SimRole,
     pub timing: Timing,
     /// Cold start: not ready (503 on /health) until this has passed.
@@ -47,10 +50,18 @@ pub struct SimConfig {
     pub max_body_bytes: usize,
 }
 
+impl SimConfig {
+    /// Whether a request naming `model` is served here.
+    pub fn serves(&self, model: &str) -> bool {
+        self.model == model || self.aliases.iter().any(|a| a == model)
+    }
+}
+
 impl Default for SimConfig {
     fn default() -> Self {
         SimConfig {
             model: "llama-3-8b".into(),
+            aliases: Vec::new(),
             role: SimRole::Unified,
             timing: Timing::default(),
             startup_delay: Duration::ZERO,

@@ -131,11 +131,12 @@ fn optional_bool(body: &Value, key: &'static str) -> Result<bool, ApiError> {
     }
 }
 
-/// Parses a request body. `served` is the model this replica serves.
+/// Parses a request body. `served` says whether a model name is served by
+/// this replica.
 pub fn parse(
     body: &[u8],
     endpoint: Endpoint,
-    served: &str,
+    served: &dyn Fn(&str) -> bool,
     default_max_tokens: u32,
 ) -> Result<ParsedRequest, ApiError> {
     let value: Value = serde_json::from_slice(body)
@@ -243,7 +244,7 @@ pub fn parse(
             ));
         }
     };
-    if model != served {
+    if !served(&model) {
         return Err(ApiError {
             status: 404,
             message: format!("The model `{model}` does not exist."),
@@ -268,7 +269,7 @@ mod tests {
     use super::*;
 
     fn chat(body: &str) -> Result<ParsedRequest, ApiError> {
-        parse(body.as_bytes(), Endpoint::Chat, "m", 128)
+        parse(body.as_bytes(), Endpoint::Chat, &|m| m == "m", 128)
     }
 
     #[test]
@@ -284,7 +285,7 @@ mod tests {
         let r = parse(
             br#"{"model":"m","prompt":[1,2,3,4,5],"max_tokens":7}"#,
             Endpoint::Completions,
-            "m",
+            &|m| m == "m",
             128,
         )
         .unwrap();
@@ -292,7 +293,7 @@ mod tests {
         let r = parse(
             br#"{"model":"m","prompt":["abcd","abcdefgh"]}"#,
             Endpoint::Completions,
-            "m",
+            &|m| m == "m",
             128,
         )
         .unwrap();
@@ -310,7 +311,7 @@ mod tests {
         let r = parse(
             br#"{"model":"m","prompt":"x","kv_transfer_params":{"do_remote_decode":true}}"#,
             Endpoint::Completions,
-            "m",
+            &|m| m == "m",
             1,
         )
         .unwrap();
@@ -363,12 +364,12 @@ mod tests {
                 assert!(json["error"].get(key).is_some(), "{body}: no {key}");
             }
         }
-        let e = parse(br#"{"model":"m"}"#, Endpoint::Completions, "m", 1).unwrap_err();
+        let e = parse(br#"{"model":"m"}"#, Endpoint::Completions, &|m| m == "m", 1).unwrap_err();
         assert_eq!(e.param, Some("prompt"));
         let e = parse(
             br#"{"model":"m","prompt":{"a":1}}"#,
             Endpoint::Completions,
-            "m",
+            &|m| m == "m",
             1,
         )
         .unwrap_err();

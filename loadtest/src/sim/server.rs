@@ -145,12 +145,15 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Response<SimBody
                 "application/json",
                 serde_json::json!({
                     "object": "list",
-                    "data": [{
-                        "id": shared.config.model,
-                        "object": "model",
-                        "created": unix_now(),
-                        "owned_by": "scalecar-model-sim",
-                    }]
+                    "data": std::iter::once(&shared.config.model)
+                        .chain(&shared.config.aliases)
+                        .map(|id| serde_json::json!({
+                            "id": id,
+                            "object": "model",
+                            "created": unix_now(),
+                            "owned_by": "scalecar-model-sim",
+                        }))
+                        .collect::<Vec<_>>(),
                 })
                 .to_string(),
             ),
@@ -247,7 +250,7 @@ async fn completion(
     let parsed = match request::parse(
         &body,
         endpoint,
-        &shared.config.model,
+        &|m| shared.config.serves(m),
         shared.config.default_max_tokens,
     ) {
         Ok(p) => p,
