@@ -22,8 +22,9 @@ use scalecar_scaler::algorithm::AlgorithmRegistry;
 use scalecar_scaler::clock::Clock;
 use scalecar_scaler::control::{Scaling, TargetSpec};
 use scalecar_scaler::kube::{
-    Annotated, Claimed, Claims, KubeScaleTarget, Listed, Pods, RescaleEvents, Workload, Workloads,
-    cold_starts_of, endpoints_of, watch_competitors, watch_pods, watch_workloads,
+    Annotated, Claimed, Claims, KubeScaleTarget, Listed, PodIndex, PodInfo, Pods, RescaleEvents,
+    Workload, Workloads, cold_starts_of, endpoints_of, watch_competitors, watch_pods,
+    watch_workloads,
 };
 use scalecar_scaler::signals::{PoolSignals, SignalsConfig};
 use scalecar_scaler::target::{ScaleTarget, TargetRef};
@@ -169,7 +170,7 @@ impl Discovery {
         let expected = kinds.len() * scopes + scopes + 2 * scopes;
         let mut claims =
             watch_competitors(self.client.clone(), &self.config.namespaces, listed.clone());
-        let mut workloads = watch_workloads(
+        let mut workload_changes = watch_workloads(
             self.client.clone(),
             kinds,
             &self.config.namespaces,
@@ -177,34 +178,119 @@ impl Discovery {
             reporter(),
             listed.clone(),
         );
-        let mut pods = watch_pods(self.client.clone(), &self.config.namespaces, listed.clone());
+        let mut pod_changes = watch_pods(
+            self.client.clone(),
+            &self.config.namespaces,
+            None,
+            listed.clone(),
+        );
+        let mut workloads = Workloads::new();
+        let mut pods = PodIndex::default();
+        let mut known_claims: Arc<Claims> = Arc::default();
         let mut retry = tokio::time::interval(RETRY);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // What changed since the last reconcile: workloads by coordinates,
+        // pods as they were and are.
+        let mut dirty: Vec<TargetRef> = Vec::new();
+        let mut touched: Vec<PodInfo> = Vec::new();
         loop {
             tokio::select! {
                 _ = stop.wait_for(|s| *s) => return,
-                r = workloads.changed() => if r.is_err() { return },
-                r = pods.changed() => if r.is_err() { return },
+                c = workload_changes.recv() => match c {
+                    Some(c) => c.apply(&mut workloads, &mut dirty),
+                    None => return,
+                },
+                c = pod_changes.recv() => match c {
+                    Some(c) => pods.apply(c, &mut touched),
+                    None => return,
+                },
                 r = claims.changed() => if r.is_err() { return },
-                _ = retry.tick(), if !self.failed.is_empty() => {}
-                // A watch counts its list just after publishing it: look
+                _ = retry.tick(), if !self.failed.is_empty() => {
+                    dirty.extend(self.failed.keys().cloned());
+                }
+                // A watch counts its list just after sending it: look
                 // again shortly until every one has.
                 _ = tokio::time::sleep(LISTED_POLL), if self.routes_known.as_ref().is_some_and(|k| !k.load(Ordering::Acquire)) => {}
             }
-            // Read before the lists: a count that says all are listed
-            // promises that these receivers hold them.
+            // Read before draining: a count that says all are listed
+            // promises that the lists are in the channels.
             let all_listed = listed.count() >= expected;
-            let w = workloads.borrow_and_update().clone();
-            let p = pods.borrow_and_update().clone();
-            let c = claims.borrow_and_update().clone();
-            self.reconcile(&w, &p, &c).await;
+            while let Ok(c) = workload_changes.try_recv() {
+                c.apply(&mut workloads, &mut dirty);
+            }
+            while let Ok(c) = pod_changes.try_recv() {
+                pods.apply(c, &mut touched);
+            }
+            // Each change publishes a new map: compared by address.
+            let now = claims.borrow_and_update().clone();
+            if !Arc::ptr_eq(&now, &known_claims) {
+                self.claims_changed(&known_claims, &now, &mut dirty);
+                known_claims = now;
+            }
+            self.pods_changed(&touched, &mut dirty);
+            touched.clear();
+            self.reconcile(&mut dirty, &workloads, pods.pods(), &known_claims)
+                .await;
             if all_listed
                 && let Some(known) = &self.routes_known
                 && !known.swap(true, Ordering::AcqRel)
             {
-                tracing::info!(workloads = w.len(), "discovery listed the cluster: ready");
+                tracing::info!(
+                    workloads = workloads.len(),
+                    "discovery listed the cluster: ready"
+                );
             }
         }
+    }
+
+    /// Marks the found workloads that a changed pod (as it was or as it
+    /// is) is selected by; a change of many pods (a re-list) marks every
+    /// workload of their namespaces rather than matching each.
+    fn pods_changed(&self, touched: &[PodInfo], dirty: &mut Vec<TargetRef>) {
+        if touched.is_empty() {
+            return;
+        }
+        if touched.len() > self.found.len().max(16) {
+            let namespaces: HashSet<&str> = touched.iter().map(|p| p.namespace.as_str()).collect();
+            dirty.extend(
+                self.found
+                    .keys()
+                    .filter(|r| namespaces.contains(r.namespace.as_str()))
+                    .cloned(),
+            );
+            return;
+        }
+        for (r, f) in &self.found {
+            if touched
+                .iter()
+                .any(|p| p.namespace == r.namespace && f.scale.selector().matches(&p.labels))
+            {
+                dirty.push(r.clone());
+            }
+        }
+    }
+
+    /// Marks the found workloads whose claimant changed.
+    fn claims_changed(&self, before: &Claims, now: &Claims, dirty: &mut Vec<TargetRef>) {
+        let changed: HashSet<&Claimed> = before
+            .iter()
+            .filter(|(c, by)| now.get(*c) != Some(*by))
+            .chain(now.iter().filter(|(c, by)| before.get(*c) != Some(*by)))
+            .map(|(c, _)| c)
+            .collect();
+        if changed.is_empty() {
+            return;
+        }
+        dirty.extend(
+            self.found
+                .keys()
+                .filter(|r| {
+                    changed
+                        .iter()
+                        .any(|c| c.namespace == r.namespace && c.kind == r.kind && c.name == r.name)
+                })
+                .cloned(),
+        );
     }
 
     fn build(
@@ -287,35 +373,44 @@ impl Discovery {
         (entry, aliases, spec)
     }
 
-    async fn reconcile(&mut self, workloads: &Workloads, pods: &Pods, claims: &Claims) {
+    /// Brings the `dirty` workloads (emptied) up to date: gone ones out,
+    /// new or edited ones in, their endpoints, cold starts and claimants
+    /// refreshed. The routes and the loop's targets are republished only
+    /// when the set of pools changed.
+    async fn reconcile(
+        &mut self,
+        dirty: &mut Vec<TargetRef>,
+        workloads: &Workloads,
+        pods: &Pods,
+        claims: &Claims,
+    ) {
+        if dirty.is_empty() {
+            return;
+        }
+        dirty.sort();
+        dirty.dedup();
         let mut changed = false;
-        // Gone, or no longer valid: out of the routes and the loop.
-        let gone: Vec<TargetRef> = self
-            .found
-            .keys()
-            .filter(|r| !matches!(workloads.get(*r), Some(Workload::Valid(_))))
-            .cloned()
-            .collect();
-        for r in gone {
-            if let Some(f) = self.found.remove(&r) {
-                tracing::info!(target = %target_name(&r), model = %f.target.model, "workload no longer annotated; pool removed");
-                f.entry.pool.close();
-                changed = true;
-            }
-        }
-        self.failed
-            .retain(|r, _| matches!(workloads.get(r), Some(Workload::Valid(_))));
-        for (r, w) in workloads {
-            let Workload::Valid(a) = w else { continue };
-            changed |= self.upsert(r, a).await;
-        }
         let mut competing_changed = Vec::new();
-        for (r, f) in &mut self.found {
+        for r in dirty.drain(..) {
+            let Some(Workload::Valid(a)) = workloads.get(&r) else {
+                // Gone, or no longer valid: out of the routes and the loop.
+                self.failed.remove(&r);
+                if let Some(f) = self.found.remove(&r) {
+                    tracing::info!(target = %target_name(&r), model = %f.target.model, "workload no longer annotated; pool removed");
+                    f.entry.pool.close();
+                    changed = true;
+                }
+                continue;
+            };
+            changed |= self.upsert(&r, a).await;
+            let Some(f) = self.found.get_mut(&r) else {
+                continue;
+            };
             let (addrs, portless) =
                 endpoints_of(pods, &r.namespace, f.scale.selector(), f.target.port);
             if portless > 0 && !f.portless_reported {
                 tracing::warn!(
-                    target = %target_name(r), pods = portless,
+                    target = %target_name(&r), pods = portless,
                     "ready pods without a port: set scalecar.io/port or name a container port http"
                 );
             }
@@ -333,7 +428,7 @@ impl Discovery {
             let current = f.entry.pool.endpoints();
             if current.len() != addrs.len() || current.iter().zip(&addrs).any(|(e, a)| e.addr != *a)
             {
-                tracing::debug!(target = %target_name(r), endpoints = ?addrs, "pool endpoints");
+                tracing::debug!(target = %target_name(&r), endpoints = ?addrs, "pool endpoints");
                 f.entry.pool.set_endpoints(&addrs);
             }
             let n = u32::try_from(addrs.len()).unwrap_or(u32::MAX);
@@ -350,7 +445,7 @@ impl Discovery {
                 })
                 .cloned();
             if claimant != f.competing {
-                let name = target_name(r);
+                let name = target_name(&r);
                 match &claimant {
                     Some(by) => {
                         tracing::warn!(target = %name, claimant = %by, "another autoscaler scales this workload; not writing it")

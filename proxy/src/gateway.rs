@@ -523,14 +523,19 @@ async fn follow_peers(
     mut stop: watch::Receiver<bool>,
 ) {
     let me = std::env::var("POD_NAME").unwrap_or_default();
-    let mut pods = scalecar_scaler::kube::watch_pods(
+    // Only the gateway's own pods are watched: a cluster of thousands of
+    // model-server pods is not this watch's to hold.
+    let mut changes = scalecar_scaler::kube::watch_pods(
         client,
         std::slice::from_ref(&namespace),
+        (!selector.is_empty()).then(|| selector.to_string()),
         scalecar_scaler::kube::Listed::default(),
     );
+    let mut pods = scalecar_scaler::kube::PodIndex::default();
+    let mut touched = Vec::new();
     loop {
         let mut addrs: Vec<SocketAddr> = pods
-            .borrow_and_update()
+            .pods()
             .values()
             .filter(|p| p.namespace == namespace && p.name != me && p.serving())
             .filter(|p| selector.matches(&p.labels))
@@ -543,8 +548,15 @@ async fn follow_peers(
         }
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
-            r = pods.changed() => if r.is_err() { return },
+            c = changes.recv() => match c {
+                Some(c) => pods.apply(c, &mut touched),
+                None => return,
+            },
         }
+        while let Ok(c) = changes.try_recv() {
+            pods.apply(c, &mut touched);
+        }
+        touched.clear();
     }
 }
 

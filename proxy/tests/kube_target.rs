@@ -196,18 +196,22 @@ async fn http(
     )
 }
 
+/// Applies the watch's changes to `w` until `f` holds of it.
 async fn wait_for(
-    rx: &tokio::sync::watch::Receiver<scalecar_scaler::kube::Workloads>,
+    rx: &mut tokio::sync::mpsc::Receiver<scalecar_scaler::kube::WorkloadChange>,
+    w: &mut scalecar_scaler::kube::Workloads,
     f: impl Fn(&scalecar_scaler::kube::Workloads) -> bool,
 ) {
     let deadline = Instant::now() + Duration::from_secs(10);
-    let mut rx = rx.clone();
+    let mut touched = Vec::new();
     loop {
-        if f(&rx.borrow_and_update()) {
+        if f(w) {
             return;
         }
-        assert!(Instant::now() < deadline, "never: {:?}", *rx.borrow());
-        let _ = tokio::time::timeout(Duration::from_millis(200), rx.changed()).await;
+        assert!(Instant::now() < deadline, "never: {w:?}");
+        if let Ok(Some(c)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
+            c.apply(w, &mut touched);
+        }
     }
 }
 
@@ -246,7 +250,7 @@ async fn annotated_workloads_are_found_and_invalid_ones_get_a_warning() {
     )
     .await;
     let listed = scalecar_scaler::kube::Listed::default();
-    let rx = watch_workloads(
+    let mut rx = watch_workloads(
         client,
         vec![kube::api::GroupVersionKind::gvk("apps", "v1", "Deployment")],
         &["default".to_string()],
@@ -258,7 +262,8 @@ async fn annotated_workloads_are_found_and_invalid_ones_get_a_warning() {
         listed.clone(),
     );
     let key = |name: &str| target("apps/v1", "Deployment", name);
-    wait_for(&rx, |w| w.len() == 2).await;
+    let mut w = scalecar_scaler::kube::Workloads::new();
+    wait_for(&mut rx, &mut w, |w| w.len() == 2).await;
     // The one watch counts its first list once it is published (and only
     // that one).
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -271,7 +276,6 @@ async fn annotated_workloads_are_found_and_invalid_ones_get_a_warning() {
     }
     assert_eq!(listed.count(), 1);
     {
-        let w = rx.borrow();
         match w.get(&key("llama")) {
             Some(Workload::Valid(t)) => {
                 assert_eq!(t.target.model, "llama-3-8b");
@@ -325,7 +329,7 @@ async fn annotated_workloads_are_found_and_invalid_ones_get_a_warning() {
     )
     .await;
     assert_eq!(status, 200);
-    wait_for(&rx, |w| matches!(w.get(&key("bad")), Some(Workload::Valid(t)) if t.target.policy.max_replicas == Some(3))).await;
+    wait_for(&mut rx, &mut w, |w| matches!(w.get(&key("bad")), Some(Workload::Valid(t)) if t.target.policy.max_replicas == Some(3))).await;
     let (status, _) = http(
         &sim,
         "DELETE",
@@ -335,6 +339,9 @@ async fn annotated_workloads_are_found_and_invalid_ones_get_a_warning() {
     )
     .await;
     assert_eq!(status, 200);
-    wait_for(&rx, |w| !w.contains_key(&key("llama")) && w.len() == 1).await;
+    wait_for(&mut rx, &mut w, |w| {
+        !w.contains_key(&key("llama")) && w.len() == 1
+    })
+    .await;
     sim.shutdown().await;
 }

@@ -1,7 +1,9 @@
 //! Pod discovery: the pods of the watched namespaces, reduced to what
 //! routing needs (labels, IP, readiness, whether they are going away, the
-//! port named `http`), published whole on a `watch` channel after every
-//! change.
+//! port named `http`), sent as changes — a (re-)list, one pod applied, one
+//! deleted — to one owner that keeps them in a [`PodIndex`]. Nothing copies
+//! the set per event: with 10,000 pods a pod event costs the pod, not the
+//! cluster.
 //!
 //! A pod is serving only while it is Ready, has an IP and carries no
 //! deletionTimestamp: a Terminating pod leaves the pools at the first
@@ -10,14 +12,13 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
-use tokio::sync::watch;
+use tokio::sync::mpsc;
 
 use super::selector::LabelSelector;
 
@@ -145,33 +146,126 @@ pub fn cold_starts_of<'a>(
         .filter_map(|p| Some((p.name.as_str(), p.cold_start?)))
 }
 
-/// Watches the pods of `namespaces` (empty: all) and publishes them. Runs
-/// until the receiver is dropped; a failed watch re-lists with kube-rs's
-/// default backoff, and a re-list replaces the namespace's pods at once.
+/// One change of the watched pods, in the order the API server gave them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PodChange {
+    /// A (re-)list of one scope (`None`: every namespace): what it holds
+    /// now, replacing all that was known there.
+    Listed {
+        scope: Option<String>,
+        pods: Vec<PodInfo>,
+    },
+    /// A pod added or changed.
+    Applied(PodInfo),
+    /// A pod gone.
+    Deleted { namespace: String, name: String },
+}
+
+/// The pods known, kept by the one task that applies [`PodChange`]s.
+#[derive(Debug, Default)]
+pub struct PodIndex {
+    pods: Pods,
+}
+
+impl PodIndex {
+    pub fn pods(&self) -> &Pods {
+        &self.pods
+    }
+
+    /// Applies `change`, pushing onto `touched` each pod whose routing
+    /// view changed, as it was and as it is (so whoever selected either
+    /// version looks again). A status heartbeat that changes nothing
+    /// routing sees touches nothing.
+    pub fn apply(&mut self, change: PodChange, touched: &mut Vec<PodInfo>) {
+        match change {
+            PodChange::Listed { scope, pods } => {
+                let in_scope = |p: &PodInfo| scope.as_ref().is_none_or(|ns| &p.namespace == ns);
+                let mut fresh: Pods = pods
+                    .into_iter()
+                    .filter(|p| in_scope(p))
+                    .map(|p| ((p.namespace.clone(), p.name.clone()), p))
+                    .collect();
+                // What the list no longer holds is gone; what it holds
+                // differently changed.
+                self.pods.retain(|key, old| {
+                    if !in_scope(old) {
+                        return true;
+                    }
+                    match fresh.get(key) {
+                        Some(new) if new == old => {
+                            fresh.remove(key);
+                            true
+                        }
+                        _ => {
+                            touched.push(old.clone());
+                            false
+                        }
+                    }
+                });
+                for (key, p) in fresh {
+                    touched.push(p.clone());
+                    self.pods.insert(key, p);
+                }
+            }
+            PodChange::Applied(p) => {
+                let key = (p.namespace.clone(), p.name.clone());
+                match self.pods.get(&key) {
+                    Some(old) if *old == p => {}
+                    Some(old) => {
+                        touched.push(old.clone());
+                        touched.push(p.clone());
+                        self.pods.insert(key, p);
+                    }
+                    None => {
+                        touched.push(p.clone());
+                        self.pods.insert(key, p);
+                    }
+                }
+            }
+            PodChange::Deleted { namespace, name } => {
+                if let Some(old) = self.pods.remove(&(namespace, name)) {
+                    touched.push(old);
+                }
+            }
+        }
+    }
+}
+
+/// How many pod changes may wait for their reader before the watch waits.
+const CHANGES_QUEUED: usize = 4096;
+
+/// Watches the pods of `namespaces` (empty: all), only those `labels`
+/// selects when given (a label selector in the API's syntax), and sends
+/// every change. Runs until the receiver is dropped; a failed watch
+/// re-lists with kube-rs's default backoff, and a re-list arrives as one
+/// [`PodChange::Listed`]. Each scope's first list counts on `listed` once
+/// it is sent.
 pub fn watch_pods(
     client: Client,
     namespaces: &[String],
+    labels: Option<String>,
     listed: super::Listed,
-) -> watch::Receiver<Arc<Pods>> {
-    let (tx, rx) = watch::channel(Arc::new(Pods::new()));
+) -> mpsc::Receiver<PodChange> {
+    let (tx, rx) = mpsc::channel(CHANGES_QUEUED);
     let scopes: Vec<Option<String>> = if namespaces.is_empty() {
         vec![None]
     } else {
         namespaces.iter().cloned().map(Some).collect()
     };
-    let tx = Arc::new(tx);
     for scope in scopes {
         let api: Api<Pod> = match &scope {
             Some(ns) => Api::namespaced(client.clone(), ns),
             None => Api::all(client.clone()),
         };
+        let config = match &labels {
+            Some(l) => watcher::Config::default().labels(l),
+            None => watcher::Config::default(),
+        };
         let tx = tx.clone();
         let listed_count = listed.clone();
         tokio::spawn(async move {
             let mut first_list = true;
-            let mut events = watcher(api, watcher::Config::default())
-                .default_backoff()
-                .boxed();
+            let mut events = watcher(api, config).default_backoff().boxed();
             let mut relist: Option<Vec<PodInfo>> = None;
             while let Some(ev) = events.next().await {
                 let ev = match ev {
@@ -181,47 +275,34 @@ pub fn watch_pods(
                         continue;
                     }
                 };
-                let in_scope = |p: &PodInfo| scope.as_ref().is_none_or(|ns| &p.namespace == ns);
-                match ev {
-                    watcher::Event::Init => relist = Some(Vec::new()),
+                let change = match ev {
+                    watcher::Event::Init => {
+                        relist = Some(Vec::new());
+                        continue;
+                    }
                     watcher::Event::InitApply(p) => {
                         relist
                             .get_or_insert_with(Vec::new)
                             .push(PodInfo::from_pod(&p));
+                        continue;
                     }
-                    watcher::Event::InitDone => {
-                        let listed = relist.take().unwrap_or_default();
-                        tx.send_modify(|pods| {
-                            let pods = Arc::make_mut(pods);
-                            pods.retain(|_, p| !in_scope(p));
-                            for p in listed {
-                                pods.insert((p.namespace.clone(), p.name.clone()), p);
-                            }
-                        });
-                        if std::mem::take(&mut first_list) {
-                            listed_count.one_done();
-                        }
-                    }
-                    watcher::Event::Apply(p) => {
-                        let info = PodInfo::from_pod(&p);
-                        let key = (info.namespace.clone(), info.name.clone());
-                        // Status heartbeats that change nothing routing sees
-                        // wake nobody.
-                        if tx.borrow().get(&key) != Some(&info) {
-                            tx.send_modify(|pods| {
-                                Arc::make_mut(pods).insert(key, info);
-                            });
-                        }
-                    }
-                    watcher::Event::Delete(p) => {
-                        let key = (p.namespace().unwrap_or_default(), p.name_any());
-                        tx.send_modify(|pods| {
-                            Arc::make_mut(pods).remove(&key);
-                        });
-                    }
-                }
-                if tx.is_closed() {
+                    watcher::Event::InitDone => PodChange::Listed {
+                        scope: scope.clone(),
+                        pods: relist.take().unwrap_or_default(),
+                    },
+                    watcher::Event::Apply(p) => PodChange::Applied(PodInfo::from_pod(&p)),
+                    watcher::Event::Delete(p) => PodChange::Deleted {
+                        namespace: p.namespace().unwrap_or_default(),
+                        name: p.name_any(),
+                    },
+                };
+                let was_list = matches!(change, PodChange::Listed { .. });
+                if tx.send(change).await.is_err() {
                     return;
+                }
+                // Counted once sent: whoever sees the count can read the list.
+                if was_list && std::mem::take(&mut first_list) {
+                    listed_count.one_done();
                 }
             }
         });
@@ -299,6 +380,80 @@ mod tests {
         let seen: Vec<_> = cold_starts_of(&pods, "a", &sel).collect();
         assert_eq!(seen, vec![("p", std::time::Duration::from_secs(45))]);
         assert_eq!(cold_starts_of(&pods, "b", &sel).count(), 0);
+    }
+
+    #[test]
+    fn the_index_touches_only_what_routing_sees_change() {
+        let mut index = PodIndex::default();
+        let mut touched = Vec::new();
+        index.apply(
+            PodChange::Listed {
+                scope: Some("a".into()),
+                pods: vec![
+                    pod("a", "p1", "llama", "10.0.0.1", true, false),
+                    pod("a", "p2", "llama", "10.0.0.2", false, false),
+                ],
+            },
+            &mut touched,
+        );
+        index.apply(
+            PodChange::Listed {
+                scope: Some("b".into()),
+                pods: vec![pod("b", "p9", "qwen", "10.0.1.9", true, false)],
+            },
+            &mut touched,
+        );
+        assert_eq!(touched.len(), 3);
+        assert_eq!(index.pods().len(), 3);
+        // A heartbeat: the same pod again touches nothing.
+        touched.clear();
+        index.apply(
+            PodChange::Applied(pod("a", "p1", "llama", "10.0.0.1", true, false)),
+            &mut touched,
+        );
+        assert!(touched.is_empty());
+        // Ready now: the pod as it was and as it is.
+        index.apply(
+            PodChange::Applied(pod("a", "p2", "llama", "10.0.0.2", true, false)),
+            &mut touched,
+        );
+        assert_eq!(
+            touched.iter().map(|p| p.ready).collect::<Vec<_>>(),
+            [false, true]
+        );
+        // A re-list of "a" without p1 and with p2 unchanged: p1 gone, and
+        // the other namespace untouched.
+        touched.clear();
+        index.apply(
+            PodChange::Listed {
+                scope: Some("a".into()),
+                pods: vec![pod("a", "p2", "llama", "10.0.0.2", true, false)],
+            },
+            &mut touched,
+        );
+        assert_eq!(
+            touched.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
+            ["p1"]
+        );
+        let names: Vec<&str> = index.pods().values().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["p2", "p9"]);
+        touched.clear();
+        index.apply(
+            PodChange::Deleted {
+                namespace: "b".into(),
+                name: "p9".into(),
+            },
+            &mut touched,
+        );
+        index.apply(
+            PodChange::Deleted {
+                namespace: "b".into(),
+                name: "p9".into(),
+            },
+            &mut touched,
+        );
+        assert_eq!(touched.len(), 1, "a second delete touches nothing");
+        assert_eq!(index.pods().len(), 1);
     }
 
     #[test]

@@ -2,12 +2,13 @@
 //! carries `scalecar.io/model`, its annotations parsed by the config crate.
 //!
 //! One kube-rs watcher per kind (default backoff, so a dropped watch or a
-//! 410 re-lists without losing anything) keeps a map by object; every
-//! change publishes the whole set on a `watch` channel. An object whose
-//! annotations do not parse is published as invalid — never scaled, never
+//! 410 re-lists without losing anything) sends each change — a re-list
+//! whole, else one object — to the one reader that keeps the map, so an
+//! event costs its object, not the set. An object whose
+//! annotations do not parse is sent as invalid — never scaled, never
 //! routed — and gets one Warning Event `InvalidAnnotation` naming the key,
 //! the value and what is allowed (once per distinct error, not every
-//! resync); a later valid edit publishes it as valid.
+//! resync); a later valid edit sends it as valid.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -19,7 +20,7 @@ use kube::runtime::events::{Event, EventType, Reporter};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use scalecar_config::{AnnotatedTarget, PREFIX, Policy};
-use tokio::sync::{Mutex, watch};
+use tokio::sync::mpsc;
 
 use super::events::EventWriter;
 use crate::target::TargetRef;
@@ -105,7 +106,7 @@ fn parse(o: &DynamicObject, resource: &ApiResource, algorithms: &[String]) -> Op
 async fn find_kind(
     client: &Client,
     gvk: &GroupVersionKind,
-    tx: &watch::Sender<Workloads>,
+    tx: &mpsc::Sender<WorkloadChange>,
 ) -> Option<ApiResource> {
     let mut wait = std::time::Duration::from_millis(500);
     let mut reported = None;
@@ -132,9 +133,85 @@ async fn find_kind(
     }
 }
 
-/// Watches `kinds` (in `namespaces`, or all when empty) and publishes the
-/// annotated workloads; `algorithms` are the registered algorithm names.
-/// Runs until the receiver is dropped.
+/// One change of the annotated workloads.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WorkloadChange {
+    /// A (re-)list of one kind (`api_version`, `kind`) in one scope
+    /// (`None`: every namespace): its annotated objects now, replacing all
+    /// that was known of that kind there.
+    Listed {
+        api_version: String,
+        kind: String,
+        scope: Option<String>,
+        workloads: Vec<(TargetRef, Workload)>,
+    },
+    /// An annotated object added or changed (its status included: the
+    /// replica counts and resourceVersion are read from here).
+    Applied(TargetRef, Workload),
+    /// Deleted, or its `scalecar.io/model` taken away.
+    Removed(TargetRef),
+}
+
+impl WorkloadChange {
+    /// Applies the change to `workloads`, pushing the coordinates of every
+    /// entry it added, changed or removed onto `touched`.
+    pub fn apply(self, workloads: &mut Workloads, touched: &mut Vec<TargetRef>) {
+        match self {
+            WorkloadChange::Listed {
+                api_version,
+                kind,
+                scope,
+                workloads: listed,
+            } => {
+                let mut fresh: Workloads = listed.into_iter().collect();
+                workloads.retain(|k, old| {
+                    let ours = k.kind == kind
+                        && k.api_version == api_version
+                        && scope.as_ref().is_none_or(|ns| &k.namespace == ns);
+                    if !ours {
+                        return true;
+                    }
+                    match fresh.get(k) {
+                        Some(new) if new == old => {
+                            fresh.remove(k);
+                            true
+                        }
+                        // Changed: touched once, when inserted below.
+                        Some(_) => false,
+                        None => {
+                            touched.push(k.clone());
+                            false
+                        }
+                    }
+                });
+                for (k, w) in fresh {
+                    touched.push(k.clone());
+                    workloads.insert(k, w);
+                }
+            }
+            WorkloadChange::Applied(k, w) => {
+                if workloads.get(&k) != Some(&w) {
+                    touched.push(k.clone());
+                    workloads.insert(k, w);
+                }
+            }
+            WorkloadChange::Removed(k) => {
+                if workloads.remove(&k).is_some() {
+                    touched.push(k);
+                }
+            }
+        }
+    }
+}
+
+/// How many workload changes may wait for their reader before a watch
+/// waits.
+const CHANGES_QUEUED: usize = 1024;
+
+/// Watches `kinds` (in `namespaces`, or all when empty) and sends every
+/// change of the annotated workloads; `algorithms` are the registered
+/// algorithm names. Runs until the receiver is dropped. Each kind and
+/// scope's first list counts on `listed` once it is sent.
 pub fn watch_workloads(
     client: Client,
     kinds: Vec<GroupVersionKind>,
@@ -142,12 +219,8 @@ pub fn watch_workloads(
     algorithms: Vec<String>,
     reporter: Reporter,
     listed: Listed,
-) -> watch::Receiver<Workloads> {
-    let (tx, rx) = watch::channel(Workloads::new());
-    let state = Arc::new(Mutex::new((
-        Workloads::new(),
-        BTreeMap::<TargetRef, String>::new(),
-    )));
+) -> mpsc::Receiver<WorkloadChange> {
+    let (tx, rx) = mpsc::channel(CHANGES_QUEUED);
     let recorder = EventWriter::new(client.clone(), reporter);
     let algorithms = Arc::new(algorithms);
     let scopes: Vec<Option<String>> = if namespaces.is_empty() {
@@ -159,7 +232,7 @@ pub fn watch_workloads(
         .iter()
         .flat_map(|k| scopes.iter().map(move |s| (k.clone(), s.clone())))
     {
-        let (tx, state, recorder) = (tx.clone(), state.clone(), recorder.clone());
+        let (tx, recorder) = (tx.clone(), recorder.clone());
         let algorithms = algorithms.clone();
         let client = client.clone();
         let listed = listed.clone();
@@ -182,6 +255,9 @@ pub fn watch_workloads(
             // A re-list arrives as Init, InitApply…, InitDone: it replaces
             // this kind's entries at once, so nothing vanishes in between.
             let mut relist: Option<Vec<DynamicObject>> = None;
+            // The invalid annotations already reported, by object: one
+            // Warning Event per distinct error, not one per resync.
+            let mut reported: BTreeMap<TargetRef, String> = BTreeMap::new();
             while let Some(ev) = events.next().await {
                 let ev = match ev {
                     Ok(ev) => ev,
@@ -190,7 +266,42 @@ pub fn watch_workloads(
                         continue;
                     }
                 };
-                let (upserts, deletes, restart) = match ev {
+                let key = |o: &DynamicObject| TargetRef {
+                    api_version: api_version.clone(),
+                    kind: resource.kind.clone(),
+                    namespace: o.namespace().unwrap_or_default(),
+                    name: o.name_any(),
+                };
+                // Parsed, with an InvalidAnnotation Event the first time
+                // an error is seen.
+                let mut read = async |o: &DynamicObject| {
+                    let k = key(o);
+                    let w = parse(o, &resource, &algorithms);
+                    match &w {
+                        Some(Workload::Invalid(why)) if reported.get(&k) != Some(why) => {
+                            reported.insert(k.clone(), why.clone());
+                            let note: String = why.chars().take(1000).collect();
+                            let event = Event {
+                                type_: EventType::Warning,
+                                reason: "InvalidAnnotation".into(),
+                                note: Some(note),
+                                action: "Parse".into(),
+                                secondary: None,
+                            };
+                            if let Err(e) = recorder.publish(&event, &o.object_ref(&resource)).await
+                            {
+                                tracing::warn!(target = %k, error = %e, "writing the InvalidAnnotation event failed");
+                            }
+                            tracing::warn!(target = %k, %why, "invalid scalecar annotations: left alone");
+                        }
+                        Some(Workload::Invalid(_)) => {}
+                        Some(Workload::Valid(_)) | None => {
+                            reported.remove(&k);
+                        }
+                    }
+                    (k, w)
+                };
+                let change = match ev {
                     watcher::Event::Init => {
                         relist = Some(Vec::new());
                         continue;
@@ -199,67 +310,37 @@ pub fn watch_workloads(
                         relist.get_or_insert_with(Vec::new).push(o);
                         continue;
                     }
-                    watcher::Event::InitDone => (relist.take().unwrap_or_default(), vec![], true),
-                    watcher::Event::Apply(o) => (vec![o], vec![], false),
-                    watcher::Event::Delete(o) => (vec![], vec![o], false),
-                };
-                let key = |o: &DynamicObject| TargetRef {
-                    api_version: api_version.clone(),
-                    kind: resource.kind.clone(),
-                    namespace: o.namespace().unwrap_or_default(),
-                    name: o.name_any(),
-                };
-                let mut guard = state.lock().await;
-                let (workloads, reported) = &mut *guard;
-                if restart {
-                    // A re-list: what is not listed again is gone.
-                    workloads.retain(|k, _| {
-                        k.kind != resource.kind
-                            || k.api_version != api_version
-                            || scope.as_ref().is_some_and(|ns| &k.namespace != ns)
-                    });
-                }
-                for o in &deletes {
-                    workloads.remove(&key(o));
-                }
-                for o in &upserts {
-                    let k = key(o);
-                    match parse(o, &resource, &algorithms) {
-                        None => {
-                            workloads.remove(&k);
-                        }
-                        Some(w) => {
-                            if let Workload::Invalid(why) = &w
-                                && reported.get(&k) != Some(why)
-                            {
-                                reported.insert(k.clone(), why.clone());
-                                let note: String = why.chars().take(1000).collect();
-                                let event = Event {
-                                    type_: EventType::Warning,
-                                    reason: "InvalidAnnotation".into(),
-                                    note: Some(note),
-                                    action: "Parse".into(),
-                                    secondary: None,
-                                };
-                                if let Err(e) =
-                                    recorder.publish(&event, &o.object_ref(&resource)).await
-                                {
-                                    tracing::warn!(target = %k, error = %e, "writing the InvalidAnnotation event failed");
-                                }
-                                tracing::warn!(target = %k, %why, "invalid scalecar annotations: left alone");
-                            } else if matches!(w, Workload::Valid(_)) {
-                                reported.remove(&k);
+                    watcher::Event::InitDone => {
+                        let mut workloads = Vec::new();
+                        for o in relist.take().unwrap_or_default() {
+                            if let (k, Some(w)) = read(&o).await {
+                                workloads.push((k, w));
                             }
-                            workloads.insert(k, w);
+                        }
+                        WorkloadChange::Listed {
+                            api_version: api_version.clone(),
+                            kind: resource.kind.clone(),
+                            scope: scope.clone(),
+                            workloads,
                         }
                     }
-                }
-                if tx.send(workloads.clone()).is_err() {
+                    watcher::Event::Apply(o) => match read(&o).await {
+                        (k, Some(w)) => WorkloadChange::Applied(k, w),
+                        (k, None) => WorkloadChange::Removed(k),
+                    },
+                    watcher::Event::Delete(o) => {
+                        let k = key(&o);
+                        reported.remove(&k);
+                        WorkloadChange::Removed(k)
+                    }
+                };
+                let was_list = matches!(change, WorkloadChange::Listed { .. });
+                if tx.send(change).await.is_err() {
                     return;
                 }
-                // Counted once published: whoever sees the count sees the
+                // Counted once sent: whoever sees the count can read the
                 // list.
-                if restart && std::mem::take(&mut first_list) {
+                if was_list && std::mem::take(&mut first_list) {
                     listed.one_done();
                 }
             }
@@ -280,5 +361,70 @@ impl Listed {
 
     pub fn count(&self) -> usize {
         self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(kind: &str, ns: &str, name: &str) -> TargetRef {
+        TargetRef {
+            api_version: "apps/v1".into(),
+            kind: kind.into(),
+            namespace: ns.into(),
+            name: name.into(),
+        }
+    }
+
+    fn invalid(why: &str) -> Workload {
+        Workload::Invalid(why.into())
+    }
+
+    #[test]
+    fn a_change_touches_only_the_objects_it_changes() {
+        let mut workloads = Workloads::new();
+        let mut touched = Vec::new();
+        let listed = |scope: &str, items: Vec<(TargetRef, Workload)>| WorkloadChange::Listed {
+            api_version: "apps/v1".into(),
+            kind: "Deployment".into(),
+            scope: Some(scope.into()),
+            workloads: items,
+        };
+        listed(
+            "a",
+            vec![
+                (at("Deployment", "a", "x"), invalid("1")),
+                (at("Deployment", "a", "y"), invalid("1")),
+            ],
+        )
+        .apply(&mut workloads, &mut touched);
+        WorkloadChange::Applied(at("StatefulSet", "a", "s"), invalid("1"))
+            .apply(&mut workloads, &mut touched);
+        assert_eq!(touched.len(), 3);
+        touched.clear();
+        // The same object again: nothing.
+        WorkloadChange::Applied(at("Deployment", "a", "x"), invalid("1"))
+            .apply(&mut workloads, &mut touched);
+        assert!(touched.is_empty());
+        // A re-list of the Deployments in "a": y changed, x gone; the
+        // StatefulSet is another kind's and stays.
+        listed("a", vec![(at("Deployment", "a", "y"), invalid("2"))])
+            .apply(&mut workloads, &mut touched);
+        touched.sort();
+        assert_eq!(
+            touched,
+            [at("Deployment", "a", "x"), at("Deployment", "a", "y")]
+        );
+        assert_eq!(workloads.len(), 2);
+        assert_eq!(
+            workloads.get(&at("Deployment", "a", "y")),
+            Some(&invalid("2"))
+        );
+        touched.clear();
+        WorkloadChange::Removed(at("StatefulSet", "a", "s")).apply(&mut workloads, &mut touched);
+        WorkloadChange::Removed(at("StatefulSet", "a", "s")).apply(&mut workloads, &mut touched);
+        assert_eq!(touched.len(), 1);
+        assert_eq!(workloads.len(), 1);
     }
 }
