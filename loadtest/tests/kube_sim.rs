@@ -846,6 +846,37 @@ async fn faults_are_injected_and_lifted() {
         )
         .await
         .unwrap();
+    // The request log, for a harness in another process: who asked what,
+    // and how long ago.
+    let resp = http
+        .get(format!("{}/kube-sim/requests", sim.url()).parse().unwrap())
+        .await
+        .unwrap();
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let log: Vec<Value> = serde_json::from_slice(&body).unwrap();
+    let patches: Vec<&Value> = log
+        .iter()
+        .filter(|r| {
+            r["method"] == "PATCH"
+                && r["uri"]
+                    .as_str()
+                    .is_some_and(|u| u.contains("/deployments/a"))
+        })
+        .collect();
+    assert_eq!(patches.len(), 2, "{patches:?}");
+    let (failed, last) = (patches[0], patches[1]);
+    assert_eq!(
+        (failed["status"].as_u64(), last["status"].as_u64()),
+        (Some(500), Some(200))
+    );
+    assert!(last["user_agent"].is_string(), "{last}");
+    assert!(
+        failed["age_ms"].as_u64() >= Some(600) && last["age_ms"].as_u64() < Some(600),
+        "ages: {failed} {last}"
+    );
     let _ = std::fs::remove_file(&config);
     sim.shutdown().await;
 }

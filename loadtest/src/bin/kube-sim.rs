@@ -114,7 +114,13 @@ async fn main() -> anyhow::Result<()> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     tracing::info!(url = %sim.url(), kubeconfig = ?args.kubeconfig, "kube-sim serving");
-    tokio::signal::ctrl_c().await?;
+    // SIGTERM as well as Ctrl-C: a shutdown stops the pods' real processes,
+    // which would otherwise outlive kube-sim holding their addresses.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+    }
     sim.shutdown().await;
     Ok(())
 }

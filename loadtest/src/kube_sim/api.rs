@@ -201,7 +201,13 @@ impl Api {
                 let log: Vec<Value> = self
                     .requests()
                     .into_iter()
-                    .map(|r| json!({"method": r.method, "uri": r.uri, "status": r.status, "micros": r.micros}))
+                    .map(|r| {
+                        // How long ago, so a client can take a window of
+                        // the log without sharing this process's clock.
+                        let age_ms = r.at.elapsed().as_millis() as u64;
+                        json!({"method": r.method, "uri": r.uri, "status": r.status, "micros": r.micros,
+                               "user_agent": r.user_agent, "age_ms": age_ms})
+                    })
                     .collect();
                 return json_response(200, &Value::Array(log));
             }
