@@ -33,6 +33,9 @@ pub struct Admin {
     /// The token peers present for `/internal/snapshot` (`None`: the
     /// endpoint refuses everyone).
     pub peer_token: Option<String>,
+    /// Snapshot requests answered to the leader
+    /// (`scalecar_peer_snapshot_answers_total`).
+    pub peer_answers: prometheus_client::metrics::counter::Counter,
     /// Set once the proxy listener is serving; cleared at shutdown.
     pub ready: AtomicBool,
     /// False until discovery has listed every watched kind and the pods:
@@ -138,11 +141,14 @@ impl Admin {
             );
         };
         match crate::gateway::find(&self.plane, &model, role) {
-            Some(e) => json_text(
-                StatusCode::OK,
-                serde_json::to_string(&e.pool.signals.peer_snapshot(window, panic))
-                    .unwrap_or_default(),
-            ),
+            Some(e) => {
+                self.peer_answers.inc();
+                json_text(
+                    StatusCode::OK,
+                    serde_json::to_string(&e.pool.signals.peer_snapshot(window, panic))
+                        .unwrap_or_default(),
+                )
+            }
             None => error(StatusCode::NOT_FOUND, "no such pool here"),
         }
     }
@@ -198,6 +204,7 @@ impl Admin {
                 ))
             })
             .collect();
+        self.peer_answers.inc();
         json_text(
             StatusCode::OK,
             serde_json::to_string(&scalecar_scaler::peer::SnapshotAnswers { snapshots })

@@ -250,11 +250,17 @@ pub fn serve(
     admin_listener: TcpListener,
 ) -> Result<ProxyHandle, StartError> {
     let AdminParts {
-        registry,
+        mut registry,
         decisions,
         peer_token,
         routes_known,
     } = parts;
+    let peer_answers = prometheus_client::metrics::counter::Counter::default();
+    registry.register(
+        "scalecar_peer_snapshot_answers",
+        "Snapshot requests from the leader answered (one per leader tick: every pool at once)",
+        peer_answers.clone(),
+    );
     let proxy_addr = proxy_listener
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
@@ -275,6 +281,7 @@ pub fn serve(
         registry,
         decisions,
         peer_token,
+        peer_answers,
         ready: Default::default(),
         routes_known,
     });
