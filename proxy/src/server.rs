@@ -11,6 +11,7 @@
 //! control loop and discovery run on the caller's runtime. Assembling the
 //! pools and the loop is [`crate::gateway`]'s.
 
+use prometheus_client::metrics::counter::Counter;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -255,7 +256,7 @@ pub fn serve(
         peer_token,
         routes_known,
     } = parts;
-    let peer_answers = prometheus_client::metrics::counter::Counter::default();
+    let peer_answers: Counter = Counter::default();
     registry.register(
         "scalecar_peer_snapshot_answers",
         "Snapshot requests from the leader answered (one per leader tick: every pool at once)",
