@@ -198,9 +198,10 @@ impl Admin {
                     .into_iter()
                     .find(|r| r.as_str() == a.role)?;
                 let e = crate::gateway::find(&self.plane, &a.model, role)?;
-                Some(e.pool.signals.peer_snapshot(
+                Some(e.pool.signals.peer_snapshot_of(
                     Duration::from_millis(a.window_ms),
                     Duration::from_millis(a.panic_window_ms),
+                    a.latencies(),
                 ))
             })
             .collect();

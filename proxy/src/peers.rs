@@ -126,6 +126,7 @@ impl PeerSet {
                     role: a.role.as_str().to_string(),
                     window_ms: u64::try_from(a.window.as_millis()).unwrap_or(u64::MAX),
                     panic_window_ms: u64::try_from(a.panic_window.as_millis()).unwrap_or(u64::MAX),
+                    histograms: Some(a.latencies.names()),
                 })
                 .collect(),
         };
@@ -345,6 +346,14 @@ mod tests {
                                             req.into_body().collect().await.unwrap().to_bytes();
                                         let asks: SnapshotAsks =
                                             serde_json::from_slice(&body).unwrap();
+                                        // Only what the decision reads is asked for.
+                                        let only_ttft = asks.asks.iter().all(|a| {
+                                            a.histograms.as_deref()
+                                                == Some(&["ttft".to_string()][..])
+                                        });
+                                        if !only_ttft {
+                                            return status(400);
+                                        }
                                         let snapshots = asks
                                             .asks
                                             .iter()
@@ -379,6 +388,7 @@ mod tests {
                 role: Role::Unified,
                 window: Duration::from_secs(60),
                 panic_window: Duration::from_secs(6),
+                latencies: scalecar_scaler::snapshot::Latencies::TTFT,
             })
             .collect()
     }

@@ -118,6 +118,8 @@ pub struct PeerAsk {
     pub role: Role,
     pub window: Duration,
     pub panic_window: Duration,
+    /// The latency histograms the target's algorithm reads.
+    pub latencies: crate::snapshot::Latencies,
 }
 
 /// The peers' answers for one ask.
@@ -388,6 +390,7 @@ impl ControlLoop {
                         role: t.spec.role,
                         window: t.spec.policy.window,
                         panic_window: t.spec.policy.panic_window(),
+                        latencies: t.algorithm.latencies(t.spec.role),
                     })
                     .collect();
                 peers.gather(asks).await
@@ -410,7 +413,11 @@ impl ControlLoop {
                     false,
                 ),
                 Some(g) => {
-                    let mut parts = vec![t.spec.signals.peer_snapshot(window, panic_window)];
+                    let mut parts = vec![t.spec.signals.peer_snapshot_of(
+                        window,
+                        panic_window,
+                        t.algorithm.latencies(t.spec.role),
+                    )];
                     parts.extend(g.snapshots);
                     match crate::peer::merge(&parts, now) {
                         Ok(s) => (s, g.partial),

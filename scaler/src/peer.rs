@@ -28,6 +28,21 @@ pub struct SnapshotAsk {
     pub role: String,
     pub window_ms: u64,
     pub panic_window_ms: u64,
+    /// The latency histograms the decision reads (`ttft`, `itl`, `e2e`,
+    /// `queue_wait`); the rest come back empty. Absent (an older leader):
+    /// all four.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub histograms: Option<Vec<String>>,
+}
+
+impl SnapshotAsk {
+    /// The latencies asked for.
+    pub fn latencies(&self) -> crate::snapshot::Latencies {
+        match &self.histograms {
+            Some(names) => crate::snapshot::Latencies::from_names(names.iter().map(String::as_str)),
+            None => crate::snapshot::Latencies::ALL,
+        }
+    }
 }
 
 /// The body of `POST /internal/snapshots`.
@@ -67,7 +82,8 @@ pub struct PeerWindow {
     pub slo_met: u64,
     pub arrivals: u64,
     pub completions: u64,
-    /// TTFT, ITL, end-to-end and queue wait, each an HdrHistogram V2.
+    /// TTFT, ITL, end-to-end and queue wait, each an HdrHistogram V2, or
+    /// empty where the leader did not ask for it.
     pub histograms: [Vec<u8>; 4],
 }
 
@@ -103,12 +119,15 @@ fn ms(d: Duration) -> u64 {
 }
 
 impl PeerWindow {
-    pub fn new(v: &WindowValues, hists: &[Histogram<u64>; 4]) -> Self {
+    /// `hists`: `None` for a latency the leader did not ask for, sent as
+    /// an empty buffer.
+    pub fn new(v: &WindowValues, hists: &[Option<Histogram<u64>>; 4]) -> Self {
         let histograms = hists.each_ref().map(|h| {
             let mut out = Vec::new();
-            // Serializing into a Vec cannot fail for a valid histogram;
-            // an empty buffer would decode as an error, never as data.
-            let _ = V2Serializer::new().serialize(h, &mut out);
+            if let Some(h) = h {
+                // Serializing into a Vec cannot fail for a valid histogram.
+                let _ = V2Serializer::new().serialize(h, &mut out);
+            }
             out
         });
         PeerWindow {
@@ -164,6 +183,10 @@ impl Sum {
         }
         let mut decoded: [Option<Histogram<u64>>; 4] = Default::default();
         for (index, (bytes, slot)) in w.histograms.iter().zip(decoded.iter_mut()).enumerate() {
+            // Not asked for: nothing to add.
+            if bytes.is_empty() {
+                continue;
+            }
             let h: Histogram<u64> = Deserializer::new()
                 .deserialize(&mut Cursor::new(bytes))
                 .map_err(|e| MergeError::Histogram {
@@ -337,7 +360,50 @@ mod tests {
             }
             prop_assert_eq!(merged.in_flight_now, whole.in_flight_now);
             prop_assert_eq!(merged.queued_now, whole.queued_now);
+            // Asked for TTFT alone (slo's prefill decision): the same TTFT,
+            // the same values, the other histograms not sent at all.
+            let ttft = crate::snapshot::Latencies::TTFT;
+            let parts: Vec<PeerSnapshot> = replicas.iter().map(|s| s.peer_snapshot_of(stable, panic, ttft)).collect();
+            for p in &parts {
+                prop_assert!(!p.stable.histograms[0].is_empty());
+                prop_assert!(p.stable.histograms[1..].iter().all(Vec::is_empty));
+            }
+            let wire = serde_json::to_string(&parts).unwrap();
+            let parts: Vec<PeerSnapshot> = serde_json::from_str(&wire).unwrap();
+            let only = merge(&parts, clock.now()).unwrap();
+            prop_assert_eq!(only.stable.ttft, whole.stable.ttft);
+            prop_assert_eq!(only.panic.ttft, whole.panic.ttft);
+            prop_assert_eq!(only.stable.arrivals, whole.stable.arrivals);
+            prop_assert_eq!(only.stable.e2e.count, 0);
         }
+    }
+
+    #[test]
+    fn an_ask_names_the_histograms_it_wants_and_an_old_leader_gets_all() {
+        let ask: SnapshotAsk = serde_json::from_str(
+            r#"{"model": "m", "role": "unified", "window_ms": 60000, "panic_window_ms": 6000,
+                "histograms": ["itl", "queue_wait", "later"]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            ask.latencies().as_array(),
+            [false, true, false, true],
+            "known names taken, unknown ones left out"
+        );
+        let old: SnapshotAsk = serde_json::from_str(
+            r#"{"model": "m", "role": "unified", "window_ms": 60000, "panic_window_ms": 6000}"#,
+        )
+        .unwrap();
+        assert_eq!(old.latencies(), crate::snapshot::Latencies::ALL);
+        assert_eq!(
+            crate::snapshot::Latencies::from_names(
+                crate::snapshot::Latencies::ITL
+                    .names()
+                    .iter()
+                    .map(String::as_str)
+            ),
+            crate::snapshot::Latencies::ITL
+        );
     }
 
     #[test]

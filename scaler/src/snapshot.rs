@@ -44,6 +44,34 @@ impl Latencies {
     pub fn as_array(self) -> [bool; 4] {
         [self.ttft, self.itl, self.e2e, self.queue_wait]
     }
+
+    /// The names on the wire, in the signals' histogram order.
+    pub const NAMES: [&'static str; 4] = ["ttft", "itl", "e2e", "queue_wait"];
+
+    /// The names of the latencies set.
+    pub fn names(self) -> Vec<String> {
+        Self::NAMES
+            .iter()
+            .zip(self.as_array())
+            .filter(|(_, on)| *on)
+            .map(|(n, _)| n.to_string())
+            .collect()
+    }
+
+    /// The latencies named; names it does not know are left out.
+    pub fn from_names<'a>(names: impl IntoIterator<Item = &'a str>) -> Latencies {
+        let mut l = Latencies::NONE;
+        for n in names {
+            match n {
+                "ttft" => l.ttft = true,
+                "itl" => l.itl = true,
+                "e2e" => l.e2e = true,
+                "queue_wait" => l.queue_wait = true,
+                _ => {}
+            }
+        }
+        l
+    }
 }
 
 /// Latency quantiles of one window. `None` where the window saw no sample.

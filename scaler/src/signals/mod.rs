@@ -634,13 +634,37 @@ impl PoolSignals {
     /// The stable and panic windows ending now, with their histograms, as
     /// sent to the leader (see [`crate::peer`]).
     pub fn peer_snapshot(&self, stable: Duration, panic: Duration) -> crate::peer::PeerSnapshot {
-        let snap = self.snapshot(stable, panic);
+        self.peer_snapshot_of(stable, panic, Latencies::ALL)
+    }
+
+    /// [`Self::peer_snapshot`] with only the histograms in `latencies`
+    /// (the others sent empty): what the leader's decision reads — with
+    /// 1,000 pools the other histograms were most of the bytes and the CPU.
+    pub fn peer_snapshot_of(
+        &self,
+        stable: Duration,
+        panic: Duration,
+        latencies: Latencies,
+    ) -> crate::peer::PeerSnapshot {
+        let snap = self.snapshot_of(stable, panic, Latencies::NONE);
         let now = micros(snap.at);
-        let (s, s_hists) = self.window_parts(now, stable, Latencies::ALL);
-        let (p, p_hists) = self.window_parts(now, panic, Latencies::ALL);
+        let (s, s_hists) = self.window_parts(now, stable, latencies);
+        let (p, p_hists) = self.window_parts(now, panic, latencies);
+        let wanted = latencies.as_array();
+        let histograms =
+            |hists: &[Merged; LATENCIES]| -> [Option<hdrhistogram::Histogram<u64>>; LATENCIES] {
+                std::array::from_fn(|i| {
+                    wanted
+                        .get(i)
+                        .copied()
+                        .unwrap_or(false)
+                        .then(|| hists.get(i).map(Merged::to_histogram))
+                        .flatten()
+                })
+            };
         crate::peer::PeerSnapshot {
-            stable: crate::peer::PeerWindow::new(&s, &s_hists.each_ref().map(Merged::to_histogram)),
-            panic: crate::peer::PeerWindow::new(&p, &p_hists.each_ref().map(Merged::to_histogram)),
+            stable: crate::peer::PeerWindow::new(&s, &histograms(&s_hists)),
+            panic: crate::peer::PeerWindow::new(&p, &histograms(&p_hists)),
             in_flight_now: snap.in_flight_now,
             queued_now: snap.queued_now,
             idle_ms: snap
