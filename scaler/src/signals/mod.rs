@@ -653,12 +653,19 @@ impl PoolSignals {
         let wanted = latencies.as_array();
         let histograms =
             |hists: &[Merged; LATENCIES]| -> [Option<hdrhistogram::Histogram<u64>>; LATENCIES] {
+                // An empty one travels as nothing, like one not asked for:
+                // an idle pool costs neither side a histogram.
                 std::array::from_fn(|i| {
                     wanted
                         .get(i)
                         .copied()
                         .unwrap_or(false)
-                        .then(|| hists.get(i).map(Merged::to_histogram))
+                        .then(|| {
+                            hists
+                                .get(i)
+                                .filter(|m| !m.is_empty())
+                                .map(Merged::to_histogram)
+                        })
                         .flatten()
                 })
             };
