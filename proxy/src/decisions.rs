@@ -62,6 +62,27 @@ pub struct DecisionRecorder {
     /// The last changes (bounded), newest last.
     changes: Mutex<std::collections::VecDeque<TargetStatus>>,
     decisions: AtomicU64,
+    /// Each target's series, resolved at its first decision as leader.
+    series: Mutex<std::collections::HashMap<String, TargetSeries>>,
+}
+
+/// One target's decision series: a label lookup hashes three strings
+/// under a lock, and a dozen a target each tick added up at 1,000 targets.
+#[derive(Debug, Clone)]
+struct TargetSeries {
+    desired: Gauge,
+    spec: Gauge,
+    ready: Gauge,
+    panic: Gauge,
+    stable_value: FloatGauge,
+    panic_value: FloatGauge,
+    target_value: FloatGauge,
+    min: Gauge,
+    /// Created once measured (a rate is shown from its first value on).
+    prefill_rate: Option<FloatGauge>,
+    decode_rate: Option<FloatGauge>,
+    /// The ceiling's series while the policy sets one (removed when unset).
+    max: Option<Gauge>,
 }
 
 /// A write guard whose refusals are counted: each one is a tick that
@@ -107,6 +128,7 @@ impl DecisionRecorder {
             leadership: Mutex::new((true, None)),
             last_change: Mutex::new(BTreeMap::new()),
             changes: Mutex::new(std::collections::VecDeque::new()),
+            series: Mutex::new(std::collections::HashMap::new()),
             decisions: AtomicU64::new(0),
         };
         reg.register(
@@ -244,6 +266,10 @@ impl DecisionRecorder {
             if let Ok(mut m) = self.latest.lock() {
                 m.clear();
             }
+            // The handles left the families: resolved again on leading.
+            if let Ok(mut m) = self.series.lock() {
+                m.clear();
+            }
         }
     }
 
@@ -328,36 +354,57 @@ impl DecisionObserver for DecisionRecorder {
             }
             drop(self.scale_events.get_or_create(&l));
         }
-        self.desired
-            .get_or_create(&l)
-            .set(i64::from(s.desired.unwrap_or(s.spec)));
         // What the target asks for now: the new count once it took it.
         let spec = if s.changed && !s.advisory {
             s.applied
         } else {
             s.spec
         };
-        self.spec.get_or_create(&l).set(i64::from(spec));
-        self.ready.get_or_create(&l).set(i64::from(s.ready));
-        self.panic.get_or_create(&l).set(i64::from(s.panic));
-        self.stable_value.get_or_create(&l).set(s.stable_value);
-        self.panic_value.get_or_create(&l).set(s.panic_value);
-        self.target_value.get_or_create(&l).set(s.target);
-        // A rate is shown while it is measured; the last one stands when
-        // the pool goes quiet (nothing new was learned).
-        if let Some(r) = s.prefill_rate {
-            self.prefill_rate.get_or_create(&l).set(r);
-        }
-        if let Some(r) = s.decode_rate {
-            self.decode_rate.get_or_create(&l).set(r);
-        }
-        self.min.get_or_create(&l).set(i64::from(s.min_replicas));
-        match s.max_replicas {
-            Some(m) => {
-                self.max.get_or_create(&l).set(i64::from(m));
+        if let Ok(mut all) = self.series.lock() {
+            let t = all.entry(s.name.clone()).or_insert_with(|| TargetSeries {
+                desired: self.desired.get_or_create_owned(&l),
+                spec: self.spec.get_or_create_owned(&l),
+                ready: self.ready.get_or_create_owned(&l),
+                panic: self.panic.get_or_create_owned(&l),
+                stable_value: self.stable_value.get_or_create_owned(&l),
+                panic_value: self.panic_value.get_or_create_owned(&l),
+                target_value: self.target_value.get_or_create_owned(&l),
+                min: self.min.get_or_create_owned(&l),
+                prefill_rate: None,
+                decode_rate: None,
+                max: None,
+            });
+            t.desired.set(i64::from(s.desired.unwrap_or(s.spec)));
+            t.spec.set(i64::from(spec));
+            t.ready.set(i64::from(s.ready));
+            t.panic.set(i64::from(s.panic));
+            t.stable_value.set(s.stable_value);
+            t.panic_value.set(s.panic_value);
+            t.target_value.set(s.target);
+            // A rate is shown while it is measured; the last one stands
+            // when the pool goes quiet (nothing new was learned).
+            if let Some(r) = s.prefill_rate {
+                t.prefill_rate
+                    .get_or_insert_with(|| self.prefill_rate.get_or_create_owned(&l))
+                    .set(r);
             }
-            None => {
-                self.max.remove(&l);
+            if let Some(r) = s.decode_rate {
+                t.decode_rate
+                    .get_or_insert_with(|| self.decode_rate.get_or_create_owned(&l))
+                    .set(r);
+            }
+            t.min.set(i64::from(s.min_replicas));
+            match s.max_replicas {
+                Some(m) => {
+                    t.max
+                        .get_or_insert_with(|| self.max.get_or_create_owned(&l))
+                        .set(i64::from(m));
+                }
+                None => {
+                    if t.max.take().is_some() {
+                        self.max.remove(&l);
+                    }
+                }
             }
         }
         if s.changed {
