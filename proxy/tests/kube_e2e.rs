@@ -177,6 +177,18 @@ fn stored_replicas(c: &Cluster, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The most replicas `name` was asked for while polled for up to 8 s,
+/// stopping early once it reached `want`.
+async fn peak_replicas(c: &Cluster, d: &Api<DynamicObject>, name: &str, want: u64) -> u64 {
+    let mut peak = 0;
+    let until = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < until && peak < want {
+        peak = peak.max(c.replicas(d, name).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    peak
+}
+
 /// Polls `f` until it gives a value; fails naming `what` after `within`.
 async fn eventually<T, F, Fut>(what: &str, within: Duration, mut f: F) -> T
 where
@@ -480,12 +492,7 @@ async fn a_base_model_and_its_lora_adapters_are_one_workload_scaled_on_their_sum
             })
         })
         .collect();
-    let mut peak = 0;
-    let until = Instant::now() + Duration::from_secs(8);
-    while Instant::now() < until && peak < 4 {
-        peak = peak.max(c.replicas(&d, "base").await);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let peak = peak_replicas(&c, &d, "base", 4).await;
     for s in streams {
         assert!(!s.await.unwrap().is_empty());
     }
@@ -2088,12 +2095,7 @@ async fn the_leader_decides_on_every_replicas_traffic_summed() {
     }
     routed_everywhere(&replicas, "summed").await;
     let streams = load(&replicas, "summed", 4, 400);
-    let mut peak = 0;
-    let until = Instant::now() + Duration::from_secs(8);
-    while Instant::now() < until && peak < 6 {
-        peak = peak.max(c.replicas(&d, "summed").await);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let peak = peak_replicas(&c, &d, "summed", 6).await;
     for s in streams {
         assert!(!s.await.unwrap().is_empty());
     }

@@ -498,6 +498,20 @@ impl PoolSignals {
         panic: Duration,
         latencies: Latencies,
     ) -> WindowSnapshot {
+        let (now, in_flight, queued, last_activity) = self.now_state();
+        WindowSnapshot {
+            at: Duration::from_micros(now),
+            stable: self.window_parts(now, stable, latencies).0,
+            panic: self.window_parts(now, panic, latencies).0,
+            in_flight_now: in_flight,
+            queued_now: queued,
+            last_activity,
+        }
+    }
+
+    /// The clock now (µs), requests in flight and queued, and when the
+    /// pool was last active: what every snapshot reads besides its windows.
+    fn now_state(&self) -> (u64, u64, u64, Option<Duration>) {
         let now = self.now_us();
         // Prepare the next slots so writers rarely pay for a reset.
         for ahead in 1..=2 {
@@ -517,14 +531,7 @@ impl PoolSignals {
             // out the grace period before it scales anything to zero).
             Some(Duration::from_micros(self.start_us))
         };
-        WindowSnapshot {
-            at: Duration::from_micros(now),
-            stable: self.window_parts(now, stable, latencies).0,
-            panic: self.window_parts(now, panic, latencies).0,
-            in_flight_now: in_flight,
-            queued_now: queued,
-            last_activity,
-        }
+        (now, in_flight, queued, last_activity)
     }
 
     /// A window's values and its latency histograms (TTFT, ITL, end-to-end,
@@ -646,8 +653,8 @@ impl PoolSignals {
         panic: Duration,
         latencies: Latencies,
     ) -> crate::peer::PeerSnapshot {
-        let snap = self.snapshot_of(stable, panic, Latencies::NONE);
-        let now = micros(snap.at);
+        // Each window once: its values and the histograms asked for.
+        let (now, in_flight, queued, last_activity) = self.now_state();
         let (s, s_hists) = self.window_parts(now, stable, latencies);
         let (p, p_hists) = self.window_parts(now, panic, latencies);
         let wanted = latencies.as_array();
@@ -672,11 +679,10 @@ impl PoolSignals {
         crate::peer::PeerSnapshot {
             stable: crate::peer::PeerWindow::new(&s, &histograms(&s_hists)),
             panic: crate::peer::PeerWindow::new(&p, &histograms(&p_hists)),
-            in_flight_now: snap.in_flight_now,
-            queued_now: snap.queued_now,
-            idle_ms: snap
-                .last_activity
-                .map(|t| micros(snap.at.saturating_sub(t)) / 1000),
+            in_flight_now: in_flight,
+            queued_now: queued,
+            idle_ms: last_activity
+                .map(|t| micros(Duration::from_micros(now).saturating_sub(t)) / 1000),
         }
     }
 
