@@ -37,7 +37,10 @@
 //! `w` seconds must fit the replicas' capacity over `w` plus the budget,
 //! for the panic and the stable window. A burst shorter than the budget
 //! is the queue's job (`w` ≪ budget asks for little); a sustained rate is
-//! the scaler's. The panic window speaks only when its work is beyond
+//! the scaler's. A burst that has lasted longer than the budget and a
+//! cold start is taken as sustained at the lowest rate it held: what has
+//! lasted that long tends to last as long again, so replicas asked for
+//! now still find it (shorter bursts end before a replica could serve). The panic window speaks only when its work is beyond
 //! what random arrivals at the stable rate explain (3 σ); a sustained rise
 //! is projected one cold start ahead when the stable window's demand has
 //! a clear upward trend over several cold starts.
@@ -128,6 +131,10 @@ pub struct Slo {
     demand: VecDeque<(Duration, f64)>,
     /// Per replica count, when it was last needed and its longest gap.
     levels: Levels,
+    /// The burst under way: since when the panic window has been beyond
+    /// noise, the lowest demand it showed meanwhile, and the noise ceiling
+    /// it began over.
+    burst: Option<(Duration, f64, f64)>,
 }
 
 /// Per replica count (index 1..=top): when it was last needed, and the
@@ -187,6 +194,7 @@ impl Slo {
             needs: VecDeque::new(),
             demand: VecDeque::new(),
             levels: Levels::default(),
+            burst: None,
         }
     }
 
@@ -247,6 +255,42 @@ impl Slo {
         let slope = sxy / sxx;
         let fit = sxy * sxy / (sxx * syy);
         (slope > 0.0 && fit >= TREND_FIT).then_some(slope)
+    }
+
+    /// The demand a burst has held for at least `lasting`, and for how
+    /// long; `None` while no burst has lasted that long. A burst that
+    /// has outlasted both the budget and a cold start is expected to
+    /// outlast a cold start more (what has lasted T tends to last about
+    /// T more), so replicas asked for now will still find it: from then
+    /// on it is sustained work. Shorter ones are the queue's and the
+    /// burst term's.
+    ///
+    /// `panic` is the panic window's demand and length; a burst begins
+    /// when that demand is beyond `ceiling` (noise at the stable rate)
+    /// and lasts while it stays beyond the ceiling it began over — the
+    /// stable window soon takes the burst in, and its own noise ceiling
+    /// with it.
+    fn persisting(
+        &mut self,
+        now: Duration,
+        panic: (f64, Duration),
+        ceiling: f64,
+        lasting: Duration,
+    ) -> Option<(f64, Duration)> {
+        let (demand, window) = panic;
+        let (since, floor, over) = match self.burst {
+            Some((since, floor, over)) if demand > over => (since, floor.min(demand), over),
+            // Beyond noise over the panic window: it began that long ago
+            // at the latest.
+            _ if demand > ceiling => (now.saturating_sub(window), demand, ceiling),
+            _ => {
+                self.burst = None;
+                return None;
+            }
+        };
+        self.burst = Some((since, floor, over));
+        let lasted = now.saturating_sub(since);
+        (lasted >= lasting && !lasted.is_zero()).then_some((floor, lasted))
     }
 
     /// Records `need` and returns the count to hold and the horizon it is
@@ -433,7 +477,8 @@ impl ScalingAlgorithm for Slo {
         // deviations of a compound Poisson count, prompt sizes with a
         // coefficient of variation of 1): noise is what the utilization's
         // headroom is for, and holding its peaks for minutes is waste.
-        let burst = decode || demand_panic > noise_ceiling(&snap.stable, panic_w);
+        let ceiling = noise_ceiling(&snap.stable, panic_w);
+        let burst = decode || demand_panic > ceiling;
         let panic_demand = if burst { demand_panic } else { 0.0 };
         let burst_work = budgeted(panic_demand, panic_w, budget);
         let sustained_work = budgeted(demand_stable, stable_w, budget);
@@ -449,7 +494,18 @@ impl ScalingAlgorithm for Slo {
                 budget,
             )
         });
-        let sustained_work = sustained_work.max(projected);
+        let persisting = if decode {
+            None
+        } else {
+            self.persisting(
+                now,
+                (demand_panic, snap.panic.duration),
+                ceiling,
+                cold_start.max(budget),
+            )
+        };
+        let persisted = persisting.map_or(0.0, |(floor, lasted)| budgeted(floor, lasted, budget));
+        let sustained_work = sustained_work.max(projected).max(persisted);
         // Prompts arrive at `rps`, each of `mean_prompt` tokens on average.
         let mean_prompt = if snap.stable.rps > 0.0 {
             demand_stable / snap.stable.rps
@@ -560,6 +616,14 @@ impl ScalingAlgorithm for Slo {
             .trend
             .map(|s| format!(", rising {s:.0}/s"))
             .unwrap_or_default();
+        let persisting_text = persisting
+            .map(|(floor, lasted)| {
+                format!(
+                    ", a burst of {floor:.0} for {} (over a cold start): sustained",
+                    show(lasted)
+                )
+            })
+            .unwrap_or_default();
         let plan_text = match queue {
             Some((load, wait, n)) => format!(
                 "capacity {:.0} {source} × {:.2} = {:.0} per replica; work for {load:.1}, {n:.1} keep waits over {} under {:.1} % (at most {:.0} % busy)",
@@ -578,7 +642,7 @@ impl ScalingAlgorithm for Slo {
             ),
         };
         let reason = format!(
-            "{latency_text}; demand {demand_stable:.0} {unit} ({:.0} over {}{trend_text}); {plan_text}; need {:.1}, {:.1} held over {} → {desired}{note}",
+            "{latency_text}; demand {demand_stable:.0} {unit} ({:.0} over {}{trend_text}{persisting_text}); {plan_text}; need {:.1}, {:.1} held over {} → {desired}{note}",
             demand_panic,
             show(panic_w),
             sizing.need,

@@ -153,6 +153,62 @@ fn a_burst_shorter_than_the_budget_adds_no_replica() {
 }
 
 #[test]
+fn a_burst_that_outlasts_a_cold_start_is_sustained() {
+    let mut p = policy();
+    p.ttft_target = Some(Duration::from_secs(10));
+    // 5,000 tok/s measured; 4,000 sustained, and a burst at 16,000 that
+    // the 60 s stable window has not taken in (held there to isolate the
+    // rule). The cold start is 60 s.
+    let stable = window(60, 4000.0, Some(5000.0), Some(500));
+    let burst = window(6, 16_000.0, Some(5000.0), Some(500));
+    let quiet = window(6, 4000.0, Some(5000.0), Some(500));
+    let start = Duration::from_secs(100);
+    let at = |k: u64| start + Duration::from_secs(2 * k);
+    let mut s = Slo::new(&p);
+    // For its first minute (it began with the panic window, 6 s before
+    // the first decision) the burst is the burst term's: its 96,000
+    // tokens over 6 s + the 10 s budget at 85 % of 5,000 → 2.
+    for k in 0..27 {
+        let d = decide_at(&mut s, &p, at(k), 2, 2, &snap(stable, burst));
+        assert_eq!(d.desired, Some(2), "t {}: {}", 2 * k, d.reason);
+        assert!(!d.reason.contains("sustained"), "{}", d.reason);
+    }
+    // A minute on, replicas asked for now still find it: 16,000 tok/s
+    // over the minute plus the budget is 2.7 replicas' work.
+    let d = decide_at(&mut s, &p, at(27), 2, 2, &snap(stable, burst));
+    assert_eq!(d.desired, Some(3), "{}", d.reason);
+    assert!(
+        d.reason.contains("a burst of 16000 for 60.0s (over a cold start): sustained"),
+        "{}",
+        d.reason
+    );
+    // A pause ends it: the next burst starts over.
+    decide_at(&mut s, &p, at(28), 3, 3, &snap(stable, quiet));
+    let d = decide_at(&mut s, &p, at(29), 3, 3, &snap(stable, burst));
+    assert!(!d.reason.contains("sustained"), "{}", d.reason);
+    // With a 20 s cold start the same burst is sustained after 20 s.
+    let mut s = Slo::new(&p);
+    let b = snap(stable, burst);
+    let input = |k: u64| DecisionInput {
+        now: at(k),
+        ready: 2,
+        spec: 2,
+        snapshot: &b,
+        policy: &p,
+        role: Role::Unified,
+        reachable: true,
+        partial: false,
+        cold_start: Some(Duration::from_secs(20)),
+    };
+    for k in 0..7 {
+        let d = s.decide(&input(k));
+        assert!(!d.reason.contains("sustained"), "t {}: {}", 2 * k, d.reason);
+    }
+    let d = s.decide(&input(7));
+    assert!(d.reason.contains("for 20.0s (over a cold start)"), "{}", d.reason);
+}
+
+#[test]
 fn a_sustained_rise_is_met_one_cold_start_ahead() {
     let p = policy();
     // Demand rises 50 tok/s every second for six minutes (0 → 18,000);
