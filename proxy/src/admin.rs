@@ -12,6 +12,7 @@ use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use prometheus_client::registry::Registry;
+use scalecar_scaler::peer::PeerSnapshot;
 use serde_json::{Value, json};
 
 use crate::body::{ProxyBody, full};
@@ -140,12 +141,12 @@ impl Admin {
                 "model, role (unified, prefill, decode), window_ms and panic_window_ms are required",
             );
         };
-        match crate::gateway::find(&self.plane, &model, role) {
+        match self.plane.find(&model, role) {
             Some(e) => {
                 self.peer_answers.inc();
                 json_text(
                     StatusCode::OK,
-                    serde_json::to_string(&e.pool.signals.peer_snapshot(window, panic))
+                    serde_json::to_string(&PeerSnapshot::all(&e.pool.signals, window, panic))
                         .unwrap_or_default(),
                 )
             }
@@ -197,8 +198,9 @@ impl Admin {
                 let role = scalecar_config::Role::ALL
                     .into_iter()
                     .find(|r| r.as_str() == a.role)?;
-                let e = crate::gateway::find(&self.plane, &a.model, role)?;
-                Some(e.pool.signals.peer_snapshot_of(
+                let e = self.plane.find(&a.model, role)?;
+                Some(PeerSnapshot::of(
+                    &e.pool.signals,
                     Duration::from_millis(a.window_ms),
                     Duration::from_millis(a.panic_window_ms),
                     a.latencies(),

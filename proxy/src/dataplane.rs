@@ -152,6 +152,19 @@ impl DataPlane {
         &self.routes
     }
 
+    /// The entry serving `model` in `role`, for live views and tests.
+    pub fn find(
+        &self,
+        model: &str,
+        role: scalecar_config::Role,
+    ) -> Option<Arc<crate::routes::PoolEntry>> {
+        self.routes()
+            .get(model)?
+            .entries()
+            .find(|e| e.pool.role == role)
+            .cloned()
+    }
+
     pub(crate) fn upstream(&self) -> &Arc<Upstream> {
         &self.forwarder.upstream
     }

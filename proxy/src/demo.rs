@@ -23,7 +23,7 @@ use scalecar_loadtest::loadgen::{
 use scalecar_loadtest::plot::{TimelinePoint, write_timeline_csv, write_timeline_svg};
 use scalecar_scaler::algorithm::AlgorithmRegistry;
 
-use crate::gateway::{GatewayBuilder, find};
+use crate::gateway::GatewayBuilder;
 
 const MODEL: &str = "llama-3-8b";
 const NAMESPACE: &str = "default";
@@ -217,7 +217,7 @@ pub async fn run(
         bind().await?,
     )
     .map_err(|e| setup("starting kube-sim", &e))?;
-    let kube_client = kube::Client::try_from(crate::server::identified(kube::Config::new(
+    let kube_client = kube::Client::try_from(crate::cluster::identified(kube::Config::new(
         sim.url()
             .parse()
             .map_err(|e| setup("kube-sim address", &e))?,
@@ -254,7 +254,10 @@ pub async fn run(
     // Load starts once the first pod serves through the proxy.
     let ready_by = Instant::now() + args.startup_delay + Duration::from_secs(30);
     loop {
-        if find(&proxy.plane, MODEL, Role::Unified).is_some_and(|e| !e.pool.endpoints().is_empty())
+        if proxy
+            .plane
+            .find(MODEL, Role::Unified)
+            .is_some_and(|e| !e.pool.endpoints().is_empty())
         {
             break;
         }
@@ -330,7 +333,7 @@ pub async fn run(
             loop {
                 every.tick().await;
                 // The pool as discovery has it now (rebuilt if edited).
-                let Some(entry) = find(&plane, MODEL, Role::Unified) else {
+                let Some(entry) = plane.find(MODEL, Role::Unified) else {
                     continue;
                 };
                 let snap = entry

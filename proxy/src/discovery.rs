@@ -16,7 +16,6 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use kube::api::GroupVersionKind;
-use kube::runtime::events::Reporter;
 use scalecar_config::{AnnotatedTarget, KubernetesConfig, Limits};
 use scalecar_scaler::algorithm::AlgorithmRegistry;
 use scalecar_scaler::clock::Clock;
@@ -30,41 +29,10 @@ use scalecar_scaler::signals::{PoolSignals, SignalsConfig};
 use scalecar_scaler::target::{ScaleTarget, TargetRef};
 use tokio::sync::watch;
 
-use crate::gateway::{Member, PoolSet};
 use crate::metrics::ProxyMetrics;
 use crate::pool::Pool;
+use crate::pool_set::{Member, PoolSet};
 use crate::routes::PoolEntry;
-
-/// Who writes scalecar's Events: the pod's name where the Downward API
-/// gives it (`POD_NAME`), else the host name.
-pub(crate) fn reporter() -> Reporter {
-    let instance = std::env::var("POD_NAME")
-        .or_else(|_| std::env::var("HOSTNAME"))
-        .ok()
-        .filter(|s| !s.is_empty());
-    Reporter {
-        controller: "scalecar".into(),
-        instance,
-    }
-}
-
-/// This replica's identity as a Lease holder: its pod (or host) name, made
-/// unique per process as client-go does, so a restarted pod with the same
-/// name is a new holder.
-pub fn identity() -> &'static str {
-    static IDENTITY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    IDENTITY.get_or_init(|| {
-        let name = std::env::var("POD_NAME")
-            .or_else(|_| std::env::var("HOSTNAME"))
-            .ok()
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| "scalecar".into());
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        format!("{name}_{}_{nanos:08x}", std::process::id())
-    })
-}
 
 /// The `target` label and control-loop name of a workload:
 /// `deployment/llm/llama-3-8b`.
@@ -175,7 +143,7 @@ impl Discovery {
             kinds,
             &self.config.namespaces,
             algorithms,
-            reporter(),
+            crate::cluster::reporter(),
             listed.clone(),
         );
         let mut pod_changes = watch_pods(

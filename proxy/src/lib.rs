@@ -21,6 +21,7 @@
 
 pub mod admin;
 pub mod body;
+pub mod cluster;
 pub mod dataplane;
 pub mod decisions;
 #[cfg(feature = "demo")]
@@ -35,6 +36,7 @@ pub mod pd;
 pub mod peer_token;
 pub mod peers;
 pub mod pool;
+pub mod pool_set;
 pub mod replay;
 pub mod routes;
 pub mod server;

@@ -10,7 +10,6 @@ use scalecar_config::ScalecarConfig;
 #[cfg(feature = "demo")]
 use scalecar_proxy::demo::DemoArgs;
 use scalecar_proxy::replay::{self, ReplayArgs};
-use scalecar_proxy::server;
 #[cfg(feature = "demo")]
 use scalecar_proxy::simulate::SimulateArgs;
 use scalecar_proxy::status::{self, StatusArgs};
@@ -288,7 +287,7 @@ fn run(args: RunArgs) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let handle = match server::start(&config, proxy, admin).await {
+        let handle = match scalecar_proxy::gateway::start(&config, proxy, admin).await {
             Ok(h) => h,
             Err(e) => {
                 let _ = writeln!(std::io::stderr(), "scalecar: {}", chain(&e));

@@ -300,7 +300,11 @@ mod tests {
         );
         p.arrival(10);
         p.first_token(10, Duration::from_millis(40));
-        p.peer_snapshot(Duration::from_secs(60), Duration::from_secs(6))
+        scalecar_scaler::peer::PeerSnapshot::all(
+            &p,
+            Duration::from_secs(60),
+            Duration::from_secs(6),
+        )
     }
 
     /// A peer on 127.0.0.1:0: with `batch`, it serves

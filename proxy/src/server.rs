@@ -9,7 +9,8 @@
 //! thread, so the request path has no cross-thread wake-ups. Pools, signals
 //! and metrics are shared atomics. The admin server, health checks, the
 //! control loop and discovery run on the caller's runtime. Assembling the
-//! pools and the loop is [`crate::gateway`]'s.
+//! pools and the loop is [`crate::gateway`]'s; the Kubernetes client and
+//! this replica's identity are [`crate::cluster`]'s.
 
 use prometheus_client::metrics::counter::Counter;
 use std::collections::HashMap;
@@ -25,7 +26,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use prometheus_client::registry::Registry;
-use scalecar_config::{KubernetesConfig, ScalecarConfig};
+
 use scalecar_scaler::control::ControlError;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -34,7 +35,6 @@ use tokio::task::JoinHandle;
 use crate::admin::Admin;
 use crate::dataplane::DataPlane;
 use crate::decisions::DecisionRecorder;
-use crate::gateway::GatewayBuilder;
 use crate::pool::{Health, Pool};
 
 /// Why the proxy could not start.
@@ -131,101 +131,6 @@ impl ProxyHandle {
         let _ = self.admin_stop.send(true);
         let _ = self.admin_task.await;
     }
-}
-
-/// Builds the gateway of a config and serves it: static pools, and
-/// Kubernetes discovery when `kubernetes:` is set.
-pub async fn start(
-    config: &ScalecarConfig,
-    proxy_listener: TcpListener,
-    admin_listener: TcpListener,
-) -> Result<ProxyHandle, StartError> {
-    let mut builder = GatewayBuilder::new(config.limits.clone(), config.scaler.tick)
-        .workers(config.proxy.workers)
-        .static_pools(&config.pools)
-        .await?;
-    if let Some(k) = &config.kubernetes {
-        let client = kube_client(k).await?;
-        if let Some(token) = shared_peer_token(&client, k).await? {
-            builder = builder.peer_token(token);
-        }
-        builder = builder.kubernetes(client, k.clone());
-    }
-    builder.start(proxy_listener, admin_listener)
-}
-
-/// A client from the configured kubeconfig, or kube-rs's inference
-/// (`KUBECONFIG`, `~/.kube/config`, the in-cluster service account).
-pub async fn kube_client(k: &KubernetesConfig) -> Result<kube::Client, StartError> {
-    let config = match &k.kubeconfig {
-        Some(path) => {
-            let file = kube::config::Kubeconfig::read_from(path).map_err(|source| {
-                StartError::Kubeconfig {
-                    path: path.clone(),
-                    source: Box::new(source),
-                }
-            })?;
-            kube::Config::from_custom_kubeconfig(file, &Default::default())
-                .await
-                .map_err(|source| StartError::Kubeconfig {
-                    path: path.clone(),
-                    source: Box::new(source),
-                })?
-        }
-        None => kube::Config::infer()
-            .await
-            .map_err(|source| StartError::KubeConfigInfer(Box::new(source)))?,
-    };
-    kube::Client::try_from(identified(config))
-        .map_err(|source| StartError::KubeClient(Box::new(source)))
-}
-
-/// The peers' token from `leader-election.peer-token-secret` (created on
-/// first start), when peers are on and `SCALECAR_PEER_TOKEN` is not set.
-async fn shared_peer_token(
-    client: &kube::Client,
-    k: &KubernetesConfig,
-) -> Result<Option<String>, StartError> {
-    let Some(le) = &k.leader_election else {
-        return Ok(None);
-    };
-    let from_env = std::env::var(crate::peers::TOKEN_ENV).is_ok_and(|t| !t.is_empty());
-    let (Some(_), Some(name), false) = (&le.peer_selector, &le.peer_token_secret, from_env) else {
-        return Ok(None);
-    };
-    let namespace = lease_namespace(le);
-    Ok(Some(
-        crate::peer_token::shared_token(client.clone(), &namespace, name).await?,
-    ))
-}
-
-/// Where the Lease (and the peer token Secret) live: the configured
-/// namespace, else the gateway's own (`POD_NAMESPACE`), else `default`.
-pub fn lease_namespace(le: &scalecar_config::LeaderElectionConfig) -> String {
-    le.namespace
-        .clone()
-        .or_else(|| {
-            std::env::var("POD_NAMESPACE")
-                .ok()
-                .filter(|s| !s.is_empty())
-        })
-        .unwrap_or_else(|| "default".into())
-}
-
-/// scalecar's User-Agent on every call, `scalecar/VERSION (identity)`, so
-/// audit logs (and kube-sim's request log) tell its calls — and each
-/// replica's — apart.
-pub fn identified(mut config: kube::Config) -> kube::Config {
-    let agent = format!(
-        "scalecar/{} ({})",
-        env!("CARGO_PKG_VERSION"),
-        crate::discovery::identity()
-    );
-    let value = http::HeaderValue::from_str(&agent).unwrap_or_else(|_| {
-        http::HeaderValue::from_static(concat!("scalecar/", env!("CARGO_PKG_VERSION")))
-    });
-    config.headers.push((http::header::USER_AGENT, value));
-    config
 }
 
 /// What the admin server serves besides the data plane.

@@ -16,7 +16,7 @@ use scalecar_config::{Limits, Policy, Role};
 use scalecar_loadtest::cluster::LocalPool;
 use scalecar_loadtest::sim::SimConfig;
 use scalecar_proxy::decisions::DecisionRecorder;
-use scalecar_proxy::gateway::{GatewayBuilder, find};
+use scalecar_proxy::gateway::GatewayBuilder;
 use scalecar_proxy::pool::Pool;
 use scalecar_proxy::server::ProxyHandle;
 use scalecar_scaler::control::Scaling;
@@ -54,7 +54,7 @@ async fn closed_loop(keys: &[(&str, &str)], initial: u32, tick: Duration) -> Loo
     let proxy = builder
         .start(bind().await.unwrap(), bind().await.unwrap())
         .unwrap();
-    let pool = find(&proxy.plane, "m", Role::Unified).unwrap().pool.clone();
+    let pool = proxy.plane.find("m", Role::Unified).unwrap().pool.clone();
     Loop {
         proxy,
         cluster,

@@ -413,7 +413,8 @@ impl ControlLoop {
                     false,
                 ),
                 Some(g) => {
-                    let mut parts = vec![t.spec.signals.peer_snapshot_of(
+                    let mut parts = vec![crate::peer::PeerSnapshot::of(
+                        &t.spec.signals,
                         window,
                         panic_window,
                         t.algorithm.latencies(t.spec.role),

@@ -15,7 +15,7 @@ use hdrhistogram::Histogram;
 use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
 use serde::{Deserialize, Serialize};
 
-use crate::signals::{histogram, summary};
+use crate::signals::{PoolSignals, WindowsWithHistograms, histogram, summary};
 use crate::snapshot::{WindowSnapshot, WindowValues};
 
 /// One pool's windows, as the leader asks a peer for them. A tick asks
@@ -116,6 +116,36 @@ pub enum MergeError {
 
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl PeerSnapshot {
+    /// This replica's view of the pool behind `signals`: both windows
+    /// with the histograms in `latencies` (the others sent empty).
+    pub fn of(
+        signals: &PoolSignals,
+        stable: Duration,
+        panic: Duration,
+        latencies: crate::snapshot::Latencies,
+    ) -> Self {
+        PeerSnapshot::from(signals.windows_with_histograms(stable, panic, latencies))
+    }
+
+    /// [`Self::of`] with every histogram.
+    pub fn all(signals: &PoolSignals, stable: Duration, panic: Duration) -> Self {
+        Self::of(signals, stable, panic, crate::snapshot::Latencies::ALL)
+    }
+}
+
+impl From<WindowsWithHistograms> for PeerSnapshot {
+    fn from(w: WindowsWithHistograms) -> Self {
+        PeerSnapshot {
+            stable: PeerWindow::new(&w.stable.0, &w.stable.1),
+            panic: PeerWindow::new(&w.panic.0, &w.panic.1),
+            in_flight_now: w.in_flight_now,
+            queued_now: w.queued_now,
+            idle_ms: w.idle.map(ms),
+        }
+    }
 }
 
 impl PeerWindow {
@@ -344,7 +374,7 @@ mod tests {
                 }
             }
             let (stable, panic) = (Duration::from_secs(30), Duration::from_secs(6));
-            let parts: Vec<PeerSnapshot> = replicas.iter().map(|s| s.peer_snapshot(stable, panic)).collect();
+            let parts: Vec<PeerSnapshot> = replicas.iter().map(|s| PeerSnapshot::all(s, stable, panic)).collect();
             // Through JSON, as peers send them.
             let wire = serde_json::to_string(&parts).unwrap();
             let parts: Vec<PeerSnapshot> = serde_json::from_str(&wire).unwrap();
@@ -370,7 +400,7 @@ mod tests {
             // Asked for TTFT alone (slo's prefill decision): the same TTFT,
             // the same values, the other histograms not sent at all.
             let ttft = crate::snapshot::Latencies::TTFT;
-            let parts: Vec<PeerSnapshot> = replicas.iter().map(|s| s.peer_snapshot_of(stable, panic, ttft)).collect();
+            let parts: Vec<PeerSnapshot> = replicas.iter().map(|s| PeerSnapshot::of(s, stable, panic, ttft)).collect();
             for p in &parts {
                 prop_assert!(p.stable.histograms[1..].iter().all(Vec::is_empty));
             }
@@ -417,7 +447,7 @@ mod tests {
         let clock = Arc::new(ManualClock::new(Duration::from_secs(10)));
         let s = PoolSignals::new(SignalsConfig::default(), clock.clone());
         s.arrival(10);
-        let mut bad = s.peer_snapshot(Duration::from_secs(60), Duration::from_secs(6));
+        let mut bad = PeerSnapshot::all(&s, Duration::from_secs(60), Duration::from_secs(6));
         bad.panic.histograms[1] = vec![1, 2, 3];
         let e = merge(&[bad.clone()], clock.now()).unwrap_err();
         assert!(e.to_string().contains("panic window: histogram 1"), "{e}");

@@ -12,7 +12,7 @@ use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::rt::TokioExecutor;
 use scalecar_config::ScalecarConfig;
 use scalecar_loadtest::sim::{ModelSim, SimConfig, SimHandle};
-use scalecar_proxy::server::{self, ProxyHandle};
+use scalecar_proxy::server::ProxyHandle;
 use serde_json::Value;
 
 /// A model-sim on a free port, once its `/health` answers 200.
@@ -43,7 +43,7 @@ pub async fn proxy(yaml: &str) -> ProxyHandle {
     let config = ScalecarConfig::from_yaml_str(yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
     let p = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let a = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let h = server::start(&config, p, a).await.unwrap();
+    let h = scalecar_proxy::gateway::start(&config, p, a).await.unwrap();
     let url = format!("http://{}/readyz", h.admin_addr);
     let deadline = Instant::now() + Duration::from_secs(10);
     while get(&url).await.map(|(s, _)| s) != Ok(200) {

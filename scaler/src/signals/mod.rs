@@ -192,6 +192,22 @@ fn slot<S: Epoch>(ring: &[S], number: u64) -> Option<&S> {
     }
 }
 
+/// One window's values with its latency histograms (TTFT, ITL,
+/// end-to-end, queue wait; `None`: not asked for, or empty).
+pub type WindowWithHistograms = (WindowValues, [Option<Histogram<u64>>; LATENCIES]);
+
+/// Both windows of a pool ending now, histograms whole
+/// ([`PoolSignals::windows_with_histograms`]).
+#[derive(Debug, Clone)]
+pub struct WindowsWithHistograms {
+    pub stable: WindowWithHistograms,
+    pub panic: WindowWithHistograms,
+    pub in_flight_now: u64,
+    pub queued_now: u64,
+    /// How long the pool has been idle (`None`: unknown).
+    pub idle: Option<Duration>,
+}
+
 /// The signals of one pool.
 #[derive(Debug)]
 pub struct PoolSignals {
@@ -638,51 +654,45 @@ impl PoolSignals {
         (values, hists)
     }
 
-    /// The stable and panic windows ending now, with their histograms, as
-    /// sent to the leader (see [`crate::peer`]).
-    pub fn peer_snapshot(&self, stable: Duration, panic: Duration) -> crate::peer::PeerSnapshot {
-        self.peer_snapshot_of(stable, panic, Latencies::ALL)
-    }
-
-    /// [`Self::peer_snapshot`] with only the histograms in `latencies`
-    /// (the others sent empty): what the leader's decision reads — with
-    /// 1,000 pools the other histograms were most of the bytes and the CPU.
-    pub fn peer_snapshot_of(
+    /// The stable and panic windows ending now with the latency
+    /// histograms in `latencies`, whole (the others, and empty ones,
+    /// `None`): what a gateway replica sends the leader, which merges
+    /// histograms rather than quantiles. With 1,000 pools the histograms
+    /// not asked for were most of the bytes and the CPU.
+    pub fn windows_with_histograms(
         &self,
         stable: Duration,
         panic: Duration,
         latencies: Latencies,
-    ) -> crate::peer::PeerSnapshot {
+    ) -> WindowsWithHistograms {
         // Each window once: its values and the histograms asked for.
         let (now, in_flight, queued, last_activity) = self.now_state();
         let (s, s_hists) = self.window_parts(now, stable, latencies);
         let (p, p_hists) = self.window_parts(now, panic, latencies);
         let wanted = latencies.as_array();
-        let histograms =
-            |hists: &[Merged; LATENCIES]| -> [Option<hdrhistogram::Histogram<u64>>; LATENCIES] {
-                // An empty one travels as nothing, like one not asked for:
-                // an idle pool costs neither side a histogram.
-                std::array::from_fn(|i| {
-                    wanted
-                        .get(i)
-                        .copied()
-                        .unwrap_or(false)
-                        .then(|| {
-                            hists
-                                .get(i)
-                                .filter(|m| !m.is_empty())
-                                .map(Merged::to_histogram)
-                        })
-                        .flatten()
-                })
-            };
-        crate::peer::PeerSnapshot {
-            stable: crate::peer::PeerWindow::new(&s, &histograms(&s_hists)),
-            panic: crate::peer::PeerWindow::new(&p, &histograms(&p_hists)),
+        let histograms = |hists: &[Merged; LATENCIES]| -> [Option<Histogram<u64>>; LATENCIES] {
+            // An empty one travels as nothing, like one not asked for:
+            // an idle pool costs neither side a histogram.
+            std::array::from_fn(|i| {
+                wanted
+                    .get(i)
+                    .copied()
+                    .unwrap_or(false)
+                    .then(|| {
+                        hists
+                            .get(i)
+                            .filter(|m| !m.is_empty())
+                            .map(Merged::to_histogram)
+                    })
+                    .flatten()
+            })
+        };
+        WindowsWithHistograms {
+            stable: (s, histograms(&s_hists)),
+            panic: (p, histograms(&p_hists)),
             in_flight_now: in_flight,
             queued_now: queued,
-            idle_ms: last_activity
-                .map(|t| micros(Duration::from_micros(now).saturating_sub(t)) / 1000),
+            idle: last_activity.map(|t| Duration::from_micros(now).saturating_sub(t)),
         }
     }
 

@@ -178,7 +178,8 @@ fn a_burst_that_outlasts_a_cold_start_is_sustained() {
     let d = decide_at(&mut s, &p, at(27), 2, 2, &snap(stable, burst));
     assert_eq!(d.desired, Some(3), "{}", d.reason);
     assert!(
-        d.reason.contains("a burst of 16000 for 60.0s (over a cold start): sustained"),
+        d.reason
+            .contains("a burst of 16000 for 60.0s (over a cold start): sustained"),
         "{}",
         d.reason
     );
@@ -205,7 +206,11 @@ fn a_burst_that_outlasts_a_cold_start_is_sustained() {
         assert!(!d.reason.contains("sustained"), "t {}: {}", 2 * k, d.reason);
     }
     let d = s.decide(&input(7));
-    assert!(d.reason.contains("for 20.0s (over a cold start)"), "{}", d.reason);
+    assert!(
+        d.reason.contains("for 20.0s (over a cold start)"),
+        "{}",
+        d.reason
+    );
 }
 
 #[test]
