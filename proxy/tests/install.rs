@@ -30,24 +30,14 @@ struct Cluster {
 
 impl Cluster {
     async fn start() -> Cluster {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let sim = KubeSim::start(
-            KubeSimConfig {
-                run_images: vec![RunImage {
-                    image: "ghcr.io/scalecar/scalecar".into(),
-                    binary: PathBuf::from(env!("CARGO_BIN_EXE_scalecar")),
-                }],
-                ..KubeSimConfig::default()
-            },
-            listener,
-        )
-        .unwrap();
-        let kubeconfig = std::env::temp_dir().join(format!(
-            "scalecar-install-{}-{}.kubeconfig",
-            std::process::id(),
-            sim.addr().port()
-        ));
-        sim.write_kubeconfig(&kubeconfig).unwrap();
+        let config = KubeSimConfig {
+            run_images: vec![RunImage {
+                image: "ghcr.io/scalecar/scalecar".into(),
+                binary: PathBuf::from(env!("CARGO_BIN_EXE_scalecar")),
+            }],
+            ..KubeSimConfig::default()
+        };
+        let (sim, _, kubeconfig) = common::kube_sim(config, "install").await;
         Cluster { sim, kubeconfig }
     }
 

@@ -25,7 +25,7 @@ use async_openai::types::chat::{
 use common::get;
 use kube::api::{Api, DynamicObject, PostParams};
 use kube::discovery::ApiResource;
-use scalecar_loadtest::kube_sim::{KubeSim, KubeSimConfig};
+use scalecar_loadtest::kube_sim::KubeSimConfig;
 use serde_json::{Value, json};
 
 /// `scalecar run` as its own process (its RSS and CPU are its own).
@@ -158,22 +158,11 @@ async fn a_gateway_over_many_workloads_stays_watch_driven() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sim = KubeSim::start(
-        KubeSimConfig {
-            controllers: true,
-            ..KubeSimConfig::default()
-        },
-        listener,
-    )
-    .unwrap();
-    let client = kube::Client::try_from(kube::Config::new(sim.url().parse().unwrap())).unwrap();
-    let kubeconfig = std::env::temp_dir().join(format!(
-        "scalecar-scale-{}-{}.kubeconfig",
-        std::process::id(),
-        sim.addr().port()
-    ));
-    sim.write_kubeconfig(&kubeconfig).unwrap();
+    let config = KubeSimConfig {
+        controllers: true,
+        ..KubeSimConfig::default()
+    };
+    let (sim, client, kubeconfig) = common::kube_sim(config, "scale").await;
     let deployments: Api<DynamicObject> = Api::namespaced_with(
         client.clone(),
         "default",

@@ -4,6 +4,7 @@
 //! teardown every test ends with.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -11,9 +12,26 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::rt::TokioExecutor;
 use scalecar_config::ScalecarConfig;
+use scalecar_loadtest::kube_sim::{KubeSim, KubeSimConfig};
 use scalecar_loadtest::sim::{ModelSim, SimConfig, SimHandle};
 use scalecar_proxy::server::ProxyHandle;
 use serde_json::Value;
+
+/// A kube-sim on a free port, a client of it, and a kubeconfig file for
+/// it named after `suite`, this process and the port (suites run side by
+/// side).
+pub async fn kube_sim(config: KubeSimConfig, suite: &str) -> (KubeSim, kube::Client, PathBuf) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sim = KubeSim::start(config, listener).unwrap();
+    let client = kube::Client::try_from(kube::Config::new(sim.url().parse().unwrap())).unwrap();
+    let kubeconfig = std::env::temp_dir().join(format!(
+        "scalecar-{suite}-{}-{}.kubeconfig",
+        std::process::id(),
+        sim.addr().port()
+    ));
+    sim.write_kubeconfig(&kubeconfig).unwrap();
+    (sim, client, kubeconfig)
+}
 
 /// A model-sim on a free port, once its `/health` answers 200.
 pub async fn sim(config: SimConfig) -> SimHandle {
