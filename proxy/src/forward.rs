@@ -1,14 +1,13 @@
-//! Forwarding a request to a pool: admission (with the activation timeout
-//! when the pool is empty), sending to the leased endpoint with a retry
-//! elsewhere while nothing reached any model server, and the observed
-//! response. Shared by the unified path and both legs of the PD flow; it
-//! knows nothing of routing.
+//! Proxy mode's forwarding to a pool: after [`crate::lifecycle::admit`],
+//! sending to the leased endpoint with a retry elsewhere while nothing
+//! reached any model server, and the observed response. Shared by the
+//! unified path and both legs of the PD flow; it knows nothing of routing.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName};
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::Full;
@@ -17,9 +16,9 @@ use scalecar_config::Limits;
 
 use crate::body::ProxyBody;
 use crate::error::{ApiError, error_response};
+use crate::lifecycle::{self, Arrival};
 use crate::metrics::Outcome;
 use crate::observe::{Observation, ObservedBody};
-use crate::pool::{AdmitError, Lease};
 use crate::routes::PoolEntry;
 use crate::upstream::{PooledConnection, Upstream};
 
@@ -109,77 +108,6 @@ pub(crate) struct Forwarder {
 }
 
 impl Forwarder {
-    /// Admits to `entry`'s pool, with the activation timeout when the pool
-    /// has no endpoint yet (scale from zero). The flag says whether the
-    /// request waited for its slot.
-    pub(crate) async fn admit(
-        &self,
-        entry: &PoolEntry,
-        tokens: u64,
-        body_bytes: usize,
-        avoid: Option<std::net::SocketAddr>,
-    ) -> Result<(Lease, bool), Response<ProxyBody>> {
-        // The common case, a free slot now: no wait to time.
-        if let Some(lease) = entry.pool.try_admit(tokens, avoid) {
-            entry.metrics.queue_wait.observe(std::time::Duration::ZERO);
-            return Ok((lease, false));
-        }
-        let empty = entry.pool.endpoints().is_empty();
-        let deadline = if empty {
-            self.limits.activation_timeout.max(self.limits.queue_wait)
-        } else {
-            self.limits.queue_wait
-        };
-        let waited = Instant::now();
-        let result = entry
-            .pool
-            .admit_holding(tokens, body_bytes, avoid, deadline)
-            .await;
-        // Only a request that entered the queue waited: a full queue (429)
-        // or a pool with no healthy endpoint (503) turns it away at once,
-        // and a zero there would drag the quantiles
-        // down exactly when waits are longest.
-        if !matches!(
-            result,
-            Err(AdmitError::QueueFull | AdmitError::NoHealthyEndpoint { queued: false })
-        ) {
-            entry.metrics.queue_wait.observe(waited.elapsed());
-        }
-        result.map(|lease| (lease, true)).map_err(|e| {
-            let (outcome, status, message, retry) = match e {
-                AdmitError::QueueFull => (
-                    Outcome::rejected,
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "the model's queue is full (requests or queued body bytes)",
-                    "1",
-                ),
-                AdmitError::Timeout => (
-                    Outcome::timeout,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "no capacity for the model before the deadline",
-                    "2",
-                ),
-                AdmitError::NoHealthyEndpoint { .. } => (
-                    Outcome::upstream_error,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "no healthy endpoint for the model: every one failed its health checks",
-                    "1",
-                ),
-                AdmitError::Closed => (
-                    Outcome::rejected,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "the model's pool was removed or replaced while the request waited",
-                    "1",
-                ),
-            };
-            entry.metrics.outcome(outcome);
-            let mut r = error_response(&ApiError::new(status, message, None));
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static(retry));
-            r
-        })
-    }
-
     /// Sends the request to the observation's endpoint; when the
     /// connection cannot be made (nothing reached any model server, nothing
     /// reached the client), takes a slot on another endpoint and tries
@@ -287,21 +215,20 @@ impl Forwarder {
         } = request;
         let pool = &entry.pool;
         let request_id = headers.get(X_REQUEST_ID).cloned();
-        // One clock reading serves arrival and, when a slot is free at
-        // once, dispatch.
-        let now = pool.signals.now();
-        pool.signals.arrival_at(now, prompt_tokens);
-        entry.metrics.prompt_tokens.inc_by(prompt_tokens);
-        let mut observation = match self.admit(entry, prompt_tokens, body.len(), None).await {
-            Ok((lease, waited)) => Observation::dispatch(
-                entry.clone(),
-                lease,
-                if waited { pool.signals.now() } else { now },
-                start,
+        let mut observation = match lifecycle::admit(
+            &self.limits,
+            entry,
+            Arrival {
                 prompt_tokens,
+                body_bytes: body.len(),
+                start,
                 streaming,
-            ),
-            Err(r) => return r,
+            },
+        )
+        .await
+        {
+            Ok(o) => o,
+            Err(refusal) => return refusal.response(),
         };
         let span = tracing::Span::current();
         span.record("model", pool.model.as_str());

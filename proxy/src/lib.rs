@@ -30,6 +30,7 @@ pub mod discovery;
 pub mod error;
 pub(crate) mod forward;
 pub mod gateway;
+pub(crate) mod lifecycle;
 pub mod metrics;
 pub mod observe;
 pub mod pd;

@@ -16,8 +16,8 @@ use serde_json::{Value, json};
 use crate::body::{ProxyBody, full};
 use crate::error::{ApiError, error_response};
 use crate::forward::{ForwardRequest, Forwarder, SendError};
+use crate::lifecycle::{self, Arrival};
 use crate::metrics::Outcome;
-use crate::observe::Observation;
 use crate::routes::PoolEntry;
 
 /// The prefill leg's body from the client's.
@@ -77,22 +77,15 @@ pub(crate) async fn two_stage(
     // for a unified pool). The observation holds the leg in flight until
     // it ends, whatever ends it (a client that leaves drops it).
     let pool = &prefill.pool;
-    let now = pool.signals.now();
-    pool.signals.arrival_at(now, prompt_tokens);
-    prefill.metrics.prompt_tokens.inc_by(prompt_tokens);
-    let mut leg = match plane
-        .admit(prefill, prompt_tokens, request.body.len(), None)
-        .await
-    {
-        Ok((lease, waited)) => Observation::dispatch(
-            prefill.clone(),
-            lease,
-            if waited { pool.signals.now() } else { now },
-            request.start,
-            prompt_tokens,
-            false,
-        ),
-        Err(r) => return r,
+    let arrival = Arrival {
+        prompt_tokens,
+        body_bytes: request.body.len(),
+        start: request.start,
+        streaming: false,
+    };
+    let mut leg = match lifecycle::admit(&plane.limits, prefill, arrival).await {
+        Ok(o) => o,
+        Err(refusal) => return refusal.response(),
     };
     let prefill_bytes = Bytes::from(prefill_body(&original).to_string());
     let (resp, conn) = match plane
