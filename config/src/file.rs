@@ -62,6 +62,7 @@ pub fn policy_keys_from_yaml_str(text: &str) -> Result<BTreeMap<String, String>,
 struct RawFile {
     proxy: Option<RawProxy>,
     admin: Option<RawListen>,
+    ext_proc: Option<RawListen>,
     limits: Option<RawLimits>,
     scaler: Option<RawScaler>,
     pools: Option<Vec<RawPool>>,
@@ -164,6 +165,14 @@ pub struct ProxyConfig {
 /// Where the admin server (health, metrics, debug) listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+/// `ext-proc:` — serve Envoy's external processing protocol (gRPC
+/// `envoy.service.ext_proc.v3.ExternalProcessor`) as the Gateway API
+/// Inference Extension's endpoint picker, beside the proxy listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtProcConfig {
     pub listen: SocketAddr,
 }
 
@@ -345,6 +354,8 @@ impl Default for KubernetesConfig {
 pub struct ScalecarConfig {
     pub proxy: ProxyConfig,
     pub admin: AdminConfig,
+    /// The endpoint picker's gRPC listener, when set.
+    pub ext_proc: Option<ExtProcConfig>,
     pub limits: Limits,
     pub scaler: ScalerConfig,
     /// Static pools (may be empty when Kubernetes discovery is on).
@@ -562,6 +573,9 @@ impl ScalecarConfig {
                 "0.0.0.0:9090",
             ),
         };
+        let ext_proc = raw.ext_proc.map(|e| ExtProcConfig {
+            listen: c.addr("ext-proc.listen", e.listen, "0.0.0.0:9002"),
+        });
         let l = raw.limits.unwrap_or_default();
         let d = Limits::default();
         let limits = Limits {
@@ -914,6 +928,7 @@ impl ScalecarConfig {
         Ok(ScalecarConfig {
             proxy,
             admin,
+            ext_proc,
             limits,
             scaler,
             pools,
@@ -1004,6 +1019,7 @@ mod tests {
             ("", "{zz-unknown: 1}"),
             ("proxy.", "{proxy: {zz-unknown: 1}}"),
             ("admin.", "{admin: {zz-unknown: 1}}"),
+            ("ext-proc.", "{ext-proc: {zz-unknown: 1}}"),
             ("limits.", "{limits: {zz-unknown: 1}}"),
             ("scaler.", "{scaler: {zz-unknown: 1}}"),
             ("kubernetes.", "{kubernetes: {zz-unknown: 1}}"),

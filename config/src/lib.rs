@@ -23,8 +23,9 @@ mod policy;
 pub use cron::MAX_FLOOR_DURATION;
 pub use error::{PolicyError, PolicyErrors};
 pub use file::{
-    AdminConfig, ConfigError, KindConfig, KubernetesConfig, LeaderElectionConfig, Limits,
-    PoolConfig, ProxyConfig, Scalar, ScalecarConfig, ScalerConfig, policy_keys_from_yaml_str,
+    AdminConfig, ConfigError, ExtProcConfig, KindConfig, KubernetesConfig, LeaderElectionConfig,
+    Limits, PoolConfig, ProxyConfig, Scalar, ScalecarConfig, ScalerConfig,
+    policy_keys_from_yaml_str,
 };
 pub use keys::{AnnotatedTarget, KeyContext, POLICY_KEYS, PREFIX, validate_group};
 pub use policy::{

@@ -231,6 +231,16 @@ impl DataPlane {
     }
 
     fn models(&self) -> Response<ProxyBody> {
+        let mut r = Response::new(full(self.models_json()));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        r
+    }
+
+    /// `GET /v1/models`'s answer: every routed name.
+    pub(crate) fn models_json(&self) -> String {
         let routes = self.routes.snapshot();
         let mut names: Vec<&String> = routes.keys().collect();
         names.sort();
@@ -238,13 +248,7 @@ impl DataPlane {
             .into_iter()
             .map(|m| serde_json::json!({"id": m, "object": "model", "created": 0, "owned_by": "scalecar"}))
             .collect();
-        let body = serde_json::json!({"object": "list", "data": data}).to_string();
-        let mut r = Response::new(full(body));
-        r.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        r
+        serde_json::json!({"object": "list", "data": data}).to_string()
     }
 
     async fn completion(

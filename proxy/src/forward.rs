@@ -19,6 +19,7 @@ use crate::error::{ApiError, error_response};
 use crate::lifecycle::{self, Arrival};
 use crate::metrics::Outcome;
 use crate::observe::{Observation, ObservedBody};
+use crate::pool::Among;
 use crate::routes::PoolEntry;
 use crate::upstream::{PooledConnection, Upstream};
 
@@ -176,7 +177,7 @@ impl Forwarder {
                     // (the queue's deadline, not the activation's).
                     match entry
                         .pool
-                        .admit(tokens, Some(addr), self.limits.queue_wait)
+                        .admit(tokens, Among::AllBut(addr), self.limits.queue_wait)
                         .await
                     {
                         Ok(next) => observation.move_to(next),
@@ -223,6 +224,7 @@ impl Forwarder {
                 body_bytes: body.len(),
                 start,
                 streaming,
+                among: Among::All,
             },
         )
         .await

@@ -52,6 +52,8 @@ pub struct GatewayBuilder {
     kubernetes: Option<(kube::Client, KubernetesConfig)>,
     /// The peers' shared token, when not from `SCALECAR_PEER_TOKEN`.
     peer_token: Option<String>,
+    /// The endpoint picker's gRPC listener (`ext-proc:`).
+    ext_proc: Option<TcpListener>,
 }
 
 impl std::fmt::Debug for GatewayBuilder {
@@ -102,7 +104,14 @@ impl GatewayBuilder {
             checked: Vec::new(),
             kubernetes: None,
             peer_token: None,
+            ext_proc: None,
         }
+    }
+
+    /// Also serves the endpoint picker (Envoy ext_proc) on `listener`.
+    pub fn ext_proc(mut self, listener: TcpListener) -> Self {
+        self.ext_proc = Some(listener);
+        self
     }
 
     /// Worker threads of the proxy listener (default: one per core).
@@ -303,6 +312,11 @@ impl GatewayBuilder {
             admin_listener,
         )?;
         let stopped = handle.stopped();
+        if let Some(listener) = self.ext_proc {
+            handle.ext_proc_addr = listener.local_addr().ok();
+            let plane = handle.plane.clone();
+            handle.spawn(crate::ext_proc::serve(plane, listener, stopped.clone()));
+        }
         if let Some((client, config)) = &self.kubernetes
             && let Some(le) = &config.leader_election
         {
@@ -465,6 +479,16 @@ pub async fn start(
             builder = builder.peer_token(token);
         }
         builder = builder.kubernetes(client, k.clone());
+    }
+    if let Some(e) = &config.ext_proc {
+        let listener = TcpListener::bind(e.listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                what: "ext-proc.listen",
+                addr: e.listen,
+                source,
+            })?;
+        builder = builder.ext_proc(listener);
     }
     builder.start(proxy_listener, admin_listener)
 }

@@ -28,6 +28,7 @@ pub mod decisions;
 pub mod demo;
 pub mod discovery;
 pub mod error;
+pub mod ext_proc;
 pub(crate) mod forward;
 pub mod gateway;
 pub(crate) mod lifecycle;

@@ -29,12 +29,12 @@ use crate::body::ProxyBody;
 use crate::error::{ApiError, error_response};
 use crate::metrics::Outcome;
 use crate::observe::Observation;
-use crate::pool::AdmitError;
+use crate::pool::{AdmitError, Among};
 use crate::routes::PoolEntry;
 
 /// What admission needs to know of a request.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Arrival {
+pub(crate) struct Arrival<'a> {
     /// Estimated before the model server tokenizes it.
     pub prompt_tokens: u64,
     /// The body's size (the queue bounds the bytes it holds).
@@ -42,6 +42,8 @@ pub(crate) struct Arrival {
     /// When the front end got the request (TTFT counts from here).
     pub start: Instant,
     pub streaming: bool,
+    /// The endpoints it may take (a gateway's subset hint narrows them).
+    pub among: Among<'a>,
 }
 
 /// Why a request was turned away before any endpoint saw it.
@@ -107,7 +109,7 @@ impl Refusal {
 pub(crate) async fn admit(
     limits: &Limits,
     entry: &Arc<PoolEntry>,
-    arrival: Arrival,
+    arrival: Arrival<'_>,
 ) -> Result<Observation, Refusal> {
     let pool = &entry.pool;
     let tokens = arrival.prompt_tokens;
@@ -127,7 +129,7 @@ pub(crate) async fn admit(
         )
     };
     // The common case, a free slot now: no wait to time.
-    if let Some(lease) = pool.try_admit(tokens, None) {
+    if let Some(lease) = pool.try_admit(tokens, arrival.among) {
         entry.metrics.queue_wait.observe(std::time::Duration::ZERO);
         return Ok(dispatch(lease, now));
     }
@@ -138,7 +140,7 @@ pub(crate) async fn admit(
     };
     let waited = Instant::now();
     let result = pool
-        .admit_holding(tokens, arrival.body_bytes, None, deadline)
+        .admit_holding(tokens, arrival.body_bytes, arrival.among, deadline)
         .await;
     // Only a request that entered the queue waited: a full queue (429) or
     // a pool with no healthy endpoint (503) turns it away at once, and a

@@ -294,7 +294,10 @@ fn run(args: RunArgs) -> ExitCode {
                 return ExitCode::from(2);
             }
         };
-        tracing::info!(proxy = %handle.proxy_addr, admin = %handle.admin_addr, "serving");
+        match handle.ext_proc_addr {
+            Some(e) => tracing::info!(proxy = %handle.proxy_addr, admin = %handle.admin_addr, ext_proc = %e, "serving"),
+            None => tracing::info!(proxy = %handle.proxy_addr, admin = %handle.admin_addr, "serving"),
+        }
         wait_for_signal().await;
         tracing::info!(
             delay = ?config.limits.shutdown_delay,

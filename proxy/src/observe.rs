@@ -154,7 +154,7 @@ impl Observation {
     }
 
     /// Feeds one frame of the body.
-    fn frame(&mut self, chunk: &[u8]) {
+    pub(crate) fn frame(&mut self, chunk: &[u8]) {
         if !self.streaming {
             // A whole JSON answer: only its usage matters.
             if let Some(n) = completion_tokens(chunk) {
@@ -534,7 +534,7 @@ mod tests {
             None,
             4,
         );
-        let lease = pool.try_admit(10, None).unwrap();
+        let lease = pool.try_admit(10, crate::pool::Among::All).unwrap();
         let mut reg = prometheus_client::registry::Registry::default();
         let metrics = ProxyMetrics::register(&mut reg).pool("m", Role::Unified);
         let entry = Arc::new(PoolEntry {

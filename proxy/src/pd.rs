@@ -82,6 +82,7 @@ pub(crate) async fn two_stage(
         body_bytes: request.body.len(),
         start: request.start,
         streaming: false,
+        among: crate::pool::Among::All,
     };
     let mut leg = match lifecycle::admit(&plane.limits, prefill, arrival).await {
         Ok(o) => o,

@@ -585,17 +585,24 @@ impl Pool {
 
     /// A slot now, if one is free and nobody waits for one (first come,
     /// first served: a new arrival never takes a slot freed for the queue).
-    pub fn try_admit(self: &Arc<Self>, tokens: u64, avoid: Option<SocketAddr>) -> Option<Lease> {
+    pub fn try_admit(self: &Arc<Self>, tokens: u64, among: Among<'_>) -> Option<Lease> {
         if self.queued.load(Ordering::SeqCst) > 0 {
             return None;
         }
-        self.take_slot(tokens, avoid)
+        self.take_slot(tokens, among)
+    }
+
+    /// Whether any endpoint of the pool is one `among` allows (healthy or
+    /// not): a gateway's subset naming none of them can never be served.
+    pub fn has_any(&self, among: Among<'_>) -> bool {
+        self.endpoints.load().iter().any(|e| among.allows(e.addr))
     }
 
     /// Power of two choices by least outstanding work (tokens, then
-    /// requests) among available endpoints under their cap; `avoid` is
-    /// skipped (a retry goes elsewhere). Takes the slot atomically.
-    fn take_slot(self: &Arc<Self>, tokens: u64, avoid: Option<SocketAddr>) -> Option<Lease> {
+    /// requests) among available endpoints under their cap that `among`
+    /// allows (a retry goes elsewhere; a gateway's subset hint narrows the
+    /// pick). Takes the slot atomically.
+    fn take_slot(self: &Arc<Self>, tokens: u64, among: Among<'_>) -> Option<Lease> {
         let endpoints = self.endpoints.load();
         let n = endpoints.len();
         if n == 0 {
@@ -605,7 +612,7 @@ impl Pool {
         let now = || *now.get_or_init(|| self.now_ms());
         let cap = self.max_concurrency.unwrap_or(u32::MAX);
         let eligible = |e: &Endpoint| {
-            e.available(now) && Some(e.addr) != avoid && e.outstanding.load(Ordering::SeqCst) < cap
+            e.available(now) && among.allows(e.addr) && e.outstanding.load(Ordering::SeqCst) < cap
         };
         let work = |i: usize| {
             endpoints.get(i).map_or((u64::MAX, u64::MAX), |e| {
@@ -647,10 +654,10 @@ impl Pool {
     pub async fn admit(
         self: &Arc<Self>,
         tokens: u64,
-        avoid: Option<SocketAddr>,
+        among: Among<'_>,
         deadline: Duration,
     ) -> Result<Lease, AdmitError> {
-        self.admit_holding(tokens, 0, avoid, deadline).await
+        self.admit_holding(tokens, 0, among, deadline).await
     }
 
     /// [`Pool::admit`] for a request that holds `bytes` of body while it
@@ -660,10 +667,10 @@ impl Pool {
         self: &Arc<Self>,
         tokens: u64,
         bytes: usize,
-        avoid: Option<SocketAddr>,
+        among: Among<'_>,
         deadline: Duration,
     ) -> Result<Lease, AdmitError> {
-        if let Some(l) = self.try_admit(tokens, avoid) {
+        if let Some(l) = self.try_admit(tokens, among) {
             return Ok(l);
         }
         match self.serving() {
@@ -715,7 +722,7 @@ impl Pool {
                 return Err(AdmitError::Closed);
             }
             let head = self.line().front().is_some_and(|w| Arc::ptr_eq(w, &waiter));
-            if head && let Some(l) = self.take_slot(tokens, avoid) {
+            if head && let Some(l) = self.take_slot(tokens, among) {
                 return Ok(l);
             }
             match self.serving() {
@@ -736,10 +743,32 @@ impl Pool {
             if tokio::time::Instant::now() >= until {
                 let head = self.line().front().is_some_and(|w| Arc::ptr_eq(w, &waiter));
                 return head
-                    .then(|| self.take_slot(tokens, avoid))
+                    .then(|| self.take_slot(tokens, among))
                     .flatten()
                     .ok_or(AdmitError::Timeout);
             }
+        }
+    }
+}
+
+/// Which endpoints of a pool a request may take.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Among<'a> {
+    #[default]
+    All,
+    /// Any but this one: a retry after a failed connect goes elsewhere.
+    AllBut(SocketAddr),
+    /// Only these: the subset a gateway allows (Envoy's
+    /// `x-gateway-destination-endpoint-subset`).
+    Only(&'a [SocketAddr]),
+}
+
+impl Among<'_> {
+    pub fn allows(self, addr: SocketAddr) -> bool {
+        match self {
+            Among::All => true,
+            Among::AllBut(a) => a != addr,
+            Among::Only(set) => set.contains(&addr),
         }
     }
 }
@@ -789,7 +818,11 @@ mod tests {
         let p = pool(4, None, 10);
         let mut leases = Vec::new();
         for _ in 0..8 {
-            leases.push(p.admit(100, None, Duration::from_secs(1)).await.unwrap());
+            leases.push(
+                p.admit(100, Among::All, Duration::from_secs(1))
+                    .await
+                    .unwrap(),
+            );
         }
         for e in p.endpoints().iter() {
             let o = e.outstanding.load(Ordering::Relaxed);
@@ -813,11 +846,14 @@ mod tests {
         // One slot, a queue of ten, at most 1,000 body bytes queued.
         let p = pool(1, Some(1), 10);
         p.set_queue_bytes(1000);
-        let first = p.admit(0, None, Duration::from_secs(1)).await.unwrap();
+        let first = p
+            .admit(0, Among::All, Duration::from_secs(1))
+            .await
+            .unwrap();
         let waiter = {
             let p = p.clone();
             tokio::spawn(async move {
-                p.admit_holding(0, 600, None, Duration::from_secs(5))
+                p.admit_holding(0, 600, Among::All, Duration::from_secs(5))
                     .await
                     .is_ok()
             })
@@ -829,7 +865,7 @@ mod tests {
         // 600 + 500 would pass the bound: refused at once, as a full queue,
         // though the queue has room for nine more.
         assert_eq!(
-            p.admit_holding(0, 500, None, Duration::from_secs(1))
+            p.admit_holding(0, 500, Among::All, Duration::from_secs(1))
                 .await
                 .unwrap_err(),
             AdmitError::QueueFull
@@ -838,7 +874,7 @@ mod tests {
         // 400 fits; it waits behind the first and gives up at its deadline,
         // returning its bytes.
         assert_eq!(
-            p.admit_holding(0, 400, None, Duration::from_millis(50))
+            p.admit_holding(0, 400, Among::All, Duration::from_millis(50))
                 .await
                 .unwrap_err(),
             AdmitError::Timeout
@@ -852,11 +888,14 @@ mod tests {
     #[tokio::test]
     async fn the_cap_queues_and_a_freed_slot_admits() {
         let p = pool(1, Some(1), 1);
-        let first = p.admit(0, None, Duration::from_secs(1)).await.unwrap();
+        let first = p
+            .admit(0, Among::All, Duration::from_secs(1))
+            .await
+            .unwrap();
         let waiter = {
             let p = p.clone();
             tokio::spawn(async move {
-                p.admit(0, None, Duration::from_secs(5))
+                p.admit(0, Among::All, Duration::from_secs(5))
                     .await
                     .map(|l| l.endpoint.addr)
             })
@@ -866,7 +905,9 @@ mod tests {
         }
         // The queue (length 1) is full now.
         assert_eq!(
-            p.admit(0, None, Duration::from_secs(1)).await.unwrap_err(),
+            p.admit(0, Among::All, Duration::from_secs(1))
+                .await
+                .unwrap_err(),
             AdmitError::QueueFull
         );
         assert_eq!(p.signals.queued(), 1);
@@ -879,9 +920,12 @@ mod tests {
     #[tokio::test]
     async fn the_deadline_expires() {
         let p = pool(1, Some(1), 4);
-        let _held = p.admit(0, None, Duration::from_secs(1)).await.unwrap();
+        let _held = p
+            .admit(0, Among::All, Duration::from_secs(1))
+            .await
+            .unwrap();
         let e = p
-            .admit(0, None, Duration::from_millis(50))
+            .admit(0, Among::All, Duration::from_millis(50))
             .await
             .unwrap_err();
         assert_eq!(e, AdmitError::Timeout);
@@ -900,7 +944,7 @@ mod tests {
             .map(|_| {
                 let p = p.clone();
                 tokio::spawn(async move {
-                    p.admit(0, None, Duration::from_secs(5))
+                    p.admit(0, Among::All, Duration::from_secs(5))
                         .await
                         .map(|l| (l.endpoint.addr, l))
                 })
@@ -931,17 +975,22 @@ mod tests {
     #[tokio::test]
     async fn the_queue_is_first_come_first_served() {
         let p = pool(1, Some(1), 8);
-        let held = p.admit(0, None, Duration::from_secs(1)).await.unwrap();
+        let held = p
+            .admit(0, Among::All, Duration::from_secs(1))
+            .await
+            .unwrap();
         let first = {
             let p = p.clone();
-            tokio::spawn(async move { p.admit(0, None, Duration::from_secs(5)).await.is_ok() })
+            tokio::spawn(
+                async move { p.admit(0, Among::All, Duration::from_secs(5)).await.is_ok() },
+            )
         };
         while p.queued() == 0 {
             tokio::task::yield_now().await;
         }
         drop(held);
         // The freed slot is the waiter's: a new arrival does not take it.
-        assert!(p.try_admit(0, None).is_none());
+        assert!(p.try_admit(0, Among::All).is_none());
         assert!(first.await.unwrap());
         assert_eq!(p.queued(), 0);
     }
@@ -949,13 +998,19 @@ mod tests {
     #[tokio::test]
     async fn waiters_are_served_in_arrival_order() {
         let p = pool(1, Some(1), 8);
-        let held = p.admit(0, None, Duration::from_secs(1)).await.unwrap();
+        let held = p
+            .admit(0, Among::All, Duration::from_secs(1))
+            .await
+            .unwrap();
         let order = Arc::new(Mutex::new(Vec::new()));
         let mut tasks = Vec::new();
         for i in 0..4 {
             let (q, order) = (p.clone(), order.clone());
             tasks.push(tokio::spawn(async move {
-                let l = q.admit(0, None, Duration::from_secs(5)).await.unwrap();
+                let l = q
+                    .admit(0, Among::All, Duration::from_secs(5))
+                    .await
+                    .unwrap();
                 order.lock().unwrap().push(i);
                 tokio::task::yield_now().await;
                 drop(l);
@@ -1002,13 +1057,16 @@ mod tests {
         let eps = p.endpoints();
         p.record_failure(&eps[0]);
         for _ in 0..4 {
-            let l = p.admit(0, None, Duration::from_secs(1)).await.unwrap();
+            let l = p
+                .admit(0, Among::All, Duration::from_secs(1))
+                .await
+                .unwrap();
             assert_eq!(l.endpoint.addr, eps[1].addr);
         }
         let p = pool(2, None, 4);
         let eps = p.endpoints();
         let l = p
-            .admit(0, Some(eps[0].addr), Duration::from_secs(1))
+            .admit(0, Among::AllBut(eps[0].addr), Duration::from_secs(1))
             .await
             .unwrap();
         assert_eq!(l.endpoint.addr, eps[1].addr);

@@ -68,6 +68,12 @@ pub enum StartError {
     PeerTokenSecret(#[from] crate::peer_token::TokenSecretError),
     #[error("kubernetes.leader-election.peer-selector")]
     PeerSelector(#[source] scalecar_scaler::kube::SelectorError),
+    #[error("{what} {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("starting proxy worker {index}: {source}")]
     Worker {
         index: usize,
@@ -80,6 +86,8 @@ pub enum StartError {
 pub struct ProxyHandle {
     pub proxy_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// The endpoint picker's gRPC address, when `ext-proc:` is served.
+    pub ext_proc_addr: Option<SocketAddr>,
     pub plane: Arc<DataPlane>,
     pub admin: Arc<Admin>,
     shutdown: watch::Sender<bool>,
@@ -240,6 +248,7 @@ pub fn serve(
     Ok(ProxyHandle {
         proxy_addr,
         admin_addr,
+        ext_proc_addr: None,
         plane,
         admin,
         shutdown,

@@ -12,7 +12,7 @@ use async_openai::types::chat::{
     ChatCompletionRequestUserMessageArgs, CreateChatCompletionRequestArgs,
 };
 use bytes::Bytes;
-use common::{get, metric, model, pools, proxy, request, sim, teardown};
+use common::{client_ttft, get, metric, model, pools, proxy, request, sim, teardown};
 use futures_util::StreamExt;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client as HttpClient;
@@ -66,33 +66,6 @@ async fn stream_text(client: &Client<OpenAIConfig>, max_tokens: u32) -> String {
         }
     }
     text
-}
-
-/// Client-side TTFT of one raw streaming request.
-async fn client_ttft(url: &str, body: &str) -> Duration {
-    let client = HttpClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    // Connect first: the proxy's clock starts when a request arrives, so
-    // the client's must not include the TCP handshake and the accept (on a
-    // busy machine they alone are over a millisecond).
-    let models = url.replace("/chat/completions", "/models");
-    let warm = client.get(models.parse().unwrap()).await.unwrap();
-    warm.into_body().collect().await.unwrap();
-    let req = hyper::Request::post(url)
-        .body(Full::new(Bytes::from(body.to_string())))
-        .unwrap();
-    let start = Instant::now();
-    let mut body = client.request(req).await.unwrap().into_body();
-    let mut first = None;
-    while let Some(f) = body.frame().await {
-        let f = f.unwrap();
-        if first.is_none()
-            && f.data_ref()
-                .is_some_and(|d| d.windows(10).any(|w| w == b"\"content\":"))
-        {
-            first = Some(start.elapsed());
-        }
-    }
-    first.expect("a content event")
 }
 
 #[tokio::test]
