@@ -497,3 +497,81 @@ async fn a_client_that_leaves_mid_stream_is_a_cancel_and_frees_its_slot() {
     let (text, _) = stream_text(&envoy.openai(), 3).await;
     assert!(!text.is_empty());
 }
+
+/// A `scalecar run` process serving the picker on a fixed port, killed
+/// (SIGKILL) when dropped.
+struct Picker(Child);
+
+impl Picker {
+    fn start(config: &std::path::Path) -> Picker {
+        Picker(
+            Command::new(env!("CARGO_BIN_EXE_scalecar"))
+                .args(["run", "--config"])
+                .arg(config)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    }
+}
+
+impl Drop for Picker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_picker_fails_requests_as_envoy_is_told_and_they_recover_when_it_is_back() {
+    let a = sim(model("m")).await;
+    // A port for the picker that outlives its process.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = std::env::temp_dir().join(format!(
+        "scalecar-envoy-kill-{}-{port}.yaml",
+        std::process::id()
+    ));
+    std::fs::write(
+        &config,
+        format!(
+            "proxy: {{ listen: \"127.0.0.1:0\", workers: 1 }}\nadmin: {{ listen: \"127.0.0.1:0\" }}\next-proc: {{ listen: \"127.0.0.1:{port}\" }}\npools:\n  - model: m\n    endpoints: [\"{}\"]\n",
+            a.local_addr()
+        ),
+    )
+    .unwrap();
+    let picker = Picker::start(&config);
+    let envoy = Envoy::start(SocketAddr::from(([127, 0, 0, 1], port))).await;
+    let url = envoy.url("/v1/chat/completions");
+    let body = r#"{"model":"m","max_tokens":2,"messages":[{"role":"user","content":"x"}]}"#;
+    let status = || async { request("POST", &url, body).await.map(|(s, _, _)| s) };
+    eventually(
+        "served through the picker",
+        Duration::from_secs(20),
+        || async { status().await == Ok(200) },
+    )
+    .await;
+    drop(picker);
+    // failure_mode_allow: false — Envoy answers 500 itself, at once,
+    // rather than send the request anywhere unpicked.
+    let asked = Instant::now();
+    assert_eq!(status().await, Ok(500));
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        asked.elapsed()
+    );
+    // Back on its port: served again, Envoy reconnecting by itself.
+    let _picker = Picker::start(&config);
+    eventually(
+        "served again once the picker is back",
+        Duration::from_secs(20),
+        || async { status().await == Ok(200) },
+    )
+    .await;
+    let _ = std::fs::remove_file(&config);
+}
