@@ -575,3 +575,100 @@ async fn a_killed_picker_fails_requests_as_envoy_is_told_and_they_recover_when_i
     .await;
     let _ = std::fs::remove_file(&config);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_through_envoy_scales_the_deployment_through_its_scale_subresource() {
+    use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, PostParams};
+    use scalecar_loadtest::kube_sim::KubeSimConfig;
+    let config = KubeSimConfig {
+        controllers: true,
+        ..KubeSimConfig::default()
+    };
+    let (cluster, client, kubeconfig) = common::kube_sim(config, "envoy").await;
+    let deployments: Api<DynamicObject> = Api::namespaced_with(
+        client,
+        "default",
+        &ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("apps", "v1", "Deployment"),
+            "deployments",
+        ),
+    );
+    // A vLLM Deployment of one pod, annotated for scalecar: kpa on
+    // concurrency, 2 a pod.
+    let object: DynamicObject = serde_json::from_value(serde_json::json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "llama", "annotations": {
+            "scalecar.io/model": "m", "scalecar.io/algorithm": "kpa", "scalecar.io/target": "2",
+            "scalecar.io/min-replicas": "1", "scalecar.io/max-replicas": "4",
+            "scalecar.io/window": "6s", "scalecar.io/panic-window-percentage": "34"}},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": "llama"}},
+            "template": {
+                "metadata": {"labels": {"app": "llama"}},
+                "spec": {"containers": [{
+                    "name": "vllm", "image": "vllm/vllm-openai",
+                    "command": ["vllm", "serve", "m"], "args": ["--port", "8000", "--startup-delay", "300ms"],
+                    "ports": [{"name": "http", "containerPort": 8000}]
+                }]}
+            }
+        }
+    }))
+    .unwrap();
+    deployments
+        .create(&PostParams::default(), &object)
+        .await
+        .unwrap();
+    // scalecar serves only the picker to Envoy: its own proxy listener is
+    // not used by any client here.
+    let p = proxy(&format!(
+        "proxy: {{ listen: \"127.0.0.1:0\" }}\nadmin: {{ listen: \"127.0.0.1:0\" }}\next-proc: {{ listen: \"127.0.0.1:0\" }}\nscaler: {{ tick: 1s }}\nlimits: {{ activation-timeout: 30s, queue-wait: 30s }}\nkubernetes:\n  kubeconfig: {}\n  namespaces: [default]\n  api-timeout: 2s\n",
+        kubeconfig.display()
+    ))
+    .await;
+    let envoy = Envoy::start(p.ext_proc_addr.unwrap()).await;
+    eventually("the pod routed", Duration::from_secs(20), || async {
+        common::pools(&p).await["pools"][0]["endpoints"]
+            .as_array()
+            .is_some_and(|e| e.len() == 1)
+    })
+    .await;
+    let writes = || {
+        cluster
+            .requests()
+            .iter()
+            .filter(|r| r.method == "PATCH" && r.uri.contains("/deployments/llama/scale"))
+            .count()
+    };
+    let before = writes();
+    // 12 streams at once through Envoy on a pool sized for 2 a pod.
+    let client = envoy.openai();
+    let burst: Vec<_> = (0..12)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move { stream_text(&client, 150).await })
+        })
+        .collect();
+    eventually(
+        "a write through /scale",
+        Duration::from_secs(10),
+        || async { writes() > before },
+    )
+    .await;
+    let replicas = deployments.get("llama").await.unwrap().data["spec"]["replicas"]
+        .as_u64()
+        .unwrap();
+    assert!(replicas > 1, "spec.replicas {replicas}");
+    for b in burst {
+        let (_, events) = b.await.unwrap();
+        assert_eq!(events, 150);
+    }
+    // The new pods take traffic through the picker once ready.
+    eventually("the new pods routed", Duration::from_secs(20), || async {
+        common::pools(&p).await["pools"][0]["endpoints"]
+            .as_array()
+            .is_some_and(|e| e.len() > 1)
+    })
+    .await;
+    let _ = std::fs::remove_file(&kubeconfig);
+}
