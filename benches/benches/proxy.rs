@@ -6,7 +6,12 @@
 //! Run with `scripts/bench-proxy` (it builds the binaries and passes their
 //! paths). Under `cargo test` this only prints how to run it. With
 //! `COMPARE_NGINX=1` the same measurements run through nginx (a plain
-//! keep-alive reverse proxy, no body routing) for scale. `BENCH_PARTS`
+//! keep-alive reverse proxy, no body routing) for scale. With
+//! `COMPARE_ENVOY=1` (Envoy from `$ENVOY` or PATH; scripts/install-envoy)
+//! they also run through Envoy alone (a static cluster per route) and
+//! through Envoy with scalecar as its endpoint picker (ext_proc, body
+//! buffered, response streamed, `ORIGINAL_DST` on the picked header), the
+//! picker's CPU read from scalecar's process. `BENCH_PARTS`
 //! picks parts (`cpu,latency,ttft`; all by default); `SCALECAR_WORKERS`
 //! sets the proxy's worker threads. `BENCH_PIN=1` gives the proxy under
 //! test core 1 to itself (one worker) and puts the client and simulators on
@@ -138,14 +143,114 @@ async fn post(client: &HttpClient, url: &str, body: &Bytes) -> (Duration, Option
 }
 
 fn p50(mut v: Vec<Duration>) -> Duration {
+    quantile(&mut v, 0.5)
+}
+
+fn quantile(v: &mut [Duration], q: f64) -> Duration {
     v.sort();
-    v[v.len() / 2]
+    let i = ((v.len() as f64 * q) as usize).min(v.len().saturating_sub(1));
+    v.get(i).copied().unwrap_or_default()
+}
+
+/// Envoy with four listeners: two plain routes to the simulators (Envoy
+/// alone) and two through its ext_proc filter to scalecar's picker and an
+/// `ORIGINAL_DST` cluster on the picked header, as the Gateway API
+/// Inference Extension configures it.
+fn envoy_config(listeners: [u16; 4], admin: u16, fast: u16, real: u16, picker: u16) -> String {
+    let [alone_fast, alone_real, epp_fast, epp_real] = listeners;
+    let hcm = |name: &str, cluster: &str, ext_proc: bool| {
+        let filter = if ext_proc {
+            r#"
+          - name: envoy.filters.http.ext_proc
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
+              failure_mode_allow: false
+              message_timeout: 60s
+              grpc_service: { envoy_grpc: { cluster_name: picker }, timeout: 60s }
+              processing_mode: { request_header_mode: SEND, request_body_mode: BUFFERED, response_header_mode: SEND, response_body_mode: STREAMED, request_trailer_mode: SKIP, response_trailer_mode: SKIP }"#
+        } else {
+            ""
+        };
+        format!(
+            r#"
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: {name}
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{ prefix: "/" }}
+                route: {{ cluster: {cluster}, timeout: 0s }}
+          http_filters:{filter}
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"#
+        )
+    };
+    let listener = |name: &str, port: u16, cluster: &str, ext_proc: bool| {
+        format!(
+            r#"
+  - name: {name}
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
+    filter_chains:
+    - filters:{}"#,
+            hcm(name, cluster, ext_proc)
+        )
+    };
+    let stat = |name: &str, port: u16, h2: bool| {
+        let proto = if h2 {
+            r#"
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: { http2_protocol_options: {} }"#
+        } else {
+            ""
+        };
+        format!(
+            r#"
+  - name: {name}
+    type: STATIC
+    connect_timeout: 1s{proto}
+    load_assignment:
+      cluster_name: {name}
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }} }}"#
+        )
+    };
+    format!(
+        r#"static_resources:
+  listeners:{}{}{}{}
+  clusters:{}{}{}
+  - name: picked
+    type: ORIGINAL_DST
+    connect_timeout: 1s
+    lb_policy: CLUSTER_PROVIDED
+    original_dst_lb_config: {{ use_http_header: true, http_header_name: x-gateway-destination-endpoint }}
+admin:
+  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }}
+"#,
+        listener("alone_fast", alone_fast, "fast", false),
+        listener("alone_real", alone_real, "real", false),
+        listener("epp_fast", epp_fast, "picked", true),
+        listener("epp_real", epp_real, "picked", true),
+        stat("fast", fast, false),
+        stat("real", real, false),
+        stat("picker", picker, true),
+    )
 }
 
 /// One proxy under test: where its two routes are and its process.
 struct UnderTest {
     name: &'static str,
     pid: u32,
+    /// Another process whose CPU the path costs (Envoy, beside its
+    /// picker).
+    also: Option<(&'static str, u32)>,
     /// `http://host:port` of the route to the zero-cost simulator (model
     /// `m`).
     fast: String,
@@ -210,6 +315,13 @@ fn main() {
     );
     let _real = sim(real_port, "r", &[]);
     let (proxy_port, admin_port) = (free_port(), free_port());
+    let envoy_compare = std::env::var_os("COMPARE_ENVOY").is_some();
+    let epp_port = free_port();
+    let ext_proc = if envoy_compare {
+        format!("ext-proc: {{ listen: \"127.0.0.1:{epp_port}\" }}\n")
+    } else {
+        String::new()
+    };
     let config = dir.join("scalecar.yaml");
     let workers = std::env::var("SCALECAR_WORKERS")
         .ok()
@@ -219,7 +331,7 @@ fn main() {
     std::fs::write(
         &config,
         format!(
-            "proxy: {{ listen: \"127.0.0.1:{proxy_port}\"{workers} }}\nadmin: {{ listen: \"127.0.0.1:{admin_port}\" }}\npools:\n  - model: m\n    endpoints: [\"127.0.0.1:{fast_port}\"]\n  - model: r\n    endpoints: [\"127.0.0.1:{real_port}\"]\n"
+            "proxy: {{ listen: \"127.0.0.1:{proxy_port}\"{workers} }}\nadmin: {{ listen: \"127.0.0.1:{admin_port}\" }}\n{ext_proc}pools:\n  - model: m\n    endpoints: [\"127.0.0.1:{fast_port}\"]\n  - model: r\n    endpoints: [\"127.0.0.1:{real_port}\"]\n"
         ),
     )
     .unwrap();
@@ -245,6 +357,7 @@ fn main() {
     let mut under_test = vec![UnderTest {
         name: "scalecar",
         pid: proxy.0.id(),
+        also: None,
         fast: format!("http://127.0.0.1:{proxy_port}"),
         real: format!("http://127.0.0.1:{proxy_port}"),
     }];
@@ -273,8 +386,53 @@ fn main() {
         under_test.push(UnderTest {
             name: "nginx",
             pid: p.0.id(),
+            also: None,
             fast: format!("http://127.0.0.1:{fast}"),
             real: format!("http://127.0.0.1:{real}"),
+        });
+        p
+    });
+    let _envoy = envoy_compare.then(|| {
+        let ports = [free_port(), free_port(), free_port(), free_port()];
+        let admin = free_port();
+        let conf = dir.join("envoy.yaml");
+        std::fs::write(
+            &conf,
+            envoy_config(ports, admin, fast_port, real_port, epp_port),
+        )
+        .unwrap();
+        let bin = std::env::var("ENVOY").unwrap_or_else(|_| "envoy".into());
+        let concurrency = if pin { "1" } else { "2" };
+        let p = Proc(
+            command(&bin, proxy_cpu)
+                .args(["-c", conf.to_str().unwrap(), "--disable-hot-restart"])
+                .args(["--log-level", "error", "--concurrency", concurrency])
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("COMPARE_ENVOY needs envoy ($ENVOY or PATH; scripts/install-envoy)"),
+        );
+        rt.block_on(wait_http(
+            &client,
+            &format!("http://127.0.0.1:{admin}/ready"),
+        ));
+        let [alone_fast, alone_real, epp_fast, epp_real] = ports;
+        rt.block_on(wait_http(
+            &client,
+            &format!("http://127.0.0.1:{alone_fast}/v1/models"),
+        ));
+        under_test.push(UnderTest {
+            name: "envoy",
+            pid: p.0.id(),
+            also: None,
+            fast: format!("http://127.0.0.1:{alone_fast}"),
+            real: format!("http://127.0.0.1:{alone_real}"),
+        });
+        under_test.push(UnderTest {
+            name: "envoy + scalecar picker",
+            pid: proxy.0.id(),
+            also: Some(("envoy", p.0.id())),
+            fast: format!("http://127.0.0.1:{epp_fast}"),
+            real: format!("http://127.0.0.1:{epp_real}"),
         });
         p
     });
@@ -330,19 +488,25 @@ fn main() {
     for t in under_test.iter().filter(|_| part("cpu")) {
         let fast_url = format!("{}/v1/completions", t.fast);
         run_closed(fast_url.clone(), 1);
-        let mut rounds: Vec<(f64, f64)> = (0..5)
+        let also_cpu = || t.also.map_or(0.0, |(_, pid)| cpu_seconds(pid));
+        let mut rounds: Vec<(f64, f64, f64)> = (0..5)
             .map(|_| {
-                let cpu0 = cpu_seconds(t.pid);
+                let (cpu0, also0) = (cpu_seconds(t.pid), also_cpu());
                 let n = run_closed(fast_url.clone(), 3);
                 let cpu = cpu_seconds(t.pid) - cpu0;
-                (cpu * 1e6 / n as f64, n as f64 / 3.0)
+                let also = also_cpu() - also0;
+                (cpu * 1e6 / n as f64, n as f64 / 3.0, also * 1e6 / n as f64)
             })
             .collect();
         rounds.sort_by(|a, b| a.0.total_cmp(&b.0));
         let all: Vec<String> = rounds.iter().map(|r| format!("{:.1}", r.0)).collect();
-        let (per_request, rate) = rounds[rounds.len() / 2];
+        let (per_request, rate, also) = rounds[rounds.len() / 2];
+        let also = t
+            .also
+            .map(|(name, _)| format!("; {name} {also:.1} µs per request"))
+            .unwrap_or_default();
         println!(
-            "{}: saturation {rate:.0} req/s, CPU {per_request:.1} µs per request (median of 5 rounds: {})",
+            "{}: saturation {rate:.0} req/s, CPU {per_request:.1} µs per request (median of 5 rounds: {}){also}",
             t.name,
             all.join(", ")
         );
@@ -377,17 +541,25 @@ fn main() {
                     via.push(d)
                 }
             }
-            (p50(direct), p50(via))
+            (
+                (quantile(&mut direct, 0.5), quantile(&mut direct, 0.99)),
+                (quantile(&mut via, 0.5), quantile(&mut via, 0.99)),
+            )
         })
     };
     for t in under_test.iter().filter(|_| part("latency")) {
-        let (direct, via) = open_loop(direct_url.clone(), format!("{}/v1/completions", t.fast));
+        let ((d50, d99), (v50, v99)) =
+            open_loop(direct_url.clone(), format!("{}/v1/completions", t.fast));
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
         println!(
-            "{}: latency p50 at 1,000 req/s: direct {:.3} ms, proxied {:.3} ms, added {:.3} ms",
+            "{}: latency at 1,000 req/s: p50 direct {:.3} ms, proxied {:.3} ms, added {:.3} ms; p99 direct {:.3} ms, proxied {:.3} ms, added {:.3} ms",
             t.name,
-            direct.as_secs_f64() * 1e3,
-            via.as_secs_f64() * 1e3,
-            (via.as_secs_f64() - direct.as_secs_f64()) * 1e3
+            ms(d50),
+            ms(v50),
+            ms(v50) - ms(d50),
+            ms(d99),
+            ms(v99),
+            ms(v99) - ms(d99)
         );
     }
 

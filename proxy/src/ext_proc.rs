@@ -149,7 +149,13 @@ impl Exchange {
                     break;
                 }
             };
-            let answer = self.on(message).await;
+            // While a request waits for its slot, Envoy sends nothing: a
+            // gateway that goes away (the client left) is seen by the
+            // answer channel closing, and the wait ends with it.
+            let answer = tokio::select! {
+                a = self.on(message) => a,
+                () = tx.closed() => break,
+            };
             if let Some(a) = answer.filter(|_| !self.observing_only)
                 && tx.send(a).await.is_err()
             {

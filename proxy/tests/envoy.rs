@@ -457,7 +457,12 @@ async fn refusals_are_answered_by_the_gateway_and_the_subset_hint_is_honoured() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_leaves_mid_stream_is_a_cancel_and_frees_its_slot() {
     let a = sim(model("m")).await;
-    let p = picker(&[a.local_addr()], "", "").await;
+    let p = picker(
+        &[a.local_addr()],
+        "queue-wait: 30s",
+        "max-concurrency: \"1\"",
+    )
+    .await;
     let envoy = Envoy::start(p.ext_proc_addr.unwrap()).await;
     let mut s = envoy
         .openai()
@@ -469,6 +474,29 @@ async fn a_client_that_leaves_mid_stream_is_a_cancel_and_frees_its_slot() {
     for _ in 0..3 {
         s.next().await.unwrap().unwrap();
     }
+    assert_eq!(
+        metric(
+            &p,
+            "scalecar_in_flight_requests{model=\"m\",role=\"unified\"}"
+        )
+        .await,
+        1.0
+    );
+    // A second waits in scalecar's queue (one a pod); its client leaves
+    // too: the queue lets it go at once, not when a slot frees.
+    let waiting = tokio::spawn({
+        let client = envoy.openai();
+        async move { client.chat().create(chat(2, false)).await }
+    });
+    eventually("one queued", Duration::from_secs(10), || async {
+        common::pools(&p).await["pools"][0]["queued"] == 1
+    })
+    .await;
+    waiting.abort();
+    eventually("the queue empty again", Duration::from_secs(10), || async {
+        common::pools(&p).await["pools"][0]["queued"] == 0
+    })
+    .await;
     assert_eq!(
         metric(
             &p,
