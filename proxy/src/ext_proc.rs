@@ -53,7 +53,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use crate::dataplane::{DataPlane, parse_request};
 use crate::error::ApiError;
@@ -71,9 +71,6 @@ pub const SUBSET: &str = "x-gateway-destination-endpoint-subset";
 pub const SUBSET_NAMESPACE: &str = "envoy.lb.subset_hint";
 /// The dynamic-metadata namespace the pick goes out in.
 pub const LB_NAMESPACE: &str = "envoy.lb";
-
-/// Messages answered ahead of Envoy reading them, per stream.
-const OUTBOUND: usize = 8;
 
 /// The `ExternalProcessor` service over a data plane's routes and pools.
 #[derive(Debug, Clone)]
@@ -98,11 +95,16 @@ impl ExternalProcessor for EndpointPicker {
         request: tonic::Request<tonic::Streaming<ProcessingRequest>>,
     ) -> Result<tonic::Response<Outbound>, tonic::Status> {
         let inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(OUTBOUND);
         let exchange = Exchange::new(self.plane.clone());
-        tokio::spawn(exchange.run(inbound, tx));
-        let out = futures_util::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|m| (Ok(m), rx))
+        // The answers are the exchange itself, polled by the connection's
+        // task: no task or channel per request, and a stream Envoy resets
+        // is dropped with whatever it was doing — a wait for a slot ends
+        // at once, an open observation closes as a cancel.
+        let out = futures_util::stream::unfold(Some((exchange, inbound)), |state| async move {
+            let (mut exchange, mut inbound) = state?;
+            let answer = exchange.next(&mut inbound).await?;
+            let rest = (!exchange.done).then_some((exchange, inbound));
+            Some((Ok(answer), rest))
         });
         Ok(tonic::Response::new(Box::pin(out)))
     }
@@ -135,39 +137,28 @@ impl Exchange {
         }
     }
 
-    async fn run(
-        mut self,
-        mut inbound: tonic::Streaming<ProcessingRequest>,
-        tx: mpsc::Sender<ProcessingResponse>,
-    ) {
+    /// The next answer Envoy waits for; `None` once the stream is over
+    /// (Envoy closed it, or it failed).
+    async fn next(
+        &mut self,
+        inbound: &mut tonic::Streaming<ProcessingRequest>,
+    ) -> Option<ProcessingResponse> {
         loop {
             let message = match inbound.message().await {
                 Ok(Some(m)) => m,
-                Ok(None) => break,
+                Ok(None) => return None,
                 Err(status) => {
                     tracing::debug!(%status, "gateway stream ended with an error");
-                    break;
+                    return None;
                 }
             };
-            // While a request waits for its slot, Envoy sends nothing: a
-            // gateway that goes away (the client left) is seen by the
-            // answer channel closing, and the wait ends with it.
-            let answer = tokio::select! {
-                a = self.on(message) => a,
-                () = tx.closed() => break,
-            };
-            if let Some(a) = answer.filter(|_| !self.observing_only)
-                && tx.send(a).await.is_err()
-            {
-                break;
-            }
-            if self.done {
-                break;
+            let answer = self.on(message).await;
+            match answer.filter(|_| !self.observing_only) {
+                Some(a) => return Some(a),
+                None if self.done => return None,
+                None => {}
             }
         }
-        // An observation still open here lost its stream before the
-        // response ended: dropped, it closes as a cancel (or ok, when the
-        // whole answer was seen).
     }
 
     async fn on(&mut self, message: ProcessingRequest) -> Option<ProcessingResponse> {
