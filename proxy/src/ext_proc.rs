@@ -501,6 +501,38 @@ fn subset_hint(metadata: Option<&Metadata>) -> Result<Option<Vec<SocketAddr>>, S
         .map(Some)
 }
 
+/// Serves the endpoint picker on a thread of its own with a
+/// single-threaded runtime, as each proxy worker is: Envoy multiplexes its
+/// requests on a few HTTP/2 connections, and with the connection and its
+/// streams' tasks on one thread no wake-up crosses threads (on a shared
+/// multi-threaded runtime those wake-ups were most of the picker's CPU).
+/// The returned future ends when the thread does.
+pub fn spawn(
+    plane: Arc<DataPlane>,
+    listener: TcpListener,
+    stop: watch::Receiver<bool>,
+) -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    let listener = listener.into_std()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (done, finished) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("scalecar-ext-proc".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                match TcpListener::from_std(listener) {
+                    Ok(l) => serve(plane, l, stop).await,
+                    Err(e) => tracing::error!(error = %e, "ext-proc listener"),
+                }
+            });
+            let _ = done.send(());
+        })?;
+    Ok(async move {
+        let _ = finished.await;
+    })
+}
+
 /// Serves the endpoint picker on `listener` (HTTP/2, gRPC) until `stop`
 /// turns true, then lets open streams finish within the shutdown grace.
 pub async fn serve(plane: Arc<DataPlane>, listener: TcpListener, mut stop: watch::Receiver<bool>) {

@@ -315,7 +315,9 @@ impl GatewayBuilder {
         if let Some(listener) = self.ext_proc {
             handle.ext_proc_addr = listener.local_addr().ok();
             let plane = handle.plane.clone();
-            handle.spawn(crate::ext_proc::serve(plane, listener, stopped.clone()));
+            let serving = crate::ext_proc::spawn(plane, listener, stopped.clone())
+                .map_err(StartError::ExtProc)?;
+            handle.spawn(serving);
         }
         if let Some((client, config)) = &self.kubernetes
             && let Some(le) = &config.leader_election

@@ -74,6 +74,8 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("starting the ext-proc server: {0}")]
+    ExtProc(std::io::Error),
     #[error("starting proxy worker {index}: {source}")]
     Worker {
         index: usize,
