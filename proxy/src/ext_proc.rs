@@ -37,13 +37,14 @@ use envoy_types::pb::envoy::config::core::v3::{
     HeaderMap as PbHeaderMap, HeaderValue as PbHeaderValue, HeaderValueOption, Metadata,
     header_value_option::HeaderAppendAction,
 };
+use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
     ExternalProcessor, ExternalProcessorServer,
 };
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, ImmediateResponse,
-    ProcessingRequest, ProcessingResponse, TrailersResponse, processing_request,
-    processing_response,
+    ProcessingRequest, ProcessingResponse, ProtocolConfiguration, TrailersResponse,
+    processing_request, processing_response,
 };
 use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
@@ -165,6 +166,10 @@ impl Exchange {
         use processing_request::Request as In;
         use processing_response::Response as Out;
         self.observing_only = message.observability_mode;
+        if let Some(refusal) = message.protocol_config.and_then(misconfigured) {
+            self.done = true;
+            return Some(refusal);
+        }
         match message.request? {
             In::RequestHeaders(h) => {
                 self.start = Instant::now();
@@ -339,6 +344,39 @@ impl Exchange {
             ),
         }
     }
+}
+
+/// A processing mode the picker cannot work with, as a 500 naming the
+/// setting (Envoy sends its modes with a stream's first message). The
+/// pick needs the whole request body before Envoy routes; a response
+/// not streamed through the picker is served but not measured (warned
+/// once).
+fn misconfigured(config: ProtocolConfiguration) -> Option<ProcessingResponse> {
+    static UNMEASURED: std::sync::Once = std::sync::Once::new();
+    let request = BodySendMode::try_from(config.request_body_mode).ok();
+    if request != Some(BodySendMode::Buffered) {
+        let got = request.map_or("an unknown mode", |m| m.as_str_name());
+        return Some(refuse(
+            &ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!(
+                    "the gateway's ext_proc filter sends request bodies as {got}: scalecar's endpoint picker needs processing_mode.request_body_mode BUFFERED"
+                ),
+                None,
+            ),
+            None,
+        ));
+    }
+    let response = BodySendMode::try_from(config.response_body_mode).ok();
+    if response != Some(BodySendMode::Streamed) {
+        UNMEASURED.call_once(|| {
+            tracing::warn!(
+                response_body_mode = response.map_or("unknown", |m| m.as_str_name()),
+                "ext_proc responses are not streamed through the picker: TTFT, tokens and outcomes go unmeasured (set processing_mode.response_body_mode STREAMED)"
+            );
+        });
+    }
+    None
 }
 
 fn answer(response: processing_response::Response) -> ProcessingResponse {
@@ -682,6 +720,32 @@ mod tests {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'_')
         );
+    }
+
+    #[test]
+    fn a_mode_the_picker_cannot_work_with_is_a_500_naming_the_setting() {
+        let config = |request: BodySendMode, response: BodySendMode| ProtocolConfiguration {
+            request_body_mode: request as i32,
+            response_body_mode: response as i32,
+            ..ProtocolConfiguration::default()
+        };
+        assert!(misconfigured(config(BodySendMode::Buffered, BodySendMode::Streamed)).is_none());
+        // Served, not measured: a warning, not a refusal.
+        assert!(misconfigured(config(BodySendMode::Buffered, BodySendMode::None)).is_none());
+        for bad in [
+            BodySendMode::None,
+            BodySendMode::Streamed,
+            BodySendMode::BufferedPartial,
+        ] {
+            let r = misconfigured(config(bad, BodySendMode::Streamed)).unwrap();
+            let Some(processing_response::Response::ImmediateResponse(i)) = &r.response else {
+                panic!("{r:?}");
+            };
+            assert_eq!(i.status.as_ref().unwrap().code, 500);
+            let text = String::from_utf8_lossy(&i.body);
+            assert!(text.contains(bad.as_str_name()), "{text}");
+            assert!(text.contains("request_body_mode BUFFERED"), "{text}");
+        }
     }
 
     #[test]
