@@ -7,6 +7,9 @@
 //!
 //! Not here: HTTP proxying, config parsing (see `scalecar-config`), wall
 //! clocks in decisions. The decision core is pure: time arrives as input.
+//! Kubernetes is one effect behind the [`target::ScaleTarget`] trait, in
+//! the `kube` module (feature `kube`, on by default): without it the crate
+//! builds with no Kubernetes client at all.
 //!
 //! Invariants: recording is atomics-only and allocation-free; replicas never
 //! leave [min, max]; missing, stale or partial data never scales down, while
@@ -21,6 +24,7 @@ pub mod balance;
 pub mod behavior;
 pub mod clock;
 pub mod control;
+#[cfg(feature = "kube")]
 pub mod kube;
 pub mod pd;
 pub mod peer;
