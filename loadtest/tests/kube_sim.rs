@@ -1086,3 +1086,52 @@ spec:
     let _ = std::fs::remove_file(&config);
     sim.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inference_pools_are_served_as_the_inference_extension_defines_them() {
+    let (_sim, config) = start(KubeSimConfig::default()).await;
+    let pool = r#"apiVersion: inference.networking.k8s.io/v1
+kind: InferencePool
+metadata:
+  name: llama
+  annotations: { scalecar.io/model: llama-3-8b }
+spec:
+  selector: { matchLabels: { app: llama } }
+  targetPorts: [{ number: 8000 }]
+  endpointPickerRef: { name: scalecar, port: { number: 9002 } }
+"#;
+    let out = kubectl(
+        &config,
+        &["apply", "--validate=false", "-f", "-"],
+        Some(pool),
+    )
+    .await;
+    assert!(
+        out.contains("inferencepool.inference.networking.k8s.io/llama created"),
+        "{out}"
+    );
+    // Discovery lists the kind, and its short name resolves.
+    let resources = kubectl(
+        &config,
+        &["api-resources", "--api-group=inference.networking.k8s.io"],
+        None,
+    )
+    .await;
+    assert!(
+        resources.contains("inferencepools") && resources.contains("infpool"),
+        "{resources}"
+    );
+    let got = kubectl(
+        &config,
+        &[
+            "get",
+            "infpool",
+            "llama",
+            "-o",
+            "jsonpath={.spec.endpointPickerRef.name} {.spec.targetPorts[0].number}",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(got.trim(), "scalecar 8000");
+}

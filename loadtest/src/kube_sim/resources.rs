@@ -48,6 +48,7 @@ pub enum Storage {
     PrometheusRules,
     HorizontalPodAutoscalers,
     ScaledObjects,
+    InferencePools,
 }
 
 impl ResourceType {
@@ -349,6 +350,18 @@ pub static RESOURCES: &[ResourceType] = &[
         &["so"],
         true,
         Storage::ScaledObjects,
+    )),
+    // The Gateway API Inference Extension's pool of model servers: a
+    // selector, target ports and the endpoint picker that serves it.
+    with_status(rt(
+        "inference.networking.k8s.io",
+        "v1",
+        "InferencePool",
+        "inferencepools",
+        "inferencepool",
+        &["infpool"],
+        true,
+        Storage::InferencePools,
     )),
     // A custom kind with the scale subresource, and one without (its
     // replicas are set by patching spec.replicas).
