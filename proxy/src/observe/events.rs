@@ -1,0 +1,104 @@
+//! What one SSE event (or a whole JSON answer) of an OpenAI-compatible
+//! stream says: a generated token (content, text, reasoning or a tool-call
+//! delta), usage, the end, or nothing of interest — read in place with
+//! prebuilt searchers, no parse and no allocation.
+
+use std::sync::LazyLock;
+
+use memchr::memmem::Finder;
+
+pub(super) enum Event {
+    /// A generated token; `finished` if the event also carries a
+    /// `finish_reason`.
+    Token {
+        finished: bool,
+    },
+    Usage(Option<u64>),
+    /// `[DONE]` or a `finish_reason` without a token.
+    Finished,
+    Other,
+}
+
+/// The needles, each searcher built once (building one per search cost as
+/// much as the search).
+struct Needles {
+    completion_tokens: Finder<'static>,
+    empty_choices: [Finder<'static>; 2],
+    /// String fields whose non-empty value is a generated token: content
+    /// (chat), text (completions), reasoning_content / reasoning (vLLM's
+    /// reasoning parsers).
+    token_strings: [Finder<'static>; 8],
+    tool_calls: [Finder<'static>; 2],
+    finish_reason: [Finder<'static>; 2],
+}
+
+static NEEDLES: LazyLock<Needles> = LazyLock::new(|| Needles {
+    completion_tokens: Finder::new(b"\"completion_tokens\":"),
+    empty_choices: [
+        Finder::new(b"\"choices\":[]"),
+        Finder::new(b"\"choices\": []"),
+    ],
+    token_strings: [
+        Finder::new(b"\"content\":\""),
+        Finder::new(b"\"content\": \""),
+        Finder::new(b"\"text\":\""),
+        Finder::new(b"\"text\": \""),
+        Finder::new(b"\"reasoning_content\":\""),
+        Finder::new(b"\"reasoning_content\": \""),
+        Finder::new(b"\"reasoning\":\""),
+        Finder::new(b"\"reasoning\": \""),
+    ],
+    tool_calls: [
+        Finder::new(b"\"tool_calls\":[{"),
+        Finder::new(b"\"tool_calls\": [{"),
+    ],
+    finish_reason: [
+        Finder::new(b"\"finish_reason\":\""),
+        Finder::new(b"\"finish_reason\": \""),
+    ],
+});
+
+/// The number after `"completion_tokens":`.
+pub(super) fn completion_tokens(hay: &[u8]) -> Option<u64> {
+    let key = &NEEDLES.completion_tokens;
+    let at = key.find(hay)? + key.needle().len();
+    let digits = hay
+        .get(at..)?
+        .iter()
+        .skip_while(|b| **b == b' ')
+        .take_while(|b| b.is_ascii_digit());
+    let mut n: u64 = 0;
+    let mut any = false;
+    for d in digits {
+        n = n.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+        any = true;
+    }
+    any.then_some(n)
+}
+
+/// A token event carries a non-empty content, text or reasoning string, or
+/// a tool-call delta; a usage event has `"choices":[]`.
+pub(super) fn classify(data: &[u8]) -> Event {
+    if data == b"[DONE]" {
+        return Event::Finished;
+    }
+    let needles = &*NEEDLES;
+    if needles.empty_choices.iter().any(|f| f.find(data).is_some()) {
+        return Event::Usage(completion_tokens(data));
+    }
+    let finished = needles.finish_reason.iter().any(|f| f.find(data).is_some());
+    let string_token = needles.token_strings.iter().any(|key| {
+        key.find(data).is_some_and(|at| {
+            data.get(at + key.needle().len())
+                .is_some_and(|b| *b != b'"')
+        })
+    });
+    if string_token || needles.tool_calls.iter().any(|f| f.find(data).is_some()) {
+        return Event::Token { finished };
+    }
+    if finished {
+        Event::Finished
+    } else {
+        Event::Other
+    }
+}
