@@ -342,6 +342,7 @@ async fn the_openai_sdk_streams_through_envoy_unchanged_and_scalecar_measures_it
         diffs.push(diff);
     }
     diffs.sort_by(f64::total_cmp);
+    eprintln!("client − scalecar TTFT through Envoy (s): {diffs:?}");
     assert!(diffs[2] < 0.002, "client − scalecar TTFT: {diffs:?}");
     // The model list, answered by the picker.
     let models = envoy.openai().models().list().await.unwrap();
