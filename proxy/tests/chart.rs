@@ -196,6 +196,14 @@ fn the_chart_refuses_what_the_binary_refuses() {
             "containerPorts.http",
             vec![json!(8000), json!(65535), json!(65536)],
         ),
+        (
+            "endpointPicker",
+            vec![
+                json!({"enabled": true, "port": 9002}),
+                json!({"enabled": false}),
+            ],
+        ),
+        ("containerPorts.extProc", vec![json!(9003)]),
     ] {
         for v in values {
             cases.push((path.into(), v));
@@ -213,6 +221,8 @@ fn the_chart_refuses_what_the_binary_refuses() {
         // YAML 1.1's yes: the binary reads a boolean; the chart wants one.
         ("kubernetes.managed", json!("yes")),
         ("containerPorts.http", json!(80)),
+        ("containerPorts.extProc", json!(80)),
+        ("endpointPicker.enabled", json!("yes")),
     ];
     let (mut taken, mut refused) = (0, 0);
     for (path, v) in &cases {
