@@ -63,6 +63,7 @@ use crate::metrics::Rejection;
 use crate::observe::Observation;
 use crate::pool::Among;
 use crate::routes::ModelRoute;
+use crate::server::{accept_until_stopped, drain};
 
 /// The header (and `envoy.lb` metadata key) the pick is answered in.
 pub const DESTINATION: &str = "x-gateway-destination-endpoint";
@@ -583,20 +584,7 @@ pub async fn serve(plane: Arc<DataPlane>, listener: TcpListener, mut stop: watch
         // A gateway that stops answering pings is gone: its streams end.
         .keep_alive_interval(Some(Duration::from_secs(20)))
         .keep_alive_timeout(Duration::from_secs(20));
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = stop.wait_for(|s| *s) => break,
-        };
-        let (stream, _) = match accepted {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "ext-proc accept failed");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
+    while let Some(stream) = accept_until_stopped(&listener, &mut stop, "ext-proc").await {
         let connection = http2.serve_connection(
             TokioIo::new(stream),
             TowerToHyperService::new(service.clone()),
@@ -609,15 +597,7 @@ pub async fn serve(plane: Arc<DataPlane>, listener: TcpListener, mut stop: watch
         });
     }
     drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            ?grace,
-            "ext-proc streams still open after the shutdown grace"
-        );
-    }
+    drain(graceful, grace).await;
 }
 
 #[cfg(test)]

@@ -282,20 +282,7 @@ async fn serve_proxy(
         .keep_alive_interval(Some(Duration::from_secs(20)))
         .keep_alive_timeout(plane.limits.header_timeout)
         .max_concurrent_streams(H2_MAX_STREAMS);
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = stop.wait_for(|s| *s) => break,
-        };
-        let (stream, _) = match accepted {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
+    while let Some(stream) = accept_until_stopped(&listener, &mut stop, "proxy").await {
         let plane = plane.clone();
         let header_timeout = plane.limits.header_timeout;
         let draining = draining.clone();
@@ -334,7 +321,38 @@ async fn serve_proxy(
         });
     }
     drop(listener);
-    let grace = plane.limits.shutdown_grace;
+    drain(graceful, plane.limits.shutdown_grace).await;
+}
+
+/// The next connection on `listener` (TCP_NODELAY set), or `None` once
+/// `stop` turns true. A failed accept (out of descriptors, say) is logged
+/// and retried 10 ms later rather than ending the listener.
+pub(crate) async fn accept_until_stopped(
+    listener: &TcpListener,
+    stop: &mut watch::Receiver<bool>,
+    what: &str,
+) -> Option<tokio::net::TcpStream> {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.wait_for(|s| *s) => return None,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                let _ = stream.set_nodelay(true);
+                return Some(stream);
+            }
+            Err(e) => {
+                tracing::warn!(listener = what, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+/// Lets the connections `graceful` watches finish their open streams
+/// within `grace`, then gives up on them.
+pub(crate) async fn drain(graceful: GracefulShutdown, grace: Duration) {
     if tokio::time::timeout(grace, graceful.shutdown())
         .await
         .is_err()
