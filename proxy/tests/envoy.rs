@@ -252,6 +252,15 @@ async fn stream_text(client: &Client<OpenAIConfig>, max_tokens: u32) -> (String,
     (text, events)
 }
 
+/// Requests of pool `m` at an endpoint now.
+async fn in_flight(p: &ProxyHandle) -> f64 {
+    metric(
+        p,
+        "scalecar_in_flight_requests{model=\"m\",role=\"unified\"}",
+    )
+    .await
+}
+
 /// Requests a model-sim has served (its engine's first tokens).
 async fn served(s: &SimHandle) -> f64 {
     let (_, text) = common::get(&format!("http://{}/metrics", s.local_addr()))
@@ -313,14 +322,7 @@ async fn the_openai_sdk_streams_through_envoy_unchanged_and_scalecar_measures_it
         .await,
         79.0
     );
-    assert_eq!(
-        metric(
-            &p,
-            "scalecar_in_flight_requests{model=\"m\",role=\"unified\"}"
-        )
-        .await,
-        0.0
-    );
+    assert_eq!(in_flight(&p).await, 0.0);
     // Both endpoints picked (least outstanding work with two choices).
     assert!(served(&a).await >= 1.0 && served(&b).await >= 1.0);
     // TTFT as the client sees it through Envoy vs as scalecar recorded it:
@@ -434,14 +436,7 @@ async fn refusals_are_answered_by_the_gateway_and_the_subset_hint_is_honoured() 
     assert_eq!(status, 429, "{text}");
     assert_eq!(headers["retry-after"], "1");
     assert!(text.contains("queue is full"), "{text}");
-    assert_eq!(
-        metric(
-            &p,
-            "scalecar_requests_total{model=\"m\",role=\"unified\",outcome=\"rejected\"}"
-        )
-        .await,
-        1.0
-    );
+    assert_eq!(outcome(&p, "unified", "rejected").await, 1.0);
     // Unknown model, malformed body: OpenAI errors through the gateway.
     let (status, _, text) = request("POST", &url, r#"{"model":"nope","messages":[]}"#)
         .await
@@ -476,14 +471,7 @@ async fn a_client_that_leaves_mid_stream_is_a_cancel_and_frees_its_slot() {
     for _ in 0..3 {
         s.next().await.unwrap().unwrap();
     }
-    assert_eq!(
-        metric(
-            &p,
-            "scalecar_in_flight_requests{model=\"m\",role=\"unified\"}"
-        )
-        .await,
-        1.0
-    );
+    assert_eq!(in_flight(&p).await, 1.0);
     // A second waits in scalecar's queue (one a pod); its client leaves
     // too: the queue lets it go at once, not when a slot frees.
     let waiting = tokio::spawn({
@@ -499,14 +487,7 @@ async fn a_client_that_leaves_mid_stream_is_a_cancel_and_frees_its_slot() {
         common::pools(&p).await["pools"][0]["queued"] == 0
     })
     .await;
-    assert_eq!(
-        metric(
-            &p,
-            "scalecar_in_flight_requests{model=\"m\",role=\"unified\"}"
-        )
-        .await,
-        1.0
-    );
+    assert_eq!(in_flight(&p).await, 1.0);
     drop(s);
     eventually(
         "the stream ends as cancelled",
@@ -514,14 +495,7 @@ async fn a_client_that_leaves_mid_stream_is_a_cancel_and_frees_its_slot() {
         || async { outcome(&p, "unified", "cancelled").await == 1.0 },
     )
     .await;
-    assert_eq!(
-        metric(
-            &p,
-            "scalecar_in_flight_requests{model=\"m\",role=\"unified\"}"
-        )
-        .await,
-        0.0
-    );
+    assert_eq!(in_flight(&p).await, 0.0);
     assert_eq!(outcome(&p, "unified", "ok").await, 0.0);
     // The slot is free: the next request is served.
     let (text, _) = stream_text(&envoy.openai(), 3).await;
@@ -625,25 +599,18 @@ async fn a_burst_through_envoy_scales_the_deployment_through_its_scale_subresour
     );
     // A vLLM Deployment of one pod, annotated for scalecar: kpa on
     // concurrency, 2 a pod.
-    let object: DynamicObject = serde_json::from_value(serde_json::json!({
-        "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": "llama", "annotations": {
+    let object: DynamicObject = serde_json::from_value(common::workload(
+        "apps/v1",
+        "Deployment",
+        "llama",
+        "m",
+        1,
+        serde_json::json!({
             "scalecar.io/model": "m", "scalecar.io/algorithm": "kpa", "scalecar.io/target": "2",
             "scalecar.io/min-replicas": "1", "scalecar.io/max-replicas": "4",
-            "scalecar.io/window": "6s", "scalecar.io/panic-window-percentage": "34"}},
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": {"app": "llama"}},
-            "template": {
-                "metadata": {"labels": {"app": "llama"}},
-                "spec": {"containers": [{
-                    "name": "vllm", "image": "vllm/vllm-openai",
-                    "command": ["vllm", "serve", "m"], "args": ["--port", "8000", "--startup-delay", "300ms"],
-                    "ports": [{"name": "http", "containerPort": 8000}]
-                }]}
-            }
-        }
-    }))
+            "scalecar.io/window": "6s", "scalecar.io/panic-window-percentage": "34"}),
+        &[],
+    ))
     .unwrap();
     deployments
         .create(&PostParams::default(), &object)

@@ -33,6 +33,39 @@ pub async fn kube_sim(config: KubeSimConfig, suite: &str) -> (KubeSim, kube::Cli
     (sim, client, kubeconfig)
 }
 
+/// A workload of model-sim pods, as users write a vLLM Deployment.
+pub fn workload(
+    api_version: &str,
+    kind: &str,
+    name: &str,
+    model: &str,
+    replicas: u32,
+    annotations: Value,
+    extra_args: &[&str],
+) -> Value {
+    let mut args = vec!["--port", "8000", "--startup-delay", "300ms"];
+    args.extend_from_slice(extra_args);
+    serde_json::json!({
+        "apiVersion": api_version, "kind": kind,
+        "metadata": {"name": name, "annotations": annotations},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {
+                    "terminationGracePeriodSeconds": 30,
+                    "containers": [{
+                        "name": "vllm", "image": "vllm/vllm-openai",
+                        "command": ["vllm", "serve", model], "args": args,
+                        "ports": [{"name": "http", "containerPort": 8000}]
+                    }]
+                }
+            }
+        }
+    })
+}
+
 /// A model-sim on a free port, once its `/health` answers 200.
 pub async fn sim(config: SimConfig) -> SimHandle {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -100,39 +100,6 @@ impl Cluster {
     }
 }
 
-/// A workload of model-sim pods, as users write a vLLM Deployment.
-pub fn workload(
-    api_version: &str,
-    kind: &str,
-    name: &str,
-    model: &str,
-    replicas: u32,
-    annotations: Value,
-    extra_args: &[&str],
-) -> Value {
-    let mut args = vec!["--port", "8000", "--startup-delay", "300ms"];
-    args.extend_from_slice(extra_args);
-    json!({
-        "apiVersion": api_version, "kind": kind,
-        "metadata": {"name": name, "annotations": annotations},
-        "spec": {
-            "replicas": replicas,
-            "selector": {"matchLabels": {"app": name}},
-            "template": {
-                "metadata": {"labels": {"app": name}},
-                "spec": {
-                    "terminationGracePeriodSeconds": 30,
-                    "containers": [{
-                        "name": "vllm", "image": "vllm/vllm-openai",
-                        "command": ["vllm", "serve", model], "args": args,
-                        "ports": [{"name": "http", "containerPort": 8000}]
-                    }]
-                }
-            }
-        }
-    })
-}
-
 /// `spec.replicas` as stored, read past the API (and its faults).
 pub fn stored_replicas(c: &Cluster, name: &str) -> u64 {
     let rt = scalecar_loadtest::kube_sim::resources::by_kind("apps/v1", "Deployment").unwrap();

@@ -26,7 +26,7 @@ use async_openai::config::OpenAIConfig;
 use async_openai::types::chat::{
     ChatCompletionRequestUserMessageArgs, CreateChatCompletionRequestArgs,
 };
-use common::{get, metric, pools, proxy, request, teardown};
+use common::{get, metric, pools, proxy, request, teardown, workload};
 use futures_util::StreamExt;
 use harness::*;
 use kube::api::{
