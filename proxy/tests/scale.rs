@@ -13,7 +13,6 @@
 
 mod common;
 
-use std::io::BufRead as _;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -55,27 +54,7 @@ impl Gateway {
             .spawn()
             .unwrap();
         let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut sent = false;
-            for line in std::io::BufReader::new(stderr).lines() {
-                let Ok(line) = line else { return };
-                if !sent && line.contains("serving") {
-                    let field = |name: &str| {
-                        line.split(&format!("{name}="))
-                            .nth(1)
-                            .and_then(|r| r.split_whitespace().next())
-                            .map(str::to_string)
-                    };
-                    let _ = tx.send(field("proxy").zip(field("admin")));
-                    sent = true;
-                }
-            }
-        });
-        let (proxy, admin) = rx
-            .recv_timeout(Duration::from_secs(30))
-            .ok()
-            .flatten()
+        let (proxy, admin) = common::serving_addresses(stderr, Duration::from_secs(30))
             .expect("the gateway logs where it serves");
         Gateway {
             child,

@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::io::BufRead as _;
 use std::time::{Duration, Instant};
 
 use async_openai::Client;
@@ -55,27 +54,7 @@ fn gateway(yaml: &str) -> Gateway {
         admin: String::new(),
         config,
     };
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut sent = false;
-        for line in std::io::BufReader::new(stderr).lines() {
-            let Ok(line) = line else { return };
-            if !sent && line.contains("serving") {
-                let field = |name: &str| {
-                    line.split(&format!("{name}="))
-                        .nth(1)
-                        .and_then(|r| r.split_whitespace().next())
-                        .map(str::to_string)
-                };
-                let _ = tx.send(field("proxy").zip(field("admin")));
-                sent = true;
-            }
-        }
-    });
-    (g.proxy, g.admin) = rx
-        .recv_timeout(Duration::from_secs(20))
-        .ok()
-        .flatten()
+    (g.proxy, g.admin) = common::serving_addresses(stderr, Duration::from_secs(20))
         .expect("the gateway logs where it serves");
     g
 }

@@ -66,6 +66,35 @@ pub fn workload(
     })
 }
 
+/// Where a `scalecar run` child serves, from its log's `serving` line
+/// (`proxy=… admin=…`), waiting at most `within`; `None` if it never says.
+/// Its stderr is drained on a thread for the rest of its life (a full pipe
+/// would stall it).
+pub fn serving_addresses(
+    stderr: std::process::ChildStderr,
+    within: Duration,
+) -> Option<(String, String)> {
+    use std::io::BufRead as _;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { return };
+            if !sent && line.contains("serving") {
+                let field = |name: &str| {
+                    line.split(&format!("{name}="))
+                        .nth(1)
+                        .and_then(|r| r.split_whitespace().next())
+                        .map(str::to_string)
+                };
+                let _ = tx.send(field("proxy").zip(field("admin")));
+                sent = true;
+            }
+        }
+    });
+    rx.recv_timeout(within).ok().flatten()
+}
+
 /// A model-sim on a free port, once its `/health` answers 200.
 pub async fn sim(config: SimConfig) -> SimHandle {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -261,7 +261,6 @@ impl Replica {
     /// `env` added; its admin port listens on every loopback address, so a
     /// kube-sim Pod standing for it (127.0.0.x) reaches it.
     pub fn start_with(c: &Cluster, index: usize, election: &str, env: &[(&str, &str)]) -> Replica {
-        use std::io::BufRead as _;
         let config = c.kubeconfig.with_extension(format!("replica-{index}.yaml"));
         std::fs::write(
             &config,
@@ -288,27 +287,7 @@ impl Replica {
             admin: String::new(),
             config,
         };
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut sent = false;
-            for line in std::io::BufReader::new(stderr).lines() {
-                let Ok(line) = line else { return };
-                if !sent && line.contains("serving") {
-                    let field = |name: &str| {
-                        line.split(&format!("{name}="))
-                            .nth(1)
-                            .and_then(|r| r.split_whitespace().next())
-                            .map(str::to_string)
-                    };
-                    let _ = tx.send(field("proxy").zip(field("admin")));
-                    sent = true;
-                }
-            }
-        });
-        (replica.proxy, replica.admin) = rx
-            .recv_timeout(Duration::from_secs(20))
-            .ok()
-            .flatten()
+        (replica.proxy, replica.admin) = common::serving_addresses(stderr, Duration::from_secs(20))
             .expect("the replica logs where it serves");
         replica.admin = replica.admin.replace("0.0.0.0", "127.0.0.1");
         replica
