@@ -78,6 +78,7 @@ struct RawKubernetes {
     managed: Option<bool>,
     api_timeout: Option<Scalar>,
     leader_election: Option<RawLeaderElection>,
+    endpoint_picker: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -293,6 +294,10 @@ pub struct KubernetesConfig {
     /// patches (`managed`), so two replicas never both write; off with
     /// `leader-election: {enabled: false}` or when advisory.
     pub leader_election: Option<LeaderElectionConfig>,
+    /// The Service name that `InferencePool`s put in
+    /// `spec.endpointPickerRef` to be served by this scalecar (its
+    /// `ext-proc` listener); `None`: InferencePools are not watched.
+    pub endpoint_picker: Option<String>,
 }
 
 /// The leader Lease (client-go's defaults).
@@ -345,6 +350,7 @@ impl Default for KubernetesConfig {
             managed: true,
             api_timeout: Duration::from_secs(10),
             leader_election: None,
+            endpoint_picker: None,
         }
     }
 }
@@ -543,6 +549,7 @@ impl ScalecarConfig {
                             "peer-selector",
                             "peer-timeout",
                             "peer-token-secret",
+                            "endpoint-picker",
                             "group",
                             "version",
                             "kind",
@@ -706,7 +713,17 @@ impl ScalecarConfig {
                 None if managed => Some(RawLeaderElection::default()),
                 None => None,
             };
+            let endpoint_picker = k.endpoint_picker.map(|n| n.trim().to_string());
+            if let Some(name) = &endpoint_picker
+                && !dns_label(name)
+            {
+                c.fail(
+                    "kubernetes.endpoint-picker",
+                    format!("{name:?} is not a Service name (lowercase letters, digits, '-')"),
+                );
+            }
             KubernetesConfig {
+                endpoint_picker,
                 kubeconfig: k.kubeconfig.filter(|p| !p.trim().is_empty()),
                 namespaces,
                 kinds,
@@ -1186,10 +1203,11 @@ pools:
         );
         assert!(c.kubernetes.as_ref().is_some_and(|k| k.managed));
         let c = ScalecarConfig::from_yaml_str(
-            "kubernetes:\n  kubeconfig: /tmp/kc\n  namespaces: [llm, batch]\n  managed: false\n  api-timeout: 3s\n  kinds: [{group: serving.example.com, version: v1, kind: ModelServer}]\n",
+            "kubernetes:\n  kubeconfig: /tmp/kc\n  namespaces: [llm, batch]\n  managed: false\n  api-timeout: 3s\n  kinds: [{group: serving.example.com, version: v1, kind: ModelServer}]\n  endpoint-picker: scalecar-epp\n",
         )
         .unwrap();
         let k = c.kubernetes.unwrap();
+        assert_eq!(k.endpoint_picker.as_deref(), Some("scalecar-epp"));
         assert_eq!(k.kubeconfig.as_deref(), Some("/tmp/kc"));
         assert_eq!(k.namespaces, ["llm", "batch"]);
         assert!(!k.managed);
@@ -1220,6 +1238,10 @@ pools:
                 "kubernetes.kinds[0].group",
             ),
             ("kubernetes: {api-timeout: soon}", "kubernetes.api-timeout"),
+            (
+                "kubernetes: {endpoint-picker: Scalecar_EPP}",
+                "kubernetes.endpoint-picker: \"Scalecar_EPP\" is not a Service name",
+            ),
         ] {
             let err = errors(text);
             assert!(err.contains(want), "{text}\n→ {err}");

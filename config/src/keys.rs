@@ -18,10 +18,10 @@ use crate::policy::{HpaRatePolicy, Metric, Policy, Role, ScheduleFloor, SelectPo
 pub const PREFIX: &str = "scalecar.io/";
 
 /// Keys that say what a workload serves rather than how it scales.
-pub const IDENTITY_KEYS: [&str; 3] = ["model", "role", "port"];
+pub const IDENTITY_KEYS: [&str; 4] = ["model", "role", "port", "workload"];
 
 /// Every policy key.
-pub const POLICY_KEYS: [&str; 33] = [
+pub const POLICY_KEYS: [&str; 34] = [
     "algorithm",
     "metric",
     "target",
@@ -56,6 +56,7 @@ pub const POLICY_KEYS: [&str; 33] = [
     "model",
     "role",
     "port",
+    "workload",
 ];
 
 /// Where keys come from, for messages and for which keys are allowed.
@@ -84,7 +85,52 @@ pub struct AnnotatedTarget {
     pub aliases: Vec<String>,
     pub role: Role,
     pub port: Option<u16>,
+    /// `scalecar.io/workload` (`Kind/name`): on an `InferencePool`, the
+    /// workload its pods belong to, when their owners cannot say (no pods
+    /// yet, to scale from zero). Meaningless on a workload itself.
+    pub workload: Option<WorkloadName>,
     pub policy: Policy,
+}
+
+/// A workload named by `Kind/name` in the annotated object's namespace;
+/// the kind's API group is resolved against the kinds scalecar watches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkloadName {
+    pub kind: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for WorkloadName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.kind, self.name)
+    }
+}
+
+fn workload_name(v: &str) -> Result<WorkloadName, String> {
+    let (kind, name) = v
+        .trim()
+        .split_once('/')
+        .ok_or_else(|| "must be Kind/name (like Deployment/llama)".to_string())?;
+    if !kind.starts_with(|c: char| c.is_ascii_alphabetic())
+        || !kind.chars().all(|c| c.is_ascii_alphanumeric())
+    {
+        return Err(format!("{kind:?} is not a kind (like Deployment)"));
+    }
+    let label = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if name.len() > 253 || !name.split('.').all(label) {
+        return Err(format!("{name:?} is not an object name"));
+    }
+    Ok(WorkloadName {
+        kind: kind.to_string(),
+        name: name.to_string(),
+    })
 }
 
 fn shown(ctx: KeyContext, key: &str) -> String {
@@ -557,6 +603,13 @@ impl Policy {
                     None
                 }
             });
+        let workload = keys.get("workload").and_then(|v| match workload_name(v) {
+            Ok(w) => Some(w),
+            Err(problem) => {
+                errors.push(PolicyError::value(&format!("{PREFIX}workload"), v, problem));
+                None
+            }
+        });
         let (policy, policy_errors) = parse_policy(KeyContext::Annotations, &keys, role);
         errors.0.extend(policy_errors.0);
         if errors.is_empty() {
@@ -565,6 +618,7 @@ impl Policy {
                 aliases,
                 role,
                 port,
+                workload,
                 policy,
             })
         } else {
@@ -798,6 +852,36 @@ mod tests {
             assert!(
                 e.contains("scalecar.io/model") && e.contains(says),
                 "{value:?}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_workload_an_inference_pool_scales_is_kind_slash_name() {
+        let t = Policy::from_annotations(&annotations(&[
+            ("model", "llama"),
+            ("workload", "Deployment/llama-8b"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            t.workload,
+            Some(WorkloadName {
+                kind: "Deployment".into(),
+                name: "llama-8b".into()
+            })
+        );
+        for (value, want) in [
+            ("llama", "must be Kind/name"),
+            ("Deploy-ment/x", "is not a kind"),
+            ("Deployment/Llama", "is not an object name"),
+            ("Deployment/", "is not an object name"),
+        ] {
+            let e = Policy::from_annotations(&annotations(&[("model", "m"), ("workload", value)]))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("scalecar.io/workload") && e.contains(want),
+                "{value}: {e}"
             );
         }
     }

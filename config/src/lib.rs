@@ -27,7 +27,7 @@ pub use file::{
     Limits, PoolConfig, ProxyConfig, Scalar, ScalecarConfig, ScalerConfig,
     policy_keys_from_yaml_str,
 };
-pub use keys::{AnnotatedTarget, KeyContext, POLICY_KEYS, PREFIX, validate_group};
+pub use keys::{AnnotatedTarget, KeyContext, POLICY_KEYS, PREFIX, WorkloadName, validate_group};
 pub use policy::{
     Cron, CronField, DEFAULT_ALGORITHM, DEFAULT_ITL_TARGET, DEFAULT_TTFT_TARGET, HpaBehavior,
     HpaRatePolicy, HpaRules, Metric, Policy, Role, SLO_PRIOR_CAPACITY, SLO_UTILIZATION,

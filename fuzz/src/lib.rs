@@ -197,10 +197,18 @@ pub fn kube_objects(data: &[u8]) {
             let Ok(o) = serde_json::from_slice::<DynamicObject>(rest) else {
                 return;
             };
-            let resource =
-                ApiResource::from_gvk(&GroupVersionKind::gvk("apps", "v1", "Deployment"));
-            let algorithms = vec!["kpa".to_string(), "hpa".to_string()];
-            if let Some(Workload::Invalid(why)) = Workload::from_object(&o, &resource, &algorithms)
+            // A workload, or an InferencePool naming our picker.
+            let gvk = if pick & 4 == 0 {
+                GroupVersionKind::gvk("apps", "v1", "Deployment")
+            } else {
+                GroupVersionKind::gvk("inference.networking.k8s.io", "v1", "InferencePool")
+            };
+            let resource = ApiResource::from_gvk(&gvk);
+            let recognized = scalecar_scaler::kube::Recognized {
+                algorithms: vec!["kpa".to_string(), "hpa".to_string()],
+                endpoint_picker: Some("scalecar-epp".to_string()),
+            };
+            if let Some(Workload::Invalid(why)) = Workload::from_object(&o, &resource, &recognized)
             {
                 assert!(!why.is_empty());
             }

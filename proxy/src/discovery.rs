@@ -8,6 +8,13 @@
 //! workload whose scale target cannot be found yet (API down, a custom
 //! resource whose controller has not set its selector) is tried again
 //! every few seconds; the proxy serves the rest meanwhile.
+//!
+//! With `kubernetes.endpoint-picker` set, the `InferencePool`s that name
+//! that Service as their picker are pools too: their selector and target
+//! port say which pods serve, their annotations the model and policy, and
+//! the workload they scale is the one `scalecar.io/workload` names or the
+//! one that owns their pods. A workload annotated itself decides itself: a
+//! pool over it is refused (one writer per workload).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -15,15 +22,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::GroupVersionKind;
 use scalecar_config::{AnnotatedTarget, KubernetesConfig, Limits};
 use scalecar_scaler::algorithm::AlgorithmRegistry;
 use scalecar_scaler::clock::Clock;
 use scalecar_scaler::control::{Scaling, TargetSpec};
 use scalecar_scaler::kube::{
-    Annotated, Claimed, Claims, KubeScaleTarget, Listed, PodIndex, PodInfo, Pods, RescaleEvents,
-    Workload, Workloads, cold_starts_of, endpoints_of, watch_competitors, watch_pods,
-    watch_workloads,
+    Annotated, Claimed, Claims, INFERENCE_POOL_GROUP, INFERENCE_POOL_KIND, KubeScaleTarget,
+    LabelSelector, Listed, PodIndex, PodInfo, Pods, PoolPods, Recognized, RescaleEvents, Workload,
+    Workloads, cold_starts_of, endpoints_of, watch_competitors, watch_pods, watch_workloads,
+    workload_of,
 };
 use scalecar_scaler::signals::{PoolSignals, SignalsConfig};
 use scalecar_scaler::target::{ScaleTarget, TargetRef};
@@ -40,9 +49,22 @@ pub fn target_name(r: &TargetRef) -> String {
     format!("{}/{}/{}", r.kind.to_ascii_lowercase(), r.namespace, r.name)
 }
 
-/// One discovered workload.
+/// One discovered workload, or InferencePool and the workload it scales.
 struct Found {
     target: AnnotatedTarget,
+    /// The InferencePool's pods, as last seen; `None` for a workload.
+    pool: Option<PoolPods>,
+    /// What is scaled: the annotated workload, or the pool's.
+    workload: TargetRef,
+    /// The workload's control-loop name and `target` label.
+    name: String,
+    /// For Events about the workload.
+    reference: ObjectReference,
+    /// Which pods serve: the workload's (its scale selector) or the pool's.
+    selector: LabelSelector,
+    /// Where they serve: `scalecar.io/port`, the pool's target port, or
+    /// (`None`) each pod's port named `http`.
+    port: Option<u16>,
     scale: Arc<KubeScaleTarget>,
     entry: Arc<PoolEntry>,
     /// The same pool under the workload's other model names.
@@ -126,11 +148,21 @@ impl Discovery {
                 kinds.push(gvk);
             }
         }
-        let algorithms = AlgorithmRegistry::with_builtins()
-            .names()
-            .into_iter()
-            .map(str::to_string)
-            .collect();
+        if self.config.endpoint_picker.is_some() {
+            kinds.push(GroupVersionKind::gvk(
+                INFERENCE_POOL_GROUP,
+                "v1",
+                INFERENCE_POOL_KIND,
+            ));
+        }
+        let recognized = Recognized {
+            algorithms: AlgorithmRegistry::with_builtins()
+                .names()
+                .into_iter()
+                .map(str::to_string)
+                .collect(),
+            endpoint_picker: self.config.endpoint_picker.clone(),
+        };
         let listed = Listed::default();
         let scopes = self.config.namespaces.len().max(1);
         // One list per kind and namespace, the pods' per namespace, and
@@ -142,7 +174,7 @@ impl Discovery {
             self.client.clone(),
             kinds,
             &self.config.namespaces,
-            algorithms,
+            recognized,
             crate::cluster::reporter(),
             listed.clone(),
         );
@@ -218,6 +250,13 @@ impl Discovery {
         if touched.is_empty() {
             return;
         }
+        // A pool that could not tell its workload may learn it from a pod.
+        dirty.extend(
+            self.failed
+                .keys()
+                .filter(|r| is_pool(r) && touched.iter().any(|p| p.namespace == r.namespace))
+                .cloned(),
+        );
         if touched.len() > self.found.len().max(16) {
             let namespaces: HashSet<&str> = touched.iter().map(|p| p.namespace.as_str()).collect();
             dirty.extend(
@@ -231,7 +270,7 @@ impl Discovery {
         for (r, f) in &self.found {
             if touched
                 .iter()
-                .any(|p| p.namespace == r.namespace && f.scale.selector().matches(&p.labels))
+                .any(|p| p.namespace == r.namespace && f.selector.matches(&p.labels))
             {
                 dirty.push(r.clone());
             }
@@ -251,13 +290,14 @@ impl Discovery {
         }
         dirty.extend(
             self.found
-                .keys()
-                .filter(|r| {
+                .iter()
+                .filter(|(_, f)| {
+                    let w = &f.workload;
                     changed
                         .iter()
-                        .any(|c| c.namespace == r.namespace && c.kind == r.kind && c.name == r.name)
+                        .any(|c| c.namespace == w.namespace && c.kind == w.kind && c.name == w.name)
                 })
-                .cloned(),
+                .map(|(r, _)| r.clone()),
         );
     }
 
@@ -341,10 +381,10 @@ impl Discovery {
         (entry, aliases, spec)
     }
 
-    /// Brings the `dirty` workloads (emptied) up to date: gone ones out,
-    /// new or edited ones in, their endpoints, cold starts and claimants
-    /// refreshed. The routes and the loop's targets are republished only
-    /// when the set of pools changed.
+    /// Brings the `dirty` workloads and pools (emptied) up to date: gone
+    /// ones out, new or edited ones in, their endpoints, cold starts and
+    /// claimants refreshed. The routes and the loop's targets are
+    /// republished only when the set of pools changed.
     async fn reconcile(
         &mut self,
         dirty: &mut Vec<TargetRef>,
@@ -363,22 +403,17 @@ impl Discovery {
             let Some(Workload::Valid(a)) = workloads.get(&r) else {
                 // Gone, or no longer valid: out of the routes and the loop.
                 self.failed.remove(&r);
-                if let Some(f) = self.found.remove(&r) {
-                    tracing::info!(target = %target_name(&r), model = %f.target.model, "workload no longer annotated; pool removed");
-                    f.entry.pool.close();
-                    changed = true;
-                }
+                changed |= self.remove(&r, "no longer annotated");
                 continue;
             };
-            changed |= self.upsert(&r, a).await;
+            changed |= self.upsert(&r, a, workloads, pods).await;
             let Some(f) = self.found.get_mut(&r) else {
                 continue;
             };
-            let (addrs, portless) =
-                endpoints_of(pods, &r.namespace, f.scale.selector(), f.target.port);
+            let (addrs, portless) = endpoints_of(pods, &r.namespace, &f.selector, f.port);
             if portless > 0 && !f.portless_reported {
                 tracing::warn!(
-                    target = %target_name(&r), pods = portless,
+                    target = %f.name, pods = portless,
                     "ready pods without a port: set scalecar.io/port or name a container port http"
                 );
             }
@@ -386,7 +421,7 @@ impl Discovery {
             // Each ready pod's created → Ready once: what slo plans a
             // replica's cold start by.
             let mut present = HashSet::new();
-            for (name, took) in cold_starts_of(pods, &r.namespace, f.scale.selector()) {
+            for (name, took) in cold_starts_of(pods, &r.namespace, &f.selector) {
                 if !f.cold_started.contains(name) {
                     f.entry.pool.signals.observe_cold_start(took);
                 }
@@ -396,7 +431,7 @@ impl Discovery {
             let current = f.entry.pool.endpoints();
             if current.len() != addrs.len() || current.iter().zip(&addrs).any(|(e, a)| e.addr != *a)
             {
-                tracing::debug!(target = %target_name(&r), endpoints = ?addrs, "pool endpoints");
+                tracing::debug!(target = %f.name, endpoints = ?addrs, "pool endpoints");
                 f.entry.pool.set_endpoints(&addrs);
             }
             let n = u32::try_from(addrs.len()).unwrap_or(u32::MAX);
@@ -407,13 +442,13 @@ impl Discovery {
             // routes and decides but writes nothing meanwhile.
             let claimant = claims
                 .get(&Claimed {
-                    namespace: r.namespace.clone(),
-                    kind: r.kind.clone(),
-                    name: r.name.clone(),
+                    namespace: f.workload.namespace.clone(),
+                    kind: f.workload.kind.clone(),
+                    name: f.workload.name.clone(),
                 })
                 .cloned();
             if claimant != f.competing {
-                let name = target_name(&r);
+                let name = f.name.clone();
                 match &claimant {
                     Some(by) => {
                         tracing::warn!(target = %name, claimant = %by, "another autoscaler scales this workload; not writing it")
@@ -447,14 +482,10 @@ impl Discovery {
                 })
                 .collect();
             self.set.set_discovered(members);
-            let objects: HashMap<String, _> = workloads
-                .iter()
-                .filter_map(|(r, w)| match w {
-                    Workload::Valid(a) if self.found.contains_key(r) => {
-                        Some((target_name(r), a.reference.clone()))
-                    }
-                    _ => None,
-                })
+            let objects: HashMap<String, _> = self
+                .found
+                .values()
+                .map(|f| (f.name.clone(), f.reference.clone()))
                 .collect();
             self.events.set_objects(objects);
         }
@@ -463,60 +494,230 @@ impl Discovery {
         }
     }
 
-    /// Brings one valid workload's pool up to date; true when the pool set
-    /// changed.
-    async fn upsert(&mut self, r: &TargetRef, a: &Annotated) -> bool {
-        let name = target_name(r);
-        if let Some(f) = self.found.get(r) {
-            f.scale
-                .observe(a.replicas, a.ready_replicas, a.resource_version.clone());
-            if f.target == a.target {
-                return false;
-            }
-            // An edit of the annotations: a new pool on the same scale
-            // target; requests waiting on the old one are told to retry.
-            let (entry, aliases, spec) =
-                self.build(name.clone(), &a.target, &f.scale, &f.ready, Some(f));
-            tracing::info!(target = %name, model = %a.target.model, aliases = ?a.target.aliases, role = %a.target.role, "annotations changed; pool rebuilt");
-            if let Some(f) = self.found.get_mut(r) {
-                f.entry.pool.close();
-                f.entry = entry;
-                f.aliases = aliases;
-                f.spec = spec;
-                f.target = a.target.clone();
-            }
-            return true;
+    /// Takes `r`'s pool out of the routes and the loop; true when there was
+    /// one.
+    fn remove(&mut self, r: &TargetRef, why: &str) -> bool {
+        let Some(f) = self.found.remove(r) else {
+            return false;
+        };
+        tracing::info!(target = %f.name, source = %r, model = %f.target.model, "{why}; pool removed");
+        f.entry.pool.close();
+        true
+    }
+
+    /// Records why `r` cannot be served yet (logged once per reason); it is
+    /// tried again every [`RETRY`].
+    fn fail(&mut self, r: &TargetRef, why: String) {
+        if self.failed.get(r) != Some(&why) {
+            tracing::warn!(source = %r, error = %why, "not served yet; retrying");
+            self.failed.insert(r.clone(), why);
         }
+    }
+
+    /// The workload an InferencePool scales: the one its annotation names,
+    /// else the one that owns its pods; never one that is annotated itself
+    /// or that another pool already scales.
+    fn pool_workload(
+        &self,
+        r: &TargetRef,
+        a: &Annotated,
+        pods_spec: &PoolPods,
+        workloads: &Workloads,
+        pods: &Pods,
+    ) -> Result<TargetRef, String> {
+        let workload = match &a.target.workload {
+            Some(w) => {
+                let api_version = self.api_version_of(&w.kind).ok_or_else(|| {
+                    format!(
+                        "scalecar.io/workload: {w}: {} is not a kind scalecar watches (Deployment, StatefulSet, ReplicaSet or one under kubernetes.kinds)",
+                        w.kind
+                    )
+                })?;
+                let kind = self.kind_named(&w.kind).unwrap_or(&w.kind).to_string();
+                TargetRef {
+                    api_version,
+                    kind,
+                    namespace: r.namespace.clone(),
+                    name: w.name.clone(),
+                }
+            }
+            None => match workload_of(pods, &r.namespace, &pods_spec.selector)? {
+                Some(owner) => TargetRef {
+                    api_version: owner.api_version,
+                    kind: owner.kind,
+                    namespace: r.namespace.clone(),
+                    name: owner.name,
+                },
+                None => {
+                    return Err(
+                        "it selects no pods yet and has no scalecar.io/workload: the workload it scales is unknown"
+                            .into(),
+                    );
+                }
+            },
+        };
+        if matches!(workloads.get(&workload), Some(Workload::Valid(_))) {
+            return Err(format!(
+                "{} is annotated itself and decides itself",
+                target_name(&workload)
+            ));
+        }
+        if let Some((other, _)) = self
+            .found
+            .iter()
+            .find(|(k, f)| *k != r && f.workload == workload)
+        {
+            return Err(format!(
+                "{} already scales {}",
+                other,
+                target_name(&workload)
+            ));
+        }
+        Ok(workload)
+    }
+
+    /// The kind as spelt by the API, for a name in any case.
+    fn kind_named(&self, kind: &str) -> Option<&str> {
+        ["Deployment", "StatefulSet", "ReplicaSet"]
+            .into_iter()
+            .chain(self.config.kinds.iter().map(|k| k.kind.as_str()))
+            .find(|k| k.eq_ignore_ascii_case(kind))
+    }
+
+    fn api_version_of(&self, kind: &str) -> Option<String> {
+        let kind = self.kind_named(kind)?;
+        if ["Deployment", "StatefulSet", "ReplicaSet"].contains(&kind) {
+            return Some("apps/v1".into());
+        }
+        self.config
+            .kinds
+            .iter()
+            .find(|k| k.kind == kind)
+            .map(|k| match k.group.as_str() {
+                "" => k.version.clone(),
+                g => format!("{g}/{}", k.version),
+            })
+    }
+
+    /// Brings one valid workload's or pool's entry up to date; true when
+    /// the pool set changed.
+    async fn upsert(
+        &mut self,
+        r: &TargetRef,
+        a: &Annotated,
+        workloads: &Workloads,
+        pods: &Pods,
+    ) -> bool {
+        let mut changed = false;
+        if a.pool.is_none() {
+            // A workload annotated itself takes over from a pool over it.
+            let over: Vec<TargetRef> = self
+                .found
+                .iter()
+                .filter(|(k, f)| *k != r && f.workload == *r)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in over {
+                changed |= self.remove(&k, "its workload is annotated itself");
+                self.fail(
+                    &k,
+                    format!("{} is annotated itself and decides itself", target_name(r)),
+                );
+            }
+        }
+        if let Some(f) = self.found.get(r) {
+            if a.pool.is_none() {
+                f.scale
+                    .observe(a.replicas, a.ready_replicas, a.resource_version.clone());
+            }
+            if f.target == a.target && f.pool == a.pool {
+                return changed;
+            }
+            if f.target.workload != a.target.workload {
+                // Another workload: found again from the start.
+                self.remove(r, "scalecar.io/workload changed");
+                changed = true;
+            } else {
+                // An edit of the annotations: a new pool on the same scale
+                // target; requests waiting on the old one are told to retry.
+                let (entry, aliases, spec) =
+                    self.build(f.name.clone(), &a.target, &f.scale, &f.ready, Some(f));
+                tracing::info!(target = %f.name, source = %r, model = %a.target.model, aliases = ?a.target.aliases, role = %a.target.role, "annotations changed; pool rebuilt");
+                if let Some(f) = self.found.get_mut(r) {
+                    f.entry.pool.close();
+                    f.entry = entry;
+                    f.aliases = aliases;
+                    f.spec = spec;
+                    f.target = a.target.clone();
+                    if let Some(p) = &a.pool {
+                        f.selector = p.selector.clone();
+                        f.port = a.target.port.or(Some(p.port));
+                    }
+                    f.pool = a.pool.clone();
+                }
+                return true;
+            }
+        }
+        let workload = match &a.pool {
+            None => r.clone(),
+            Some(p) => match self.pool_workload(r, a, p, workloads, pods) {
+                Ok(w) => w,
+                Err(why) => {
+                    self.fail(r, why);
+                    return changed;
+                }
+            },
+        };
+        let name = target_name(&workload);
         let scale = match KubeScaleTarget::discover(
             self.client.clone(),
-            r.clone(),
+            workload.clone(),
             self.config.api_timeout,
         )
         .await
         {
+            Ok(t) if a.pool.is_some() => Arc::new(t.unwatched()),
             Ok(t) => Arc::new(t),
             Err(e) => {
-                let why = e.to_string();
-                if self.failed.get(r) != Some(&why) {
-                    tracing::warn!(target = %name, error = %why, "scale target not found yet; retrying");
-                    self.failed.insert(r.clone(), why);
-                }
-                return false;
+                self.fail(r, format!("scale target {name}: {e}"));
+                return changed;
             }
         };
         self.failed.remove(r);
-        scale.observe(a.replicas, a.ready_replicas, a.resource_version.clone());
+        let (selector, port, reference) = match &a.pool {
+            None => {
+                scale.observe(a.replicas, a.ready_replicas, a.resource_version.clone());
+                (scale.selector().clone(), a.target.port, a.reference.clone())
+            }
+            Some(p) => (
+                p.selector.clone(),
+                a.target.port.or(Some(p.port)),
+                ObjectReference {
+                    api_version: Some(workload.api_version.clone()),
+                    kind: Some(workload.kind.clone()),
+                    namespace: Some(workload.namespace.clone()),
+                    name: Some(workload.name.clone()),
+                    ..ObjectReference::default()
+                },
+            ),
+        };
         let ready = Arc::new(AtomicU32::new(0));
         let (entry, aliases, spec) = self.build(name.clone(), &a.target, &scale, &ready, None);
         tracing::info!(
-            target = %name, model = %a.target.model, aliases = ?a.target.aliases, role = %a.target.role,
-            selector = %scale.selector(), through_scale = scale.has_scale_subresource(),
+            target = %name, source = %r, model = %a.target.model, aliases = ?a.target.aliases, role = %a.target.role,
+            selector = %selector, through_scale = scale.has_scale_subresource(),
             "workload discovered; pool added"
         );
         self.found.insert(
             r.clone(),
             Found {
                 target: a.target.clone(),
+                pool: a.pool.clone(),
+                workload,
+                name,
+                reference,
+                selector,
+                port,
                 scale,
                 entry,
                 aliases,
@@ -529,4 +730,9 @@ impl Discovery {
         );
         true
     }
+}
+
+/// An InferencePool's coordinates (not a workload's).
+fn is_pool(r: &TargetRef) -> bool {
+    r.kind == INFERENCE_POOL_KIND && r.api_version.starts_with(INFERENCE_POOL_GROUP)
 }

@@ -930,3 +930,150 @@ async fn a_gateway_not_allowed_to_watch_hpas_still_serves() {
     );
     c.stop().await;
 }
+
+/// The endpoint scalecar's picker at `ip` chooses for one chat request for
+/// `model`, asked as Envoy's ext_proc filter asks (headers, then the
+/// buffered body) over gRPC; the reply's `x-gateway-destination-endpoint`.
+async fn picked_endpoint(ip: &str, model: &str) -> Result<String, String> {
+    use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+    use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
+    use envoy_types::pb::envoy::service::ext_proc::v3::{
+        HttpBody, HttpHeaders, ProcessingRequest, processing_request, processing_response,
+    };
+    let mut client = ExternalProcessorClient::connect(format!("http://{ip}:9002"))
+        .await
+        .map_err(|e| e.to_string())?;
+    let header = |k: &str, v: &str| HeaderValue {
+        key: k.into(),
+        value: String::new(),
+        raw_value: v.as_bytes().to_vec(),
+    };
+    let headers = ProcessingRequest {
+        request: Some(processing_request::Request::RequestHeaders(HttpHeaders {
+            headers: Some(HeaderMap {
+                headers: vec![
+                    header(":method", "POST"),
+                    header(":path", "/v1/chat/completions"),
+                    header("content-type", "application/json"),
+                ],
+            }),
+            ..HttpHeaders::default()
+        })),
+        ..ProcessingRequest::default()
+    };
+    let body = format!(
+        r#"{{"model":"{model}","messages":[{{"role":"user","content":"which pod?"}}],"max_tokens":4}}"#
+    );
+    let body = ProcessingRequest {
+        request: Some(processing_request::Request::RequestBody(HttpBody {
+            body: body.into_bytes(),
+            end_of_stream: true,
+            ..HttpBody::default()
+        })),
+        ..ProcessingRequest::default()
+    };
+    let mut answers = client
+        .process(futures_util::stream::iter([headers, body]))
+        .await
+        .map_err(|e| e.to_string())?
+        .into_inner();
+    while let Some(answer) = answers.message().await.map_err(|e| e.to_string())? {
+        match answer.response {
+            Some(processing_response::Response::RequestBody(b)) => {
+                let set = b
+                    .response
+                    .and_then(|c| c.header_mutation)
+                    .map(|m| m.set_headers)
+                    .unwrap_or_default();
+                return set
+                    .into_iter()
+                    .filter_map(|h| h.header)
+                    .find(|h| h.key == "x-gateway-destination-endpoint")
+                    .map(|h| String::from_utf8_lossy(&h.raw_value).into_owned())
+                    .ok_or_else(|| "no destination header in the body's answer".into());
+            }
+            Some(processing_response::Response::ImmediateResponse(i)) => {
+                return Err(format!(
+                    "refused: {:?} {}",
+                    i.status,
+                    String::from_utf8_lossy(&i.body)
+                ));
+            }
+            _ => {}
+        }
+    }
+    Err("the picker ended the exchange without a pick".into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_api_overlay_picks_for_an_inference_pool_and_scales_its_deployment() {
+    let c = Cluster::start().await;
+    // The example as README says: a Deployment nobody annotated, an
+    // InferencePool over it naming scalecar-epp, a Gateway and its route.
+    c.apply("deploy/example/gateway-api");
+    c.apply("deploy/overlays/gateway-api");
+    let ip = c
+        .ready_gateways("app.kubernetes.io/name=scalecar", 1)
+        .await
+        .remove(0);
+    // The pool's pod, on the pool's target port.
+    let pod_ip = eventually("the qwen pod Ready", Duration::from_secs(20), || async {
+        let out = c.kubectl(
+            &[
+                "-n",
+                "llm",
+                "get",
+                "pods",
+                "-l",
+                "app=qwen3-8b",
+                "-o",
+                "jsonpath={.items[0].status.podIP}",
+            ],
+            None,
+        );
+        (!out.trim().is_empty()).then(|| out.trim().to_string())
+    })
+    .await;
+    // Picked by the real binary's ext_proc listener, as Envoy would ask.
+    let pick = eventually("a pick for qwen3-8b", Duration::from_secs(20), || async {
+        picked_endpoint(&ip, "qwen3-8b").await.ok()
+    })
+    .await;
+    assert_eq!(pick, format!("{pod_ip}:8000"));
+    // A model no pool serves is refused with the OpenAI error, not picked.
+    let e = picked_endpoint(&ip, "llama-3-8b").await.unwrap_err();
+    assert!(
+        e.contains("NotFound") && e.contains("model_not_found"),
+        "{e}"
+    );
+    // It scales the Deployment found from the pool's annotation: a new
+    // floor on the pool is written to the Deployment through /scale.
+    c.kubectl(
+        &[
+            "-n",
+            "llm",
+            "annotate",
+            "--overwrite",
+            "inferencepool/qwen3-8b",
+            "scalecar.io/min-replicas=2",
+        ],
+        None,
+    );
+    eventually("qwen3-8b scaled to 2", Duration::from_secs(20), || async {
+        let n = c.kubectl(
+            &[
+                "-n",
+                "llm",
+                "get",
+                "deploy/qwen3-8b",
+                "-o",
+                "jsonpath={.spec.replicas}",
+            ],
+            None,
+        );
+        (n.trim() == "2").then_some(())
+    })
+    .await;
+    c.rbac_is_what_the_gateway_uses();
+    c.stop().await;
+}

@@ -254,7 +254,10 @@ async fn annotated_workloads_are_found_and_invalid_ones_get_a_warning() {
         client,
         vec![kube::api::GroupVersionKind::gvk("apps", "v1", "Deployment")],
         &["default".to_string()],
-        vec!["kpa".to_string(), "hpa".to_string(), "slo".to_string()],
+        scalecar_scaler::kube::Recognized {
+            algorithms: vec!["kpa".to_string(), "hpa".to_string(), "slo".to_string()],
+            endpoint_picker: None,
+        },
         kube::runtime::events::Reporter {
             controller: "scalecar".into(),
             instance: Some("test".into()),

@@ -67,6 +67,12 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: ["keda.sh"]
   resources: ["scaledobjects"]
   verbs: ["list", "watch"]
+{{- if .Values.endpointPicker.enabled }}
+# The InferencePools that name this picker.
+- apiGroups: ["inference.networking.k8s.io"]
+  resources: ["inferencepools"]
+  verbs: ["list", "watch"]
+{{- end }}
 {{- end }}
 
 {{/* The pod's grace: the gateway's own shutdown (delay, then drain) plus

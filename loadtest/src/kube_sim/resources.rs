@@ -49,6 +49,8 @@ pub enum Storage {
     HorizontalPodAutoscalers,
     ScaledObjects,
     InferencePools,
+    Gateways,
+    HttpRoutes,
 }
 
 impl ResourceType {
@@ -362,6 +364,28 @@ pub static RESOURCES: &[ResourceType] = &[
         &["infpool"],
         true,
         Storage::InferencePools,
+    )),
+    // The Gateway API objects that send traffic to an InferencePool
+    // (stored for manifests to apply; kube-sim runs no gateway).
+    with_status(rt(
+        "gateway.networking.k8s.io",
+        "v1",
+        "Gateway",
+        "gateways",
+        "gateway",
+        &["gtw"],
+        true,
+        Storage::Gateways,
+    )),
+    with_status(rt(
+        "gateway.networking.k8s.io",
+        "v1",
+        "HTTPRoute",
+        "httproutes",
+        "httproute",
+        &[],
+        true,
+        Storage::HttpRoutes,
     )),
     // A custom kind with the scale subresource, and one without (its
     // replicas are set by patching spec.replicas).

@@ -10,6 +10,7 @@ mod common;
 mod deploy;
 mod faults;
 mod harness;
+mod inference_pool;
 mod leader;
 mod peers;
 mod rbac;

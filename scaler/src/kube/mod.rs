@@ -15,7 +15,13 @@ mod workloads;
 pub use competitors::{Claimed, Claims, watch_competitors};
 pub use events::{EventWriter, RescaleEvents};
 pub use lease::{LeaderElector, Leadership, LeaseTiming, WriteLease};
-pub use pods::{PodChange, PodIndex, PodInfo, Pods, cold_starts_of, endpoints_of, watch_pods};
+pub use pods::{
+    Owner, PodChange, PodIndex, PodInfo, Pods, cold_starts_of, endpoints_of, watch_pods,
+    workload_of,
+};
 pub use scale::KubeScaleTarget;
 pub use selector::{LabelSelector, SelectorError};
-pub use workloads::{Annotated, Listed, Workload, WorkloadChange, Workloads, watch_workloads};
+pub use workloads::{
+    Annotated, INFERENCE_POOL_GROUP, INFERENCE_POOL_KIND, Listed, PoolPods, Recognized, Workload,
+    WorkloadChange, Workloads, watch_workloads,
+};

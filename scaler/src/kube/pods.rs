@@ -40,6 +40,16 @@ pub struct PodInfo {
     /// within [`LONGEST_COLD_START`] of its creation (a later one is a pod
     /// that was unready again, not a cold start).
     pub cold_start: Option<std::time::Duration>,
+    /// Its controller (the ownerReference with `controller: true`).
+    pub owner: Option<Owner>,
+}
+
+/// A pod's controller, as its ownerReference names it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Owner {
+    pub api_version: String,
+    pub kind: String,
+    pub name: String,
 }
 
 /// Longer from created to Ready than this is not taken for a cold start.
@@ -73,6 +83,17 @@ impl PodInfo {
             })
         };
         let (http_port, admin_port) = (named("http"), named("admin"));
+        let owner = p
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .find(|o| o.controller == Some(true))
+            .map(|o| Owner {
+                api_version: o.api_version.clone(),
+                kind: o.kind.clone(),
+                name: o.name.clone(),
+            });
         PodInfo {
             namespace: p.namespace().unwrap_or_default(),
             name: p.name_any(),
@@ -83,7 +104,31 @@ impl PodInfo {
             http_port,
             admin_port,
             cold_start,
+            owner,
         }
+    }
+
+    /// The workload that scales it: its controller, or for a ReplicaSet a
+    /// Deployment made (its name is the Deployment's and the pod's
+    /// `pod-template-hash`), that Deployment.
+    pub fn workload(&self) -> Option<Owner> {
+        let o = self.owner.as_ref()?;
+        if o.kind == "ReplicaSet"
+            && o.api_version == "apps/v1"
+            && let Some(hash) = self.labels.get("pod-template-hash")
+            && let Some(deployment) = o
+                .name
+                .strip_suffix(hash.as_str())
+                .and_then(|n| n.strip_suffix('-'))
+                .filter(|n| !n.is_empty())
+        {
+            return Some(Owner {
+                api_version: o.api_version.clone(),
+                kind: "Deployment".into(),
+                name: deployment.to_string(),
+            });
+        }
+        Some(o.clone())
     }
 
     /// Ready, addressed and not going away.
@@ -128,6 +173,44 @@ pub fn endpoints_of(
     }
     out.sort();
     (out, portless)
+}
+
+/// The one workload the pods `selector` picks in `namespace` belong to
+/// (see [`PodInfo::workload`]): `Ok(None)` when it picks none, an error in
+/// words when they belong to none or to several.
+pub fn workload_of(
+    pods: &Pods,
+    namespace: &str,
+    selector: &LabelSelector,
+) -> Result<Option<Owner>, String> {
+    let from = (namespace.to_string(), String::new());
+    let mut found: std::collections::BTreeSet<Owner> = std::collections::BTreeSet::new();
+    for p in pods
+        .range(from..)
+        .map(|(_, p)| p)
+        .take_while(|p| p.namespace == namespace)
+        .filter(|p| selector.matches(&p.labels))
+    {
+        match p.workload() {
+            Some(w) => {
+                found.insert(w);
+            }
+            None => return Err(format!("pod {} has no controller", p.name)),
+        }
+    }
+    let mut it = found.iter();
+    match (it.next(), it.next()) {
+        (None, _) => Ok(None),
+        (Some(one), None) => Ok(Some(one.clone())),
+        (Some(_), Some(_)) => Err(format!(
+            "its pods belong to several workloads ({})",
+            found
+                .iter()
+                .map(|o| format!("{}/{}", o.kind, o.name))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
 }
 
 /// The cold starts of the Ready pods `selector` picks in `namespace`, by
@@ -325,7 +408,87 @@ mod tests {
             http_port: Some(8000),
             admin_port: None,
             cold_start: None,
+            owner: None,
         }
+    }
+
+    #[test]
+    fn a_pools_workload_is_its_pods_one_owner() {
+        let owned = |name: &str, app: &str, hash: Option<&str>, owner: Option<(&str, &str)>| {
+            let mut object = serde_json::json!({
+                "metadata": {"name": name, "namespace": "llm",
+                             "labels": {"app": app}},
+            });
+            if let Some(h) = hash {
+                object["metadata"]["labels"]["pod-template-hash"] = h.into();
+            }
+            if let Some((kind, owner)) = owner {
+                object["metadata"]["ownerReferences"] = serde_json::json!([
+                    {"apiVersion": "v1", "kind": "Node", "name": "not-the-controller", "uid": "0"},
+                    {"apiVersion": "apps/v1", "kind": kind, "name": owner, "uid": "1", "controller": true}]);
+            }
+            let p = PodInfo::from_pod(&serde_json::from_value(object).unwrap());
+            ((p.namespace.clone(), p.name.clone()), p)
+        };
+        let sel = LabelSelector::parse("app=llama").unwrap();
+        let name = |o: Option<Owner>| o.map(|o| format!("{} {}/{}", o.api_version, o.kind, o.name));
+        // Two ReplicaSets of one Deployment (a rollout): the Deployment.
+        let pods: Pods = [
+            owned(
+                "a",
+                "llama",
+                Some("5d8f7c"),
+                Some(("ReplicaSet", "llama-8b-5d8f7c")),
+            ),
+            owned(
+                "b",
+                "llama",
+                Some("7b9c2d"),
+                Some(("ReplicaSet", "llama-8b-7b9c2d")),
+            ),
+            owned("c", "other", None, Some(("StatefulSet", "qwen"))),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(
+            name(workload_of(&pods, "llm", &sel).unwrap()),
+            Some("apps/v1 Deployment/llama-8b".into())
+        );
+        assert_eq!(workload_of(&pods, "other-namespace", &sel), Ok(None));
+        // A StatefulSet's pods: the StatefulSet; a bare ReplicaSet (its name
+        // does not end in the hash): the ReplicaSet.
+        let qwen = LabelSelector::parse("app=other").unwrap();
+        assert_eq!(
+            name(workload_of(&pods, "llm", &qwen).unwrap()),
+            Some("apps/v1 StatefulSet/qwen".into())
+        );
+        let bare: Pods = [owned(
+            "a",
+            "llama",
+            Some("x1"),
+            Some(("ReplicaSet", "plain")),
+        )]
+        .into_iter()
+        .collect();
+        assert_eq!(
+            name(workload_of(&bare, "llm", &sel).unwrap()),
+            Some("apps/v1 ReplicaSet/plain".into())
+        );
+        // Two workloads behind one pool, or a pod nobody controls: an error.
+        let mixed: Pods = [
+            owned("a", "llama", None, Some(("StatefulSet", "one"))),
+            owned("b", "llama", None, Some(("StatefulSet", "two"))),
+        ]
+        .into_iter()
+        .collect();
+        let e = workload_of(&mixed, "llm", &sel).unwrap_err();
+        assert!(e.contains("StatefulSet/one, StatefulSet/two"), "{e}");
+        let orphan: Pods = [owned("lonely", "llama", None, None)].into_iter().collect();
+        assert!(
+            workload_of(&orphan, "llm", &sel)
+                .unwrap_err()
+                .contains("pod lonely has no controller")
+        );
     }
 
     #[test]

@@ -48,6 +48,10 @@ pub struct KubeScaleTarget {
     has_scale: bool,
     selector: LabelSelector,
     timeout: Duration,
+    /// The workload watcher sees the object: reads come from it. An object
+    /// nobody watches (an InferencePool's workload, not annotated itself)
+    /// is read from the API server at each decision instead.
+    watched: bool,
     known: Mutex<Known>,
 }
 
@@ -110,6 +114,7 @@ impl KubeScaleTarget {
             has_scale,
             selector: LabelSelector::default(),
             timeout,
+            watched: true,
             known: Mutex::new(Known::default()),
         };
         t.selector = t.read_selector().await?;
@@ -163,6 +168,14 @@ impl KubeScaleTarget {
             target: self.target.to_string(),
             message: "state lock poisoned".into(),
         })
+    }
+
+    /// No watch reports the object ([`observe`](Self::observe) is never
+    /// called): each decision reads it, so a change made by someone else
+    /// is seen at the next tick rather than only at a conflict.
+    pub fn unwatched(mut self) -> Self {
+        self.watched = false;
+        self
     }
 
     /// The selector of its pods.
@@ -249,7 +262,7 @@ impl ScaleTarget for KubeScaleTarget {
 
     fn scale(&self) -> BoxFuture<'_, Result<ScaleState, TargetError>> {
         Box::pin(async move {
-            match self.known() {
+            match self.known().filter(|_| self.watched) {
                 Some(s) => Ok(s),
                 None => self.refresh().await,
             }

@@ -9,6 +9,14 @@
 //! routed — and gets one Warning Event `InvalidAnnotation` naming the key,
 //! the value and what is allowed (once per distinct error, not every
 //! resync); a later valid edit sends it as valid.
+//!
+//! An `InferencePool` (Gateway API Inference Extension) is one more kind
+//! here when scalecar is an endpoint picker: ours when its
+//! `spec.endpointPickerRef` names our Service, its pods those its
+//! `selector` picks on its first `targetPorts` number, its model and
+//! policy its `scalecar.io/*` annotations. Which workload it scales is
+//! found later, from the annotation `scalecar.io/workload` or its pods'
+//! owners.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -23,7 +31,31 @@ use scalecar_config::{AnnotatedTarget, PREFIX, Policy};
 use tokio::sync::mpsc;
 
 use super::events::EventWriter;
+use super::selector::LabelSelector;
 use crate::target::TargetRef;
+
+/// The Inference Extension's pool kind.
+pub const INFERENCE_POOL_GROUP: &str = "inference.networking.k8s.io";
+pub const INFERENCE_POOL_KIND: &str = "InferencePool";
+
+/// What makes an object ours, besides `scalecar.io/model`.
+#[derive(Debug, Clone, Default)]
+pub struct Recognized {
+    /// The registered algorithm names (another is an invalid annotation).
+    pub algorithms: Vec<String>,
+    /// The Service name an `InferencePool`'s `endpointPickerRef` must name
+    /// to be ours (`None`: no pool is).
+    pub endpoint_picker: Option<String>,
+}
+
+/// What an `InferencePool` this scalecar picks for says of its pods.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolPods {
+    /// `spec.selector`.
+    pub selector: LabelSelector,
+    /// `spec.targetPorts[0].number`: where its model servers listen.
+    pub port: u16,
+}
 
 /// An annotated workload whose annotations parse: what to route and scale,
 /// and what its object said at the last watch event (read by the scale
@@ -38,6 +70,9 @@ pub struct Annotated {
     pub resource_version: Option<String>,
     /// For Events about it.
     pub reference: ObjectReference,
+    /// Set for an `InferencePool`: the pods it names (the workload to
+    /// scale is found from them or `target.workload`).
+    pub pool: Option<PoolPods>,
 }
 
 /// One annotated workload, parsed or not.
@@ -65,13 +100,63 @@ impl Workload {
     pub fn from_object(
         o: &DynamicObject,
         resource: &ApiResource,
-        algorithms: &[String],
+        recognized: &Recognized,
     ) -> Option<Workload> {
-        parse(o, resource, algorithms)
+        parse(o, resource, recognized)
     }
 }
 
-fn parse(o: &DynamicObject, resource: &ApiResource, algorithms: &[String]) -> Option<Workload> {
+fn is_inference_pool(resource: &ApiResource) -> bool {
+    resource.group == INFERENCE_POOL_GROUP && resource.kind == INFERENCE_POOL_KIND
+}
+
+/// An InferencePool's `endpointPickerRef` names `picker` (a Service of the
+/// pool's namespace: the ref's group is core and its kind Service, either
+/// spelled out or left to their defaults).
+fn picks_for(o: &DynamicObject, picker: &str) -> bool {
+    let Some(r) = o.data.pointer("/spec/endpointPickerRef") else {
+        return false;
+    };
+    let field = |k: &str| r.get(k).and_then(serde_json::Value::as_str);
+    field("name") == Some(picker)
+        && field("group").is_none_or(str::is_empty)
+        && field("kind").is_none_or(|k| k == "Service")
+}
+
+/// The pods an InferencePool names, or what is wrong with it.
+fn pool_pods(o: &DynamicObject) -> Result<PoolPods, String> {
+    let selector = match o.data.pointer("/spec/selector") {
+        Some(v) if v.is_object() => {
+            LabelSelector::from_object(v).map_err(|e| format!("spec.selector: {e}"))?
+        }
+        _ => return Err("spec.selector is required".into()),
+    };
+    if selector.is_empty() {
+        return Err("spec.selector is empty: it would select every pod of the namespace".into());
+    }
+    let port = o
+        .data
+        .pointer("/spec/targetPorts/0/number")
+        .and_then(serde_json::Value::as_u64)
+        .ok_or("spec.targetPorts[0].number is required")?;
+    let port = u16::try_from(port)
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| format!("spec.targetPorts[0].number: {port} is not a port"))?;
+    Ok(PoolPods { selector, port })
+}
+
+fn parse(o: &DynamicObject, resource: &ApiResource, recognized: &Recognized) -> Option<Workload> {
+    let pool = is_inference_pool(resource);
+    if pool
+        && !recognized
+            .endpoint_picker
+            .as_deref()
+            .is_some_and(|p| picks_for(o, p))
+    {
+        // Another picker's pool.
+        return None;
+    }
     let annotations: BTreeMap<String, String> = o
         .annotations()
         .iter()
@@ -79,7 +164,13 @@ fn parse(o: &DynamicObject, resource: &ApiResource, algorithms: &[String]) -> Op
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     if !annotations.contains_key(&format!("{PREFIX}model")) {
-        return None;
+        // A pool that names us but not its model cannot be routed: say so
+        // on it rather than ignore it.
+        return pool.then(|| {
+            Workload::Invalid(format!(
+                "{PREFIX}model is required on an InferencePool this scalecar picks for (the model name its requests carry)"
+            ))
+        });
     }
     let target = match Policy::from_annotations(&annotations) {
         Ok(t) => t,
@@ -87,11 +178,25 @@ fn parse(o: &DynamicObject, resource: &ApiResource, algorithms: &[String]) -> Op
     };
     // An algorithm nobody registered is as wrong as a misspelt key: say so
     // on the object rather than fail at the first tick.
-    let known: Vec<&str> = algorithms.iter().map(String::as_str).collect();
+    let known: Vec<&str> = recognized.algorithms.iter().map(String::as_str).collect();
     if let Err(e) = target.policy.validate_algorithm(&known) {
         return Some(Workload::Invalid(format!("{PREFIX}algorithm: {e}")));
     }
+    let pool = if pool {
+        match pool_pods(o) {
+            Ok(p) => Some(p),
+            Err(e) => return Some(Workload::Invalid(format!("InferencePool {e}"))),
+        }
+    } else if let Some(w) = &target.workload {
+        return Some(Workload::Invalid(format!(
+            "{PREFIX}workload ({w}) names the workload an InferencePool scales; on a {} it has no meaning",
+            resource.kind
+        )));
+    } else {
+        None
+    };
     Some(Workload::Valid(Box::new(Annotated {
+        pool,
         target,
         replicas: count(o, "/spec/replicas"),
         ready_replicas: count(o, "/status/readyReplicas").unwrap_or(0),
@@ -209,20 +314,20 @@ impl WorkloadChange {
 const CHANGES_QUEUED: usize = 1024;
 
 /// Watches `kinds` (in `namespaces`, or all when empty) and sends every
-/// change of the annotated workloads; `algorithms` are the registered
-/// algorithm names. Runs until the receiver is dropped. Each kind and
+/// change of the annotated workloads (and of the InferencePools that
+/// `recognized` names our picker in). Runs until the receiver is dropped. Each kind and
 /// scope's first list counts on `listed` once it is sent.
 pub fn watch_workloads(
     client: Client,
     kinds: Vec<GroupVersionKind>,
     namespaces: &[String],
-    algorithms: Vec<String>,
+    recognized: Recognized,
     reporter: Reporter,
     listed: Listed,
 ) -> mpsc::Receiver<WorkloadChange> {
     let (tx, rx) = mpsc::channel(CHANGES_QUEUED);
     let recorder = EventWriter::new(client.clone(), reporter);
-    let algorithms = Arc::new(algorithms);
+    let recognized = Arc::new(recognized);
     let scopes: Vec<Option<String>> = if namespaces.is_empty() {
         vec![None]
     } else {
@@ -233,7 +338,7 @@ pub fn watch_workloads(
         .flat_map(|k| scopes.iter().map(move |s| (k.clone(), s.clone())))
     {
         let (tx, recorder) = (tx.clone(), recorder.clone());
-        let algorithms = algorithms.clone();
+        let recognized = recognized.clone();
         let client = client.clone();
         let listed = listed.clone();
         tokio::spawn(async move {
@@ -276,7 +381,7 @@ pub fn watch_workloads(
                 // an error is seen.
                 let mut read = async |o: &DynamicObject| {
                     let k = key(o);
-                    let w = parse(o, &resource, &algorithms);
+                    let w = parse(o, &resource, &recognized);
                     match &w {
                         Some(Workload::Invalid(why)) if reported.get(&k) != Some(why) => {
                             reported.insert(k.clone(), why.clone());
@@ -379,6 +484,120 @@ mod tests {
 
     fn invalid(why: &str) -> Workload {
         Workload::Invalid(why.into())
+    }
+
+    fn object(
+        kind_api: (&str, &str),
+        annotations: serde_json::Value,
+        spec: serde_json::Value,
+    ) -> DynamicObject {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": kind_api.0, "kind": kind_api.1,
+            "metadata": {"name": "llama", "namespace": "llm", "annotations": annotations},
+            "spec": spec,
+        }))
+        .unwrap()
+    }
+
+    fn pool_resource() -> ApiResource {
+        ApiResource::from_gvk(&GroupVersionKind::gvk(
+            INFERENCE_POOL_GROUP,
+            "v1",
+            INFERENCE_POOL_KIND,
+        ))
+    }
+
+    fn recognized(picker: Option<&str>) -> Recognized {
+        Recognized {
+            algorithms: vec!["slo".into(), "kpa".into()],
+            endpoint_picker: picker.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn an_inference_pool_is_ours_only_when_its_picker_is() {
+        let spec = serde_json::json!({
+            "selector": {"matchLabels": {"app": "llama"}},
+            "targetPorts": [{"number": 8000}],
+            "endpointPickerRef": {"name": "scalecar-epp", "port": {"number": 9002}},
+        });
+        let pool = object(
+            ("inference.networking.k8s.io/v1", "InferencePool"),
+            serde_json::json!({"scalecar.io/model": "llama-3-8b", "scalecar.io/workload": "Deployment/llama"}),
+            spec.clone(),
+        );
+        let Some(Workload::Valid(a)) =
+            parse(&pool, &pool_resource(), &recognized(Some("scalecar-epp")))
+        else {
+            panic!("a pool naming our picker is ours");
+        };
+        let pods = a.pool.as_ref().unwrap();
+        assert_eq!(pods.port, 8000);
+        assert_eq!(pods.selector, LabelSelector::parse("app=llama").unwrap());
+        assert_eq!(
+            a.target.workload.as_ref().unwrap().to_string(),
+            "Deployment/llama"
+        );
+        // Another picker's, or no picker configured: not ours, annotated or not.
+        assert_eq!(
+            parse(&pool, &pool_resource(), &recognized(Some("other-epp"))),
+            None
+        );
+        assert_eq!(parse(&pool, &pool_resource(), &recognized(None)), None);
+        let mut foreign = spec.clone();
+        foreign["endpointPickerRef"]["kind"] = "Gateway".into();
+        let pool_of = |annotations, spec| {
+            parse(
+                &object(
+                    ("inference.networking.k8s.io/v1", "InferencePool"),
+                    annotations,
+                    spec,
+                ),
+                &pool_resource(),
+                &recognized(Some("scalecar-epp")),
+            )
+        };
+        assert_eq!(
+            pool_of(serde_json::json!({"scalecar.io/model": "m"}), foreign),
+            None
+        );
+        // Ours but unusable: said, not ignored.
+        let invalid = |annotations, spec| match pool_of(annotations, spec) {
+            Some(Workload::Invalid(why)) => why,
+            other => panic!("{other:?}"),
+        };
+        assert!(
+            invalid(serde_json::json!({}), spec.clone()).contains("scalecar.io/model is required")
+        );
+        let mut no_port = spec.clone();
+        no_port["targetPorts"] = serde_json::json!([]);
+        assert!(
+            invalid(serde_json::json!({"scalecar.io/model": "m"}), no_port)
+                .contains("targetPorts[0].number")
+        );
+        let mut no_selector = spec.clone();
+        no_selector["selector"] = serde_json::json!({"matchLabels": {}});
+        assert!(
+            invalid(serde_json::json!({"scalecar.io/model": "m"}), no_selector)
+                .contains("spec.selector")
+        );
+        let mut big_port = spec;
+        big_port["targetPorts"][0]["number"] = 70000.into();
+        assert!(
+            invalid(serde_json::json!({"scalecar.io/model": "m"}), big_port)
+                .contains("70000 is not a port")
+        );
+        // The workload key on a workload itself is a mistake.
+        let deployment = object(
+            ("apps/v1", "Deployment"),
+            serde_json::json!({"scalecar.io/model": "m", "scalecar.io/workload": "Deployment/x"}),
+            serde_json::json!({"replicas": 1}),
+        );
+        let resource = ApiResource::from_gvk(&GroupVersionKind::gvk("apps", "v1", "Deployment"));
+        match parse(&deployment, &resource, &recognized(Some("scalecar-epp"))) {
+            Some(Workload::Invalid(why)) => assert!(why.contains("scalecar.io/workload"), "{why}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
