@@ -7,7 +7,7 @@ WORKDIR /src
 COPY . .
 ARG SCALECAR_COMMIT=unknown
 ENV SCALECAR_COMMIT=${SCALECAR_COMMIT}
-RUN cargo build --release --locked --no-default-features -p scalecar-proxy --bin scalecar \
+RUN cargo build --release --locked --no-default-features -p scalecar-cli --bin scalecar \
  && install -D -m 0555 target/release/scalecar /out/scalecar
 
 # glibc and CA certificates (the in-cluster API server is HTTPS), no shell.

@@ -167,7 +167,7 @@ pub fn replay_input(data: &[u8]) {
     let policy = Policy::from_keys(&BTreeMap::new(), Role::Unified).expect("default policy");
     let mut out = Vec::new();
     // A long tick keeps a day-long gap (the most a sample may jump) cheap.
-    let result = scalecar_proxy::replay::run(
+    let result = scalecar_cli::replay::run(
         policy,
         Role::Unified,
         Duration::from_secs(300),

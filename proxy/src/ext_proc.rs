@@ -17,16 +17,24 @@
 //! error JSON as the body.
 //!
 //! The response comes back through the stream (`response_body_mode:
-//! STREAMED`): its status and every body chunk feed the request's
-//! [`Observation`], so TTFT, ITL, tokens and outcomes are the signals and
-//! metrics proxy mode records. A stream that ends before the response did
-//! (the client went away and Envoy reset it) drops the observation: a
-//! cancel, as in proxy mode.
+//! STREAMED` or `FULL_DUPLEX_STREAMED`): its status and every body chunk
+//! feed the request's [`Observation`], so TTFT, ITL, tokens and outcomes
+//! are the signals and metrics proxy mode records. A stream that ends
+//! before the response did (the client went away and Envoy reset it) drops
+//! the observation: a cancel, as in proxy mode.
+//!
+//! Both body modes the Inference Extension's gateways use are served, as
+//! Envoy announces them with a stream's first message: `BUFFERED` request
+//! bodies (one message; the pick answers it, headers answered at once) and
+//! `FULL_DUPLEX_STREAMED` (Envoy streams headers and body without waiting:
+//! the headers are answered with the pick once the body has ended, and the
+//! body goes back to Envoy whole in a streamed response; in that mode
+//! response chunks are sent back as they came, after being measured).
 //!
 //! What it does not do: disaggregated (prefill/decode) routes, which need
 //! two upstream legs only proxy mode makes, are refused with a 501 naming
-//! proxy mode; request bodies must be buffered (`request_body_mode:
-//! BUFFERED`), since the pick needs the whole body before Envoy routes.
+//! proxy mode; `STREAMED` request bodies are refused with a 500 naming the
+//! setting (Envoy would route before the body, and so the model, is seen).
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -42,9 +50,9 @@ use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
     ExternalProcessor, ExternalProcessorServer,
 };
 use envoy_types::pb::envoy::service::ext_proc::v3::{
-    BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, ImmediateResponse,
-    ProcessingRequest, ProcessingResponse, ProtocolConfiguration, TrailersResponse,
-    processing_request, processing_response,
+    BodyMutation, BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, ImmediateResponse,
+    ProcessingRequest, ProcessingResponse, ProtocolConfiguration, StreamedBodyResponse,
+    TrailersResponse, body_mutation, processing_request, processing_response,
 };
 use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
@@ -105,7 +113,8 @@ impl ExternalProcessor for EndpointPicker {
         let out = futures_util::stream::unfold(Some((exchange, inbound)), |state| async move {
             let (mut exchange, mut inbound) = state?;
             let answer = exchange.next(&mut inbound).await?;
-            let rest = (!exchange.done).then_some((exchange, inbound));
+            let rest =
+                (!exchange.done || !exchange.outbox.is_empty()).then_some((exchange, inbound));
             Some((Ok(answer), rest))
         });
         Ok(tonic::Response::new(Box::pin(out)))
@@ -122,8 +131,22 @@ struct Exchange {
     observation: Option<Observation>,
     /// Envoy sends asynchronously and wants no answer.
     observing_only: bool,
+    /// The body modes Envoy announced: full duplex, or one message
+    /// answered per message.
+    modes: Modes,
+    /// Answers owed after the one just given (full duplex: the body after
+    /// the headers' answer, then the trailers').
+    outbox: std::collections::VecDeque<ProcessingResponse>,
     /// Nothing more to do: the stream may close.
     done: bool,
+}
+
+/// Which body modes are full duplex (else: request `BUFFERED`, response
+/// `STREAMED` or unmeasured).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Modes {
+    request_duplex: bool,
+    response_duplex: bool,
 }
 
 impl Exchange {
@@ -135,6 +158,8 @@ impl Exchange {
             body: Vec::new(),
             observation: None,
             observing_only: false,
+            modes: Modes::default(),
+            outbox: std::collections::VecDeque::new(),
             done: false,
         }
     }
@@ -145,6 +170,9 @@ impl Exchange {
         &mut self,
         inbound: &mut tonic::Streaming<ProcessingRequest>,
     ) -> Option<ProcessingResponse> {
+        if let Some(owed) = self.outbox.pop_front() {
+            return Some(owed);
+        }
         loop {
             let message = match inbound.message().await {
                 Ok(Some(m)) => m,
@@ -167,9 +195,14 @@ impl Exchange {
         use processing_request::Request as In;
         use processing_response::Response as Out;
         self.observing_only = message.observability_mode;
-        if let Some(refusal) = message.protocol_config.and_then(misconfigured) {
-            self.done = true;
-            return Some(refusal);
+        if let Some(config) = message.protocol_config {
+            match modes(config) {
+                Ok(m) => self.modes = m,
+                Err(refusal) => {
+                    self.done = true;
+                    return Some(refusal);
+                }
+            }
         }
         match message.request? {
             In::RequestHeaders(h) => {
@@ -185,6 +218,10 @@ impl Exchange {
                 if h.end_of_stream {
                     self.done = true;
                     return Some(self.without_body(h.headers.as_ref()));
+                }
+                if self.modes.request_duplex {
+                    // Answered with the pick, once the body has ended.
+                    return None;
                 }
                 Some(answer(Out::RequestHeaders(HeadersResponse {
                     response: Some(CommonResponse::default()),
@@ -206,9 +243,11 @@ impl Exchange {
                 }
                 self.body.extend_from_slice(&b.body);
                 if !b.end_of_stream {
-                    return Some(answer(Out::RequestBody(BodyResponse::default())));
+                    // Full duplex: nothing is owed until the pick.
+                    return (!self.modes.request_duplex)
+                        .then(|| answer(Out::RequestBody(BodyResponse::default())));
                 }
-                Some(self.pick().await)
+                Some(self.pick_and_answer(false).await)
             }
             In::ResponseHeaders(h) => {
                 if let (Some(o), Some(status)) =
@@ -228,7 +267,21 @@ impl Exchange {
                 if b.end_of_stream {
                     self.end();
                 }
-                Some(answer(Out::ResponseBody(BodyResponse::default())))
+                if !self.modes.response_duplex {
+                    return Some(answer(Out::ResponseBody(BodyResponse::default())));
+                }
+                // Full duplex: the chunk goes on only as sent back.
+                Some(answer(Out::ResponseBody(streamed(b.body, b.end_of_stream))))
+            }
+            In::RequestTrailers(_) if self.modes.request_duplex && self.done_reading_body() => {
+                // A body that ended with trailers: the pick now, then the
+                // body, then the trailers' answer.
+                let first = self.pick_and_answer(true).await;
+                if self.observation.is_some() {
+                    self.outbox
+                        .push_back(answer(Out::RequestTrailers(TrailersResponse::default())));
+                }
+                Some(first)
             }
             In::RequestTrailers(_) => {
                 Some(answer(Out::RequestTrailers(TrailersResponse::default())))
@@ -239,6 +292,30 @@ impl Exchange {
                 Some(answer(Out::ResponseTrailers(TrailersResponse::default())))
             }
         }
+    }
+
+    /// No pick yet: the request body is still being read.
+    fn done_reading_body(&self) -> bool {
+        self.observation.is_none() && !self.done
+    }
+
+    /// The pick as the body mode wants it answered: buffered, on the body
+    /// message; full duplex, on the headers (owed since they came), the
+    /// whole body sent back after it (`trailers` follow it or not).
+    async fn pick_and_answer(&mut self, trailers: bool) -> ProcessingResponse {
+        let addr = match self.pick().await {
+            Ok(addr) => addr,
+            Err(refusal) => return refusal,
+        };
+        if !self.modes.request_duplex {
+            return picked(addr, Phase::Body);
+        }
+        let body = std::mem::take(&mut self.body);
+        self.outbox
+            .push_back(answer(processing_response::Response::RequestBody(
+                streamed(body, !trailers),
+            )));
+        picked(addr, Phase::Headers)
     }
 
     /// The response ended cleanly.
@@ -263,7 +340,7 @@ impl Exchange {
         refuse(
             &ApiError::bad_request(
                 format!(
-                    "{method} {path} has no body to route on (the gateway must send request bodies: request_body_mode BUFFERED)"
+                    "{method} {path} has no body to route on (the gateway must send request bodies: request_body_mode BUFFERED or FULL_DUPLEX_STREAMED)"
                 ),
                 None,
             ),
@@ -272,24 +349,24 @@ impl Exchange {
     }
 
     /// Routes the whole body and admits it: the endpoint, or why not.
-    async fn pick(&mut self) -> ProcessingResponse {
+    async fn pick(&mut self) -> Result<SocketAddr, ProcessingResponse> {
         self.done = true;
         let plane = self.plane.clone();
         let parsed = match parse_request(&self.body) {
             Ok(p) => p,
             Err(e) => {
                 plane.metrics.rejected(Rejection::bad_request);
-                return refuse(&e, None);
+                return Err(refuse(&e, None));
             }
         };
         let Some(route) = plane.routes().get(parsed.model.as_ref()) else {
             plane.metrics.rejected(Rejection::unknown_model);
-            return refuse(&ApiError::model_not_found(&parsed.model), None);
+            return Err(refuse(&ApiError::model_not_found(&parsed.model), None));
         };
         let entry = match &route {
             ModelRoute::Unified(entry) => entry.clone(),
             ModelRoute::Disaggregated { .. } => {
-                return refuse(
+                return Err(refuse(
                     &ApiError::new(
                         StatusCode::NOT_IMPLEMENTED,
                         format!(
@@ -299,7 +376,7 @@ impl Exchange {
                         None,
                     ),
                     None,
-                );
+                ));
             }
         };
         let among = match &self.subset {
@@ -307,7 +384,7 @@ impl Exchange {
             None => Among::All,
         };
         if !entry.pool.has_any(among) {
-            return refuse(
+            return Err(refuse(
                 &ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     format!(
@@ -318,7 +395,7 @@ impl Exchange {
                     None,
                 ),
                 Some("1"),
-            );
+            ));
         }
         let arrival = Arrival {
             prompt_tokens: parsed.prompt_tokens,
@@ -330,54 +407,95 @@ impl Exchange {
         match lifecycle::admit(&plane.limits, &entry, arrival).await {
             Ok(observation) => {
                 let Some(addr) = observation.lease().map(|l| l.endpoint.addr) else {
-                    return refuse(
+                    return Err(refuse(
                         &ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no endpoint slot", None),
                         Some("1"),
-                    );
+                    ));
                 };
                 self.observation = Some(observation);
                 self.done = false;
-                picked(addr)
+                Ok(addr)
             }
-            Err(refusal) => refuse(
+            Err(refusal) => Err(refuse(
                 &ApiError::new(refusal.status, refusal.message, None),
                 Some(refusal.retry_after),
-            ),
+            )),
         }
     }
 }
 
-/// A processing mode the picker cannot work with, as a 500 naming the
-/// setting (Envoy sends its modes with a stream's first message). The
-/// pick needs the whole request body before Envoy routes; a response
-/// not streamed through the picker is served but not measured (warned
-/// once).
-fn misconfigured(config: ProtocolConfiguration) -> Option<ProcessingResponse> {
+/// The body modes Envoy announced (with a stream's first message), or a
+/// 500 naming the setting the picker cannot work with: the pick needs the
+/// whole request body before Envoy routes (`BUFFERED`, or
+/// `FULL_DUPLEX_STREAMED`, where the headers wait for the pick). A
+/// response not streamed through the picker is served but not measured
+/// (warned once).
+fn modes(config: ProtocolConfiguration) -> Result<Modes, ProcessingResponse> {
     static UNMEASURED: std::sync::Once = std::sync::Once::new();
     let request = BodySendMode::try_from(config.request_body_mode).ok();
-    if request != Some(BodySendMode::Buffered) {
-        let got = request.map_or("an unknown mode", |m| m.as_str_name());
-        return Some(refuse(
-            &ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!(
-                    "the gateway's ext_proc filter sends request bodies as {got}: scalecar's endpoint picker needs processing_mode.request_body_mode BUFFERED"
+    let request_duplex = match request {
+        Some(BodySendMode::Buffered) => false,
+        Some(BodySendMode::FullDuplexStreamed) => true,
+        other => {
+            let got = other.map_or("an unknown mode", |m| m.as_str_name());
+            return Err(refuse(
+                &ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!(
+                        "the gateway's ext_proc filter sends request bodies as {got}: scalecar's endpoint picker needs processing_mode.request_body_mode BUFFERED or FULL_DUPLEX_STREAMED"
+                    ),
+                    None,
                 ),
                 None,
-            ),
-            None,
-        ));
-    }
+            ));
+        }
+    };
     let response = BodySendMode::try_from(config.response_body_mode).ok();
-    if response != Some(BodySendMode::Streamed) {
-        UNMEASURED.call_once(|| {
-            tracing::warn!(
-                response_body_mode = response.map_or("unknown", |m| m.as_str_name()),
-                "ext_proc responses are not streamed through the picker: TTFT, tokens and outcomes go unmeasured (set processing_mode.response_body_mode STREAMED)"
-            );
-        });
+    let response_duplex = match response {
+        Some(BodySendMode::Streamed) => false,
+        Some(BodySendMode::FullDuplexStreamed) => true,
+        other => {
+            UNMEASURED.call_once(|| {
+                tracing::warn!(
+                    response_body_mode = other.map_or("unknown", |m| m.as_str_name()),
+                    "ext_proc responses are not streamed through the picker: TTFT, tokens and outcomes go unmeasured (set processing_mode.response_body_mode STREAMED or FULL_DUPLEX_STREAMED)"
+                );
+            });
+            false
+        }
+    };
+    Ok(Modes {
+        request_duplex,
+        response_duplex,
+    })
+}
+
+/// A full-duplex body chunk sent back to Envoy (which forwards only what
+/// it is sent).
+fn streamed(body: Vec<u8>, end_of_stream: bool) -> BodyResponse {
+    BodyResponse {
+        response: Some(CommonResponse {
+            body_mutation: Some(BodyMutation {
+                mutation: Some(body_mutation::Mutation::StreamedResponse(
+                    StreamedBodyResponse {
+                        body,
+                        end_of_stream,
+                        ..StreamedBodyResponse::default()
+                    },
+                )),
+            }),
+            ..CommonResponse::default()
+        }),
     }
-    None
+}
+
+/// Which request message the pick answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Buffered: the body message.
+    Body,
+    /// Full duplex: the headers, held until the body ended.
+    Headers,
 }
 
 fn answer(response: processing_response::Response) -> ProcessingResponse {
@@ -388,8 +506,9 @@ fn answer(response: processing_response::Response) -> ProcessingResponse {
 }
 
 /// The pick: the header (with the route cache cleared, so the gateway
-/// routes on it) and the same value in `envoy.lb` dynamic metadata.
-fn picked(addr: SocketAddr) -> ProcessingResponse {
+/// routes on it) and the same value in `envoy.lb` dynamic metadata, as the
+/// answer to `phase`'s message.
+fn picked(addr: SocketAddr, phase: Phase) -> ProcessingResponse {
     let value = addr.to_string();
     let lb = Struct {
         fields: [(DESTINATION.to_string(), string_value(&value))].into(),
@@ -403,17 +522,24 @@ fn picked(addr: SocketAddr) -> ProcessingResponse {
         )]
         .into(),
     };
+    let common = Some(CommonResponse {
+        header_mutation: Some(HeaderMutation {
+            set_headers: vec![set_header(DESTINATION, &value)],
+            remove_headers: Vec::new(),
+        }),
+        clear_route_cache: true,
+        ..CommonResponse::default()
+    });
+    let response = match phase {
+        Phase::Body => {
+            processing_response::Response::RequestBody(BodyResponse { response: common })
+        }
+        Phase::Headers => {
+            processing_response::Response::RequestHeaders(HeadersResponse { response: common })
+        }
+    };
     ProcessingResponse {
-        response: Some(processing_response::Response::RequestBody(BodyResponse {
-            response: Some(CommonResponse {
-                header_mutation: Some(HeaderMutation {
-                    set_headers: vec![set_header(DESTINATION, &value)],
-                    remove_headers: Vec::new(),
-                }),
-                clear_route_cache: true,
-                ..CommonResponse::default()
-            }),
-        })),
+        response: Some(response),
         dynamic_metadata: Some(metadata),
         ..ProcessingResponse::default()
     }
@@ -644,7 +770,13 @@ mod tests {
 
     #[test]
     fn the_pick_is_a_header_and_envoy_lb_metadata() {
-        let r = picked("10.1.2.3:8000".parse().unwrap());
+        // Full duplex: on the held headers' answer.
+        let r = picked("10.1.2.3:8000".parse().unwrap(), Phase::Headers);
+        assert!(matches!(
+            r.response,
+            Some(processing_response::Response::RequestHeaders(_))
+        ));
+        let r = picked("10.1.2.3:8000".parse().unwrap(), Phase::Body);
         let Some(processing_response::Response::RequestBody(body)) = &r.response else {
             panic!("{r:?}");
         };
@@ -709,22 +841,47 @@ mod tests {
             response_body_mode: response as i32,
             ..ProtocolConfiguration::default()
         };
-        assert!(misconfigured(config(BodySendMode::Buffered, BodySendMode::Streamed)).is_none());
+        let duplex = BodySendMode::FullDuplexStreamed;
+        let m = |request, response| modes(config(request, response)).unwrap();
+        assert_eq!(
+            m(BodySendMode::Buffered, BodySendMode::Streamed),
+            Modes::default()
+        );
+        assert_eq!(
+            m(duplex, duplex),
+            Modes {
+                request_duplex: true,
+                response_duplex: true
+            }
+        );
+        assert_eq!(
+            m(BodySendMode::Buffered, duplex),
+            Modes {
+                request_duplex: false,
+                response_duplex: true
+            }
+        );
         // Served, not measured: a warning, not a refusal.
-        assert!(misconfigured(config(BodySendMode::Buffered, BodySendMode::None)).is_none());
+        assert_eq!(
+            m(BodySendMode::Buffered, BodySendMode::None),
+            Modes::default()
+        );
         for bad in [
             BodySendMode::None,
             BodySendMode::Streamed,
             BodySendMode::BufferedPartial,
         ] {
-            let r = misconfigured(config(bad, BodySendMode::Streamed)).unwrap();
+            let r = modes(config(bad, BodySendMode::Streamed)).unwrap_err();
             let Some(processing_response::Response::ImmediateResponse(i)) = &r.response else {
                 panic!("{r:?}");
             };
             assert_eq!(i.status.as_ref().unwrap().code, 500);
             let text = String::from_utf8_lossy(&i.body);
             assert!(text.contains(bad.as_str_name()), "{text}");
-            assert!(text.contains("request_body_mode BUFFERED"), "{text}");
+            assert!(
+                text.contains("request_body_mode BUFFERED or FULL_DUPLEX_STREAMED"),
+                "{text}"
+            );
         }
     }
 

@@ -1,14 +1,17 @@
-//! scalecar-proxy: the data plane, the admin server and the `scalecar`
-//! binary.
+//! scalecar-proxy: the data plane, the endpoint picker and the admin server,
+//! as a library.
 //!
 //! Role: an OpenAI-compatible inference proxy that measures every request
 //! and streamed token into the scaler's signals (TTFT, ITL, queue, tokens in
-//! flight, per model and role); the assembly of a gateway (pools from static
-//! config or Kubernetes discovery, the route table, the control loop); and
-//! the commands users run (`run`, `demo`, `replay`, `status`).
+//! flight, per model and role); the same admission and measurement behind
+//! Envoy's ext_proc (the Inference Extension's endpoint picker); and the
+//! assembly of a gateway (pools from static config, Kubernetes discovery or
+//! InferencePools, the route table, the control loop).
 //!
 //! Not here: scaling decisions and the Kubernetes client pieces (see
-//! `scalecar-scaler`), policy parsing (see `scalecar-config`).
+//! `scalecar-scaler`), policy parsing (see `scalecar-config`), the commands
+//! users run (`scalecar run`, `status`, `replay`, `demo`, `simulate`: the
+//! `scalecar-cli` crate).
 //!
 //! Invariants: the proxy adds no buffering to a stream (frames pass as they
 //! come, TCP_NODELAY both ways); every admitted request releases its
@@ -24,8 +27,6 @@ pub mod body;
 pub mod cluster;
 pub mod dataplane;
 pub mod decisions;
-#[cfg(feature = "demo")]
-pub mod demo;
 pub mod discovery;
 pub mod error;
 pub mod ext_proc;
@@ -39,11 +40,16 @@ pub mod peer_token;
 pub mod peers;
 pub mod pool;
 pub mod pool_set;
-pub mod replay;
 pub mod routes;
 pub mod server;
-#[cfg(feature = "demo")]
-pub mod simulate;
 pub mod sse;
-pub mod status;
 pub mod upstream;
+
+/// `0.1.0 (commit abc123def456)`: what `scalecar --version` says (the
+/// commit from `SCALECAR_COMMIT` or git at build time, see build.rs).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("SCALECAR_COMMIT"),
+    ")"
+);

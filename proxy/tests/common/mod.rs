@@ -1,4 +1,4 @@
-//! What the proxy's integration suites share: real model-sim servers and
+//! What the integration suites share (proxy's, and cli's by `#[path]`): real model-sim servers and
 //! real proxies on 127.0.0.1:0 ports, waited on for readiness; plain HTTP
 //! helpers; the metrics and pools as the admin server shows them; and the
 //! teardown every test ends with.

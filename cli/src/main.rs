@@ -1,24 +1,25 @@
-//! The `scalecar` binary: `run` (the proxy), `replay` (offline decisions
-//! from recorded signals).
+//! The `scalecar` binary: `run` (the gateway), `status`, `replay`
+//! (offline decisions from recorded signals) and, with the `demo` feature,
+//! `demo` and `simulate`.
 
 use std::io::{BufReader, IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+#[cfg(feature = "demo")]
+use scalecar_cli::demo::DemoArgs;
+use scalecar_cli::replay::{self, ReplayArgs};
+#[cfg(feature = "demo")]
+use scalecar_cli::simulate::SimulateArgs;
+use scalecar_cli::status::{self, StatusArgs};
 use scalecar_config::ScalecarConfig;
-#[cfg(feature = "demo")]
-use scalecar_proxy::demo::DemoArgs;
-use scalecar_proxy::replay::{self, ReplayArgs};
-#[cfg(feature = "demo")]
-use scalecar_proxy::simulate::SimulateArgs;
-use scalecar_proxy::status::{self, StatusArgs};
 use scalecar_scaler::algorithm::AlgorithmRegistry;
 
 #[derive(Debug, Parser)]
 #[command(
     name = "scalecar",
-    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("SCALECAR_COMMIT"), ")"),
+    version = scalecar_proxy::VERSION,
     about = "Gateway-embedded autoscaler for LLM inference",
     after_help = "EXAMPLES\n  scalecar demo --duration 60s\n  scalecar run --config scalecar.yaml\n  scalecar status --admin 127.0.0.1:9090\n  echo '{\"t\":0,\"ready\":1,\"stable\":30,\"panic\":30}' | scalecar replay --set target=10"
 )]
@@ -159,9 +160,9 @@ fn demo(args: DemoArgs) -> ExitCode {
     let stop = async {
         let _ = tokio::signal::ctrl_c().await;
     };
-    match runtime.block_on(scalecar_proxy::demo::run(args, stop)) {
+    match runtime.block_on(scalecar_cli::demo::run(args, stop)) {
         Ok(report) => {
-            scalecar_proxy::demo::announce(&report);
+            scalecar_cli::demo::announce(&report);
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -190,7 +191,7 @@ fn simulate(args: SimulateArgs) -> ExitCode {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let started = std::time::Instant::now();
-    let result = runtime.block_on(scalecar_proxy::simulate::run(&args, |what, done| {
+    let result = runtime.block_on(scalecar_cli::simulate::run(&args, |what, done| {
         bar.set_message(what.to_string());
         bar.set_position((done.clamp(0.0, 1.0) * 1000.0) as u64);
     }));
@@ -204,7 +205,7 @@ fn simulate(args: SimulateArgs) -> ExitCode {
                 outcome.summary.trace_seconds,
                 started.elapsed().as_secs_f64()
             );
-            match scalecar_proxy::simulate::print(&outcome.summary) {
+            match scalecar_cli::simulate::print(&outcome.summary) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     let _ = writeln!(std::io::stderr(), "scalecar simulate: stdout: {e}");

@@ -108,7 +108,7 @@ fn the_dockerfile_builds_the_production_binary_and_runs_it_as_non_root() {
         "{runtime}"
     );
     assert!(
-        docker.contains("--no-default-features -p scalecar-proxy --bin scalecar"),
+        docker.contains("--no-default-features -p scalecar-cli --bin scalecar"),
         "the production build leaves the demo out"
     );
     let last_from = lines.iter().rposition(|l| l.starts_with("FROM ")).unwrap();

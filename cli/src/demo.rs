@@ -23,7 +23,7 @@ use scalecar_loadtest::loadgen::{
 use scalecar_loadtest::plot::{TimelinePoint, write_timeline_csv, write_timeline_svg};
 use scalecar_scaler::algorithm::AlgorithmRegistry;
 
-use crate::gateway::GatewayBuilder;
+use scalecar_proxy::gateway::GatewayBuilder;
 
 const MODEL: &str = "llama-3-8b";
 const NAMESPACE: &str = "default";
@@ -217,12 +217,13 @@ pub async fn run(
         bind().await?,
     )
     .map_err(|e| setup("starting kube-sim", &e))?;
-    let kube_client = kube::Client::try_from(crate::cluster::identified(kube::Config::new(
-        sim.url()
-            .parse()
-            .map_err(|e| setup("kube-sim address", &e))?,
-    )))
-    .map_err(|e| setup("Kubernetes client", &e))?;
+    let kube_client =
+        kube::Client::try_from(scalecar_proxy::cluster::identified(kube::Config::new(
+            sim.url()
+                .parse()
+                .map_err(|e| setup("kube-sim address", &e))?,
+        )))
+        .map_err(|e| setup("Kubernetes client", &e))?;
     let deployments: kube::Api<kube::api::DynamicObject> = kube::Api::namespaced_with(
         kube_client.clone(),
         NAMESPACE,

@@ -5,7 +5,7 @@
 //! One test binary, a module per concern; `harness` holds what they share.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "../common/mod.rs"]
+#[path = "../../../proxy/tests/common/mod.rs"]
 mod common;
 mod deploy;
 mod faults;

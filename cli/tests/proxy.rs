@@ -2,6 +2,7 @@
 //! 127.0.0.1:0 ports, async-openai and raw HTTP clients, promtool.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "../../proxy/tests/common/mod.rs"]
 mod common;
 
 use std::time::{Duration, Instant};

@@ -5,6 +5,7 @@
 //! accepting and lets open streams finish — no request fails.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "../../proxy/tests/common/mod.rs"]
 mod common;
 
 use std::time::{Duration, Instant};

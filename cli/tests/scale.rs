@@ -11,6 +11,7 @@
 //! cargo test -p scalecar-proxy --test scale -- --nocapture`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "../../proxy/tests/common/mod.rs"]
 mod common;
 
 use std::path::PathBuf;

@@ -7,6 +7,7 @@
 //! speak to Envoy only.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "../../proxy/tests/common/mod.rs"]
 mod common;
 
 use std::net::SocketAddr;
@@ -37,6 +38,11 @@ impl Envoy {
     /// Envoy on free ports, its ext_proc filter calling `picker`; ready
     /// once its admin API says LIVE and the listener is bound.
     async fn start(picker: SocketAddr) -> Envoy {
+        Envoy::start_with(picker, Bodies::BufferedStreamed).await
+    }
+
+    /// The same, with the filter's body modes `bodies`.
+    async fn start_with(picker: SocketAddr, bodies: Bodies) -> Envoy {
         let dir = std::env::temp_dir().join(format!(
             "scalecar-envoy-{}-{}",
             std::process::id(),
@@ -44,7 +50,7 @@ impl Envoy {
         ));
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("envoy.yaml");
-        std::fs::write(&config, envoy_config(picker)).unwrap();
+        std::fs::write(&config, envoy_config(picker, bodies)).unwrap();
         let admin_path = dir.join("admin-address");
         let bin = std::env::var("ENVOY").unwrap_or_else(|_| "envoy".into());
         let child = Command::new(&bin)
@@ -125,11 +131,25 @@ impl Drop for Envoy {
     }
 }
 
+/// The ext_proc filter's body modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Bodies {
+    /// Request bodies buffered, responses streamed: README's config.
+    BufferedStreamed,
+    /// Both full duplex, trailers sent: what the Inference Extension's
+    /// gateways configure.
+    FullDuplex,
+}
+
 /// The Inference Extension's Envoy: ext_proc → ORIGINAL_DST on the
 /// picked header. A test-only filter before it turns header
 /// `x-test-subset` into the subset hint a gateway would set (filter
 /// metadata `envoy.lb.subset_hint`), forwarded to the picker.
-fn envoy_config(picker: SocketAddr) -> String {
+fn envoy_config(picker: SocketAddr, bodies: Bodies) -> String {
+    let (request, response, trailers) = match bodies {
+        Bodies::BufferedStreamed => ("BUFFERED", "STREAMED", "SKIP"),
+        Bodies::FullDuplex => ("FULL_DUPLEX_STREAMED", "FULL_DUPLEX_STREAMED", "SEND"),
+    };
     format!(
         r#"static_resources:
   listeners:
@@ -173,10 +193,10 @@ fn envoy_config(picker: SocketAddr) -> String {
               processing_mode:
                 request_header_mode: SEND
                 response_header_mode: SEND
-                request_body_mode: BUFFERED
-                response_body_mode: STREAMED
-                request_trailer_mode: SKIP
-                response_trailer_mode: SKIP
+                request_body_mode: {request}
+                response_body_mode: {response}
+                request_trailer_mode: {trailers}
+                response_trailer_mode: {trailers}
           - name: envoy.filters.http.router
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
@@ -500,6 +520,90 @@ async fn a_client_that_leaves_mid_stream_is_a_cancel_and_frees_its_slot() {
     // The slot is free: the next request is served.
     let (text, _) = stream_text(&envoy.openai(), 3).await;
     assert!(!text.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_duplex_bodies_as_the_inference_extension_configures_them_are_picked_and_measured() {
+    let a = sim(model("m")).await;
+    let p = picker(
+        &[a.local_addr()],
+        "queue-wait: 30s",
+        "max-concurrency: \"1\"",
+    )
+    .await;
+    let envoy = Envoy::start_with(p.ext_proc_addr.unwrap(), Bodies::FullDuplex).await;
+    // The headers wait for the pick, the body is sent back whole, every
+    // response chunk is measured and sent on: the SDK sees each event.
+    for _ in 0..4 {
+        let (text, events) = stream_text(&envoy.openai(), 12).await;
+        assert_eq!(events, 12);
+        assert!(!text.is_empty());
+    }
+    let r = envoy.openai().chat().create(chat(7, false)).await.unwrap();
+    assert_eq!(r.usage.unwrap().completion_tokens, 7);
+    // A body Envoy streams in many chunks (a 300 KB prompt) reaches the
+    // model server whole: its prompt is counted as sent.
+    let long = "tok ".repeat(75_000);
+    let body = format!(
+        r#"{{"model":"m","max_tokens":2,"messages":[{{"role":"user","content":"{long}"}}]}}"#
+    );
+    let (status, _, answer) = common::request("POST", &envoy.url("/v1/chat/completions"), &body)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{answer}");
+    let usage: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert!(
+        usage["usage"]["prompt_tokens"].as_u64().unwrap() >= 75_000,
+        "{usage}"
+    );
+    eventually("6 ok", Duration::from_secs(5), || async {
+        outcome(&p, "unified", "ok").await == 6.0
+    })
+    .await;
+    assert_eq!(
+        metric(
+            &p,
+            "scalecar_ttft_seconds_count{model=\"m\",role=\"unified\"}"
+        )
+        .await,
+        4.0
+    );
+    assert_eq!(
+        metric(
+            &p,
+            "scalecar_tokens_total{model=\"m\",role=\"unified\",kind=\"generated\"}"
+        )
+        .await,
+        4.0 * 12.0 + 7.0 + 2.0
+    );
+    assert_eq!(in_flight(&p).await, 0.0);
+    // A client leaving mid-stream is a cancel here too, its slot freed.
+    let mut s = envoy
+        .openai()
+        .chat()
+        .create_stream(chat(100_000, true))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        s.next().await.unwrap().unwrap();
+    }
+    assert_eq!(in_flight(&p).await, 1.0);
+    drop(s);
+    eventually("cancelled", Duration::from_secs(10), || async {
+        outcome(&p, "unified", "cancelled").await == 1.0
+    })
+    .await;
+    assert_eq!(in_flight(&p).await, 0.0);
+    // Refusals are immediate responses in this mode as well.
+    let (status, _, body) = common::request(
+        "POST",
+        &envoy.url("/v1/chat/completions"),
+        r#"{"model":"nope","messages":[{"role":"user","content":"hi"}]}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("model_not_found"), "{body}");
 }
 
 /// A `scalecar run` process serving the picker on a fixed port, killed

@@ -8,6 +8,7 @@
 //! the Pod's own address and scales an annotated Deployment.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "../../proxy/tests/common/mod.rs"]
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -1072,6 +1073,20 @@ async fn the_gateway_api_overlay_picks_for_an_inference_pool_and_scales_its_depl
             None,
         );
         (n.trim() == "2").then_some(())
+    })
+    .await;
+    // The leader renews its Lease (an update) every retry period: seen
+    // once before the rights are held to the calls.
+    eventually("a Lease renewal", Duration::from_secs(10), || async {
+        c.sim
+            .requests()
+            .iter()
+            .any(|r| {
+                r.method == "PUT"
+                    && r.uri.contains("/leases/")
+                    && r.user_agent.starts_with("scalecar/")
+            })
+            .then_some(())
     })
     .await;
     c.rbac_is_what_the_gateway_uses();
