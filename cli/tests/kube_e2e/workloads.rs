@@ -742,3 +742,39 @@ async fn advisory_mode_decides_and_events_but_writes_nothing_beside_static_pools
     p.shutdown().await;
     c.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kind_the_cluster_does_not_serve_does_not_hold_readiness() {
+    // A custom kind whose CRD is not installed (yet), and InferencePools
+    // watched: ready once the rest is listed, and the annotated
+    // Deployment routed meanwhile.
+    let c = Cluster::start().await;
+    let d = c.deployments();
+    c.create(
+        &d,
+        workload(
+            "apps/v1",
+            "Deployment",
+            "llama",
+            "m",
+            1,
+            json!({"scalecar.io/model": "m"}),
+            &[],
+        ),
+    )
+    .await;
+    let p = c
+        .scalecar(
+            "1s",
+            "  kinds: [{group: later.example.com, version: v1, kind: NotYet}]\n  endpoint-picker: scalecar-epp\n",
+        )
+        .await;
+    eventually("the Deployment routed", Duration::from_secs(10), || async {
+        endpoints(&p, "m", "unified").await.filter(|e| e.len() == 1)
+    })
+    .await;
+    assert!(!chat(&openai(&p), "m", "ready?", 4).await.is_empty());
+    teardown(&p).await;
+    p.shutdown().await;
+    c.stop().await;
+}

@@ -208,10 +208,14 @@ fn parse(o: &DynamicObject, resource: &ApiResource, recognized: &Recognized) -> 
 /// The resource of `gvk` through discovery, tried until found (a custom
 /// resource may be installed after scalecar starts; the API server may be
 /// down), with a backoff up to 30 s; `None` once nobody listens.
+/// `absent` is called once, at the first answer that the cluster does not
+/// serve the kind (as opposed to no answer): the kind has no objects yet,
+/// and readiness need not wait for its CRD.
 async fn find_kind(
     client: &Client,
     gvk: &GroupVersionKind,
     tx: &mpsc::Sender<WorkloadChange>,
+    mut absent: impl FnMut(),
 ) -> Option<ApiResource> {
     let mut wait = std::time::Duration::from_millis(500);
     let mut reported = None;
@@ -223,7 +227,12 @@ async fn find_kind(
         .await;
         let why = match found {
             Ok(Ok((resource, _))) => return Some(resource),
-            Ok(Err(e)) => e.to_string(),
+            Ok(Err(e)) => {
+                if not_served(&e) {
+                    absent();
+                }
+                e.to_string()
+            }
             Err(_) => "no answer within 10s".to_string(),
         };
         if reported.as_ref() != Some(&why) {
@@ -235,6 +244,19 @@ async fn find_kind(
         }
         tokio::time::sleep(wait).await;
         wait = (wait * 2).min(std::time::Duration::from_secs(30));
+    }
+}
+
+/// The API server answered that it does not serve the kind (its group,
+/// version or kind unknown), rather than failing to answer.
+fn not_served(e: &kube::Error) -> bool {
+    use kube::error::DiscoveryError as D;
+    match e {
+        kube::Error::Api(s) => s.code == 404,
+        kube::Error::Discovery(
+            D::MissingKind(_) | D::MissingApiGroup(_) | D::MissingResource(_),
+        ) => true,
+        _ => false,
     }
 }
 
@@ -342,12 +364,19 @@ pub fn watch_workloads(
         let client = client.clone();
         let listed = listed.clone();
         tokio::spawn(async move {
-            let Some(resource) = find_kind(&client, &gvk, &tx).await else {
-                // A kind the cluster does not serve is listed: empty.
-                listed.one_done();
+            // A kind the cluster does not serve (yet) is listed: empty.
+            let mut first_list = true;
+            let absent = || {
+                if std::mem::take(&mut first_list) {
+                    listed.one_done();
+                }
+            };
+            let Some(resource) = find_kind(&client, &gvk, &tx, absent).await else {
+                if std::mem::take(&mut first_list) {
+                    listed.one_done();
+                }
                 return;
             };
-            let mut first_list = true;
             let api: Api<DynamicObject> = match &scope {
                 Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
                 None => Api::all_with(client.clone(), &resource),
