@@ -10,7 +10,9 @@
 //! `COMPARE_ENVOY=1` (Envoy from `$ENVOY` or PATH; scripts/install-envoy)
 //! they also run through Envoy alone (a static cluster per route) and
 //! through Envoy with scalecar as its endpoint picker (ext_proc, body
-//! buffered, response streamed, `ORIGINAL_DST` on the picked header), the
+//! buffered, response streamed, `ORIGINAL_DST` on the picked header; with
+//! `EPP_BODIES=full-duplex` both bodies `FULL_DUPLEX_STREAMED`, as the
+//! Inference Extension's gateways configure it), the
 //! picker's CPU read from scalecar's process. `BENCH_PARTS`
 //! picks parts (`cpu,latency,ttft`; all by default); `SCALECAR_WORKERS`
 //! sets the proxy's worker threads. `BENCH_PIN=1` gives the proxy under
@@ -158,18 +160,26 @@ fn quantile(v: &mut [Duration], q: f64) -> Duration {
 /// Inference Extension configures it.
 fn envoy_config(listeners: [u16; 4], admin: u16, fast: u16, real: u16, picker: u16) -> String {
     let [alone_fast, alone_real, epp_fast, epp_real] = listeners;
+    let (request, response, trailers) =
+        if std::env::var("EPP_BODIES").is_ok_and(|m| m == "full-duplex") {
+            ("FULL_DUPLEX_STREAMED", "FULL_DUPLEX_STREAMED", "SEND")
+        } else {
+            ("BUFFERED", "STREAMED", "SKIP")
+        };
     let hcm = |name: &str, cluster: &str, ext_proc: bool| {
         let filter = if ext_proc {
-            r#"
+            format!(
+                r#"
           - name: envoy.filters.http.ext_proc
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
               failure_mode_allow: false
               message_timeout: 60s
-              grpc_service: { envoy_grpc: { cluster_name: picker }, timeout: 60s }
-              processing_mode: { request_header_mode: SEND, request_body_mode: BUFFERED, response_header_mode: SEND, response_body_mode: STREAMED, request_trailer_mode: SKIP, response_trailer_mode: SKIP }"#
+              grpc_service: {{ envoy_grpc: {{ cluster_name: picker }}, timeout: 60s }}
+              processing_mode: {{ request_header_mode: SEND, request_body_mode: {request}, response_header_mode: SEND, response_body_mode: {response}, request_trailer_mode: {trailers}, response_trailer_mode: {trailers} }}"#
+            )
         } else {
-            ""
+            String::new()
         };
         format!(
             r#"
