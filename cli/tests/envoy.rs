@@ -139,6 +139,9 @@ enum Bodies {
     /// Both full duplex, trailers sent: what the Inference Extension's
     /// gateways configure.
     FullDuplex,
+    /// Request bodies streamed: Envoy would route before the model is
+    /// known; refused.
+    StreamedRequests,
 }
 
 /// The Inference Extension's Envoy: ext_proc → ORIGINAL_DST on the
@@ -149,6 +152,7 @@ fn envoy_config(picker: SocketAddr, bodies: Bodies) -> String {
     let (request, response, trailers) = match bodies {
         Bodies::BufferedStreamed => ("BUFFERED", "STREAMED", "SKIP"),
         Bodies::FullDuplex => ("FULL_DUPLEX_STREAMED", "FULL_DUPLEX_STREAMED", "SEND"),
+        Bodies::StreamedRequests => ("STREAMED", "STREAMED", "SKIP"),
     };
     format!(
         r#"static_resources:
@@ -604,6 +608,27 @@ async fn full_duplex_bodies_as_the_inference_extension_configures_them_are_picke
     .unwrap();
     assert_eq!(status, 404, "{body}");
     assert!(body.contains("model_not_found"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_that_streams_request_bodies_is_told_the_setting_to_change() {
+    let a = sim(model("m")).await;
+    let p = picker(&[a.local_addr()], "", "").await;
+    let envoy = Envoy::start_with(p.ext_proc_addr.unwrap(), Bodies::StreamedRequests).await;
+    let (status, _, body) = common::request(
+        "POST",
+        &envoy.url("/v1/chat/completions"),
+        r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 500, "{body}");
+    assert!(
+        body.contains("request bodies as STREAMED")
+            && body.contains("request_body_mode BUFFERED or FULL_DUPLEX_STREAMED"),
+        "{body}"
+    );
+    assert_eq!(served(&a).await, 0.0);
 }
 
 /// A `scalecar run` process serving the picker on a fixed port, killed

@@ -198,9 +198,12 @@ impl Exchange {
         if let Some(config) = message.protocol_config {
             match modes(config) {
                 Ok(m) => self.modes = m,
-                Err(refusal) => {
+                Err(why) => {
                     self.done = true;
-                    return Some(refusal);
+                    return Some(refuse(
+                        &ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, why, None),
+                        None,
+                    ));
                 }
             }
         }
@@ -424,13 +427,13 @@ impl Exchange {
     }
 }
 
-/// The body modes Envoy announced (with a stream's first message), or a
-/// 500 naming the setting the picker cannot work with: the pick needs the
+/// The body modes Envoy announced (with a stream's first message), or why
+/// the picker cannot work with them (answered as a 500 naming the setting): the pick needs the
 /// whole request body before Envoy routes (`BUFFERED`, or
 /// `FULL_DUPLEX_STREAMED`, where the headers wait for the pick). A
 /// response not streamed through the picker is served but not measured
 /// (warned once).
-fn modes(config: ProtocolConfiguration) -> Result<Modes, ProcessingResponse> {
+fn modes(config: ProtocolConfiguration) -> Result<Modes, String> {
     static UNMEASURED: std::sync::Once = std::sync::Once::new();
     let request = BodySendMode::try_from(config.request_body_mode).ok();
     let request_duplex = match request {
@@ -438,15 +441,8 @@ fn modes(config: ProtocolConfiguration) -> Result<Modes, ProcessingResponse> {
         Some(BodySendMode::FullDuplexStreamed) => true,
         other => {
             let got = other.map_or("an unknown mode", |m| m.as_str_name());
-            return Err(refuse(
-                &ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!(
-                        "the gateway's ext_proc filter sends request bodies as {got}: scalecar's endpoint picker needs processing_mode.request_body_mode BUFFERED or FULL_DUPLEX_STREAMED"
-                    ),
-                    None,
-                ),
-                None,
+            return Err(format!(
+                "the gateway's ext_proc filter sends request bodies as {got}: scalecar's endpoint picker needs processing_mode.request_body_mode BUFFERED or FULL_DUPLEX_STREAMED"
             ));
         }
     };
@@ -871,12 +867,7 @@ mod tests {
             BodySendMode::Streamed,
             BodySendMode::BufferedPartial,
         ] {
-            let r = modes(config(bad, BodySendMode::Streamed)).unwrap_err();
-            let Some(processing_response::Response::ImmediateResponse(i)) = &r.response else {
-                panic!("{r:?}");
-            };
-            assert_eq!(i.status.as_ref().unwrap().code, 500);
-            let text = String::from_utf8_lossy(&i.body);
+            let text = modes(config(bad, BodySendMode::Streamed)).unwrap_err();
             assert!(text.contains(bad.as_str_name()), "{text}");
             assert!(
                 text.contains("request_body_mode BUFFERED or FULL_DUPLEX_STREAMED"),
