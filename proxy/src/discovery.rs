@@ -633,9 +633,14 @@ impl Discovery {
             if f.target == a.target && f.pool == a.pool {
                 return changed;
             }
-            if f.target.workload != a.target.workload {
-                // Another workload: found again from the start.
-                self.remove(r, "scalecar.io/workload changed");
+            // The workload scaled may be another one: named differently,
+            // or (unnamed) owning the pods of a changed selector.
+            let selector_of = |p: &Option<PoolPods>| p.as_ref().map(|p| p.selector.clone());
+            let owners_moved =
+                a.target.workload.is_none() && selector_of(&f.pool) != selector_of(&a.pool);
+            if f.target.workload != a.target.workload || owners_moved {
+                // Found again from the start.
+                self.remove(r, "the workload it scales may have changed");
                 changed = true;
             } else {
                 // An edit of the annotations: a new pool on the same scale

@@ -121,6 +121,35 @@ async fn an_inference_pool_naming_scalecar_is_routed_and_its_deployment_scaled()
         "the decision is named after the workload scaled: {targets}"
     );
 
+    // The selector moved to another Deployment's pods: the pool routes to
+    // them and scales that one.
+    c.create(
+        &d,
+        workload("apps/v1", "Deployment", "llama-b", "m", 1, json!({}), &[]),
+    )
+    .await;
+    c.kubectl(&[
+        "patch",
+        "inferencepool",
+        "llama",
+        "-n",
+        "default",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"selector":{"matchLabels":{"app":"llama-b"}}}}"#,
+    ]);
+    eventually("the pool on llama-b", Duration::from_secs(10), || async {
+        let (_, t) = get(&format!("http://{}/debug/targets", p.admin_addr))
+            .await
+            .ok()?;
+        let on_b = t.contains("deployment/default/llama-b");
+        let one = endpoints(&p, "m", "unified").await?.len() == 1;
+        (on_b && one).then_some(())
+    })
+    .await;
+    assert!(!chat(&client, "m", "moved", 4).await.is_empty());
+
     // Deleted: out of the routes.
     c.kubectl(&["delete", "inferencepool", "llama", "-n", "default"]);
     eventually("the pool gone", Duration::from_secs(10), || async {
