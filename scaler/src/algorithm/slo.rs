@@ -31,7 +31,12 @@
 //! 15 s, never below one half; served load within the goal brings it
 //! back to 1, never above (the queueing model already plans as close to
 //! the measured rate as the tail allows). A backlog cannot collapse the
-//! plan: its misses are not news, and its rate is the engine's.
+//! plan: its misses are not news, and its rate is the engine's. Nor is a
+//! window under the goal news while the last hour (decayed) has spent less
+//! than half the misses the goal allows: windows of a few hundred requests
+//! fall under it by chance alone, and on a day that runs well within its
+//! goal each such dip, held for minutes, was a replica too many (the
+//! diurnal day: 448 k → 403 k replica-seconds, 99.62 → 99.43 %).
 //!
 //! **Sizing knows the TTFT budget**: the work that arrived in the last
 //! `w` seconds must fit the replicas' capacity over `w` plus the budget,
@@ -135,6 +140,53 @@ pub struct Slo {
     /// noise, the lowest demand it showed meanwhile, and the noise ceiling
     /// it began over.
     burst: Option<(Duration, f64, f64)>,
+    /// The feasible requests and their misses over the last hour or so.
+    budget: ErrorBudget,
+}
+
+/// How many of the feasible requests of the recent past missed the
+/// target, decayed over [`BUDGET_HORIZON`]: how much of the goal's error
+/// budget is left to spend.
+#[derive(Debug, Default)]
+struct ErrorBudget {
+    eligible: f64,
+    missed: f64,
+    last: Option<Duration>,
+}
+
+/// The error budget's memory.
+const BUDGET_HORIZON: Duration = Duration::from_secs(3600);
+/// The share of the allowed misses spent from which a window under the
+/// goal is news.
+const SPENDING: f64 = 0.5;
+/// Fewer feasible requests than this in the budget say nothing yet.
+const BUDGET_EVIDENCE: f64 = 500.0;
+
+impl ErrorBudget {
+    /// Adds a stable window's counts (`eligible`, `met` over `window`) as
+    /// seen `now`: each decision adds the share of the window new since
+    /// the last one.
+    fn observe(&mut self, now: Duration, window: Duration, eligible: u64, met: u64) {
+        let dt = self
+            .last
+            .map_or(window, |t| now.saturating_sub(t))
+            .min(window);
+        self.last = Some(now);
+        let decay = (-dt.as_secs_f64() / BUDGET_HORIZON.as_secs_f64()).exp();
+        let share = if window.is_zero() {
+            0.0
+        } else {
+            dt.as_secs_f64() / window.as_secs_f64()
+        };
+        self.eligible = self.eligible * decay + eligible as f64 * share;
+        self.missed = self.missed * decay + eligible.saturating_sub(met) as f64 * share;
+    }
+
+    /// The share of the allowed misses spent; `None` without evidence yet.
+    fn used(&self, allowed: f64) -> Option<f64> {
+        (self.eligible >= BUDGET_EVIDENCE && allowed > 0.0)
+            .then(|| self.missed / self.eligible / allowed)
+    }
 }
 
 /// Per replica count (index 1..=top): when it was last needed, and the
@@ -195,6 +247,7 @@ impl Slo {
             demand: VecDeque::new(),
             levels: Levels::default(),
             burst: None,
+            budget: ErrorBudget::default(),
         }
     }
 
@@ -462,10 +515,23 @@ impl ScalingAlgorithm for Slo {
                 .slo_attainment()
                 .filter(|(_, n)| *n >= MIN_SAMPLES)
         };
+        if !decode {
+            self.budget.observe(
+                now,
+                snap.stable.duration,
+                snap.stable.slo_eligible,
+                snap.stable.slo_met,
+            );
+        }
         let over = match attained {
             Some((share, _)) => share < goal,
             None => observed.is_some_and(|l| l > target),
         };
+        // A window under the goal is news only while the recent past has
+        // spent at least half the goal's misses: a day running well within
+        // it has windows under the goal by chance alone.
+        let budget_used = self.budget.used(1.0 - f64::from(p.slo_percentile) / 100.0);
+        let spending = budget_used.is_none_or(|u| u >= SPENDING);
         let judged = attained.is_some() || observed.is_some();
         // Decode pools hold their tokens for the whole generation: the
         // budget does not spread them.
@@ -551,7 +617,7 @@ impl ScalingAlgorithm for Slo {
                 .is_some_and(|t| now.saturating_sub(t) >= stable_w);
             self.correct(
                 now,
-                over,
+                over && spending,
                 settled_long && need <= f64::from(ready),
                 need >= 0.5 * f64::from(ready),
             );
@@ -590,11 +656,18 @@ impl ScalingAlgorithm for Slo {
         }
         let latency_text = match (attained, observed) {
             (Some((share, n)), _) => format!(
-                "{what} within {} for {:.1} % of {n} feasible requests ({} the {}% goal)",
+                "{what} within {} for {:.1} % of {n} feasible requests ({} the {}% goal{})",
                 show(target),
                 share * 100.0,
                 if over { "under" } else { "meets" },
                 p.slo_percentile,
+                match budget_used {
+                    Some(u) if over && !spending => format!(
+                        "; by chance: the last hour spent {:.0} % of its misses",
+                        u * 100.0
+                    ),
+                    _ => String::new(),
+                },
             ),
             (None, Some(l)) => format!(
                 "{what} p{} {} {} target {}",

@@ -344,6 +344,50 @@ fn a_miss_that_is_news_lowers_the_plan_by_a_bounded_step() {
 }
 
 #[test]
+fn a_window_under_the_goal_is_news_only_once_the_hour_spent_half_its_misses() {
+    let p = policy();
+    // Goal 90 %: 10 % of feasible requests may miss, a window 5 %.
+    let with = |eligible: u64, met: u64| {
+        let mut w = window(60, 6000.0, Some(5000.0), Some(300));
+        w.slo_eligible = eligible;
+        w.slo_met = met;
+        w
+    };
+    let at = |s: &mut Slo, t: u64, w: WindowValues| {
+        decide_at(s, &p, Duration::from_secs(t), 2, 2, &snap(w, w));
+    };
+    // Without an hour behind it, a window under the goal is news at once.
+    let mut s = Slo::new(&p);
+    for t in (0..120).step_by(2) {
+        at(&mut s, t, with(1000, 940));
+    }
+    assert!(s.correction() < 1.0, "{}", s.correction());
+    // An hour at 99 % has spent a tenth of the budget: windows just under
+    // the goal (94 %) are chance, and the plan holds for a while …
+    let mut s = Slo::new(&p);
+    for t in (0..3600).step_by(2) {
+        at(&mut s, t, with(1000, 990));
+    }
+    for t in (3600..4200).step_by(2) {
+        at(&mut s, t, with(1000, 940));
+    }
+    assert_eq!(s.correction(), 1.0);
+    // … until they have spent half of it: then they are news.
+    let mut lowered = None;
+    for t in (4200..12_000).step_by(2) {
+        at(&mut s, t, with(1000, 940));
+        if s.correction() < 1.0 {
+            lowered = Some(t);
+            break;
+        }
+    }
+    let lowered = lowered.expect("the correction never moved");
+    assert!(lowered > 4200, "{lowered}");
+    let used = s.budget.used(0.1).unwrap_or(0.0);
+    assert!((0.5..0.55).contains(&used), "{used}");
+}
+
+#[test]
 fn consolidation_guards_scale_down() {
     let p = policy();
     let mut s = Slo::new(&p);
@@ -466,7 +510,12 @@ fn feasible_attainment_is_what_the_plan_answers_to() {
     // 94 % of them: under the goal, no scale-down.
     let w = with(1000, 940, 300);
     let d = decide(&mut s, &p, 5, 5, &snap(w, w));
-    assert!(d.reason.contains("(under the 90% goal)"), "{}", d.reason);
+    assert!(
+        d.reason
+            .contains("(under the 90% goal; by chance: the last hour spent 10 % of its misses)"),
+        "{}",
+        d.reason
+    );
     assert_eq!(d.desired, Some(5), "{}", d.reason);
 }
 
