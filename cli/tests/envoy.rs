@@ -285,6 +285,22 @@ async fn in_flight(p: &ProxyHandle) -> f64 {
     .await
 }
 
+/// A stream of many tokens through `envoy`, three of them read: in flight
+/// at scalecar until dropped.
+async fn a_long_stream_begun(envoy: &Envoy, p: &ProxyHandle) -> impl futures_util::Stream + use<> {
+    let mut s = envoy
+        .openai()
+        .chat()
+        .create_stream(chat(100_000, true))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        s.next().await.unwrap().unwrap();
+    }
+    assert_eq!(in_flight(p).await, 1.0);
+    s
+}
+
 /// Requests a model-sim has served (its engine's first tokens).
 async fn served(s: &SimHandle) -> f64 {
     let (_, text) = common::get(&format!("http://{}/metrics", s.local_addr()))
@@ -485,17 +501,8 @@ async fn a_client_that_leaves_mid_stream_is_a_cancel_and_frees_its_slot() {
     )
     .await;
     let envoy = Envoy::start(p.ext_proc_addr.unwrap()).await;
-    let mut s = envoy
-        .openai()
-        .chat()
-        .create_stream(chat(100_000, true))
-        .await
-        .unwrap();
     // A few tokens, then the client goes away.
-    for _ in 0..3 {
-        s.next().await.unwrap().unwrap();
-    }
-    assert_eq!(in_flight(&p).await, 1.0);
+    let s = a_long_stream_begun(&envoy, &p).await;
     // A second waits in scalecar's queue (one a pod); its client leaves
     // too: the queue lets it go at once, not when a slot frees.
     let waiting = tokio::spawn({
@@ -582,17 +589,7 @@ async fn full_duplex_bodies_as_the_inference_extension_configures_them_are_picke
     );
     assert_eq!(in_flight(&p).await, 0.0);
     // A client leaving mid-stream is a cancel here too, its slot freed.
-    let mut s = envoy
-        .openai()
-        .chat()
-        .create_stream(chat(100_000, true))
-        .await
-        .unwrap();
-    for _ in 0..3 {
-        s.next().await.unwrap().unwrap();
-    }
-    assert_eq!(in_flight(&p).await, 1.0);
-    drop(s);
+    drop(a_long_stream_begun(&envoy, &p).await);
     eventually("cancelled", Duration::from_secs(10), || async {
         outcome(&p, "unified", "cancelled").await == 1.0
     })

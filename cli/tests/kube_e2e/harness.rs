@@ -85,6 +85,27 @@ impl Cluster {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// The Warning Events of `default` once one says InvalidAnnotation
+    /// (within 10 s), as kubectl lists them.
+    pub async fn invalid_annotation_events(&self) -> String {
+        eventually(
+            "an InvalidAnnotation Warning",
+            Duration::from_secs(10),
+            || async {
+                let out = self.kubectl(&[
+                    "get",
+                    "events",
+                    "-n",
+                    "default",
+                    "--field-selector",
+                    "type=Warning",
+                ]);
+                out.contains("InvalidAnnotation").then_some(out)
+            },
+        )
+        .await
+    }
+
     /// Writes through a scale path (a PATCH whose URI contains `path`).
     pub fn writes(&self, path: &str) -> usize {
         self.sim

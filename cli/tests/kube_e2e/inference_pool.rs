@@ -61,22 +61,7 @@ async fn an_inference_pool_naming_scalecar_is_routed_and_its_deployment_scaled()
         || async { endpoints(&p, "m", "unified").await.filter(|e| e.len() == 1) },
     )
     .await;
-    let events = eventually(
-        "a Warning on the nameless pool",
-        Duration::from_secs(10),
-        || async {
-            let out = c.kubectl(&[
-                "get",
-                "events",
-                "-n",
-                "default",
-                "--field-selector",
-                "type=Warning",
-            ]);
-            out.contains("InvalidAnnotation").then_some(out)
-        },
-    )
-    .await;
+    let events = c.invalid_annotation_events().await;
     assert!(events.contains("scalecar.io/model is required"), "{events}");
     assert!(endpoints(&p, "other", "unified").await.is_none());
     // The port is the pool's target port; the pod is served through it.

@@ -496,18 +496,7 @@ async fn an_invalid_annotation_is_a_warning_event_and_left_alone_until_fixed() {
     )
     .await;
     let p = c.scalecar("300ms", "").await;
-    let events = eventually("a warning event", Duration::from_secs(10), || async {
-        let out = c.kubectl(&[
-            "get",
-            "events",
-            "-n",
-            "default",
-            "--field-selector",
-            "type=Warning",
-        ]);
-        out.contains("InvalidAnnotation").then_some(out)
-    })
-    .await;
+    let events = c.invalid_annotation_events().await;
     assert!(events.contains("scalecar.io/max-replicas"), "{events}");
     // Left alone: not routed, not scaled (min-replicas 2 would scale it).
     tokio::time::sleep(Duration::from_secs(1)).await;
