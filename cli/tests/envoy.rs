@@ -301,6 +301,26 @@ async fn a_long_stream_begun(envoy: &Envoy, p: &ProxyHandle) -> impl futures_uti
     s
 }
 
+/// Pool `m` at scalecar once `ok` requests ended well: `ttfts` first tokens
+/// and `tokens` generated recorded, nothing left in flight.
+async fn measured_as_proxy_mode(p: &ProxyHandle, ok: f64, ttfts: f64, tokens: f64) {
+    eventually(&format!("{ok} ok"), Duration::from_secs(5), || async {
+        outcome(p, "unified", "ok").await == ok
+    })
+    .await;
+    let of = |name: &str| format!("{name}{{model=\"m\",role=\"unified\"}}");
+    assert_eq!(metric(p, &of("scalecar_ttft_seconds_count")).await, ttfts);
+    assert_eq!(
+        metric(
+            p,
+            "scalecar_tokens_total{model=\"m\",role=\"unified\",kind=\"generated\"}"
+        )
+        .await,
+        tokens
+    );
+    assert_eq!(in_flight(p).await, 0.0);
+}
+
 /// Requests a model-sim has served (its engine's first tokens).
 async fn served(s: &SimHandle) -> f64 {
     let (_, text) = common::get(&format!("http://{}/metrics", s.local_addr()))
@@ -342,27 +362,7 @@ async fn the_openai_sdk_streams_through_envoy_unchanged_and_scalecar_measures_it
     assert_eq!(r.usage.unwrap().completion_tokens, 7);
     // Measured in scalecar as in proxy mode: 7 requests ok, 6 TTFTs, 12
     // tokens each streamed + 7 (usage) — and nothing left in flight.
-    eventually("7 ok", Duration::from_secs(5), || async {
-        outcome(&p, "unified", "ok").await == 7.0
-    })
-    .await;
-    assert_eq!(
-        metric(
-            &p,
-            "scalecar_ttft_seconds_count{model=\"m\",role=\"unified\"}"
-        )
-        .await,
-        6.0
-    );
-    assert_eq!(
-        metric(
-            &p,
-            "scalecar_tokens_total{model=\"m\",role=\"unified\",kind=\"generated\"}"
-        )
-        .await,
-        79.0
-    );
-    assert_eq!(in_flight(&p).await, 0.0);
+    measured_as_proxy_mode(&p, 7.0, 6.0, 79.0).await;
     // Both endpoints picked (least outstanding work with two choices).
     assert!(served(&a).await >= 1.0 && served(&b).await >= 1.0);
     // TTFT as the client sees it through Envoy vs as scalecar recorded it:
@@ -567,27 +567,7 @@ async fn full_duplex_bodies_as_the_inference_extension_configures_them_are_picke
         usage["usage"]["prompt_tokens"].as_u64().unwrap() >= 75_000,
         "{usage}"
     );
-    eventually("6 ok", Duration::from_secs(5), || async {
-        outcome(&p, "unified", "ok").await == 6.0
-    })
-    .await;
-    assert_eq!(
-        metric(
-            &p,
-            "scalecar_ttft_seconds_count{model=\"m\",role=\"unified\"}"
-        )
-        .await,
-        4.0
-    );
-    assert_eq!(
-        metric(
-            &p,
-            "scalecar_tokens_total{model=\"m\",role=\"unified\",kind=\"generated\"}"
-        )
-        .await,
-        4.0 * 12.0 + 7.0 + 2.0
-    );
-    assert_eq!(in_flight(&p).await, 0.0);
+    measured_as_proxy_mode(&p, 6.0, 4.0, 4.0 * 12.0 + 7.0 + 2.0).await;
     // A client leaving mid-stream is a cancel here too, its slot freed.
     drop(a_long_stream_begun(&envoy, &p).await);
     eventually("cancelled", Duration::from_secs(10), || async {

@@ -102,6 +102,10 @@ pub(crate) struct Discovery {
 /// have.
 const LISTED_POLL: Duration = Duration::from_millis(50);
 
+/// The `apps/v1` kinds `scalecar.io/workload` may name besides
+/// `kubernetes.kinds`.
+const APPS_KINDS: [&str; 3] = ["Deployment", "StatefulSet", "ReplicaSet"];
+
 /// How often a workload whose discovery failed is tried again.
 const RETRY: Duration = Duration::from_secs(2);
 
@@ -578,7 +582,7 @@ impl Discovery {
 
     /// The kind as spelt by the API, for a name in any case.
     fn kind_named(&self, kind: &str) -> Option<&str> {
-        ["Deployment", "StatefulSet", "ReplicaSet"]
+        APPS_KINDS
             .into_iter()
             .chain(self.config.kinds.iter().map(|k| k.kind.as_str()))
             .find(|k| k.eq_ignore_ascii_case(kind))
@@ -586,7 +590,7 @@ impl Discovery {
 
     fn api_version_of(&self, kind: &str) -> Option<String> {
         let kind = self.kind_named(kind)?;
-        if ["Deployment", "StatefulSet", "ReplicaSet"].contains(&kind) {
+        if APPS_KINDS.contains(&kind) {
             return Some("apps/v1".into());
         }
         self.config

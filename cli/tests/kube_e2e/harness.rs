@@ -179,6 +179,38 @@ pub fn openai(p: &ProxyHandle) -> Client<OpenAIConfig> {
     )
 }
 
+/// 16 streams of `prompt` to `model` at once; returns, once all have
+/// answered, how long after they began the first write through
+/// `/deployments/{deployment}/scale` came (within 10 s).
+pub async fn burst_until_scaled(
+    c: &Cluster,
+    client: &Client<OpenAIConfig>,
+    deployment: &str,
+    model: &str,
+    prompt: &str,
+) -> Duration {
+    let path = format!("/deployments/{deployment}/scale");
+    let writes_before = c.writes(&path);
+    let began = Instant::now();
+    let burst: Vec<_> = (0..16)
+        .map(|_| {
+            let (client, model, prompt) = (client.clone(), model.to_string(), prompt.to_string());
+            tokio::spawn(async move { chat(&client, &model, &prompt, 120).await })
+        })
+        .collect();
+    eventually(
+        "a write through /scale",
+        Duration::from_secs(10),
+        || async { (c.writes(&path) > writes_before).then_some(()) },
+    )
+    .await;
+    let scaled_after = began.elapsed();
+    for b in burst {
+        assert!(!b.await.unwrap().is_empty());
+    }
+    scaled_after
+}
+
 /// One streamed chat completion through `client`; the text.
 pub async fn chat(
     client: &Client<OpenAIConfig>,

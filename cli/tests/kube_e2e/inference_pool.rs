@@ -70,22 +70,7 @@ async fn an_inference_pool_naming_scalecar_is_routed_and_its_deployment_scaled()
 
     // A burst scales the Deployment that owns the pods (found from their
     // ownerReferences), through /scale.
-    let writes_before = c.writes("/deployments/llama/scale");
-    let burst: Vec<_> = (0..16)
-        .map(|_| {
-            let client = client.clone();
-            tokio::spawn(async move { chat(&client, "m", "why pick in the gateway?", 120).await })
-        })
-        .collect();
-    eventually(
-        "a write through /scale",
-        Duration::from_secs(10),
-        || async { (c.writes("/deployments/llama/scale") > writes_before).then_some(()) },
-    )
-    .await;
-    for b in burst {
-        assert!(!b.await.unwrap().is_empty());
-    }
+    burst_until_scaled(&c, &client, "llama", "m", "why pick in the gateway?").await;
     let up = c.replicas(&d, "llama").await;
     assert!((2..=4).contains(&up), "scaled to {up}");
     eventually(

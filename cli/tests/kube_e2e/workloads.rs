@@ -44,28 +44,12 @@ async fn an_annotated_deployment_is_routed_scaled_by_a_burst_and_back_to_min() {
 
     // A burst: 16 streams at once on a pool sized for 2 a pod.
     let client = openai(&p);
-    let writes_before = c.writes("/deployments/llama/scale");
-    let burst_at = Instant::now();
-    let burst: Vec<_> = (0..16)
-        .map(|_| {
-            let client = client.clone();
-            tokio::spawn(async move { chat(&client, "m", "why scale in the proxy?", 120).await })
-        })
-        .collect();
-    eventually(
-        "a write through /scale",
-        Duration::from_secs(10),
-        || async { (c.writes("/deployments/llama/scale") > writes_before).then_some(()) },
-    )
-    .await;
-    let scaled_after = burst_at.elapsed();
+    let scaled_after =
+        burst_until_scaled(&c, &client, "llama", "m", "why scale in the proxy?").await;
     assert!(
         scaled_after <= 2 * TICK,
         "scaled {scaled_after:?} after the burst began: more than two ticks"
     );
-    for b in burst {
-        assert!(!b.await.unwrap().is_empty());
-    }
     let up = c.replicas(&d, "llama").await;
     assert!((2..=4).contains(&up), "scaled to {up}");
     // The new pods come up and take traffic.

@@ -134,15 +134,15 @@ fn pool_pods(o: &DynamicObject) -> Result<PoolPods, String> {
     if selector.is_empty() {
         return Err("spec.selector is empty: it would select every pod of the namespace".into());
     }
-    let port = o
+    let number = o
         .data
         .pointer("/spec/targetPorts/0/number")
-        .and_then(serde_json::Value::as_u64)
         .ok_or("spec.targetPorts[0].number is required")?;
-    let port = u16::try_from(port)
-        .ok()
+    let port = number
+        .as_u64()
+        .and_then(|p| u16::try_from(p).ok())
         .filter(|p| *p > 0)
-        .ok_or_else(|| format!("spec.targetPorts[0].number: {port} is not a port"))?;
+        .ok_or_else(|| format!("spec.targetPorts[0].number: {number} is not a port"))?;
     Ok(PoolPods { selector, port })
 }
 
@@ -610,12 +610,16 @@ mod tests {
             invalid(serde_json::json!({"scalecar.io/model": "m"}), no_selector)
                 .contains("spec.selector")
         );
-        let mut big_port = spec;
-        big_port["targetPorts"][0]["number"] = 70000.into();
-        assert!(
-            invalid(serde_json::json!({"scalecar.io/model": "m"}), big_port)
-                .contains("70000 is not a port")
-        );
+        for (bad, said) in [
+            (serde_json::json!(70000), "70000"),
+            (serde_json::json!(-1), "-1"),
+            (serde_json::json!("http"), "\"http\""),
+        ] {
+            let mut bad_port = spec.clone();
+            bad_port["targetPorts"][0]["number"] = bad;
+            let why = invalid(serde_json::json!({"scalecar.io/model": "m"}), bad_port);
+            assert!(why.contains(&format!("{said} is not a port")), "{why}");
+        }
         // The workload key on a workload itself is a mistake.
         let deployment = object(
             ("apps/v1", "Deployment"),
