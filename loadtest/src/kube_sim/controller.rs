@@ -39,13 +39,19 @@ struct Runtime {
     terminating: Option<(Instant, Duration)>,
 }
 
-/// Pod addresses: 127.0.0.2, 127.0.0.3, … (all of 127/8 is local on
-/// Linux). One pool per process, so kube-sims side by side (parallel
-/// tests) never hand out the same address; an address is reused only
-/// after 65 534 fresh ones, so a new Pod does not take the address of one
-/// just gone (whose clients may still hold it).
+/// Pod addresses: 127.B.0.2, 127.B.0.3, … (all of 127/8 is local on
+/// Linux), B from 1 to 254 chosen by the process id. One pool per
+/// process, so kube-sims side by side in one process (parallel tests)
+/// never hand out the same address, and two processes (a `scalecar demo`
+/// while the tests run) do not either unless their ids share B — before,
+/// both used 127.0.0.x and a test's Pod answered from the demo's
+/// model-sim. An address is reused only after 65 534 fresh ones, so a new
+/// Pod does not take the address of one just gone (whose clients may
+/// still hold it).
 #[derive(Debug)]
 struct Addresses {
+    /// The second octet; `None` until the first address is taken.
+    block: Option<u8>,
     next: u32,
     free: std::collections::VecDeque<Ipv4Addr>,
 }
@@ -54,6 +60,7 @@ struct Addresses {
 const FRESH_ADDRESSES: u32 = 1 << 16;
 
 static ADDRESSES: std::sync::Mutex<Addresses> = std::sync::Mutex::new(Addresses {
+    block: None,
     next: 2,
     free: std::collections::VecDeque::new(),
 });
@@ -65,7 +72,11 @@ impl Addresses {
         {
             return ip;
         }
-        let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 0, 0, 0)) + self.next);
+        let block = *self.block.get_or_insert_with(|| {
+            // 1..=254: never 127.0.x.x, where 127.0.0.1 lives.
+            1 + (std::process::id() % 254) as u8
+        });
+        let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(127, block, 0, 0)) + self.next);
         self.next += 1;
         ip
     }
@@ -1048,6 +1059,7 @@ mod tests {
     #[test]
     fn addresses_are_distinct_and_reused_only_when_fresh_ones_run_out() {
         let mut a = Addresses {
+            block: Some(0),
             next: 2,
             free: std::collections::VecDeque::new(),
         };
@@ -1060,11 +1072,22 @@ mod tests {
         a.give_back(x);
         assert_eq!(a.take(), Ipv4Addr::new(127, 0, 0, 4), "fresh first");
         let mut far = Addresses {
+            block: Some(9),
             next: 300,
             free: std::collections::VecDeque::new(),
         };
-        assert_eq!(far.take(), Ipv4Addr::new(127, 0, 1, 44));
+        assert_eq!(far.take(), Ipv4Addr::new(127, 9, 1, 44));
+        // A process's own block, never 127.0.x.x.
+        let mut own = Addresses {
+            block: None,
+            next: 2,
+            free: std::collections::VecDeque::new(),
+        };
+        let ip = own.take().octets();
+        assert_eq!((ip[0], ip[2], ip[3]), (127, 0, 2));
+        assert!((1..=254).contains(&ip[1]), "{ip:?}");
         let mut full = Addresses {
+            block: Some(0),
             next: FRESH_ADDRESSES,
             free: std::collections::VecDeque::from([x, y]),
         };
