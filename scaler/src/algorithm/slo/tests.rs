@@ -275,33 +275,40 @@ fn recurring_bursts_keep_their_replicas_between_them() {
             .map(|(_, d)| d.clone())
             .unwrap()
     };
+    // Still at the burst's count at `held` (over `horizon` when given),
+    // back to one replica at `released`.
+    let held_then_let_go =
+        |r: &[(u64, Decision)], held: u64, horizon: Option<&str>, released: u64| {
+            let d = at(r, held);
+            assert!(d.desired >= Some(5), "t {held}: {}", d.reason);
+            if let Some(h) = horizon {
+                assert!(d.reason.contains(h), "t {held}: {}", d.reason);
+            }
+            let d = at(r, released);
+            assert_eq!(d.desired, Some(1), "t {released}: {}", d.reason);
+        };
     // Bursts every 3 minutes: each burst's count is held for twice the
     // gap (6 minutes) after the last one, past the floor of five cold
-    // starts (5 minutes).
-    let r = run(&[0, 180, 360], 800);
-    let d = at(&r, 700);
-    assert!(d.desired >= Some(5), "{}", d.reason);
-    // The gap: from the last decision of one burst (8 s) to the first of
-    // the next (180 s).
-    assert!(d.reason.contains("held over 344.0s"), "{}", d.reason);
-    let d = at(&r, 800);
-    assert_eq!(d.desired, Some(1), "{}", d.reason);
+    // starts (5 minutes). The gap: from the last decision of one burst
+    // (8 s) to the first of the next (180 s).
+    held_then_let_go(
+        &run(&[0, 180, 360], 800),
+        700,
+        Some("held over 344.0s"),
+        800,
+    );
     // Bursts every 6 minutes: held for twice that gap, past the 10 minutes
     // the hold was once capped at (on long-context bursts, seed 3, a level
     // so released came back 2 minutes later: 94.9 % instead of 99.5 %),
     // and let go once twice the gap has passed.
-    let r = run(&[0, 360, 720], 1500);
-    let d = at(&r, 1400);
-    assert!(d.desired >= Some(5), "{}", d.reason);
-    assert!(d.reason.contains("held over 704.0s"), "{}", d.reason);
-    let d = at(&r, 1500);
-    assert_eq!(d.desired, Some(1), "{}", d.reason);
+    held_then_let_go(
+        &run(&[0, 360, 720], 1500),
+        1400,
+        Some("held over 704.0s"),
+        1500,
+    );
     // A single burst is let go after five cold starts.
-    let r = run(&[0], 400);
-    let d = at(&r, 290);
-    assert!(d.desired >= Some(5), "{}", d.reason);
-    let d = at(&r, 400);
-    assert_eq!(d.desired, Some(1), "{}", d.reason);
+    held_then_let_go(&run(&[0], 400), 290, None, 400);
 }
 
 #[test]
