@@ -78,6 +78,11 @@ struct Args {
     /// Largest request body, bytes.
     #[arg(long, default_value_t = 32 << 20)]
     max_body_bytes: usize,
+    /// Characters of prompt text per token: the simulated tokenizer (4 is
+    /// what the proxy estimates; gemma-3's tokenizer on English prose is
+    /// nearer 7).
+    #[arg(long, default_value_t = 4.0)]
+    chars_per_token: f64,
 }
 
 #[tokio::main]
@@ -87,9 +92,10 @@ async fn main() -> anyhow::Result<()> {
         || args.prefill_tokens_per_sec <= 0.0
         || args.prefill_chunk == 0
         || args.max_num_seqs == 0
+        || !(1.0..=100.0).contains(&args.chars_per_token)
     {
         anyhow::bail!(
-            "--prefill-tokens-per-sec, --prefill-chunk and --max-num-seqs must be greater than 0"
+            "--prefill-tokens-per-sec, --prefill-chunk and --max-num-seqs must be greater than 0, --chars-per-token in [1, 100]"
         );
     }
     let timing = Timing {
@@ -117,6 +123,7 @@ async fn main() -> anyhow::Result<()> {
             seed: args.seed.wrapping_add(i as u64),
             default_max_tokens: args.default_max_tokens,
             max_body_bytes: args.max_body_bytes,
+            chars_per_token: args.chars_per_token,
         };
         let handle = ModelSim::spawn(config, listener);
         eprintln!(

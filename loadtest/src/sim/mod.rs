@@ -48,6 +48,10 @@ pub struct SimConfig {
     pub default_max_tokens: u32,
     /// Largest request body accepted.
     pub max_body_bytes: usize,
+    /// Characters of prompt text per token: the simulated tokenizer (4,
+    /// the proxy's own estimate; gemma-3's tokenizer on English prose is
+    /// nearer 7).
+    pub chars_per_token: f64,
 }
 
 impl SimConfig {
@@ -68,6 +72,7 @@ impl Default for SimConfig {
             seed: 0,
             default_max_tokens: 128,
             max_body_bytes: 32 << 20,
+            chars_per_token: 4.0,
         }
     }
 }

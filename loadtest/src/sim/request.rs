@@ -59,9 +59,20 @@ impl ApiError {
     }
 }
 
-/// About four characters per token, as tokenizers of English text give.
-fn tokens_of_text(chars: usize) -> u32 {
-    u32::try_from(chars.div_ceil(4)).unwrap_or(u32::MAX).max(1)
+/// The simulated tokenizer: `chars_per_token` characters a token (about
+/// four for English text by most tokenizers; fewer than 1 is taken as 1).
+fn tokens_of_text(chars: usize, chars_per_token: f64) -> u32 {
+    let per = if chars_per_token.is_finite() {
+        chars_per_token.max(1.0)
+    } else {
+        4.0
+    };
+    let tokens = (chars as f64 / per).ceil();
+    if tokens >= f64::from(u32::MAX) {
+        u32::MAX
+    } else {
+        (tokens as u32).max(1)
+    }
 }
 
 fn content_chars(content: &Value) -> Option<usize> {
@@ -80,9 +91,9 @@ fn content_chars(content: &Value) -> Option<usize> {
     }
 }
 
-fn prompt_tokens_of(prompt: &Value) -> Option<u32> {
+fn prompt_tokens_of(prompt: &Value, chars_per_token: f64) -> Option<u32> {
     match prompt {
-        Value::String(s) => Some(tokens_of_text(s.chars().count())),
+        Value::String(s) => Some(tokens_of_text(s.chars().count(), chars_per_token)),
         Value::Array(items) if items.is_empty() => None,
         Value::Array(items) => {
             if items.iter().all(Value::is_u64) {
@@ -94,7 +105,7 @@ fn prompt_tokens_of(prompt: &Value) -> Option<u32> {
             let mut total = 0u32;
             for item in items {
                 total = total.saturating_add(match item {
-                    Value::String(s) => tokens_of_text(s.chars().count()),
+                    Value::String(s) => tokens_of_text(s.chars().count(), chars_per_token),
                     Value::Array(ids) if ids.iter().all(Value::is_u64) => {
                         u32::try_from(ids.len()).ok()?
                     }
@@ -132,12 +143,13 @@ fn optional_bool(body: &Value, key: &'static str) -> Result<bool, ApiError> {
 }
 
 /// Parses a request body. `served` says whether a model name is served by
-/// this replica.
+/// this replica; prompt text is counted at `chars_per_token`.
 pub fn parse(
     body: &[u8],
     endpoint: Endpoint,
     served: &dyn Fn(&str) -> bool,
     default_max_tokens: u32,
+    chars_per_token: f64,
 ) -> Result<ParsedRequest, ApiError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("request body is not valid JSON: {e}"), None))?;
@@ -187,7 +199,7 @@ pub fn parse(
                 };
                 chars = chars.saturating_add(c);
             }
-            tokens_of_text(chars)
+            tokens_of_text(chars, chars_per_token)
         }
         Endpoint::Completions => {
             let Some(prompt) = value.get("prompt") else {
@@ -196,7 +208,7 @@ pub fn parse(
                     Some("prompt"),
                 ));
             };
-            prompt_tokens_of(prompt).ok_or_else(|| {
+            prompt_tokens_of(prompt, chars_per_token).ok_or_else(|| {
                 ApiError::bad_request(
                     "prompt must be a string, an array of strings, or token IDs",
                     Some("prompt"),
@@ -269,7 +281,7 @@ mod tests {
     use super::*;
 
     fn chat(body: &str) -> Result<ParsedRequest, ApiError> {
-        parse(body.as_bytes(), Endpoint::Chat, &|m| m == "m", 128)
+        parse(body.as_bytes(), Endpoint::Chat, &|m| m == "m", 128, 4.0)
     }
 
     #[test]
@@ -287,6 +299,7 @@ mod tests {
             Endpoint::Completions,
             &|m| m == "m",
             128,
+            4.0,
         )
         .unwrap();
         assert_eq!((r.prompt_tokens, r.max_tokens), (5, 7));
@@ -295,9 +308,29 @@ mod tests {
             Endpoint::Completions,
             &|m| m == "m",
             128,
+            4.0,
         )
         .unwrap();
         assert_eq!(r.prompt_tokens, 3);
+    }
+
+    #[test]
+    fn the_simulated_tokenizer_counts_at_its_density() {
+        let body = format!(
+            r#"{{"model":"m","messages":[{{"role":"user","content":"{}"}}]}}"#,
+            "a".repeat(700)
+        );
+        let at = |per: f64| {
+            parse(body.as_bytes(), Endpoint::Chat, &|m| m == "m", 8, per)
+                .map(|r| r.prompt_tokens)
+                .ok()
+        };
+        assert_eq!(at(4.0), Some(175));
+        assert_eq!(at(7.0), Some(100));
+        assert_eq!(at(6.9), Some(102));
+        // Nonsense densities fall back rather than divide by zero.
+        assert_eq!(at(0.0), Some(700));
+        assert_eq!(at(f64::NAN), Some(175));
     }
 
     #[test]
@@ -313,6 +346,7 @@ mod tests {
             Endpoint::Completions,
             &|m| m == "m",
             1,
+            4.0,
         )
         .unwrap();
         assert!(r.remote_decode && !r.remote_prefill);
@@ -364,13 +398,21 @@ mod tests {
                 assert!(json["error"].get(key).is_some(), "{body}: no {key}");
             }
         }
-        let e = parse(br#"{"model":"m"}"#, Endpoint::Completions, &|m| m == "m", 1).unwrap_err();
+        let e = parse(
+            br#"{"model":"m"}"#,
+            Endpoint::Completions,
+            &|m| m == "m",
+            1,
+            4.0,
+        )
+        .unwrap_err();
         assert_eq!(e.param, Some("prompt"));
         let e = parse(
             br#"{"model":"m","prompt":{"a":1}}"#,
             Endpoint::Completions,
             &|m| m == "m",
             1,
+            4.0,
         )
         .unwrap_err();
         assert_eq!(e.param, Some("prompt"));

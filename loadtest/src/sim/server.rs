@@ -252,6 +252,7 @@ async fn completion(
         endpoint,
         &|m| shared.config.serves(m),
         shared.config.default_max_tokens,
+        shared.config.chars_per_token,
     ) {
         Ok(p) => p,
         Err(e) => return error(&e),
