@@ -249,6 +249,8 @@ impl Admin {
                         g.in_flight.set(s.in_flight() as i64);
                         g.queued.set(s.queued() as i64);
                         g.tokens_in_flight.set(s.tokens_in_flight() as i64);
+                        g.prompt_token_ratio
+                            .set(e.pool.prompt_calibration.ratio().unwrap_or(1.0));
                     }
                 }
                 let openmetrics = req
@@ -349,6 +351,7 @@ impl Admin {
                     "in_flight": p.signals.in_flight(),
                     "queued": p.signals.queued(),
                     "tokens_in_flight": p.signals.tokens_in_flight(),
+                    "prompt_token_ratio": p.prompt_calibration.ratio(),
                     "endpoints": endpoints,
                     "stable": window(&snap.stable),
                     "panic": window(&snap.panic),

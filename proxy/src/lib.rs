@@ -40,6 +40,7 @@ pub mod peer_token;
 pub mod peers;
 pub mod pool;
 pub mod pool_set;
+pub mod prompt_calibration;
 pub mod routes;
 pub mod server;
 pub mod sse;

@@ -35,7 +35,8 @@ use crate::routes::PoolEntry;
 /// What admission needs to know of a request.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Arrival<'a> {
-    /// Estimated before the model server tokenizes it.
+    /// Estimated from the prompt's text, before the model server tokenizes
+    /// it (admission scales it by the pool's learned calibration).
     pub prompt_tokens: u64,
     /// The body's size (the queue bounds the bytes it holds).
     pub body_bytes: usize,
@@ -112,7 +113,9 @@ pub(crate) async fn admit(
     arrival: Arrival<'_>,
 ) -> Result<Observation, Refusal> {
     let pool = &entry.pool;
-    let tokens = arrival.prompt_tokens;
+    // In the model server's tokens, as far as its answers have taught.
+    let estimate = arrival.prompt_tokens;
+    let tokens = pool.prompt_calibration.apply(estimate);
     // One clock reading serves arrival and, when a slot is free at once,
     // dispatch.
     let now = pool.signals.now();
@@ -124,7 +127,7 @@ pub(crate) async fn admit(
             lease,
             at,
             arrival.start,
-            tokens,
+            (estimate, tokens),
             arrival.streaming,
         )
     };

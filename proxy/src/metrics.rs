@@ -164,6 +164,7 @@ pub struct ProxyMetrics {
     in_flight: Family<PoolLabels, Gauge>,
     queued: Family<PoolLabels, Gauge>,
     tokens_in_flight: Family<PoolLabels, Gauge>,
+    prompt_token_ratio: Family<PoolLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     ttft_target: Family<PoolLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     competing: Family<TargetLabel, Gauge>,
 }
@@ -187,6 +188,7 @@ impl ProxyMetrics {
             in_flight: Family::default(),
             queued: Family::default(),
             tokens_in_flight: Family::default(),
+            prompt_token_ratio: Family::default(),
             ttft_target: Family::default(),
             competing: Family::default(),
         };
@@ -239,6 +241,11 @@ impl ProxyMetrics {
             "scalecar_tokens_in_flight",
             "Prompt and generated tokens of requests in flight now, per pool (under its first model name)",
             m.tokens_in_flight.clone(),
+        );
+        reg.register(
+            "scalecar_prompt_token_ratio",
+            "The model server's prompt tokens per token the proxy estimated from the text, learned from answers' usage (1 until one carried it), per pool (under its first model name)",
+            m.prompt_token_ratio.clone(),
         );
         reg.register(
             "scalecar_ttft_target_seconds",
@@ -294,6 +301,7 @@ impl ProxyMetrics {
             in_flight: self.in_flight.get_or_create_owned(&labels),
             queued: self.queued.get_or_create_owned(&labels),
             tokens_in_flight: self.tokens_in_flight.get_or_create_owned(&labels),
+            prompt_token_ratio: self.prompt_token_ratio.get_or_create_owned(&labels),
         };
         PoolMetrics {
             gauges: Some(gauges),
@@ -364,6 +372,7 @@ pub struct PoolGauges {
     pub in_flight: Gauge,
     pub queued: Gauge,
     pub tokens_in_flight: Gauge,
+    pub prompt_token_ratio: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl PoolMetrics {

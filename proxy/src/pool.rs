@@ -174,6 +174,9 @@ pub struct Pool {
     picks: Box<[PickCounter]>,
     /// Removed from the routes: waiters leave with [`AdmitError::Closed`].
     closed: AtomicBool,
+    /// The model server's prompt tokens per estimated token, learned from
+    /// its answers' usage.
+    pub prompt_calibration: crate::prompt_calibration::PromptCalibration,
 }
 
 /// One worker's pick rotation in one pool, alone on its cache line.
@@ -397,6 +400,7 @@ impl Pool {
             health_checked: AtomicBool::new(false),
             on_unhealthy: ArcSwap::from_pointee(None),
             closed: AtomicBool::new(false),
+            prompt_calibration: Default::default(),
             picks: (0..PICK_SLOTS)
                 .map(|i| PickCounter(AtomicU64::new(splitmix(i as u64 ^ seed()))))
                 .collect(),

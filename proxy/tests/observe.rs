@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{metric, outcome, pools, proxy, request_bytes, sim, teardown};
+use common::{metric, outcome, pools, proxy, request, request_bytes, sim, teardown};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::rt::TokioExecutor;
@@ -743,5 +743,77 @@ async fn a_replicas_prefill_rate_is_measured_in_the_path_whatever_the_queue() {
     );
     let gauge = metric(&p, "scalecar_replica_prefill_rate{").await;
     assert!((3000.0..4400.0).contains(&gauge), "gauge {gauge}");
+    teardown(&p).await;
+}
+
+#[tokio::test]
+async fn prompt_tokens_are_learned_in_the_servers_tokenizer() {
+    // A model server whose tokenizer makes a token of every 7 characters
+    // (as gemma-3's does of English prose), where the proxy estimates 4.
+    let s = sim(SimConfig {
+        model: "m".into(),
+        chars_per_token: 7.0,
+        ..SimConfig::default()
+    })
+    .await;
+    let p = proxy(&one_pool(&[s.local_addr()])).await;
+    let url = format!("http://{}/v1/chat/completions", p.proxy_addr);
+    let prompt_counter = "scalecar_tokens_total{model=\"m\",role=\"unified\",kind=\"prompt\"}";
+    let body = |words: usize, stream: bool| {
+        serde_json::json!({
+            "model": "m",
+            "messages": [{"role": "user", "content": "lantern river ".repeat(words)}],
+            "max_tokens": 2,
+            "stream": stream,
+            "stream_options": if stream { serde_json::json!({"include_usage": true}) } else { Value::Null },
+        })
+        .to_string()
+    };
+    // What the server counts, from its own usage.
+    let served = |answer: &str| -> u64 {
+        answer
+            .split("\"prompt_tokens\":")
+            .nth(1)
+            .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap()
+    };
+    assert_eq!(
+        pools(&p).await["pools"][0]["prompt_token_ratio"],
+        Value::Null
+    );
+    // Before any answer: the estimate, 4 characters a token of the JSON.
+    let (status, _, first) = request("POST", &url, &body(300, false)).await.unwrap();
+    assert_eq!(status, 200);
+    let estimated = metric(&p, prompt_counter).await;
+    let counted = served(&first) as f64;
+    assert!(
+        estimated / counted > 1.6,
+        "estimate {estimated}, server {counted}"
+    );
+    // Answers with usage, streamed and not, teach the ratio.
+    for (i, words) in [80, 400, 150, 900, 250, 600].iter().enumerate() {
+        let (status, _, _) = request("POST", &url, &body(*words, i % 2 == 0))
+            .await
+            .unwrap();
+        assert_eq!(status, 200);
+    }
+    let ratio = pools(&p).await["pools"][0]["prompt_token_ratio"]
+        .as_f64()
+        .unwrap();
+    assert!((0.5..0.62).contains(&ratio), "ratio {ratio}, about 4/7");
+    assert!(
+        (metric(&p, "scalecar_prompt_token_ratio{").await - ratio).abs() < 1e-9,
+        "the gauge is the pool's ratio"
+    );
+    // A new prompt is now counted in the server's tokens.
+    let before = metric(&p, prompt_counter).await;
+    let (_, _, answer) = request("POST", &url, &body(500, false)).await.unwrap();
+    let counted = served(&answer) as f64;
+    let recorded = metric(&p, prompt_counter).await - before;
+    assert!(
+        (recorded - counted).abs() / counted < 0.05,
+        "recorded {recorded}, server {counted}"
+    );
     teardown(&p).await;
 }

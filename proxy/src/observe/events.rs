@@ -13,16 +13,35 @@ pub(super) enum Event {
     Token {
         finished: bool,
     },
-    Usage(Option<u64>),
+    Usage(Usage),
     /// `[DONE]` or a `finish_reason` without a token.
     Finished,
     Other,
+}
+
+/// What a usage object counted (either may be absent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(super) struct Usage {
+    pub completion: Option<u64>,
+    pub prompt: Option<u64>,
+}
+
+impl Usage {
+    /// The counts in `hay` (an event, or a whole JSON answer).
+    pub(super) fn of(hay: &[u8]) -> Usage {
+        let needles = &*NEEDLES;
+        Usage {
+            completion: number_after(&needles.completion_tokens, hay),
+            prompt: number_after(&needles.prompt_tokens, hay),
+        }
+    }
 }
 
 /// The needles, each searcher built once (building one per search cost as
 /// much as the search).
 struct Needles {
     completion_tokens: Finder<'static>,
+    prompt_tokens: Finder<'static>,
     empty_choices: [Finder<'static>; 2],
     /// String fields whose non-empty value is a generated token: content
     /// (chat), text (completions), reasoning_content / reasoning (vLLM's
@@ -34,6 +53,7 @@ struct Needles {
 
 static NEEDLES: LazyLock<Needles> = LazyLock::new(|| Needles {
     completion_tokens: Finder::new(b"\"completion_tokens\":"),
+    prompt_tokens: Finder::new(b"\"prompt_tokens\":"),
     empty_choices: [
         Finder::new(b"\"choices\":[]"),
         Finder::new(b"\"choices\": []"),
@@ -58,9 +78,8 @@ static NEEDLES: LazyLock<Needles> = LazyLock::new(|| Needles {
     ],
 });
 
-/// The number after `"completion_tokens":`.
-pub(super) fn completion_tokens(hay: &[u8]) -> Option<u64> {
-    let key = &NEEDLES.completion_tokens;
+/// The number after `key` (e.g. `"completion_tokens":`) in `hay`.
+fn number_after(key: &Finder<'_>, hay: &[u8]) -> Option<u64> {
     let at = key.find(hay)? + key.needle().len();
     let digits = hay
         .get(at..)?
@@ -84,7 +103,7 @@ pub(super) fn classify(data: &[u8]) -> Event {
     }
     let needles = &*NEEDLES;
     if needles.empty_choices.iter().any(|f| f.find(data).is_some()) {
-        return Event::Usage(completion_tokens(data));
+        return Event::Usage(Usage::of(data));
     }
     let finished = needles.finish_reason.iter().any(|f| f.find(data).is_some());
     let string_token = needles.token_strings.iter().any(|key| {

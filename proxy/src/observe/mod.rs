@@ -28,7 +28,7 @@ use crate::routes::PoolEntry;
 pub use crate::sse::MAX_CARRIED_EVENT;
 use crate::sse::SseFramer;
 pub use body::{ObservedBody, ObservedError};
-use events::{Event, classify, completion_tokens};
+use events::{Event, Usage, classify};
 
 /// What a request carries from dispatch to the end of its response.
 #[derive(Debug)]
@@ -36,13 +36,17 @@ pub struct Observation {
     entry: Arc<PoolEntry>,
     lease: Option<Lease>,
     start: Instant,
+    /// In the model server's tokens as far as the pool has learned them;
+    /// `estimated_prompt` is the proxy's own count from the text.
     prompt_tokens: u64,
+    estimated_prompt: u64,
     streaming: bool,
     first_seen: bool,
     /// Signals-clock reading of the last token event.
     last_token: Duration,
     generated: u64,
     usage_completion_tokens: Option<u64>,
+    usage_prompt_tokens: Option<u64>,
     /// The client got the whole answer (`[DONE]`, or a `finish_reason`):
     /// closing without reading the last bytes is not a cancel.
     complete_seen: bool,
@@ -55,15 +59,18 @@ pub struct Observation {
 impl Observation {
     /// Dispatches the request to `lease`'s endpoint at `now` (a reading of
     /// the pool's signals clock): from here on it is in flight until this
-    /// observation finishes or drops. `start` is when the proxy received it.
+    /// observation finishes or drops. `start` is when the proxy received it;
+    /// `prompt` is the prompt's size as estimated from its text and as
+    /// calibrated to the pool's model server.
     pub fn dispatch(
         entry: Arc<PoolEntry>,
         lease: Lease,
         now: Duration,
         start: Instant,
-        prompt_tokens: u64,
+        prompt: (u64, u64),
         streaming: bool,
     ) -> Self {
+        let (estimated_prompt, prompt_tokens) = prompt;
         entry.pool.signals.dispatch_at(now, prompt_tokens);
         let mut lease = lease;
         if streaming {
@@ -74,11 +81,13 @@ impl Observation {
             lease: Some(lease),
             start,
             prompt_tokens,
+            estimated_prompt,
             streaming,
             first_seen: false,
             last_token: Duration::ZERO,
             generated: 0,
             usage_completion_tokens: None,
+            usage_prompt_tokens: None,
             complete_seen: false,
             end_outcome: Outcome::ok,
             sse: SseFramer::default(),
@@ -146,19 +155,23 @@ impl Observation {
                 self.token();
                 self.complete_seen |= finished;
             }
-            Event::Usage(n) => self.usage_completion_tokens = n.or(self.usage_completion_tokens),
+            Event::Usage(u) => self.usage(u),
             Event::Finished => self.complete_seen = true,
             Event::Other => {}
         }
+    }
+
+    /// What an answer's usage counted, where it said.
+    fn usage(&mut self, u: Usage) {
+        self.usage_completion_tokens = u.completion.or(self.usage_completion_tokens);
+        self.usage_prompt_tokens = u.prompt.or(self.usage_prompt_tokens);
     }
 
     /// Feeds one frame of the body.
     pub(crate) fn frame(&mut self, chunk: &[u8]) {
         if !self.streaming {
             // A whole JSON answer: only its usage matters.
-            if let Some(n) = completion_tokens(chunk) {
-                self.usage_completion_tokens = Some(n);
-            }
+            self.usage(Usage::of(chunk));
             return;
         }
         // Taken out for the call (a move, no allocation): the payloads
@@ -210,6 +223,12 @@ impl Observation {
         metrics.outcome(outcome);
         let generated = self.usage_completion_tokens.unwrap_or(self.generated);
         metrics.generated_tokens.inc_by(generated);
+        if let (Some(counted), Outcome::ok) = (self.usage_prompt_tokens, outcome) {
+            self.entry
+                .pool
+                .prompt_calibration
+                .learn(self.estimated_prompt, counted);
+        }
         if let Some(l) = &self.lease
             && outcome == Outcome::ok
         {
@@ -264,7 +283,7 @@ mod tests {
             metrics,
         });
         let now = entry.pool.signals.now();
-        Observation::dispatch(entry, lease, now, Instant::now(), 10, true)
+        Observation::dispatch(entry, lease, now, Instant::now(), (10, 10), true)
     }
 
     #[test]
@@ -353,13 +372,30 @@ mod tests {
         ));
         assert!(matches!(
             classify(br#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":12}}"#),
-            Event::Usage(Some(12))
+            Event::Usage(Usage {
+                completion: Some(12),
+                prompt: Some(3)
+            })
         ));
         assert!(matches!(classify(b"[DONE]"), Event::Finished));
-        assert_eq!(completion_tokens(b"\"completion_tokens\": 42}"), Some(42));
-        assert_eq!(completion_tokens(b"\"completion_tokens\":x"), None);
+        let completion = |hay: &[u8]| Usage::of(hay).completion;
+        assert_eq!(completion(b"\"completion_tokens\": 42}"), Some(42));
+        assert_eq!(completion(b"\"completion_tokens\":x"), None);
         assert_eq!(
-            completion_tokens(b"\"completion_tokens\":99999999999999999999999"),
+            completion(b"\"completion_tokens\":99999999999999999999999"),
+            None
+        );
+        // The details object is not the count; a count inside generated
+        // text is escaped and not read.
+        assert_eq!(
+            Usage::of(
+                br#"{"usage":{"prompt_tokens_details":{"cached_tokens":5},"prompt_tokens":812}}"#
+            )
+            .prompt,
+            Some(812)
+        );
+        assert_eq!(
+            Usage::of(br#"{"content":"say \"prompt_tokens\": 7"}"#).prompt,
             None
         );
     }
