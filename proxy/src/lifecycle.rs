@@ -114,8 +114,8 @@ pub(crate) async fn admit(
 ) -> Result<Observation, Refusal> {
     let pool = &entry.pool;
     // In the model server's tokens, as far as its answers have taught.
-    let estimate = arrival.prompt_tokens;
-    let tokens = pool.prompt_calibration.apply(estimate);
+    let prompt = pool.prompt_calibration.size(arrival.prompt_tokens);
+    let tokens = prompt.tokens;
     // One clock reading serves arrival and, when a slot is free at once,
     // dispatch.
     let now = pool.signals.now();
@@ -127,7 +127,7 @@ pub(crate) async fn admit(
             lease,
             at,
             arrival.start,
-            (estimate, tokens),
+            prompt,
             arrival.streaming,
         )
     };

@@ -31,6 +31,14 @@ const FULL_WEIGHT_TOKENS: f64 = 2048.0;
 /// Server tokens per estimated token stay within these.
 const BOUNDS: (f64, f64) = (0.05, 20.0);
 
+/// One prompt's size: the proxy's estimate from its text, and that in the
+/// model server's tokens as far as the pool has learned them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PromptSize {
+    pub estimated: u64,
+    pub tokens: u64,
+}
+
 /// The learned ratio of a pool's model-server prompt tokens to the proxy's
 /// estimate.
 #[derive(Debug)]
@@ -62,6 +70,14 @@ impl PromptCalibration {
         match self.ratio() {
             None => estimate,
             Some(r) => ((estimate as f64 * r).round() as u64).max(u64::from(estimate > 0)),
+        }
+    }
+
+    /// The size of a prompt estimated at `estimate`.
+    pub fn size(&self, estimate: u64) -> PromptSize {
+        PromptSize {
+            estimated: estimate,
+            tokens: self.apply(estimate),
         }
     }
 

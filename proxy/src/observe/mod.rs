@@ -23,6 +23,7 @@ use http::StatusCode;
 
 use crate::metrics::Outcome;
 use crate::pool::Lease;
+use crate::prompt_calibration::PromptSize;
 use crate::routes::PoolEntry;
 
 pub use crate::sse::MAX_CARRIED_EVENT;
@@ -67,11 +68,10 @@ impl Observation {
         lease: Lease,
         now: Duration,
         start: Instant,
-        prompt: (u64, u64),
+        prompt: PromptSize,
         streaming: bool,
     ) -> Self {
-        let (estimated_prompt, prompt_tokens) = prompt;
-        entry.pool.signals.dispatch_at(now, prompt_tokens);
+        entry.pool.signals.dispatch_at(now, prompt.tokens);
         let mut lease = lease;
         if streaming {
             lease.prefilling();
@@ -80,8 +80,8 @@ impl Observation {
             entry,
             lease: Some(lease),
             start,
-            prompt_tokens,
-            estimated_prompt,
+            prompt_tokens: prompt.tokens,
+            estimated_prompt: prompt.estimated,
             streaming,
             first_seen: false,
             last_token: Duration::ZERO,
@@ -283,7 +283,11 @@ mod tests {
             metrics,
         });
         let now = entry.pool.signals.now();
-        Observation::dispatch(entry, lease, now, Instant::now(), (10, 10), true)
+        let prompt = PromptSize {
+            estimated: 10,
+            tokens: 10,
+        };
+        Observation::dispatch(entry, lease, now, Instant::now(), prompt, true)
     }
 
     #[test]
