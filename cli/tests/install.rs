@@ -239,7 +239,7 @@ async fn the_default_install_starts_the_real_gateway_which_routes_and_scales() {
         None,
     );
     assert!(events.contains("SuccessfulRescale"), "{events}");
-    c.rbac_is_what_the_gateway_uses();
+    c.rbac_is_what_the_gateway_uses().await;
     c.stop().await;
 }
 
@@ -302,7 +302,22 @@ impl Cluster {
     /// Every call the gateway made is allowed by the installed Roles and
     /// ClusterRoles, and every verb they grant was used — least privilege,
     /// read from the cluster rather than from the YAML.
-    fn rbac_is_what_the_gateway_uses(&self) {
+    async fn rbac_is_what_the_gateway_uses(&self) {
+        // The leader renews its Lease (an update) every retry period: a
+        // scenario that finishes within one after the Lease was taken has
+        // not made that call yet.
+        eventually("a Lease renewal", Duration::from_secs(10), || async {
+            self.sim
+                .requests()
+                .iter()
+                .any(|r| {
+                    r.method == "PUT"
+                        && r.uri.contains("/leases/")
+                        && r.user_agent.starts_with("scalecar/")
+                })
+                .then_some(())
+        })
+        .await;
         let calls: std::collections::BTreeSet<Call> = self
             .sim
             .requests()
@@ -897,7 +912,7 @@ async fn the_charts_defaults_install_the_real_gateway_which_routes_and_scales() 
         },
     )
     .await;
-    c.rbac_is_what_the_gateway_uses();
+    c.rbac_is_what_the_gateway_uses().await;
     c.stop().await;
 }
 
@@ -1075,20 +1090,6 @@ async fn the_gateway_api_overlay_picks_for_an_inference_pool_and_scales_its_depl
         (n.trim() == "2").then_some(())
     })
     .await;
-    // The leader renews its Lease (an update) every retry period: seen
-    // once before the rights are held to the calls.
-    eventually("a Lease renewal", Duration::from_secs(10), || async {
-        c.sim
-            .requests()
-            .iter()
-            .any(|r| {
-                r.method == "PUT"
-                    && r.uri.contains("/leases/")
-                    && r.user_agent.starts_with("scalecar/")
-            })
-            .then_some(())
-    })
-    .await;
-    c.rbac_is_what_the_gateway_uses();
+    c.rbac_is_what_the_gateway_uses().await;
     c.stop().await;
 }
