@@ -125,7 +125,7 @@ pub(crate) async fn admit(
         Observation::dispatch(
             entry.clone(),
             lease,
-            at,
+            (now, at),
             arrival.start,
             prompt,
             arrival.streaming,

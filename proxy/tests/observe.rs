@@ -817,3 +817,62 @@ async fn prompt_tokens_are_learned_in_the_servers_tokenizer() {
     );
     teardown(&p).await;
 }
+
+#[tokio::test]
+async fn a_prompt_the_server_refuses_is_not_demand() {
+    // A model server whose KV cache cannot hold a 10k-token prompt: it
+    // answers 400, as vLLM and llama.cpp do for a prompt over the context.
+    let s = sim(SimConfig {
+        model: "m".into(),
+        timing: scalecar_loadtest::sim::Timing {
+            kv_capacity: 4_000,
+            ..Default::default()
+        },
+        ..SimConfig::default()
+    })
+    .await;
+    let p = proxy(&one_pool(&[s.local_addr()])).await;
+    let url = format!("http://{}/v1/completions", p.proxy_addr);
+    let body = |chars: usize| {
+        serde_json::json!({"model": "m", "prompt": "x".repeat(chars), "max_tokens": 4}).to_string()
+    };
+    let (status, _, _) = request("POST", &url, &body(4_000)).await.unwrap();
+    assert_eq!(status, 200);
+    let rate = |pools: &Value| {
+        pools["pools"][0]["stable"]["prompt_tokens_per_sec"]
+            .as_f64()
+            .unwrap()
+    };
+    let before = rate(&pools(&p).await);
+    assert!(before > 0.0);
+    let (status, _, answer) = request("POST", &url, &body(40_000)).await.unwrap();
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(outcome(&p, "unified", "client_error").await, 1.0);
+    // The refused prompt left no trace in the windows: one arrival, and
+    // its ~1,000 prompt tokens over a window no shorter than before — not
+    // 11,000 (the rate only falls as the window lengthens).
+    let after = pools(&p).await;
+    assert_eq!(after["pools"][0]["stable"]["arrivals"], 1, "{after}");
+    assert!(rate(&after) <= before, "{} > {before}", rate(&after));
+    teardown(&p).await;
+}
+
+#[tokio::test]
+async fn a_server_out_of_room_is_still_demand() {
+    // 429: the request was fine, the server had no room — the load a
+    // scaler is for, unlike a 400.
+    let (addr, _) = scripted(json_answer(
+        "429 Too Many Requests",
+        r#"{"error":{"message":"queue full","type":"rate_limit"}}"#,
+    ))
+    .await;
+    let p = proxy(&one_pool(&[addr])).await;
+    let url = format!("http://{}/v1/completions", p.proxy_addr);
+    let body = r#"{"model":"m","prompt":"a prompt that counts","max_tokens":4}"#;
+    let (status, _, _) = request("POST", &url, body).await.unwrap();
+    assert_eq!(status, 429);
+    let stable = &pools(&p).await["pools"][0]["stable"];
+    assert_eq!(stable["arrivals"], 1, "{stable}");
+    assert!(stable["prompt_tokens_per_sec"].as_f64().unwrap() > 0.0);
+    teardown(&p).await;
+}

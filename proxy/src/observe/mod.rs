@@ -37,6 +37,10 @@ pub struct Observation {
     entry: Arc<PoolEntry>,
     lease: Option<Lease>,
     start: Instant,
+    /// Signals-clock reading of its arrival (as recorded there).
+    arrived: Duration,
+    /// The model server refused it (a 4xx other than 429): no work.
+    refused: bool,
     /// In the model server's tokens as far as the pool has learned them;
     /// `estimated_prompt` is the proxy's own count from the text.
     prompt_tokens: u64,
@@ -58,19 +62,21 @@ pub struct Observation {
 }
 
 impl Observation {
-    /// Dispatches the request to `lease`'s endpoint at `now` (a reading of
-    /// the pool's signals clock): from here on it is in flight until this
-    /// observation finishes or drops. `start` is when the proxy received it;
+    /// Dispatches the request to `lease`'s endpoint: `at` is when it was
+    /// recorded as arriving and now, readings of the pool's signals clock.
+    /// From here on it is in flight until this observation finishes or
+    /// drops. `start` is when the proxy received it;
     /// `prompt` is the prompt's size as estimated from its text and as
     /// calibrated to the pool's model server.
     pub fn dispatch(
         entry: Arc<PoolEntry>,
         lease: Lease,
-        now: Duration,
+        at: (Duration, Duration),
         start: Instant,
         prompt: PromptSize,
         streaming: bool,
     ) -> Self {
+        let (arrived, now) = at;
         entry.pool.signals.dispatch_at(now, prompt.tokens);
         let mut lease = lease;
         if streaming {
@@ -80,6 +86,8 @@ impl Observation {
             entry,
             lease: Some(lease),
             start,
+            arrived,
+            refused: false,
             prompt_tokens: prompt.tokens,
             estimated_prompt: prompt.estimated,
             streaming,
@@ -119,6 +127,8 @@ impl Observation {
             }
         } else if status.is_client_error() {
             self.end_outcome = Outcome::client_error;
+            // 429 is the server out of room: demand, not a bad request.
+            self.refused = status != StatusCode::TOO_MANY_REQUESTS;
         }
     }
 
@@ -211,6 +221,14 @@ impl Observation {
         let e2e = self.start.elapsed();
         let e2e_sample = (outcome == Outcome::ok).then_some(e2e);
         let metrics = &self.entry.metrics;
+        if self.refused && !self.first_seen {
+            // Refused outright (a prompt over the context, a malformed
+            // request): it was never work to scale for.
+            self.entry
+                .pool
+                .signals
+                .retract_arrival(self.arrived, self.prompt_tokens);
+        }
         self.entry.pool.signals.complete(
             self.prompt_tokens,
             self.generated,
@@ -287,7 +305,7 @@ mod tests {
             estimated: 10,
             tokens: 10,
         };
-        Observation::dispatch(entry, lease, now, Instant::now(), prompt, true)
+        Observation::dispatch(entry, lease, (now, now), Instant::now(), prompt, true)
     }
 
     #[test]

@@ -343,6 +343,33 @@ impl PoolSignals {
         self.last_arrival_us.fetch_max(now + 1, Ordering::AcqRel);
     }
 
+    /// A request recorded by [`Self::arrival_at`] at `at` was no work: the
+    /// model server refused it outright (a prompt over its context, a
+    /// malformed request). Its arrival and prompt tokens leave the window
+    /// they were counted in — one refused 100k-token prompt is otherwise a
+    /// burst of prompt work to scale for — if that slot is still kept.
+    pub fn retract_arrival(&self, at: Duration, prompt_tokens: u64) {
+        let number = micros(at) / self.bucket_us;
+        let Some(s) = self
+            .counters
+            .get((number & (self.counters.len() as u64 - 1)) as usize)
+        else {
+            return;
+        };
+        // Only the slot the arrival went to: one reused for a later bucket
+        // (the arrival aged out of the retention) is left alone.
+        if s.epoch.load(Ordering::Acquire) != number + 1 {
+            return;
+        }
+        let less = |c: &AtomicU64, n: u64| {
+            let _ = c.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.saturating_sub(n))
+            });
+        };
+        less(&s.arrivals, 1);
+        less(&s.prompt_tokens, prompt_tokens);
+    }
+
     pub fn queue_enter(&self) {
         self.gauge(self.now_us(), QUEUED, 1);
     }

@@ -236,6 +236,52 @@ fn rates_and_tokens() {
 }
 
 #[test]
+fn a_refused_arrival_leaves_its_window() {
+    let (clock, p) = pool(60);
+    clock.advance(S(10));
+    for _ in 0..10 {
+        p.arrival(500);
+        clock.advance(S(1));
+    }
+    // A 120k-token prompt the model server refused at once.
+    let at = p.now();
+    p.arrival_at(at, 120_000);
+    let burst = p.snapshot(S(60), S(6));
+    assert!(burst.panic.prompt_tokens_per_sec > 20_000.0);
+    clock.advance(MS(300));
+    p.retract_arrival(at, 120_000);
+    let s = p.snapshot(S(60), S(6));
+    assert_eq!(s.stable.arrivals, 10);
+    let tokens = |v: &WindowValues| v.prompt_tokens_per_sec * v.observed.as_secs_f64();
+    assert!(
+        (tokens(&s.stable) - 5_000.0).abs() < 1e-6,
+        "{}",
+        tokens(&s.stable)
+    );
+    // Retracting more than its slot counted never wraps around, nor
+    // reaches into other slots.
+    p.retract_arrival(at, u64::MAX);
+    let s = p.snapshot(S(60), S(6));
+    assert_eq!(s.stable.arrivals, 10);
+    assert!(
+        (tokens(&s.stable) - 5_000.0).abs() < 1e-6,
+        "{}",
+        tokens(&s.stable)
+    );
+    // An arrival whose slot was reused for a later bucket is not reached:
+    // the newer data stays.
+    let old = p.now();
+    p.arrival_at(old, 100);
+    // The ring's length in slots later, the same slot holds a newer bucket.
+    clock.advance(S(p.counters.len() as u64));
+    p.arrival(700);
+    let before = p.snapshot(S(60), S(6));
+    assert_eq!(before.stable.arrivals, 1);
+    p.retract_arrival(old, 100);
+    assert_eq!(p.snapshot(S(60), S(6)), before);
+}
+
+#[test]
 fn queue_and_token_gauges() {
     let (clock, p) = pool(10);
     clock.advance(S(10));
