@@ -192,6 +192,14 @@ fn slot<S: Epoch>(ring: &[S], number: u64) -> Option<&S> {
     }
 }
 
+/// The slot of `number` in `ring` if the ring still holds that bucket
+/// there; never resets one (for reads, and for taking back what was
+/// recorded).
+fn kept<S: Epoch>(ring: &[S], number: u64) -> Option<&S> {
+    ring.get((number & (ring.len() as u64 - 1)) as usize)
+        .filter(|s| s.epoch().load(Ordering::Acquire) == number + 1)
+}
+
 /// One window's values with its latency histograms (TTFT, ITL,
 /// end-to-end, queue wait; `None`: not asked for, or empty).
 pub type WindowWithHistograms = (WindowValues, [Option<Histogram<u64>>; LATENCIES]);
@@ -349,18 +357,11 @@ impl PoolSignals {
     /// they were counted in — one refused 100k-token prompt is otherwise a
     /// burst of prompt work to scale for — if that slot is still kept.
     pub fn retract_arrival(&self, at: Duration, prompt_tokens: u64) {
-        let number = micros(at) / self.bucket_us;
-        let Some(s) = self
-            .counters
-            .get((number & (self.counters.len() as u64 - 1)) as usize)
-        else {
-            return;
-        };
         // Only the slot the arrival went to: one reused for a later bucket
         // (the arrival aged out of the retention) is left alone.
-        if s.epoch.load(Ordering::Acquire) != number + 1 {
+        let Some(s) = kept(&self.counters, micros(at) / self.bucket_us) else {
             return;
-        }
+        };
         let less = |c: &AtomicU64, n: u64| {
             let _ = c.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
                 Some(v.saturating_sub(n))
@@ -613,10 +614,7 @@ impl PoolSignals {
             };
             let span = end.saturating_sub(start);
             covered += span;
-            let s = self
-                .counters
-                .get((number & (self.counters.len() as u64 - 1)) as usize);
-            let fresh = s.filter(|s| s.epoch.load(Ordering::Acquire) == number + 1);
+            let fresh = kept(&self.counters, number);
             for g in 0..GAUGES {
                 let (delta, tail) = fresh.and_then(|s| s.gauges.get(g)).map_or((0, 0), |x| {
                     (
@@ -737,15 +735,9 @@ impl PoolSignals {
         let whole = micros(length).saturating_sub(partial).div_ceil(h);
         let first = current.saturating_sub(whole).max(self.start_us / h);
         for number in first..=current {
-            let Some(s) = self
-                .hists
-                .get((number & (self.hists.len() as u64 - 1)) as usize)
-            else {
+            let Some(s) = kept(&self.hists, number) else {
                 continue;
             };
-            if s.epoch.load(Ordering::Acquire) != number + 1 {
-                continue;
-            }
             for ((counts, merged), wanted) in s.latencies.iter().zip(into.iter_mut()).zip(wanted) {
                 if wanted {
                     merged.add(counts);
