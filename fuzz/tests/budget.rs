@@ -163,6 +163,13 @@ fn request_body() {
         Just("{}".to_string()),
         Just("7".to_string()),
         Just("\"\\u0000\\ud800\"".to_string()),
+        // Media parts: data URLs whole, empty and cut short.
+        tricky().prop_map(|s| format!(
+            "[{{\"content\":[{{\"image_url\":{{\"url\":\"data:image/png;base64,{}\"}}}}]}}]",
+            s.replace(['"', '\\'], "")
+        )),
+        Just("[{\"url\":\"data:;base64,\"},{\"url\" : \"data:x;base64,QUJD\"}]".to_string()),
+        Just("[{\"url\":\"data:x;base64,QUJD".to_string()),
     ];
     let field = prop::sample::select(vec!["model", "stream", "messages", "prompt", "input", "x"]);
     let body =

@@ -46,15 +46,78 @@ pub(crate) struct RequestFields<'a> {
 
 impl RequestFields<'_> {
     /// About four characters a token, from the prompt's JSON text: known
-    /// before the model server tokenizes it.
+    /// before the model server tokenizes it. An image is not its bytes: a
+    /// base64 data URL's payload is left out of the text, and each image
+    /// (data or fetched URL) counts [`MEDIA_TOKENS`] — a 1 MB screenshot
+    /// is a thousand-odd tokens to a vision model, not 250,000.
     pub fn prompt_tokens(&self) -> u64 {
-        let len = [self.messages, self.prompt, self.input]
-            .iter()
-            .flatten()
-            .map(|r| r.get().len())
-            .sum::<usize>();
-        (len as u64).div_ceil(4).max(1)
+        let (mut text, mut media) = (0usize, 0u64);
+        for raw in [self.messages, self.prompt, self.input].iter().flatten() {
+            let json = raw.get().as_bytes();
+            let (inline, items) = media_in(json);
+            text += json.len().saturating_sub(inline);
+            media += items;
+        }
+        (text as u64)
+            .div_ceil(4)
+            .saturating_add(media.saturating_mul(MEDIA_TOKENS))
+            .max(1)
     }
+}
+
+/// What one image (or video frame set) is taken to cost before the model
+/// server says: vision encoders give 256 (Gemma 3) to ~1,600 (Llama 3.2
+/// Vision, a tile) tokens an image; the pool's calibration from usage
+/// corrects the average.
+pub const MEDIA_TOKENS: u64 = 1024;
+
+struct MediaNeedles {
+    url: [memchr::memmem::Finder<'static>; 2],
+    base64: memchr::memmem::Finder<'static>,
+}
+
+static MEDIA: std::sync::LazyLock<MediaNeedles> = std::sync::LazyLock::new(|| MediaNeedles {
+    // `url` keys appear in a prompt's JSON only in media parts (image_url,
+    // video_url); in text they are escaped and do not match.
+    url: [
+        memchr::memmem::Finder::new(b"\"url\":"),
+        memchr::memmem::Finder::new(b"\"url\" :"),
+    ],
+    base64: memchr::memmem::Finder::new(b";base64,"),
+});
+
+/// The bytes of base64 payloads of `url` values that are data URLs, and how
+/// many `url` values (media parts), in a prompt's JSON text.
+fn media_in(json: &[u8]) -> (usize, u64) {
+    let (mut inline, mut items) = (0, 0);
+    for finder in &MEDIA.url {
+        for key in finder.find_iter(json) {
+            items += 1;
+            let value = key + finder.needle().len();
+            let Some(rest) = json.get(value..) else {
+                continue;
+            };
+            let Some(open) = rest.iter().position(|b| !b.is_ascii_whitespace()) else {
+                continue;
+            };
+            let Some(string) = rest
+                .get(open + 1..)
+                .filter(|_| rest.get(open) == Some(&b'"'))
+            else {
+                continue;
+            };
+            // A JSON string's end: the next quote (base64 and media types
+            // hold no escapes); a value cut short ends with the text.
+            let end = memchr::memchr(b'"', string).unwrap_or(string.len());
+            let string = string.get(..end).unwrap_or(string);
+            if string.starts_with(b"data:")
+                && let Some(at) = MEDIA.base64.find(string)
+            {
+                inline += string.len() - at - MEDIA.base64.needle().len();
+            }
+        }
+    }
+    (inline, items)
 }
 
 /// The data plane: routes, upstream connections, limits and metrics.
@@ -519,5 +582,43 @@ mod tests {
         assert_eq!(f.prompt_tokens(), 18);
         let f: RequestFields<'_> = serde_json::from_slice(br#"{"model":"m"}"#).unwrap();
         assert_eq!(f.prompt_tokens(), 1);
+    }
+
+    #[test]
+    fn an_image_is_counted_as_an_image_not_as_its_bytes() {
+        let text = "describe this picture in detail please";
+        let picture = "QUJD".repeat(250_000); // a megabyte of base64
+        let body = |parts: String| {
+            format!(r#"{{"model":"m","messages":[{{"role":"user","content":[{parts}]}}]}}"#)
+        };
+        let text_part = format!(r#"{{"type":"text","text":"{text}"}}"#);
+        let tokens = |b: String| {
+            let f: RequestFields<'_> = serde_json::from_slice(b.as_bytes()).unwrap();
+            f.prompt_tokens()
+        };
+        let alone = tokens(body(text_part.clone()));
+        let inline = tokens(body(format!(
+            r#"{text_part},{{"type":"image_url","image_url":{{"url":"data:image/png;base64,{picture}"}}}}"#
+        )));
+        let fetched = tokens(body(format!(
+            r#"{text_part},{{"type":"image_url","image_url":{{"url":"https://example.com/cat.png"}}}}"#
+        )));
+        // The image's part costs its JSON around the payload and one image.
+        assert!(
+            (MEDIA_TOKENS..MEDIA_TOKENS + 40).contains(&(inline - alone)),
+            "{alone} → {inline}"
+        );
+        assert!(
+            (MEDIA_TOKENS..MEDIA_TOKENS + 40).contains(&(fetched - alone)),
+            "{alone} → {fetched}"
+        );
+        // Text that talks about URLs and pastes base64 is text.
+        let pasted =
+            format!(r#"{{"type":"text","text":"a JSON \"url\": field; data:x;base64,{picture}"}}"#);
+        assert!(tokens(body(pasted)) > 250_000);
+        // A data URL without its closing quote (cut short) still ends.
+        assert_eq!(media_in(b"\"url\": \"data:image/png;base64,AAAA"), (4, 1));
+        assert_eq!(media_in(b"\"url\":"), (0, 1));
+        assert_eq!(media_in(b"\"url\":7"), (0, 1));
     }
 }
