@@ -72,49 +72,48 @@ impl RequestFields<'_> {
 pub const MEDIA_TOKENS: u64 = 1024;
 
 struct MediaNeedles {
-    url: [memchr::memmem::Finder<'static>; 2],
+    url: memchr::memmem::Finder<'static>,
     base64: memchr::memmem::Finder<'static>,
 }
 
 static MEDIA: std::sync::LazyLock<MediaNeedles> = std::sync::LazyLock::new(|| MediaNeedles {
-    // `url` keys appear in a prompt's JSON only in media parts (image_url,
-    // video_url); in text they are escaped and do not match.
-    url: [
-        memchr::memmem::Finder::new(b"\"url\":"),
-        memchr::memmem::Finder::new(b"\"url\" :"),
-    ],
+    url: memchr::memmem::Finder::new(b"\"url\""),
     base64: memchr::memmem::Finder::new(b";base64,"),
 });
 
 /// The bytes of base64 payloads of `url` values that are data URLs, and how
-/// many `url` values (media parts), in a prompt's JSON text.
+/// many `url` values (media parts), in a prompt's JSON text. `url` keys
+/// appear in a prompt's JSON only in media parts (image_url, video_url); in
+/// text they are escaped and do not match. One pass of a SIMD search.
 fn media_in(json: &[u8]) -> (usize, u64) {
     let (mut inline, mut items) = (0, 0);
-    for finder in &MEDIA.url {
-        for key in finder.find_iter(json) {
-            items += 1;
-            let value = key + finder.needle().len();
-            let Some(rest) = json.get(value..) else {
-                continue;
-            };
-            let Some(open) = rest.iter().position(|b| !b.is_ascii_whitespace()) else {
-                continue;
-            };
-            let Some(string) = rest
-                .get(open + 1..)
-                .filter(|_| rest.get(open) == Some(&b'"'))
-            else {
-                continue;
-            };
-            // A JSON string's end: the next quote (base64 and media types
-            // hold no escapes); a value cut short ends with the text.
-            let end = memchr::memchr(b'"', string).unwrap_or(string.len());
-            let string = string.get(..end).unwrap_or(string);
-            if string.starts_with(b"data:")
-                && let Some(at) = MEDIA.base64.find(string)
-            {
-                inline += string.len() - at - MEDIA.base64.needle().len();
-            }
+    let after_space = |at: usize| {
+        json.get(at..)
+            .and_then(|rest| rest.iter().position(|b| !b.is_ascii_whitespace()))
+            .map(|skip| at + skip)
+    };
+    for key in MEDIA.url.find_iter(json) {
+        // A key: a colon follows (a "url" value would not have one).
+        let Some(colon) =
+            after_space(key + MEDIA.url.needle().len()).filter(|at| json.get(*at) == Some(&b':'))
+        else {
+            continue;
+        };
+        items += 1;
+        let Some(string) = after_space(colon + 1)
+            .filter(|at| json.get(*at) == Some(&b'"'))
+            .and_then(|at| json.get(at + 1..))
+        else {
+            continue;
+        };
+        // A JSON string's end: the next quote (base64 and media types hold
+        // no escapes); a value cut short ends with the text.
+        let end = memchr::memchr(b'"', string).unwrap_or(string.len());
+        let string = string.get(..end).unwrap_or(string);
+        if string.starts_with(b"data:")
+            && let Some(at) = MEDIA.base64.find(string)
+        {
+            inline += string.len() - at - MEDIA.base64.needle().len();
         }
     }
     (inline, items)
