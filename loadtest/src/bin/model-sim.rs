@@ -92,10 +92,15 @@ async fn main() -> anyhow::Result<()> {
         || args.prefill_tokens_per_sec <= 0.0
         || args.prefill_chunk == 0
         || args.max_num_seqs == 0
-        || !(1.0..=100.0).contains(&args.chars_per_token)
     {
         anyhow::bail!(
-            "--prefill-tokens-per-sec, --prefill-chunk and --max-num-seqs must be greater than 0, --chars-per-token in [1, 100]"
+            "--prefill-tokens-per-sec, --prefill-chunk and --max-num-seqs must be greater than 0"
+        );
+    }
+    if !(1.0..=100.0).contains(&args.chars_per_token) {
+        anyhow::bail!(
+            "--chars-per-token {}: must be in [1, 100]",
+            args.chars_per_token
         );
     }
     let timing = Timing {
