@@ -170,6 +170,14 @@ fn request_body() {
         )),
         Just("[{\"url\":\"data:;base64,\"},{\"url\" : \"data:x;base64,QUJD\"}]".to_string()),
         Just("[{\"url\":\"data:x;base64,QUJD".to_string()),
+        // Audio and file parts: raw base64 of any length, whole and cut short.
+        (tricky(), 0usize..1500).prop_map(|(s, n)| format!(
+            "[{{\"input_audio\":{{\"data\":\"{}{}\"}}}},{{\"file_data\":\"data:x;base64,{}\"}}]",
+            "A".repeat(n),
+            s.replace(['"', '\\'], ""),
+            s.replace(['"', '\\'], "")
+        )),
+        Just("[{\"input_audio\":{\"data\": \"QUJD".to_string()),
     ];
     let field = prop::sample::select(vec!["model", "stream", "messages", "prompt", "input", "x"]);
     let body =

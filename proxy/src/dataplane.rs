@@ -46,10 +46,11 @@ pub(crate) struct RequestFields<'a> {
 
 impl RequestFields<'_> {
     /// About four characters a token, from the prompt's JSON text: known
-    /// before the model server tokenizes it. An image is not its bytes: a
-    /// base64 data URL's payload is left out of the text, and each image
-    /// (data or fetched URL) counts [`MEDIA_TOKENS`] — a 1 MB screenshot
-    /// is a thousand-odd tokens to a vision model, not 250,000.
+    /// before the model server tokenizes it. Media are not their bytes: a
+    /// base64 payload (an image's or a file's data URL, an audio clip's
+    /// `input_audio.data`) is left out of the text, and each media part
+    /// (inline or fetched) counts [`MEDIA_TOKENS`] — a 1 MB screenshot is
+    /// a thousand-odd tokens to a vision model, not 250,000.
     pub fn prompt_tokens(&self) -> u64 {
         let (mut text, mut media) = (0usize, 0u64);
         for raw in [self.messages, self.prompt, self.input].iter().flatten() {
@@ -65,26 +66,45 @@ impl RequestFields<'_> {
     }
 }
 
-/// What one image (or video frame set) is taken to cost before the model
-/// server says: vision encoders give 256 (Gemma 3) to ~1,600 (Llama 3.2
-/// Vision, a tile) tokens an image; the pool's calibration from usage
+/// What one media part (an image, an audio clip, a file) is taken to cost
+/// before the model server says: vision encoders give 256 (Gemma 3) to
+/// ~1,600 (Llama 3.2 Vision, a tile) tokens an image, audio encoders ~25 a
+/// second (40 s of speech here); the pool's calibration from usage
 /// corrects the average.
 pub const MEDIA_TOKENS: u64 = 1024;
 
+/// How a media key's string value holds its payload.
+#[derive(Clone, Copy)]
+enum Payload {
+    /// A URL: a `data:…;base64,` URL's payload is binary, a link is short.
+    Url,
+    /// Raw base64 (`input_audio.data`): all of it is binary.
+    Base64,
+}
+
 struct MediaNeedles {
-    url: memchr::memmem::Finder<'static>,
+    /// The keys of media parts' values: `url` (image_url, audio_url,
+    /// video_url), `file_data` (file parts) and `data` (input_audio).
+    keys: [(memchr::memmem::Finder<'static>, Payload); 3],
     base64: memchr::memmem::Finder<'static>,
 }
 
 static MEDIA: std::sync::LazyLock<MediaNeedles> = std::sync::LazyLock::new(|| MediaNeedles {
-    url: memchr::memmem::Finder::new(b"\"url\""),
+    keys: [
+        (memchr::memmem::Finder::new(b"\"url\""), Payload::Url),
+        (memchr::memmem::Finder::new(b"\"file_data\""), Payload::Url),
+        (memchr::memmem::Finder::new(b"\"data\""), Payload::Base64),
+    ],
     base64: memchr::memmem::Finder::new(b";base64,"),
 });
 
-/// The bytes of base64 payloads of `url` values that are data URLs, and how
-/// many `url` values (media parts), in a prompt's JSON text. `url` keys
-/// appear in a prompt's JSON only in media parts (image_url, video_url); in
-/// text they are escaped and do not match. One pass of a SIMD search.
+/// The bytes of media payloads, and how many media parts, in a prompt's
+/// JSON text. The keys of media parts (`url`, `file_data`, `data`) appear
+/// unescaped in a prompt's JSON only as keys of its structure; in text
+/// they are escaped and do not match. A `data` key counts only with a
+/// string value of at least [`MIN_INLINE_AUDIO`] bytes (the messages'
+/// own structure has no other such key; a short one is left as text).
+/// One SIMD search a key.
 fn media_in(json: &[u8]) -> (usize, u64) {
     let (mut inline, mut items) = (0, 0);
     let after_space = |at: usize| {
@@ -92,32 +112,48 @@ fn media_in(json: &[u8]) -> (usize, u64) {
             .and_then(|rest| rest.iter().position(|b| !b.is_ascii_whitespace()))
             .map(|skip| at + skip)
     };
-    for key in MEDIA.url.find_iter(json) {
-        // A key: a colon follows (a "url" value would not have one).
-        let Some(colon) =
-            after_space(key + MEDIA.url.needle().len()).filter(|at| json.get(*at) == Some(&b':'))
-        else {
-            continue;
-        };
-        items += 1;
-        let Some(string) = after_space(colon + 1)
-            .filter(|at| json.get(*at) == Some(&b'"'))
-            .and_then(|at| json.get(at + 1..))
-        else {
-            continue;
-        };
-        // A JSON string's end: the next quote (base64 and media types hold
-        // no escapes); a value cut short ends with the text.
-        let end = memchr::memchr(b'"', string).unwrap_or(string.len());
-        let string = string.get(..end).unwrap_or(string);
-        if string.starts_with(b"data:")
-            && let Some(at) = MEDIA.base64.find(string)
-        {
-            inline += string.len() - at - MEDIA.base64.needle().len();
+    for (needle, payload) in &MEDIA.keys {
+        for key in needle.find_iter(json) {
+            // A key: a colon follows (a "url" value would not have one).
+            let Some(colon) =
+                after_space(key + needle.needle().len()).filter(|at| json.get(*at) == Some(&b':'))
+            else {
+                continue;
+            };
+            let string = after_space(colon + 1)
+                .filter(|at| json.get(*at) == Some(&b'"'))
+                .and_then(|at| json.get(at + 1..))
+                .map(|string| {
+                    // A JSON string's end: the next quote (base64 and media
+                    // types hold no escapes); a value cut short ends with
+                    // the text.
+                    let end = memchr::memchr(b'"', string).unwrap_or(string.len());
+                    string.get(..end).unwrap_or(string)
+                });
+            match (payload, string) {
+                (Payload::Url, Some(string)) => {
+                    items += 1;
+                    if string.starts_with(b"data:")
+                        && let Some(at) = MEDIA.base64.find(string)
+                    {
+                        inline += string.len() - at - MEDIA.base64.needle().len();
+                    }
+                }
+                (Payload::Url, None) => items += 1,
+                (Payload::Base64, Some(string)) if string.len() >= MIN_INLINE_AUDIO => {
+                    items += 1;
+                    inline += string.len();
+                }
+                (Payload::Base64, _) => {}
+            }
         }
     }
     (inline, items)
 }
+
+/// The shortest `data` string taken for an audio clip: 1,000 base64
+/// characters are 750 bytes, a few milliseconds of sound.
+const MIN_INLINE_AUDIO: usize = 1000;
 
 /// The data plane: routes, upstream connections, limits and metrics.
 ///
@@ -619,5 +655,40 @@ mod tests {
         assert_eq!(media_in(b"\"url\": \"data:image/png;base64,AAAA"), (4, 1));
         assert_eq!(media_in(b"\"url\":"), (0, 1));
         assert_eq!(media_in(b"\"url\":7"), (0, 1));
+    }
+
+    #[test]
+    fn audio_and_files_are_counted_as_media_not_as_their_bytes() {
+        let clip = "UklG".repeat(100_000); // 300 kB of base64 audio
+        let body = |parts: &str| {
+            format!(
+                r#"{{"model":"m","messages":[{{"role":"user","content":[{{"type":"text","text":"transcribe"}}{parts}]}}]}}"#
+            )
+        };
+        let tokens = |b: String| {
+            let f: RequestFields<'_> = serde_json::from_slice(b.as_bytes()).unwrap();
+            f.prompt_tokens()
+        };
+        let alone = tokens(body(""));
+        let audio = tokens(body(&format!(
+            r#",{{"type":"input_audio","input_audio":{{"data":"{clip}","format":"wav"}}}}"#
+        )));
+        let file = tokens(body(&format!(
+            r#",{{"type":"file","file":{{"filename":"a.pdf","file_data":"data:application/pdf;base64,{clip}"}}}}"#
+        )));
+        for (what, n) in [("audio", audio), ("file", file)] {
+            assert!(
+                (MEDIA_TOKENS..MEDIA_TOKENS + 40).contains(&(n - alone)),
+                "{what}: {alone} → {n}"
+            );
+        }
+        // A short `data` string is not a clip (the JSON around it is text),
+        // and a clip cut short still ends.
+        assert_eq!(media_in(br#"{"data":"abc"}"#), (0, 0));
+        let cut = format!(r#""data": "{}"#, "A".repeat(MIN_INLINE_AUDIO));
+        assert_eq!(media_in(cut.as_bytes()), (MIN_INLINE_AUDIO, 1));
+        // An escaped key in text is text.
+        let pasted = format!(r#"{{"text":"\"data\":\"{clip}\""}}"#);
+        assert_eq!(media_in(pasted.as_bytes()), (0, 0));
     }
 }
