@@ -78,21 +78,77 @@ static NEEDLES: LazyLock<Needles> = LazyLock::new(|| Needles {
     ],
 });
 
-/// The number after `key` (e.g. `"completion_tokens":`) in `hay`.
+/// The number after `key` (e.g. `"completion_tokens":`) in `hay`; `None`
+/// also when its digits run to the end of `hay` (a frame may end inside
+/// the number: the rest is in the next one).
 fn number_after(key: &Finder<'_>, hay: &[u8]) -> Option<u64> {
     let at = key.find(hay)? + key.needle().len();
-    let digits = hay
-        .get(at..)?
-        .iter()
-        .skip_while(|b| **b == b' ')
-        .take_while(|b| b.is_ascii_digit());
-    let mut n: u64 = 0;
-    let mut any = false;
-    for d in digits {
-        n = n.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
-        any = true;
+    let rest = hay.get(at..)?;
+    let start = rest.iter().position(|b| *b != b' ')?;
+    let digits = rest.get(start..)?;
+    let len = digits.iter().position(|b| !b.is_ascii_digit())?;
+    if len == 0 {
+        return None;
     }
-    any.then_some(n)
+    let mut n: u64 = 0;
+    for d in digits.get(..len)? {
+        n = n.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+    }
+    Some(n)
+}
+
+/// The most bytes a usage count spans (key, spaces, digits, the byte after).
+const USAGE_SPAN: usize = 64;
+
+/// Reads the usage of a whole JSON answer as it arrives in frames, also
+/// where a count straddles two frames (or many small ones): the last
+/// [`USAGE_SPAN`] bytes seen are kept, inline, and searched together with
+/// the start of the next frame.
+#[derive(Debug)]
+pub(super) struct JsonUsageScan {
+    seam: [u8; 2 * USAGE_SPAN],
+    len: usize,
+}
+
+impl Default for JsonUsageScan {
+    fn default() -> Self {
+        JsonUsageScan {
+            seam: [0; 2 * USAGE_SPAN],
+            len: 0,
+        }
+    }
+}
+
+impl JsonUsageScan {
+    /// The counts that `chunk` completes.
+    pub(super) fn feed(&mut self, chunk: &[u8]) -> Usage {
+        let head = chunk.get(..chunk.len().min(USAGE_SPAN)).unwrap_or_default();
+        let joint = self.len + head.len();
+        if let Some(room) = self.seam.get_mut(self.len..joint) {
+            room.copy_from_slice(head);
+            self.len = joint;
+        }
+        let seam = self.seam.get(..self.len).unwrap_or_default();
+        let across = Usage::of(seam);
+        let within = Usage::of(chunk);
+        // Keep the last USAGE_SPAN bytes of all seen: the chunk's own, or
+        // (a short chunk, all of it in the seam) the seam's.
+        if chunk.len() >= USAGE_SPAN {
+            let last = chunk.get(chunk.len() - USAGE_SPAN..).unwrap_or_default();
+            if let Some(keep) = self.seam.get_mut(..USAGE_SPAN) {
+                keep.copy_from_slice(last);
+                self.len = USAGE_SPAN;
+            }
+        } else {
+            let from = self.len.saturating_sub(USAGE_SPAN);
+            self.seam.copy_within(from..self.len, 0);
+            self.len -= from;
+        }
+        Usage {
+            completion: within.completion.or(across.completion),
+            prompt: within.prompt.or(across.prompt),
+        }
+    }
 }
 
 /// A token event carries a non-empty content, text or reasoning string, or

@@ -29,7 +29,7 @@ use crate::routes::PoolEntry;
 pub use crate::sse::MAX_CARRIED_EVENT;
 use crate::sse::SseFramer;
 pub use body::{ObservedBody, ObservedError};
-use events::{Event, Usage, classify};
+use events::{Event, JsonUsageScan, Usage, classify};
 
 /// What a request carries from dispatch to the end of its response.
 #[derive(Debug)]
@@ -58,6 +58,8 @@ pub struct Observation {
     /// How the request ends if its body ends cleanly (by status class).
     end_outcome: Outcome,
     sse: SseFramer,
+    /// A whole JSON answer's usage, read across its frames.
+    json: JsonUsageScan,
     finished: bool,
 }
 
@@ -99,6 +101,7 @@ impl Observation {
             complete_seen: false,
             end_outcome: Outcome::ok,
             sse: SseFramer::default(),
+            json: JsonUsageScan::default(),
             finished: false,
         }
     }
@@ -181,7 +184,8 @@ impl Observation {
     pub(crate) fn frame(&mut self, chunk: &[u8]) {
         if !self.streaming {
             // A whole JSON answer: only its usage matters.
-            self.usage(Usage::of(chunk));
+            let usage = self.json.feed(chunk);
+            self.usage(usage);
             return;
         }
         // Taken out for the call (a move, no allocation): the payloads
@@ -280,6 +284,10 @@ mod tests {
     use scalecar_scaler::signals::{PoolSignals, SignalsConfig};
 
     fn observation() -> Observation {
+        observation_of(true)
+    }
+
+    fn observation_of(streaming: bool) -> Observation {
         let signals = Arc::new(PoolSignals::new(
             SignalsConfig::default(),
             Arc::new(MonotonicClock::new()),
@@ -305,7 +313,38 @@ mod tests {
             estimated: 10,
             tokens: 10,
         };
-        Observation::dispatch(entry, lease, (now, now), Instant::now(), prompt, true)
+        Observation::dispatch(entry, lease, (now, now), Instant::now(), prompt, streaming)
+    }
+
+    #[test]
+    fn a_json_answers_usage_is_read_wherever_its_frames_split_it() {
+        let answer = br#"{"id":"x","choices":[{"message":{"content":"the \"prompt_tokens\": 5 of it"}}],"usage":{"prompt_tokens": 1234,"prompt_tokens_details":{"cached_tokens":9},"completion_tokens":567,"total_tokens":1801}}"#;
+        let read = |frames: &[&[u8]]| {
+            let mut o = observation_of(false);
+            for f in frames {
+                o.frame(f);
+            }
+            let got = (o.usage_prompt_tokens, o.usage_completion_tokens);
+            o.end();
+            got
+        };
+        let want = (Some(1234), Some(567));
+        for cut in 0..=answer.len() {
+            let (x, y) = answer.split_at(cut);
+            assert_eq!(read(&[x, y]), want, "cut at {cut}");
+        }
+        // A byte a frame, and frames of every size up to the answer's.
+        let bytes: Vec<&[u8]> = answer.chunks(1).collect();
+        assert_eq!(read(&bytes), want);
+        for size in 2..answer.len() {
+            let frames: Vec<&[u8]> = answer.chunks(size).collect();
+            assert_eq!(read(&frames), want, "frames of {size}");
+        }
+        // A number cut by the end of the body is not a count.
+        assert_eq!(
+            read(&[br#"{"usage":{"completion_tokens":56"#]),
+            (None, None)
+        );
     }
 
     #[test]
