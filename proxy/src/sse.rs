@@ -41,6 +41,12 @@ impl SseFramer {
     /// Feeds one frame; `data` gets the `data:` payload of every event the
     /// frame completes, in order.
     pub fn feed(&mut self, chunk: &[u8], data: &mut impl FnMut(&[u8])) {
+        self.feed_events(chunk, &mut |payload: &[u8], _: EventSpan| data(payload));
+    }
+
+    /// As [`Self::feed`], with where each payload's event lies in the
+    /// frame (for a caller that cuts events out of the stream).
+    pub fn feed_events(&mut self, chunk: &[u8], data: &mut impl FnMut(&[u8], EventSpan)) {
         let mut from = 0;
         let mut at = 0;
         while let Some(i) = memchr::memchr2(b'\n', b'\r', chunk.get(at..).unwrap_or_default()) {
@@ -68,13 +74,27 @@ impl SseFramer {
                 self.skipping = false;
                 self.carry.clear();
             } else if self.carry.is_empty() {
-                payloads(part, data);
+                let span = EventSpan {
+                    start: Some(from),
+                    end: at,
+                };
+                payloads(part, &mut |d: &[u8]| data(d, span));
             } else {
                 self.carry.extend_from_slice(part);
-                payloads(&self.carry, data);
+                let span = EventSpan {
+                    start: None,
+                    end: at,
+                };
+                payloads(&self.carry, &mut |d: &[u8]| data(d, span));
                 self.carry.clear();
             }
             from = at;
+        }
+        if at < chunk.len() {
+            // Line content after the frame's last line end: the next line
+            // end closes that line, not the event.
+            self.at_line_start = false;
+            self.after_cr = false;
         }
         let rest = chunk.get(from..).unwrap_or_default();
         if self.skipping || rest.is_empty() {
@@ -89,6 +109,12 @@ impl SseFramer {
         // Exact: the bound is on memory, not only on the length.
         self.carry.reserve_exact(rest.len());
         self.carry.extend_from_slice(rest);
+    }
+
+    /// Whether an event longer than [`MAX_CARRIED_EVENT`] is being passed
+    /// over unread.
+    pub fn skipping(&self) -> bool {
+        self.skipping
     }
 
     /// The stream ended: an event it left unterminated still counts.
@@ -109,6 +135,18 @@ impl SseFramer {
     pub fn carried_capacity(&self) -> usize {
         self.carry.capacity()
     }
+}
+
+/// Where an event a frame completes lies in that frame: from `start` (or,
+/// `None`, from bytes carried over from earlier frames) up to `end`, its
+/// terminating blank line included. Spans tile the stream (comments and
+/// events without data have spans too, unreported): the LF of a CRLF that
+/// closes an event is the first byte of the next span, so cutting one span
+/// out leaves a well-formed stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventSpan {
+    pub start: Option<usize>,
+    pub end: usize,
 }
 
 /// The `data:` lines of one SSE event (any line ends).
@@ -145,6 +183,65 @@ mod tests {
                 .collect();
             assert_eq!(got, want, "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn spans_cover_each_event_with_its_separator() {
+        // (event with its separator, its payload if it has one)
+        let events: [(&[u8], Option<&[u8]>); 4] = [
+            (b"data: a\n\n", Some(b"a")),
+            (b": c\r\n\r\n", None),
+            (b"data: b\r\r", Some(b"b")),
+            (b"data: [DONE]\n\n", Some(b"[DONE]")),
+        ];
+        let stream: Vec<u8> = events.iter().flat_map(|(e, _)| e.iter().copied()).collect();
+        for cut in 0..=stream.len() {
+            let (x, y) = stream.split_at(cut);
+            let mut f = SseFramer::default();
+            let mut got = Vec::new();
+            for (offset, frame) in [(0, x), (cut, y)] {
+                f.feed_events(frame, &mut |d: &[u8], span: EventSpan| {
+                    got.push((
+                        d.to_vec(),
+                        span.start.map(|s| s + offset),
+                        span.end + offset,
+                    ));
+                });
+            }
+            // Spans tile the stream: an event ends with the first byte of
+            // its blank line's end, so the LF of a closing CRLF starts the
+            // next span.
+            let mut want = Vec::new();
+            let mut at = 0;
+            let mut offset = 0;
+            for (event, payload) in events {
+                let start = at;
+                offset += event.len();
+                let end = offset - usize::from(event.ends_with(b"\r\n"));
+                at = end;
+                if let Some(p) = payload {
+                    // The start is known when the event lies in one frame.
+                    let whole = start >= cut || end <= cut;
+                    want.push((p.to_vec(), whole.then_some(start), end));
+                }
+            }
+            assert_eq!(got, want, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn a_line_cut_by_a_frame_end_does_not_end_its_event() {
+        // Before: a frame ending inside a line left the framer at a line
+        // start, so the line's own end read as a blank line.
+        let got = all(&mut SseFramer::default(), &[b"data: a", b"\ndata: b\n\n"]);
+        assert_eq!(got, vec![b"a".to_vec(), b"b".to_vec()]);
+        let mut f = SseFramer::default();
+        let mut ends = Vec::new();
+        f.feed_events(b"data: a", &mut |_: &[u8], s: EventSpan| ends.push(s.end));
+        f.feed_events(b"\ndata: b\n\n", &mut |_: &[u8], s: EventSpan| {
+            ends.push(s.end)
+        });
+        assert_eq!(ends, vec![10, 10], "one event, ending at its blank line");
     }
 
     #[test]
