@@ -1273,3 +1273,82 @@ fn json_logs_are_one_object_per_line() {
     assert_eq!(failed["model"], "m", "{failed}");
     assert_eq!(failed["outcome"], "upstream_error", "{failed}");
 }
+
+#[tokio::test]
+async fn every_stream_teaches_usage_and_each_client_gets_what_it_asked_for() {
+    // A model server whose tokenizer makes a token of every 7 characters,
+    // where the proxy estimates 4: only the server's usage says so.
+    let s = sim(SimConfig {
+        model: "m".into(),
+        chars_per_token: 7.0,
+        ..SimConfig::default()
+    })
+    .await;
+    let endpoints = [s.local_addr().to_string()];
+    let stream_of = |words: usize| {
+        let mut b = CreateChatCompletionRequestArgs::default();
+        b.model("m")
+            .max_completion_tokens(3u32)
+            .stream(true)
+            .messages([ChatCompletionRequestUserMessageArgs::default()
+                .content("lantern river ".repeat(words))
+                .build()
+                .unwrap()
+                .into()]);
+        b.build().unwrap()
+    };
+    // Streams whose clients set no stream options, as most do.
+    let streams = |p: &ProxyHandle, words: Vec<usize>| {
+        let client = openai(p);
+        async move {
+            for w in words {
+                let mut st = client.chat().create_stream(stream_of(w)).await.unwrap();
+                let mut chunks = 0;
+                while let Some(c) = st.next().await {
+                    let c = c.unwrap();
+                    assert!(
+                        c.usage.is_none(),
+                        "a usage chunk the client did not ask for"
+                    );
+                    assert!(!c.choices.is_empty(), "a chunk without choices");
+                    chunks += 1;
+                }
+                assert_eq!(chunks, 3, "every token, nothing else");
+            }
+        }
+    };
+    let p = proxy(&pool_yaml("m", &endpoints, "", "")).await;
+    streams(&p, vec![80, 400, 150, 900, 250, 600]).await;
+    // Yet every stream's usage reached the proxy.
+    let ratio = pools(&p).await["pools"][0]["prompt_token_ratio"]
+        .as_f64()
+        .unwrap();
+    assert!((0.5..0.62).contains(&ratio), "ratio {ratio}, about 4/7");
+    let generated = "scalecar_tokens_total{model=\"m\",role=\"unified\",kind=\"generated\"}";
+    // (The last stream's record closes as its client hangs up.)
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(&p, generated).await < 18.0 && Instant::now() < deadline {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(metric(&p, generated).await, 18.0);
+    // A client that asks for usage gets its chunk, as the server sent it.
+    let asked = r#"{"model":"m","stream":true,"max_tokens":2,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hi"}]}"#;
+    let url = format!("http://{}/v1/chat/completions", p.proxy_addr);
+    let (status, _, body) = request("POST", &url, asked).await.unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        body.contains(r#""choices":[],"usage":{"prompt_tokens""#),
+        "{body}"
+    );
+    assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
+    teardown(&p).await;
+
+    // With `stream-usage: false` bodies pass untouched: nothing to learn.
+    let q = proxy(&pool_yaml("m", &endpoints, "stream-usage: false", "")).await;
+    streams(&q, vec![300, 500]).await;
+    assert_eq!(
+        pools(&q).await["pools"][0]["prompt_token_ratio"],
+        Value::Null
+    );
+    teardown(&q).await;
+}

@@ -135,6 +135,7 @@ struct RawLimits {
     health_check_interval: Option<Scalar>,
     upstream_idle_timeout: Option<Scalar>,
     max_ejection_percent: Option<Scalar>,
+    stream_usage: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -217,6 +218,11 @@ pub struct Limits {
     /// Passive ejection never takes out more than this share of a pool's
     /// endpoints, nor its last one (percent, as Envoy's outlier detection).
     pub max_ejection_percent: u32,
+    /// Ask model servers for the usage chunk of every stream (adding
+    /// `stream_options.include_usage` where the client set no
+    /// `stream_options`) and cut it from streams whose client did not ask:
+    /// exact token counts and the prompt calibration from every stream.
+    pub stream_usage: bool,
 }
 
 impl Default for Limits {
@@ -238,6 +244,7 @@ impl Default for Limits {
             health_check_interval: Duration::from_secs(5),
             upstream_idle_timeout: Duration::from_secs(4),
             max_ejection_percent: 50,
+            stream_usage: true,
         }
     }
 }
@@ -529,6 +536,7 @@ impl ScalecarConfig {
                             "health-check-interval",
                             "upstream-idle-timeout",
                             "max-ejection-percent",
+                            "stream-usage",
                             "tick",
                             "model",
                             "role",
@@ -654,6 +662,7 @@ impl ScalecarConfig {
                 }
                 n.min(100) as u32
             },
+            stream_usage: l.stream_usage.unwrap_or(d.stream_usage),
         };
         let scaler = ScalerConfig {
             tick: c.duration(

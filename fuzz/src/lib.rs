@@ -142,7 +142,50 @@ pub fn sse_frames(data: &[u8]) {
     let single = payloads(stream, &one);
     if stream.len() < MAX_CARRIED_EVENT {
         assert_eq!(whole, single, "cut at {}", one[0]);
+        // Where each event ends (what cutting one out relies on) does not
+        // depend on the split either, and a known start is where the
+        // previous event ended.
+        let whole = spans(stream, &[stream.len()]);
+        assert_eq!(
+            whole,
+            spans(stream, &every),
+            "spans, cut every {step} bytes"
+        );
+        assert_eq!(whole, spans(stream, &one), "spans, cut at {}", one[0]);
     }
+}
+
+/// Each payload with the absolute end of its event, fed in pieces cut at
+/// `cuts`; checks that a reported start is the previous event's end.
+fn spans(stream: &[u8], cuts: &[usize]) -> Vec<(Vec<u8>, usize)> {
+    let mut framer = SseFramer::default();
+    let mut out = Vec::new();
+    let mut from = 0;
+    let mut last_end = 0;
+    for &cut in cuts.iter().chain([&stream.len()]) {
+        let cut = cut.clamp(from, stream.len());
+        let offset = from;
+        framer.feed_events(
+            stream.get(from..cut).unwrap_or_default(),
+            &mut |d: &[u8], span: scalecar_proxy::sse::EventSpan| {
+                // Events without data (comments) lie between: a start is
+                // never before the last reported end (one event's second
+                // data line repeats its span).
+                if let Some(start) = span.start
+                    && offset + span.end != last_end
+                {
+                    assert!(
+                        offset + start >= last_end,
+                        "a span starts inside the one before"
+                    );
+                }
+                last_end = offset + span.end;
+                out.push((d.to_vec(), offset + span.end));
+            },
+        );
+        from = cut;
+    }
+    out
 }
 
 fn payloads(stream: &[u8], cuts: &[usize]) -> Vec<Vec<u8>> {

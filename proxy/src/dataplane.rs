@@ -42,6 +42,8 @@ pub(crate) struct RequestFields<'a> {
     pub prompt: Option<&'a RawValue>,
     #[serde(borrow)]
     pub input: Option<&'a RawValue>,
+    #[serde(borrow)]
+    pub stream_options: Option<&'a RawValue>,
 }
 
 impl RequestFields<'_> {
@@ -404,6 +406,15 @@ impl DataPlane {
         };
         let prompt_tokens = parsed.prompt_tokens;
         let streaming = parsed.streaming;
+        // A stream whose client set no stream options is asked for its
+        // usage chunk (cut from the answer again): every stream then
+        // teaches token counts and the prompt calibration.
+        let strip_usage = streaming && !parsed.stream_options && self.limits.stream_usage;
+        let body = if strip_usage {
+            with_stream_usage(&body)
+        } else {
+            body
+        };
         // Only the path and query go upstream (origin form), whatever form
         // the client used.
         let path = parts
@@ -424,6 +435,7 @@ impl DataPlane {
             body,
             prompt_tokens,
             streaming,
+            strip_usage,
             start,
         };
         match &route {
@@ -435,6 +447,21 @@ impl DataPlane {
     }
 }
 
+/// `body` (a JSON object without `stream_options`) asking for the usage
+/// chunk: `"stream_options":{"include_usage":true}` first in the object.
+/// One copy of the body; nothing else in it moves.
+pub(crate) fn with_stream_usage(body: &Bytes) -> Bytes {
+    const FIELD: &[u8] = br#""stream_options":{"include_usage":true},"#;
+    let Some(open) = body.iter().position(|b| *b == b'{') else {
+        return body.clone();
+    };
+    let mut out = bytes::BytesMut::with_capacity(body.len() + FIELD.len());
+    out.extend_from_slice(body.get(..=open).unwrap_or_default());
+    out.extend_from_slice(FIELD);
+    out.extend_from_slice(body.get(open + 1..).unwrap_or_default());
+    out.freeze()
+}
+
 /// What routing takes from a request body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParsedRequest<'a> {
@@ -443,6 +470,8 @@ pub struct ParsedRequest<'a> {
     /// Estimated from the prompt's JSON text (see [`RequestFields`]).
     pub prompt_tokens: u64,
     pub streaming: bool,
+    /// The client set `stream_options` (then its body is forwarded as is).
+    pub stream_options: bool,
 }
 
 /// Reads the routing fields of a request body, or says (as a 400) what is
@@ -506,6 +535,7 @@ pub fn parse_request(body: &[u8]) -> Result<ParsedRequest<'_>, ApiError> {
         model,
         prompt_tokens: fields.prompt_tokens(),
         streaming: fields.stream.unwrap_or(false),
+        stream_options: fields.stream_options.is_some(),
     })
 }
 

@@ -34,6 +34,9 @@ pub(crate) struct ForwardRequest {
     /// Estimated before the model server tokenizes it.
     pub prompt_tokens: u64,
     pub streaming: bool,
+    /// The proxy asked for the stream's usage chunk: the client's answer
+    /// goes without it.
+    pub strip_usage: bool,
     /// When the proxy got the request (TTFT counts from here).
     pub start: Instant,
 }
@@ -212,6 +215,7 @@ impl Forwarder {
             body,
             prompt_tokens,
             streaming,
+            strip_usage,
             start,
         } = request;
         let pool = &entry.pool;
@@ -232,6 +236,7 @@ impl Forwarder {
             Ok(o) => o,
             Err(refusal) => return refusal.response(),
         };
+        observation.strip_usage(strip_usage);
         let span = tracing::Span::current();
         span.record("model", pool.model.as_str());
         span.record("role", pool.role.as_str());
@@ -246,6 +251,19 @@ impl Forwarder {
                 observation.answered(resp.status());
                 let (mut parts, upstream) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
+                if observation.strips_usage() {
+                    // Only an event stream has a usage chunk to cut (an
+                    // error answer is JSON); cutting changes the length.
+                    let events = parts
+                        .headers
+                        .get(header::CONTENT_TYPE)
+                        .and_then(|v| v.to_str().ok())
+                        .is_some_and(|v| v.starts_with("text/event-stream"));
+                    observation.strip_usage(events);
+                    if events {
+                        parts.headers.remove(header::CONTENT_LENGTH);
+                    }
+                }
                 let body =
                     ObservedBody::new(upstream, observation, conn, self.limits.stream_idle_timeout);
                 Response::from_parts(parts, ProxyBody::Observed(body))

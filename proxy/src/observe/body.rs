@@ -27,6 +27,9 @@ pub struct ObservedBody<B> {
     /// The request's span (disabled, and free, unless debug logs are on):
     /// lines about the body carry the request's id too.
     span: tracing::Span,
+    /// The last frame went out (stripping may send one after the upstream
+    /// body ended).
+    done: bool,
 }
 
 impl<B: Body> ObservedBody<B> {
@@ -42,6 +45,7 @@ impl<B: Body> ObservedBody<B> {
             connection: Some(connection),
             idle: IdleTimer::new(idle_limit),
             span: tracing::Span::current(),
+            done: false,
         };
         // An empty body is never polled: it ends here.
         if body.inner.is_end_stream() {
@@ -153,62 +157,115 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                this.idle.data();
-                if let (Some(data), Some(o)) = (frame.data_ref(), this.observation.as_mut()) {
-                    o.frame(data);
+        if this.done {
+            return Poll::Ready(None);
+        }
+        // Loops only while stripping holds a whole frame back.
+        loop {
+            return match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    this.idle.data();
+                    let ended = this.inner.is_end_stream();
+                    let frame = match (frame.into_data(), this.observation.as_mut()) {
+                        (Ok(data), Some(o)) if o.strips_usage() => {
+                            let mut out = o.frame_stripping(&data);
+                            if ended {
+                                out = join(out, o.finish_stripping());
+                            }
+                            if out.is_empty() && !ended {
+                                continue;
+                            }
+                            Frame::data(out)
+                        }
+                        (Ok(data), Some(o)) => {
+                            o.frame(&data);
+                            Frame::data(data)
+                        }
+                        (Ok(data), None) => Frame::data(data),
+                        (Err(other), _) => other,
+                    };
+                    // A sized body's last frame: the server will not poll
+                    // for the end, so it is recorded now.
+                    if ended {
+                        this.end();
+                    }
+                    Poll::Ready(Some(Ok(frame)))
                 }
-                // A sized body's last frame: the server will not poll for
-                // the end, so it is recorded now.
-                if this.inner.is_end_stream() {
+                Poll::Ready(Some(Err(e))) => {
+                    this.connection = None;
+                    if let Some(o) = this.observation.take() {
+                        this.span
+                            .record("outcome", tracing::field::debug(Outcome::upstream_error));
+                        tracing::debug!(parent: &this.span, error = %e, "upstream body failed mid-response");
+                        if let Some(l) = o.lease() {
+                            o.entry.pool.record_failure(&l.endpoint);
+                        }
+                        o.fail(Outcome::upstream_error);
+                    }
+                    Poll::Ready(Some(Err(ObservedError::Upstream(e))))
+                }
+                Poll::Ready(None) => {
+                    // What stripping still held (an unterminated last
+                    // event) goes out before the end.
+                    let rest = this
+                        .observation
+                        .as_mut()
+                        .filter(|o| o.strips_usage())
+                        .map(|o| o.finish_stripping())
+                        .unwrap_or_default();
                     this.end();
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(e))) => {
-                this.connection = None;
-                if let Some(o) = this.observation.take() {
-                    this.span
-                        .record("outcome", tracing::field::debug(Outcome::upstream_error));
-                    tracing::debug!(parent: &this.span, error = %e, "upstream body failed mid-response");
-                    if let Some(l) = o.lease() {
-                        o.entry.pool.record_failure(&l.endpoint);
+                    this.done = true;
+                    if rest.is_empty() {
+                        Poll::Ready(None)
+                    } else {
+                        Poll::Ready(Some(Ok(Frame::data(rest))))
                     }
-                    o.fail(Outcome::upstream_error);
                 }
-                Poll::Ready(Some(Err(ObservedError::Upstream(e))))
-            }
-            Poll::Ready(None) => {
-                this.end();
-                Poll::Ready(None)
-            }
-            Poll::Pending => {
-                if this.observation.is_none() || !this.idle.expired(cx) {
-                    return Poll::Pending;
-                }
-                // Hung after its headers: the connection is closed (the
-                // server sees the cancel), the client's response fails.
-                this.connection = None;
-                if let Some(o) = this.observation.take() {
-                    this.span
-                        .record("outcome", tracing::field::debug(Outcome::timeout));
-                    tracing::warn!(parent: &this.span, model = %o.entry.pool.model, idle = ?this.idle.limit, "model server silent mid-response; ending it");
-                    if let Some(l) = o.lease() {
-                        o.entry.pool.record_failure(&l.endpoint);
+                Poll::Pending => {
+                    if this.observation.is_none() || !this.idle.expired(cx) {
+                        return Poll::Pending;
                     }
-                    o.fail(Outcome::timeout);
+                    // Hung after its headers: the connection is closed (the
+                    // server sees the cancel), the client's response fails.
+                    this.connection = None;
+                    if let Some(o) = this.observation.take() {
+                        this.span
+                            .record("outcome", tracing::field::debug(Outcome::timeout));
+                        tracing::warn!(parent: &this.span, model = %o.entry.pool.model, idle = ?this.idle.limit, "model server silent mid-response; ending it");
+                        if let Some(l) = o.lease() {
+                            o.entry.pool.record_failure(&l.endpoint);
+                        }
+                        o.fail(Outcome::timeout);
+                    }
+                    Poll::Ready(Some(Err(ObservedError::Idle(this.idle.limit))))
                 }
-                Poll::Ready(Some(Err(ObservedError::Idle(this.idle.limit))))
-            }
+            };
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.done || (self.inner.is_end_stream() && self.observation.is_none())
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        // Stripping changes the length: only a bound is known then.
+        match &self.observation {
+            Some(o) if o.strips_usage() => SizeHint::default(),
+            _ => self.inner.size_hint(),
+        }
+    }
+}
+
+/// `a` then `b`, copying only when both have bytes.
+fn join(a: Bytes, b: Bytes) -> Bytes {
+    match (a.is_empty(), b.is_empty()) {
+        (_, true) => a,
+        (true, false) => b,
+        (false, false) => {
+            let mut out = bytes::BytesMut::with_capacity(a.len() + b.len());
+            out.extend_from_slice(&a);
+            out.extend_from_slice(&b);
+            out.freeze()
+        }
     }
 }

@@ -27,8 +27,9 @@ use crate::prompt_calibration::PromptSize;
 use crate::routes::PoolEntry;
 
 pub use crate::sse::MAX_CARRIED_EVENT;
-use crate::sse::SseFramer;
+use crate::sse::{EventSpan, SseFramer};
 pub use body::{ObservedBody, ObservedError};
+use bytes::{Bytes, BytesMut};
 use events::{Event, JsonUsageScan, Usage, classify};
 
 /// What a request carries from dispatch to the end of its response.
@@ -60,6 +61,12 @@ pub struct Observation {
     sse: SseFramer,
     /// A whole JSON answer's usage, read across its frames.
     json: JsonUsageScan,
+    /// The proxy asked the model server for the usage chunk the client did
+    /// not ask for: it is cut from the stream ([`Self::frame_stripping`]).
+    strip_usage: bool,
+    /// While stripping: the bytes of the event under way, held from the
+    /// client until the event is complete (never half a usage chunk sent).
+    held: BytesMut,
     finished: bool,
 }
 
@@ -102,6 +109,8 @@ impl Observation {
             end_outcome: Outcome::ok,
             sse: SseFramer::default(),
             json: JsonUsageScan::default(),
+            strip_usage: false,
+            held: BytesMut::new(),
             finished: false,
         }
     }
@@ -162,16 +171,21 @@ impl Observation {
         }
     }
 
-    fn event(&mut self, data: &[u8]) {
+    /// Records one event's payload; whether it was the usage chunk.
+    fn event(&mut self, data: &[u8]) -> bool {
         match classify(data) {
             Event::Token { finished } => {
                 self.token();
                 self.complete_seen |= finished;
             }
-            Event::Usage(u) => self.usage(u),
+            Event::Usage(u) => {
+                self.usage(u);
+                return true;
+            }
             Event::Finished => self.complete_seen = true,
             Event::Other => {}
         }
+        false
     }
 
     /// What an answer's usage counted, where it said.
@@ -191,8 +205,87 @@ impl Observation {
         // Taken out for the call (a move, no allocation): the payloads
         // go to this observation.
         let mut sse = std::mem::take(&mut self.sse);
-        sse.feed(chunk, &mut |data: &[u8]| self.event(data));
+        sse.feed(chunk, &mut |data: &[u8]| {
+            self.event(data);
+        });
         self.sse = sse;
+    }
+
+    /// Cuts the usage chunk out of this stream from now on (the proxy asked
+    /// for it; the client did not).
+    pub(crate) fn strip_usage(&mut self, on: bool) {
+        self.strip_usage = on && self.streaming;
+    }
+
+    pub(crate) fn strips_usage(&self) -> bool {
+        self.strip_usage
+    }
+
+    /// Feeds one frame of a stream whose usage chunk is not the client's,
+    /// and returns what the client gets now: the complete events so far
+    /// without the usage chunk. An event not yet complete is held until it
+    /// is; a frame of whole events (the usual) passes without a copy.
+    pub(crate) fn frame_stripping(&mut self, chunk: &Bytes) -> Bytes {
+        let mut sse = std::mem::take(&mut self.sse);
+        let held = std::mem::take(&mut self.held);
+        // Positions below are in `held ++ chunk`.
+        let offset = held.len();
+        let mut out: Option<BytesMut> = None;
+        let mut kept = 0;
+        let mut last_end = 0;
+        sse.feed_events(chunk, &mut |data: &[u8], span: EventSpan| {
+            let start = span.start.map_or(0, |s| offset + s);
+            let end = offset + span.end;
+            if self.event(data) && start >= kept {
+                let o = out.get_or_insert_with(|| BytesMut::with_capacity(offset + chunk.len()));
+                append_range(o, &held, chunk, kept..start);
+                kept = end;
+            }
+            last_end = end;
+        });
+        // An event too long to carry is passed through as it comes.
+        let decided = if sse.skipping() {
+            offset + chunk.len()
+        } else {
+            last_end
+        };
+        self.sse = sse;
+        let now = match out {
+            None if offset == 0 => chunk.slice(..decided.min(chunk.len())),
+            None => {
+                let mut o = BytesMut::with_capacity(decided);
+                append_range(&mut o, &held, chunk, 0..decided);
+                o.freeze()
+            }
+            Some(mut o) => {
+                append_range(&mut o, &held, chunk, kept..decided);
+                o.freeze()
+            }
+        };
+        let mut rest = held;
+        if decided >= offset {
+            rest.clear();
+            rest.extend_from_slice(chunk.get(decided - offset..).unwrap_or_default());
+        } else {
+            let _ = rest.split_to(decided);
+            rest.extend_from_slice(chunk);
+        }
+        self.held = rest;
+        now
+    }
+
+    /// The stream ended: what is still held goes to the client, unless it
+    /// was the (unterminated) usage chunk.
+    pub(crate) fn finish_stripping(&mut self) -> Bytes {
+        let mut sse = std::mem::take(&mut self.sse);
+        let mut usage = false;
+        sse.finish(&mut |data: &[u8]| usage |= self.event(data));
+        let mut held = std::mem::take(&mut self.held);
+        if usage {
+            // Its span may open with the LF of the CRLF before it.
+            held.truncate(usize::from(held.first() == Some(&b'\n')));
+        }
+        held.freeze()
     }
 
     /// Closes the record with `outcome`.
@@ -220,7 +313,9 @@ impl Observation {
         self.finished = true;
         if self.streaming {
             let mut sse = std::mem::take(&mut self.sse);
-            sse.finish(&mut |data: &[u8]| self.event(data));
+            sse.finish(&mut |data: &[u8]| {
+                self.event(data);
+            });
         }
         let e2e = self.start.elapsed();
         let e2e_sample = (outcome == Outcome::ok).then_some(e2e);
@@ -258,6 +353,21 @@ impl Observation {
         }
         // Frees the endpoint slot and wakes a waiter.
         self.lease = None;
+    }
+}
+
+/// Appends `range` of `held ++ chunk` to `out`.
+fn append_range(out: &mut BytesMut, held: &[u8], chunk: &[u8], range: std::ops::Range<usize>) {
+    let split = held.len();
+    if range.start < split {
+        out.extend_from_slice(
+            held.get(range.start..range.end.min(split))
+                .unwrap_or_default(),
+        );
+    }
+    if range.end > split {
+        let from = range.start.max(split) - split;
+        out.extend_from_slice(chunk.get(from..range.end - split).unwrap_or_default());
     }
 }
 
@@ -314,6 +424,64 @@ mod tests {
             tokens: 10,
         };
         Observation::dispatch(entry, lease, (now, now), Instant::now(), prompt, streaming)
+    }
+
+    #[test]
+    fn the_usage_chunk_the_client_did_not_ask_for_is_cut_wherever_frames_split() {
+        let token = |c: &str| {
+            format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"{c}\"}}}}],\"usage\":null}}")
+        };
+        let usage = r#"data: {"choices":[],"usage":{"prompt_tokens":31,"completion_tokens":2}}"#;
+        for sep in ["\n\n", "\r\n\r\n", "\r\r"] {
+            let events = [
+                token("a"),
+                token("b"),
+                usage.to_string(),
+                "data: [DONE]".into(),
+            ];
+            let with: String = events.iter().map(|e| format!("{e}{sep}")).collect();
+            let without: String = events
+                .iter()
+                .filter(|e| e.as_str() != usage)
+                .map(|e| format!("{e}{sep}"))
+                .collect();
+            let run = |frames: Vec<&[u8]>| {
+                let mut o = observation();
+                o.strip_usage(true);
+                let mut out = Vec::new();
+                for f in frames {
+                    out.extend_from_slice(&o.frame_stripping(&Bytes::copy_from_slice(f)));
+                }
+                out.extend_from_slice(&o.finish_stripping());
+                let seen = (o.generated, o.usage_prompt_tokens, o.complete_seen);
+                o.end();
+                (String::from_utf8(out).unwrap(), seen)
+            };
+            let want = (without.clone(), (2, Some(31), true));
+            for cut in 0..=with.len() {
+                let (x, y) = with.as_bytes().split_at(cut);
+                assert_eq!(run(vec![x, y]), want, "{sep:?} cut at {cut}");
+            }
+            for size in 1..with.len() {
+                assert_eq!(
+                    run(with.as_bytes().chunks(size).collect()),
+                    want,
+                    "{sep:?} frames of {size}"
+                );
+            }
+            // Unterminated at the end: held bytes still reach the client,
+            // a usage chunk left unterminated does not.
+            let cut_short = &with[..with.len() - sep.len()];
+            assert_eq!(
+                run(vec![cut_short.as_bytes()]).0,
+                without[..without.len() - sep.len()]
+            );
+            let usage_last = format!("{}{sep}{usage}", token("a"));
+            assert_eq!(
+                run(vec![usage_last.as_bytes()]).0,
+                format!("{}{sep}", token("a"))
+            );
+        }
     }
 
     #[test]
