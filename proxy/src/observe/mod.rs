@@ -230,11 +230,15 @@ impl Observation {
         let held = std::mem::take(&mut self.held);
         // Positions below are in `held ++ chunk`.
         let offset = held.len();
+        // An event that began in earlier frames began this far into
+        // `held` (after an over-long event passed through unread, `held`
+        // may also keep that event's last bytes).
+        let carried_from = offset.saturating_sub(sse.carried());
         let mut out: Option<BytesMut> = None;
         let mut kept = 0;
         let mut last_end = 0;
         sse.feed_events(chunk, &mut |data: &[u8], span: EventSpan| {
-            let start = span.start.map_or(0, |s| offset + s);
+            let start = span.start.map_or(carried_from, |s| offset + s);
             let end = offset + span.end;
             if self.event(data) && start >= kept {
                 let o = out.get_or_insert_with(|| BytesMut::with_capacity(offset + chunk.len()));
@@ -481,6 +485,40 @@ mod tests {
                 run(vec![usage_last.as_bytes()]).0,
                 format!("{}{sep}", token("a"))
             );
+        }
+    }
+
+    #[test]
+    fn an_over_long_event_passes_and_the_usage_chunk_after_it_is_still_cut() {
+        let long = format!(
+            "data: {{\"choices\":[{{\"delta\":{{\"content\":\"{}\"}}}}]}}\n\n",
+            "x".repeat(crate::sse::MAX_CARRIED_EVENT + 10)
+        );
+        let usage = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":4}}\n\n";
+        let stream = format!("{long}{usage}data: [DONE]\n\n");
+        let want = format!("{long}data: [DONE]\n\n");
+        let usage_at = long.len();
+        // Frames of 100 kB, and cuts inside the long event's end and inside
+        // the usage chunk.
+        for cuts in [
+            vec![],
+            vec![usage_at - 3, usage_at + 9],
+            vec![100_000, 200_000, usage_at - 1, usage_at + 30],
+        ] {
+            let mut o = observation();
+            o.strip_usage(true);
+            let mut out = Vec::new();
+            let mut from = 0;
+            for cut in cuts.iter().copied().chain([stream.len()]) {
+                let piece = Bytes::copy_from_slice(&stream.as_bytes()[from..cut]);
+                out.extend_from_slice(&o.frame_stripping(&piece));
+                from = cut;
+            }
+            out.extend_from_slice(&o.finish_stripping());
+            assert_eq!(out.len(), want.len(), "cuts {cuts:?}");
+            assert!(out == want.as_bytes(), "cuts {cuts:?}");
+            assert_eq!(o.usage_prompt_tokens, Some(4), "cuts {cuts:?}");
+            o.end();
         }
     }
 
