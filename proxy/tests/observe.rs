@@ -876,3 +876,39 @@ async fn a_server_out_of_room_is_still_demand() {
     assert!(stable["prompt_tokens_per_sec"].as_f64().unwrap() > 0.0);
     teardown(&p).await;
 }
+
+#[tokio::test]
+async fn the_usage_chunk_asked_for_is_cut_even_split_and_before_trailers() {
+    // Chunked, as model servers send streams: the usage chunk the proxy
+    // asked for split across two chunks, an unterminated last event, then
+    // trailers. The client gets every other byte, in order.
+    let token = format!("{}\n\n", chunk(r#"{"content":"a"}"#));
+    let usage = r#"data: {"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":1}}"#
+        .to_string()
+        + "\n\n";
+    let (u1, u2) = usage.split_at(20);
+    let last = "data: [DONE]";
+    let chunked = |s: &str| format!("{:x}\r\n{s}\r\n", s.len());
+    let script = Script {
+        head: "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\ntrailer: x-done\r\nconnection: close".into(),
+        pieces: vec![
+            after(20, chunked(&token)),
+            after(20, chunked(u1)),
+            after(20, chunked(u2)),
+            after(20, chunked(last)),
+            after(20, "0\r\nx-done: 1\r\n\r\n"),
+        ],
+        linger: Duration::ZERO,
+    };
+    let (body, p) = through(script).await;
+    assert_eq!(body, Bytes::from(format!("{token}{last}")));
+    assert_eq!(
+        metric(
+            &p,
+            "scalecar_tokens_total{model=\"m\",role=\"unified\",kind=\"generated\"}"
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(outcome(&p, "unified", "ok").await, 1.0);
+}

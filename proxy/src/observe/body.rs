@@ -30,6 +30,8 @@ pub struct ObservedBody<B> {
     /// The last frame went out (stripping may send one after the upstream
     /// body ended).
     done: bool,
+    /// Trailers that came while stripping still held data: sent next.
+    trailers: Option<http::HeaderMap>,
 }
 
 impl<B: Body> ObservedBody<B> {
@@ -46,6 +48,7 @@ impl<B: Body> ObservedBody<B> {
             idle: IdleTimer::new(idle_limit),
             span: tracing::Span::current(),
             done: false,
+            trailers: None,
         };
         // An empty body is never polled: it ends here.
         if body.inner.is_end_stream() {
@@ -157,6 +160,9 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
+        if let Some(trailers) = this.trailers.take() {
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+        }
         if this.done {
             return Poll::Ready(None);
         }
@@ -182,6 +188,19 @@ where
                             Frame::data(data)
                         }
                         (Ok(data), None) => Frame::data(data),
+                        (Err(other), Some(o)) if o.strips_usage() => {
+                            // Trailers end the body: what stripping held
+                            // goes first.
+                            let rest = o.finish_stripping();
+                            match other.into_trailers() {
+                                Ok(t) if !rest.is_empty() => {
+                                    this.trailers = Some(t);
+                                    Frame::data(rest)
+                                }
+                                Ok(t) => Frame::trailers(t),
+                                Err(other) => other,
+                            }
+                        }
                         (Err(other), _) => other,
                     };
                     // A sized body's last frame: the server will not poll
