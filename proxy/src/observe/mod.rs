@@ -173,17 +173,26 @@ impl Observation {
 
     /// Records one event's payload; whether it was the usage chunk.
     fn event(&mut self, data: &[u8]) -> bool {
-        match classify(data) {
+        let last = match classify(data) {
             Event::Token { finished } => {
                 self.token();
-                self.complete_seen |= finished;
+                finished
             }
             Event::Usage(u) => {
                 self.usage(u);
                 return true;
             }
-            Event::Finished => self.complete_seen = true,
-            Event::Other => {}
+            Event::Finished => true,
+            Event::Other => false,
+        };
+        if last {
+            self.complete_seen = true;
+            // Some servers put usage in the chunk that finishes (llama.cpp
+            // before it learned include_usage, always): read only there,
+            // not per token. Not cut: it carries the finish.
+            if data != b"[DONE]" {
+                self.usage(Usage::of(data));
+            }
         }
         false
     }
@@ -486,6 +495,25 @@ mod tests {
                 format!("{}{sep}", token("a"))
             );
         }
+    }
+
+    #[test]
+    fn usage_in_the_finishing_chunk_is_read_and_left_in_place() {
+        // llama-server (2025 builds) ends with choices and usage in one chunk.
+        let stream = concat!(
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"},\"finish_reason\":null}]}\n\n",
+            "data: {\"choices\":[{\"finish_reason\":\"stop\",\"index\":0,\"delta\":{}}],",
+            "\"usage\":{\"completion_tokens\":1,\"prompt_tokens\":85,\"total_tokens\":86}}\n\n",
+            "data: [DONE]\n\n"
+        );
+        let mut o = observation();
+        o.strip_usage(true);
+        let out = o.frame_stripping(&Bytes::from_static(stream.as_bytes()));
+        assert_eq!(out, stream.as_bytes(), "nothing cut");
+        assert_eq!(o.usage_prompt_tokens, Some(85));
+        assert_eq!(o.usage_completion_tokens, Some(1));
+        assert_eq!(o.generated, 1);
+        o.end();
     }
 
     #[test]
