@@ -85,18 +85,17 @@ enum Payload {
 }
 
 struct MediaNeedles {
-    /// The keys of media parts' values: `url` (image_url, audio_url,
-    /// video_url), `file_data` (file parts) and `data` (input_audio).
-    keys: [(memchr::memmem::Finder<'static>, Payload); 3],
+    /// `url` keys (image_url, audio_url, video_url).
+    url: memchr::memmem::Finder<'static>,
+    /// The end of `data` (input_audio) and `file_data` (file parts) keys:
+    /// one search for both, told apart by what precedes it.
+    data: memchr::memmem::Finder<'static>,
     base64: memchr::memmem::Finder<'static>,
 }
 
 static MEDIA: std::sync::LazyLock<MediaNeedles> = std::sync::LazyLock::new(|| MediaNeedles {
-    keys: [
-        (memchr::memmem::Finder::new(b"\"url\""), Payload::Url),
-        (memchr::memmem::Finder::new(b"\"file_data\""), Payload::Url),
-        (memchr::memmem::Finder::new(b"\"data\""), Payload::Base64),
-    ],
+    url: memchr::memmem::Finder::new(b"\"url\""),
+    data: memchr::memmem::Finder::new(b"data\""),
     base64: memchr::memmem::Finder::new(b";base64,"),
 });
 
@@ -106,7 +105,7 @@ static MEDIA: std::sync::LazyLock<MediaNeedles> = std::sync::LazyLock::new(|| Me
 /// they are escaped and do not match. A `data` key counts only with a
 /// string value of at least [`MIN_INLINE_AUDIO`] bytes (the messages'
 /// own structure has no other such key; a short one is left as text).
-/// One SIMD search a key.
+/// Two SIMD searches, whatever the number of keys.
 fn media_in(json: &[u8]) -> (usize, u64) {
     let (mut inline, mut items) = (0, 0);
     let after_space = |at: usize| {
@@ -114,40 +113,51 @@ fn media_in(json: &[u8]) -> (usize, u64) {
             .and_then(|rest| rest.iter().position(|b| !b.is_ascii_whitespace()))
             .map(|skip| at + skip)
     };
-    for (needle, payload) in &MEDIA.keys {
-        for key in needle.find_iter(json) {
-            // A key: a colon follows (a "url" value would not have one).
-            let Some(colon) =
-                after_space(key + needle.needle().len()).filter(|at| json.get(*at) == Some(&b':'))
-            else {
-                continue;
-            };
-            let string = after_space(colon + 1)
-                .filter(|at| json.get(*at) == Some(&b'"'))
-                .and_then(|at| json.get(at + 1..))
-                .map(|string| {
-                    // A JSON string's end: the next quote (base64 and media
-                    // types hold no escapes); a value cut short ends with
-                    // the text.
-                    let end = memchr::memchr(b'"', string).unwrap_or(string.len());
-                    string.get(..end).unwrap_or(string)
-                });
-            match (payload, string) {
-                (Payload::Url, Some(string)) => {
-                    items += 1;
-                    if string.starts_with(b"data:")
-                        && let Some(at) = MEDIA.base64.find(string)
-                    {
-                        inline += string.len() - at - MEDIA.base64.needle().len();
-                    }
+    // (where a key ends, how its value holds the payload)
+    let urls = MEDIA
+        .url
+        .find_iter(json)
+        .map(|at| (at + MEDIA.url.needle().len(), Payload::Url));
+    let data = MEDIA.data.find_iter(json).filter_map(|at| {
+        let end = at + MEDIA.data.needle().len();
+        if at >= 1 && json.get(at - 1) == Some(&b'"') {
+            Some((end, Payload::Base64))
+        } else if at >= 6 && json.get(at - 6..at) == Some(b"\"file_".as_slice()) {
+            Some((end, Payload::Url))
+        } else {
+            None
+        }
+    });
+    for (key_end, payload) in urls.chain(data) {
+        // A key: a colon follows (a "url" value would not have one).
+        let Some(colon) = after_space(key_end).filter(|at| json.get(*at) == Some(&b':')) else {
+            continue;
+        };
+        let string = after_space(colon + 1)
+            .filter(|at| json.get(*at) == Some(&b'"'))
+            .and_then(|at| json.get(at + 1..))
+            .map(|string| {
+                // A JSON string's end: the next quote (base64 and media
+                // types hold no escapes); a value cut short ends with
+                // the text.
+                let end = memchr::memchr(b'"', string).unwrap_or(string.len());
+                string.get(..end).unwrap_or(string)
+            });
+        match (payload, string) {
+            (Payload::Url, Some(string)) => {
+                items += 1;
+                if string.starts_with(b"data:")
+                    && let Some(at) = MEDIA.base64.find(string)
+                {
+                    inline += string.len() - at - MEDIA.base64.needle().len();
                 }
-                (Payload::Url, None) => items += 1,
-                (Payload::Base64, Some(string)) if string.len() >= MIN_INLINE_AUDIO => {
-                    items += 1;
-                    inline += string.len();
-                }
-                (Payload::Base64, _) => {}
             }
+            (Payload::Url, None) => items += 1,
+            (Payload::Base64, Some(string)) if string.len() >= MIN_INLINE_AUDIO => {
+                items += 1;
+                inline += string.len();
+            }
+            (Payload::Base64, _) => {}
         }
     }
     (inline, items)
