@@ -122,14 +122,19 @@ impl Default for JsonUsageScan {
 impl JsonUsageScan {
     /// The counts that `chunk` completes.
     pub(super) fn feed(&mut self, chunk: &[u8]) -> Usage {
-        let head = chunk.get(..chunk.len().min(USAGE_SPAN)).unwrap_or_default();
-        let joint = self.len + head.len();
-        if let Some(room) = self.seam.get_mut(self.len..joint) {
-            room.copy_from_slice(head);
-            self.len = joint;
-        }
-        let seam = self.seam.get(..self.len).unwrap_or_default();
-        let across = Usage::of(seam);
+        // Only a seam with earlier bytes can hold what the chunk alone does
+        // not (a first frame, most answers' only one, is searched once).
+        let across = if self.len == 0 {
+            Usage::default()
+        } else {
+            let head = chunk.get(..chunk.len().min(USAGE_SPAN)).unwrap_or_default();
+            let joint = self.len + head.len();
+            if let Some(room) = self.seam.get_mut(self.len..joint) {
+                room.copy_from_slice(head);
+                self.len = joint;
+            }
+            Usage::of(self.seam.get(..self.len).unwrap_or_default())
+        };
         let within = Usage::of(chunk);
         // Keep the last USAGE_SPAN bytes of all seen: the chunk's own, or
         // (a short chunk, all of it in the seam) the seam's.
@@ -138,6 +143,12 @@ impl JsonUsageScan {
             if let Some(keep) = self.seam.get_mut(..USAGE_SPAN) {
                 keep.copy_from_slice(last);
                 self.len = USAGE_SPAN;
+            }
+        } else if self.len == 0 {
+            // A short first frame: all of it is the seam.
+            if let Some(keep) = self.seam.get_mut(..chunk.len()) {
+                keep.copy_from_slice(chunk);
+                self.len = chunk.len();
             }
         } else {
             let from = self.len.saturating_sub(USAGE_SPAN);
