@@ -78,6 +78,7 @@ fn decide(c: &mut Criterion) {
                     reachable: true,
                     partial: false,
                     cold_start: None,
+                    kv_capacity: None,
                 };
                 black_box(algorithm.decide(black_box(&input)))
             })

@@ -362,6 +362,7 @@ impl Replayed {
             reachable: true,
             partial: false,
             cold_start: None,
+            kv_capacity: None,
         };
         let decision = self.algorithm.decide(&input);
         let applied = behavior::apply(&BehaviorInput {

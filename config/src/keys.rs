@@ -21,7 +21,7 @@ pub const PREFIX: &str = "scalecar.io/";
 pub const IDENTITY_KEYS: [&str; 4] = ["model", "role", "port", "workload"];
 
 /// Every policy key.
-pub const POLICY_KEYS: [&str; 34] = [
+pub const POLICY_KEYS: [&str; 35] = [
     "algorithm",
     "metric",
     "target",
@@ -41,6 +41,7 @@ pub const POLICY_KEYS: [&str; 34] = [
     "scale-down-delay",
     "scale-to-zero-grace-period",
     "cold-start",
+    "kv-cache-tokens",
     "max-concurrency",
     "group",
     "preferred-share",
@@ -439,6 +440,7 @@ fn parse_policy(
         p.scale_to_zero_grace_period = d;
     }
     p.cold_start = r.duration_in("cold-start", Duration::from_secs(1), hour);
+    p.kv_cache_tokens = r.u32_in("kv-cache-tokens", 1, u32::MAX);
     p.max_concurrency = r.u32_in("max-concurrency", 1, 1_000_000);
     // As Knative's containerConcurrency: a per-pod cap on requests is also
     // the default per-pod concurrency target (before utilization), so a

@@ -256,6 +256,9 @@ pub struct Policy {
     /// `cold-start`: from asking for a replica to its serving. Unset, `slo`
     /// uses what the pod watch observed (created → Ready), else 60 s.
     pub cold_start: Option<Duration>,
+    /// `kv-cache-tokens`: tokens one replica's KV cache holds. Unset, `slo`
+    /// uses what the engines report on their `/metrics`, else no KV term.
+    pub kv_cache_tokens: Option<u32>,
     /// `max-concurrency`: requests per pod the proxy lets through at once
     /// (unlimited when absent). Also the default `target` of the
     /// concurrency and queue metrics when `target` is not set (Knative's
@@ -293,6 +296,7 @@ impl Default for Policy {
             scale_down_delay: Duration::ZERO,
             scale_to_zero_grace_period: Duration::from_secs(30),
             cold_start: None,
+            kv_cache_tokens: None,
             max_concurrency: None,
             group: None,
             preferred_share: None,

@@ -722,6 +722,12 @@ fn decide(
         reachable: true,
         partial,
         cold_start: t.spec.signals.cold_start(),
+        kv_capacity: t
+            .spec
+            .policy
+            .kv_cache_tokens
+            .map(u64::from)
+            .or_else(|| t.spec.signals.kv_capacity()),
     };
     let mut decision = t.algorithm.decide(&input);
     // Requests held at a pool with nothing asked for: scale from zero at
@@ -1012,6 +1018,39 @@ mod tests {
     impl WriteGuard for Switch {
         fn may_write(&self) -> bool {
             self.0.load(Ordering::SeqCst)
+        }
+    }
+
+    #[tokio::test]
+    async fn the_engines_kv_cache_reaches_slo_and_the_key_overrides_it() {
+        let slo = |kv_key: Option<u32>| Policy {
+            algorithm: "slo".into(),
+            target: 5000.0,
+            ttft_target: Some(Duration::from_secs(2)),
+            kv_cache_tokens: kv_key,
+            ..policy()
+        };
+        for (key, reported, shown) in [
+            (None, Some(40_000), Some("KV 40000 tokens per replica")),
+            (
+                Some(10_000),
+                Some(40_000),
+                Some("KV 10000 tokens per replica"),
+            ),
+            (None, None, None),
+        ] {
+            let (clock, signals, _, mut l) = setup(Scaling::Managed(Instant::new(1)), slo(key));
+            signals.set_kv_capacity(reported);
+            for _ in 0..30 {
+                signals.arrival(1000);
+                signals.dispatch(1000);
+            }
+            clock.advance(Duration::from_secs(2));
+            let s = l.tick_once().await;
+            match shown {
+                Some(text) => assert!(s[0].reason.contains(text), "{}", s[0].reason),
+                None => assert!(!s[0].reason.contains("KV"), "{}", s[0].reason),
+            }
         }
     }
 

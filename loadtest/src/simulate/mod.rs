@@ -489,6 +489,9 @@ pub async fn simulate(
         SignalsConfig::for_window(policy.window),
         clock.clone(),
     ));
+    // As the proxy's read of the engines' `/metrics` would find it (vLLM's
+    // `cache_config_info`, which model-sim exports too).
+    signals.set_kv_capacity(Some(settings.timing.kv_capacity));
     let initial = settings.initial_replicas;
     let target = Arc::new(SimTarget {
         target: TargetRef {

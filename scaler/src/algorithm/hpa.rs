@@ -263,6 +263,7 @@ mod tests {
             reachable: true,
             partial: false,
             cold_start: None,
+            kv_capacity: None,
         })
         .desired
         .unwrap()

@@ -164,6 +164,7 @@ mod tests {
             reachable: true,
             partial: false,
             cold_start: None,
+            kv_capacity: None,
         })
         .desired
     }

@@ -199,6 +199,7 @@ mod tests {
             reachable,
             partial: false,
             cold_start: None,
+            kv_capacity: None,
         })
     }
 
@@ -556,6 +557,7 @@ mod tests {
                     reachable: st.reachable,
                     partial: false,
                     cold_start: None,
+                    kv_capacity: None,
                 });
                 assert_eq!(d.desired, st.want, "{} step {i}: {}", c.name, d.reason);
                 if let Some(at) = st.panic_at {

@@ -51,6 +51,9 @@ pub struct DecisionInput<'a> {
     /// How long this workload's replicas took from created to ready, as
     /// observed (`None`: nothing observed yet).
     pub cold_start: Option<Duration>,
+    /// Tokens one replica's KV cache holds, as its engine reports it
+    /// (`None`: not reported). The policy's `kv-cache-tokens` wins.
+    pub kv_capacity: Option<u64>,
 }
 
 /// What an algorithm decided, and why.
@@ -281,6 +284,7 @@ mod tests {
             reachable: true,
             partial: false,
             cold_start: None,
+            kv_capacity: None,
         };
         assert_eq!(a.decide(&input).desired, Some(7));
         for name in ["kpa", "hpa", "slo", "keda-prometheus"] {

@@ -238,6 +238,9 @@ pub struct PoolSignals {
     /// loop: what a first token is judged by for the SLO counts.
     ttft_target_us: AtomicU64,
     prefill_rate_bits: AtomicU64,
+    /// Tokens one replica's KV cache holds, as its engine reports it
+    /// (0: not reported).
+    kv_capacity: AtomicU64,
 }
 
 fn micros(d: Duration) -> u64 {
@@ -266,6 +269,7 @@ impl PoolSignals {
             cold_start_ms: AtomicU64::new(0),
             ttft_target_us: AtomicU64::new(0),
             prefill_rate_bits: AtomicU64::new(0),
+            kv_capacity: AtomicU64::new(0),
         }
     }
 
@@ -298,6 +302,22 @@ impl PoolSignals {
         match self.cold_start_ms.load(Ordering::Acquire) {
             0 => None,
             ms => Some(Duration::from_millis(ms)),
+        }
+    }
+
+    /// The KV cache of one replica, in tokens, as the engines report it
+    /// (the smallest a replica of the pool reported; `None` when none
+    /// did). The latest report replaces the last.
+    pub fn set_kv_capacity(&self, tokens: Option<u64>) {
+        self.kv_capacity
+            .store(tokens.unwrap_or(0), Ordering::Release);
+    }
+
+    /// The KV cache of one replica, in tokens, if an engine reported it.
+    pub fn kv_capacity(&self) -> Option<u64> {
+        match self.kv_capacity.load(Ordering::Acquire) {
+            0 => None,
+            n => Some(n),
         }
     }
 

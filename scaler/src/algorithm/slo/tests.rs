@@ -61,6 +61,7 @@ fn decide_at(
         reachable: true,
         partial: false,
         cold_start: Some(Duration::from_secs(60)),
+        kv_capacity: None,
     })
 }
 
@@ -200,6 +201,7 @@ fn a_burst_that_outlasts_a_cold_start_is_sustained() {
         reachable: true,
         partial: false,
         cold_start: Some(Duration::from_secs(20)),
+        kv_capacity: None,
     };
     for k in 0..7 {
         let d = s.decide(&input(k));
@@ -456,6 +458,7 @@ fn decode_pools_size_tokens_in_flight_on_the_prior() {
         reachable: true,
         partial: false,
         cold_start: None,
+        kv_capacity: None,
     });
     assert_eq!(d.desired, Some(3), "{}", d.reason);
     assert!(
@@ -595,4 +598,73 @@ fn headroom_shrinks_as_the_pool_grows() {
     w.rps = demand / 2000.0;
     let d = decide(&mut Slo::new(&p), &p, 1, 1, &snap(w, w));
     assert_eq!(d.desired, Some(80), "{}", d.reason);
+}
+
+/// A window where prompts are few and short but sequences stay long: the
+/// prefill rate asks for one replica, the tokens held for more.
+fn kv_bound(tokens_stable: f64, tokens_panic: f64) -> WindowSnapshot {
+    let mut stable = window(60, 500.0, Some(5000.0), Some(300));
+    stable.rps = 1.0;
+    stable.tokens = tokens_stable;
+    let mut panic = window(6, 500.0, Some(5000.0), Some(300));
+    panic.rps = 1.0;
+    panic.tokens = tokens_panic;
+    snap(stable, panic)
+}
+
+fn decide_kv(
+    s: &mut Slo,
+    p: &Policy,
+    ready: u32,
+    snap: &WindowSnapshot,
+    kv: Option<u64>,
+) -> Decision {
+    s.decide(&DecisionInput {
+        now: Duration::ZERO,
+        ready,
+        spec: ready,
+        snapshot: snap,
+        policy: p,
+        role: Role::Unified,
+        reachable: true,
+        partial: false,
+        cold_start: Some(Duration::from_secs(60)),
+        kv_capacity: kv,
+    })
+}
+
+#[test]
+fn tokens_in_flight_are_planned_within_the_kv_cache() {
+    let p = policy();
+    // 100,000 tokens held against a 40,000-token cache at 80 %: 3.125.
+    let snap = kv_bound(100_000.0, 100_000.0);
+    let d = decide_kv(&mut Slo::new(&p), &p, 1, &snap, Some(40_000));
+    assert_eq!(d.desired, Some(4), "{}", d.reason);
+    assert!(
+        d.reason
+            .contains("KV 40000 tokens per replica, 100000 in flight need 3.1 (at 80 %)"),
+        "{}",
+        d.reason
+    );
+    // Without a reported cache the prompt rate alone sizes the pool.
+    let d = decide_kv(&mut Slo::new(&p), &p, 1, &snap, None);
+    assert_eq!(d.desired, Some(1), "{}", d.reason);
+    assert!(!d.reason.contains("KV"), "{}", d.reason);
+    // A large cache holds the same tokens on one replica.
+    let d = decide_kv(&mut Slo::new(&p), &p, 1, &snap, Some(400_000));
+    assert_eq!(d.desired, Some(1), "{}", d.reason);
+}
+
+#[test]
+fn the_kv_term_reads_the_peak_of_the_two_windows() {
+    let p = policy();
+    // The stable window averages a burst of sequences away; the panic
+    // window holds 70,000 tokens now, which 32,000 tokens of cache per
+    // replica (80 %) hold on three replicas, not two.
+    let snap = kv_bound(30_000.0, 70_000.0);
+    let d = decide_kv(&mut Slo::new(&p), &p, 1, &snap, Some(32_000));
+    assert_eq!(d.desired, Some(3), "{}", d.reason);
+    let snap = kv_bound(70_000.0, 30_000.0);
+    let d = decide_kv(&mut Slo::new(&p), &p, 1, &snap, Some(32_000));
+    assert_eq!(d.desired, Some(3), "{}", d.reason);
 }
