@@ -811,7 +811,7 @@ impl Drop for RunningBinary {
     }
 }
 
-/// A model server that passes its health checks and answers every other
+/// A model server that passes its health checks, has no `/metrics`, and answers every other
 /// request with `answer` (raw bytes), then closes — or, with `hold`, keeps
 /// the connection open and silent until the peer leaves.
 fn scripted_backend(answer: &'static [u8], hold: bool) -> std::net::SocketAddr {
@@ -827,6 +827,12 @@ fn scripted_backend(answer: &'static [u8], hold: bool) -> std::net::SocketAddr {
                 if head[..n].starts_with(b"GET /health") {
                     let _ = conn.write_all(
                         b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                    );
+                    return;
+                }
+                if head[..n].starts_with(b"GET /metrics") {
+                    let _ = conn.write_all(
+                        b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
                     );
                     return;
                 }

@@ -478,6 +478,7 @@ async fn promtool_accepts_the_metrics() {
         "vllm:request_queue_time_seconds",
         "vllm:prompt_tokens_total",
         "vllm:generation_tokens_total",
+        "vllm:cache_config_info",
     ] {
         assert!(
             text.contains(&format!("# TYPE {name} ")),
@@ -485,6 +486,15 @@ async fn promtool_accepts_the_metrics() {
         );
     }
     assert_eq!(metric(&sim, "vllm:generation_tokens_total").await, 3.0);
+    // The KV cache as vLLM states it: blocks of 16 tokens, as many as fit.
+    let blocks = SimConfig::default().timing.kv_capacity / 16;
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("vllm:cache_config_info{")
+                && l.contains("block_size=\"16\"")
+                && l.contains(&format!("num_gpu_blocks=\"{blocks}\""))),
+        "{text}"
+    );
     assert_eq!(
         metric(&sim, "vllm:time_to_first_token_seconds_count").await,
         1.0

@@ -45,6 +45,7 @@ pub struct DecisionRecorder {
     target_value: Family<TargetLabels, FloatGauge>,
     prefill_rate: Family<TargetLabels, FloatGauge>,
     decode_rate: Family<TargetLabels, FloatGauge>,
+    kv_cache: Family<TargetLabels, Gauge>,
     min: Family<TargetLabels, Gauge>,
     max: Family<TargetLabels, Gauge>,
     scale_events: Family<TargetLabels, Counter>,
@@ -81,6 +82,8 @@ struct TargetSeries {
     /// Created once measured (a rate is shown from its first value on).
     prefill_rate: Option<FloatGauge>,
     decode_rate: Option<FloatGauge>,
+    /// Created once the KV cache is known.
+    kv_cache: Option<Gauge>,
     /// The ceiling's series while the policy sets one (removed when unset).
     max: Option<Gauge>,
 }
@@ -118,6 +121,7 @@ impl DecisionRecorder {
             target_value: Family::default(),
             prefill_rate: Family::default(),
             decode_rate: Family::default(),
+            kv_cache: Family::default(),
             min: Family::default(),
             max: Family::default(),
             scale_events: Family::default(),
@@ -175,6 +179,11 @@ impl DecisionRecorder {
             "scalecar_replica_decode_rate",
             "Tokens one replica generated per second while it had sequences decoding, over the stable window (absent until measured)",
             r.decode_rate.clone(),
+        );
+        reg.register(
+            "scalecar_replica_kv_cache_tokens",
+            "Tokens one replica's KV cache holds: the policy's kv-cache-tokens, else the smallest an engine of the pool reported on its /metrics (absent until known)",
+            r.kv_cache.clone(),
         );
         reg.register(
             "scalecar_min_replicas",
@@ -310,6 +319,7 @@ impl DecisionRecorder {
                     "target": s.target,
                     "prefill_rate": s.prefill_rate,
                     "decode_rate": s.decode_rate,
+                    "kv_cache_tokens": s.kv_capacity,
                     "reason": s.reason,
                     "decided_unix": at,
                     "last_rescale": last,
@@ -372,6 +382,7 @@ impl DecisionObserver for DecisionRecorder {
                 min: self.min.get_or_create_owned(&l),
                 prefill_rate: None,
                 decode_rate: None,
+                kv_cache: None,
                 max: None,
             });
             t.desired.set(i64::from(s.desired.unwrap_or(s.spec)));
@@ -392,6 +403,11 @@ impl DecisionObserver for DecisionRecorder {
                 t.decode_rate
                     .get_or_insert_with(|| self.decode_rate.get_or_create_owned(&l))
                     .set(r);
+            }
+            if let Some(kv) = s.kv_capacity {
+                t.kv_cache
+                    .get_or_insert_with(|| self.kv_cache.get_or_create_owned(&l))
+                    .set(i64::try_from(kv).unwrap_or(i64::MAX));
             }
             t.min.set(i64::from(s.min_replicas));
             match s.max_replicas {
@@ -469,6 +485,7 @@ mod tests {
             target: 1.0,
             prefill_rate: None,
             decode_rate: None,
+            kv_capacity: None,
             min_replicas: 1,
             max_replicas: Some(10),
             reason: String::new(),

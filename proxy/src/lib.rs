@@ -28,6 +28,7 @@ pub mod cluster;
 pub mod dataplane;
 pub mod decisions;
 pub mod discovery;
+pub mod engine_metrics;
 pub mod error;
 pub mod ext_proc;
 pub(crate) mod forward;

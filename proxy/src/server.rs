@@ -240,6 +240,10 @@ pub fn serve(
     }
     let (admin_stop, admin_stop_rx) = watch::channel(false);
     let admin_task = tokio::spawn(serve_admin(admin.clone(), admin_listener, admin_stop_rx));
+    tasks.push(tokio::spawn(crate::engine_metrics::read_engines(
+        plane.clone(),
+        shutdown_rx.clone(),
+    )));
     tasks.push(tokio::spawn(health_checks(
         plane.clone(),
         checked,

@@ -98,12 +98,19 @@ async fn scripted_in_turn(scripts: Vec<Script>) -> (SocketAddr, Arc<AtomicUsize>
                         Ok(n) => got.extend_from_slice(&buf[..n]),
                     }
                 }
-                // The proxy's active health checks are answered, not scripted.
+                // The proxy's active health checks are answered, not
+                // scripted; its read of the engine's /metrics finds none.
                 if got.starts_with(b"GET /health") {
                     let _ = s
                         .write_all(
                             b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
                         )
+                        .await;
+                    return;
+                }
+                if got.starts_with(b"GET /metrics") {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
                         .await;
                     return;
                 }
@@ -911,4 +918,83 @@ async fn the_usage_chunk_asked_for_is_cut_even_split_and_before_trailers() {
         1.0
     );
     assert_eq!(outcome(&p, "unified", "ok").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kv_cache_is_read_from_the_engines_and_the_key_overrides_it() {
+    // Two engines of one pool report 48,000 and 32,000 tokens of KV cache
+    // (vLLM's cache_config_info): the pool plans on the smaller. A second
+    // pool sets `kv-cache-tokens`, which wins over what its engine says.
+    let engine = |model: &str, kv: u64| {
+        let mut config = common::model(model);
+        config.timing.kv_capacity = kv;
+        sim(config)
+    };
+    let (a, b, c) = (
+        engine("m", 48_000).await,
+        engine("m", 32_000).await,
+        engine("keyed", 48_000).await,
+    );
+    let yaml = format!(
+        "scaler: {{ tick: 200ms }}\npools:\n  - model: m\n    endpoints: [\"{}\", \"{}\"]\n    policy: {{ algorithm: slo, ttft-target: 1s }}\n  - model: keyed\n    endpoints: [\"{}\"]\n    policy: {{ algorithm: slo, ttft-target: 1s, kv-cache-tokens: \"10000\" }}\n",
+        a.local_addr(),
+        b.local_addr(),
+        c.local_addr()
+    );
+    let p = proxy(&yaml).await;
+    // Some traffic, so that slo decides (and says why).
+    for model in ["m", "keyed"] {
+        let body = format!(r#"{{"model":"{model}","prompt":"a few words","max_tokens":2}}"#);
+        let url = format!("http://{}/v1/completions", p.proxy_addr);
+        assert_eq!(request("POST", &url, &body).await.unwrap().0, 200);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let targets = loop {
+        let (_, body) = common::get(&format!("http://{}/debug/targets", p.admin_addr))
+            .await
+            .unwrap();
+        let v: Value = serde_json::from_str(&body).unwrap();
+        let kv = |model: &str| {
+            v["targets"]
+                .as_array()
+                .and_then(|ts| ts.iter().find(|t| t["model"] == model))
+                .and_then(|t| t["kv_cache_tokens"].as_u64())
+        };
+        if kv("m") == Some(32_000) && kv("keyed") == Some(10_000) {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "no KV cache read: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let reason = |model: &str| {
+        targets["targets"]
+            .as_array()
+            .and_then(|ts| ts.iter().find(|t| t["model"] == model))
+            .map(|t| t["reason"].to_string())
+            .unwrap()
+    };
+    assert!(
+        reason("m").contains("KV 32000 tokens per replica"),
+        "{}",
+        reason("m")
+    );
+    assert!(
+        reason("keyed").contains("KV 10000 tokens per replica"),
+        "{}",
+        reason("keyed")
+    );
+    let (_, text) = common::get(&format!("http://{}/metrics", p.admin_addr))
+        .await
+        .unwrap();
+    let gauge = |model: &str| {
+        text.lines()
+            .find(|l| {
+                l.starts_with("scalecar_replica_kv_cache_tokens{")
+                    && l.contains(&format!("model=\"{model}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    };
+    assert_eq!(gauge("m"), Some(32_000.0), "{text}");
+    assert_eq!(gauge("keyed"), Some(10_000.0), "{text}");
+    teardown(&p).await;
 }

@@ -100,6 +100,9 @@ pub struct TargetStatus {
     /// such work (`None`: too little busy time to measure on).
     pub prefill_rate: Option<f64>,
     pub decode_rate: Option<f64>,
+    /// Tokens one replica's KV cache holds: the policy's `kv-cache-tokens`,
+    /// else what the engines reported (`None`: neither).
+    pub kv_capacity: Option<u64>,
     /// The policy's bounds (`None`: no maximum).
     pub min_replicas: u32,
     pub max_replicas: Option<u32>,
@@ -491,6 +494,7 @@ impl ControlLoop {
                     target: 0.0,
                     prefill_rate: p.snapshot.stable.prefill_rate(MEASURED_BUSY),
                     decode_rate: p.snapshot.stable.decode_rate(MEASURED_BUSY),
+                    kv_capacity: t.kv_capacity(),
                     min_replicas: t.spec.policy.min_replicas,
                     max_replicas: t.spec.policy.max_replicas,
                     reason: p.decision.reason,
@@ -594,6 +598,7 @@ impl ControlLoop {
                 target: decision.target,
                 prefill_rate: p.snapshot.stable.prefill_rate(MEASURED_BUSY),
                 decode_rate: p.snapshot.stable.decode_rate(MEASURED_BUSY),
+                kv_capacity: t.kv_capacity(),
                 min_replicas: t.spec.policy.min_replicas,
                 max_replicas: t.spec.policy.max_replicas,
                 reason,
@@ -704,6 +709,18 @@ impl ControlLoop {
     }
 }
 
+impl Managed {
+    /// Tokens one replica's KV cache holds: the policy's key wins over
+    /// what the engines reported.
+    fn kv_capacity(&self) -> Option<u64> {
+        self.spec
+            .policy
+            .kv_cache_tokens
+            .map(u64::from)
+            .or_else(|| self.spec.signals.kv_capacity())
+    }
+}
+
 /// The algorithm's decision for `t` in `state`, with scale from zero.
 fn decide(
     t: &mut Managed,
@@ -722,12 +739,7 @@ fn decide(
         reachable: true,
         partial,
         cold_start: t.spec.signals.cold_start(),
-        kv_capacity: t
-            .spec
-            .policy
-            .kv_cache_tokens
-            .map(u64::from)
-            .or_else(|| t.spec.signals.kv_capacity()),
+        kv_capacity: t.kv_capacity(),
     };
     let mut decision = t.algorithm.decide(&input);
     // Requests held at a pool with nothing asked for: scale from zero at

@@ -111,6 +111,9 @@ impl Default for SimMetrics {
     }
 }
 
+/// Tokens per KV block, as vLLM's default.
+const KV_BLOCK: u64 = 16;
+
 impl SimMetrics {
     pub fn set_state(&self, running: u64, waiting: u64, kv_used: u64, kv_capacity: u64) {
         self.running.store(running, Ordering::Relaxed);
@@ -124,10 +127,23 @@ impl SimMetrics {
 
     /// The Prometheus text exposition. `model` is escaped by the caller's
     /// validation (model names are plain identifiers on the command line).
-    pub fn render(&self, model: &str) -> String {
+    ///
+    /// `kv_capacity` (tokens) is given as vLLM's `cache_config_info` does:
+    /// 16-token blocks, `num_gpu_blocks` of them, among other settings.
+    pub fn render(&self, model: &str, kv_capacity: u64) -> String {
         let model = escape_label(model);
         let model = model.as_str();
         let mut out = String::with_capacity(8192);
+        let _ = writeln!(
+            out,
+            "# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig"
+        );
+        let _ = writeln!(out, "# TYPE vllm:cache_config_info gauge");
+        let _ = writeln!(
+            out,
+            "vllm:cache_config_info{{block_size=\"{KV_BLOCK}\",cache_dtype=\"auto\",enable_prefix_caching=\"False\",gpu_memory_utilization=\"0.9\",num_cpu_blocks=\"None\",num_gpu_blocks=\"{}\"}} 1.0",
+            kv_capacity / KV_BLOCK
+        );
         let gauge = |out: &mut String, name: &str, help: &str, value: String| {
             let _ = writeln!(out, "# HELP {name} {help}");
             let _ = writeln!(out, "# TYPE {name} gauge");
@@ -245,6 +261,6 @@ mod tests {
     #[test]
     fn label_values_are_escaped() {
         let m = SimMetrics::default();
-        assert!(m.render("a\"b").contains("model_name=\"a\\\"b\""));
+        assert!(m.render("a\"b", 40_000).contains("model_name=\"a\\\"b\""));
     }
 }

@@ -135,7 +135,9 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Response<SimBody
             Method::GET => respond(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",
-                shared.metrics.render(&shared.config.model),
+                shared
+                    .metrics
+                    .render(&shared.config.model, shared.config.timing.kv_capacity),
             ),
             _ => method_not_allowed(),
         },
