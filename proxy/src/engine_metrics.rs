@@ -180,12 +180,10 @@ pub async fn read_engines(plane: Arc<DataPlane>, mut stop: watch::Receiver<bool>
         let mut present = std::collections::HashSet::new();
         for entry in &pools {
             let endpoints = entry.pool.endpoints();
+            present.extend(endpoints.iter().map(|ep| ep.addr));
             let smallest = endpoints
                 .iter()
-                .filter_map(|ep| {
-                    present.insert(ep.addr);
-                    reads.get(&ep.addr).and_then(|r| r.kv)
-                })
+                .filter_map(|ep| reads.get(&ep.addr).and_then(|r| r.kv))
                 .min();
             let signals = &entry.pool.signals;
             if let Some(kv) = smallest

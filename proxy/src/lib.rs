@@ -3,7 +3,8 @@
 //!
 //! Role: an OpenAI-compatible inference proxy that measures every request
 //! and streamed token into the scaler's signals (TTFT, ITL, queue, tokens in
-//! flight, per model and role); the same admission and measurement behind
+//! flight, per model and role) and reads what only the engines know (their
+//! KV cache size, from their own `/metrics`); the same admission and measurement behind
 //! Envoy's ext_proc (the Inference Extension's endpoint picker); and the
 //! assembly of a gateway (pools from static config, Kubernetes discovery or
 //! InferencePools, the route table, the control loop).
