@@ -170,6 +170,21 @@ pub fn render(v: &Value) -> String {
                 ""
             }
         );
+        // A replica's capacity, as far as it is known: the rates measured
+        // in the path and the KV cache the engines (or the policy) state.
+        let mut capacity = Vec::new();
+        if let Some(r) = t["prefill_rate"].as_f64() {
+            capacity.push(format!("prefills {r:.0} prompt tok/s"));
+        }
+        if let Some(r) = t["decode_rate"].as_f64() {
+            capacity.push(format!("generates {r:.0} tok/s"));
+        }
+        if let Some(kv) = t["kv_cache_tokens"].as_u64() {
+            capacity.push(format!("holds {kv} tokens of KV cache"));
+        }
+        if !capacity.is_empty() {
+            let _ = writeln!(out, "Per replica:   {}", capacity.join(", "));
+        }
         if t["partial"].as_bool() == Some(true) {
             let _ = writeln!(
                 out,
@@ -217,6 +232,7 @@ mod tests {
             "algorithm": "kpa", "metric": "concurrency", "advisory": false,
             "ready": 2, "spec": 3, "desired": 3, "applied": 3, "panic": true,
             "stable_value": 10.0, "panic_value": 20.5, "target": 7.0,
+            "prefill_rate": 5612.4, "decode_rate": null, "kv_cache_tokens": 40000,
             "reason": "concurrency … → 3", "decided_unix": now - 1.0,
             "last_rescale": {"at_unix": now - 12.0, "from": 2, "to": 3, "reason": "burst"}
         }]});
@@ -227,9 +243,13 @@ mod tests {
             "Replicas:      2 ready, 3 spec, 3 desired by the algorithm, 3 decided",
             "10.0 stable / 20.5 panic against a target of 7.0 per replica  (PANIC)",
             "Last rescale:  2 → 3, 12s ago: burst",
+            "Per replica:   prefills 5612 prompt tok/s, holds 40000 tokens of KV cache\n",
         ] {
             assert!(text.contains(want), "{want:?} missing from\n{text}");
         }
+        // Nothing known: no line.
+        let bare = json!({"targets": [{"name": "t", "reason": "r"}]});
+        assert!(!render(&bare).contains("Per replica"));
         assert!(render(&json!({"targets": []})).starts_with("No scale targets"));
     }
 }
