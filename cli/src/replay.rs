@@ -362,7 +362,8 @@ impl Replayed {
             reachable: true,
             partial: false,
             cold_start: None,
-            kv_capacity: None,
+            // Recorded windows carry no engine's report: only the key.
+            kv_capacity: self.policy.kv_cache_tokens.map(u64::from),
         };
         let decision = self.algorithm.decide(&input);
         let applied = behavior::apply(&BehaviorInput {

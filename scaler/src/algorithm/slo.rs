@@ -127,11 +127,11 @@ const BURST_UTILIZATION: f64 = 0.85;
 const GOAL_SHARE: f64 = 0.5;
 /// The share of a replica's KV cache the tokens in flight are planned at:
 /// sequences still generating grow into the rest, and a cache run full
-/// queues prompts inside the engine, out of the proxy's sight (tried on
-/// `scripts/evaluate`: 60 % and 70 % cost the long-context bursts 6–16 %
-/// more replica-seconds for no attainment; 80 % costs them nothing on
-/// seed 1 and meets the goal on the conversation trace at a 3 s target,
-/// where the 70B's 40k-token cache binds first).
+/// queues prompts inside the engine, out of the proxy's sight. Measured on
+/// `scripts/evaluate` and its untuned settings (docs/evaluation.md): 60 %
+/// and 70 % cost the long-context bursts 6–25 % more replica-seconds for
+/// no attainment; 80 % costs seed 1 nothing and meets the goal on conv at
+/// 3 s and code at 5 s, where the 70B's 40k-token cache binds first.
 const KV_UTILIZATION: f64 = 0.8;
 /// Standard deviations above the stable rate at which the panic window's
 /// work is a burst rather than noise.
@@ -599,8 +599,6 @@ impl ScalingAlgorithm for Slo {
         };
         let miss = 1.0 - goal;
         let max = p.max_bound().min(MAX_LEVELS);
-        // Tokens in flight hold KV: however fast a replica prefills, it
-        // serves no more sequences than its cache holds.
         // Tokens in flight hold KV: however fast a replica prefills, it
         // serves no more sequences than its cache holds. The peak of the
         // two windows, as a cache runs full at an instant, not on average.
