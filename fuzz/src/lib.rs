@@ -26,14 +26,29 @@ pub type Harness = fn(&[u8]);
 
 /// Every harness by name, as `scripts/fuzz` and the corpus folders name
 /// them.
-pub const HARNESSES: [(&str, Harness); 6] = [
+pub const HARNESSES: [(&str, Harness); 7] = [
     ("policy_keys", policy_keys),
     ("config_file", config_file),
     ("request_body", request_body),
     ("sse_frames", sse_frames),
     ("replay_input", replay_input),
     ("kube_objects", kube_objects),
+    ("engine_metrics", engine_metrics),
 ];
+
+/// A model server's `/metrics` page, read for its KV cache size. Lines are
+/// read on their own: the page's size is the smallest of its lines' sizes,
+/// and no size is 0.
+pub fn engine_metrics(data: &[u8]) {
+    let page = String::from_utf8_lossy(data);
+    let whole = scalecar_proxy::engine_metrics::kv_capacity(&page);
+    let by_line = page
+        .lines()
+        .filter_map(scalecar_proxy::engine_metrics::kv_capacity)
+        .min();
+    assert_eq!(whole, by_line, "the page's size is not its lines'");
+    assert_ne!(whole, Some(0));
+}
 
 /// `key=value` lines as policy keys (a file's `policy:` map, `--set`) and,
 /// with the `scalecar.io/` prefix, as a workload's annotations.

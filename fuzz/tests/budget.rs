@@ -216,6 +216,33 @@ fn sse_frames() {
 }
 
 #[test]
+fn engine_metrics() {
+    let value = prop_oneof![
+        (0u64..1_000_000).prop_map(|n| n.to_string()),
+        Just("None".to_string()),
+        Just("-1".to_string()),
+        Just("1e300".to_string()),
+        Just("18446744073709551616".to_string()),
+        Just("a}b\\\"c".to_string()),
+        ".{0,6}",
+    ];
+    let label = (
+        prop::sample::select(vec!["block_size", "num_gpu_blocks", "model_name", "x"]),
+        value.clone(),
+    )
+        .prop_map(|(k, v)| format!("{k}=\"{v}\""));
+    let line = prop_oneof![
+        prop::collection::vec(label, 0..4)
+            .prop_map(|ls| format!("vllm:cache_config_info{{{}}} 1.0", ls.join(","))),
+        value.prop_map(|v| format!("sglang:max_total_num_tokens {v}")),
+        Just("# TYPE vllm:cache_config_info gauge".to_string()),
+        ".{0,30}",
+    ];
+    let page = prop::collection::vec(line, 0..6).prop_map(|ls| ls.join("\n").into_bytes());
+    run("engine_metrics", page);
+}
+
+#[test]
 fn replay_input() {
     let number = prop_oneof![
         (0u32..100_000).prop_map(|n| n.to_string()),
