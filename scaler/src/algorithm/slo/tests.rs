@@ -51,6 +51,19 @@ fn decide_at(
     spec: u32,
     snap: &WindowSnapshot,
 ) -> Decision {
+    decide_with_kv(s, p, t, (ready, spec), snap, None)
+}
+
+/// A unified pool's decision at `t` with `(ready, spec)` replicas and the
+/// engines' KV cache size `kv`.
+fn decide_with_kv(
+    s: &mut Slo,
+    p: &Policy,
+    t: Duration,
+    (ready, spec): (u32, u32),
+    snap: &WindowSnapshot,
+    kv: Option<u64>,
+) -> Decision {
     s.decide(&DecisionInput {
         now: t,
         ready,
@@ -61,7 +74,7 @@ fn decide_at(
         reachable: true,
         partial: false,
         cold_start: Some(Duration::from_secs(60)),
-        kv_capacity: None,
+        kv_capacity: kv,
     })
 }
 
@@ -619,18 +632,7 @@ fn decide_kv(
     snap: &WindowSnapshot,
     kv: Option<u64>,
 ) -> Decision {
-    s.decide(&DecisionInput {
-        now: Duration::ZERO,
-        ready,
-        spec: ready,
-        snapshot: snap,
-        policy: p,
-        role: Role::Unified,
-        reachable: true,
-        partial: false,
-        cold_start: Some(Duration::from_secs(60)),
-        kv_capacity: kv,
-    })
+    decide_with_kv(s, p, Duration::ZERO, (ready, ready), snap, kv)
 }
 
 #[test]
