@@ -445,6 +445,7 @@ fn parse_policy(
     // As Knative's containerConcurrency: a per-pod cap on requests is also
     // the default per-pod concurrency target (before utilization), so a
     // pool whose cap queues requests scales out instead of holding.
+    p.target_given = explicit_target.is_some();
     match (explicit_target, p.max_concurrency, p.metric) {
         (Some(t), _, _) => p.target = t,
         // slo's target is its prior for a replica's prefill rate, in prompt
@@ -908,6 +909,17 @@ mod tests {
             .unwrap();
         assert_eq!(t.policy.itl_target, Some(Duration::from_millis(50)));
         assert_eq!(t.policy.ttft_target, None);
+        // Its target is the default (slo may take the engines' KV cache
+        // instead) until a key sets one.
+        assert!(!t.policy.target_given);
+        let t = Policy::from_annotations(&annotations(&[
+            ("model", "llama"),
+            ("role", "decode"),
+            ("target", "120000"),
+        ]))
+        .unwrap();
+        assert!(t.policy.target_given);
+        assert_eq!(t.policy.target, 120_000.0);
         // An explicit target wins over the LLM defaults.
         let t = Policy::from_annotations(&annotations(&[
             ("model", "llama"),

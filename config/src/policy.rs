@@ -217,6 +217,9 @@ pub struct Policy {
     /// depends on the metric: concurrency 100, rps 200, tokens 100 000,
     /// queue 100 (Knative's container-concurrency-target-default is 100).
     pub target: f64,
+    /// Whether `target` was set by a key (false: the algorithm's default,
+    /// which `slo` may replace with what it learns of a replica).
+    pub target_given: bool,
     /// `target-utilization-percentage` (70) as a fraction (0.7).
     pub target_utilization: f64,
     /// `ttft-target`: the TTFT the `slo` algorithm keeps prefill and
@@ -280,6 +283,7 @@ impl Default for Policy {
             algorithm: "kpa".to_string(),
             metric: Metric::Concurrency,
             target: 100.0,
+            target_given: false,
             target_utilization: 0.7,
             ttft_target: None,
             itl_target: None,

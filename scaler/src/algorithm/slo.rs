@@ -24,7 +24,9 @@
 //! **KV is a floor**: when the engines report their KV cache (or the
 //! `kv-cache-tokens` key gives it), the tokens in flight — at the peak of
 //! the stable and panic windows — are planned at 80 % of one replica's
-//! cache. A replica that prefills fast but holds few sequences (a 70B on
+//! cache; a decode pool without a `target` also takes the cache as its
+//! capacity (the tokens a replica holds, planned at the utilization and
+//! corrected by ITL misses) in place of the default prior. A replica that prefills fast but holds few sequences (a 70B on
 //! two GPUs holds 40k tokens) fills its cache first, and prompts then wait
 //! inside the engine however much prefill rate is left.
 //!
@@ -498,8 +500,17 @@ impl ScalingAlgorithm for Slo {
             return Decision::none(format!("slo needs a {what} target"));
         };
         // A decode pool's capacity (tokens it holds within the ITL target)
-        // is not a rate: it stays the prior, corrected by ITL misses.
-        if !decode {
+        // is not a rate: it stays the prior, corrected by ITL misses. The
+        // engines' KV cache is a better prior than the default one: what a
+        // replica can hold at all.
+        if decode {
+            if let Some(kv) = input.kv_capacity.filter(|_| !p.target_given) {
+                let kv = kv as f64;
+                if self.capacity.value() != kv {
+                    self.capacity = CapacityEstimate::new(kv);
+                }
+            }
+        } else {
             let rate = snap
                 .panic
                 .prefill_rate(MIN_BUSY)
@@ -707,7 +718,9 @@ impl ScalingAlgorithm for Slo {
             ),
             (None, None) => format!("{what} target {} (too few samples)", show(target)),
         };
-        let source = if decode {
+        let source = if decode && !p.target_given && input.kv_capacity.is_some() {
+            "KV cache"
+        } else if decode {
             "prior"
         } else if self.capacity.measured() {
             "measured"

@@ -670,3 +670,54 @@ fn the_kv_term_reads_the_peak_of_the_two_windows() {
     let d = decide_kv(&mut Slo::new(&p), &p, 1, &snap, Some(32_000));
     assert_eq!(d.desired, Some(3), "{}", d.reason);
 }
+
+#[test]
+fn a_decode_pool_without_a_target_plans_on_the_kv_cache() {
+    // 130,000 tokens held, engines of 100,000 tokens of KV: the panic
+    // window's tokens planned at 85 % of it, two replicas — not 39 on the
+    // default prior of 4,000 tokens a replica.
+    let decide = |p: &Policy, kv: Option<u64>| {
+        let mut w = WindowValues {
+            duration: Duration::from_secs(60),
+            observed: Duration::from_secs(60),
+            tokens: 130_000.0,
+            ..WindowValues::default()
+        };
+        w.itl = LatencySummary {
+            count: 500,
+            p90: Some(Duration::from_millis(20)),
+            ..LatencySummary::default()
+        };
+        Slo::new(p).decide(&DecisionInput {
+            now: Duration::ZERO,
+            ready: 2,
+            spec: 2,
+            snapshot: &snap(w, w),
+            policy: p,
+            role: Role::Decode,
+            reachable: true,
+            partial: false,
+            cold_start: None,
+            kv_capacity: kv,
+        })
+    };
+    let defaulted = Policy {
+        target: 4000.0,
+        target_given: false,
+        ..policy()
+    };
+    let d = decide(&defaulted, Some(100_000));
+    assert_eq!(d.desired, Some(2), "{}", d.reason);
+    assert!(d.reason.contains("capacity 100000 KV cache"), "{}", d.reason);
+    // Nothing reported: the prior.
+    let d = decide(&defaulted, None);
+    assert_eq!(d.desired, Some(39), "{}", d.reason);
+    // A target the user set wins over the cache (the KV floor stays).
+    let given = Policy {
+        target: 10_000.0,
+        target_given: true,
+        ..policy()
+    };
+    let d = decide(&given, Some(100_000));
+    assert_eq!(d.desired, Some(16), "{}", d.reason);
+}
