@@ -321,6 +321,7 @@ impl Admin {
                             "health": ep.health().as_str(),
                             "ejected": ep.is_ejected(now),
                             "consecutive_failures": ep.consecutive_failures(),
+                            "kv_cache_tokens": ep.kv_capacity(),
                         })
                     })
                     .collect();

@@ -180,11 +180,17 @@ pub async fn read_engines(plane: Arc<DataPlane>, mut stop: watch::Receiver<bool>
         let mut present = std::collections::HashSet::new();
         for entry in &pools {
             let endpoints = entry.pool.endpoints();
-            present.extend(endpoints.iter().map(|ep| ep.addr));
-            let smallest = endpoints
-                .iter()
-                .filter_map(|ep| reads.get(&ep.addr).and_then(|r| r.kv))
-                .min();
+            let mut smallest: Option<u64> = None;
+            for ep in endpoints.iter() {
+                present.insert(ep.addr);
+                let kv = reads.get(&ep.addr).and_then(|r| r.kv);
+                // Each tick: an endpoint replaced by discovery starts blank.
+                ep.set_kv_capacity(kv);
+                smallest = match (smallest, kv) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            }
             let signals = &entry.pool.signals;
             if let Some(kv) = smallest
                 && signals.kv_capacity() != Some(kv)

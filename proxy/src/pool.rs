@@ -40,6 +40,8 @@ pub struct Endpoint {
     /// Active health checks' verdict, a [`Health`] (static endpoints start
     /// unknown; discovered ones are ready when they arrive).
     health: AtomicU8,
+    /// Tokens of KV cache its engine reported on `/metrics` (0: none read).
+    kv_capacity: AtomicU64,
 }
 
 /// What the active health checks know of an endpoint. Only a healthy one
@@ -83,7 +85,21 @@ impl Endpoint {
             ejected_until_ms: AtomicU64::new(0),
             consecutive_failures: AtomicU32::new(0),
             health: AtomicU8::new(Health::Healthy as u8),
+            kv_capacity: AtomicU64::new(0),
         })
+    }
+
+    /// The KV cache its engine reported (`None`: not read, or no size).
+    pub fn kv_capacity(&self) -> Option<u64> {
+        match self.kv_capacity.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(n),
+        }
+    }
+
+    pub fn set_kv_capacity(&self, tokens: Option<u64>) {
+        self.kv_capacity
+            .store(tokens.unwrap_or(0), Ordering::Relaxed);
     }
 
     pub fn health(&self) -> Health {

@@ -995,6 +995,29 @@ async fn the_kv_cache_is_read_from_the_engines_and_the_key_overrides_it() {
             .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
     };
     assert_eq!(gauge("m"), Some(32_000.0), "{text}");
+    // Each endpoint's own report, in /debug/pools.
+    let v = pools(&p).await;
+    let reported: Vec<(String, Option<u64>)> = v["pools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|pool| pool["model"] == "m")
+        .flat_map(|pool| pool["endpoints"].as_array().unwrap().clone())
+        .map(|e| {
+            (
+                e["address"].as_str().unwrap().to_string(),
+                e["kv_cache_tokens"].as_u64(),
+            )
+        })
+        .collect();
+    assert!(
+        reported.contains(&(a.local_addr().to_string(), Some(48_000))),
+        "{v}"
+    );
+    assert!(
+        reported.contains(&(b.local_addr().to_string(), Some(32_000))),
+        "{v}"
+    );
     assert_eq!(gauge("keyed"), Some(10_000.0), "{text}");
     teardown(&p).await;
 }

@@ -708,7 +708,11 @@ fn a_decode_pool_without_a_target_plans_on_the_kv_cache() {
     };
     let d = decide(&defaulted, Some(100_000));
     assert_eq!(d.desired, Some(2), "{}", d.reason);
-    assert!(d.reason.contains("capacity 100000 KV cache"), "{}", d.reason);
+    assert!(
+        d.reason.contains("capacity 100000 KV cache"),
+        "{}",
+        d.reason
+    );
     // Nothing reported: the prior.
     let d = decide(&defaulted, None);
     assert_eq!(d.desired, Some(39), "{}", d.reason);
