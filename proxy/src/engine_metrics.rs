@@ -214,16 +214,21 @@ async fn read(plane: &DataPlane, ep: &Endpoint) -> Result<Option<u64>, ()> {
     let read = async {
         let (resp, conn) = plane.upstream().send(ep.addr, req).await.ok()?;
         let ok = resp.status().is_success();
-        let body = Limited::new(resp.into_body(), MAX_PAGE)
-            .collect()
-            .await
-            .ok()?
-            .to_bytes();
+        let body = match Limited::new(resp.into_body(), MAX_PAGE).collect().await {
+            Ok(b) => b.to_bytes(),
+            // A page past the bound is an answer (read again in 5 minutes,
+            // not every 30 s); a body cut short is not.
+            Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+                return Some(None);
+            }
+            Err(_) => return None,
+        };
         conn.release();
         if !ok {
             return Some(None);
         }
-        Some(std::str::from_utf8(&body).ok().and_then(kv_capacity))
+        // A stray invalid byte costs its line, not the page.
+        Some(kv_capacity(&String::from_utf8_lossy(&body)))
     };
     match tokio::time::timeout(READ_TIMEOUT, read).await {
         Ok(Some(kv)) => Ok(kv),
