@@ -218,7 +218,10 @@ async fn read(plane: &DataPlane, ep: &Endpoint) -> Result<Option<u64>, ()> {
             Ok(b) => b.to_bytes(),
             // A page past the bound is an answer (read again in 5 minutes,
             // not every 30 s); a body cut short is not.
-            Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            Err(e)
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some() =>
+            {
                 return Some(None);
             }
             Err(_) => return None,
