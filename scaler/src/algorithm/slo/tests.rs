@@ -445,15 +445,13 @@ fn a_miss_now_never_scales_down() {
     assert_eq!(d.desired, Some(4), "{}", d.reason);
 }
 
-#[test]
-fn decode_pools_size_tokens_in_flight_on_the_prior() {
-    let mut p = policy();
-    p.target = 10_000.0;
-    let mut s = Slo::new(&p);
+/// A decode pool's decision on two replicas holding `tokens` in flight,
+/// ITL well within its target, engines reporting `kv` tokens of cache.
+fn decide_decode(p: &Policy, tokens: f64, kv: Option<u64>) -> Decision {
     let mut w = WindowValues {
         duration: Duration::from_secs(60),
         observed: Duration::from_secs(60),
-        tokens: 25_000.0,
+        tokens,
         ..WindowValues::default()
     };
     w.itl = LatencySummary {
@@ -461,18 +459,25 @@ fn decode_pools_size_tokens_in_flight_on_the_prior() {
         p90: Some(Duration::from_millis(20)),
         ..LatencySummary::default()
     };
-    let d = s.decide(&DecisionInput {
+    Slo::new(p).decide(&DecisionInput {
         now: Duration::ZERO,
         ready: 2,
         spec: 2,
         snapshot: &snap(w, w),
-        policy: &p,
+        policy: p,
         role: Role::Decode,
         reachable: true,
         partial: false,
         cold_start: None,
-        kv_capacity: None,
-    });
+        kv_capacity: kv,
+    })
+}
+
+#[test]
+fn decode_pools_size_tokens_in_flight_on_the_prior() {
+    let mut p = policy();
+    p.target = 10_000.0;
+    let d = decide_decode(&p, 25_000.0, None);
     assert_eq!(d.desired, Some(3), "{}", d.reason);
     assert!(
         d.reason.starts_with("itl p90 20ms within target 40ms"),
@@ -676,31 +681,7 @@ fn a_decode_pool_without_a_target_plans_on_the_kv_cache() {
     // 130,000 tokens held, engines of 100,000 tokens of KV: the panic
     // window's tokens planned at 85 % of it, two replicas — not 39 on the
     // default prior of 4,000 tokens a replica.
-    let decide = |p: &Policy, kv: Option<u64>| {
-        let mut w = WindowValues {
-            duration: Duration::from_secs(60),
-            observed: Duration::from_secs(60),
-            tokens: 130_000.0,
-            ..WindowValues::default()
-        };
-        w.itl = LatencySummary {
-            count: 500,
-            p90: Some(Duration::from_millis(20)),
-            ..LatencySummary::default()
-        };
-        Slo::new(p).decide(&DecisionInput {
-            now: Duration::ZERO,
-            ready: 2,
-            spec: 2,
-            snapshot: &snap(w, w),
-            policy: p,
-            role: Role::Decode,
-            reachable: true,
-            partial: false,
-            cold_start: None,
-            kv_capacity: kv,
-        })
-    };
+    let decide = |p: &Policy, kv: Option<u64>| decide_decode(p, 130_000.0, kv);
     let defaulted = Policy {
         target: 4000.0,
         target_given: false,
