@@ -53,15 +53,12 @@ pub fn kv_capacity(page: &str) -> Option<u64> {
         .filter_map(|line| {
             let line = line.trim_start();
             if let Some(rest) = line.strip_prefix("vllm:cache_config_info") {
-                let labels = labels_of(rest)?;
+                let (labels, _) = sample(rest)?;
                 let blocks = label(labels, "num_gpu_blocks")?.parse::<u64>().ok()?;
                 let size = label(labels, "block_size")?.parse::<u64>().ok()?;
                 blocks.checked_mul(size)
             } else if let Some(rest) = line.strip_prefix("sglang:max_total_num_tokens") {
-                let value = match rest.strip_prefix('{') {
-                    Some(_) => rest.get(labels_end(rest)? + 1..)?,
-                    None => rest,
-                };
+                let (_, value) = sample(rest)?;
                 let v: f64 = value.split_whitespace().next()?.parse().ok()?;
                 // Whole tokens within what an f64 holds exactly.
                 (1.0..9.0e15).contains(&v).then_some(v as u64)
@@ -73,28 +70,33 @@ pub fn kv_capacity(page: &str) -> Option<u64> {
         .min()
 }
 
-/// The text between the braces that follow a metric's name (`None` when
-/// the name goes on: `vllm:cache_config_info_x` is another metric).
-fn labels_of(rest: &str) -> Option<&str> {
-    rest.strip_prefix('{')?;
-    rest.get(1..labels_end(rest)?)
+/// A sample's label set (without its braces; empty when it has none) and
+/// the rest of its line, from what follows the metric's name. `None` when
+/// the name goes on (`vllm:cache_config_info_x` is another metric) or the
+/// braces never close.
+fn sample(rest: &str) -> Option<(&str, &str)> {
+    match rest.strip_prefix('{') {
+        Some(inner) => {
+            let end = labels_end(inner)?;
+            Some((inner.get(..end)?, inner.get(end + 1..)?))
+        }
+        None if rest.starts_with([' ', '\t']) => Some(("", rest)),
+        None => None,
+    }
 }
 
-/// The index of the `}` closing a label set that `s` opens, past quoted
-/// values (which may hold `}` and escaped quotes).
+/// The index of the `}` ending a label set, past quoted values (which may
+/// hold `}` and escaped quotes).
 fn labels_end(s: &str) -> Option<usize> {
-    let mut quoted = false;
-    let mut escaped = false;
-    for (i, c) in s.char_indices().skip(1) {
-        match (quoted, escaped, c) {
-            (true, true, _) => escaped = false,
-            (true, false, '\\') => escaped = true,
-            (_, false, '"') => quoted = !quoted,
-            (false, _, '}') => return Some(i),
-            _ => {}
+    let mut at = 0;
+    loop {
+        let next = at + s.get(at..)?.find(['"', '}'])?;
+        if s.as_bytes().get(next) == Some(&b'}') {
+            return Some(next);
         }
+        let value = next + 1;
+        at = value + quoted_end(s.get(value..)?)? + 1;
     }
-    None
 }
 
 /// The value of `name="…"` in a label set, unescaped only as far as the
@@ -102,13 +104,11 @@ fn labels_end(s: &str) -> Option<usize> {
 fn label<'a>(labels: &'a str, name: &str) -> Option<&'a str> {
     let mut rest = labels;
     loop {
-        let rest_trimmed = rest.trim_start_matches([',', ' ']);
-        let (key, after) = rest_trimmed.split_once('=')?;
+        let (key, after) = rest.trim_start_matches([',', ' ']).split_once('=')?;
         let after = after.strip_prefix('"')?;
         let end = quoted_end(after)?;
-        let value = after.get(..end)?;
         if key.trim() == name {
-            return Some(value);
+            return after.get(..end);
         }
         rest = after.get(end + 1..)?;
     }
@@ -186,10 +186,7 @@ pub async fn read_engines(plane: Arc<DataPlane>, mut stop: watch::Receiver<bool>
                 let kv = reads.get(&ep.addr).and_then(|r| r.kv);
                 // Each tick: an endpoint replaced by discovery starts blank.
                 ep.set_kv_capacity(kv);
-                smallest = match (smallest, kv) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
+                smallest = smallest.into_iter().chain(kv).min();
             }
             let signals = &entry.pool.signals;
             if let Some(kv) = smallest
