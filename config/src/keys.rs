@@ -170,11 +170,13 @@ impl Reader<'_> {
 
     fn u32_in(&mut self, key: &str, lo: u32, hi: u32) -> Option<u32> {
         self.parse(key, |v| {
-            let n: u32 = v.parse().map_err(|_| "is not an integer ≥ 0".to_string())?;
-            if n < lo || n > hi {
-                return Err(format!("must be in [{lo}, {hi}]"));
-            }
-            Ok(n)
+            // Read wider than u32, so that a number too large is told its
+            // range rather than that it is no number.
+            let n: u64 = v.parse().map_err(|_| "is not an integer ≥ 0".to_string())?;
+            u32::try_from(n)
+                .ok()
+                .filter(|n| (lo..=hi).contains(n))
+                .ok_or_else(|| format!("must be in [{lo}, {hi}]"))
         })
     }
 
@@ -1093,6 +1095,10 @@ mod tests {
             (
                 vec![("max-replicas", "abc")],
                 "scalecar.io/max-replicas: \"abc\" is not an integer",
+            ),
+            (
+                vec![("kv-cache-tokens", "99999999999")],
+                "scalecar.io/kv-cache-tokens: \"99999999999\" must be in [1, 4294967295]",
             ),
             (
                 vec![("min-replicas", "5"), ("max-replicas", "3")],
