@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 use scalecar_config::{KubernetesConfig, Limits, PREFIX, Policy, Role};
 use scalecar_loadtest::kube_sim::{KubeSim, KubeSimConfig};
 use scalecar_loadtest::loadgen::{
-    ArrivalPattern, RequestSize, StreamingClient, read_trace_file, run_plan, summarize, write_csv,
+    ArrivalPattern, RequestSize, StreamingClient, read_any_trace_file, run_plan, summarize,
+    write_csv,
 };
 use scalecar_loadtest::plot::{TimelinePoint, write_timeline_csv, write_timeline_svg};
 use scalecar_scaler::algorithm::AlgorithmRegistry;
@@ -45,7 +46,8 @@ pub struct DemoArgs {
     /// Default: a burst from 1/6 to 1/2 of the run.
     #[arg(long, conflicts_with = "trace")]
     pub pattern: Option<ArrivalPattern>,
-    /// Replay an Azure LLM trace CSV instead of a pattern.
+    /// Replay a trace instead of a pattern: an Azure LLM trace CSV or
+    /// Mooncake's JSON lines.
     #[arg(long)]
     pub trace: Option<PathBuf>,
     /// Trace time compression.
@@ -273,8 +275,9 @@ pub async fn run(
     // The load.
     let plan = match &args.trace {
         Some(path) => {
-            let mut plan =
-                read_trace_file(path, args.speedup).map_err(|e| DemoError::Setup(e.to_string()))?;
+            let mut plan = read_any_trace_file(path, args.speedup)
+                .map_err(|e| DemoError::Setup(e.to_string()))?
+                .arrivals;
             plan.retain(|a| a.at < args.duration);
             plan
         }

@@ -26,7 +26,7 @@ pub type Harness = fn(&[u8]);
 
 /// Every harness by name, as `scripts/fuzz` and the corpus folders name
 /// them.
-pub const HARNESSES: [(&str, Harness); 7] = [
+pub const HARNESSES: [(&str, Harness); 8] = [
     ("policy_keys", policy_keys),
     ("config_file", config_file),
     ("request_body", request_body),
@@ -34,7 +34,29 @@ pub const HARNESSES: [(&str, Harness); 7] = [
     ("replay_input", replay_input),
     ("kube_objects", kube_objects),
     ("engine_metrics", engine_metrics),
+    ("trace_file", trace_file),
 ];
+
+/// A trace for `simulate`, `loadgen` and `demo`, read as an Azure CSV and
+/// as JSON lines: either an error with a message, or arrivals from 0 that
+/// never go back in time.
+pub fn trace_file(data: &[u8]) {
+    use scalecar_loadtest::loadgen::{Trace, read_jsonl_trace, read_trace};
+    let speedup = f64::from(data.first().copied().unwrap_or(1).max(1)) / 16.0;
+    for read in [read_trace, read_jsonl_trace] {
+        match read(data, "t", speedup) {
+            Ok(Trace { arrivals, .. }) => {
+                assert_eq!(arrivals.first().map(|a| a.at), Some(Duration::ZERO));
+                assert!(
+                    arrivals.windows(2).all(|w| w[0].at <= w[1].at),
+                    "out of order"
+                );
+                assert!(arrivals.iter().all(|a| a.max_tokens >= 1));
+            }
+            Err(e) => assert!(!e.to_string().is_empty(), "an error without a message"),
+        }
+    }
+}
 
 /// A model server's `/metrics` page, read for its KV cache size. Lines are
 /// read on their own: the page's size is the smallest of its lines' sizes,

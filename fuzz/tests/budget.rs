@@ -243,6 +243,57 @@ fn engine_metrics() {
 }
 
 #[test]
+fn trace_file() {
+    let stamp = prop_oneof![
+        (0u32..86_400, 0u32..1_000_000).prop_map(|(s, f)| format!(
+            "2024-05-10 {:02}:{:02}:{:02}.{f:06}",
+            s / 3600,
+            s / 60 % 60,
+            s % 60
+        )),
+        Just("2024-05-10 00:00:00.009930+00:00".to_string()),
+        Just("2024-05-10T23:59:59Z".to_string()),
+        Just("2024-05-10 01:00:00-14:00".to_string()),
+        Just("9999-12-31 23:59:60.999999999+23:59".to_string()),
+        Just("0000-01-01 00:00:00".to_string()),
+        ".{0,12}",
+    ];
+    let number = prop_oneof![
+        (0u32..200_000).prop_map(|n| n.to_string()),
+        Just("4294967296".to_string()),
+        Just("-1".to_string()),
+        Just("1.5".to_string()),
+        Just("1e300".to_string()),
+        Just("18446744073709551615".to_string()),
+        Just("\"7\"".to_string()),
+    ];
+    let csv =
+        prop::collection::vec((stamp, number.clone(), number.clone()), 0..6).prop_map(|rows| {
+            let mut out = String::from("TIMESTAMP,ContextTokens,GeneratedTokens\n");
+            for (t, c, g) in rows {
+                out.push_str(&format!("{t},{c},{g}\n"));
+            }
+            out.into_bytes()
+        });
+    let jsonl =
+        prop::collection::vec((number.clone(), number.clone(), number), 0..6).prop_map(|rows| {
+            let mut out = String::new();
+            for (t, i, o) in rows {
+                out.push_str(&format!(
+                    "{{\"timestamp\": {t}, \"input_length\": {i}, \"output_length\": {o}}}\n"
+                ));
+            }
+            out.into_bytes()
+        });
+    let first = any::<u8>();
+    let trace = (first, prop_oneof![csv, jsonl]).prop_map(|(f, mut body)| {
+        body.insert(0, f);
+        body
+    });
+    run("trace_file", trace);
+}
+
+#[test]
 fn replay_input() {
     let number = prop_oneof![
         (0u32..100_000).prop_map(|n| n.to_string()),

@@ -10,7 +10,7 @@ use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use scalecar_loadtest::loadgen::shapes::write_jsonl;
 use scalecar_loadtest::loadgen::{
-    ArrivalPattern, RequestSize, Shape, StreamingClient, read_trace_file, run_plan, summarize,
+    ArrivalPattern, RequestSize, Shape, StreamingClient, read_any_trace_file, run_plan, summarize,
     write_csv,
 };
 
@@ -46,7 +46,9 @@ struct Args {
     /// How long a synthetic pattern runs.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     duration: Duration,
-    /// Replay an Azure LLM trace CSV (TIMESTAMP,ContextTokens,GeneratedTokens) instead of a pattern.
+    /// Replay a trace instead of a pattern: an Azure LLM trace CSV
+    /// (TIMESTAMP,ContextTokens,GeneratedTokens) or JSON lines as Mooncake
+    /// publishes them (timestamp ms, input_length, output_length).
     #[arg(long)]
     trace: Option<PathBuf>,
     /// Trace time compression: 60 plays an hour in a minute.
@@ -85,7 +87,17 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let plan = match (&args.trace, args.shape) {
-        (Some(path), _) => read_trace_file(path, args.speedup)?,
+        (Some(path), _) => {
+            let trace = read_any_trace_file(path, args.speedup)?;
+            if trace.reordered > 0 {
+                eprintln!(
+                    "loadgen: {}: {} rows earlier than the row before them, replayed in time order",
+                    path.display(),
+                    trace.reordered
+                );
+            }
+            trace.arrivals
+        }
         (None, Some(shape)) => shape.generate(args.length, args.seed),
         (None, None) => args.pattern.plan(
             args.duration,

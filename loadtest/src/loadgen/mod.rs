@@ -20,7 +20,7 @@ pub use arrivals::{Arrival, ArrivalPattern, RateShape, RequestSize};
 pub use client::{Outcome, RequestRecord, StreamingClient};
 pub use report::{Summary, summarize, write_csv};
 pub use shapes::Shape;
-pub use trace::{TraceError, read_any_trace_file, read_jsonl_trace, read_trace, read_trace_file};
+pub use trace::{Trace, TraceError, read_any_trace_file, read_jsonl_trace, read_trace};
 
 /// Called once per finished request (for progress and live views).
 pub type OnRecord = Arc<dyn Fn(&RequestRecord) + Send + Sync>;

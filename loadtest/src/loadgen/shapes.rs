@@ -353,7 +353,9 @@ mod tests {
         let a = Shape::SlowRamp.generate(Some(Duration::from_secs(120)), 5);
         let mut bytes = Vec::new();
         write_jsonl(&a, &mut bytes).unwrap();
-        let back = super::super::read_jsonl_trace(&bytes[..], "mem", 1.0).unwrap();
+        let back = super::super::read_jsonl_trace(&bytes[..], "mem", 1.0)
+            .unwrap()
+            .arrivals;
         assert_eq!(back.len(), a.len());
         let first = a[0].at.as_millis() as u64;
         for (x, y) in a.iter().zip(&back) {

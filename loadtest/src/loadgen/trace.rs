@@ -4,8 +4,12 @@
 //! `output_length`; other keys such as `hash_ids` are ignored).
 //!
 //! Timestamps are wall-clock (`2023-11-16 18:17:03.9799600`, 100 ns
-//! resolution); only their differences matter. A bad row stops the load with
-//! its line number: a silently skipped row would change the load shape.
+//! resolution; a zone such as the Azure 2024 files' `+00:00` is honoured);
+//! only their differences matter. CSV columns are found by name. A bad row
+//! stops the load with its line number: a silently skipped row would change
+//! the load shape. Rows out of time order are replayed in order, with a
+//! warning: each is still a request at its time. Files are streamed, never
+//! read whole.
 
 use std::io::BufRead;
 use std::path::Path;
@@ -31,15 +35,20 @@ pub enum TraceError {
     Empty { path: String },
 }
 
-/// Parses `YYYY-MM-DD HH:MM:SS[.fraction]` into nanoseconds since the Unix
-/// epoch (UTC, proleptic Gregorian).
+/// Parses `YYYY-MM-DD HH:MM:SS[.fraction][zone]` (a `T` may stand for the
+/// space; the zone is `Z` or `±HH[:MM]`, as in `2024-05-10
+/// 00:00:00.009930+00:00`) into nanoseconds since the Unix epoch (UTC,
+/// proleptic Gregorian). A time without a zone is taken as UTC: only
+/// differences matter, and one file keeps one convention.
 fn parse_timestamp(s: &str) -> Option<i128> {
     let (date, time) = s.trim().split_once([' ', 'T'])?;
+    let (time, offset) = split_zone(time.trim())?;
     let mut d = date.splitn(3, '-');
     let year: i64 = d.next()?.parse().ok()?;
     let month: u32 = d.next()?.parse().ok()?;
     let day: u32 = d.next()?.parse().ok()?;
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) {
+    // Four-digit years: the arithmetic below cannot overflow.
+    if !(0..=9999).contains(&year) || !(1..=12).contains(&month) || !(1..=31).contains(&day) {
         return None;
     }
     let (hms, frac) = match time.split_once('.') {
@@ -62,8 +71,37 @@ fn parse_timestamp(s: &str) -> Option<i128> {
         frac.parse::<i64>().ok()? * 10i64.pow(9 - frac.len() as u32)
     };
     let days = days_from_civil(year, month, day);
-    let secs = days * 86_400 + h * 3600 + m * 60 + sec;
+    let secs = days * 86_400 + h * 3600 + m * 60 + sec - offset;
     Some(secs as i128 * 1_000_000_000 + nanos as i128)
+}
+
+/// Splits a time of day from its zone designator: the time, and the zone's
+/// offset east of UTC in seconds (0 for `Z` or no zone). `None` for a
+/// designator that is neither `Z` nor `±HH`, `±HHMM` or `±HH:MM`.
+fn split_zone(time: &str) -> Option<(&str, i64)> {
+    if let Some(t) = time.strip_suffix(['Z', 'z']) {
+        return Some((t.trim_end(), 0));
+    }
+    let Some(at) = time.rfind(['+', '-']) else {
+        return Some((time, 0));
+    };
+    let (t, zone) = time.split_at(at);
+    let sign = if zone.starts_with('-') { -1 } else { 1 };
+    let digits = zone.get(1..)?;
+    let (h, m) = match digits.split_once(':') {
+        Some(hm) => hm,
+        None if digits.len() == 4 => digits.split_at_checked(2)?,
+        None => (digits, "00"),
+    };
+    let two = |x: &str| x.len() == 2 && x.bytes().all(|b| b.is_ascii_digit());
+    if !two(h) || !two(m) {
+        return None;
+    }
+    let (h, m): (i64, i64) = (h.parse().ok()?, m.parse().ok()?);
+    if h > 23 || m > 59 {
+        return None;
+    }
+    Some((t.trim_end(), sign * (h * 3600 + m * 60)))
 }
 
 /// Days since 1970-01-01 of a civil date (Howard Hinnant's algorithm).
@@ -89,23 +127,132 @@ fn check_speedup(speedup: f64, path: &str) -> Result<(), TraceError> {
     })
 }
 
-/// Reads a trace, returning arrivals relative to its first row and divided
-/// by `speedup`. Rows must not go back in time. Output lengths of 0 are sent
-/// as 1 token (a server cannot generate nothing).
-pub fn read_trace(
-    reader: impl BufRead,
-    path: &str,
-    speedup: f64,
-) -> Result<Vec<Arrival>, TraceError> {
+/// The Azure trace's three columns, found by name in its header.
+struct Columns {
+    timestamp: usize,
+    context: usize,
+    generated: usize,
+    count: usize,
+}
+
+impl Columns {
+    /// Finds the columns in `header` (any order; other columns, such as an
+    /// index a dataframe wrote, are ignored). A byte-order mark is skipped.
+    fn of(header: &str) -> Result<Columns, String> {
+        let names: Vec<&str> = header
+            .trim_start_matches('\u{feff}')
+            .split(',')
+            .map(field)
+            .collect();
+        let find = |name: &str| {
+            names.iter().position(|n| *n == name).ok_or_else(|| {
+                format!(
+                    "header {header:?} has no {name} column (an Azure LLM trace has TIMESTAMP,ContextTokens,GeneratedTokens)"
+                )
+            })
+        };
+        Ok(Columns {
+            timestamp: find("TIMESTAMP")?,
+            context: find("ContextTokens")?,
+            generated: find("GeneratedTokens")?,
+            count: names.len(),
+        })
+    }
+}
+
+/// A CSV field without its surrounding blanks and double quotes.
+fn field(f: &str) -> &str {
+    let f = f.trim();
+    f.strip_prefix('"')
+        .and_then(|f| f.strip_suffix('"'))
+        .unwrap_or(f)
+}
+
+/// A trace read: its arrivals in time order from 0, and how many of its
+/// rows were earlier than the row before them (replayed in order; a
+/// caller says so).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Trace {
+    pub arrivals: Vec<Arrival>,
+    pub reordered: usize,
+}
+
+/// Rows read from a trace: (time in ns, prompt tokens, output tokens), in
+/// file order, and where the latest of them is.
+#[derive(Default)]
+struct Rows {
+    rows: Vec<(i128, u32, u32)>,
+    /// Rows earlier than the row before them.
+    out_of_order: usize,
+    /// The latest time and its line.
+    latest: Option<(i128, usize)>,
+}
+
+impl Rows {
+    fn push(&mut self, at: i128, prompt: u32, output: u32, line: usize) {
+        if self.rows.last().is_some_and(|(t, _, _)| at < *t) {
+            self.out_of_order += 1;
+        }
+        if self.latest.is_none_or(|(t, _)| at > t) {
+            self.latest = Some((at, line));
+        }
+        self.rows.push((at, prompt, output));
+    }
+
+    /// The arrivals, relative to the earliest row and divided by `speedup`.
+    /// Rows out of time order are put in order (a request is a request
+    /// whatever line it is on); output lengths of 0 are sent as 1 token (a
+    /// server cannot generate nothing).
+    fn into_trace(mut self, path: &str, speedup: f64) -> Result<Trace, TraceError> {
+        if self.out_of_order > 0 {
+            self.rows.sort_by_key(|(t, _, _)| *t);
+        }
+        let Some(start) = self.rows.first().map(|(t, _, _)| *t) else {
+            return Err(TraceError::Empty {
+                path: path.to_string(),
+            });
+        };
+        if let Some((latest, line)) = self.latest {
+            let span = (latest - start) as f64 / 1e9 / speedup;
+            if Duration::try_from_secs_f64(span).is_err() {
+                return Err(TraceError::Row {
+                    path: path.to_string(),
+                    line,
+                    reason: format!(
+                        "its time is too far from the trace's first ({span:e} s at this speedup)"
+                    ),
+                });
+            }
+        }
+        let arrivals = self
+            .rows
+            .into_iter()
+            .map(|(at, prompt_tokens, output)| Arrival {
+                at: Duration::from_secs_f64((at - start) as f64 / 1e9 / speedup),
+                prompt_tokens,
+                max_tokens: output.max(1),
+            })
+            .collect();
+        Ok(Trace {
+            arrivals,
+            reordered: self.out_of_order,
+        })
+    }
+}
+
+/// Reads an Azure LLM trace CSV (`TIMESTAMP,ContextTokens,GeneratedTokens`,
+/// the columns found by name), returning arrivals relative to its earliest
+/// row and divided by `speedup`. Rows out of time order are replayed in
+/// order; output lengths of 0 are sent as 1 token.
+pub fn read_trace(reader: impl BufRead, path: &str, speedup: f64) -> Result<Trace, TraceError> {
     let row_error = |line, reason: String| TraceError::Row {
         path: path.to_string(),
         line,
         reason,
     };
     check_speedup(speedup, path)?;
-    let mut out = Vec::new();
-    let mut first: Option<i128> = None;
-    let mut previous: Option<i128> = None;
+    let mut rows = Rows::default();
+    let mut columns: Option<Columns> = None;
     for (index, text) in reader.lines().enumerate() {
         let line = index + 1;
         let text = text.map_err(|e| row_error(line, format!("unreadable: {e}")))?;
@@ -113,98 +260,65 @@ pub fn read_trace(
         if text.is_empty() {
             continue;
         }
-        if line == 1 {
-            let header: Vec<_> = text.split(',').map(str::trim).collect();
-            if header != ["TIMESTAMP", "ContextTokens", "GeneratedTokens"] {
-                return Err(row_error(
-                    line,
-                    format!("header {text:?} is not TIMESTAMP,ContextTokens,GeneratedTokens"),
-                ));
-            }
+        let Some(c) = &columns else {
+            columns = Some(Columns::of(text).map_err(|reason| row_error(line, reason))?);
             continue;
-        }
-        let fields: Vec<_> = text.split(',').map(str::trim).collect();
-        let [ts, context, generated] = fields.as_slice() else {
+        };
+        let fields: Vec<&str> = text.split(',').map(field).collect();
+        if fields.len() != c.count {
             return Err(row_error(
                 line,
-                format!("{} fields, expected 3", fields.len()),
+                format!(
+                    "{} fields, expected {} as in the header",
+                    fields.len(),
+                    c.count
+                ),
             ));
-        };
+        }
+        let get = |i: usize| fields.get(i).copied().unwrap_or_default();
+        let ts = get(c.timestamp);
         let at = parse_timestamp(ts).ok_or_else(|| {
             row_error(
                 line,
-                format!("TIMESTAMP {ts:?} is not YYYY-MM-DD HH:MM:SS.fff"),
+                format!("TIMESTAMP {ts:?} is not YYYY-MM-DD HH:MM:SS[.fff][Z|±HH:MM]"),
             )
         })?;
-        let prompt_tokens: u32 = context.parse().map_err(|_| {
-            row_error(
-                line,
-                format!("ContextTokens {context:?} is not a whole number"),
-            )
-        })?;
-        let max_tokens: u32 = generated.parse().map_err(|_| {
-            row_error(
-                line,
-                format!("GeneratedTokens {generated:?} is not a whole number"),
-            )
-        })?;
-        if let Some(prev) = previous
-            && at < prev
-        {
-            return Err(row_error(
-                line,
-                format!("TIMESTAMP {ts} is earlier than the row before"),
-            ));
-        }
-        previous = Some(at);
-        let start = *first.get_or_insert(at);
-        let offset_ns = (at - start) as f64 / speedup;
-        out.push(Arrival {
-            at: Duration::from_nanos(offset_ns as u64),
-            prompt_tokens,
-            max_tokens: max_tokens.max(1),
-        });
+        let whole = |name: &str, v: &str| {
+            v.parse::<u32>()
+                .map_err(|_| row_error(line, format!("{name} {v:?} is not a whole number")))
+        };
+        let prompt_tokens = whole("ContextTokens", get(c.context))?;
+        let max_tokens = whole("GeneratedTokens", get(c.generated))?;
+        rows.push(at, prompt_tokens, max_tokens, line);
     }
-    if out.is_empty() {
+    if columns.is_none() {
         return Err(TraceError::Empty {
             path: path.to_string(),
         });
     }
-    Ok(out)
-}
-
-/// Reads a trace file (see [`read_trace`]).
-pub fn read_trace_file(path: &Path, speedup: f64) -> Result<Vec<Arrival>, TraceError> {
-    let name = path.display().to_string();
-    let file = std::fs::File::open(path).map_err(|source| TraceError::Open {
-        path: name.clone(),
-        source,
-    })?;
-    read_trace(std::io::BufReader::new(file), &name, speedup)
+    rows.into_trace(path, speedup)
 }
 
 /// Reads a JSON-lines trace (Mooncake's format): one object per line with
-/// `timestamp` (milliseconds, never decreasing), `input_length` and
-/// `output_length`, arrivals relative to the first line and divided by
-/// `speedup`.
+/// `timestamp` (milliseconds, a whole number or not), `input_length` and
+/// `output_length`, arrivals relative to the earliest line and divided by
+/// `speedup`. Lines out of time order are replayed in order.
 pub fn read_jsonl_trace(
     reader: impl BufRead,
     path: &str,
     speedup: f64,
-) -> Result<Vec<Arrival>, TraceError> {
+) -> Result<Trace, TraceError> {
     let row_error = |line, reason: String| TraceError::Row {
         path: path.to_string(),
         line,
         reason,
     };
     check_speedup(speedup, path)?;
-    let mut out = Vec::new();
-    let mut first: Option<u64> = None;
-    let mut previous = 0u64;
+    let mut rows = Rows::default();
     for (index, text) in reader.lines().enumerate() {
         let line = index + 1;
         let text = text.map_err(|e| row_error(line, format!("unreadable: {e}")))?;
-        let text = text.trim();
+        let text = text.trim().trim_start_matches('\u{feff}');
         if text.is_empty() {
             continue;
         }
@@ -213,66 +327,68 @@ pub fn read_jsonl_trace(
         let Some(object) = value.as_object() else {
             return Err(row_error(line, "not a JSON object".into()));
         };
-        let field = |name: &str| -> Result<u64, TraceError> {
-            match object.get(name) {
-                None => Err(row_error(line, format!("no {name:?}"))),
-                Some(v) => v.as_u64().ok_or_else(|| {
-                    row_error(line, format!("{name:?} is {v}, not a whole number ≥ 0"))
-                }),
+        let get = |name: &str| {
+            object
+                .get(name)
+                .ok_or_else(|| row_error(line, format!("no {name:?}")))
+        };
+        let ms = get("timestamp")?;
+        let at = match (ms.as_u64(), ms.as_f64()) {
+            (Some(ms), _) => i128::from(ms) * 1_000_000,
+            (None, Some(ms)) if ms.is_finite() && (0.0..1e20).contains(&ms) => {
+                (ms * 1e6).round() as i128
+            }
+            _ => {
+                return Err(row_error(
+                    line,
+                    format!("\"timestamp\" is {ms}, not a number of milliseconds ≥ 0"),
+                ));
             }
         };
-        let at = field("timestamp")?;
         let to_u32 = |name: &str| -> Result<u32, TraceError> {
-            let v = field(name)?;
-            u32::try_from(v).map_err(|_| row_error(line, format!("{name:?} {v} is too large")))
+            let v = get(name)?;
+            let n = v.as_u64().ok_or_else(|| {
+                row_error(line, format!("{name:?} is {v}, not a whole number ≥ 0"))
+            })?;
+            u32::try_from(n).map_err(|_| row_error(line, format!("{name:?} {n} is too large")))
         };
         let prompt_tokens = to_u32("input_length")?;
         let max_tokens = to_u32("output_length")?;
-        if at < previous {
-            return Err(row_error(
-                line,
-                format!("timestamp {at} is earlier than the line before ({previous})"),
-            ));
-        }
-        previous = at;
-        let start = *first.get_or_insert(at);
-        let offset_ms = (at - start) as f64 / speedup;
-        let at = Duration::try_from_secs_f64(offset_ms / 1000.0).map_err(|_| {
-            row_error(
-                line,
-                format!("timestamp {at} is too far from the first line ({start} ms)"),
-            )
-        })?;
-        out.push(Arrival {
-            at,
-            prompt_tokens,
-            max_tokens: max_tokens.max(1),
-        });
+        rows.push(at, prompt_tokens, max_tokens, line);
     }
-    if out.is_empty() {
-        return Err(TraceError::Empty {
-            path: path.to_string(),
-        });
-    }
-    Ok(out)
+    rows.into_trace(path, speedup)
 }
 
 /// Reads a trace file of either format: JSON lines when its first
-/// non-blank character is `{`, the Azure CSV otherwise.
-pub fn read_any_trace_file(path: &Path, speedup: f64) -> Result<Vec<Arrival>, TraceError> {
+/// non-blank character (after a byte-order mark) is `{`, the Azure CSV
+/// otherwise. The file is streamed, never read whole: a week of requests is
+/// gigabytes.
+pub fn read_any_trace_file(path: &Path, speedup: f64) -> Result<Trace, TraceError> {
     let name = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|source| TraceError::Open {
+    let open_error = |source| TraceError::Open {
         path: name.clone(),
         source,
-    })?;
-    let json = bytes
-        .iter()
-        .find(|b| !b.is_ascii_whitespace())
-        .is_some_and(|b| *b == b'{');
+    };
+    let file = std::fs::File::open(path).map_err(open_error)?;
+    let mut reader = std::io::BufReader::with_capacity(1 << 16, file);
+    let json = loop {
+        let buf = reader.fill_buf().map_err(open_error)?;
+        let Some(&b) = buf.first() else {
+            break false;
+        };
+        let skip = if b.is_ascii_whitespace() {
+            1
+        } else if buf.starts_with("\u{feff}".as_bytes()) {
+            3
+        } else {
+            break b == b'{';
+        };
+        reader.consume(skip);
+    };
     if json {
-        read_jsonl_trace(bytes.as_slice(), &name, speedup)
+        read_jsonl_trace(reader, &name, speedup)
     } else {
-        read_trace(bytes.as_slice(), &name, speedup)
+        read_trace(reader, &name, speedup)
     }
 }
 
@@ -281,7 +397,7 @@ mod tests {
     use super::*;
 
     fn read(text: &str, speedup: f64) -> Result<Vec<Arrival>, TraceError> {
-        read_trace(text.as_bytes(), "t.csv", speedup)
+        read_trace(text.as_bytes(), "t.csv", speedup).map(|t| t.arrivals)
     }
 
     #[test]
@@ -327,8 +443,8 @@ mod tests {
             ("2023-11-16 18:17:03.0,-4,1\n", "line 2: ContextTokens"),
             ("2023-11-16 18:17:03.0,4,x\n", "line 2: GeneratedTokens"),
             (
-                "2023-11-16 18:17:03.0,4,1\n2023-11-16 18:17:02.0,4,1\n",
-                "line 3: TIMESTAMP 2023-11-16 18:17:02.0 is earlier",
+                "2023-11-16 18:17:03.0,4,1\n2023-11-16 18:17:02.0+01:3,4,1\n",
+                "line 3: TIMESTAMP \"2023-11-16 18:17:02.0+01:3\"",
             ),
             ("2023-13-16 18:17:03.0,4,1\n", "line 2"),
         ] {
@@ -351,7 +467,7 @@ mod tests {
             ("azure-llm-2023-code.csv", 8_819),
             ("azure-llm-2023-conv.csv", 19_366),
         ] {
-            let a = read_trace_file(&dir.join(name), 60.0).unwrap();
+            let a = read_any_trace_file(&dir.join(name), 60.0).unwrap().arrivals;
             assert_eq!(a.len(), rows, "{name}");
             // One hour at 60× is about a minute.
             let span = a.last().unwrap().at;
@@ -365,7 +481,9 @@ mod tests {
     fn mooncake_json_lines_are_read_and_bad_lines_named() {
         let text = "{\"timestamp\": 0, \"input_length\": 6955, \"output_length\": 52, \"hash_ids\": [1, 2]}\n\
                     {\"timestamp\": 1500, \"input_length\": 10, \"output_length\": 0}\n";
-        let a = read_jsonl_trace(text.as_bytes(), "m.jsonl", 1.0).unwrap();
+        let a = read_jsonl_trace(text.as_bytes(), "m.jsonl", 1.0)
+            .unwrap()
+            .arrivals;
         assert_eq!(a.len(), 2);
         assert_eq!(a[0].prompt_tokens, 6955);
         assert_eq!(a[0].max_tokens, 52);
@@ -379,8 +497,8 @@ mod tests {
                 "\"timestamp\" is -1",
             ),
             (
-                "{\"timestamp\": 5, \"input_length\": 1, \"output_length\": 1}\n{\"timestamp\": 4, \"input_length\": 1, \"output_length\": 1}\n",
-                "line 2: timestamp 4 is earlier",
+                "{\"timestamp\": \"5\", \"input_length\": 1, \"output_length\": 1}\n",
+                "\"timestamp\" is \"5\"",
             ),
             (
                 "{\"timestamp\": 5, \"input_length\": 99999999999, \"output_length\": 1}\n",
@@ -397,10 +515,91 @@ mod tests {
         let err = read_jsonl_trace(far.as_bytes(), "m.jsonl", 1e-9)
             .unwrap_err()
             .to_string();
+        assert!(err.contains("line 2: its time is too far"), "{err}");
+        // Milliseconds with a fraction, and lines out of order: replayed in
+        // time order, from the earliest.
+        let text = "{\"timestamp\": 2000.5, \"input_length\": 3, \"output_length\": 1}\n\
+                    {\"timestamp\": 1000, \"input_length\": 1, \"output_length\": 1}\n\
+                    {\"timestamp\": 1500, \"input_length\": 2, \"output_length\": 1}\n";
+        let t = read_jsonl_trace(text.as_bytes(), "m.jsonl", 1.0).unwrap();
+        assert_eq!(t.reordered, 1);
+        let a = t.arrivals;
+        let got: Vec<_> = a.iter().map(|r| (r.at, r.prompt_tokens)).collect();
+        assert_eq!(
+            got,
+            [
+                (Duration::ZERO, 1),
+                (Duration::from_millis(500), 2),
+                (Duration::from_micros(1_000_500), 3)
+            ]
+        );
+    }
+
+    #[test]
+    fn zones_and_t_separators_are_read() {
+        let utc = parse_timestamp("2024-05-10 00:00:00.009930").unwrap();
+        for (text, shift_s) in [
+            ("2024-05-10 00:00:00.009930+00:00", 0),
+            ("2024-05-10T00:00:00.009930Z", 0),
+            ("2024-05-10 00:00:00.009930 +00:00", 0),
+            ("2024-05-10 02:00:00.009930+02:00", 0),
+            ("2024-05-09 19:30:00.009930-0430", 0),
+            ("2024-05-10 00:00:00.009930+01", -3600),
+        ] {
+            let at = parse_timestamp(text).unwrap_or_else(|| panic!("{text}"));
+            assert_eq!(at - utc, shift_s * 1_000_000_000, "{text}");
+        }
+        for bad in [
+            "2024-05-10 00:00:00+1:00",
+            "2024-05-10 00:00:00+24:00",
+            "2024-05-10 00:00:00+00:60",
+            "2024-05-10 00:00:00+",
+            "2024-05-10 00:00:00+00:00:00",
+            "2024-05-10 00:00:00.5+0x:00",
+            "9223372036854775807-01-01 00:00:00",
+            "-5-01-01 00:00:00",
+        ] {
+            assert_eq!(parse_timestamp(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn columns_are_found_by_name_and_rows_put_in_order() {
+        // A byte-order mark, an index column a dataframe wrote, another
+        // order, quotes, zones, and a row earlier than the one before.
+        let text = "\u{feff}\"\",GeneratedTokens,TIMESTAMP,ContextTokens\n\
+                    0,10,2024-05-10 00:00:02.0+00:00,300\n\
+                    1,0,\"2024-05-10 00:00:01.0+00:00\",200\n\
+                    2,7,2024-05-10 02:00:03.5+02:00,100\n";
+        let t = read_trace(text.as_bytes(), "t.csv", 1.0).unwrap();
+        assert_eq!(t.reordered, 1);
+        let got: Vec<_> = t
+            .arrivals
+            .iter()
+            .map(|r| (r.at, r.prompt_tokens, r.max_tokens))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (Duration::ZERO, 200, 1),
+                (Duration::from_secs(1), 300, 10),
+                (Duration::from_millis(2500), 100, 7)
+            ]
+        );
+        let err = read("TIMESTAMP,ContextTokens\n", 1.0)
+            .unwrap_err()
+            .to_string();
         assert!(
-            err.contains("line 2: timestamp 18000000000000000000 is too far"),
+            err.contains("line 1: header") && err.contains("no GeneratedTokens column"),
             "{err}"
         );
+        // Blank lines before the header are skipped, not taken for it.
+        let a = read(
+            "\n\nTIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03.0,3,4\n",
+            1.0,
+        )
+        .unwrap();
+        assert_eq!(a.len(), 1);
     }
 
     #[test]
@@ -413,14 +612,20 @@ mod tests {
             "\n {\"timestamp\": 0, \"input_length\": 3, \"output_length\": 4}\n",
         )
         .unwrap();
+        let marked = dir.join("marked.jsonl");
+        std::fs::write(
+            &marked,
+            "\u{feff}{\"timestamp\": 0, \"input_length\": 3, \"output_length\": 4}\n",
+        )
+        .unwrap();
         let csv = dir.join("t.csv");
         std::fs::write(
             &csv,
             "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03.0,3,4\n",
         )
         .unwrap();
-        for p in [&json, &csv] {
-            let a = read_any_trace_file(p, 1.0).unwrap();
+        for p in [&json, &marked, &csv] {
+            let a = read_any_trace_file(p, 1.0).unwrap().arrivals;
             assert_eq!(
                 (a[0].prompt_tokens, a[0].max_tokens),
                 (3, 4),
