@@ -420,6 +420,62 @@ fn a_window_under_the_goal_is_news_only_once_the_hour_spent_half_its_misses() {
 }
 
 #[test]
+fn misses_still_in_the_window_step_again_only_once_the_hour_is_overspent() {
+    let p = policy();
+    // Goal 90 %: a window may miss 5 %.
+    let with = |eligible: u64, met: u64| {
+        let mut w = window(60, 6000.0, Some(5000.0), Some(300));
+        w.slo_eligible = eligible;
+        w.slo_met = met;
+        w
+    };
+    let under = with(1000, 930);
+    let clean = with(100, 100);
+    let fresh = with(100, 80);
+    let at = |s: &mut Slo, t: u64, panic: WindowValues| {
+        decide_at(s, &p, Duration::from_secs(t), 2, 2, &snap(under, panic)).reason
+    };
+    // An hour at 93 % has spent 70 % of its misses: a window under the
+    // goal whose panic window has none of its own is no news …
+    let mut s = Slo::new(&p);
+    let mut reason = String::new();
+    for t in (0..3600).step_by(2) {
+        reason = at(&mut s, t, clean);
+    }
+    assert_eq!(s.correction(), 1.0);
+    assert!(
+        reason.contains("none new, and the last hour spent 70 % of its misses"),
+        "{reason}"
+    );
+    // … new misses lower it one step, and the same misses, still in the
+    // stable window, do not again at the next chances (its latest seconds
+    // were served in time: it recovers).
+    at(&mut s, 3600, fresh);
+    assert!((s.correction() - 0.9).abs() < 1e-9, "{}", s.correction());
+    let mut last = s.correction();
+    for t in (3602..3660).step_by(2) {
+        at(&mut s, t, clean);
+        assert!(s.correction() >= last, "lowered again at {t}");
+        last = s.correction();
+    }
+    // An hour at 85 % has overspent: every 15 s step lowers it.
+    let overspent = with(1000, 850);
+    let mut s = Slo::new(&p);
+    for t in (0..3600).step_by(2) {
+        decide_at(
+            &mut s,
+            &p,
+            Duration::from_secs(t),
+            2,
+            2,
+            &snap(overspent, clean),
+        );
+    }
+    let c = s.correction();
+    assert!(c < 0.9, "{c}");
+}
+
+#[test]
 fn consolidation_guards_scale_down() {
     let p = policy();
     let mut s = Slo::new(&p);
