@@ -188,12 +188,9 @@ const BUDGET_HORIZON: Duration = Duration::from_secs(3600);
 const SPENDING: f64 = 0.5;
 /// The share spent from which misses still in the stable window lower the
 /// correction at every step; below it, only while new ones come (the
-/// panic window has its own). One cluster of misses stays in the stable
-/// window for a minute: at every 15 s step it lowered the correction four
-/// times (1 → 0.66), and the level that asked for was held for minutes
-/// after the correction was back at 1 (the diurnal day: 399 k → 374 k
-/// replica-seconds, 99.43 → 99.35 %; nothing else moved, code's bursts
-/// overspend the hour and keep every step).
+/// panic window has its own). At every step, one cluster lowered it four
+/// times (1 → 0.66) and the level that asked for was held for minutes
+/// after it was back at 1.
 const REPEATING: f64 = 1.0;
 /// Fewer feasible requests than this in the budget say nothing yet.
 const BUDGET_EVIDENCE: f64 = 500.0;
