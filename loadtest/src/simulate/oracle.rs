@@ -97,78 +97,28 @@ pub fn oracle(trace: &[Arrival], settings: &Settings, search: OracleSettings) ->
         interval: search.interval.max(Duration::from_millis(100)),
         feasible: &feasible,
     };
-    // Misses allowed accrue with the requests at `rate` and are spent as
-    // soon as an interval can save a replica with them. Spent at the
-    // goal's own rate, the budget is always near empty, and one interval
-    // with a miss only many replicas avoid costs those replicas; accrued
-    // faster, intervals that need none build a reserve. The rate is
-    // searched (bisection) for the cheapest schedule that still meets the
-    // goal over the whole trace.
-    let slack = (1.0 - search.goal).clamp(0.0, 1.0);
-    let mut best = searcher.attempt(slack, last);
-    let meets = |o: &Oracle| o.measured.feasible_ttft_attainment >= search.goal;
-    let (mut lo, mut hi) = (slack, (slack * 8.0).min(1.0));
-    for _ in 0..search.refinements {
-        let rate = (lo + hi) / 2.0;
-        let o = searcher.attempt(rate, last);
-        if meets(&o) {
-            lo = rate;
-            if !meets(&best) || o.measured.replica_seconds < best.measured.replica_seconds {
+    // Whichever schedule is cheapest while meeting the goal is the oracle:
+    // the per-interval search's, held or not, or the smallest constant
+    // count. The constant needs no other result: it is searched on a
+    // second thread while the bisection runs (most of a day's oracle is
+    // these two), and its runs compete afterwards, in the order one thread
+    // offered them (the same oracle, sooner).
+    let (mut best, constants) = std::thread::scope(|scope| {
+        let constants = scope.spawn(|| searcher.constants(last));
+        let best = searcher.cheapest(last);
+        let constants = constants
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (best, constants)
+    });
+    let mut constant = None;
+    for (count, o) in constants {
+        if searcher.meets(&o) {
+            constant = Some((count, o.measured.clone()));
+            if !searcher.meets(&best) || o.measured.replica_seconds < best.measured.replica_seconds
+            {
                 best = o;
             }
-        } else {
-            hi = rate;
-        }
-    }
-    // The search changes counts often and pays a cold start for every
-    // rise. Two other families of schedules, each chosen knowing the
-    // trace, compete: the best one held longer (a count is released only
-    // after it has been unneeded for a while), and the smallest constant
-    // count. Whichever is cheapest while meeting the goal is the oracle.
-    let better = |best: &mut Oracle, o: Oracle| {
-        if meets(&o) && (!meets(best) || o.measured.replica_seconds < best.measured.replica_seconds)
-        {
-            *best = o;
-        }
-    };
-    for hold in [1u32, 2, 4] {
-        let steps = (settings.startup_delay.as_nanos() * u128::from(hold)
-            / searcher.interval.as_nanos().max(1)) as usize;
-        let counts: Vec<u32> = best.schedule.iter().map(|&(_, n)| n).collect();
-        let held: Vec<(Duration, u32)> = best
-            .schedule
-            .iter()
-            .enumerate()
-            .map(|(i, &(at, _))| {
-                let from = i.saturating_sub(steps);
-                let n = counts
-                    .get(from..=i)
-                    .and_then(|w| w.iter().max().copied())
-                    .unwrap_or(0);
-                (at, n)
-            })
-            .collect();
-        let o = searcher.replay(held, last, true);
-        better(&mut best, o);
-    }
-    let (mut lo, mut hi) = (1u32, settings.max_replicas.max(1));
-    let mut constant = None;
-    while lo < hi {
-        let mid = lo + (hi - lo) / 2;
-        let o = searcher.replay(vec![(Duration::ZERO, mid)], last, true);
-        if meets(&o) {
-            hi = mid;
-            constant = Some((mid, o.measured.clone()));
-            better(&mut best, o);
-        } else {
-            lo = mid + 1;
-        }
-    }
-    if constant.is_none() && lo == hi {
-        let o = searcher.replay(vec![(Duration::ZERO, lo)], last, true);
-        if meets(&o) {
-            constant = Some((lo, o.measured.clone()));
-            better(&mut best, o);
         }
     }
     best.reactive = Some(searcher.replay(best.schedule.clone(), last, false).measured);
@@ -186,6 +136,90 @@ struct Search<'a> {
 }
 
 impl<'a> Search<'a> {
+    /// Whether a run meets the goal over the whole trace.
+    fn meets(&self, o: &Oracle) -> bool {
+        o.measured.feasible_ttft_attainment >= self.search.goal
+    }
+
+    /// The per-interval search's cheapest schedule that meets the goal:
+    /// misses allowed accrue with the requests at a rate and are spent as
+    /// soon as an interval can save a replica with them. Spent at the
+    /// goal's own rate, the budget is always near empty, and one interval
+    /// with a miss only many replicas avoid costs those replicas; accrued
+    /// faster, intervals that need none build a reserve. The rate is
+    /// searched (bisection) for the cheapest schedule that still meets the
+    /// goal over the whole trace. The search changes counts often and pays
+    /// a cold start for every rise, so the best one held longer (a count
+    /// released only after it has been unneeded for a while) competes too.
+    fn cheapest(&self, last: Duration) -> Oracle {
+        let slack = (1.0 - self.search.goal).clamp(0.0, 1.0);
+        let mut best = self.attempt(slack, last);
+        let (mut lo, mut hi) = (slack, (slack * 8.0).min(1.0));
+        for _ in 0..self.search.refinements {
+            let rate = (lo + hi) / 2.0;
+            let o = self.attempt(rate, last);
+            if self.meets(&o) {
+                lo = rate;
+                if !self.meets(&best) || o.measured.replica_seconds < best.measured.replica_seconds
+                {
+                    best = o;
+                }
+            } else {
+                hi = rate;
+            }
+        }
+        for hold in [1u32, 2, 4] {
+            let steps = (self.settings.startup_delay.as_nanos() * u128::from(hold)
+                / self.interval.as_nanos().max(1)) as usize;
+            let counts: Vec<u32> = best.schedule.iter().map(|&(_, n)| n).collect();
+            let held: Vec<(Duration, u32)> = best
+                .schedule
+                .iter()
+                .enumerate()
+                .map(|(i, &(at, _))| {
+                    let from = i.saturating_sub(steps);
+                    let n = counts
+                        .get(from..=i)
+                        .and_then(|w| w.iter().max().copied())
+                        .unwrap_or(0);
+                    (at, n)
+                })
+                .collect();
+            let o = self.replay(held, last, true);
+            if self.meets(&o)
+                && (!self.meets(&best)
+                    || o.measured.replica_seconds < best.measured.replica_seconds)
+            {
+                best = o;
+            }
+        }
+        best
+    }
+
+    /// The constant counts tried, in the order a binary search for the
+    /// smallest that meets the goal replays them (more replicas never serve
+    /// later), each with its run.
+    fn constants(&self, last: Duration) -> Vec<(u32, Oracle)> {
+        let mut tried = Vec::new();
+        let (mut lo, mut hi) = (1u32, self.settings.max_replicas.max(1));
+        let mut met = false;
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let o = self.replay(vec![(Duration::ZERO, mid)], last, true);
+            if self.meets(&o) {
+                hi = mid;
+                met = true;
+            } else {
+                lo = mid + 1;
+            }
+            tried.push((mid, o));
+        }
+        if !met && lo == hi {
+            tried.push((lo, self.replay(vec![(Duration::ZERO, lo)], last, true)));
+        }
+        tried
+    }
+
     /// A fixed schedule (counts from each time on), replayed and measured.
     /// `ahead`: each rise was asked for a cold start earlier and serves at
     /// once; otherwise it is asked for then. The first count serves from
