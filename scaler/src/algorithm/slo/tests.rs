@@ -35,6 +35,15 @@ fn window(secs: u64, demand: f64, measured: Option<f64>, ttft_p90_ms: Option<u64
     }
 }
 
+/// A minute at 6,000 prompt tok/s on replicas measured at 5,000, with
+/// `met` of `eligible` feasible first tokens in time.
+fn counted(eligible: u64, met: u64) -> WindowValues {
+    let mut w = window(60, 6000.0, Some(5000.0), Some(300));
+    w.slo_eligible = eligible;
+    w.slo_met = met;
+    w
+}
+
 fn snap(stable: WindowValues, panic: WindowValues) -> WindowSnapshot {
     WindowSnapshot {
         stable,
@@ -379,35 +388,29 @@ fn a_miss_that_is_news_lowers_the_plan_by_a_bounded_step() {
 fn a_window_under_the_goal_is_news_only_once_the_hour_spent_half_its_misses() {
     let p = policy();
     // Goal 90 %: 10 % of feasible requests may miss, a window 5 %.
-    let with = |eligible: u64, met: u64| {
-        let mut w = window(60, 6000.0, Some(5000.0), Some(300));
-        w.slo_eligible = eligible;
-        w.slo_met = met;
-        w
-    };
     let at = |s: &mut Slo, t: u64, w: WindowValues| {
         decide_at(s, &p, Duration::from_secs(t), 2, 2, &snap(w, w));
     };
     // Without an hour behind it, a window under the goal is news at once.
     let mut s = Slo::new(&p);
     for t in (0..120).step_by(2) {
-        at(&mut s, t, with(1000, 940));
+        at(&mut s, t, counted(1000, 940));
     }
     assert!(s.correction() < 1.0, "{}", s.correction());
     // An hour at 99 % has spent a tenth of the budget: windows just under
     // the goal (94 %) are chance, and the plan holds for a while …
     let mut s = Slo::new(&p);
     for t in (0..3600).step_by(2) {
-        at(&mut s, t, with(1000, 990));
+        at(&mut s, t, counted(1000, 990));
     }
     for t in (3600..4200).step_by(2) {
-        at(&mut s, t, with(1000, 940));
+        at(&mut s, t, counted(1000, 940));
     }
     assert_eq!(s.correction(), 1.0);
     // … until they have spent half of it: then they are news.
     let mut lowered = None;
     for t in (4200..12_000).step_by(2) {
-        at(&mut s, t, with(1000, 940));
+        at(&mut s, t, counted(1000, 940));
         if s.correction() < 1.0 {
             lowered = Some(t);
             break;
@@ -423,15 +426,9 @@ fn a_window_under_the_goal_is_news_only_once_the_hour_spent_half_its_misses() {
 fn misses_still_in_the_window_step_again_only_once_the_hour_is_overspent() {
     let p = policy();
     // Goal 90 %: a window may miss 5 %.
-    let with = |eligible: u64, met: u64| {
-        let mut w = window(60, 6000.0, Some(5000.0), Some(300));
-        w.slo_eligible = eligible;
-        w.slo_met = met;
-        w
-    };
-    let under = with(1000, 930);
-    let clean = with(100, 100);
-    let fresh = with(100, 80);
+    let under = counted(1000, 930);
+    let clean = counted(100, 100);
+    let fresh = counted(100, 80);
     let at = |s: &mut Slo, t: u64, panic: WindowValues| {
         decide_at(s, &p, Duration::from_secs(t), 2, 2, &snap(under, panic)).reason
     };
@@ -459,7 +456,7 @@ fn misses_still_in_the_window_step_again_only_once_the_hour_is_overspent() {
         last = s.correction();
     }
     // An hour at 85 % has overspent: every 15 s step lowers it.
-    let overspent = with(1000, 850);
+    let overspent = counted(1000, 850);
     let mut s = Slo::new(&p);
     for t in (0..3600).step_by(2) {
         decide_at(
