@@ -100,9 +100,9 @@ pub fn oracle(trace: &[Arrival], settings: &Settings, search: OracleSettings) ->
     // Whichever schedule is cheapest while meeting the goal is the oracle:
     // the per-interval search's, held or not, or the smallest constant
     // count. The constant needs no other result: it is searched on a
-    // second thread while the bisection runs (most of a day's oracle is
-    // these two), and its runs compete afterwards, in the order one thread
-    // offered them (the same oracle, sooner).
+    // second thread beside the bisection (most of the oracle's time), and
+    // its runs compete afterwards, in the order one thread offered them
+    // (the same oracle, sooner).
     let (mut best, constants) = std::thread::scope(|scope| {
         let constants = scope.spawn(|| searcher.constants(last));
         let best = searcher.cheapest(last);
@@ -115,8 +115,7 @@ pub fn oracle(trace: &[Arrival], settings: &Settings, search: OracleSettings) ->
     for (count, o) in constants {
         if searcher.meets(&o) {
             constant = Some((count, o.measured.clone()));
-            if !searcher.meets(&best) || o.measured.replica_seconds < best.measured.replica_seconds
-            {
+            if searcher.better(&o, &best) {
                 best = o;
             }
         }
@@ -141,6 +140,13 @@ impl<'a> Search<'a> {
         o.measured.feasible_ttft_attainment >= self.search.goal
     }
 
+    /// Whether `o` meets the goal and beats `best`: cheaper, or the
+    /// first to meet it.
+    fn better(&self, o: &Oracle, best: &Oracle) -> bool {
+        self.meets(o)
+            && (!self.meets(best) || o.measured.replica_seconds < best.measured.replica_seconds)
+    }
+
     /// The per-interval search's cheapest schedule that meets the goal:
     /// misses allowed accrue with the requests at a rate and are spent as
     /// soon as an interval can save a replica with them. Spent at the
@@ -160,8 +166,7 @@ impl<'a> Search<'a> {
             let o = self.attempt(rate, last);
             if self.meets(&o) {
                 lo = rate;
-                if !self.meets(&best) || o.measured.replica_seconds < best.measured.replica_seconds
-                {
+                if self.better(&o, &best) {
                     best = o;
                 }
             } else {
@@ -186,10 +191,7 @@ impl<'a> Search<'a> {
                 })
                 .collect();
             let o = self.replay(held, last, true);
-            if self.meets(&o)
-                && (!self.meets(&best)
-                    || o.measured.replica_seconds < best.measured.replica_seconds)
-            {
+            if self.better(&o, &best) {
                 best = o;
             }
         }
