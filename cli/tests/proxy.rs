@@ -741,11 +741,26 @@ struct RunningBinary {
 
 impl RunningBinary {
     fn start(name: &str, yaml: &str) -> RunningBinary {
+        Self::start_limited(name, yaml, None)
+    }
+
+    /// With `open_files`, the process may hold at most that many file
+    /// descriptors (`ulimit -n`, through `sh`, which then becomes it).
+    fn start_limited(name: &str, yaml: &str, open_files: Option<u32>) -> RunningBinary {
         use std::io::BufRead as _;
         let config =
             std::env::temp_dir().join(format!("scalecar-{name}-{}.yaml", std::process::id()));
         std::fs::write(&config, yaml).unwrap();
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_scalecar"))
+        let bin = env!("CARGO_BIN_EXE_scalecar");
+        let mut command = match open_files {
+            None => std::process::Command::new(bin),
+            Some(n) => {
+                let mut c = std::process::Command::new("sh");
+                c.args(["-c", &format!("ulimit -n {n} && exec \"$0\" \"$@\""), bin]);
+                c
+            }
+        };
+        let mut child = command
             .args(["run", "--log-format", "json", "--config"])
             .arg(&config)
             .env("RUST_LOG", "info")
@@ -1278,6 +1293,81 @@ fn json_logs_are_one_object_per_line() {
     assert_eq!(failed["request_id"], "trace-me-42", "{failed}");
     assert_eq!(failed["model"], "m", "{failed}");
     assert_eq!(failed["outcome"], "upstream_error", "{failed}");
+}
+
+/// Out of file descriptors, the proxy neither stops nor floods its log: it
+/// logs the first failed accept, counts the rest, backs off, and serves
+/// again once connections close.
+#[tokio::test]
+async fn out_of_descriptors_the_proxy_logs_once_counts_and_recovers() {
+    let backend = scripted_backend(b"", false);
+    let bin = RunningBinary::start_limited(
+        "accept-failures",
+        &format!(
+            "proxy: {{ listen: \"127.0.0.1:0\", workers: 1 }}\nadmin: {{ listen: \"127.0.0.1:0\" }}\nlimits: {{ header-timeout: 60s }}\npools: [{{model: m, endpoints: [\"{backend}\"]}}]\n"
+        ),
+        Some(64),
+    );
+    // Connections that send nothing hold a descriptor each for the header
+    // timeout; past 64 the kernel still completes the handshakes (the
+    // listen backlog) and the proxy's accepts fail.
+    let mut held = Vec::new();
+    for _ in 0..120 {
+        held.push(tokio::net::TcpStream::connect(&bin.proxy).await.unwrap());
+    }
+    let is_failure = |v: &Value| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("accept failed"))
+    };
+    let first = loop {
+        let line = bin
+            .lines
+            .recv_timeout(Duration::from_secs(10))
+            .expect("an accept failure logged within 10 s");
+        let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        if is_failure(&v) {
+            break v;
+        }
+    };
+    assert_eq!(first["level"], "WARN", "{first}");
+    assert_eq!(first["listener"], "proxy", "{first}");
+    assert!(
+        first["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("Too many open files")),
+        "{first}"
+    );
+    // Retries go on for a while (10, 20, 40 … ms apart): none is logged.
+    let quiet_until = Instant::now() + Duration::from_millis(1500);
+    while let Some(left) = quiet_until.checked_duration_since(Instant::now()) {
+        if let Ok(line) = bin.lines.recv_timeout(left) {
+            let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+            assert!(!is_failure(&v), "a second line within the period: {v}");
+        }
+    }
+    // Descriptors come back: admin and proxy answer again, and the
+    // failures are counted.
+    drop(held);
+    let metrics = format!("http://{}/metrics", bin.admin);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        if let Ok((200, text)) = get(&metrics).await {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "admin did not answer again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let failures: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("scalecar_accept_failures_total{listener=\"proxy\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no proxy accept failures in\n{text}"));
+    assert!(failures >= 3.0, "{failures} failed accepts counted");
+    let (status, _) = get(&format!("http://{}/v1/models", bin.proxy))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
 }
 
 #[tokio::test]

@@ -64,14 +64,15 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::accept::Acceptor;
 use crate::dataplane::{DataPlane, parse_request};
 use crate::error::ApiError;
 use crate::lifecycle::{self, Arrival};
-use crate::metrics::Rejection;
+use crate::metrics::{Listener, Rejection};
 use crate::observe::Observation;
 use crate::pool::Among;
 use crate::routes::ModelRoute;
-use crate::server::{accept_until_stopped, drain};
+use crate::server::drain;
 
 /// The header (and `envoy.lb` metadata key) the pick is answered in.
 pub const DESTINATION: &str = "x-gateway-destination-endpoint";
@@ -698,6 +699,7 @@ pub fn spawn(
 /// turns true, then lets open streams finish within the shutdown grace.
 pub async fn serve(plane: Arc<DataPlane>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
     let grace = plane.limits.shutdown_grace;
+    let failures = plane.metrics.accept_failures(Listener::ext_proc);
     let service = ExternalProcessorServer::new(EndpointPicker::new(plane));
     let graceful = GracefulShutdown::new();
     let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
@@ -706,7 +708,8 @@ pub async fn serve(plane: Arc<DataPlane>, listener: TcpListener, mut stop: watch
         // A gateway that stops answering pings is gone: its streams end.
         .keep_alive_interval(Some(Duration::from_secs(20)))
         .keep_alive_timeout(Duration::from_secs(20));
-    while let Some(stream) = accept_until_stopped(&listener, &mut stop, "ext-proc").await {
+    let mut acceptor = Acceptor::new(&listener, &mut stop, Listener::ext_proc.name(), failures);
+    while let Some(stream) = acceptor.next().await {
         let connection = http2.serve_connection(
             TokioIo::new(stream),
             TowerToHyperService::new(service.clone()),

@@ -23,6 +23,7 @@
 //! found until it ends; no input panics. The data plane is built on hyper rather than Pingora: see
 //! `docs/adr/0001-data-plane.md`.
 
+pub mod accept;
 pub mod admin;
 pub mod body;
 pub mod cluster;

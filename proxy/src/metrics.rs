@@ -57,6 +57,31 @@ pub enum Rejection {
     not_found,
 }
 
+/// A listening socket of the proxy process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Listener {
+    proxy,
+    ext_proc,
+    admin,
+}
+
+impl Listener {
+    /// As logs name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Listener::proxy => "proxy",
+            Listener::ext_proc => "ext-proc",
+            Listener::admin => "admin",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: Listener,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct PoolLabels {
     pub model: String,
@@ -167,6 +192,7 @@ pub struct ProxyMetrics {
     prompt_token_ratio: Family<PoolLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     ttft_target: Family<PoolLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     competing: Family<TargetLabel, Gauge>,
+    accept_failures: Family<ListenerLabels, Counter>,
 }
 
 /// One scale target.
@@ -191,6 +217,7 @@ impl ProxyMetrics {
             prompt_token_ratio: Family::default(),
             ttft_target: Family::default(),
             competing: Family::default(),
+            accept_failures: Family::default(),
         };
         reg.register(
             "scalecar_requests",
@@ -257,7 +284,19 @@ impl ProxyMetrics {
             "1 while a HorizontalPodAutoscaler or KEDA ScaledObject also scales the target: scalecar decides but does not write",
             m.competing.clone(),
         );
+        reg.register(
+            "scalecar_accept_failures",
+            "Failed accepts of a connection (out of file descriptors, mostly), by listener; each is retried after a backoff",
+            m.accept_failures.clone(),
+        );
         m
+    }
+
+    /// The failed-accept counter of one listener, resolved once by its
+    /// accept loop (so the series exists, at 0, while the listener does).
+    pub fn accept_failures(&self, listener: Listener) -> Counter {
+        self.accept_failures
+            .get_or_create_owned(&ListenerLabels { listener })
     }
 
     /// Whether another autoscaler claims `target` (absent when none does).

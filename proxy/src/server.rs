@@ -32,9 +32,11 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::accept::Acceptor;
 use crate::admin::Admin;
 use crate::dataplane::DataPlane;
 use crate::decisions::DecisionRecorder;
+use crate::metrics::Listener;
 use crate::pool::{Health, Pool};
 
 /// Why the proxy could not start.
@@ -286,7 +288,9 @@ async fn serve_proxy(
         .keep_alive_interval(Some(Duration::from_secs(20)))
         .keep_alive_timeout(plane.limits.header_timeout)
         .max_concurrent_streams(H2_MAX_STREAMS);
-    while let Some(stream) = accept_until_stopped(&listener, &mut stop, "proxy").await {
+    let failures = plane.metrics.accept_failures(Listener::proxy);
+    let mut acceptor = Acceptor::new(&listener, &mut stop, Listener::proxy.name(), failures);
+    while let Some(stream) = acceptor.next().await {
         let plane = plane.clone();
         let header_timeout = plane.limits.header_timeout;
         let draining = draining.clone();
@@ -326,32 +330,6 @@ async fn serve_proxy(
     }
     drop(listener);
     drain(graceful, plane.limits.shutdown_grace).await;
-}
-
-/// The next connection on `listener` (TCP_NODELAY set), or `None` once
-/// `stop` turns true. A failed accept (out of descriptors, say) is logged
-/// and retried 10 ms later rather than ending the listener.
-pub(crate) async fn accept_until_stopped(
-    listener: &TcpListener,
-    stop: &mut watch::Receiver<bool>,
-    what: &str,
-) -> Option<tokio::net::TcpStream> {
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = stop.wait_for(|s| *s) => return None,
-        };
-        match accepted {
-            Ok((stream, _)) => {
-                let _ = stream.set_nodelay(true);
-                return Some(stream);
-            }
-            Err(e) => {
-                tracing::warn!(listener = what, error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    }
 }
 
 /// Lets the connections `graceful` watches finish their open streams
@@ -407,15 +385,9 @@ async fn sniff(stream: &tokio::net::TcpStream) -> std::io::Result<Option<Protoco
 }
 
 async fn serve_admin(admin: Arc<Admin>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = stop.wait_for(|s| *s) => return,
-        };
-        let Ok((stream, _)) = accepted else {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            continue;
-        };
+    let failures = admin.plane.metrics.accept_failures(Listener::admin);
+    let mut acceptor = Acceptor::new(&listener, &mut stop, Listener::admin.name(), failures);
+    while let Some(stream) = acceptor.next().await {
         let admin = admin.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| admin.clone().handle(req));
