@@ -154,23 +154,23 @@ fn a_burst_shorter_than_the_budget_adds_no_replica() {
     p.ttft_target = Some(Duration::from_secs(10));
     let mut s = Slo::new(&p);
     // 5,000 tok/s measured; 4,000 tok/s sustained, and in the last 6 s a
-    // 3 s burst at 16,000 tok/s: 10,000 tok/s over the panic window. The
-    // 60,000 tokens fit 85 % of 5,000 tok/s over the 6 s plus the 10 s
+    // 3 s burst at 18,000 tok/s: 11,000 tok/s over the panic window. The
+    // 66,000 tokens fit 85 % of 5,000 tok/s over the 6 s plus the 10 s
     // budget.
     let stable = window(60, 4000.0, Some(5000.0), Some(500));
-    let panic = window(6, 10_000.0, Some(5000.0), Some(500));
+    let panic = window(6, 11_000.0, Some(5000.0), Some(500));
     let d = decide(&mut s, &p, 1, 1, &snap(stable, panic));
     assert_eq!(d.desired, Some(1), "{}", d.reason);
-    // Without the budget (1 s), the same burst needs three: 60,000
-    // tokens over 7 s, at 85 % of 5,000 tok/s.
+    // Without the budget (1 s), the same burst needs three: 66,000
+    // tokens over 7 s, at 85 % of 5,000 tok/s, are 2.2 replicas.
     p.ttft_target = Some(Duration::from_secs(1));
     let mut s = Slo::new(&p);
     let d = decide(&mut s, &p, 1, 1, &snap(stable, panic));
     assert_eq!(d.desired, Some(3), "{}", d.reason);
-    // Sustained at 12,000 tok/s: three replicas, whatever the budget.
+    // Sustained at 13,000 tok/s: three replicas, whatever the budget.
     p.ttft_target = Some(Duration::from_secs(10));
     let mut s = Slo::new(&p);
-    let sustained = window(60, 12_000.0, Some(5000.0), Some(500));
+    let sustained = window(60, 13_000.0, Some(5000.0), Some(500));
     let d = decide(&mut s, &p, 1, 1, &snap(sustained, panic));
     assert_eq!(d.desired, Some(3), "{}", d.reason);
 }
@@ -240,15 +240,15 @@ fn a_burst_that_outlasts_a_cold_start_is_sustained() {
 #[test]
 fn a_sustained_rise_is_met_one_cold_start_ahead() {
     let p = policy();
-    // Demand rises 50 tok/s every second for six minutes (0 → 18,000);
-    // the cold start is 60 s: the trend says 21,000 by the time a replica
+    // Demand rises 55 tok/s every second for six minutes (0 → 19,800);
+    // the cold start is 60 s: the trend says 23,100 by the time a replica
     // asked for now serves.
     let run = |rising: bool| {
         let mut s = Slo::new(&p);
         let mut last = None;
         for k in 0..=180u64 {
             let t = 2 * k;
-            let demand = if rising { 50.0 * t as f64 } else { 18_000.0 };
+            let demand = if rising { 55.0 * t as f64 } else { 19_800.0 };
             // No latency samples: the plan is the measured rate alone.
             let w = window(60, demand, Some(5000.0), None);
             last = Some(decide_at(
@@ -264,10 +264,11 @@ fn a_sustained_rise_is_met_one_cold_start_ahead() {
     };
     let flat = run(false);
     let rising = run(true);
-    // 18,000 × 60/61 / 5,000 → 4 without the trend; 21,000 → 5 with it.
+    // 19,800 × 60/61 / 5,000 = 3.9 → 4 without the trend; 23,100 → 4.5
+    // → 5 with it.
     assert_eq!(flat.desired, Some(4), "{}", flat.reason);
     assert_eq!(rising.desired, Some(5), "{}", rising.reason);
-    assert!(rising.reason.contains("rising 50/s"), "{}", rising.reason);
+    assert!(rising.reason.contains("rising 55/s"), "{}", rising.reason);
 }
 
 #[test]
@@ -490,6 +491,44 @@ fn consolidation_guards_scale_down() {
 }
 
 #[test]
+fn a_need_just_over_a_count_is_met_by_it() {
+    let p = policy();
+    // (demand over 5,000 tok/s a replica, spread over the window and the
+    // 1 s budget) → what is asked for, from one replica.
+    for (demand, need, asked) in [
+        (15_750.0, 3.10_f64, 3),
+        (16_270.0, 3.20, 4),
+        (5_590.0, 1.10, 1),
+        (500.0, 0.10, 1),
+    ] {
+        let w = window(60, demand, Some(5000.0), Some(300));
+        let d = decide(&mut Slo::new(&p), &p, 1, 1, &snap(w, w));
+        assert!(
+            d.reason.contains(&format!("need {need:.1}")),
+            "{need}: {}",
+            d.reason
+        );
+        assert_eq!(d.desired, Some(asked), "{}", d.reason);
+        assert_eq!(
+            d.reason.contains("within the tolerance"),
+            asked < need.ceil() as u32,
+            "{}",
+            d.reason
+        );
+    }
+    // The KV floor is never rounded down: 3.125 replicas of cache are 4
+    // (tokens_in_flight_are_planned_within_the_kv_cache).
+    let d = decide_kv(
+        &mut Slo::new(&p),
+        &p,
+        1,
+        &kv_bound(100_000.0, 100_000.0),
+        Some(40_000),
+    );
+    assert_eq!(d.desired, Some(4), "{}", d.reason);
+}
+
+#[test]
 fn a_miss_now_never_scales_down() {
     let p = policy();
     let mut s = Slo::new(&p);
@@ -630,8 +669,8 @@ fn random_arrivals_are_noise_a_burst_is_not() {
     assert_eq!(d.desired, calm.desired, "{}", d.reason);
     assert!(calm.desired < Some(9), "{}", calm.reason);
     let mut s = Slo::new(&p);
-    let d = decide(&mut s, &p, 4, 4, &with_rate(40_000.0));
-    // A burst: 40,000 × 6/7 over 85 % of 5,000 → 9.
+    let d = decide(&mut s, &p, 4, 4, &with_rate(42_000.0));
+    // A burst: 42,000 × 6/7 over 85 % of 5,000 = 8.5 → 9.
     assert_eq!(d.desired, Some(9), "{}", d.reason);
 }
 
