@@ -36,7 +36,7 @@ fn promtool(args: &[&str]) -> String {
 #[test]
 fn the_rules_pass_promtools_checks_and_their_unit_tests() {
     let checked = promtool(&["check", "rules", "scalecar-rules.yml"]);
-    assert!(checked.contains("SUCCESS: 6 rules found"), "{checked}");
+    assert!(checked.contains("SUCCESS: 7 rules found"), "{checked}");
     let tested = promtool(&["test", "rules", "scalecar-rules.test.yml"]);
     assert!(tested.contains("SUCCESS"), "{tested}");
 }
@@ -65,6 +65,7 @@ fn the_prometheus_rule_carries_the_same_groups() {
             "ScalecarAtMaxWhileQueueing",
             "ScalecarNoLeader",
             "ScalecarPeersMissing",
+            "ScalecarAcceptFailures",
             "ScalecarAbsent"
         ]
     );
