@@ -8,12 +8,16 @@
 //! every 10 ms per listener in `scalecar demo --trace flash-crowd.jsonl
 //! --speedup 30`) and a busy loop.
 //!
-//! So each listener backs off (10 ms doubling to 500 ms, back to 10 ms after
-//! the next accepted connection), logs its first failure at once and then at
-//! most one line per [`REPORT_EVERY`] with the number of failures since the
-//! line before, and counts every failure in
-//! `scalecar_accept_failures_total{listener}` — the number to alert on.
+//! A connection reset before it was accepted is one client's, not the
+//! listener's: it is skipped at once, neither counted nor logged above
+//! debug. For the rest, each listener backs off (10 ms doubling to 500 ms,
+//! back to 10 ms after the next accepted connection), logs its first
+//! failure at once and then at most one line per [`REPORT_EVERY`] with the
+//! number of failures since the line before, and counts every failure in
+//! `scalecar_accept_failures_total{listener}` — the number to alert on
+//! (`ScalecarAcceptFailures`).
 
+use std::io;
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
@@ -138,6 +142,12 @@ impl<'a> Acceptor<'a> {
                     let _ = stream.set_nodelay(true);
                     return Some(stream);
                 }
+                // One client's connection gone before it was accepted
+                // (reset during the handshake): nothing is wrong with the
+                // listener, and the next accept is due at once.
+                Err(e) if of_one_connection(&e) => {
+                    tracing::debug!(listener = self.what, error = %e, "a connection ended before it was accepted");
+                }
                 Err(e) => {
                     self.failures_total.inc();
                     let (delay, report) = self.failures.failed(Instant::now());
@@ -162,9 +172,36 @@ impl<'a> Acceptor<'a> {
     }
 }
 
+/// Whether a failed accept concerns one client's connection rather than
+/// the listener (the process's descriptors, memory).
+fn of_one_connection(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::Interrupted
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connection_reset_before_accept_is_not_a_listener_failure() {
+        for kind in [
+            io::ErrorKind::ConnectionAborted,
+            io::ErrorKind::ConnectionReset,
+        ] {
+            assert!(of_one_connection(&io::Error::from(kind)));
+        }
+        // EMFILE, ENFILE, ENOMEM, ENOBUFS: the listener's, retried after a
+        // backoff and counted.
+        for errno in [24, 23, 12, 105] {
+            assert!(!of_one_connection(&io::Error::from_raw_os_error(errno)));
+        }
+    }
 
     #[test]
     fn the_wait_doubles_to_its_cap_and_starts_over_after_an_accept() {
