@@ -98,7 +98,8 @@ pub struct SimulateArgs {
     /// chooses. 0: start cold, with `initial-scale` replicas.
     #[arg(long, default_value = "0s", value_parser = duration)]
     pub warmup: Duration,
-    /// The oracle's schedule changes at most this often.
+    /// The oracle's schedule changes at most this often (it also searches
+    /// at 3 and 6 times this, and keeps the cheapest schedule).
     #[arg(long, default_value = "10s", value_parser = duration)]
     pub oracle_interval: Duration,
     /// Skip the oracle (its search costs several runs).
