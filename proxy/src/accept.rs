@@ -25,6 +25,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::metrics::{Listener, ProxyMetrics};
+
 /// The wait after a first failed accept, and the longest wait.
 const FIRST_DELAY: Duration = Duration::from_millis(10);
 const MAX_DELAY: Duration = Duration::from_millis(500);
@@ -105,17 +107,19 @@ pub struct Acceptor<'a> {
 }
 
 impl<'a> Acceptor<'a> {
+    /// `which` names the listener in logs and in the failure counter of
+    /// `metrics` (resolved here, once).
     pub fn new(
         listener: &'a TcpListener,
         stop: &'a mut watch::Receiver<bool>,
-        what: &'static str,
-        failures_total: Counter,
+        which: Listener,
+        metrics: &ProxyMetrics,
     ) -> Self {
         Acceptor {
             listener,
             stop,
-            what,
-            failures_total,
+            what: which.name(),
+            failures_total: metrics.accept_failures(which),
             failures: AcceptFailures::default(),
         }
     }

@@ -699,7 +699,7 @@ pub fn spawn(
 /// turns true, then lets open streams finish within the shutdown grace.
 pub async fn serve(plane: Arc<DataPlane>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
     let grace = plane.limits.shutdown_grace;
-    let failures = plane.metrics.accept_failures(Listener::ext_proc);
+    let metrics = plane.metrics.clone();
     let service = ExternalProcessorServer::new(EndpointPicker::new(plane));
     let graceful = GracefulShutdown::new();
     let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
@@ -708,7 +708,7 @@ pub async fn serve(plane: Arc<DataPlane>, listener: TcpListener, mut stop: watch
         // A gateway that stops answering pings is gone: its streams end.
         .keep_alive_interval(Some(Duration::from_secs(20)))
         .keep_alive_timeout(Duration::from_secs(20));
-    let mut acceptor = Acceptor::new(&listener, &mut stop, Listener::ext_proc.name(), failures);
+    let mut acceptor = Acceptor::new(&listener, &mut stop, Listener::ext_proc, &metrics);
     while let Some(stream) = acceptor.next().await {
         let connection = http2.serve_connection(
             TokioIo::new(stream),

@@ -288,8 +288,7 @@ async fn serve_proxy(
         .keep_alive_interval(Some(Duration::from_secs(20)))
         .keep_alive_timeout(plane.limits.header_timeout)
         .max_concurrent_streams(H2_MAX_STREAMS);
-    let failures = plane.metrics.accept_failures(Listener::proxy);
-    let mut acceptor = Acceptor::new(&listener, &mut stop, Listener::proxy.name(), failures);
+    let mut acceptor = Acceptor::new(&listener, &mut stop, Listener::proxy, &plane.metrics);
     while let Some(stream) = acceptor.next().await {
         let plane = plane.clone();
         let header_timeout = plane.limits.header_timeout;
@@ -385,8 +384,7 @@ async fn sniff(stream: &tokio::net::TcpStream) -> std::io::Result<Option<Protoco
 }
 
 async fn serve_admin(admin: Arc<Admin>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
-    let failures = admin.plane.metrics.accept_failures(Listener::admin);
-    let mut acceptor = Acceptor::new(&listener, &mut stop, Listener::admin.name(), failures);
+    let mut acceptor = Acceptor::new(&listener, &mut stop, Listener::admin, &admin.plane.metrics);
     while let Some(stream) = acceptor.next().await {
         let admin = admin.clone();
         tokio::spawn(async move {
