@@ -94,9 +94,11 @@ pub struct SimulateArgs {
     pub speedup: f64,
     /// Replay the trace's last stretch of this length first, unmeasured,
     /// so the run starts warm (windows, learned capacity, replicas) as a
-    /// running system does; the oracle then starts with the count it
-    /// chooses. 0: start cold, with `initial-scale` replicas.
-    #[arg(long, default_value = "0s", value_parser = duration)]
+    /// running system does — as the constant count and the oracle, which
+    /// start with the counts they choose, always do. 0: start cold, with
+    /// `initial-scale` replicas facing the trace's first minute (the
+    /// oracle then starts there too).
+    #[arg(long, default_value = "10m", value_parser = duration)]
     pub warmup: Duration,
     /// The oracle's schedule changes at most this often (it also searches
     /// at 3 and 6 times this, and keeps the cheapest schedule).
