@@ -11,6 +11,7 @@
 //! Not here: anything of the proxy (this crate never depends on
 //! `scalecar-proxy`); end-to-end tests through the real proxy live there.
 
+pub mod accept;
 pub mod cluster;
 pub mod kube_sim;
 pub mod loadgen;

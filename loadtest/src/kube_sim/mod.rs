@@ -194,6 +194,7 @@ pub fn kubeconfig(url: &str) -> String {
 }
 
 async fn serve(listener: TcpListener, api: Arc<api::Api>, mut stop: watch::Receiver<bool>) {
+    let mut retry = crate::accept::AcceptRetry::default();
     loop {
         let accepted = tokio::select! {
             _ = stop.wait_for(|s| *s) => None,
@@ -201,10 +202,12 @@ async fn serve(listener: TcpListener, api: Arc<api::Api>, mut stop: watch::Recei
         };
         let (stream, _) = match accepted {
             None => return,
-            Some(Ok(a)) => a,
+            Some(Ok(a)) => {
+                retry.accepted("kube-sim");
+                a
+            }
             Some(Err(e)) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(retry.failed("kube-sim", &e)).await;
                 continue;
             }
         };

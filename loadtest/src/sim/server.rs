@@ -28,15 +28,22 @@ pub(super) async fn accept_loop(
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut retry = crate::accept::AcceptRetry::default();
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = shutdown.wait_for(|s| *s) => return,
         };
-        let Ok((stream, _)) = accepted else {
+        let stream = match accepted {
+            Ok((stream, _)) => {
+                retry.accepted("model-sim");
+                stream
+            }
             // Out of file descriptors and the like: back off, keep serving.
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-            continue;
+            Err(e) => {
+                tokio::time::sleep(retry.failed("model-sim", &e)).await;
+                continue;
+            }
         };
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
