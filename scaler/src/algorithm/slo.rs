@@ -97,6 +97,7 @@ use scalecar_config::{Policy, Role};
 use super::capacity::CapacityEstimate;
 use super::queueing;
 use super::{Decision, DecisionInput, ScalingAlgorithm, show};
+use crate::snapshot::LatencySummary;
 
 /// Fewer latency samples than this in a window teach nothing.
 const MIN_SAMPLES: u64 = 5;
@@ -279,13 +280,6 @@ impl Levels {
 }
 
 /// What one decision sized, for its reason.
-struct Sizing {
-    need: f64,
-    held: f64,
-    horizon: Duration,
-    trend: Option<f64>,
-}
-
 impl Slo {
     pub fn new(policy: &Policy) -> Self {
         Slo {
@@ -449,6 +443,247 @@ impl Slo {
         }
         (held, horizon)
     }
+
+    /// One replica's capacity at the utilization and the correction.
+    fn planned(&self, p: &Policy) -> f64 {
+        self.capacity.value() * p.target_utilization * self.correction
+    }
+
+    /// Learns the capacity from the windows: prompt tokens prefilled per
+    /// busy second. A decode pool's capacity (tokens it holds within the
+    /// ITL target) is not a rate: it stays the prior, corrected by ITL
+    /// misses; the engines' KV cache is a better prior than the default
+    /// one: what a replica can hold at all.
+    fn learn_capacity(&mut self, input: &DecisionInput<'_>, decode: bool) {
+        let snap = input.snapshot;
+        if decode {
+            if let Some(kv) = input.kv_capacity.filter(|_| !input.policy.target_given) {
+                let kv = kv as f64;
+                if self.capacity.value() != kv {
+                    self.capacity = CapacityEstimate::new(kv);
+                }
+            }
+        } else {
+            let rate = snap
+                .panic
+                .prefill_rate(MIN_BUSY)
+                .or_else(|| snap.stable.prefill_rate(MIN_BUSY));
+            self.capacity.observe(input.now, rate);
+        }
+    }
+
+    /// The stable window's latency against the target; records the
+    /// window in the error budget.
+    fn judge(&mut self, input: &DecisionInput<'_>, reading: &Reading, target: Duration) -> Verdict {
+        let (p, snap) = (input.policy, input.snapshot);
+        let latency = reading.latency;
+        let observed = match p.slo_percentile {
+            50 => latency.p50,
+            99 => latency.p99,
+            _ => latency.p90,
+        }
+        .filter(|_| latency.count >= MIN_SAMPLES);
+        // TTFT is judged on the requests a scaler can be held to: those
+        // whose prompt alone fits the target at the measured rate. A long
+        // prompt that no count of replicas serves in time is not a reason
+        // to add one (on a day of code-like prompts, the p99 was such
+        // prompts and kept the plan at its floor).
+        // Windows with misses come in clusters: each is held to half the
+        // misses the goal allows, so that the whole run meets it.
+        let allowed = 1.0 - f64::from(p.slo_percentile) / 100.0;
+        let goal = 1.0 - allowed * GOAL_SHARE;
+        let attained = if reading.decode {
+            None
+        } else {
+            snap.stable
+                .slo_attainment()
+                .filter(|(_, n)| *n >= MIN_SAMPLES)
+        };
+        if !reading.decode {
+            self.budget.observe(
+                input.now,
+                snap.stable.duration,
+                snap.stable.slo_eligible,
+                snap.stable.slo_met,
+            );
+        }
+        let over = match attained {
+            Some((share, _)) => share < goal,
+            None => observed.is_some_and(|l| l > target),
+        };
+        // A window under the goal is news only while the recent past has
+        // spent at least half the goal's misses: a day running well within
+        // it has windows under the goal by chance alone. Until it has spent
+        // them all, only new misses are news.
+        let budget_used = self.budget.used(allowed);
+        Verdict {
+            goal,
+            attained,
+            observed,
+            over,
+            budget_used,
+            spending: budget_used.is_none_or(|u| u >= SPENDING),
+            repeating: budget_used.is_none_or(|u| u >= REPEATING),
+            // Misses of its own in the panic window: new ones, not those
+            // the stable window still holds.
+            fresh: snap.panic.slo_eligible > snap.panic.slo_met,
+        }
+    }
+
+    /// The work the replicas must carry: each window's work spread over
+    /// the window plus the TTFT budget, a burst only beyond noise, a
+    /// trend projected a cold start ahead, a burst that outlasted a cold
+    /// start as sustained, and the tokens in flight against the KV cache.
+    fn work(
+        &mut self,
+        input: &DecisionInput<'_>,
+        reading: &Reading,
+        target: Duration,
+        cold_start: Duration,
+    ) -> Work {
+        let (snap, now, decode) = (input.snapshot, input.now, reading.decode);
+        // Decode pools hold their tokens for the whole generation: the
+        // budget does not spread them.
+        let budget = if decode { Duration::ZERO } else { target };
+        let stable_w = snap.stable.observed.min(snap.stable.duration);
+        let panic_w = snap.panic.observed.min(snap.panic.duration);
+        // The panic window speaks only when its work is more than random
+        // arrivals at the stable rate would bring (three standard
+        // deviations of a compound Poisson count, prompt sizes with a
+        // coefficient of variation of 1): noise is what the utilization's
+        // headroom is for, and holding its peaks for minutes is waste.
+        let ceiling = noise_ceiling(&snap.stable, panic_w);
+        let burst = decode || reading.panic > ceiling;
+        let burst_work = budgeted(if burst { reading.panic } else { 0.0 }, panic_w, budget);
+        let trend = self.trend(
+            now,
+            TREND_SPAN.max(cold_start * 3).max(stable_w * 2),
+            reading.stable,
+        );
+        let projected = trend.map_or(0.0, |slope| {
+            budgeted(
+                reading.stable + slope * cold_start.as_secs_f64(),
+                stable_w,
+                budget,
+            )
+        });
+        let persisting = if decode {
+            None
+        } else {
+            self.persisting(
+                now,
+                (reading.panic, snap.panic.duration),
+                ceiling,
+                cold_start.max(budget),
+            )
+        };
+        let persisted = persisting.map_or(0.0, |(floor, lasted)| budgeted(floor, lasted, budget));
+        // Tokens in flight hold KV: however fast a replica prefills, it
+        // serves no more sequences than its cache holds. The peak of the
+        // two windows, as a cache runs full at an instant, not on average.
+        let kv = input.kv_capacity.map(|per_replica| {
+            let tokens = snap.stable.tokens.max(snap.panic.tokens);
+            KvFloor {
+                tokens,
+                per_replica,
+                need: tokens / (KV_UTILIZATION * per_replica.max(1) as f64),
+            }
+        });
+        Work {
+            decode,
+            target,
+            burst: burst_work,
+            sustained: budgeted(reading.stable, stable_w, budget)
+                .max(projected)
+                .max(persisted),
+            trend,
+            persisting,
+            // Prompts arrive at `rps`, each of `mean_prompt` tokens on
+            // average.
+            mean_prompt: if snap.stable.rps > 0.0 {
+                reading.stable / snap.stable.rps
+            } else {
+                0.0
+            },
+            kv,
+            stable_window: stable_w,
+            panic_window: panic_w,
+        }
+    }
+
+    /// The replicas `work` needs at today's capacity and correction, and
+    /// the queueing model's answer when it sized the sustained part.
+    /// Sustained prompt work is sized by the queueing model: the fewest
+    /// replicas with which random arrivals at this rate wait past the
+    /// budget (less the mean prompt's own prefill) for no more than the
+    /// goal's share of requests, never planned above the utilization. A
+    /// decode pool's work is tokens held, planned at the utilization. A
+    /// burst is already its own peak and is planned at 85 % of the
+    /// corrected rate. The KV floor is under all of it.
+    fn size(&self, work: &Work, p: &Policy, miss: f64, max: u32) -> (f64, Option<Queue>) {
+        let rate = (self.capacity.value() * self.correction).max(f64::MIN_POSITIVE);
+        let ceiling = (work.sustained / self.planned(p).max(f64::MIN_POSITIVE)).max(0.0);
+        let queue = (!work.decode && work.mean_prompt > 0.0).then(|| {
+            let load = work.sustained / rate;
+            let wait = work.target.as_secs_f64() - work.mean_prompt / rate;
+            let replicas =
+                queueing::replicas_for_tail(load, rate / work.mean_prompt, wait, miss, max);
+            Queue {
+                load,
+                wait,
+                replicas,
+            }
+        });
+        let sustained = queue.map_or(ceiling, |q| q.replicas.max(ceiling));
+        let need = sustained
+            .max(work.burst / (rate * BURST_UTILIZATION))
+            .max(work.kv_need());
+        (need, queue)
+    }
+
+    /// Where the capacity comes from, for the reason.
+    fn source(&self, p: &Policy, decode: bool, kv_capacity: Option<u64>) -> &'static str {
+        if decode && !p.target_given && kv_capacity.is_some() {
+            "KV cache"
+        } else if decode || !self.capacity.measured() {
+            "prior"
+        } else {
+            "measured"
+        }
+    }
+
+    fn queue_text(
+        &self,
+        q: &Queue,
+        p: &Policy,
+        miss: f64,
+        decode: bool,
+        kv_capacity: Option<u64>,
+    ) -> String {
+        format!(
+            "capacity {:.0} {} × {:.2} = {:.0} per replica; work for {:.1}, {:.1} keep waits over {} under {:.1} % (at most {:.0} % busy)",
+            self.capacity.value(),
+            self.source(p, decode, kv_capacity),
+            self.correction,
+            self.capacity.value() * self.correction,
+            q.load,
+            q.replicas,
+            show(Duration::from_secs_f64(q.wait.max(0.0))),
+            miss * 100.0,
+            p.target_utilization * 100.0,
+        )
+    }
+
+    fn plan_text(&self, p: &Policy, decode: bool, kv_capacity: Option<u64>) -> String {
+        format!(
+            "capacity {:.0} {} × {:.0} % × {:.2} = {:.0} per replica",
+            self.capacity.value(),
+            self.source(p, decode, kv_capacity),
+            p.target_utilization * 100.0,
+            self.correction,
+            self.planned(p).max(f64::MIN_POSITIVE),
+        )
+    }
 }
 
 /// Appends `(now, value)` to a time series, first dropping the points
@@ -487,6 +722,220 @@ fn budgeted(rate: f64, window: Duration, budget: Duration) -> f64 {
     rate * w / (w + budget.as_secs_f64())
 }
 
+/// What a pool is judged by and sized on: TTFT and prompt tokens per
+/// second for prefill and unified pools, ITL and tokens in flight (their
+/// KV footprint) for decode pools.
+struct Reading {
+    decode: bool,
+    what: &'static str,
+    unit: &'static str,
+    latency: LatencySummary,
+    target: Option<Duration>,
+    /// The demand over the stable and the panic window.
+    stable: f64,
+    panic: f64,
+}
+
+impl Reading {
+    fn of(input: &DecisionInput<'_>) -> Self {
+        let (p, snap) = (input.policy, input.snapshot);
+        if input.role == Role::Decode {
+            Reading {
+                decode: true,
+                what: "itl",
+                unit: "tokens in flight",
+                latency: snap.stable.itl,
+                target: p.itl_target,
+                stable: snap.stable.tokens,
+                panic: snap.panic.tokens,
+            }
+        } else {
+            Reading {
+                decode: false,
+                what: "ttft",
+                unit: "prompt tok/s",
+                latency: snap.stable.ttft,
+                target: p.ttft_target,
+                stable: snap.stable.prompt_tokens_per_sec,
+                panic: snap.panic.prompt_tokens_per_sec,
+            }
+        }
+    }
+}
+
+/// The stable window's latency against the target, and whether a miss
+/// is news the correction should learn from.
+struct Verdict {
+    /// The share of feasible requests a window is held to.
+    goal: f64,
+    /// (share within the target, feasible requests), TTFT pools only.
+    attained: Option<(f64, u64)>,
+    /// The window's latency at the policy's percentile.
+    observed: Option<Duration>,
+    /// The window is under its goal.
+    over: bool,
+    /// The share of its misses the last hour (decayed) has spent.
+    budget_used: Option<f64>,
+    /// At least half of them: a window under the goal is not chance.
+    spending: bool,
+    /// All of them: old misses are news too.
+    repeating: bool,
+    /// Misses of its own in the panic window.
+    fresh: bool,
+}
+
+impl Verdict {
+    fn judged(&self) -> bool {
+        self.attained.is_some() || self.observed.is_some()
+    }
+
+    /// Misses the plan should have prevented.
+    fn news(&self) -> bool {
+        self.over && self.spending && (self.repeating || self.fresh)
+    }
+
+    fn text(&self, what: &str, target: Duration, percentile: u32) -> String {
+        match (self.attained, self.observed) {
+            (Some((share, n)), _) => format!(
+                "{what} within {} for {:.1} % of {n} feasible requests ({} the {percentile}% goal{})",
+                show(target),
+                share * 100.0,
+                if self.over { "under" } else { "meets" },
+                match self.budget_used {
+                    Some(u) if self.over && !self.spending => format!(
+                        "; by chance: the last hour spent {:.0} % of its misses",
+                        u * 100.0
+                    ),
+                    Some(u) if self.over && !self.repeating && !self.fresh => format!(
+                        "; none new, and the last hour spent {:.0} % of its misses",
+                        u * 100.0
+                    ),
+                    _ => String::new(),
+                },
+            ),
+            (None, Some(l)) => format!(
+                "{what} p{percentile} {} {} target {}",
+                show(l),
+                if self.over { "over" } else { "within" },
+                show(target)
+            ),
+            (None, None) => format!("{what} target {} (too few samples)", show(target)),
+        }
+    }
+}
+
+/// The work to size for, read from the windows and the recent past.
+struct Work {
+    decode: bool,
+    target: Duration,
+    /// The panic window's work beyond noise, spread over the window plus
+    /// the budget (0 when within noise).
+    burst: f64,
+    /// The stable window's, or more: a clear trend projected a cold start
+    /// ahead, a burst that has outlasted a cold start.
+    sustained: f64,
+    trend: Option<f64>,
+    persisting: Option<(f64, Duration)>,
+    /// Prompt tokens per request (0 without arrivals).
+    mean_prompt: f64,
+    kv: Option<KvFloor>,
+    stable_window: Duration,
+    panic_window: Duration,
+}
+
+impl Work {
+    fn kv_need(&self) -> f64 {
+        self.kv.map_or(0.0, |kv| kv.need)
+    }
+
+    fn demand_text(&self, reading: &Reading) -> String {
+        let trend = self
+            .trend
+            .map(|s| format!(", rising {s:.0}/s"))
+            .unwrap_or_default();
+        let persisting = self
+            .persisting
+            .map(|(floor, lasted)| {
+                format!(
+                    ", a burst of {floor:.0} for {} (over a cold start): sustained",
+                    show(lasted)
+                )
+            })
+            .unwrap_or_default();
+        format!(
+            "demand {:.0} {} ({:.0} over {}{trend}{persisting})",
+            reading.stable,
+            reading.unit,
+            reading.panic,
+            show(self.panic_window)
+        )
+    }
+
+    fn kv_text(&self) -> String {
+        self.kv
+            .map(|kv| {
+                format!(
+                    "; KV {} tokens per replica, {:.0} in flight need {:.1} (at {:.0} %)",
+                    kv.per_replica,
+                    kv.tokens,
+                    kv.need,
+                    KV_UTILIZATION * 100.0
+                )
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// Tokens in flight against the engines' KV cache.
+#[derive(Clone, Copy)]
+struct KvFloor {
+    tokens: f64,
+    per_replica: u64,
+    need: f64,
+}
+
+/// The queueing model's answer for sustained prompt work.
+#[derive(Clone, Copy)]
+struct Queue {
+    /// Erlangs: the work over one replica's corrected rate.
+    load: f64,
+    /// The budget less the mean prompt's own prefill, in seconds.
+    wait: f64,
+    replicas: f64,
+}
+
+/// The whole count to ask for: `held` less the tolerance, never under the
+/// KV floor; and scaling down only past consolidation and never while the
+/// target is missed. The note says which rule decided.
+fn replicas_for(held: f64, kv_need: f64, spec: u32, over: bool) -> (u32, &'static str) {
+    let whole = |x: f64| x.ceil().clamp(0.0, f64::from(u32::MAX)) as u32;
+    let tolerated = if held > 1.0 {
+        (held - UP_TOLERANCE).max(1.0)
+    } else {
+        held
+    };
+    let mut desired = whole(tolerated.max(kv_need) - 1e-9);
+    let mut note = "";
+    if over && desired < spec {
+        // The target is missed now: never ask for less than what runs.
+        desired = spec;
+        note = "; target missed: no scale-down";
+    }
+    if desired < spec {
+        let fits = spec > 1 && held <= f64::from(spec - 1) * CONSOLIDATION_MARGIN;
+        if !fits && held > 0.0 {
+            desired = spec;
+            note = "; consolidation: the need does not fit one replica fewer";
+        } else {
+            desired = desired.max(whole(held / CONSOLIDATION_MARGIN - 1e-9));
+        }
+    }
+    if note.is_empty() && desired < whole(held - 1e-9) {
+        note = TOLERATED;
+    }
+    (desired, note)
+}
+
 impl ScalingAlgorithm for Slo {
     /// TTFT, or ITL for a decode pool: what the target is judged by.
     fn latencies(&self, role: Role) -> crate::snapshot::Latencies {
@@ -503,330 +952,70 @@ impl ScalingAlgorithm for Slo {
 
     fn decide(&mut self, input: &DecisionInput<'_>) -> Decision {
         let p = input.policy;
-        let snap = input.snapshot;
         let now = input.now;
-        if !snap.stable.has_data() {
+        if !input.snapshot.stable.has_data() {
             return Decision::none("no data to scale on yet");
         }
-        let decode = input.role == Role::Decode;
-        let (what, latency, target, demand_stable, demand_panic, unit) = if decode {
-            (
-                "itl",
-                snap.stable.itl,
-                p.itl_target,
-                snap.stable.tokens,
-                snap.panic.tokens,
-                "tokens in flight",
-            )
-        } else {
-            (
-                "ttft",
-                snap.stable.ttft,
-                p.ttft_target,
-                snap.stable.prompt_tokens_per_sec,
-                snap.panic.prompt_tokens_per_sec,
-                "prompt tok/s",
-            )
+        let reading = Reading::of(input);
+        let Some(target) = reading.target else {
+            return Decision::none(format!("slo needs a {} target", reading.what));
         };
-        let Some(target) = target else {
-            return Decision::none(format!("slo needs a {what} target"));
-        };
-        // A decode pool's capacity (tokens it holds within the ITL target)
-        // is not a rate: it stays the prior, corrected by ITL misses. The
-        // engines' KV cache is a better prior than the default one: what a
-        // replica can hold at all.
-        if decode {
-            if let Some(kv) = input.kv_capacity.filter(|_| !p.target_given) {
-                let kv = kv as f64;
-                if self.capacity.value() != kv {
-                    self.capacity = CapacityEstimate::new(kv);
-                }
-            }
-        } else {
-            let rate = snap
-                .panic
-                .prefill_rate(MIN_BUSY)
-                .or_else(|| snap.stable.prefill_rate(MIN_BUSY));
-            self.capacity.observe(now, rate);
-        }
+        self.learn_capacity(input, reading.decode);
         let cold_start = p
             .cold_start
             .or(input.cold_start)
             .unwrap_or(DEFAULT_COLD_START);
-        let ready = input.ready.max(1);
-        let settled = input.ready >= input.spec;
-        let planned = |s: &Slo| s.capacity.value() * p.target_utilization * s.correction;
-        let observed = match p.slo_percentile {
-            50 => latency.p50,
-            99 => latency.p99,
-            _ => latency.p90,
-        }
-        .filter(|_| latency.count >= MIN_SAMPLES);
-        // TTFT is judged on the requests a scaler can be held to: those
-        // whose prompt alone fits the target at the measured rate. A long
-        // prompt that no count of replicas serves in time is not a reason
-        // to add one (on a day of code-like prompts, the p99 was such
-        // prompts and kept the plan at its floor).
-        // Windows with misses come in clusters: each is held to half the
-        // misses the goal allows, so that the whole run meets it.
-        let goal = 1.0 - (1.0 - f64::from(p.slo_percentile) / 100.0) * GOAL_SHARE;
-        let attained = if decode {
-            None
-        } else {
-            snap.stable
-                .slo_attainment()
-                .filter(|(_, n)| *n >= MIN_SAMPLES)
-        };
-        if !decode {
-            self.budget.observe(
-                now,
-                snap.stable.duration,
-                snap.stable.slo_eligible,
-                snap.stable.slo_met,
-            );
-        }
-        let over = match attained {
-            Some((share, _)) => share < goal,
-            None => observed.is_some_and(|l| l > target),
-        };
-        // A window under the goal is news only while the recent past has
-        // spent at least half the goal's misses: a day running well within
-        // it has windows under the goal by chance alone. Until it has spent
-        // them all, only new misses are news.
-        let budget_used = self.budget.used(1.0 - f64::from(p.slo_percentile) / 100.0);
-        let spending = budget_used.is_none_or(|u| u >= SPENDING);
-        let repeating = budget_used.is_none_or(|u| u >= REPEATING);
-        // Misses of its own in the panic window: new ones, not those the
-        // stable window still holds.
-        let fresh = snap.panic.slo_eligible > snap.panic.slo_met;
-        let judged = attained.is_some() || observed.is_some();
-        // Decode pools hold their tokens for the whole generation: the
-        // budget does not spread them.
-        let budget = if decode { Duration::ZERO } else { target };
-        let stable_w = snap.stable.observed.min(snap.stable.duration);
-        let panic_w = snap.panic.observed.min(snap.panic.duration);
-        // The panic window speaks only when its work is more than random
-        // arrivals at the stable rate would bring (three standard
-        // deviations of a compound Poisson count, prompt sizes with a
-        // coefficient of variation of 1): noise is what the utilization's
-        // headroom is for, and holding its peaks for minutes is waste.
-        let ceiling = noise_ceiling(&snap.stable, panic_w);
-        let burst = decode || demand_panic > ceiling;
-        let panic_demand = if burst { demand_panic } else { 0.0 };
-        let burst_work = budgeted(panic_demand, panic_w, budget);
-        let sustained_work = budgeted(demand_stable, stable_w, budget);
-        let trend = self.trend(
-            now,
-            TREND_SPAN.max(cold_start * 3).max(stable_w * 2),
-            demand_stable,
-        );
-        let projected = trend.map_or(0.0, |slope| {
-            budgeted(
-                demand_stable + slope * cold_start.as_secs_f64(),
-                stable_w,
-                budget,
-            )
-        });
-        let persisting = if decode {
-            None
-        } else {
-            self.persisting(
-                now,
-                (demand_panic, snap.panic.duration),
-                ceiling,
-                cold_start.max(budget),
-            )
-        };
-        let persisted = persisting.map_or(0.0, |(floor, lasted)| budgeted(floor, lasted, budget));
-        let sustained_work = sustained_work.max(projected).max(persisted);
-        // Prompts arrive at `rps`, each of `mean_prompt` tokens on average.
-        let mean_prompt = if snap.stable.rps > 0.0 {
-            demand_stable / snap.stable.rps
-        } else {
-            0.0
-        };
-        let miss = 1.0 - goal;
+        let verdict = self.judge(input, &reading, target);
+        let work = self.work(input, &reading, target, cold_start);
+        let miss = 1.0 - verdict.goal;
         let max = p.max_bound().min(MAX_LEVELS);
-        // Tokens in flight hold KV: however fast a replica prefills, it
-        // serves no more sequences than its cache holds. The peak of the
-        // two windows, as a cache runs full at an instant, not on average.
-        let kv = input.kv_capacity.map(|kv| {
-            let tokens = snap.stable.tokens.max(snap.panic.tokens);
-            (tokens, kv, tokens / (KV_UTILIZATION * kv.max(1) as f64))
-        });
-        let kv_need = kv.map_or(0.0, |(_, _, n)| n);
-        // Sustained prompt work is sized by the queueing model: the fewest
-        // replicas with which random arrivals at this rate wait past the
-        // budget (less the mean prompt's own prefill) for no more than the
-        // goal's share of requests, never planned above the utilization.
-        // A decode pool's work is tokens held, planned at the utilization.
-        // A burst is already its own peak and is planned at 85 % of the
-        // corrected rate.
-        let sizing_of = |s: &Slo| {
-            let rate = (s.capacity.value() * s.correction).max(f64::MIN_POSITIVE);
-            let ceiling = (sustained_work / planned(s).max(f64::MIN_POSITIVE)).max(0.0);
-            let queue = (!decode && mean_prompt > 0.0).then(|| {
-                let load = sustained_work / rate;
-                let wait = target.as_secs_f64() - mean_prompt / rate;
-                let n = queueing::replicas_for_tail(load, rate / mean_prompt, wait, miss, max);
-                (load, wait, n)
-            });
-            let sustained = queue.map_or(ceiling, |(_, _, n)| n.max(ceiling));
-            let need = sustained
-                .max(burst_work / (rate * BURST_UTILIZATION))
-                .max(kv_need);
-            (need, queue)
-        };
-        let need_of = |s: &Slo| sizing_of(s).0;
-        self.settled_since = if settled {
+        let ready = input.ready.max(1);
+        self.settled_since = if input.ready >= input.spec {
             Some(self.settled_since.unwrap_or(now))
         } else {
             None
         };
-        if judged {
+        if verdict.judged() {
             // News: the plan said the replicas that serve were enough for
             // the work, and they were all there for the whole window the
             // latency was measured over (a backlog left by replicas that
             // came late says nothing of a replica).
-            let need = need_of(self);
+            let (need, _) = self.size(&work, p, miss, max);
             let settled_long = self
                 .settled_since
-                .is_some_and(|t| now.saturating_sub(t) >= stable_w);
+                .is_some_and(|t| now.saturating_sub(t) >= work.stable_window);
             self.correct(
                 now,
-                over && spending && (repeating || fresh),
+                verdict.news(),
                 settled_long && need <= f64::from(ready),
                 need >= 0.5 * f64::from(ready),
             );
         }
-        let cap = planned(self).max(f64::MIN_POSITIVE);
-        let (need, queue) = sizing_of(self);
+        let (need, queue) = self.size(&work, p, miss, max);
         // Never shorter than the stable window the need is read from (pods
         // Ready within a second of creation show a cold start of 0).
         let floor = (cold_start * HOLD_COLD_STARTS)
             .max(p.window)
             .max(p.scale_down_delay);
         let (held, horizon) = self.hold(now, need, floor, p.max_bound());
-        let sizing = Sizing {
-            need,
-            held,
-            horizon,
-            trend,
+        let (desired, note) = replicas_for(held, work.kv_need(), input.spec, verdict.over);
+        let plan = match queue {
+            Some(q) => self.queue_text(&q, p, miss, reading.decode, input.kv_capacity),
+            None => self.plan_text(p, reading.decode, input.kv_capacity),
         };
-        let whole = |x: f64| x.ceil().clamp(0.0, f64::from(u32::MAX)) as u32;
-        let tolerated = if sizing.held > 1.0 {
-            (sizing.held - UP_TOLERANCE).max(1.0)
-        } else {
-            sizing.held
-        };
-        let mut desired = whole(tolerated.max(kv_need) - 1e-9);
-        let spec = input.spec;
-        let mut note = "";
-        if over && desired < spec {
-            // The target is missed now: never ask for less than what runs.
-            desired = spec;
-            note = "; target missed: no scale-down";
-        }
-        if desired < spec {
-            let fits = spec > 1 && sizing.held <= f64::from(spec - 1) * CONSOLIDATION_MARGIN;
-            if !fits && sizing.held > 0.0 {
-                desired = spec;
-                note = "; consolidation: the need does not fit one replica fewer";
-            } else {
-                desired = desired.max(whole(sizing.held / CONSOLIDATION_MARGIN - 1e-9));
-            }
-        }
-        if note.is_empty() && desired < whole(sizing.held - 1e-9) {
-            note = TOLERATED;
-        }
-        let latency_text = match (attained, observed) {
-            (Some((share, n)), _) => format!(
-                "{what} within {} for {:.1} % of {n} feasible requests ({} the {}% goal{})",
-                show(target),
-                share * 100.0,
-                if over { "under" } else { "meets" },
-                p.slo_percentile,
-                match budget_used {
-                    Some(u) if over && !spending => format!(
-                        "; by chance: the last hour spent {:.0} % of its misses",
-                        u * 100.0
-                    ),
-                    Some(u) if over && !repeating && !fresh => format!(
-                        "; none new, and the last hour spent {:.0} % of its misses",
-                        u * 100.0
-                    ),
-                    _ => String::new(),
-                },
-            ),
-            (None, Some(l)) => format!(
-                "{what} p{} {} {} target {}",
-                p.slo_percentile,
-                show(l),
-                if over { "over" } else { "within" },
-                show(target)
-            ),
-            (None, None) => format!("{what} target {} (too few samples)", show(target)),
-        };
-        let source = if decode && !p.target_given && input.kv_capacity.is_some() {
-            "KV cache"
-        } else if decode {
-            "prior"
-        } else if self.capacity.measured() {
-            "measured"
-        } else {
-            "prior"
-        };
-        let trend_text = sizing
-            .trend
-            .map(|s| format!(", rising {s:.0}/s"))
-            .unwrap_or_default();
-        let persisting_text = persisting
-            .map(|(floor, lasted)| {
-                format!(
-                    ", a burst of {floor:.0} for {} (over a cold start): sustained",
-                    show(lasted)
-                )
-            })
-            .unwrap_or_default();
-        let plan_text = match queue {
-            Some((load, wait, n)) => format!(
-                "capacity {:.0} {source} × {:.2} = {:.0} per replica; work for {load:.1}, {n:.1} keep waits over {} under {:.1} % (at most {:.0} % busy)",
-                self.capacity.value(),
-                self.correction,
-                self.capacity.value() * self.correction,
-                show(Duration::from_secs_f64(wait.max(0.0))),
-                miss * 100.0,
-                p.target_utilization * 100.0,
-            ),
-            None => format!(
-                "capacity {:.0} {source} × {:.0} % × {:.2} = {cap:.0} per replica",
-                self.capacity.value(),
-                p.target_utilization * 100.0,
-                self.correction,
-            ),
-        };
-        let kv_text = kv
-            .map(|(tokens, kv, n)| {
-                format!(
-                    "; KV {kv} tokens per replica, {tokens:.0} in flight need {n:.1} (at {:.0} %)",
-                    KV_UTILIZATION * 100.0
-                )
-            })
-            .unwrap_or_default();
         let reason = format!(
-            "{latency_text}; demand {demand_stable:.0} {unit} ({:.0} over {}{trend_text}{persisting_text}); {plan_text}{kv_text}; need {:.1}, {:.1} held over {} → {desired}{note}",
-            demand_panic,
-            show(panic_w),
-            sizing.need,
-            sizing.held,
-            show(sizing.horizon),
+            "{}; {}; {plan}{}; need {need:.1}, {held:.1} held over {} → {desired}{note}",
+            verdict.text(reading.what, target, p.slo_percentile),
+            work.demand_text(&reading),
+            work.kv_text(),
+            show(horizon),
         );
         Decision {
             desired: Some(desired),
             panic: false,
-            stable_value: demand_stable,
-            panic_value: demand_panic,
-            target: cap,
+            stable_value: reading.stable,
+            panic_value: reading.panic,
+            target: self.planned(p).max(f64::MIN_POSITIVE),
             reason,
         }
     }
