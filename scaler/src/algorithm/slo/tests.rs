@@ -798,3 +798,38 @@ fn a_decode_pool_without_a_target_plans_on_the_kv_cache() {
     let d = decide(&given, Some(100_000));
     assert_eq!(d.desired, Some(16), "{}", d.reason);
 }
+
+#[test]
+fn the_count_asked_for_follows_its_rules_in_order() {
+    // (held, KV floor, spec, target missed) → (count, note)
+    let cases = [
+        // Within the tolerance of a whole count, and just past it.
+        ((3.10, 0.0, 3, false), (3, TOLERATED)),
+        ((3.20, 0.0, 3, false), (4, "")),
+        // The KV floor is whole: no tolerance under it.
+        ((3.10, 3.125, 3, false), (4, "")),
+        // A positive need never rounds to zero; none asks for none.
+        ((0.1, 0.0, 0, false), (1, "")),
+        ((0.0, 0.0, 2, false), (0, "")),
+        // Missing the target now: never fewer than run.
+        ((2.0, 0.0, 5, true), (5, "; target missed: no scale-down")),
+        // Down only when the need fits one fewer with a tenth to spare.
+        (
+            (4.6, 0.0, 6, false),
+            (
+                6,
+                "; consolidation: the need does not fit one replica fewer",
+            ),
+        ),
+        ((4.4, 0.0, 6, false), (5, "")),
+        // And never below the need over the margin (4.05 / 0.9 > 4).
+        ((4.05, 0.0, 6, false), (5, "")),
+    ];
+    for ((held, kv, spec, over), want) in cases {
+        assert_eq!(
+            replicas_for(held, kv, spec, over),
+            want,
+            "held {held}, kv {kv}, spec {spec}, missed {over}"
+        );
+    }
+}
