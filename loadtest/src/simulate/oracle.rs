@@ -103,8 +103,18 @@ pub fn oracle(trace: &[Arrival], settings: &Settings, search: OracleSettings) ->
     // as misses, for the oracle and algorithms alike.
     let feasible = feasibility(trace, settings);
     let shortest = search.interval.max(Duration::from_millis(100));
+    // The base interval first, then each longer multiple once, shortest
+    // first (the order they compete in).
+    let mut multiples: Vec<u32> = search
+        .interval_multiples
+        .iter()
+        .copied()
+        .filter(|&m| m > 1)
+        .collect();
+    multiples.sort_unstable();
+    multiples.dedup();
     let searchers: Vec<Search> = std::iter::once(1)
-        .chain(search.interval_multiples.iter().copied().filter(|&m| m > 1))
+        .chain(multiples)
         .map(|m| Search {
             trace,
             settings,
