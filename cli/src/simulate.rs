@@ -54,7 +54,8 @@ pub struct SimulateArgs {
     )]
     pub trace: Option<PathBuf>,
     /// A generated traffic shape instead of a trace file: long-context-bursts,
-    /// diurnal, flash-crowd or slow-ramp (seeded by --seed).
+    /// diurnal, flash-crowd, slow-ramp or long-context-steady (seeded by
+    /// --seed).
     #[arg(long, value_name = "NAME", value_parser = shape)]
     pub shape: Option<Shape>,
     /// The shape's seed.

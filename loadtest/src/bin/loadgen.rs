@@ -29,7 +29,7 @@ struct Args {
     #[arg(long, required_unless_present = "write_trace")]
     model: Option<String>,
     /// A generated traffic shape (long-context-bursts, diurnal, flash-crowd,
-    /// slow-ramp) instead of a pattern: its own request sizes and length
+    /// slow-ramp, long-context-steady) instead of a pattern: its own request sizes and length
     /// (--length to change it), seeded by --seed.
     #[arg(long, conflicts_with_all = ["trace"], value_parser = |s: &str| s.parse::<Shape>())]
     shape: Option<Shape>,

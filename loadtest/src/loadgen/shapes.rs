@@ -8,6 +8,7 @@
 //! | `diurnal` | one day: 0.9 req/s at 04:00 rising to 8.1 req/s at 16:00 (9 × between the quietest and the busiest hour), a smooth cosine | code-like prompts, median 1.5k, mean ≈ 2k; outputs median 25 | 24 h |
 //! | `flash-crowd` | 2 req/s for 10 min, 12 req/s within 30 s, held 10 min, then decaying back (τ = 5 min) | chat-like prompts, median 800; outputs median 200 | 45 min |
 //! | `slow-ramp` | 1 → 8 req/s linearly over 60 min, then 10 min at 8 | chat-like, as `flash-crowd` | 70 min |
+//! | `long-context-steady` | 3.3 req/s ± 30 % in a 20-minute wave, no bursts: long-context conversations at a steady 40k prompt tok/s | as `long-context-bursts` | 60 min |
 //!
 //! Arrivals are Poisson around the curve (thinning at the curve's peak).
 //! Lengths can be changed; the curve's own times (burst gaps, ramp, the
@@ -27,14 +28,16 @@ pub enum Shape {
     Diurnal,
     FlashCrowd,
     SlowRamp,
+    LongContextSteady,
 }
 
 impl Shape {
-    pub const ALL: [Shape; 4] = [
+    pub const ALL: [Shape; 5] = [
         Shape::LongContextBursts,
         Shape::Diurnal,
         Shape::FlashCrowd,
         Shape::SlowRamp,
+        Shape::LongContextSteady,
     ];
 
     pub fn name(self) -> &'static str {
@@ -43,6 +46,7 @@ impl Shape {
             Shape::Diurnal => "diurnal",
             Shape::FlashCrowd => "flash-crowd",
             Shape::SlowRamp => "slow-ramp",
+            Shape::LongContextSteady => "long-context-steady",
         }
     }
 
@@ -54,6 +58,7 @@ impl Shape {
             Shape::Diurnal => 0xbf58_476d_1ce4_e5b9,
             Shape::FlashCrowd => 0x94d0_49bb_1331_11eb,
             Shape::SlowRamp => 0x2545_f491_4f6c_dd1d,
+            Shape::LongContextSteady => 0xd6e8_feb8_6659_fd93,
         }
     }
 
@@ -64,6 +69,7 @@ impl Shape {
             Shape::Diurnal => 24 * 3600,
             Shape::FlashCrowd => 45 * 60,
             Shape::SlowRamp => 70 * 60,
+            Shape::LongContextSteady => 60 * 60,
         })
     }
 
@@ -71,7 +77,7 @@ impl Shape {
     /// output median, output σ).
     fn sizes(self) -> Sizes {
         match self {
-            Shape::LongContextBursts => Sizes {
+            Shape::LongContextBursts | Shape::LongContextSteady => Sizes {
                 prompt_median: 7000.0,
                 prompt_sigma: 1.04,
                 prompt_max: 120_000,
@@ -196,6 +202,12 @@ enum Curve {
         to: f64,
         over: f64,
     },
+    /// `mean` × (1 + `swing` · sin(2π t / `period`)).
+    Wave {
+        mean: f64,
+        swing: f64,
+        period: f64,
+    },
 }
 
 impl Curve {
@@ -225,6 +237,11 @@ impl Curve {
                 to: 8.0,
                 over: 3600.0,
             },
+            Shape::LongContextSteady => Curve::Wave {
+                mean: 3.3,
+                swing: 0.3,
+                period: 1200.0,
+            },
         }
     }
 
@@ -253,6 +270,11 @@ impl Curve {
                 }
             }
             Curve::Ramp { from, to, over } => from + (to - from) * (t / over).min(1.0),
+            Curve::Wave {
+                mean,
+                swing,
+                period,
+            } => mean * (1.0 + swing * (std::f64::consts::TAU * t / period).sin()),
         }
     }
 
@@ -262,6 +284,7 @@ impl Curve {
             Curve::Diurnal { high, .. } => *high,
             Curve::Flash { base, crowd } => base.max(*crowd),
             Curve::Ramp { from, to, .. } => from.max(*to),
+            Curve::Wave { mean, swing, .. } => mean * (1.0 + swing.abs()),
         }
     }
 }
@@ -333,6 +356,26 @@ mod tests {
     }
 
     #[test]
+    fn long_context_steady_has_long_prompts_and_a_wave_but_no_bursts() {
+        let a = Shape::LongContextSteady.generate(None, 1);
+        let mean_rate = a.len() as f64 / 3600.0;
+        assert!((3.0..3.6).contains(&mean_rate), "{mean_rate}");
+        let mean = a.iter().map(|x| f64::from(x.prompt_tokens)).sum::<f64>() / a.len() as f64;
+        assert!((10_000.0..14_000.0).contains(&mean), "{mean}");
+        // The wave's crest (t = 300 s) against its trough (900 s): 1.3 / 0.7.
+        let (crest, trough) = (
+            rate_between(&a, 180.0, 420.0),
+            rate_between(&a, 780.0, 1020.0),
+        );
+        assert!(crest > 1.4 * trough, "{crest} vs {trough}");
+        // No 10 s stretch near twice the crest: nothing like a burst.
+        let busiest = (0..360)
+            .map(|i| rate_between(&a, i as f64 * 10.0, i as f64 * 10.0 + 10.0))
+            .fold(0.0, f64::max);
+        assert!(busiest < 9.0, "{busiest}");
+    }
+
+    #[test]
     fn flash_crowd_and_ramp_follow_their_curves() {
         let a = Shape::FlashCrowd.generate(None, 3);
         let before = rate_between(&a, 0.0, 600.0);
@@ -372,7 +415,7 @@ mod tests {
     fn unknown_names_are_refused_with_the_list() {
         let e = "sawtooth".parse::<Shape>().unwrap_err();
         assert!(
-            e.contains("long-context-bursts, diurnal, flash-crowd, slow-ramp"),
+            e.contains("long-context-bursts, diurnal, flash-crowd, slow-ramp, long-context-steady"),
             "{e}"
         );
     }
