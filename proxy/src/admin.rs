@@ -317,6 +317,7 @@ impl Admin {
                             "address": ep.addr.to_string(),
                             "outstanding": ep.outstanding.load(Ordering::Relaxed),
                             "outstanding_tokens": ep.outstanding_tokens.load(Ordering::Relaxed),
+                            "prefill_tokens": ep.prefill_tokens.load(Ordering::Relaxed),
                             "healthy": ep.is_healthy(),
                             "health": ep.health().as_str(),
                             "ejected": ep.is_ejected(now),

@@ -29,6 +29,9 @@ pub struct Endpoint {
     pub outstanding: AtomicU32,
     /// Prompt + generated tokens of those requests (the work they carry).
     pub outstanding_tokens: AtomicU64,
+    /// Prompt tokens of those requests before their first token: the
+    /// prefill a new prompt queues behind, what the pick compares first.
+    pub prefill_tokens: AtomicU64,
     /// Of those, requests waiting for their first token, and requests
     /// decoding: the pool's signals count the endpoint busy prefilling
     /// (decoding) while these are above zero.
@@ -80,6 +83,7 @@ impl Endpoint {
                 .unwrap_or_else(|_| http::HeaderValue::from_static("localhost")),
             outstanding: AtomicU32::new(0),
             outstanding_tokens: AtomicU64::new(0),
+            prefill_tokens: AtomicU64::new(0),
             prefilling: AtomicU32::new(0),
             decoding: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
@@ -264,6 +268,10 @@ pub struct Lease {
     pool: Arc<Pool>,
     pub endpoint: Arc<Endpoint>,
     tokens: u64,
+    /// Its prompt tokens while they count in the endpoint's
+    /// `prefill_tokens`: until the first token, or the end of a request
+    /// that shows none (a non-streaming answer).
+    unprefilled: u64,
     /// `None`: not counted (a non-streaming answer has no first token to
     /// end its prefill by).
     phase: Option<Phase>,
@@ -328,6 +336,7 @@ impl Lease {
     /// The request's first token arrived: the endpoint is done prefilling
     /// it and decodes it from now on. Once; later calls do nothing.
     pub fn first_token(&mut self) {
+        self.prefilled();
         if self.phase == Some(Phase::Prefilling) {
             self.pool
                 .phase_count(&self.endpoint, Phase::Prefilling, false);
@@ -337,8 +346,21 @@ impl Lease {
     }
 }
 
+impl Lease {
+    /// Takes the prompt out of the endpoint's prefill work (once).
+    fn prefilled(&mut self) {
+        if self.unprefilled > 0 {
+            self.endpoint
+                .prefill_tokens
+                .fetch_sub(self.unprefilled, Ordering::Relaxed);
+            self.unprefilled = 0;
+        }
+    }
+}
+
 impl Drop for Lease {
     fn drop(&mut self) {
+        self.prefilled();
         if let Some(phase) = self.phase {
             self.pool.phase_count(&self.endpoint, phase, false);
         }
@@ -618,8 +640,8 @@ impl Pool {
         self.endpoints.load().iter().any(|e| among.allows(e.addr))
     }
 
-    /// Power of two choices by least outstanding work (tokens, then
-    /// requests) among available endpoints under their cap that `among`
+    /// Power of two choices by least outstanding work (prompt tokens not
+    /// yet prefilled, then tokens in flight) among available endpoints under their cap that `among`
     /// allows (a retry goes elsewhere; a gateway's subset hint narrows the
     /// pick). Takes the slot atomically.
     fn take_slot(self: &Arc<Self>, tokens: u64, among: Among<'_>) -> Option<Lease> {
@@ -637,8 +659,8 @@ impl Pool {
         let work = |i: usize| {
             endpoints.get(i).map_or((u64::MAX, u64::MAX), |e| {
                 (
+                    e.prefill_tokens.load(Ordering::Relaxed),
                     e.outstanding_tokens.load(Ordering::Relaxed),
-                    u64::from(e.outstanding.load(Ordering::Relaxed)),
                 )
             })
         };
@@ -656,10 +678,12 @@ impl Pool {
                 .is_ok();
             if taken {
                 e.outstanding_tokens.fetch_add(tokens, Ordering::Relaxed);
+                e.prefill_tokens.fetch_add(tokens, Ordering::Relaxed);
                 return Some(Lease {
                     pool: self.clone(),
                     endpoint: e.clone(),
                     tokens,
+                    unprefilled: tokens,
                     phase: None,
                 });
             }
@@ -859,6 +883,57 @@ mod tests {
                 .iter()
                 .all(|e| e.outstanding_tokens.load(Ordering::Relaxed) == 0)
         );
+    }
+
+    #[tokio::test]
+    async fn prompts_go_where_no_prefill_waits_rather_than_where_fewer_tokens_are() {
+        let p = pool(2, None, 10);
+        let share = |p: &Arc<Pool>, addr: SocketAddr| {
+            let mut picked = 0;
+            for _ in 0..200 {
+                let l = p.try_admit(1_000, Among::All).unwrap();
+                picked += u32::from(l.endpoint.addr == addr);
+                // The picked endpoint's prefill work rises by the prompt
+                // while it is leased, and falls with the lease.
+                assert!(l.endpoint.prefill_tokens.load(Ordering::Relaxed) >= 1_000);
+            }
+            f64::from(picked) / 200.0
+        };
+        let eps = p.endpoints();
+        let (x, y) = (eps[0].clone(), eps[1].clone());
+        // x prefills a 50k-token prompt; y decodes sequences holding 100k.
+        let mut long = p.try_admit(50_000, Among::AllBut(y.addr)).unwrap();
+        let mut decoding = p.try_admit(100_000, Among::AllBut(x.addr)).unwrap();
+        decoding.prefilling();
+        decoding.first_token();
+        assert_eq!(y.prefill_tokens.load(Ordering::Relaxed), 0);
+        assert_eq!(x.prefill_tokens.load(Ordering::Relaxed), 50_000);
+        let to_y = share(&p, y.addr);
+        assert!(
+            to_y > 0.6,
+            "{to_y} of prompts went to the endpoint without prefill"
+        );
+        // Its first token: x only decodes now, and holds fewer tokens.
+        long.prefilling();
+        long.first_token();
+        long.first_token();
+        assert_eq!(x.prefill_tokens.load(Ordering::Relaxed), 0);
+        let to_x = share(&p, x.addr);
+        assert!(to_x > 0.6, "{to_x} of prompts went to the lighter endpoint");
+        drop((long, decoding));
+        // A request dropped before its first token gives its prompt back.
+        let cancelled = p.try_admit(7_000, Among::All).unwrap();
+        drop(cancelled);
+        for e in eps.iter() {
+            assert_eq!(e.prefill_tokens.load(Ordering::Relaxed), 0, "{}", e.addr);
+            assert_eq!(
+                e.outstanding_tokens.load(Ordering::Relaxed),
+                0,
+                "{}",
+                e.addr
+            );
+            assert_eq!(e.outstanding.load(Ordering::Relaxed), 0, "{}", e.addr);
+        }
     }
 
     #[tokio::test]

@@ -350,3 +350,47 @@ fn the_oracle_keeps_the_cheapest_interval_length() {
     assert!(rs(&long) < rs(&short), "{} vs {}", rs(&long), rs(&short));
     assert!(rs(&both) < rs(&short));
 }
+
+#[tokio::test]
+async fn short_prompts_go_to_the_replica_that_only_decodes() {
+    // Two replicas. The first prefills a 30k-token prompt and then decodes
+    // it for seconds (30k tokens in flight); at 3 s a 16k-token prompt
+    // starts its second of prefill on the other (fewer tokens in flight).
+    // Short prompts arriving during that second meet a 300 ms target only
+    // on the first replica: by tokens in flight alone the pick sent them
+    // behind the long prefill whenever both replicas were its candidates.
+    let mut trace = vec![
+        Arrival {
+            at: Duration::ZERO,
+            prompt_tokens: 30_000,
+            max_tokens: 2_000,
+        },
+        Arrival {
+            at: Duration::from_secs(3),
+            prompt_tokens: 16_000,
+            max_tokens: 10,
+        },
+    ];
+    trace.extend((0..40).map(|i| Arrival {
+        at: Duration::from_millis(3_050 + 20 * i),
+        prompt_tokens: 200,
+        max_tokens: 10,
+    }));
+    let mut settings = Settings::new(Timing::default());
+    settings.ttft_target = Duration::from_millis(300);
+    settings.initial_replicas = 2;
+    let p = policy(&[("min-replicas", "2"), ("max-replicas", "2")]);
+    let registry = AlgorithmRegistry::with_builtins();
+    let run = match simulate(&trace, &settings, &p, &registry, |_| {}).await {
+        Ok(r) => r,
+        Err(e) => panic!("{e}"),
+    };
+    let m = &run.measured;
+    // The two long prompts cannot prefill in 300 ms on any replica.
+    assert_eq!(m.infeasible, 2);
+    assert!(
+        m.feasible_ttft_attainment > 0.6,
+        "short prompts in time: {}",
+        m.feasible_ttft_attainment
+    );
+}

@@ -67,6 +67,9 @@ struct Replica {
     gone: Option<Duration>,
     outstanding: u32,
     outstanding_tokens: u64,
+    /// Prompt tokens of the outstanding requests before their first token:
+    /// the prefill work a new prompt would queue behind.
+    prefill_tokens: u64,
     /// Of the outstanding requests, those before their first token and
     /// those decoding (the proxy's busy counts per endpoint).
     prefilling: u32,
@@ -220,6 +223,7 @@ impl<'t, R: Recorder> World<'t, R> {
             gone: None,
             outstanding: 0,
             outstanding_tokens: 0,
+            prefill_tokens: 0,
             prefilling: 0,
             decoding: 0,
             stepping: false,
@@ -390,7 +394,7 @@ impl<'t, R: Recorder> World<'t, R> {
                 .get(i)
                 .and_then(|&r| replicas.get(r as usize))
                 .map_or((u64::MAX, u64::MAX), |r| {
-                    (r.outstanding_tokens, u64::from(r.outstanding))
+                    (r.prefill_tokens, r.outstanding_tokens)
                 })
         };
         pick_order(n, k, work)
@@ -454,6 +458,7 @@ impl<'t, R: Recorder> World<'t, R> {
         };
         r.outstanding += 1;
         r.outstanding_tokens += u64::from(a.prompt_tokens);
+        r.prefill_tokens += u64::from(a.prompt_tokens);
         r.prefilling += 1;
         if r.prefilling == 1 {
             self.recorder.prefill_busy(true);
@@ -488,12 +493,14 @@ impl<'t, R: Recorder> World<'t, R> {
             first_tokens: 0,
             freed_prefilling: 0,
             freed_decoding: 0,
+            prefilled_tokens: 0,
         };
         let r = self.replicas.get_mut(replica as usize)?;
         let out = f(&mut r.engine, now, &mut sink);
         r.outstanding -= sink.freed.min(r.outstanding);
         r.outstanding_tokens =
             (r.outstanding_tokens + sink.added_tokens).saturating_sub(sink.freed_tokens);
+        r.prefill_tokens = r.prefill_tokens.saturating_sub(sink.prefilled_tokens);
         // Every change of this step happened at one instant: only whether
         // the endpoint was and is busy matters to the signals.
         let (prefilling, decoding) = (r.prefilling, r.decoding);
@@ -573,6 +580,9 @@ struct Sink<'a, R> {
     first_tokens: u32,
     freed_prefilling: u32,
     freed_decoding: u32,
+    /// Prompt tokens of the requests that left prefill (a first token, or
+    /// finished without one).
+    prefilled_tokens: u64,
 }
 
 impl<R: Recorder> EngineEvents<RequestId> for Sink<'_, R> {
@@ -594,6 +604,7 @@ impl<R: Recorder> EngineEvents<RequestId> for Sink<'_, R> {
                 let ttft = self.now.saturating_sub(a.at);
                 s.ttft = Some(ttft);
                 self.first_tokens += 1;
+                self.prefilled_tokens += u64::from(a.prompt_tokens);
                 self.recent_ttfts.push(ttft);
                 self.recorder.first_token(u64::from(a.prompt_tokens), ttft);
             }
@@ -636,6 +647,7 @@ impl<R: Recorder> EngineEvents<RequestId> for Sink<'_, R> {
             self.freed_decoding += 1;
         } else {
             self.freed_prefilling += 1;
+            self.prefilled_tokens += u64::from(a.prompt_tokens);
         }
         self.freed_tokens += u64::from(a.prompt_tokens) + u64::from(s.generated);
     }
