@@ -363,7 +363,7 @@ async fn the_openai_sdk_streams_through_envoy_unchanged_and_scalecar_measures_it
     // Measured in scalecar as in proxy mode: 7 requests ok, 6 TTFTs, 12
     // tokens each streamed + 7 (usage) — and nothing left in flight.
     measured_as_proxy_mode(&p, 7.0, 6.0, 79.0).await;
-    // Both endpoints picked (least outstanding work with two choices).
+    // Both endpoints picked (the least outstanding work; idle ones take turns).
     assert!(served(&a).await >= 1.0 && served(&b).await >= 1.0);
     // TTFT as the client sees it through Envoy vs as scalecar recorded it:
     // scalecar's clock starts when Envoy hands it the request headers and

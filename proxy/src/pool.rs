@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use scalecar_config::Role;
-use scalecar_scaler::balance::{pick_order, splitmix};
+use scalecar_scaler::balance::{least_loaded, splitmix};
 use scalecar_scaler::signals::PoolSignals;
 use tokio::sync::Notify;
 
@@ -640,35 +640,33 @@ impl Pool {
         self.endpoints.load().iter().any(|e| among.allows(e.addr))
     }
 
-    /// Power of two choices by least outstanding work (prompt tokens not
-    /// yet prefilled, then tokens in flight) among available endpoints under their cap that `among`
-    /// allows (a retry goes elsewhere; a gateway's subset hint narrows the
-    /// pick). Takes the slot atomically.
+    /// The least outstanding work (prompt tokens not yet prefilled, then
+    /// tokens in flight) of the available endpoints under their cap that
+    /// `among` allows (a retry goes elsewhere; a gateway's subset hint
+    /// narrows the pick); see [`least_loaded`]. Takes the slot atomically:
+    /// an endpoint that reached its cap since it was read is passed over
+    /// at the next look (at most one look per endpoint).
     fn take_slot(self: &Arc<Self>, tokens: u64, among: Among<'_>) -> Option<Lease> {
         let endpoints = self.endpoints.load();
         let n = endpoints.len();
-        if n == 0 {
-            return None;
-        }
         let now = std::cell::OnceCell::new();
         let now = || *now.get_or_init(|| self.now_ms());
         let cap = self.max_concurrency.unwrap_or(u32::MAX);
-        let eligible = |e: &Endpoint| {
-            e.available(now) && among.allows(e.addr) && e.outstanding.load(Ordering::SeqCst) < cap
-        };
         let work = |i: usize| {
-            endpoints.get(i).map_or((u64::MAX, u64::MAX), |e| {
+            let e = endpoints.get(i)?;
+            let eligible = e.available(now)
+                && among.allows(e.addr)
+                && e.outstanding.load(Ordering::SeqCst) < cap;
+            eligible.then(|| {
                 (
                     e.prefill_tokens.load(Ordering::Relaxed),
                     e.outstanding_tokens.load(Ordering::Relaxed),
                 )
             })
         };
-        for i in pick_order(n, self.next_pick(), work) {
-            let Some(e) = endpoints.get(i) else { continue };
-            if !eligible(e) {
-                continue;
-            }
+        let k = self.next_pick();
+        for _ in 0..n {
+            let e = endpoints.get(least_loaded(n, k, work)?)?;
             // Take the slot only if still under the cap.
             let taken = e
                 .outstanding
@@ -909,9 +907,9 @@ mod tests {
         assert_eq!(y.prefill_tokens.load(Ordering::Relaxed), 0);
         assert_eq!(x.prefill_tokens.load(Ordering::Relaxed), 50_000);
         let to_y = share(&p, y.addr);
-        assert!(
-            to_y > 0.6,
-            "{to_y} of prompts went to the endpoint without prefill"
+        assert_eq!(
+            to_y, 1.0,
+            "prompts that went to the endpoint without prefill"
         );
         // Its first token: x only decodes now, and holds fewer tokens.
         long.prefilling();
@@ -919,7 +917,7 @@ mod tests {
         long.first_token();
         assert_eq!(x.prefill_tokens.load(Ordering::Relaxed), 0);
         let to_x = share(&p, x.addr);
-        assert!(to_x > 0.6, "{to_x} of prompts went to the lighter endpoint");
+        assert_eq!(to_x, 1.0, "prompts that went to the lighter endpoint");
         drop((long, decoding));
         // A request dropped before its first token gives its prompt back.
         let cancelled = p.try_admit(7_000, Among::All).unwrap();

@@ -3,8 +3,8 @@
 //!
 //! What is real: the pool's signals and windows (`PoolSignals` on a
 //! [`ManualClock`]), the algorithm registry, behavior and the control
-//! loop's tick (`ControlLoop::tick_once`), the proxy's endpoint pick order
-//! ([`pick_order`](scalecar_scaler::balance::pick_order)) and its admission
+//! loop's tick (`ControlLoop::tick_once`), the proxy's endpoint pick
+//! ([`least_loaded`](scalecar_scaler::balance::least_loaded)) and its admission
 //! rules (FIFO queue, bound, deadline, per-endpoint cap), and the GPU model
 //! of model-sim ([`Engine`](crate::sim::engine::Engine)), stepped on the
 //! simulator's clock. What is simulated: time, the network (zero latency)

@@ -7,7 +7,7 @@
 //! and a busy one costs one event per engine step. The proxy side follows
 //! `Pool`: first come first served (a new arrival never overtakes the queue),
 //! a bounded queue (full → rejected, 429), a queue deadline (→ 503), the
-//! shared [`pick_order`] by least outstanding work, and the per-endpoint cap
+//! shared [`least_loaded`] pick by outstanding work, and the per-endpoint cap
 //! `max-concurrency`. A removed replica drains: it takes nothing new and
 //! stops costing once its last request is done.
 
@@ -16,7 +16,7 @@ use std::collections::{BinaryHeap, VecDeque};
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
-use scalecar_scaler::balance::pick_order;
+use scalecar_scaler::balance::least_loaded;
 use scalecar_scaler::signals::histogram;
 
 use super::requests::RequestTable;
@@ -390,20 +390,11 @@ impl<'t, R: Recorder> World<'t, R> {
         self.rotation = self.rotation.wrapping_add(1);
         let (replicas, endpoints) = (&self.replicas, &self.endpoints);
         let work = |i: usize| {
-            endpoints
-                .get(i)
-                .and_then(|&r| replicas.get(r as usize))
-                .map_or((u64::MAX, u64::MAX), |r| {
-                    (r.prefill_tokens, r.outstanding_tokens)
-                })
+            let r = replicas.get(*endpoints.get(i)? as usize)?;
+            (r.outstanding < cap).then_some((r.prefill_tokens, r.outstanding_tokens))
         };
-        pick_order(n, k, work)
-            .filter_map(|i| endpoints.get(i).copied())
-            .find(|&r| {
-                replicas
-                    .get(r as usize)
-                    .is_some_and(|r| r.outstanding < cap)
-            })
+        let i = least_loaded(n, k, work)?;
+        endpoints.get(i).copied()
     }
 
     /// Gives queued requests the free slots, head first.
