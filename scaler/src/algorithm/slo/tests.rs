@@ -103,6 +103,32 @@ fn the_measured_rate_replaces_the_prior() {
 }
 
 #[test]
+fn prompts_waiting_for_cache_do_not_lower_capacity() {
+    // Two replicas of 40,000 tokens of KV each, measured at 5,000 tok/s.
+    let p = policy();
+    let mut s = Slo::new(&p);
+    let kv = Some(40_000);
+    let at = |k: u64| Duration::from_secs(100 + 2 * k);
+    let fast = window(60, 6000.0, Some(5000.0), Some(300));
+    decide_with_kv(&mut s, &p, at(0), (2, 2), &snap(fast, fast), kv);
+    assert_eq!(s.capacity(), 5000.0);
+    // 120,000 tokens in flight, more than both caches hold: prompts wait
+    // for cache, and busy time shows 2,000 tok/s. The estimate holds.
+    let mut stalled = window(60, 6000.0, Some(2000.0), Some(300));
+    stalled.tokens = 120_000.0;
+    for k in 1..60 {
+        decide_with_kv(&mut s, &p, at(k), (2, 2), &snap(stalled, stalled), kv);
+    }
+    assert_eq!(s.capacity(), 5000.0);
+    // Four replicas ready hold those tokens: 2,000 tok/s is then how fast
+    // the engines prefill, and the estimate follows it within a minute.
+    for k in 60..90 {
+        decide_with_kv(&mut s, &p, at(k), (4, 4), &snap(stalled, stalled), kv);
+    }
+    assert!((s.capacity() - 2000.0).abs() < 200.0, "{}", s.capacity());
+}
+
+#[test]
 fn a_backlog_does_not_lower_capacity_below_the_engines_rate() {
     // One replica prefilling 5,000 tok/s; 40 prompts of 1,000 tokens
     // arrive at once: the last gets its first token 8 s later, far over
@@ -154,19 +180,20 @@ fn a_burst_shorter_than_the_budget_adds_no_replica() {
     p.ttft_target = Some(Duration::from_secs(10));
     let mut s = Slo::new(&p);
     // 5,000 tok/s measured; 4,000 tok/s sustained, and in the last 6 s a
-    // 3 s burst at 18,000 tok/s: 11,000 tok/s over the panic window. The
-    // 66,000 tokens fit 85 % of 5,000 tok/s over the 6 s plus the 10 s
-    // budget.
+    // 2 s burst at 14,500 tok/s: 7,500 tok/s over the panic window. The
+    // 45,000 tokens fit 60 % of 5,000 tok/s over the 6 s plus the 10 s
+    // budget (48,000).
     let stable = window(60, 4000.0, Some(5000.0), Some(500));
-    let panic = window(6, 11_000.0, Some(5000.0), Some(500));
+    let panic = window(6, 7_500.0, Some(5000.0), Some(500));
     let d = decide(&mut s, &p, 1, 1, &snap(stable, panic));
     assert_eq!(d.desired, Some(1), "{}", d.reason);
-    // Without the budget (1 s), the same burst needs three: 66,000
-    // tokens over 7 s, at 85 % of 5,000 tok/s, are 2.2 replicas.
+    // Without the budget (1 s), the same burst needs two: 45,000 tokens
+    // over 7 s, at 60 % of 5,000 tok/s, are 2.1 replicas (2 within the
+    // tolerance).
     p.ttft_target = Some(Duration::from_secs(1));
     let mut s = Slo::new(&p);
     let d = decide(&mut s, &p, 1, 1, &snap(stable, panic));
-    assert_eq!(d.desired, Some(3), "{}", d.reason);
+    assert_eq!(d.desired, Some(2), "{}", d.reason);
     // Sustained at 13,000 tok/s: three replicas, whatever the budget.
     p.ttft_target = Some(Duration::from_secs(10));
     let mut s = Slo::new(&p);
@@ -388,30 +415,30 @@ fn a_miss_that_is_news_lowers_the_plan_by_a_bounded_step() {
 #[test]
 fn a_window_under_the_goal_is_news_only_once_the_hour_spent_half_its_misses() {
     let p = policy();
-    // Goal 90 %: 10 % of feasible requests may miss, a window 5 %.
+    // Goal 90 %: 10 % of feasible requests may miss, a window 8 %.
     let at = |s: &mut Slo, t: u64, w: WindowValues| {
         decide_at(s, &p, Duration::from_secs(t), 2, 2, &snap(w, w));
     };
     // Without an hour behind it, a window under the goal is news at once.
     let mut s = Slo::new(&p);
     for t in (0..120).step_by(2) {
-        at(&mut s, t, counted(1000, 940));
+        at(&mut s, t, counted(1000, 910));
     }
     assert!(s.correction() < 1.0, "{}", s.correction());
     // An hour at 99 % has spent a tenth of the budget: windows just under
-    // the goal (94 %) are chance, and the plan holds for a while …
+    // the goal (91 %) are chance, and the plan holds for a while …
     let mut s = Slo::new(&p);
     for t in (0..3600).step_by(2) {
         at(&mut s, t, counted(1000, 990));
     }
     for t in (3600..4200).step_by(2) {
-        at(&mut s, t, counted(1000, 940));
+        at(&mut s, t, counted(1000, 910));
     }
     assert_eq!(s.correction(), 1.0);
     // … until they have spent half of it: then they are news.
     let mut lowered = None;
     for t in (4200..12_000).step_by(2) {
-        at(&mut s, t, counted(1000, 940));
+        at(&mut s, t, counted(1000, 910));
         if s.correction() < 1.0 {
             lowered = Some(t);
             break;
@@ -426,14 +453,14 @@ fn a_window_under_the_goal_is_news_only_once_the_hour_spent_half_its_misses() {
 #[test]
 fn misses_still_in_the_window_step_again_only_once_the_hour_is_overspent() {
     let p = policy();
-    // Goal 90 %: a window may miss 5 %.
-    let under = counted(1000, 930);
+    // Goal 90 %: a window may miss 8 %.
+    let under = counted(1000, 910);
     let clean = counted(100, 100);
     let fresh = counted(100, 80);
     let at = |s: &mut Slo, t: u64, panic: WindowValues| {
         decide_at(s, &p, Duration::from_secs(t), 2, 2, &snap(under, panic)).reason
     };
-    // An hour at 93 % has spent 70 % of its misses: a window under the
+    // An hour at 91 % has spent 90 % of its misses: a window under the
     // goal whose panic window has none of its own is no news …
     let mut s = Slo::new(&p);
     let mut reason = String::new();
@@ -442,7 +469,7 @@ fn misses_still_in_the_window_step_again_only_once_the_hour_is_overspent() {
     }
     assert_eq!(s.correction(), 1.0);
     assert!(
-        reason.contains("none new, and the last hour spent 70 % of its misses"),
+        reason.contains("none new, and the last hour spent 90 % of its misses"),
         "{reason}"
     );
     // … new misses lower it one step, and the same misses, still in the
@@ -627,7 +654,7 @@ fn feasible_attainment_is_what_the_plan_answers_to() {
     };
     // p90 is far over the target (long prompts that no count serves in
     // time), but 99 % of the feasible requests met it: no miss (the goal
-    // for a 90th percentile is 95 % in a window).
+    // for a 90th percentile is 92 % in a window).
     let mut s = Slo::new(&p);
     let w = with(1000, 990, 3000);
     let d = decide(&mut s, &p, 2, 2, &snap(w, w));
@@ -637,8 +664,8 @@ fn feasible_attainment_is_what_the_plan_answers_to() {
         "{}",
         d.reason
     );
-    // 94 % of them: under the goal, no scale-down.
-    let w = with(1000, 940, 300);
+    // 91 % of them: under the goal, no scale-down.
+    let w = with(1000, 910, 300);
     let d = decide(&mut s, &p, 5, 5, &snap(w, w));
     assert!(
         d.reason
@@ -670,8 +697,8 @@ fn random_arrivals_are_noise_a_burst_is_not() {
     assert!(calm.desired < Some(9), "{}", calm.reason);
     let mut s = Slo::new(&p);
     let d = decide(&mut s, &p, 4, 4, &with_rate(42_000.0));
-    // A burst: 42,000 × 6/7 over 85 % of 5,000 = 8.5 → 9.
-    assert_eq!(d.desired, Some(9), "{}", d.reason);
+    // A burst: 42,000 × 6/7 over 60 % of 5,000 = 12.
+    assert_eq!(d.desired, Some(12), "{}", d.reason);
 }
 
 #[test]
