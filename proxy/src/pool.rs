@@ -344,9 +344,7 @@ impl Lease {
             self.phase = Some(Phase::Decoding);
         }
     }
-}
 
-impl Lease {
     /// Takes the prompt out of the endpoint's prefill work (once).
     fn prefilled(&mut self) {
         if self.unprefilled > 0 {

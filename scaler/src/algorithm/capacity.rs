@@ -6,7 +6,9 @@
 //! The measurement is what a busy replica got through, whatever the mix of
 //! decoding, KV pressure and prompt sizes made of it, so a backlog cannot
 //! pull it below the engine's real rate: queued work only keeps the
-//! replica busy, and the rate is tokens done over that busy time. It moves
+//! replica busy, and the rate is tokens done over that busy time (except
+//! while prompts wait for KV cache rather than prefill: the slo controller
+//! does not feed it while the replicas' caches are full). It moves
 //! toward each new measurement with a time constant (faster up than down),
 //! stays inside bounds around the prior so that no run of bad samples can
 //! run it away, and holds when there is nothing to measure (an idle pool

@@ -182,6 +182,9 @@ pub const DEFAULT_COLD_START: Duration = Duration::from_secs(60);
 #[derive(Debug)]
 pub struct Slo {
     capacity: CapacityEstimate,
+    /// The last decision held the estimate: the replicas' KV caches were
+    /// full (see [`Slo::learn_capacity`]).
+    capacity_held: bool,
     correction: f64,
     last_lowered: Option<Duration>,
     /// Since when every replica asked for has been ready.
@@ -295,6 +298,7 @@ impl Slo {
     pub fn new(policy: &Policy) -> Self {
         Slo {
             capacity: CapacityEstimate::new(policy.target),
+            capacity_held: false,
             correction: 1.0,
             last_lowered: None,
             settled_since: None,
@@ -489,6 +493,7 @@ impl Slo {
             let caches_full = input.kv_capacity.is_some_and(|per_replica| {
                 snap.panic.tokens >= f64::from(input.ready.max(1)) * per_replica as f64
             });
+            self.capacity_held = caches_full && self.capacity.measured();
             if !caches_full {
                 self.capacity.observe(input.now, rate);
             }
@@ -670,6 +675,8 @@ impl Slo {
             "KV cache"
         } else if decode || !self.capacity.measured() {
             "prior"
+        } else if self.capacity_held {
+            "measured, held while the KV caches are full"
         } else {
             "measured"
         }

@@ -116,10 +116,15 @@ fn prompts_waiting_for_cache_do_not_lower_capacity() {
     // for cache, and busy time shows 2,000 tok/s. The estimate holds.
     let mut stalled = window(60, 6000.0, Some(2000.0), Some(300));
     stalled.tokens = 120_000.0;
+    let mut reason = String::new();
     for k in 1..60 {
-        decide_with_kv(&mut s, &p, at(k), (2, 2), &snap(stalled, stalled), kv);
+        reason = decide_with_kv(&mut s, &p, at(k), (2, 2), &snap(stalled, stalled), kv).reason;
     }
     assert_eq!(s.capacity(), 5000.0);
+    assert!(
+        reason.contains("capacity 5000 measured, held while the KV caches are full"),
+        "{reason}"
+    );
     // Four replicas ready hold those tokens: 2,000 tok/s is then how fast
     // the engines prefill, and the estimate follows it within a minute.
     for k in 60..90 {
