@@ -418,6 +418,38 @@ fn a_miss_that_is_news_lowers_the_plan_by_a_bounded_step() {
 }
 
 #[test]
+fn an_hour_far_within_its_goal_plans_hotter_until_it_spends_more() {
+    let p = policy();
+    // Goal 90 %. An hour at 99.5 % spends 5 % of its misses: served under
+    // load (one replica, 6,000 tok/s), the correction climbs past 1 to its
+    // ceiling.
+    let at = |s: &mut Slo, t: u64, w: WindowValues| {
+        decide_at(s, &p, Duration::from_secs(t), 1, 1, &snap(w, w)).reason
+    };
+    let mut s = Slo::new(&p);
+    let mut reason = String::new();
+    for t in (0..3600).step_by(2) {
+        reason = at(&mut s, t, counted(1000, 995));
+    }
+    assert!((s.correction() - 1.3).abs() < 1e-9, "{}", s.correction());
+    assert!(reason.contains("× 1.30 ="), "{reason}");
+    // Windows at 93 % (within the window's goal of 92 %) for long enough
+    // to spend 35 % of the hour's misses: back at 1 at once, not above.
+    let mut back = None;
+    for t in (3600..9000).step_by(2) {
+        at(&mut s, t, counted(1000, 930));
+        if s.correction() <= 1.0 {
+            back = Some(t);
+            break;
+        }
+    }
+    let back = back.expect("the correction stayed above 1");
+    assert_eq!(s.correction(), 1.0);
+    let used = s.budget.used(0.1).unwrap_or(0.0);
+    assert!((0.35..0.4).contains(&used), "back at {back} with {used} spent");
+}
+
+#[test]
 fn a_window_under_the_goal_is_news_only_once_the_hour_spent_half_its_misses() {
     let p = policy();
     // Goal 90 %: 10 % of feasible requests may miss, a window 8 %.
@@ -436,10 +468,12 @@ fn a_window_under_the_goal_is_news_only_once_the_hour_spent_half_its_misses() {
     for t in (0..3600).step_by(2) {
         at(&mut s, t, counted(1000, 990));
     }
+    let before = s.correction();
+    assert!(before > 1.0, "an underspent hour plans hotter: {before}");
     for t in (3600..4200).step_by(2) {
         at(&mut s, t, counted(1000, 910));
+        assert!(s.correction() >= 1.0, "lowered at {t}: {}", s.correction());
     }
-    assert_eq!(s.correction(), 1.0);
     // … until they have spent half of it: then they are news.
     let mut lowered = None;
     for t in (4200..12_000).step_by(2) {
