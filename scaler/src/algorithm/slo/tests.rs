@@ -446,7 +446,10 @@ fn an_hour_far_within_its_goal_plans_hotter_until_it_spends_more() {
     let back = back.expect("the correction stayed above 1");
     assert_eq!(s.correction(), 1.0);
     let used = s.budget.used(0.1).unwrap_or(0.0);
-    assert!((0.35..0.4).contains(&used), "back at {back} with {used} spent");
+    assert!(
+        (0.35..0.4).contains(&used),
+        "back at {back} with {used} spent"
+    );
 }
 
 #[test]
