@@ -133,6 +133,8 @@ const RECOVERY: f64 = 1.01;
 /// fell to 98.5 %. At 35 % nothing else moved but the ramp on the 8B
 /// (1.14 → 1.05 ×) and the long-context bursts (1.018 → 1.006 ×).
 const MAX_CORRECTION: f64 = 1.3;
+/// Under this share of its allowed misses spent, the last hour is
+/// underspent (see [`MAX_CORRECTION`]).
 const UNDERSPENT: f64 = 0.35;
 /// How far back needs are remembered, and the longest any level is held.
 const LOOKBACK: Duration = Duration::from_secs(30 * 60);
