@@ -1,5 +1,6 @@
 use std::sync::Arc;
 
+use super::hold::TOLERATED;
 use super::*;
 use crate::clock::ManualClock;
 use crate::signals::{PoolSignals, SignalsConfig};
