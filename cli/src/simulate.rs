@@ -101,6 +101,12 @@ pub struct SimulateArgs {
     /// oracle then starts there too).
     #[arg(long, default_value = "10m", value_parser = duration)]
     pub warmup: Duration,
+    /// Hand the control loop to a new leader this often, from the
+    /// measured start (each algorithm starts afresh, as after a restart of
+    /// scalecar or a failover of its lease): what a scaler loses with its
+    /// memory. Off unless given.
+    #[arg(long, value_parser = duration)]
+    pub new_leader_every: Option<Duration>,
     /// The oracle's schedule changes at most this often (it also searches
     /// at 3 and 6 times this, and keeps the cheapest schedule).
     #[arg(long, default_value = "10s", value_parser = duration)]
@@ -191,6 +197,8 @@ pub struct Summary {
     pub startup_delay_s: f64,
     pub ttft_target_s: f64,
     pub warmup_s: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub new_leader_every_s: Option<f64>,
     pub requests: usize,
     pub ttft_attainment: f64,
     pub infeasible: usize,
@@ -326,6 +334,7 @@ pub async fn run(
         initial_replicas: policy.initial_scale.max(policy.min_replicas).max(1),
         max_replicas: policy.max_replicas.unwrap_or(args.max_replicas).max(1),
         warmup: args.warmup,
+        new_leader_every: args.new_leader_every,
     };
     let horizon = scalecar_loadtest::simulate::horizon(&trace);
     if horizon > MAX_TRACE {
@@ -366,6 +375,7 @@ pub async fn run(
         startup_delay_s: args.startup_delay.as_secs_f64(),
         ttft_target_s: args.ttft_target.as_secs_f64(),
         warmup_s: args.warmup.as_secs_f64(),
+        new_leader_every_s: args.new_leader_every.map(|d| d.as_secs_f64()),
         requests: m.requests,
         ttft_attainment: round(m.ttft_attainment, 5),
         infeasible: m.infeasible,

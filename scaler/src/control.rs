@@ -365,6 +365,17 @@ impl ControlLoop {
         self.write_guard = Some(guard);
     }
 
+    /// Leadership (re)gained: what each algorithm remembered from before
+    /// is stale, so each starts afresh at the next tick on the windows this
+    /// replica has — as a restarted scalecar does.
+    pub fn new_leader(&mut self) {
+        for t in &mut self.targets {
+            t.fresh = true;
+            t.advised = None;
+            t.last = None;
+        }
+    }
+
     /// Decides on the sum of this replica's windows and its peers'.
     pub fn with_peers(&mut self, peers: Arc<dyn PeerSource>) {
         self.peers = Some(peers);
@@ -689,12 +700,7 @@ impl ControlLoop {
                     continue;
                 }
                 if !led {
-                    // What an algorithm remembered from before is stale.
-                    for t in &mut self.targets {
-                        t.fresh = true;
-                        t.advised = None;
-                        t.last = None;
-                    }
+                    self.new_leader();
                     led = true;
                 }
             }

@@ -70,6 +70,9 @@ pub struct Settings {
     /// with `initial_replicas` facing the trace's first minute. The oracle
     /// then starts with the count it chooses.
     pub warmup: Duration,
+    /// Hands the control loop to a new leader this often (every algorithm
+    /// starts afresh, as after a restart or a failover); `None`: never.
+    pub new_leader_every: Option<Duration>,
 }
 
 impl Settings {
@@ -87,6 +90,7 @@ impl Settings {
             initial_replicas: 1,
             max_replicas: 64,
             warmup: Duration::ZERO,
+            new_leader_every: None,
         }
     }
 }
@@ -535,6 +539,14 @@ pub async fn simulate(
     loop {
         world.run_until(t);
         target.ready.store(world.ready(), Ordering::Release);
+        // Handovers counted from the measured start: the warm-up's leader
+        // is the first.
+        if let Some(every) = settings.new_leader_every.filter(|e| !e.is_zero())
+            && t >= start + every
+            && (t - start).as_nanos() % every.as_nanos() < tick.as_nanos()
+        {
+            control.new_leader();
+        }
         let statuses = control.tick_once().await;
         let status = statuses.first();
         let measuring = t >= start;
