@@ -396,3 +396,41 @@ async fn short_prompts_go_to_the_replica_that_only_decodes() {
         m.feasible_ttft_attainment
     );
 }
+
+#[tokio::test]
+async fn a_new_leader_keeps_what_it_finds_running_for_the_hold() {
+    // A minute of heavy prompts raises the pool; then a trickle for 14
+    // minutes. One leader lets the burst's replicas go once its hold is
+    // over; handed to a new leader every 40 s, each one keeps what it finds
+    // for its hold's floor (here the 60 s window: five 10 s cold starts
+    // are less), so none ever lets go.
+    let mut trace = constant(20, 60, 2_000, 50);
+    trace.extend(constant(1, 840, 200, 50).into_iter().map(|a| Arrival {
+        at: a.at + Duration::from_secs(60),
+        ..a
+    }));
+    let mut settings = Settings::new(Timing::default());
+    settings.startup_delay = Duration::from_secs(10);
+    let p = policy(&[("algorithm", "slo"), ("ttft-target", "1s")]);
+    let registry = AlgorithmRegistry::with_builtins();
+    let mut ends = Vec::new();
+    for every in [None, Some(Duration::from_secs(40))] {
+        settings.new_leader_every = every;
+        let run = match simulate(&trace, &settings, &p, &registry, |_| {}).await {
+            Ok(r) => r,
+            Err(e) => panic!("{every:?}: {e}"),
+        };
+        let peak = run.timeline.iter().map(|p| p.desired).max().unwrap_or(0);
+        let end = run
+            .timeline
+            .iter()
+            .rev()
+            .find(|p| p.t < 890.0)
+            .map_or(0, |p| p.desired);
+        assert!(peak > 1, "{every:?}: the burst raised the pool: {peak}");
+        ends.push((peak, end));
+    }
+    let ((peak, alone), (handed_peak, handed)) = (ends[0], ends[1]);
+    assert!(alone < peak, "one leader lets go: {alone} of {peak}");
+    assert_eq!(handed, handed_peak, "new leaders every 40 s keep it");
+}

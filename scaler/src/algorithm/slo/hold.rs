@@ -55,6 +55,20 @@ pub(super) struct Hold {
 }
 
 impl Hold {
+    /// Before the first need: the count found running (`spec`) counts as
+    /// needed now. A scaler that starts — a restart, a new leader, a
+    /// target just annotated — knows what runs but not why: the last one
+    /// may have been holding it for bursts that recur. Kept for the floor,
+    /// it is let go only once this scaler has seen that long a stretch of
+    /// the traffic itself (a new leader every 10 minutes took code to
+    /// 87.5 % and the long-context bursts to 85.0 %, each one scaling down
+    /// at once what its predecessor held).
+    pub(super) fn found(&mut self, now: Duration, spec: u32) {
+        if self.needs.is_empty() && spec > 0 {
+            record(&mut self.needs, now, LOOKBACK, f64::from(spec));
+        }
+    }
+
     /// Records `need` and returns the count to hold and the horizon it is
     /// held over. Each level (replica count) is held for the longest gap
     /// seen between two needs of it in the look-back (× 2, at most 15

@@ -368,6 +368,7 @@ impl ScalingAlgorithm for Slo {
         let floor = (cold_start * HOLD_COLD_STARTS)
             .max(p.window)
             .max(p.scale_down_delay);
+        self.hold.found(now, input.spec);
         let (held, horizon) = self.hold.hold(now, need, floor, p.max_bound());
         let (desired, note) = replicas_for(held, work.kv_need(), input.spec, verdict.over);
         let plan = match queue {

@@ -562,15 +562,19 @@ fn consolidation_guards_scale_down() {
     let p = policy();
     let mut s = Slo::new(&p);
     // 5 replicas, need 3.7 (18,800 × 60/61 over 5,000): 4 would run over
-    // 90 % each → hold 5.
+    // 90 % each → hold 5 (past the floor over which a scaler keeps the
+    // count it found).
     let w = window(60, 18_800.0, Some(5000.0), Some(300));
-    let d = decide(&mut s, &p, 5, 5, &snap(w, w));
+    decide_at(&mut s, &p, Duration::ZERO, 5, 5, &snap(w, w));
+    let d = decide_at(&mut s, &p, Duration::from_secs(302), 5, 5, &snap(w, w));
     assert_eq!(d.desired, Some(5), "{}", d.reason);
     assert!(d.reason.contains("consolidation"), "{}", d.reason);
-    // Need 2.0: down to what it needs with 10 % to spare (2.2 → 3).
+    // Need 2.0: down to what it needs with 10 % to spare (2.2 → 3), once
+    // the count it found running has been held for the floor.
     let mut s = Slo::new(&p);
     let w = window(60, 10_200.0, Some(5000.0), Some(300));
-    let d = decide(&mut s, &p, 5, 5, &snap(w, w));
+    decide_at(&mut s, &p, Duration::ZERO, 5, 5, &snap(w, w));
+    let d = decide_at(&mut s, &p, Duration::from_secs(302), 5, 5, &snap(w, w));
     assert_eq!(d.desired, Some(3), "{}", d.reason);
 }
 
@@ -668,10 +672,52 @@ fn no_data_no_decision_and_idle_asks_for_zero() {
     let mut s = Slo::new(&p);
     let d = decide(&mut s, &p, 3, 3, &WindowSnapshot::default());
     assert_eq!(d.desired, None);
+    // Idle: the three it found running are kept for the hold's floor (it
+    // does not know why they run), then let go to zero.
     let idle = window(60, 0.0, None, None);
     let mut s = Slo::new(&p);
-    let d = decide(&mut s, &p, 3, 3, &snap(idle, idle));
+    let d = decide_at(&mut s, &p, Duration::ZERO, 3, 3, &snap(idle, idle));
+    assert_eq!(d.desired, Some(3), "{}", d.reason);
+    let d = decide_at(
+        &mut s,
+        &p,
+        Duration::from_secs(298),
+        3,
+        3,
+        &snap(idle, idle),
+    );
+    assert_eq!(d.desired, Some(3), "{}", d.reason);
+    let d = decide_at(
+        &mut s,
+        &p,
+        Duration::from_secs(302),
+        3,
+        3,
+        &snap(idle, idle),
+    );
     assert_eq!(d.desired, Some(0), "{}", d.reason);
+}
+
+#[test]
+fn a_scaler_that_starts_keeps_what_it_found_for_the_floor() {
+    let p = policy();
+    // Need 2.0 (10,200 × 60/61 over 5,000) where 5 run: a scaler that has
+    // just started (a restart, a new leader) holds the 5 for five cold
+    // starts, then consolidates to what it needs with 10 % to spare (3).
+    let w = window(60, 10_200.0, Some(5000.0), Some(300));
+    let mut s = Slo::new(&p);
+    for t in (0..300).step_by(2) {
+        let d = decide_at(&mut s, &p, Duration::from_secs(t), 5, 5, &snap(w, w));
+        assert_eq!(d.desired, Some(5), "at {t}: {}", d.reason);
+    }
+    let d = decide_at(&mut s, &p, Duration::from_secs(302), 5, 5, &snap(w, w));
+    assert_eq!(d.desired, Some(3), "{}", d.reason);
+    // What it found is a floor for that long, not a ceiling: more work
+    // asks for more at once.
+    let mut s = Slo::new(&p);
+    let busy = window(60, 40_000.0, Some(5000.0), Some(300));
+    let d = decide_at(&mut s, &p, Duration::ZERO, 5, 5, &snap(busy, busy));
+    assert!(d.desired > Some(5), "{}", d.reason);
 }
 
 #[test]
