@@ -283,6 +283,15 @@ pub async fn run(
             return Err(SimulateCliError::Flag { flag, message });
         }
     }
+    if args
+        .new_leader_every
+        .is_some_and(|d| d.is_zero() || d > DAY)
+    {
+        return Err(SimulateCliError::Flag {
+            flag: "new-leader-every",
+            message: "must be longer than 0 and at most 24h",
+        });
+    }
     let registry = AlgorithmRegistry::with_builtins();
     let policy = load_policy(args, &registry)?;
     let name = trace_name(args);

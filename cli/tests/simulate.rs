@@ -245,6 +245,11 @@ fn bad_input_exits_2_and_says_what_was_wrong() {
         ),
         ("--tick", "0s", "--tick: must be longer than 0"),
         ("--warmup", "30d", "--warmup: must be at most 24h"),
+        (
+            "--new-leader-every",
+            "0s",
+            "--new-leader-every: must be longer than 0",
+        ),
     ] {
         let (code, _, stderr) = simulate(&["--trace", good.to_str().unwrap(), flag, value]);
         assert_eq!(code, 2, "{flag} {value}: {stderr}");

@@ -675,27 +675,13 @@ fn no_data_no_decision_and_idle_asks_for_zero() {
     // Idle: the three it found running are kept for the hold's floor (it
     // does not know why they run), then let go to zero.
     let idle = window(60, 0.0, None, None);
+    let at = |s: &mut Slo, t: u64| {
+        decide_at(s, &p, Duration::from_secs(t), 3, 3, &snap(idle, idle)).desired
+    };
     let mut s = Slo::new(&p);
-    let d = decide_at(&mut s, &p, Duration::ZERO, 3, 3, &snap(idle, idle));
-    assert_eq!(d.desired, Some(3), "{}", d.reason);
-    let d = decide_at(
-        &mut s,
-        &p,
-        Duration::from_secs(298),
-        3,
-        3,
-        &snap(idle, idle),
-    );
-    assert_eq!(d.desired, Some(3), "{}", d.reason);
-    let d = decide_at(
-        &mut s,
-        &p,
-        Duration::from_secs(302),
-        3,
-        3,
-        &snap(idle, idle),
-    );
-    assert_eq!(d.desired, Some(0), "{}", d.reason);
+    assert_eq!(at(&mut s, 0), Some(3));
+    assert_eq!(at(&mut s, 298), Some(3));
+    assert_eq!(at(&mut s, 302), Some(0));
 }
 
 #[test]
