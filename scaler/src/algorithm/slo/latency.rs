@@ -5,8 +5,8 @@
 //! news lower it — the plan said the replicas were enough, all of them
 //! served the whole window, and the hour has spent enough of its budget
 //! that they are not chance — so a backlog's misses never collapse it. It
-//! climbs back under served load, and above 1 only while the hour is
-//! underspent.
+//! climbs back under served load, and above 1 only while the last hour —
+//! seen whole — is underspent.
 
 use std::time::Duration;
 
@@ -35,7 +35,10 @@ const RECOVERY: f64 = 1.01;
 /// or 1.3 cost the long-context bursts 3–7 points and code 1; gated at 25 %
 /// the diurnal day 0.75 ×, at 35 % 0.71 ×, at 50 % 0.71 × but code at 5 s
 /// fell to 98.5 %. At 35 % nothing else moved but the ramp on the 8B
-/// (1.14 → 1.05 ×) and the long-context bursts (1.018 → 1.006 ×).
+/// (1.14 → 1.05 ×) and the long-context bursts (1.018 → 1.006 ×), and
+/// those two only while a budget of 500 requests counted as an hour: since
+/// it needs the whole hour (see [`BUDGET_EVIDENCE`]) only the diurnal day,
+/// of the traces here, runs long enough to use it.
 const MAX_CORRECTION: f64 = 1.3;
 /// Under this share of its allowed misses spent, the last hour is
 /// underspent (see [`MAX_CORRECTION`]).
