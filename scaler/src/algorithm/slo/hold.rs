@@ -5,9 +5,12 @@
 //! twice the longest gap seen between two needs of it in the last half
 //! hour, at most 15 minutes: bursts that recur every few minutes keep
 //! their replicas across the gaps, since a replica let go in a gap is
-//! back only a cold start after the next burst began. The whole count
-//! then takes a need a little over it as served (the tolerance), never
-//! goes under the KV floor, and goes down only past consolidation.
+//! back only a cold start after the next burst began. A scaler that
+//! starts (a restart, a new leader) counts the replicas it finds as
+//! needed at its first decision, so it lets none go before the floor. The
+//! whole count then takes a need a little over it as served (the
+//! tolerance), never goes under the KV floor, and goes down only past
+//! consolidation.
 
 use std::collections::VecDeque;
 use std::time::Duration;
