@@ -26,6 +26,7 @@ pub mod clock;
 pub mod control;
 #[cfg(feature = "kube")]
 pub mod kube;
+pub mod memory;
 pub mod pd;
 pub mod peer;
 pub mod signals;

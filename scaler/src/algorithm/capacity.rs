@@ -80,6 +80,61 @@ impl CapacityEstimate {
     }
 }
 
+/// A [`CapacityEstimate`] as remembered for a successor (see
+/// [`crate::memory`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CapacityMemory {
+    value: f64,
+    prior: f64,
+    measurements: u64,
+    /// Seconds before the save of the last measurement.
+    last_age: Option<f64>,
+}
+
+impl CapacityEstimate {
+    /// What a successor needs to go on, as of `now`.
+    pub fn remember(&self, now: Duration) -> CapacityMemory {
+        CapacityMemory {
+            value: self.value,
+            prior: self.prior,
+            measurements: self.measurements,
+            last_age: self.last.map(|t| crate::memory::age_of(now, t)),
+        }
+    }
+
+    /// The estimate `m` remembered, its ages turned into clock times by
+    /// `at`; `Err` names what is out of bounds.
+    pub fn recalled(
+        m: &CapacityMemory,
+        at: impl Fn(f64) -> Option<Duration>,
+    ) -> Result<CapacityEstimate, String> {
+        let good = |x: f64| x.is_finite() && x > 0.0;
+        if !good(m.prior) || !good(m.value) {
+            return Err(format!(
+                "capacity {} (prior {}) is not a rate",
+                m.value, m.prior
+            ));
+        }
+        if m.value < m.prior / BOUND * 0.999 || m.value > m.prior * BOUND * 1.001 {
+            return Err(format!(
+                "capacity {} is outside the bounds around its prior {}",
+                m.value, m.prior
+            ));
+        }
+        let last = match m.last_age {
+            Some(age) => Some(at(age).ok_or_else(|| format!("capacity age {age} is not an age"))?),
+            None => None,
+        };
+        Ok(CapacityEstimate {
+            value: m.value,
+            prior: m.prior,
+            last,
+            measurements: m.measurements,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

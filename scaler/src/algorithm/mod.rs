@@ -99,6 +99,37 @@ pub trait ScalingAlgorithm: Send + fmt::Debug {
     fn latencies(&self, _role: Role) -> crate::snapshot::Latencies {
         crate::snapshot::Latencies::ALL
     }
+    /// What this algorithm has learnt that a successor should start from
+    /// (see [`crate::memory`]), as of clock time `now`, every time in it
+    /// an age. `None`: nothing worth carrying (the default: KPA and the HPA
+    /// start afresh on a new leader, as Knative's autoscaler and the
+    /// kube-controller-manager do).
+    fn remember(&self, _now: Duration) -> Option<serde_json::Value> {
+        None
+    }
+    /// Starts from `memory` (what [`ScalingAlgorithm::remember`] gave, saved
+    /// `elapsed` ago) at clock time `now`, in place of a fresh start.
+    /// Called only on an algorithm that has not decided yet. An error
+    /// leaves the algorithm as it was: fresh.
+    fn recall(
+        &mut self,
+        _memory: &serde_json::Value,
+        _now: Duration,
+        _elapsed: Duration,
+    ) -> Result<(), RecallError> {
+        Err(RecallError::NotKept)
+    }
+}
+
+/// Why an algorithm did not take a memory.
+#[derive(Debug, thiserror::Error)]
+pub enum RecallError {
+    #[error("this algorithm keeps no memory")]
+    NotKept,
+    #[error("not this algorithm's memory: {0}")]
+    Shape(#[from] serde_json::Error),
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// Builds an algorithm for a target: its policy, the ready count at

@@ -206,6 +206,51 @@ impl Demand {
     }
 }
 
+/// The demand's recent past as remembered: the series (one point per
+/// [`super::THINNED`] stretch, `[age, demand]`) and the burst under way
+/// (`[age of its start, lowest demand, ceiling]`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct DemandMemory {
+    series: Vec<(f64, f64)>,
+    burst: Option<(f64, f64, f64)>,
+}
+
+impl Demand {
+    pub(super) fn remember(&self, now: Duration) -> DemandMemory {
+        DemandMemory {
+            series: super::thinned(&self.series, now, false)
+                .into_iter()
+                .map(|(age, d)| (age, crate::memory::round(d, 100.0)))
+                .collect(),
+            burst: self
+                .burst
+                .map(|(since, floor, over)| (crate::memory::age_of(now, since), floor, over)),
+        }
+    }
+
+    pub(super) fn recalled(
+        m: &DemandMemory,
+        at: &impl Fn(f64) -> Option<Duration>,
+    ) -> Result<Demand, String> {
+        let burst = match m.burst {
+            Some((age, floor, over)) => {
+                let rate = |x: f64| x.is_finite() && x >= 0.0;
+                if !rate(floor) || !rate(over) {
+                    return Err(format!("burst {floor} over {over} is not a demand"));
+                }
+                let since = at(age).ok_or_else(|| format!("burst age {age} is not an age"))?;
+                Some((since, floor, over))
+            }
+            None => None,
+        };
+        Ok(Demand {
+            series: super::recalled_series(&m.series, at, "demand")?,
+            burst,
+        })
+    }
+}
+
 /// The highest prompt-token rate over a window of `length` that random
 /// arrivals at the stable window's rate and mean prompt explain.
 fn noise_ceiling(stable: &WindowValues, length: Duration) -> f64 {

@@ -130,6 +130,38 @@ impl Hold {
     }
 }
 
+/// The needs as remembered: `[age, need]`, the highest of each
+/// [`super::THINNED`] stretch (every level reached, and when, to within
+/// that).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct HoldMemory {
+    needs: Vec<(f64, f64)>,
+}
+
+impl Hold {
+    pub(super) fn remember(&self, now: Duration) -> HoldMemory {
+        HoldMemory {
+            needs: super::thinned(&self.needs, now, true)
+                .into_iter()
+                // Rounded up: a level reached stays reached.
+                .map(|(age, n)| (age, (n * 100.0).ceil() / 100.0))
+                .collect(),
+        }
+    }
+
+    pub(super) fn recalled(
+        m: &HoldMemory,
+        at: &impl Fn(f64) -> Option<Duration>,
+    ) -> Result<Hold, String> {
+        Ok(Hold {
+            needs: super::recalled_series(&m.needs, at, "need")?,
+            // Rebuilt from the needs at the next decision.
+            levels: Levels::default(),
+        })
+    }
+}
+
 /// Per replica count (index 1..=top): when it was last needed, and the
 /// longest gap between two needs of it, over the remembered decisions.
 #[derive(Debug, Default)]

@@ -109,6 +109,98 @@ impl ErrorBudget {
     }
 }
 
+/// The budget as remembered: its decayed counts, and the hour of
+/// evidence behind them as ages.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct BudgetMemory {
+    eligible: f64,
+    missed: f64,
+    /// Seconds before the save of the first observation (only whether a
+    /// whole hour was seen matters) and of the last.
+    since_age: Option<f64>,
+    last_age: Option<f64>,
+}
+
+impl ErrorBudget {
+    pub(super) fn remember(&self, now: Duration) -> BudgetMemory {
+        let age = |t: Duration| crate::memory::age_of(now, t);
+        BudgetMemory {
+            eligible: self.eligible,
+            missed: self.missed,
+            since_age: self.since.map(age),
+            last_age: self.last.map(age),
+        }
+    }
+
+    /// The budget `m` remembered, decayed over the `elapsed` seconds
+    /// since it was saved (nobody observed them).
+    pub(super) fn recalled(
+        m: &BudgetMemory,
+        elapsed: f64,
+        at: &impl Fn(f64) -> Option<Duration>,
+    ) -> Result<ErrorBudget, String> {
+        let count = |x: f64| x.is_finite() && x >= 0.0;
+        if !count(m.eligible) || !count(m.missed) || m.missed > m.eligible * 1.000_001 + 1e-9 {
+            return Err(format!(
+                "error budget {} missed of {} is not a count",
+                m.missed, m.eligible
+            ));
+        }
+        let time = |age: Option<f64>| match age {
+            Some(a) => at(a)
+                .map(Some)
+                .ok_or_else(|| format!("error budget age {a} is not an age")),
+            None => Ok(None),
+        };
+        let decay = (-elapsed.max(0.0) / BUDGET_HORIZON.as_secs_f64()).exp();
+        Ok(ErrorBudget {
+            eligible: m.eligible * decay,
+            missed: m.missed * decay,
+            since: time(m.since_age)?,
+            last: time(m.last_age)?,
+        })
+    }
+}
+
+/// The correction as remembered.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct CorrectionMemory {
+    value: f64,
+    /// Seconds before the save of its last step down.
+    lowered_age: Option<f64>,
+}
+
+impl Correction {
+    pub(super) fn remember(&self, now: Duration) -> CorrectionMemory {
+        CorrectionMemory {
+            value: self.value,
+            lowered_age: self.last_lowered.map(|t| crate::memory::age_of(now, t)),
+        }
+    }
+
+    pub(super) fn recalled(
+        m: &CorrectionMemory,
+        at: &impl Fn(f64) -> Option<Duration>,
+    ) -> Result<Correction, String> {
+        if !(m.value.is_finite() && (MIN_CORRECTION..=MAX_CORRECTION).contains(&m.value)) {
+            return Err(format!(
+                "correction {} is outside [{MIN_CORRECTION}, {MAX_CORRECTION}]",
+                m.value
+            ));
+        }
+        let last_lowered = match m.lowered_age {
+            Some(a) => Some(at(a).ok_or_else(|| format!("correction age {a} is not an age"))?),
+            None => None,
+        };
+        Ok(Correction {
+            value: m.value,
+            last_lowered,
+        })
+    }
+}
+
 /// The latency correction: a factor on the measured capacity, between
 /// [`MIN_CORRECTION`] and [`MAX_CORRECTION`].
 #[derive(Debug)]

@@ -117,6 +117,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use scalecar_config::{Policy, Role};
+use serde::Deserialize;
 
 use super::capacity::CapacityEstimate;
 use super::queueing;
@@ -134,6 +135,10 @@ pub const DEFAULT_COLD_START: Duration = Duration::from_secs(60);
 /// The SLO controller of one target.
 #[derive(Debug)]
 pub struct Slo {
+    /// Added to the clock: zero, or (once recalled) enough that the
+    /// remembered past has clock times of its own in a process that
+    /// started just now (see [`crate::memory`]).
+    epoch: Duration,
     capacity: CapacityEstimate,
     /// The last decision held the estimate: the replicas' KV caches were
     /// full (see [`Slo::learn_capacity`]).
@@ -150,6 +155,7 @@ pub struct Slo {
 impl Slo {
     pub fn new(policy: &Policy) -> Self {
         Slo {
+            epoch: Duration::ZERO,
             capacity: CapacityEstimate::new(policy.target),
             capacity_held: false,
             correction: Correction::new(),
@@ -288,6 +294,70 @@ impl Slo {
     }
 }
 
+/// What a successor needs to go on (see [`crate::memory`]). Not kept:
+/// whether every replica has been ready for a window (the successor sees
+/// for itself), nor the per-level table (rebuilt from the needs).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SloMemory {
+    capacity: super::capacity::CapacityMemory,
+    correction: latency::CorrectionMemory,
+    budget: latency::BudgetMemory,
+    hold: hold::HoldMemory,
+    demand: demand::DemandMemory,
+}
+
+/// How finely a remembered series keeps its points: one per stretch of
+/// this length (the hold's gaps and the trend are minutes long; half an
+/// hour of 2 s decisions is 900 points, and 180 of them keep what those
+/// read).
+const THINNED: Duration = Duration::from_secs(10);
+
+/// A recalled algorithm's clock runs this far ahead of the process's: the
+/// oldest age remembered plus the oldest memory recalled, with room.
+const RECALL_EPOCH: Duration = Duration::from_secs(4 * 3600);
+
+/// `series` as `(age, value)`, one point per [`THINNED`] stretch: the
+/// highest (`highest`) or the latest.
+fn thinned(series: &VecDeque<(Duration, f64)>, now: Duration, highest: bool) -> Vec<(f64, f64)> {
+    let stretch = |t: &Duration| t.as_secs() / THINNED.as_secs().max(1);
+    let mut out: Vec<(Duration, f64)> = Vec::new();
+    for (t, v) in series {
+        match out.last_mut() {
+            Some((last, kept)) if stretch(last) == stretch(t) => {
+                if !highest || *v >= *kept {
+                    *last = *t;
+                    *kept = *v;
+                }
+            }
+            _ => out.push((*t, *v)),
+        }
+    }
+    out.into_iter()
+        .map(|(t, v)| (crate::memory::age_of(now, t), v))
+        .collect()
+}
+
+/// A remembered `(age, value)` series as clock times, oldest first.
+fn recalled_series(
+    points: &[(f64, f64)],
+    at: &impl Fn(f64) -> Option<Duration>,
+    what: &str,
+) -> Result<VecDeque<(Duration, f64)>, String> {
+    let mut series = VecDeque::with_capacity(points.len());
+    for (age, v) in points {
+        if !(v.is_finite() && *v >= 0.0) {
+            return Err(format!("{what} {v} is not a {what}"));
+        }
+        let t = at(*age).ok_or_else(|| format!("{what} age {age} is not an age"))?;
+        if series.back().is_some_and(|(last, _)| *last > t) {
+            return Err(format!("{what} series is not oldest first"));
+        }
+        series.push_back((t, *v));
+    }
+    Ok(series)
+}
+
 /// Appends `(now, value)` to a time series, first dropping the points
 /// older than `span`.
 fn record(series: &mut VecDeque<(Duration, f64)>, now: Duration, span: Duration, value: f64) {
@@ -324,7 +394,60 @@ impl ScalingAlgorithm for Slo {
         "slo"
     }
 
+    fn remember(&self, now: Duration) -> Option<serde_json::Value> {
+        let now = now + self.epoch;
+        serde_json::to_value(SloMemory {
+            capacity: self.capacity.remember(now),
+            correction: self.correction.remember(now),
+            budget: self.budget.remember(now),
+            hold: self.hold.remember(now),
+            demand: self.demand.remember(now),
+        })
+        .ok()
+    }
+
+    fn recall(
+        &mut self,
+        memory: &serde_json::Value,
+        now: Duration,
+        elapsed: Duration,
+    ) -> Result<(), super::RecallError> {
+        let m = SloMemory::deserialize(memory)?;
+        let clock = now + RECALL_EPOCH;
+        let elapsed_s = elapsed.as_secs_f64();
+        let at = |age: f64| {
+            let back = Duration::try_from_secs_f64(age + elapsed_s)
+                .ok()
+                .filter(|_| age >= 0.0)?;
+            clock.checked_sub(back)
+        };
+        let invalid = super::RecallError::Invalid;
+        // All or nothing: half a memory is not this algorithm's past.
+        let capacity = CapacityEstimate::recalled(&m.capacity, at).map_err(invalid)?;
+        let correction = Correction::recalled(&m.correction, &at).map_err(invalid)?;
+        let budget = ErrorBudget::recalled(&m.budget, elapsed_s, &at).map_err(invalid)?;
+        let hold = Hold::recalled(&m.hold, &at).map_err(invalid)?;
+        let demand = Demand::recalled(&m.demand, &at).map_err(invalid)?;
+        *self = Slo {
+            epoch: RECALL_EPOCH,
+            capacity,
+            capacity_held: false,
+            correction,
+            settled_since: None,
+            demand,
+            hold,
+            budget,
+        };
+        Ok(())
+    }
+
     fn decide(&mut self, input: &DecisionInput<'_>) -> Decision {
+        // The algorithm's own clock (see `epoch`).
+        let shifted = DecisionInput {
+            now: input.now + self.epoch,
+            ..*input
+        };
+        let input = &shifted;
         let p = input.policy;
         let now = input.now;
         if !input.snapshot.stable.has_data() {

@@ -944,3 +944,87 @@ fn the_count_asked_for_follows_its_rules_in_order() {
         );
     }
 }
+
+#[test]
+fn a_successor_that_recalls_the_memory_decides_as_its_predecessor_would() {
+    let p = policy();
+    // An hour and more of 6,000 tok/s served at 99.5 % on replicas
+    // measured at 5,000, with 10 s bursts of 30,000 every 3 minutes: the
+    // correction has climbed above 1, the bursts' count is held between
+    // them, the capacity is measured.
+    let quiet = counted(1000, 995);
+    let burst = window(6, 30_000.0, Some(5000.0), Some(300));
+    let input = |t: u64| {
+        let panic = if t % 180 < 10 { burst } else { quiet };
+        snap(quiet, panic)
+    };
+    // Each decision is applied at once: the next sees it running.
+    let step = |s: &mut Slo, clock: u64, t: u64, running: &mut u32| {
+        let d = decide_at(s, &p, Duration::from_secs(clock), *running, *running, &input(t));
+        *running = d.desired.unwrap_or(*running);
+        d
+    };
+    let mut old = Slo::new(&p);
+    let mut running = 1;
+    for t in (0..=3790).step_by(2) {
+        step(&mut old, t, t, &mut running);
+    }
+    assert!(old.correction() > 1.05, "{}", old.correction());
+    // The memory as stored: JSON text, small.
+    let text = serde_json::to_string(&old.remember(Duration::from_secs(3790)).unwrap()).unwrap();
+    assert!(text.len() < 8 * 1024, "{} bytes", text.len());
+    let memory: serde_json::Value = serde_json::from_str(&text).unwrap();
+    // A successor in a process whose clock started 5 s ago takes it over
+    // at once (no time lost between the save and the recall); a fresh
+    // one starts from nothing.
+    let mut new = Slo::new(&p);
+    new.recall(&memory, Duration::from_secs(5), Duration::ZERO)
+        .unwrap();
+    // (JSON keeps floats to within a unit in the last place.)
+    assert!((new.capacity() - old.capacity()).abs() < 1e-9);
+    assert!((new.correction() - old.correction()).abs() < 1e-12);
+    let mut fresh = Slo::new(&p);
+    let (mut a, mut b, mut c) = (running, running, running);
+    let mut fresh_differed = false;
+    for t in (3792..=5000).step_by(2) {
+        let clock = t - 3790 + 5;
+        let d_old = step(&mut old, t, t, &mut a);
+        let d_new = step(&mut new, clock, t, &mut b);
+        let d_fresh = step(&mut fresh, clock, t, &mut c);
+        assert_eq!(
+            d_new.desired, d_old.desired,
+            "t {t}: recalled {} / predecessor {}",
+            d_new.reason, d_old.reason
+        );
+        fresh_differed |= d_fresh.desired != d_old.desired;
+    }
+    assert!((new.correction() - old.correction()).abs() < 1e-9);
+    assert!(fresh_differed, "a fresh start decided the same: the test shows nothing");
+}
+
+#[test]
+fn a_memory_that_is_not_sound_is_refused_whole() {
+    let p = policy();
+    let mut old = Slo::new(&p);
+    let w = window(60, 6000.0, Some(5000.0), Some(300));
+    for t in (0..120).step_by(2) {
+        decide_at(&mut old, &p, Duration::from_secs(t), 2, 2, &snap(w, w));
+    }
+    let good = old.remember(Duration::from_secs(120)).unwrap();
+    let mut bad = good.clone();
+    bad["correction"]["value"] = serde_json::json!(7.0);
+    let mut s = Slo::new(&p);
+    let e = s.recall(&bad, Duration::ZERO, Duration::ZERO).unwrap_err();
+    assert!(e.to_string().contains("correction 7 is outside [0.5, 1.3]"), "{e}");
+    assert_eq!(s.capacity(), 4000.0, "nothing of it was taken");
+    let mut bad = good.clone();
+    bad["hold"]["needs"] = serde_json::json!([[-3.0, 2.0]]);
+    let e = s.recall(&bad, Duration::ZERO, Duration::ZERO).unwrap_err();
+    assert!(e.to_string().contains("need age -3 is not an age"), "{e}");
+    let e = s
+        .recall(&serde_json::json!({"kpa": true}), Duration::ZERO, Duration::ZERO)
+        .unwrap_err();
+    assert!(e.to_string().starts_with("not this algorithm's memory"), "{e}");
+    s.recall(&good, Duration::ZERO, Duration::ZERO).unwrap();
+    assert_eq!(s.capacity(), 5000.0);
+}
