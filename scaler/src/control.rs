@@ -27,6 +27,8 @@ use crate::signals::PoolSignals;
 use crate::snapshot::WindowSnapshot;
 use crate::target::{ScaleState, ScaleTarget, TargetError};
 
+mod keeping;
+
 /// Wall-clock time in Unix seconds, for schedule floors (UTC).
 pub trait WallClock: Send + Sync + fmt::Debug {
     fn unix_secs(&self) -> u64;
@@ -144,6 +146,9 @@ pub trait PeerSource: Send + Sync + fmt::Debug {
 pub trait DecisionObserver: Send + Sync + fmt::Debug {
     fn decided(&self, status: &TargetStatus);
     fn scale_failed(&self, name: &str, error: &TargetError);
+    /// Memory was loaded, saved or recalled (see [`crate::memory`]); the
+    /// loop logs each itself.
+    fn memory(&self, _event: crate::memory::MemoryEvent) {}
 }
 
 /// An observer that only logs.
@@ -192,6 +197,9 @@ struct Managed {
     /// The last count advised (advisory targets): a change is logged once,
     /// not every tick it stays unapplied.
     advised: Option<u32>,
+    /// Memory to start the next created algorithm from, and when it was
+    /// saved (Unix seconds).
+    recall: Option<(crate::memory::TargetMemory, u64)>,
 }
 
 impl fmt::Debug for Managed {
@@ -242,6 +250,8 @@ pub struct ControlLoop {
     write_guard: Option<Arc<dyn WriteGuard>>,
     /// The other replicas' windows, merged into every decision.
     peers: Option<Arc<dyn PeerSource>>,
+    /// Where memory is kept between leaders.
+    keeper: Option<keeping::Keeper>,
 }
 
 /// Whether `a` and `b` scale the same thing the same way: then the running
@@ -283,6 +293,7 @@ impl ControlLoop {
             leading: None,
             write_guard: None,
             peers: None,
+            keeper: None,
         };
         if let Some(e) = control.set_targets(specs).into_iter().next() {
             return Err(e);
@@ -321,6 +332,7 @@ impl ControlLoop {
             };
             match self.registry.create(&spec.policy, ready, now) {
                 Ok(algorithm) => self.targets.push(Managed {
+                    recall: self.keeper.as_mut().and_then(|k| k.waiting(&spec.name)),
                     spec,
                     algorithm,
                     fresh: true,
@@ -354,7 +366,9 @@ impl ControlLoop {
 
     /// Decides only while `leading` says so (a replica that is not the
     /// leader neither decides, writes nor events; it keeps recording). A
-    /// new leader starts each algorithm afresh on the windows it has.
+    /// new leader creates each algorithm afresh on the windows it has, and
+    /// from the last leader's memory when it keeps one
+    /// ([`ControlLoop::remember_in`]).
     pub fn lead_with(&mut self, leading: tokio::sync::watch::Receiver<bool>) {
         self.leading = Some(leading);
     }
@@ -366,8 +380,9 @@ impl ControlLoop {
     }
 
     /// Leadership (re)gained: what each algorithm remembered from before
-    /// is stale, so each starts afresh at the next tick on the windows this
-    /// replica has — as a restarted scalecar does.
+    /// is stale, so each is created afresh at the next tick on the windows
+    /// this replica has — from the memory the last leader saved, when
+    /// [`ControlLoop::load_memory`] found one (`run` loads it here).
     pub fn new_leader(&mut self) {
         for t in &mut self.targets {
             t.fresh = true;
@@ -471,6 +486,7 @@ impl ControlLoop {
                 && let Ok(algorithm) = self.registry.create(&t.spec.policy, state.ready, now)
             {
                 t.algorithm = algorithm;
+                keeping::recall(t, now, unix_secs, &*self.observer);
             }
             let decision = decide(t, state, &snapshot, now, partial);
             pending.push(Pending {
@@ -666,7 +682,13 @@ impl ControlLoop {
         let poke = self.poke.clone();
         let mut updates = self.updates.take();
         let leading = self.leading.take();
-        let mut led = true;
+        // Leadership gained (the first time too) loads the memory; a loop
+        // without election leads from the start.
+        let mut led = false;
+        if leading.is_none() {
+            self.load_on_leading().await;
+            led = true;
+        }
         let mut ticks: u64 = 0;
         tokio::pin!(shutdown);
         loop {
@@ -677,7 +699,12 @@ impl ControlLoop {
                 }
             };
             tokio::select! {
-                _ = &mut shutdown => return,
+                _ = &mut shutdown => {
+                    if led && leading.as_ref().is_none_or(|l| *l.borrow()) {
+                        self.save_before_stopping().await;
+                    }
+                    return;
+                }
                 _ = interval.tick() => {}
                 _ = poke.notified() => {}
                 open = changed => {
@@ -701,6 +728,7 @@ impl ControlLoop {
                 }
                 if !led {
                     self.new_leader();
+                    self.load_on_leading().await;
                     led = true;
                 }
             }
@@ -711,6 +739,7 @@ impl ControlLoop {
                 tracing::debug_span!("tick", n = ticks),
             )
             .await;
+            self.save_when_due();
         }
     }
 }
@@ -963,6 +992,7 @@ mod tests {
     struct Recorder {
         statuses: Mutex<Vec<TargetStatus>>,
         failures: Mutex<Vec<String>>,
+        memory: Mutex<Vec<crate::memory::MemoryEvent>>,
     }
 
     impl DecisionObserver for Recorder {
@@ -971,6 +1001,9 @@ mod tests {
         }
         fn scale_failed(&self, name: &str, e: &TargetError) {
             self.failures.lock().unwrap().push(format!("{name}: {e}"));
+        }
+        fn memory(&self, e: crate::memory::MemoryEvent) {
+            self.memory.lock().unwrap().push(e);
         }
     }
 
@@ -1070,6 +1103,116 @@ mod tests {
                 None => assert!(!s[0].reason.contains("KV"), "{}", s[0].reason),
             }
         }
+    }
+
+    /// A wall clock a test sets.
+    #[derive(Debug, Default)]
+    struct Wall(std::sync::atomic::AtomicU64);
+
+    impl WallClock for Wall {
+        fn unix_secs(&self) -> u64 {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_successor_starts_from_the_memory_its_predecessor_saved() {
+        use crate::memory::{InProcessMemory, MemoryEvent};
+        let slo = Policy {
+            algorithm: "slo".into(),
+            target: 5000.0,
+            ttft_target: Some(Duration::from_secs(2)),
+            ..policy()
+        };
+        let store = Arc::new(InProcessMemory::default());
+        let wall = Arc::new(Wall::default());
+        wall.0.store(1_800_000_000, Ordering::SeqCst);
+        // A leader sees 100,000 prompt tokens arrive in a few seconds and
+        // scales up; then it saves.
+        let target = Instant::new(1);
+        let (clock, signals, _, mut a) = setup(Scaling::Managed(target.clone()), slo.clone());
+        a.wall = wall.clone();
+        a.remember_in(store.clone(), "gw-a");
+        for _ in 0..50 {
+            signals.arrival(2000);
+        }
+        clock.advance(Duration::from_secs(2));
+        let held = a.tick_once().await[0].applied;
+        assert!(held >= 4, "the burst asked for {held}");
+        assert_eq!(a.save_memory().await.unwrap(), 1);
+        let saved = store.document().unwrap();
+        assert!(saved.contains(r#""holder":"gw-a""#), "{saved}");
+        // Successors in new processes (clocks of their own), over the
+        // same Deployment, a trickle of traffic each, 20 s after the save.
+        wall.0.fetch_add(20, Ordering::SeqCst);
+        let successor = |policy: Policy| {
+            let (store, wall, target) = (store.clone(), wall.clone(), target.clone());
+            async move {
+                let (clock, signals, recorder, mut b) = setup(Scaling::Managed(target), policy);
+                b.wall = wall;
+                b.remember_in(store, "gw-b");
+                b.new_leader();
+                let loaded = b.load_memory().await.unwrap();
+                signals.arrival(100);
+                clock.advance(Duration::from_secs(2));
+                let s = b.tick_once().await;
+                let events = recorder.memory.lock().unwrap().clone();
+                (loaded, s[0].clone(), events)
+            }
+        };
+        // Someone scaled the Deployment back to one meanwhile: what a
+        // fresh start finds, and keeps, is one replica; only the memory
+        // knows the burst needed more.
+        *target.state.lock().unwrap() = ScaleState { spec: 1, ready: 1 };
+        let (loaded, s, events) = successor(slo.clone()).await;
+        assert_eq!(loaded, 1);
+        assert_eq!(events, vec![MemoryEvent::Loaded, MemoryEvent::Recalled]);
+        assert_eq!(
+            s.applied, held,
+            "the recalled hold keeps the burst's count: {}",
+            s.reason
+        );
+        // Learnt under another policy: not taken; the trickle needs one
+        // replica.
+        *target.state.lock().unwrap() = ScaleState { spec: 1, ready: 1 };
+        let other = Policy {
+            ttft_target: Some(Duration::from_secs(3)),
+            ..slo.clone()
+        };
+        let (_, s, events) = successor(other).await;
+        assert_eq!(events, vec![MemoryEvent::Loaded, MemoryEvent::Refused]);
+        assert_eq!(s.applied, 1, "{}", s.reason);
+        // Saved more than an hour ago: not taken either.
+        *target.state.lock().unwrap() = ScaleState { spec: 1, ready: 1 };
+        wall.0.fetch_add(3600, Ordering::SeqCst);
+        let (_, s, events) = successor(slo).await;
+        assert_eq!(events, vec![MemoryEvent::Loaded, MemoryEvent::Refused]);
+        assert_eq!(s.applied, 1, "{}", s.reason);
+    }
+
+    #[tokio::test]
+    async fn memory_is_saved_only_while_this_replica_may_write() {
+        let store = Arc::new(crate::memory::InProcessMemory::default());
+        let slo = Policy {
+            algorithm: "slo".into(),
+            ..policy()
+        };
+        let (clock, signals, recorder, mut l) = setup(Scaling::Managed(Instant::new(1)), slo);
+        l.remember_in(store.clone(), "gw");
+        let guard = Arc::new(Switch::default());
+        l.guard_writes(guard.clone());
+        signals.arrival(100);
+        clock.advance(Duration::from_secs(2));
+        l.tick_once().await;
+        assert_eq!(l.save_memory().await.unwrap(), 0);
+        assert!(store.document().is_none());
+        guard.0.store(true, Ordering::SeqCst);
+        assert_eq!(l.save_memory().await.unwrap(), 1);
+        assert!(store.document().is_some());
+        assert_eq!(
+            *recorder.memory.lock().unwrap(),
+            vec![crate::memory::MemoryEvent::Saved]
+        );
     }
 
     #[tokio::test]

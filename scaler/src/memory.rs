@@ -62,6 +62,49 @@ pub struct TargetMemory {
     pub policy: String,
     /// The algorithm's own state (see `ScalingAlgorithm::remember`).
     pub state: serde_json::Value,
+    /// When this entry was saved, when earlier than the document: memory
+    /// loaded for a target not decided since is carried over unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saved_at: Option<u64>,
+}
+
+/// What happened to memory, for metrics (a closed set).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryEvent {
+    /// A document was read at leadership.
+    Loaded,
+    /// None was there yet.
+    Empty,
+    /// A document was written.
+    Saved,
+    /// Reading or writing failed.
+    Failed,
+    /// A target started from its memory.
+    Recalled,
+    /// A target's memory was not taken (too old, another policy, unsound).
+    Refused,
+}
+
+impl MemoryEvent {
+    pub const ALL: [MemoryEvent; 6] = [
+        MemoryEvent::Loaded,
+        MemoryEvent::Empty,
+        MemoryEvent::Saved,
+        MemoryEvent::Failed,
+        MemoryEvent::Recalled,
+        MemoryEvent::Refused,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemoryEvent::Loaded => "loaded",
+            MemoryEvent::Empty => "empty",
+            MemoryEvent::Saved => "saved",
+            MemoryEvent::Failed => "failed",
+            MemoryEvent::Recalled => "recalled",
+            MemoryEvent::Refused => "refused",
+        }
+    }
 }
 
 /// Why memory could not be read or written.
@@ -198,10 +241,7 @@ pub const MAX_AGE: Duration = Duration::from_secs(2 * 3600);
 /// own clock times (an algorithm that recalls keeps an epoch, so that each
 /// is a valid, non-negative clock time even in a process started just now).
 pub fn age_of(now: Duration, t: Duration) -> f64 {
-    round(
-        now.saturating_sub(t).min(MAX_AGE).as_secs_f64(),
-        10.0,
-    )
+    round(now.saturating_sub(t).min(MAX_AGE).as_secs_f64(), 10.0)
 }
 
 /// `x` rounded to `1 / per` (memory keeps what decisions can tell apart).
@@ -221,6 +261,7 @@ mod tests {
                 algorithm: "slo".into(),
                 policy: policy_fingerprint(&Policy::default()),
                 state: serde_json::json!({"x": 1}),
+                saved_at: None,
             },
         );
         Memories {
@@ -240,13 +281,21 @@ mod tests {
 
     #[test]
     fn a_bad_document_says_what_is_wrong() {
-        let e = Memories::parse("configmap a/b", "{").unwrap_err().to_string();
-        assert!(e.starts_with("memory configmap a/b: not a scalecar memory"), "{e}");
+        let e = Memories::parse("configmap a/b", "{")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("memory configmap a/b: not a scalecar memory"),
+            "{e}"
+        );
         let newer = r#"{"version": 2, "whatever": true}"#;
         let e = Memories::parse("configmap a/b", newer)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("version 2; this scalecar reads version 1"), "{e}");
+        assert!(
+            e.contains("version 2; this scalecar reads version 1"),
+            "{e}"
+        );
         let extra = r#"{"version":1,"savedAt":1,"holder":"h","targets":{},"more":1}"#;
         let e = Memories::parse("here", extra).unwrap_err().to_string();
         assert!(e.contains("unknown field `more`"), "{e}");

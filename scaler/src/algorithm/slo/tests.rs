@@ -960,7 +960,14 @@ fn a_successor_that_recalls_the_memory_decides_as_its_predecessor_would() {
     };
     // Each decision is applied at once: the next sees it running.
     let step = |s: &mut Slo, clock: u64, t: u64, running: &mut u32| {
-        let d = decide_at(s, &p, Duration::from_secs(clock), *running, *running, &input(t));
+        let d = decide_at(
+            s,
+            &p,
+            Duration::from_secs(clock),
+            *running,
+            *running,
+            &input(t),
+        );
         *running = d.desired.unwrap_or(*running);
         d
     };
@@ -999,7 +1006,10 @@ fn a_successor_that_recalls_the_memory_decides_as_its_predecessor_would() {
         fresh_differed |= d_fresh.desired != d_old.desired;
     }
     assert!((new.correction() - old.correction()).abs() < 1e-9);
-    assert!(fresh_differed, "a fresh start decided the same: the test shows nothing");
+    assert!(
+        fresh_differed,
+        "a fresh start decided the same: the test shows nothing"
+    );
 }
 
 #[test]
@@ -1015,16 +1025,26 @@ fn a_memory_that_is_not_sound_is_refused_whole() {
     bad["correction"]["value"] = serde_json::json!(7.0);
     let mut s = Slo::new(&p);
     let e = s.recall(&bad, Duration::ZERO, Duration::ZERO).unwrap_err();
-    assert!(e.to_string().contains("correction 7 is outside [0.5, 1.3]"), "{e}");
+    assert!(
+        e.to_string().contains("correction 7 is outside [0.5, 1.3]"),
+        "{e}"
+    );
     assert_eq!(s.capacity(), 4000.0, "nothing of it was taken");
     let mut bad = good.clone();
     bad["hold"]["needs"] = serde_json::json!([[-3.0, 2.0]]);
     let e = s.recall(&bad, Duration::ZERO, Duration::ZERO).unwrap_err();
     assert!(e.to_string().contains("need age -3 is not an age"), "{e}");
     let e = s
-        .recall(&serde_json::json!({"kpa": true}), Duration::ZERO, Duration::ZERO)
+        .recall(
+            &serde_json::json!({"kpa": true}),
+            Duration::ZERO,
+            Duration::ZERO,
+        )
         .unwrap_err();
-    assert!(e.to_string().starts_with("not this algorithm's memory"), "{e}");
+    assert!(
+        e.to_string().starts_with("not this algorithm's memory"),
+        "{e}"
+    );
     s.recall(&good, Duration::ZERO, Duration::ZERO).unwrap();
     assert_eq!(s.capacity(), 5000.0);
 }
