@@ -102,11 +102,16 @@ pub struct SimulateArgs {
     #[arg(long, default_value = "10m", value_parser = duration)]
     pub warmup: Duration,
     /// Hand the control loop to a new leader this often, from the
-    /// measured start (each algorithm starts afresh, as after a restart of
-    /// scalecar or a failover of its lease): what a scaler loses with its
-    /// memory. Off unless given.
+    /// measured start (a failover of scalecar's Lease, or a restart): each
+    /// algorithm is created afresh and starts from the memory its
+    /// predecessor last saved (every 30 s, as `memory-config-map` keeps
+    /// it). Off unless given.
     #[arg(long, value_parser = duration)]
     pub new_leader_every: Option<Duration>,
+    /// With `--new-leader-every`: each new leader starts afresh, without
+    /// its predecessor's memory (as with `memory-config-map: ""`).
+    #[arg(long, requires = "new_leader_every")]
+    pub no_leader_memory: bool,
     /// The oracle's schedule changes at most this often (it also searches
     /// at 3 and 6 times this, and keeps the cheapest schedule).
     #[arg(long, default_value = "10s", value_parser = duration)]
@@ -199,6 +204,9 @@ pub struct Summary {
     pub warmup_s: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub new_leader_every_s: Option<f64>,
+    /// With new leaders: whether each started from its predecessor's memory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub leader_memory: Option<bool>,
     pub requests: usize,
     pub ttft_attainment: f64,
     pub infeasible: usize,
@@ -344,6 +352,7 @@ pub async fn run(
         max_replicas: policy.max_replicas.unwrap_or(args.max_replicas).max(1),
         warmup: args.warmup,
         new_leader_every: args.new_leader_every,
+        leader_memory: !args.no_leader_memory,
     };
     let horizon = scalecar_loadtest::simulate::horizon(&trace);
     if horizon > MAX_TRACE {
@@ -385,6 +394,7 @@ pub async fn run(
         ttft_target_s: args.ttft_target.as_secs_f64(),
         warmup_s: args.warmup.as_secs_f64(),
         new_leader_every_s: args.new_leader_every.map(|d| d.as_secs_f64()),
+        leader_memory: args.new_leader_every.map(|_| !args.no_leader_memory),
         requests: m.requests,
         ttft_attainment: round(m.ttft_attainment, 5),
         infeasible: m.infeasible,

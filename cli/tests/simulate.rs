@@ -256,6 +256,11 @@ fn bad_input_exits_2_and_says_what_was_wrong() {
         assert!(stderr.contains(needle), "{flag} {value}: {stderr}");
     }
 
+    // Forgetting needs new leaders to forget with.
+    let (code, _, stderr) = simulate(&["--trace", good.to_str().unwrap(), "--no-leader-memory"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--new-leader-every"), "{stderr}");
+
     // Timestamps in seconds read as milliseconds' worth of years.
     let far = dir.join("far.jsonl");
     std::fs::write(
@@ -319,4 +324,36 @@ fn a_generated_shape_runs_and_infeasible_requests_are_counted_apart() {
     let (code, _, stderr) = simulate(&["--shape", "sawtooth"]);
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("not a traffic shape"), "{stderr}");
+}
+
+#[test]
+fn new_leaders_start_from_memory_unless_told_to_forget() {
+    let dir = temp_dir("leaders");
+    let trace = azure_head(&dir, 200);
+    let summary = |extra: &[&str]| -> Value {
+        let out = dir.join(format!("out-{}", extra.len()));
+        let mut args = vec![
+            "--trace",
+            trace.to_str().unwrap(),
+            "--algorithm",
+            "slo",
+            "--no-oracle",
+            "--warmup",
+            "0s",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let (code, _, stderr) = simulate(&args);
+        assert_eq!(code, 0, "{extra:?}: {stderr}");
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap()
+    };
+    let plain = summary(&[]);
+    assert!(plain.get("leader_memory").is_none(), "{plain}");
+    let kept = summary(&["--new-leader-every", "20s"]);
+    assert_eq!(kept["new_leader_every_s"], 20.0, "{kept}");
+    assert_eq!(kept["leader_memory"], true, "{kept}");
+    let forgot = summary(&["--new-leader-every", "20s", "--no-leader-memory"]);
+    assert_eq!(forgot["leader_memory"], false, "{forgot}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -93,6 +93,7 @@ struct RawLeaderElection {
     peer_selector: Option<String>,
     peer_timeout: Option<Scalar>,
     peer_token_secret: Option<String>,
+    memory_config_map: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -328,6 +329,11 @@ pub struct LeaderElectionConfig {
     /// namespace, key `token`) the replicas share it through. The first
     /// replica to start creates it with a random token; the rest read it.
     pub peer_token_secret: Option<String>,
+    /// The ConfigMap (in the Lease's namespace) the leader keeps its
+    /// algorithms' memory in, every 30 s and when it stops, for the next
+    /// leader to start from. `None` (`memory-config-map: ""`): each new
+    /// leader starts afresh.
+    pub memory_config_map: Option<String>,
 }
 
 impl Default for LeaderElectionConfig {
@@ -341,6 +347,7 @@ impl Default for LeaderElectionConfig {
             peer_selector: None,
             peer_timeout: Duration::from_millis(500),
             peer_token_secret: None,
+            memory_config_map: Some("scalecar-memory".into()),
         }
     }
 }
@@ -557,6 +564,7 @@ impl ScalecarConfig {
                             "peer-selector",
                             "peer-timeout",
                             "peer-token-secret",
+                            "memory-config-map",
                             "endpoint-picker",
                             "group",
                             "version",
@@ -781,7 +789,19 @@ impl ScalecarConfig {
                             d.peer_timeout,
                         ),
                         peer_token_secret: l.peer_token_secret.filter(|s| !s.trim().is_empty()),
+                        memory_config_map: match l.memory_config_map {
+                            Some(name) => Some(name.trim().to_string()).filter(|n| !n.is_empty()),
+                            None => d.memory_config_map,
+                        },
                     };
+                    if let Some(name) = &e.memory_config_map
+                        && !dns_subdomain(name)
+                    {
+                        c.fail(
+                            &format!("{p}.memory-config-map"),
+                            format!("{name:?} is not a ConfigMap name (lowercase letters, digits, '-' and '.', at most 253)"),
+                        );
+                    }
                     if let Some(name) = &e.peer_token_secret
                         && !dns_subdomain(name)
                     {
@@ -1289,6 +1309,22 @@ pools:
         );
         let e = errors("kubernetes: {leader-election: {renew-deadline: 2s, retry-period: 3s}}");
         assert!(e.contains("retry-period 3s must be shorter"), "{e}");
+        // The leader's memory: on by default, renamed, or off.
+        let memory = |text: &str| election(text).and_then(|l| l.memory_config_map);
+        assert_eq!(memory("kubernetes: {}").as_deref(), Some("scalecar-memory"));
+        assert_eq!(
+            memory("kubernetes: {leader-election: {memory-config-map: gw.memory}}").as_deref(),
+            Some("gw.memory")
+        );
+        assert_eq!(
+            memory("kubernetes: {leader-election: {memory-config-map: \"\"}}"),
+            None
+        );
+        let e = errors("kubernetes: {leader-election: {memory-config-map: Gw_Memory}}");
+        assert!(
+            e.contains("kubernetes.leader-election.memory-config-map: \"Gw_Memory\" is not a ConfigMap name"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -25,6 +25,12 @@ struct TargetLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct MemoryLabels {
+    /// `loaded`, `empty`, `saved`, `failed`, `recalled`, `refused`.
+    event: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ErrorLabels {
     target: String,
     /// `conflict`, `not_found` or `unavailable`.
@@ -50,6 +56,8 @@ pub struct DecisionRecorder {
     max: Family<TargetLabels, Gauge>,
     scale_events: Family<TargetLabels, Counter>,
     scale_errors: Family<ErrorLabels, Counter>,
+    /// What happened to the leader's memory (loads, saves, recalls).
+    memory: Family<MemoryLabels, Counter>,
     /// Each target's latest decision and when it was made (Unix seconds).
     latest: Mutex<BTreeMap<String, (TargetStatus, f64)>>,
     /// 1 while this replica decides.
@@ -126,6 +134,7 @@ impl DecisionRecorder {
             max: Family::default(),
             scale_events: Family::default(),
             scale_errors: Family::default(),
+            memory: Family::default(),
             writes_refused: Counter::default(),
             latest: Mutex::new(BTreeMap::new()),
             leader: Gauge::default(),
@@ -216,6 +225,14 @@ impl DecisionRecorder {
             "Failed reads or writes of the scale target, by reason (conflict, not_found, unavailable)",
             r.scale_errors.clone(),
         );
+        reg.register(
+            "scalecar_memory_events",
+            "What happened to the memory leaders hand on: documents loaded (or none there yet), saved, failed to load or save; targets that started from it (recalled) or not (refused: too old, another policy)",
+            r.memory.clone(),
+        );
+        for e in scalecar_scaler::memory::MemoryEvent::ALL {
+            drop(r.memory.get_or_create(&MemoryLabels { event: e.as_str() }));
+        }
         r
     }
 
@@ -456,6 +473,14 @@ impl DecisionObserver for DecisionRecorder {
             })
             .inc();
         LogObserver.scale_failed(name, error);
+    }
+
+    fn memory(&self, event: scalecar_scaler::memory::MemoryEvent) {
+        self.memory
+            .get_or_create(&MemoryLabels {
+                event: event.as_str(),
+            })
+            .inc();
     }
 }
 

@@ -353,6 +353,17 @@ impl GatewayBuilder {
                 self.decisions
                     .count_refusals(Arc::new(elector.write_lease())),
             );
+            if let Some(name) = &le.memory_config_map {
+                control.remember_in(
+                    Arc::new(scalecar_scaler::kube::ConfigMapMemory::new(
+                        client.clone(),
+                        &namespace,
+                        name,
+                        config.api_timeout,
+                    )),
+                    crate::cluster::identity(),
+                );
+            }
             let (tx, mut rx) = watch::channel(scalecar_scaler::kube::Leadership::default());
             handle.spawn(elector.run(tx, stopped.clone()));
             let decisions = self.decisions.clone();

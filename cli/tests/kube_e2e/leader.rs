@@ -413,3 +413,116 @@ async fn a_leader_that_cannot_renew_steps_down_and_stops_writing() {
     drop(replicas);
     c.stop().await;
 }
+
+/// The memory the leader keeps in `scalecar-memory`, when there is one.
+async fn memory(c: &Cluster) -> Option<Value> {
+    let maps: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(c.client.clone(), "default");
+    let map = maps.get_opt("scalecar-memory").await.ok()??;
+    serde_json::from_str(map.data?.get("memory.json")?).ok()
+}
+
+/// A rolling update: the leader stops (SIGTERM) and saves what its slo
+/// learnt; the replica that takes over reads it and starts each target
+/// from it, then keeps it in its own name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_starts_from_what_the_last_one_learnt() {
+    let c = Cluster::start().await;
+    let d = c.deployments();
+    c.create(
+        &d,
+        workload(
+            "apps/v1",
+            "Deployment",
+            "learnt",
+            "learnt",
+            1,
+            json!({"scalecar.io/model": "learnt", "scalecar.io/algorithm": "slo",
+                   "scalecar.io/ttft-target": "2s"}),
+            &[],
+        ),
+    )
+    .await;
+    let mut replicas = vec![Replica::start(&c, 0, "")];
+    let (_, first) = one_leader(&[&replicas[0]], Duration::from_secs(15)).await;
+    let client = Client::with_config(
+        OpenAIConfig::new()
+            .with_api_base(format!("http://{}/v1", replicas[0].proxy))
+            .with_api_key("none"),
+    );
+    eventually("the model routed", Duration::from_secs(15), || async {
+        let (_, body) = get(&format!("http://{}/v1/models", replicas[0].proxy))
+            .await
+            .ok()?;
+        body.contains("\"learnt\"").then_some(())
+    })
+    .await;
+    for _ in 0..4 {
+        assert!(!chat(&client, "learnt", "remember this", 4).await.is_empty());
+    }
+    // The follower, ready before the leader goes.
+    replicas.push(Replica::start(&c, 1, ""));
+    eventually(
+        "the follower knows the leader",
+        Duration::from_secs(10),
+        || async {
+            let (leading, holder) = replicas[1].leadership().await?;
+            (!leading && holder == first).then_some(())
+        },
+    )
+    .await;
+    // Its needs are in the decisions by now: a slo decision each 300 ms.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let pid = replicas[0].child.id().to_string();
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    replicas[0].child.wait().unwrap();
+    // Saved at its stop, under its name: slo's state for the target.
+    let saved = memory(&c).await.expect("the leader saved its memory");
+    assert_eq!(saved["holder"], first.as_str(), "{saved}");
+    let (name, target) = saved["targets"]
+        .as_object()
+        .and_then(|t| t.iter().find(|(k, _)| k.contains("learnt")))
+        .expect("the target's memory");
+    assert_eq!(target["algorithm"], "slo", "{name}: {target}");
+    assert!(
+        target["state"]["hold"]["needs"]
+            .as_array()
+            .is_some_and(|n| !n.is_empty()),
+        "{target}"
+    );
+    // The follower leads, recalls it, and saves it as its own.
+    let (_, second) = one_leader(&[&replicas[1]], Duration::from_secs(10)).await;
+    assert_ne!(second, first);
+    eventually("the memory recalled", Duration::from_secs(10), || async {
+        let (_, text) = get(&format!("http://{}/metrics", replicas[1].admin))
+            .await
+            .ok()?;
+        let count = |event: &str| {
+            text.lines()
+                .find(|l| {
+                    l.starts_with(&format!(
+                        "scalecar_memory_events_total{{event=\"{event}\"}}"
+                    ))
+                })
+                .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        };
+        (count("loaded")? == 1 && count("recalled")? == 1 && count("refused")? == 0).then_some(())
+    })
+    .await;
+    eventually(
+        "saved by the new leader",
+        Duration::from_secs(10),
+        || async {
+            let m = memory(&c).await?;
+            (m["holder"] == second.as_str() && m["targets"].get(name.as_str()).is_some())
+                .then_some(())
+        },
+    )
+    .await;
+    drop(replicas);
+    c.stop().await;
+}

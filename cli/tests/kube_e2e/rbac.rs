@@ -148,6 +148,8 @@ async fn every_call_is_allowed(
         "patch deployments/scale",
         "create events",
         "update leases",
+        "create configmaps",
+        "patch configmaps",
     ] {
         let (verb, resource) = needed.split_once(' ').unwrap();
         assert!(
@@ -157,11 +159,28 @@ async fn every_call_is_allowed(
             "scalecar never did {needed}: {calls:#?}"
         );
     }
+    // The leader's memory was kept beside the Lease (the last save at
+    // shutdown, if no periodic one).
+    let memory = c.kubectl(&[
+        "-n",
+        "scalecar",
+        "get",
+        "configmap",
+        "scalecar-memory",
+        "-o",
+        "jsonpath={.data.memory\\.json}",
+    ]);
+    assert!(memory.contains(r#""version":1"#), "{memory}");
     for ((verb, group, resource, ns), uri) in &calls {
-        if resource == "leases" {
+        // The Lease and the memory beside it.
+        if resource == "leases" || resource == "configmaps" {
             assert!(
                 allows(&leader_rules, verb, group, resource) && ns.as_deref() == Some("scalecar"),
                 "{verb} {group}/{resource} ({uri}) is not granted by the Role scalecar-leader"
+            );
+            assert!(
+                resource != "configmaps" || verb == "create" || uri.contains("/scalecar-memory"),
+                "{uri}: only the memory ConfigMap is named in the Role"
             );
             continue;
         }

@@ -71,8 +71,13 @@ pub struct Settings {
     /// then starts with the count it chooses.
     pub warmup: Duration,
     /// Hands the control loop to a new leader this often (every algorithm
-    /// starts afresh, as after a restart or a failover); `None`: never.
+    /// is created afresh, as after a restart or a failover); `None`: never.
     pub new_leader_every: Option<Duration>,
+    /// With new leaders: each starts from the memory its predecessor last
+    /// saved (every 30 s, as `memory-config-map` keeps it; a failover, so
+    /// nothing is saved at the handover itself). `false`: each starts
+    /// afresh, as with `memory-config-map: ""`.
+    pub leader_memory: bool,
 }
 
 impl Settings {
@@ -91,6 +96,7 @@ impl Settings {
             max_replicas: 64,
             warmup: Duration::ZERO,
             new_leader_every: None,
+            leader_memory: true,
         }
     }
 }
@@ -526,6 +532,14 @@ pub async fn simulate(
         clock: clock.clone(),
         signals,
     };
+    let handing_over = settings.new_leader_every.filter(|e| !e.is_zero());
+    if handing_over.is_some() && settings.leader_memory {
+        control.remember_in(
+            Arc::new(scalecar_scaler::memory::InProcessMemory::default()),
+            "simulated",
+        );
+    }
+    let mut last_saved: Option<Duration> = None;
     let mut world = World::new(trace, settings, recorder, initial);
     let tick = settings.tick.max(Duration::from_millis(1));
     // Requests never outlive their queue deadline plus a long generation;
@@ -541,13 +555,23 @@ pub async fn simulate(
         target.ready.store(world.ready(), Ordering::Release);
         // Handovers counted from the measured start: the warm-up's leader
         // is the first.
-        if let Some(every) = settings.new_leader_every.filter(|e| !e.is_zero())
+        if let Some(every) = handing_over
             && t >= start + every
             && (t - start).as_nanos() % every.as_nanos() < tick.as_nanos()
         {
             control.new_leader();
+            // An in-process store neither fails nor holds a document too
+            // large; a load error would only mean a fresh start.
+            let _ = control.load_memory().await;
         }
         let statuses = control.tick_once().await;
+        if handing_over.is_some()
+            && settings.leader_memory
+            && last_saved.is_none_or(|s| t.saturating_sub(s) >= scalecar_scaler::memory::SAVE_EVERY)
+        {
+            let _ = control.save_memory().await;
+            last_saved = Some(t);
+        }
         let status = statuses.first();
         let measuring = t >= start;
         if measuring && status.is_some_and(|s| s.changed) {

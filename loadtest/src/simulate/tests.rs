@@ -414,6 +414,8 @@ async fn a_new_leader_keeps_what_it_finds_running_for_the_hold() {
     let p = policy(&[("algorithm", "slo"), ("ttft-target", "1s")]);
     let registry = AlgorithmRegistry::with_builtins();
     let mut ends = Vec::new();
+    // Without the memory a leader hands on (`memory-config-map: ""`).
+    settings.leader_memory = false;
     for every in [None, Some(Duration::from_secs(40))] {
         settings.new_leader_every = every;
         let run = match simulate(&trace, &settings, &p, &registry, |_| {}).await {
@@ -433,4 +435,62 @@ async fn a_new_leader_keeps_what_it_finds_running_for_the_hold() {
     let ((peak, alone), (handed_peak, handed)) = (ends[0], ends[1]);
     assert!(alone < peak, "one leader lets go: {alone} of {peak}");
     assert_eq!(handed, handed_peak, "new leaders every 40 s keep it");
+}
+
+#[tokio::test]
+async fn a_new_leader_with_its_predecessors_memory_serves_as_one_leader_would() {
+    // Bursts of heavy prompts every 3 minutes over a trickle, for 20
+    // minutes. One leader holds the bursts' count between them; new
+    // leaders every 100 s, each starting from the memory saved up to 30 s
+    // before, serve the same share in time at about the same cost.
+    // Starting afresh, each keeps what it finds only for its hold's floor
+    // (60 s here), lets the count go between bursts, and the next burst
+    // finds too few replicas.
+    let mut trace = Vec::new();
+    for k in 0..5u64 {
+        trace.extend(constant(20, 20, 2_000, 50).into_iter().map(|a| Arrival {
+            at: a.at + Duration::from_secs(180 * k),
+            ..a
+        }));
+    }
+    trace.extend(constant(1, 1200, 200, 50));
+    trace.sort_by_key(|a| a.at);
+    let mut settings = Settings::new(Timing::default());
+    settings.startup_delay = Duration::from_secs(10);
+    let p = policy(&[("algorithm", "slo"), ("ttft-target", "1s")]);
+    let registry = AlgorithmRegistry::with_builtins();
+    let mut runs = Vec::new();
+    for (every, memory) in [
+        (None, true),
+        (Some(Duration::from_secs(100)), true),
+        (Some(Duration::from_secs(100)), false),
+    ] {
+        settings.new_leader_every = every;
+        settings.leader_memory = memory;
+        match simulate(&trace, &settings, &p, &registry, |_| {}).await {
+            Ok(r) => runs.push(r.measured),
+            Err(e) => panic!("{every:?}: {e}"),
+        }
+    }
+    let (one, remembered, forgetful) = (&runs[0], &runs[1], &runs[2]);
+    let shown = |m: &Measured| {
+        format!(
+            "{:.1} % at {:.0} replica-s",
+            m.feasible_ttft_attainment * 100.0,
+            m.replica_seconds
+        )
+    };
+    assert!(
+        (remembered.feasible_ttft_attainment - one.feasible_ttft_attainment).abs() < 0.005
+            && (remembered.replica_seconds / one.replica_seconds - 1.0).abs() < 0.05,
+        "with memory {} against one leader's {}",
+        shown(remembered),
+        shown(one)
+    );
+    assert!(
+        forgetful.feasible_ttft_attainment < one.feasible_ttft_attainment - 0.1,
+        "afresh {} against one leader's {}: the test shows nothing",
+        shown(forgetful),
+        shown(one)
+    );
 }

@@ -276,6 +276,10 @@ impl DecisionObserver for RescaleEvents {
         );
     }
 
+    fn memory(&self, event: crate::memory::MemoryEvent) {
+        self.inner.memory(event);
+    }
+
     fn scale_failed(&self, name: &str, error: &TargetError) {
         self.inner.scale_failed(name, error);
         let message = error.chain();

@@ -1,12 +1,13 @@
 //! The Kubernetes side of the scaler, on kube-rs: the watcher of annotated
-//! workloads, the generic scale target, pod discovery, rescale Events and
-//! the leader Lease. The decision core (signals, algorithms,
+//! workloads, the generic scale target, pod discovery, rescale Events,
+//! the leader Lease and the memory it hands on. The decision core (signals, algorithms,
 //! behavior, the control loop) never imports this module: it sees only the
 //! `ScaleTarget` and `DecisionObserver` traits.
 
 mod competitors;
 mod events;
 mod lease;
+mod memory;
 mod pods;
 mod scale;
 mod selector;
@@ -15,6 +16,7 @@ mod workloads;
 pub use competitors::{Claimed, Claims, watch_competitors};
 pub use events::{EventWriter, RescaleEvents};
 pub use lease::{LeaderElector, Leadership, LeaseTiming, WriteLease};
+pub use memory::{ConfigMapMemory, MEMORY_KEY};
 pub use pods::{
     Owner, PodChange, PodIndex, PodInfo, Pods, cold_starts_of, endpoints_of, watch_pods,
     workload_of,

@@ -219,7 +219,7 @@ pub(super) struct DemandMemory {
 impl Demand {
     pub(super) fn remember(&self, now: Duration) -> DemandMemory {
         DemandMemory {
-            series: super::thinned(&self.series, now, false)
+            series: super::thinned(&self.series, now)
                 .into_iter()
                 .map(|(age, d)| (age, crate::memory::round(d, 100.0)))
                 .collect(),

@@ -130,9 +130,12 @@ impl Hold {
     }
 }
 
-/// The needs as remembered: `[age, need]`, the highest of each
-/// [`super::THINNED`] stretch (every level reached, and when, to within
-/// that).
+/// The needs as remembered, `[age, need]`: the first and the last
+/// decision of each run at one whole count, and within a run one every
+/// [`super::THINNED`], carrying the highest need it stands for. When each
+/// level was reached and left — what the hold's gaps are read from — is
+/// kept to the decision; half an hour of 2 s decisions is 900 points, and
+/// a few runs of minutes each keep well under 200.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct HoldMemory {
@@ -141,11 +144,34 @@ pub(super) struct HoldMemory {
 
 impl Hold {
     pub(super) fn remember(&self, now: Duration) -> HoldMemory {
+        let level = |n: f64| n.ceil();
+        let mut kept: Vec<(Duration, f64)> = Vec::new();
+        // The highest need since the last point kept (same whole count).
+        let mut highest = 0.0_f64;
+        let mut points = self.needs.iter().peekable();
+        while let Some(&(t, n)) = points.next() {
+            highest = highest.max(n);
+            let last_of_run = points
+                .peek()
+                .is_none_or(|(_, next)| level(*next) != level(n));
+            let keep = match kept.last() {
+                None => true,
+                Some(&(at, kept_need)) => {
+                    level(kept_need) != level(n)
+                        || last_of_run
+                        || t.saturating_sub(at) >= super::THINNED
+                }
+            };
+            if keep {
+                kept.push((t, highest));
+                highest = 0.0;
+            }
+        }
         HoldMemory {
-            needs: super::thinned(&self.needs, now, true)
+            needs: kept
                 .into_iter()
-                // Rounded up: a level reached stays reached.
-                .map(|(age, n)| (age, (n * 100.0).ceil() / 100.0))
+                // Rounded up: a count reached stays reached.
+                .map(|(t, n)| (crate::memory::age_of(now, t), (n * 100.0).ceil() / 100.0))
                 .collect(),
         }
     }

@@ -317,18 +317,16 @@ const THINNED: Duration = Duration::from_secs(10);
 /// oldest age remembered plus the oldest memory recalled, with room.
 const RECALL_EPOCH: Duration = Duration::from_secs(4 * 3600);
 
-/// `series` as `(age, value)`, one point per [`THINNED`] stretch: the
-/// highest (`highest`) or the latest.
-fn thinned(series: &VecDeque<(Duration, f64)>, now: Duration, highest: bool) -> Vec<(f64, f64)> {
+/// `series` as `(age, value)`, the latest point of each [`THINNED`]
+/// stretch.
+fn thinned(series: &VecDeque<(Duration, f64)>, now: Duration) -> Vec<(f64, f64)> {
     let stretch = |t: &Duration| t.as_secs() / THINNED.as_secs().max(1);
     let mut out: Vec<(Duration, f64)> = Vec::new();
     for (t, v) in series {
         match out.last_mut() {
             Some((last, kept)) if stretch(last) == stretch(t) => {
-                if !highest || *v >= *kept {
-                    *last = *t;
-                    *kept = *v;
-                }
+                *last = *t;
+                *kept = *v;
             }
             _ => out.push((*t, *v)),
         }
