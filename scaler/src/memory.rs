@@ -153,6 +153,32 @@ impl Memories {
         })
     }
 
+    /// The document as saved, leaving out the largest entries when all
+    /// of them would not fit in [`MAX_DOCUMENT`]; returns the names left
+    /// out. (At a few KB per slo target, a ConfigMap holds a few hundred.)
+    pub fn to_json_fitting(mut self, place: &str) -> Result<(String, Vec<String>), MemoryError> {
+        let size = |m: &TargetMemory| serde_json::to_string(m).map_or(usize::MAX, |t| t.len());
+        let mut sizes: Vec<(usize, String)> = self
+            .targets
+            .iter()
+            .map(|(name, m)| (size(m).saturating_add(name.len() + 8), name.clone()))
+            .collect();
+        // Everything but the entries: the header, with room.
+        let mut total: usize = 512 + self.holder.len();
+        for (n, _) in &sizes {
+            total = total.saturating_add(*n);
+        }
+        sizes.sort();
+        let mut left_out = Vec::new();
+        while total > MAX_DOCUMENT {
+            let Some((n, name)) = sizes.pop() else { break };
+            self.targets.remove(&name);
+            total = total.saturating_sub(n);
+            left_out.push(name);
+        }
+        Ok((self.to_json(place)?, left_out))
+    }
+
     /// The document as saved.
     pub fn to_json(&self, place: &str) -> Result<String, MemoryError> {
         let text = serde_json::to_string(self).map_err(|source| MemoryError::Parse {
@@ -304,6 +330,30 @@ mod tests {
             Memories::parse("here", &big),
             Err(MemoryError::TooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn a_document_too_large_leaves_out_its_largest_entries() {
+        let mut d = doc();
+        let entry = |bytes: usize| TargetMemory {
+            algorithm: "slo".into(),
+            policy: "0".into(),
+            state: serde_json::json!({ "pad": "x".repeat(bytes) }),
+            saved_at: None,
+        };
+        for i in 0..300 {
+            d.targets.insert(format!("t{i:03}"), entry(3_000));
+        }
+        d.targets.insert("huge".into(), entry(100_000));
+        let (text, left_out) = d.clone().to_json_fitting("here").unwrap();
+        assert!(text.len() <= MAX_DOCUMENT, "{}", text.len());
+        assert_eq!(left_out[0], "huge");
+        let kept = Memories::parse("here", &text).unwrap();
+        assert_eq!(kept.targets.len() + left_out.len(), d.targets.len());
+        assert!(kept.targets.len() > 250, "{}", kept.targets.len());
+        // One that fits is whole.
+        let (_, none) = doc().to_json_fitting("here").unwrap();
+        assert!(none.is_empty());
     }
 
     #[test]

@@ -169,8 +169,17 @@ impl ControlLoop {
         let doc = self.memories();
         let k = self.keeper.as_mut()?;
         let place = k.store.place();
-        match doc.to_json(&place) {
-            Ok(text) => Some((k.store.clone(), text, doc.targets.len())),
+        let all = doc.targets.len();
+        match doc.to_json_fitting(&place) {
+            Ok((text, left_out)) => {
+                if !left_out.is_empty() {
+                    tracing::warn!(
+                        memory = %place, left_out = left_out.len(), first = %left_out[0],
+                        "memory of some targets not saved: all of it would not fit one ConfigMap"
+                    );
+                }
+                Some((k.store.clone(), text, all - left_out.len()))
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "memory not saved");
                 self.observer.memory(MemoryEvent::Failed);

@@ -41,6 +41,8 @@ const GAP_MARGIN: f64 = 2.0;
 /// a replica released and asked for again soon costs a cold start and the
 /// misses while it starts (5 minutes for a 60 s cold start).
 pub const HOLD_COLD_STARTS: u32 = 5;
+/// The most needs a memory keeps exactly (see [`Hold::remember`]).
+const MAX_NEEDS_KEPT: usize = 300;
 /// How often the per-level table is rebuilt from every remembered
 /// decision.
 const LEVELS_REBUILT_EVERY: Duration = Duration::from_secs(15);
@@ -53,7 +55,7 @@ pub(super) const MAX_LEVELS: u32 = 1024;
 #[derive(Debug, Default)]
 pub(super) struct Hold {
     /// (time, replicas needed) of every decision over the look-back.
-    needs: VecDeque<(Duration, f64)>,
+    pub(super) needs: VecDeque<(Duration, f64)>,
     levels: Levels,
     /// The count found running at the first decision, and when (see
     /// [`Hold::found`]).
@@ -179,6 +181,25 @@ impl Hold {
                 kept.push((t, highest));
                 highest = 0.0;
             }
+        }
+        if kept.len() > MAX_NEEDS_KEPT {
+            // A need that crosses a whole count every few decisions: the
+            // highest of each stretch instead (when a level was reached is
+            // then known to within the stretch).
+            let stretch = |t: &Duration| t.as_secs() / super::THINNED.as_secs().max(1);
+            let mut coarse: Vec<(Duration, f64)> = Vec::new();
+            for (t, n) in kept {
+                match coarse.last_mut() {
+                    Some((at, m)) if stretch(at) == stretch(&t) => {
+                        if n >= *m {
+                            *at = t;
+                            *m = n;
+                        }
+                    }
+                    _ => coarse.push((t, n)),
+                }
+            }
+            kept = coarse;
         }
         HoldMemory {
             needs: kept

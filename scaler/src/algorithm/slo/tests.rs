@@ -1048,3 +1048,32 @@ fn a_memory_that_is_not_sound_is_refused_whole() {
     s.recall(&good, Duration::ZERO, Duration::ZERO).unwrap();
     assert_eq!(s.capacity(), 5000.0);
 }
+
+#[test]
+fn a_memory_stays_small_however_the_need_wanders() {
+    // Half an hour of a need that crosses a whole count at every other
+    // decision: the memory keeps the highest of each 10 s, not 900 points.
+    let p = policy();
+    let mut s = Slo::new(&p);
+    for t in (0..1800u64).step_by(2) {
+        let demand = if (t / 2) % 2 == 0 { 7_600.0 } else { 8_400.0 };
+        let w = window(60, demand, Some(4000.0), Some(300));
+        decide_at(&mut s, &p, Duration::from_secs(t), 2, 2, &snap(w, w));
+    }
+    let crossings = s
+        .hold
+        .needs
+        .iter()
+        .zip(s.hold.needs.iter().skip(1))
+        .filter(|((_, a), (_, b))| a.ceil() != b.ceil())
+        .count();
+    assert!(
+        crossings > 400,
+        "the need crossed a count {crossings} times"
+    );
+    let m = s.remember(Duration::from_secs(1800)).unwrap();
+    let needs = m["hold"]["needs"].as_array().unwrap().len();
+    assert!((150..=200).contains(&needs), "{needs} needs kept");
+    let bytes = serde_json::to_string(&m).unwrap().len();
+    assert!(bytes < 8 * 1024, "{bytes} bytes");
+}
