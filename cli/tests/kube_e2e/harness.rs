@@ -361,6 +361,15 @@ impl Replica {
         ))
     }
 
+    /// An OpenAI client of this replica's proxy.
+    pub fn openai(&self) -> Client<OpenAIConfig> {
+        Client::with_config(
+            OpenAIConfig::new()
+                .with_api_base(format!("http://{}/v1", self.proxy))
+                .with_api_key("none"),
+        )
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill(); // SIGKILL
         let _ = self.child.wait();

@@ -47,11 +47,7 @@ async fn three_replicas_elect_one_leader_and_a_killed_leader_is_replaced_without
     );
     // Every replica serves, leader or not.
     for r in &replicas {
-        let client = Client::with_config(
-            OpenAIConfig::new()
-                .with_api_base(format!("http://{}/v1", r.proxy))
-                .with_api_key("none"),
-        );
+        let client = r.openai();
         assert!(!chat(&client, "shared", "anyone", 2).await.is_empty());
     }
     // SIGKILL the leader: another takes over within the lease duration
@@ -445,11 +441,7 @@ async fn a_new_leader_starts_from_what_the_last_one_learnt() {
     .await;
     let mut replicas = vec![Replica::start(&c, 0, "")];
     let (_, first) = one_leader(&[&replicas[0]], Duration::from_secs(15)).await;
-    let client = Client::with_config(
-        OpenAIConfig::new()
-            .with_api_base(format!("http://{}/v1", replicas[0].proxy))
-            .with_api_key("none"),
-    );
+    let client = replicas[0].openai();
     eventually("the model routed", Duration::from_secs(15), || async {
         let (_, body) = get(&format!("http://{}/v1/models", replicas[0].proxy))
             .await

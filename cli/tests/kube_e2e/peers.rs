@@ -62,11 +62,7 @@ fn load(
     replicas
         .iter()
         .flat_map(|r| {
-            let client = Client::with_config(
-                OpenAIConfig::new()
-                    .with_api_base(format!("http://{}/v1", r.proxy))
-                    .with_api_key("none"),
-            );
+            let client = r.openai();
             let model = model.to_string();
             (0..each).map(move |_| {
                 let (client, model) = (client.clone(), model.clone());
