@@ -122,6 +122,25 @@ pub fn render(v: &Value) -> String {
         };
         out.push_str(&line);
     }
+    // What this replica's leaderships loaded, recalled and saved (see
+    // `memory-config-map`); nothing while it never led.
+    let m = |k: &str| v["memory"][k].as_u64().unwrap_or(0);
+    if ["loaded", "empty", "saved", "failed"]
+        .iter()
+        .any(|k| m(k) > 0)
+    {
+        let failed = match m("failed") {
+            0 => String::new(),
+            n => format!("; {n} failed (see the log: memory not saved / not loaded)"),
+        };
+        out.push_str(&format!(
+            "Memory:        {} recalled, {} refused at {} leaderships; saved {} times{failed}\n\n",
+            m("recalled"),
+            m("refused"),
+            m("loaded") + m("empty"),
+            m("saved"),
+        ));
+    }
     if targets.is_empty() {
         out.push_str("No scale targets (no pools yet, or no decision made yet).\n");
         return out;
@@ -247,6 +266,21 @@ mod tests {
         ] {
             assert!(text.contains(want), "{want:?} missing from\n{text}");
         }
+        assert!(
+            !text.contains("Memory:"),
+            "never led, nothing to say:\n{text}"
+        );
+        let led = json!({
+            "memory": {"loaded": 1, "empty": 0, "saved": 7, "failed": 1, "recalled": 2, "refused": 1},
+            "targets": [],
+        });
+        let text = render(&led);
+        assert!(
+            text.contains(
+                "Memory:        2 recalled, 1 refused at 1 leaderships; saved 7 times; 1 failed"
+            ),
+            "{text}"
+        );
         // Nothing known: no line.
         let bare = json!({"targets": [{"name": "t", "reason": "r"}]});
         assert!(!render(&bare).contains("Per replica"));

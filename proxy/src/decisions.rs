@@ -348,7 +348,22 @@ impl DecisionRecorder {
             .lock()
             .map(|l| l.clone())
             .unwrap_or((false, None));
-        serde_json::json!({"leader": {"leading": leading, "holder": holder}, "targets": targets})
+        let memory: serde_json::Map<String, serde_json::Value> =
+            scalecar_scaler::memory::MemoryEvent::ALL
+                .iter()
+                .map(|e| {
+                    let n = self
+                        .memory
+                        .get_or_create(&MemoryLabels { event: e.as_str() })
+                        .get();
+                    (e.as_str().to_string(), serde_json::Value::from(n))
+                })
+                .collect();
+        serde_json::json!({
+            "leader": {"leading": leading, "holder": holder},
+            "memory": memory,
+            "targets": targets,
+        })
     }
 }
 

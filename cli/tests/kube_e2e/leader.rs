@@ -505,6 +505,16 @@ async fn a_new_leader_starts_from_what_the_last_one_learnt() {
         (count("loaded")? == 1 && count("recalled")? == 1 && count("refused")? == 0).then_some(())
     })
     .await;
+    // And says so to whoever asks.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_scalecar"))
+        .args(["status", "--admin", &replicas[1].admin])
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        status.contains("Memory:        1 recalled, 0 refused at 1 leaderships"),
+        "{status}"
+    );
     eventually(
         "saved by the new leader",
         Duration::from_secs(10),
