@@ -3,7 +3,9 @@
 //! reported, half `slo` and half `kpa`, each pool with a minute of traffic
 //! (requests, first tokens, tokens, latencies in every histogram slot).
 //! Advisory targets, so the tick's cost is the loop's own, not an API
-//! server's.
+//! server's. Also: the memory a leader saves every 30 s (see
+//! `scalecar_scaler::memory`) for the same targets after half an hour of
+//! ticks — built, and written as the document.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
@@ -39,7 +41,7 @@ impl WallClock for Wall {
     }
 }
 
-fn loop_of(n: usize) -> ControlLoop {
+fn loop_of(n: usize) -> (ControlLoop, Arc<ManualClock>) {
     let clock = Arc::new(ManualClock::new(Duration::from_secs(1_000)));
     let specs: Vec<TargetSpec> = (0..n)
         .map(|i| {
@@ -79,15 +81,16 @@ fn loop_of(n: usize) -> ControlLoop {
         }
         clock.advance(Duration::from_secs(1));
     }
-    ControlLoop::new(
+    let l = ControlLoop::new(
         specs,
         &AlgorithmRegistry::with_builtins(),
-        clock,
+        clock.clone(),
         Arc::new(Wall),
         Arc::new(Quiet),
         Duration::from_secs(2),
     )
-    .unwrap()
+    .unwrap();
+    (l, clock)
 }
 
 fn tick(c: &mut Criterion) {
@@ -98,7 +101,7 @@ fn tick(c: &mut Criterion) {
     g.sample_size(20);
     g.measurement_time(Duration::from_secs(5));
     for n in [100, 1_000] {
-        let mut l = loop_of(n);
+        let (mut l, _) = loop_of(n);
         g.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
             b.iter(|| rt.block_on(l.tick_once()))
         });
@@ -106,5 +109,33 @@ fn tick(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, tick);
+fn memory(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let mut g = c.benchmark_group("memory");
+    g.sample_size(10);
+    g.measurement_time(Duration::from_secs(5));
+    for n in [100, 1_000] {
+        let (mut l, clock) = loop_of(n);
+        // Half an hour of 2 s ticks: every slo target's needs are full.
+        for _ in 0..900 {
+            rt.block_on(l.tick_once());
+            clock.advance(Duration::from_secs(2));
+        }
+        let (text, left_out) = l.memories().to_json_fitting("bench").unwrap();
+        eprintln!(
+            "memory of {n} targets ({} slo): {} bytes, {} left out",
+            n / 2,
+            text.len(),
+            left_out.len()
+        );
+        g.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
+            b.iter(|| l.memories().to_json_fitting("bench").unwrap())
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, tick, memory);
 criterion_main!(benches);

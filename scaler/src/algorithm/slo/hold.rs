@@ -43,6 +43,11 @@ const GAP_MARGIN: f64 = 2.0;
 pub const HOLD_COLD_STARTS: u32 = 5;
 /// The most needs a memory keeps exactly (see [`Hold::remember`]).
 const MAX_NEEDS_KEPT: usize = 300;
+/// A remembered run at one whole count keeps a need this often: a gap
+/// this long between needs of a level is held for twice that, a minute —
+/// no longer than the hold's floor (the stable window, 60 s by default,
+/// and five cold starts) — and a steady half hour is 60 points, not 900.
+const WITHIN_A_RUN: Duration = Duration::from_secs(30);
 /// How often the per-level table is rebuilt from every remembered
 /// decision.
 const LEVELS_REBUILT_EVERY: Duration = Duration::from_secs(15);
@@ -147,10 +152,10 @@ impl Hold {
 
 /// The needs as remembered, `[age, need]`: the first and the last
 /// decision of each run at one whole count, and within a run one every
-/// [`super::THINNED`], carrying the highest need it stands for. When each
+/// [`WITHIN_A_RUN`], carrying the highest need it stands for. When each
 /// level was reached and left — what the hold's gaps are read from — is
 /// kept to the decision; half an hour of 2 s decisions is 900 points, and
-/// a few runs of minutes each keep well under 200.
+/// a few runs of minutes each keep well under 100.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct HoldMemory {
@@ -174,7 +179,7 @@ impl Hold {
                 Some(&(at, kept_need)) => {
                     level(kept_need) != level(n)
                         || last_of_run
-                        || t.saturating_sub(at) >= super::THINNED
+                        || t.saturating_sub(at) >= WITHIN_A_RUN
                 }
             };
             if keep {
