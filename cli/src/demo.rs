@@ -56,7 +56,7 @@ pub struct DemoArgs {
     /// slo (the LLM default), kpa, hpa or keda-prometheus.
     #[arg(long, default_value = "slo")]
     pub algorithm: String,
-    /// Report directory (default: a new scalecar-report-<time> here).
+    /// Report directory (default: a new scalecar-report-TIME here).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Cold start of a new replica.

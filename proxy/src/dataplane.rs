@@ -1,6 +1,6 @@
 //! The request path: bounded body read, the few fields routing needs, and
 //! the route lookup. Admission, forwarding and the observed response are
-//! [`crate::forward`]'s; the PD two-stage flow for disaggregated models is
+//! `crate::forward`'s; the PD two-stage flow for disaggregated models is
 //! [`crate::pd`]'s. Neither imports this module.
 //!
 //! The request body goes upstream byte for byte as the client sent it; only
@@ -477,7 +477,7 @@ pub(crate) fn with_stream_usage(body: &Bytes) -> Bytes {
 pub struct ParsedRequest<'a> {
     /// Borrowed from the body unless the name has escapes.
     pub model: std::borrow::Cow<'a, str>,
-    /// Estimated from the prompt's JSON text (see [`RequestFields`]).
+    /// Estimated from the prompt's JSON text (see `RequestFields`).
     pub prompt_tokens: u64,
     pub streaming: bool,
     /// The client set `stream_options` (then its body is forwarded as is).

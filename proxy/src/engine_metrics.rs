@@ -10,7 +10,7 @@
 //! gives one.
 //!
 //! Each endpoint is read once when it joins and again every
-//! [`REREAD_EVERY`] (a cache is fixed for an engine's life; a pod with a
+//! `REREAD_EVERY` (a cache is fixed for an engine's life; a pod with a
 //! new engine usually comes with a new address). A pool's value is the
 //! smallest its endpoints reported — the replica that fills first — and
 //! stays when its endpoints go (a pool scaled to zero keeps what it

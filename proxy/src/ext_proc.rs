@@ -5,7 +5,7 @@
 //! header `x-gateway-destination-endpoint` says.
 //!
 //! One gRPC stream is one HTTP request, driven through the same
-//! [`crate::lifecycle`] as scalecar's own proxy: the buffered request body
+//! `crate::lifecycle` as scalecar's own proxy: the buffered request body
 //! is parsed for its routing fields, the request is admitted to its pool
 //! (queued, or held while the pool scales from zero, or refused), and the
 //! lease's endpoint is the answer — in the header and, as the protocol

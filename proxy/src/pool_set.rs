@@ -2,7 +2,7 @@
 //! Kubernetes discovery) publish, and its one effect — the route table the
 //! serving workers read and the target set the control loop decides.
 //!
-//! Sources hand over whole [`Member`]s; [`PoolSet::publish`] decides once
+//! Sources hand over whole `Member`s; `PoolSet::publish` decides once
 //! per pool which names route where (a name two pools claim in one role
 //! goes to the first) and which pools the loop decides (a pool reached
 //! through any of its names). It knows nothing of where members come from.

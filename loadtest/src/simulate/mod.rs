@@ -6,7 +6,7 @@
 //! loop's tick (`ControlLoop::tick_once`), the proxy's endpoint pick
 //! ([`least_loaded`](scalecar_scaler::balance::least_loaded)) and its admission
 //! rules (FIFO queue, bound, deadline, per-endpoint cap), and the GPU model
-//! of model-sim ([`Engine`](crate::sim::engine::Engine)), stepped on the
+//! of model-sim ([`Engine`]), stepped on the
 //! simulator's clock. What is simulated: time, the network (zero latency)
 //! and Kubernetes (a new replica serves exactly `startup_delay` after it
 //! was asked for).

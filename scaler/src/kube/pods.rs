@@ -37,7 +37,7 @@ pub struct PodInfo {
     /// The first container port named `admin` (a gateway replica's).
     pub admin_port: Option<u16>,
     /// From created to Ready, for a Ready pod whose Ready condition came
-    /// within [`LONGEST_COLD_START`] of its creation (a later one is a pod
+    /// within `LONGEST_COLD_START` of its creation (a later one is a pod
     /// that was unready again, not a cold start).
     pub cold_start: Option<std::time::Duration>,
     /// Its controller (the ownerReference with `controller: true`).
