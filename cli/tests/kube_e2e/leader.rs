@@ -418,9 +418,11 @@ async fn memory(c: &Cluster) -> Option<Value> {
     serde_json::from_str(map.data?.get("memory.json")?).ok()
 }
 
-/// A rolling update: the leader stops (SIGTERM) and saves what its slo
-/// learnt; the replica that takes over reads it and starts each target
-/// from it, then keeps it in its own name.
+/// A rolling update: the leader saves at once (the periodic save's first),
+/// then stops (SIGTERM) and saves what its slo learnt since — the next
+/// periodic save is 30 s away, so only the last one can hold it; the
+/// replica that takes over reads it and starts each target from it, then
+/// keeps it in its own name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_leader_starts_from_what_the_last_one_learnt() {
     let c = Cluster::start().await;
@@ -441,6 +443,12 @@ async fn a_new_leader_starts_from_what_the_last_one_learnt() {
     .await;
     let mut replicas = vec![Replica::start(&c, 0, "")];
     let (_, first) = one_leader(&[&replicas[0]], Duration::from_secs(15)).await;
+    // The periodic save begins at once (then every 30 s), beside the loop.
+    eventually("a first save", Duration::from_secs(10), || async {
+        let m = memory(&c).await?;
+        (m["holder"] == first.as_str()).then_some(())
+    })
+    .await;
     let client = replicas[0].openai();
     eventually("the model routed", Duration::from_secs(15), || async {
         let (_, body) = get(&format!("http://{}/v1/models", replicas[0].proxy))
