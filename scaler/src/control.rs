@@ -384,6 +384,9 @@ impl ControlLoop {
     /// this replica has — from the memory the last leader saved, when
     /// [`ControlLoop::load_memory`] found one (`run` loads it here).
     pub fn new_leader(&mut self) {
+        if let Some(k) = &mut self.keeper {
+            k.new_leadership();
+        }
         for t in &mut self.targets {
             t.fresh = true;
             t.advised = None;
@@ -739,7 +742,7 @@ impl ControlLoop {
                 tracing::debug_span!("tick", n = ticks),
             )
             .await;
-            self.save_when_due();
+            self.keep_memory().await;
         }
     }
 }
@@ -1133,6 +1136,7 @@ mod tests {
         let (clock, signals, _, mut a) = setup(Scaling::Managed(target.clone()), slo.clone());
         a.wall = wall.clone();
         a.remember_in(store.clone(), "gw-a");
+        assert_eq!(a.load_memory().await.unwrap(), 0, "nothing saved yet");
         for _ in 0..50 {
             signals.arrival(2000);
         }
@@ -1204,14 +1208,92 @@ mod tests {
         signals.arrival(100);
         clock.advance(Duration::from_secs(2));
         l.tick_once().await;
+        // Not before this leadership has read the store.
+        guard.0.store(true, Ordering::SeqCst);
+        assert_eq!(l.save_memory().await.unwrap(), 0);
+        assert_eq!(l.load_memory().await.unwrap(), 0);
+        // Nor while it may not write.
+        guard.0.store(false, Ordering::SeqCst);
         assert_eq!(l.save_memory().await.unwrap(), 0);
         assert!(store.document().is_none());
         guard.0.store(true, Ordering::SeqCst);
         assert_eq!(l.save_memory().await.unwrap(), 1);
         assert!(store.document().is_some());
+        use crate::memory::MemoryEvent::{Empty, Saved};
+        assert_eq!(*recorder.memory.lock().unwrap(), vec![Empty, Saved]);
+    }
+
+    /// A store that answers reads with an error until told otherwise.
+    #[derive(Debug, Default)]
+    struct Flaky {
+        inner: crate::memory::InProcessMemory,
+        failing: std::sync::atomic::AtomicBool,
+    }
+
+    impl crate::memory::MemoryStore for Flaky {
+        fn place(&self) -> String {
+            "flaky".into()
+        }
+        fn load(&self) -> BoxFuture<'_, Result<Option<String>, crate::memory::MemoryError>> {
+            if self.failing.load(Ordering::SeqCst) {
+                return Box::pin(async {
+                    Err(crate::memory::MemoryError::Store {
+                        place: "flaky".into(),
+                        message: "timed out".into(),
+                    })
+                });
+            }
+            self.inner.load()
+        }
+        fn save(&self, d: String) -> BoxFuture<'_, Result<(), crate::memory::MemoryError>> {
+            self.inner.save(d)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_store_that_cannot_be_read_is_not_overwritten_and_a_late_read_is_recalled() {
+        use crate::memory::MemoryEvent::{Failed, Loaded, Recalled};
+        let slo = Policy {
+            algorithm: "slo".into(),
+            target: 5000.0,
+            ttft_target: Some(Duration::from_secs(2)),
+            ..policy()
+        };
+        let store = Arc::new(Flaky::default());
+        // A leader learns a burst's count and saves it.
+        let target = Instant::new(1);
+        let (clock, signals, _, mut a) = setup(Scaling::Managed(target.clone()), slo.clone());
+        a.remember_in(store.clone(), "gw-a");
+        a.load_memory().await.unwrap();
+        for _ in 0..50 {
+            signals.arrival(2000);
+        }
+        clock.advance(Duration::from_secs(2));
+        let held = a.tick_once().await[0].applied;
+        assert!(held >= 4, "{held}");
+        a.save_memory().await.unwrap();
+        let saved = store.inner.document();
+        // Its successor cannot read the store at first: it starts afresh
+        // and saves nothing over what it could not read.
+        *target.state.lock().unwrap() = ScaleState { spec: 1, ready: 1 };
+        store.failing.store(true, Ordering::SeqCst);
+        let (clock, signals, recorder, mut b) = setup(Scaling::Managed(target.clone()), slo);
+        b.remember_in(store.clone(), "gw-b");
+        b.new_leader();
+        assert!(b.load_memory().await.is_err());
+        signals.arrival(100);
+        clock.advance(Duration::from_secs(2));
+        assert_eq!(b.tick_once().await[0].applied, 1);
+        assert_eq!(b.save_memory().await.unwrap(), 0);
+        assert_eq!(store.inner.document(), saved);
+        // Read later, the memory takes over the target at its next tick.
+        store.failing.store(false, Ordering::SeqCst);
+        assert_eq!(b.load_memory().await.unwrap(), 1);
+        clock.advance(Duration::from_secs(2));
+        assert_eq!(b.tick_once().await[0].applied, held);
         assert_eq!(
             *recorder.memory.lock().unwrap(),
-            vec![crate::memory::MemoryEvent::Saved]
+            vec![Failed, Loaded, Recalled]
         );
     }
 

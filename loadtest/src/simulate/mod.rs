@@ -538,6 +538,8 @@ pub async fn simulate(
             Arc::new(scalecar_scaler::memory::InProcessMemory::default()),
             "simulated",
         );
+        // The first leader finds no memory (and may then save).
+        let _ = control.load_memory().await;
     }
     let mut last_saved: Option<Duration> = None;
     let mut world = World::new(trace, settings, recorder, initial);

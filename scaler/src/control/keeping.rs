@@ -23,7 +23,12 @@ pub(super) struct Keeper {
     store: Arc<dyn MemoryStore>,
     /// This replica, as the document names its writer.
     holder: String,
+    /// When the last save (or, until `loaded`, the last read) was tried.
     last_saved: Option<Duration>,
+    /// This leadership has read the store (a document, or none there):
+    /// until then nothing is saved, so that a store that could not be read
+    /// is not overwritten with a fresh start.
+    loaded: bool,
     saving: Option<tokio::task::JoinHandle<()>>,
     /// By target name, with when each was saved (Unix seconds): discovery
     /// may bring a target after the memory was loaded.
@@ -35,6 +40,12 @@ impl Keeper {
     pub(super) fn waiting(&mut self, name: &str) -> Option<(TargetMemory, u64)> {
         self.waiting.remove(name)
     }
+
+    /// A new leadership reads the store again before it saves.
+    pub(super) fn new_leadership(&mut self) {
+        self.loaded = false;
+        self.last_saved = None;
+    }
 }
 
 impl ControlLoop {
@@ -44,6 +55,7 @@ impl ControlLoop {
             store,
             holder: holder.to_string(),
             last_saved: None,
+            loaded: false,
             saving: None,
             waiting: BTreeMap::new(),
         });
@@ -51,8 +63,10 @@ impl ControlLoop {
 
     /// Reads the memory and gives each target its own, to start from when
     /// its algorithm is next created (a new leader's targets are all
-    /// created afresh at their next tick). Returns how many targets had
-    /// memory; `Ok(0)` without a store or a document.
+    /// created afresh at their next tick; one read late, after a failed
+    /// first read, recreates the targets it has memory for). Returns how
+    /// many targets had memory; `Ok(0)` without a store or a document.
+    /// Until a read succeeds this leadership saves nothing.
     pub async fn load_memory(&mut self) -> Result<usize, MemoryError> {
         let Some(k) = &mut self.keeper else {
             return Ok(0);
@@ -62,6 +76,7 @@ impl ControlLoop {
         let text = match loaded {
             Ok(Some(text)) => text,
             Ok(None) => {
+                k.loaded = true;
                 self.observer.memory(MemoryEvent::Empty);
                 tracing::info!(memory = %place, "no memory saved yet: every target starts afresh");
                 return Ok(0);
@@ -78,6 +93,7 @@ impl ControlLoop {
                 return Err(e);
             }
         };
+        k.loaded = true;
         self.observer.memory(MemoryEvent::Loaded);
         let saved_at = doc.saved_at;
         k.waiting = doc
@@ -92,6 +108,7 @@ impl ControlLoop {
         for t in &mut self.targets {
             if let Some(m) = k.waiting.remove(&t.spec.name) {
                 t.recall = Some(m);
+                t.fresh = true;
             }
         }
         let ago = self.wall.unix_secs().saturating_sub(saved_at);
@@ -160,10 +177,13 @@ impl ControlLoop {
     }
 
     /// The store, the document as text and its targets; `None` without a
-    /// store, or while this replica may not write (a leader past its renew
-    /// deadline must not overwrite its successor's memory).
+    /// store, before this leadership has read it, or while this replica
+    /// may not write (a leader past its renew deadline must not overwrite
+    /// its successor's memory).
     fn document(&mut self) -> Option<(Arc<dyn MemoryStore>, String, usize)> {
-        if self.write_guard.as_ref().is_some_and(|g| !g.may_write()) {
+        if self.write_guard.as_ref().is_some_and(|g| !g.may_write())
+            || self.keeper.as_ref().is_some_and(|k| !k.loaded)
+        {
             return None;
         }
         let doc = self.memories();
@@ -189,15 +209,21 @@ impl ControlLoop {
     }
 
     /// Saves beside the loop when [`SAVE_EVERY`] has passed since the last
-    /// save and none is under way.
-    pub(super) fn save_when_due(&mut self) {
+    /// save and none is under way; until this leadership has read the
+    /// store, reads it again instead.
+    pub(super) async fn keep_memory(&mut self) {
         let now = self.clock.now();
-        let Some(k) = &self.keeper else { return };
+        let Some(k) = &mut self.keeper else { return };
         let due = k
             .last_saved
             .is_none_or(|t| now.saturating_sub(t) >= SAVE_EVERY);
         let busy = k.saving.as_ref().is_some_and(|h| !h.is_finished());
         if !due || busy {
+            return;
+        }
+        if !k.loaded {
+            k.last_saved = Some(now);
+            self.load_on_leading().await;
             return;
         }
         let Some((store, text, n)) = self.document() else {
@@ -247,7 +273,11 @@ impl ControlLoop {
             return;
         }
         if let Err(e) = self.load_memory().await {
-            tracing::warn!(error = %e, "memory not loaded: every target starts afresh");
+            tracing::warn!(
+                error = %e,
+                "memory not loaded: targets start afresh, and nothing is saved until a read succeeds (tried every {}s)",
+                SAVE_EVERY.as_secs()
+            );
         }
     }
 }
