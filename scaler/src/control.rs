@@ -1295,6 +1295,24 @@ mod tests {
             *recorder.memory.lock().unwrap(),
             vec![Failed, Loaded, Recalled]
         );
+        // A document read but of no use here (another version's, or
+        // damaged) is overwritten, as a fresh start's memory.
+        crate::memory::MemoryStore::save(&store.inner, "{\"version\": 9}".into())
+            .await
+            .unwrap();
+        b.new_leader();
+        let e = b.load_memory().await.unwrap_err().to_string();
+        assert!(e.contains("version 9"), "{e}");
+        clock.advance(Duration::from_secs(2));
+        b.tick_once().await;
+        assert_eq!(b.save_memory().await.unwrap(), 1);
+        assert!(
+            store
+                .inner
+                .document()
+                .unwrap()
+                .contains("\"holder\":\"gw-b\"")
+        );
     }
 
     #[tokio::test]

@@ -25,9 +25,9 @@ pub(super) struct Keeper {
     holder: String,
     /// When the last save (or, until `loaded`, the last read) was tried.
     last_saved: Option<Duration>,
-    /// This leadership has read the store (a document, or none there):
-    /// until then nothing is saved, so that a store that could not be read
-    /// is not overwritten with a fresh start.
+    /// This leadership has read the store (a document, usable or not, or
+    /// none there): until then nothing is saved, so that a store that
+    /// could not be read is not overwritten with a fresh start.
     loaded: bool,
     saving: Option<tokio::task::JoinHandle<()>>,
     /// By target name, with when each was saved (Unix seconds): discovery
@@ -89,6 +89,9 @@ impl ControlLoop {
         let doc = match Memories::parse(&place, &text) {
             Ok(d) => d,
             Err(e) => {
+                // Read, but of no use here (another version's format, or
+                // damaged): it will be overwritten, as a fresh start's.
+                k.loaded = true;
                 self.observer.memory(MemoryEvent::Failed);
                 return Err(e);
             }
