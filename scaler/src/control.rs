@@ -1223,6 +1223,46 @@ mod tests {
         assert_eq!(*recorder.memory.lock().unwrap(), vec![Empty, Saved]);
     }
 
+    #[tokio::test]
+    async fn nothing_to_remember_is_written_once_per_leadership() {
+        use crate::memory::MemoryEvent::{Empty, Saved};
+        // kpa keeps no memory: the first periodic save writes an empty
+        // document, the next ones nothing.
+        let store = Arc::new(crate::memory::InProcessMemory::default());
+        let (clock, _, recorder, mut l) = setup(Scaling::Managed(Instant::new(1)), policy());
+        l.remember_in(store.clone(), "gw");
+        l.load_memory().await.unwrap();
+        let saves = |r: &Recorder| {
+            r.memory
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|e| **e == Saved)
+                .count()
+        };
+        for round in 0..3 {
+            clock.advance(crate::memory::SAVE_EVERY);
+            l.tick_once().await;
+            l.keep_memory().await;
+            for _ in 0..100 {
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(saves(&recorder), 1, "round {round}");
+        }
+        assert!(store.document().unwrap().contains("\"targets\":{}"));
+        // A new leadership writes once again.
+        l.new_leader();
+        l.load_memory().await.unwrap();
+        clock.advance(crate::memory::SAVE_EVERY);
+        l.tick_once().await;
+        l.keep_memory().await;
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(saves(&recorder), 2);
+        assert_eq!(recorder.memory.lock().unwrap()[0], Empty);
+    }
+
     /// A store that answers reads with an error until told otherwise.
     #[derive(Debug, Default)]
     struct Flaky {

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::{ControlLoop, DecisionObserver, Managed};
@@ -30,6 +31,10 @@ pub(super) struct Keeper {
     /// could not be read is not overwritten with a fresh start.
     loaded: bool,
     saving: Option<tokio::task::JoinHandle<()>>,
+    /// The last periodic save of this leadership held no target: another
+    /// empty one is not written (kpa and hpa keep none, and a cluster of
+    /// them would otherwise write the same nothing every 30 s).
+    saved_nothing: Arc<std::sync::atomic::AtomicBool>,
     /// By target name, with when each was saved (Unix seconds): discovery
     /// may bring a target after the memory was loaded.
     waiting: BTreeMap<String, (TargetMemory, u64)>,
@@ -45,6 +50,7 @@ impl Keeper {
     pub(super) fn new_leadership(&mut self) {
         self.loaded = false;
         self.last_saved = None;
+        self.saved_nothing.store(false, Ordering::Relaxed);
     }
 }
 
@@ -57,6 +63,7 @@ impl ControlLoop {
             last_saved: None,
             loaded: false,
             saving: None,
+            saved_nothing: Arc::default(),
             waiting: BTreeMap::new(),
         });
     }
@@ -235,10 +242,15 @@ impl ControlLoop {
         let observer = self.observer.clone();
         if let Some(k) = &mut self.keeper {
             k.last_saved = Some(now);
+            if n == 0 && k.saved_nothing.load(Ordering::Relaxed) {
+                return;
+            }
+            let saved_nothing = k.saved_nothing.clone();
             k.saving = Some(tokio::spawn(async move {
                 let bytes = text.len();
                 match store.save(text).await {
                     Ok(()) => {
+                        saved_nothing.store(n == 0, Ordering::Relaxed);
                         observer.memory(MemoryEvent::Saved);
                         tracing::debug!(memory = %store.place(), targets = n, bytes, "memory saved");
                     }
