@@ -107,7 +107,7 @@ impl CapacityEstimate {
     /// `at`; `Err` names what is out of bounds.
     pub fn recalled(
         m: &CapacityMemory,
-        at: impl Fn(f64) -> Option<Duration>,
+        at: &impl Fn(f64) -> Option<Duration>,
     ) -> Result<CapacityEstimate, String> {
         let good = |x: f64| x.is_finite() && x > 0.0;
         if !good(m.prior) || !good(m.value) {

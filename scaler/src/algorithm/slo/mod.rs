@@ -307,10 +307,9 @@ struct SloMemory {
     demand: demand::DemandMemory,
 }
 
-/// How finely a remembered series keeps its points: one per stretch of
-/// this length (the hold's gaps and the trend are minutes long; half an
-/// hour of 2 s decisions is 900 points, and 180 of them keep what those
-/// read).
+/// A remembered demand series keeps one point per stretch of this length
+/// (its trend is fitted over minutes), and so do the needs of a wandering
+/// plan (see `Hold::remember`).
 const THINNED: Duration = Duration::from_secs(10);
 
 /// A recalled algorithm's clock runs this far ahead of the process's: the
@@ -421,7 +420,7 @@ impl ScalingAlgorithm for Slo {
         };
         let invalid = super::RecallError::Invalid;
         // All or nothing: half a memory is not this algorithm's past.
-        let capacity = CapacityEstimate::recalled(&m.capacity, at).map_err(invalid)?;
+        let capacity = CapacityEstimate::recalled(&m.capacity, &at).map_err(invalid)?;
         let correction = Correction::recalled(&m.correction, &at).map_err(invalid)?;
         let budget = ErrorBudget::recalled(&m.budget, elapsed_s, &at).map_err(invalid)?;
         let hold = Hold::recalled(&m.hold, &at).map_err(invalid)?;
