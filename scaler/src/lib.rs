@@ -11,6 +11,9 @@
 //! the `kube` module (feature `kube`, on by default): without it the crate
 //! builds with no Kubernetes client at all.
 //!
+//! What an algorithm learnt outlives a leader: the leader saves it through
+//! a [`memory::MemoryStore`] and its successor starts from it.
+//!
 //! Invariants: recording is atomics-only and allocation-free; replicas never
 //! leave [min, max]; missing, stale or partial data never scales down, while
 //! zero traffic is data and may.
