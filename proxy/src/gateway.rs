@@ -312,6 +312,8 @@ impl GatewayBuilder {
             admin_listener,
         )?;
         let stopped = handle.stopped();
+        // True (or dropped) once the control loop has stopped.
+        let (loop_done_tx, loop_done) = watch::channel(false);
         if let Some(listener) = self.ext_proc {
             handle.ext_proc_addr = listener.local_addr().ok();
             let plane = handle.plane.clone();
@@ -365,7 +367,10 @@ impl GatewayBuilder {
                 );
             }
             let (tx, mut rx) = watch::channel(scalecar_scaler::kube::Leadership::default());
-            handle.spawn(elector.run(tx, stopped.clone()));
+            // The elector steps down (and releases the Lease) only once the
+            // control loop has stopped: its last act as leader is saving the
+            // memory, which needs the Lease still held.
+            handle.spawn(elector.run(tx, loop_done.clone()));
             let decisions = self.decisions.clone();
             handle.spawn(async move {
                 loop {
@@ -417,7 +422,9 @@ impl GatewayBuilder {
                 let _ = stop.wait_for(|s| *s).await;
             };
             tokio::select! {
-                _ = control.run(stopped) => {}
+                _ = control.run(stopped) => {
+                    loop_done_tx.send_replace(true);
+                }
                 _ = counting => {}
             }
             // The set lives as long as the loop.

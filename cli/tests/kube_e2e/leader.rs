@@ -420,9 +420,9 @@ async fn memory(c: &Cluster) -> Option<Value> {
 
 /// A rolling update: the leader saves at once (the periodic save's first),
 /// then stops (SIGTERM) and saves what its slo learnt since — the next
-/// periodic save is 30 s away, so only the last one can hold it; the
-/// replica that takes over reads it and starts each target from it, then
-/// keeps it in its own name.
+/// periodic save is 30 s away, so only the last one can hold it — before
+/// it gives the Lease up; the replica started next leads, reads it, starts
+/// each target from it, and keeps it in its own name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_leader_starts_from_what_the_last_one_learnt() {
     let c = Cluster::start().await;
@@ -460,17 +460,6 @@ async fn a_new_leader_starts_from_what_the_last_one_learnt() {
     for _ in 0..4 {
         assert!(!chat(&client, "learnt", "remember this", 4).await.is_empty());
     }
-    // The follower, ready before the leader goes.
-    replicas.push(Replica::start(&c, 1, ""));
-    eventually(
-        "the follower knows the leader",
-        Duration::from_secs(10),
-        || async {
-            let (leading, holder) = replicas[1].leadership().await?;
-            (!leading && holder == first).then_some(())
-        },
-    )
-    .await;
     // Its needs are in the decisions by now: a slo decision each 300 ms.
     tokio::time::sleep(Duration::from_millis(900)).await;
     let pid = replicas[0].child.id().to_string();
@@ -479,8 +468,32 @@ async fn a_new_leader_starts_from_what_the_last_one_learnt() {
         .status()
         .unwrap();
     assert!(term.success());
+    let stopping = Instant::now();
     replicas[0].child.wait().unwrap();
-    // Saved at its stop, under its name: slo's state for the target.
+    // Saved at its stop, under its name, while it still held the Lease:
+    // its last memory write comes before it gives the Lease up.
+    let by_first = |r: &&scalecar_loadtest::kube_sim::RequestRecord| {
+        r.user_agent.contains(&first) && r.at >= stopping
+    };
+    let requests = c.sim.requests();
+    let saved_at = requests
+        .iter()
+        .filter(by_first)
+        .filter(|r| r.method == "PATCH" && r.uri.contains("/configmaps/scalecar-memory"))
+        .map(|r| r.at)
+        .max()
+        .expect("a memory write after SIGTERM");
+    let released_at = requests
+        .iter()
+        .filter(by_first)
+        .filter(|r| r.method == "PUT" && r.uri.contains("/leases/"))
+        .map(|r| r.at)
+        .max()
+        .expect("the Lease given up");
+    assert!(
+        saved_at < released_at,
+        "the memory was written after the Lease was given up"
+    );
     let saved = memory(&c).await.expect("the leader saved its memory");
     assert_eq!(saved["holder"], first.as_str(), "{saved}");
     let (name, target) = saved["targets"]
@@ -494,7 +507,9 @@ async fn a_new_leader_starts_from_what_the_last_one_learnt() {
             .is_some_and(|n| !n.is_empty()),
         "{target}"
     );
-    // The follower leads, recalls it, and saves it as its own.
+    // The next replica (a rolling update's) leads, recalls it, and saves it
+    // as its own.
+    replicas.push(Replica::start(&c, 1, ""));
     let (_, second) = one_leader(&[&replicas[1]], Duration::from_secs(10)).await;
     assert_ne!(second, first);
     eventually("the memory recalled", Duration::from_secs(10), || async {
