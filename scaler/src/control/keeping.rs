@@ -177,13 +177,7 @@ impl ControlLoop {
         let Some((store, text, n)) = self.document() else {
             return Ok(0);
         };
-        let saved = store.save(text).await;
-        self.observer.memory(if saved.is_ok() {
-            MemoryEvent::Saved
-        } else {
-            MemoryEvent::Failed
-        });
-        saved.map(|()| n)
+        write(&*store, text, &*self.observer).await.map(|()| n)
     }
 
     /// The store, the document as text and its targets; `None` without a
@@ -248,14 +242,12 @@ impl ControlLoop {
             let saved_nothing = k.saved_nothing.clone();
             k.saving = Some(tokio::spawn(async move {
                 let bytes = text.len();
-                match store.save(text).await {
+                match write(&*store, text, &*observer).await {
                     Ok(()) => {
                         saved_nothing.store(n == 0, Ordering::Relaxed);
-                        observer.memory(MemoryEvent::Saved);
                         tracing::debug!(memory = %store.place(), targets = n, bytes, "memory saved");
                     }
                     Err(e) => {
-                        observer.memory(MemoryEvent::Failed);
                         tracing::warn!(error = %e, "memory not saved; the next try is in {}s", SAVE_EVERY.as_secs());
                     }
                 }
@@ -295,6 +287,21 @@ impl ControlLoop {
             );
         }
     }
+}
+
+/// Writes `text` to `store` and tells `observer` how it went.
+async fn write(
+    store: &dyn MemoryStore,
+    text: String,
+    observer: &dyn DecisionObserver,
+) -> Result<(), MemoryError> {
+    let saved = store.save(text).await;
+    observer.memory(if saved.is_ok() {
+        MemoryEvent::Saved
+    } else {
+        MemoryEvent::Failed
+    });
+    saved
 }
 
 fn carried(m: &TargetMemory, at: u64) -> TargetMemory {
