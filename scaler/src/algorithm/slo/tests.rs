@@ -625,6 +625,40 @@ fn a_miss_now_never_scales_down() {
     assert_eq!(d.desired, Some(4), "{}", d.reason);
 }
 
+#[test]
+fn a_backlog_older_than_the_replicas_does_not_keep_them() {
+    let p = policy();
+    // 20 replicas where 1.2 are needed; half the window's feasible
+    // requests missed.
+    let mut w = window(60, 6000.0, Some(5000.0), Some(3000));
+    w.slo_eligible = 100;
+    w.slo_met = 50;
+    let at = |s: &mut Slo, t: u64, p99: u64, w: &mut WindowValues| {
+        w.ttft.p99 = Some(Duration::from_secs(p99));
+        decide_at(s, &p, Duration::from_secs(t), 20, 20, &snap(*w, *w))
+    };
+    // All 20 ready since 0 (the count the scaler found, held for its
+    // floor). At 302 s the window's p99 waited 310 s: requests that queued
+    // before the replicas came, in the engines that took them. What runs
+    // was never shown too few, and the need lets replicas go.
+    let mut s = Slo::new(&p);
+    let _ = at(&mut s, 0, 5, &mut w);
+    let d = at(&mut s, 302, 310, &mut w);
+    assert!(d.desired < Some(20), "{}", d.reason);
+    assert!(d.reason.ends_with(BACKLOG_BEFORE_READY), "{}", d.reason);
+    // Misses that waited less than the replicas have been ready came
+    // while they were all there: no scale-down.
+    let mut s = Slo::new(&p);
+    let _ = at(&mut s, 0, 5, &mut w);
+    let d = at(&mut s, 302, 5, &mut w);
+    assert_eq!(d.desired, Some(20), "{}", d.reason);
+    assert!(
+        d.reason.ends_with("; target missed: no scale-down"),
+        "{}",
+        d.reason
+    );
+}
+
 /// A decode pool's decision on two replicas holding `tokens` in flight,
 /// ITL well within its target, engines reporting `kv` tokens of cache.
 fn decide_decode(p: &Policy, tokens: f64, kv: Option<u64>) -> Decision {
