@@ -49,6 +49,23 @@ impl Cluster {
         self.api("apps", "v1", "Deployment", "deployments")
     }
 
+    /// The Deployments, with `name` created among them: one pod serving
+    /// `model`, annotated with `annotations`.
+    pub async fn deployment(
+        &self,
+        name: &str,
+        model: &str,
+        annotations: Value,
+    ) -> Api<DynamicObject> {
+        let d = self.deployments();
+        self.create(
+            &d,
+            workload("apps/v1", "Deployment", name, model, 1, annotations, &[]),
+        )
+        .await;
+        d
+    }
+
     pub async fn create(&self, api: &Api<DynamicObject>, object: Value) {
         let o: DynamicObject = serde_json::from_value(object).unwrap();
         api.create(&PostParams::default(), &o).await.unwrap();

@@ -6,20 +6,13 @@ use super::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_elect_one_leader_and_a_killed_leader_is_replaced_without_overlap() {
     let c = Cluster::start().await;
-    let d = c.deployments();
-    c.create(
-        &d,
-        workload(
-            "apps/v1",
-            "Deployment",
+    let d = c
+        .deployment(
             "shared",
             "shared",
-            1,
             json!({"scalecar.io/model": "shared", "scalecar.io/min-replicas": "2"}),
-            &[],
-        ),
-    )
-    .await;
+        )
+        .await;
     let mut replicas: Vec<Replica> = (0..3).map(|i| Replica::start(&c, i, "")).collect();
     let all: Vec<&Replica> = replicas.iter().collect();
     let (first, holder) = one_leader(&all, Duration::from_secs(15)).await;
@@ -94,20 +87,13 @@ async fn three_replicas_elect_one_leader_and_a_killed_leader_is_replaced_without
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_write_leaves_after_the_renew_deadline_when_the_api_stalls() {
     let c = Cluster::start().await;
-    let d = c.deployments();
-    c.create(
-        &d,
-        workload(
-            "apps/v1",
-            "Deployment",
+    let d = c
+        .deployment(
             "busy",
             "busy",
-            1,
             json!({"scalecar.io/model": "busy", "scalecar.io/min-replicas": "2"}),
-            &[],
-        ),
-    )
-    .await;
+        )
+        .await;
     let replicas = [Replica::start(&c, 0, "")];
     let all: Vec<&Replica> = replicas.iter().collect();
     let (leader, holder) = one_leader(&all, Duration::from_secs(15)).await;
@@ -202,20 +188,13 @@ async fn no_write_leaves_after_the_renew_deadline_when_the_api_stalls() {
 async fn a_tick_that_outlasts_the_renew_deadline_writes_nothing() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let c = Cluster::start().await;
-    let d = c.deployments();
-    c.create(
-        &d,
-        workload(
-            "apps/v1",
-            "Deployment",
+    let d = c
+        .deployment(
             "late",
             "late",
-            1,
             json!({"scalecar.io/model": "late", "scalecar.io/min-replicas": "2"}),
-            &[],
-        ),
-    )
-    .await;
+        )
+        .await;
     // A peer that refuses (503) every snapshot request, at once or, while
     // `hold` is set, only once `release` turns true.
     let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
@@ -346,20 +325,13 @@ async fn a_tick_that_outlasts_the_renew_deadline_writes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_that_cannot_renew_steps_down_and_stops_writing() {
     let c = Cluster::start().await;
-    let d = c.deployments();
-    c.create(
-        &d,
-        workload(
-            "apps/v1",
-            "Deployment",
+    let d = c
+        .deployment(
             "alone",
             "alone",
-            1,
             json!({"scalecar.io/model": "alone", "scalecar.io/min-replicas": "2"}),
-            &[],
-        ),
-    )
-    .await;
+        )
+        .await;
     let replicas = [Replica::start(&c, 0, ""), Replica::start(&c, 1, "")];
     let all: Vec<&Replica> = replicas.iter().collect();
     let (leader, _) = one_leader(&all, Duration::from_secs(15)).await;
@@ -426,19 +398,11 @@ async fn memory(c: &Cluster) -> Option<Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_leader_starts_from_what_the_last_one_learnt() {
     let c = Cluster::start().await;
-    let d = c.deployments();
-    c.create(
-        &d,
-        workload(
-            "apps/v1",
-            "Deployment",
-            "learnt",
-            "learnt",
-            1,
-            json!({"scalecar.io/model": "learnt", "scalecar.io/algorithm": "slo",
+    c.deployment(
+        "learnt",
+        "learnt",
+        json!({"scalecar.io/model": "learnt", "scalecar.io/algorithm": "slo",
                    "scalecar.io/ttft-target": "2s"}),
-            &[],
-        ),
     )
     .await;
     let mut replicas = vec![Replica::start(&c, 0, "")];

@@ -250,22 +250,9 @@ async fn a_peer_that_does_not_answer_makes_decisions_partial_and_blocks_scale_do
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_new_leader_decides_at_once_on_the_survivors_full_windows() {
     let c = Cluster::start().await;
-    let d = c.deployments();
-    c.create(
-        &d,
-        workload(
-            "apps/v1",
-            "Deployment",
-            "kept",
-            "kept",
-            1,
-            json!({"scalecar.io/algorithm": "kpa", "scalecar.io/model": "kept", "scalecar.io/target": "2",
+    let d = c.deployment("kept", "kept", json!({"scalecar.io/algorithm": "kpa", "scalecar.io/model": "kept", "scalecar.io/target": "2",
                    "scalecar.io/target-utilization-percentage": "100",
-                   "scalecar.io/max-replicas": "10", "scalecar.io/window": "6s"}),
-            &[],
-        ),
-    )
-    .await;
+                   "scalecar.io/max-replicas": "10", "scalecar.io/window": "6s"})).await;
     let mut replicas = peered_replicas(&c, 3).await;
     let all: Vec<&Replica> = replicas.iter().collect();
     let (leader, old) = one_leader(&all, Duration::from_secs(15)).await;

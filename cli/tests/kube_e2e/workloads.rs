@@ -468,21 +468,14 @@ async fn a_request_at_zero_replicas_is_held_until_a_pod_serves_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_annotation_is_a_warning_event_and_left_alone_until_fixed() {
     let c = Cluster::start().await;
-    let d = c.deployments();
-    c.create(
-        &d,
-        workload(
-            "apps/v1",
-            "Deployment",
+    let d = c
+        .deployment(
             "typo",
             "typo",
-            1,
             json!({"scalecar.io/model": "typo", "scalecar.io/min-replicas": "2",
                    "scalecar.io/max-replicas": "lots"}),
-            &[],
-        ),
-    )
-    .await;
+        )
+        .await;
     let p = c.scalecar("300ms", "").await;
     let events = c.invalid_annotation_events().await;
     assert!(events.contains("scalecar.io/max-replicas"), "{events}");
@@ -597,20 +590,13 @@ async fn a_terminating_pod_gets_no_new_requests_and_finishes_its_streams() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removing_the_annotation_removes_the_pool_and_stops_scaling() {
     let c = Cluster::start().await;
-    let d = c.deployments();
-    c.create(
-        &d,
-        workload(
-            "apps/v1",
-            "Deployment",
+    let d = c
+        .deployment(
             "brief",
             "brief",
-            1,
             json!({"scalecar.io/model": "brief", "scalecar.io/min-replicas": "1"}),
-            &[],
-        ),
-    )
-    .await;
+        )
+        .await;
     let p = c.scalecar("300ms", "").await;
     eventually("routed", Duration::from_secs(10), || async {
         endpoints(&p, "brief", "unified")
@@ -651,20 +637,13 @@ async fn removing_the_annotation_removes_the_pool_and_stops_scaling() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn advisory_mode_decides_and_events_but_writes_nothing_beside_static_pools() {
     let c = Cluster::start().await;
-    let d = c.deployments();
-    c.create(
-        &d,
-        workload(
-            "apps/v1",
-            "Deployment",
+    let d = c
+        .deployment(
             "watched",
             "watched",
-            1,
             json!({"scalecar.io/model": "watched", "scalecar.io/min-replicas": "2"}),
-            &[],
-        ),
-    )
-    .await;
+        )
+        .await;
     // A static pool beside the discovered one.
     let fixed = common::sim(common::model("fixed")).await;
     let p = c
@@ -726,20 +705,8 @@ async fn a_kind_the_cluster_does_not_serve_does_not_hold_readiness() {
     // watched: ready once the rest is listed, and the annotated
     // Deployment routed meanwhile.
     let c = Cluster::start().await;
-    let d = c.deployments();
-    c.create(
-        &d,
-        workload(
-            "apps/v1",
-            "Deployment",
-            "llama",
-            "m",
-            1,
-            json!({"scalecar.io/model": "m"}),
-            &[],
-        ),
-    )
-    .await;
+    c.deployment("llama", "m", json!({"scalecar.io/model": "m"}))
+        .await;
     let p = c
         .scalecar(
             "1s",
