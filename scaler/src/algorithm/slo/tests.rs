@@ -644,7 +644,7 @@ fn a_backlog_older_than_the_replicas_does_not_keep_them() {
     let mut s = Slo::new(&p);
     let _ = at(&mut s, 0, 5, &mut w);
     let d = at(&mut s, 302, 310, &mut w);
-    assert!(d.desired < Some(20), "{}", d.reason);
+    assert!(d.desired.is_some_and(|n| n < 20), "{}", d.reason);
     assert!(d.reason.ends_with(BACKLOG_BEFORE_READY), "{}", d.reason);
     // Misses that waited less than the replicas have been ready came
     // while they were all there: no scale-down.
