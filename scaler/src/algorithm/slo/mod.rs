@@ -209,16 +209,18 @@ impl Slo {
                 }
             }
         } else {
-            let rate = snap
-                .panic
-                .prefill_rate(MIN_BUSY)
-                .or_else(|| snap.stable.prefill_rate(MIN_BUSY));
+            // The panic window's rate when it has enough busy time, else the
+            // stable window's, with the span each was read over.
+            let (rate, span) = match snap.panic.prefill_rate(MIN_BUSY) {
+                Some(r) => (Some(r), snap.panic.observed),
+                None => (snap.stable.prefill_rate(MIN_BUSY), snap.stable.observed),
+            };
             let caches_full = input.kv_capacity.is_some_and(|per_replica| {
                 snap.panic.tokens >= f64::from(input.ready.max(1)) * per_replica as f64
             });
             self.capacity_held = caches_full && self.capacity.measured();
             if !caches_full {
-                self.capacity.observe(input.now, rate);
+                self.capacity.observe(input.now, rate, span);
             }
         }
     }
