@@ -187,8 +187,8 @@ mod tests {
     fn a_reading_after_a_gap_weighs_only_its_own_window() {
         let mut e = CapacityEstimate::new(4000.0);
         every_2s(&mut e, 0, 120, Some(16_000.0));
-        // 40 s with nothing measured (caches full), then one 6 s window
-        // at half the rate: 6 s of evidence, not 46 s.
+        // 42 s with nothing measured (caches full), then one 6 s window
+        // at half the rate: 6 s of evidence, not 42 s.
         e.observe(Duration::from_secs(160), Some(8_000.0), PANIC);
         let kept = 16_000.0 - 8_000.0 * (1.0 - (-6.0_f64 / 20.0).exp());
         assert!((e.value() - kept).abs() < 1.0, "{}", e.value());
