@@ -112,6 +112,10 @@ pub struct SimulateArgs {
     /// its predecessor's memory (as with `memory-config-map: ""`).
     #[arg(long, requires = "new_leader_every")]
     pub no_leader_memory: bool,
+    /// decisions.jsonl also holds the warm-up's ticks, at negative times:
+    /// the level a run starts with was decided there.
+    #[arg(long)]
+    pub warmup_decisions: bool,
     /// The oracle's schedule changes at most this often (it also searches
     /// at 3 and 6 times this, and keeps the cheapest schedule).
     #[arg(long, default_value = "10s", value_parser = duration)]
@@ -353,6 +357,7 @@ pub async fn run(
         warmup: args.warmup,
         new_leader_every: args.new_leader_every,
         leader_memory: !args.no_leader_memory,
+        warmup_decisions: args.warmup_decisions,
     };
     let horizon = scalecar_loadtest::simulate::horizon(&trace);
     if horizon > MAX_TRACE {

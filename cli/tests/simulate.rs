@@ -357,3 +357,42 @@ fn new_leaders_start_from_memory_unless_told_to_forget() {
     assert_eq!(forgot["leader_memory"], false, "{forgot}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn the_warm_up_decisions_are_recorded_when_asked_at_negative_times() {
+    let dir = temp_dir("warmup-decisions");
+    let trace = azure_head(&dir, 400);
+    let decisions = |name: &str, extra: &[&str]| -> Vec<Value> {
+        let out = dir.join(name);
+        let mut args = vec![
+            "--trace",
+            trace.to_str().unwrap(),
+            "--warmup",
+            "60s",
+            "--no-oracle",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let (code, _, stderr) = simulate(&args);
+        assert_eq!(code, 0, "{stderr}");
+        std::fs::read_to_string(out.join("decisions.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let t = |d: &Value| d["t"].as_f64().unwrap();
+    let measured = decisions("measured", &[]);
+    let all = decisions("all", &["--warmup-decisions"]);
+    assert!(measured.iter().all(|d| t(d) >= 0.0), "{measured:?}");
+    // The warm-up's ticks come first, from a minute before the start.
+    let first = t(&all[0]);
+    assert!((-60.0..-50.0).contains(&first), "{first}");
+    assert!(all.windows(2).all(|w| t(&w[0]) < t(&w[1])));
+    // Recording them changes nothing that is measured.
+    let after: Vec<&Value> = all.iter().filter(|d| t(d) >= 0.0).collect();
+    assert_eq!(after.len(), measured.len());
+    assert!(after.iter().zip(&measured).all(|(a, m)| *a == m));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

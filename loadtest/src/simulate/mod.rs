@@ -78,6 +78,9 @@ pub struct Settings {
     /// nothing is saved at the handover itself). `false`: each starts
     /// afresh, as with `memory-config-map: ""`.
     pub leader_memory: bool,
+    /// Record the warm-up's decisions too (at negative times): what the
+    /// run starts from — a level held, a capacity learnt — is decided there.
+    pub warmup_decisions: bool,
 }
 
 impl Settings {
@@ -97,6 +100,7 @@ impl Settings {
             warmup: Duration::ZERO,
             new_leader_every: None,
             leader_memory: true,
+            warmup_decisions: false,
         }
     }
 }
@@ -579,9 +583,10 @@ pub async fn simulate(
         if measuring && status.is_some_and(|s| s.changed) {
             scale_events += 1;
         }
-        if let Some(s) = status.filter(|_| measuring) {
+        if let Some(s) = status.filter(|_| measuring || settings.warmup_decisions) {
             decisions.push(Decided {
-                t: (t - start).as_secs_f64(),
+                // From the measured start: the warm-up's are negative.
+                t: t.as_secs_f64() - start.as_secs_f64(),
                 ready: s.ready,
                 desired: s.desired,
                 applied: s.applied,
