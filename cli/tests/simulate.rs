@@ -37,6 +37,20 @@ fn simulate(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// `simulate` of `trace` with `args`, its report into `out`: it must
+/// succeed.
+fn simulate_into(trace: &Path, out: &Path, args: &[&str]) {
+    let mut all = vec![
+        "--trace",
+        trace.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    all.extend_from_slice(args);
+    let (code, _, stderr) = simulate(&all);
+    assert_eq!(code, 0, "{args:?}: {stderr}");
+}
+
 #[test]
 fn a_trace_gives_a_summary_a_report_and_the_same_bytes_twice() {
     let dir = temp_dir("report");
@@ -332,20 +346,9 @@ fn new_leaders_start_from_memory_unless_told_to_forget() {
     let trace = azure_head(&dir, 200);
     let summary = |extra: &[&str]| -> Value {
         let out = dir.join(format!("out-{}", extra.len()));
-        let mut args = vec![
-            "--trace",
-            trace.to_str().unwrap(),
-            "--algorithm",
-            "slo",
-            "--no-oracle",
-            "--warmup",
-            "0s",
-            "--out",
-            out.to_str().unwrap(),
-        ];
+        let mut args = vec!["--algorithm", "slo", "--no-oracle", "--warmup", "0s"];
         args.extend_from_slice(extra);
-        let (code, _, stderr) = simulate(&args);
-        assert_eq!(code, 0, "{extra:?}: {stderr}");
+        simulate_into(&trace, &out, &args);
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap()
     };
     let plain = summary(&[]);
@@ -364,18 +367,9 @@ fn the_warm_up_decisions_are_recorded_when_asked_at_negative_times() {
     let trace = azure_head(&dir, 400);
     let decisions = |name: &str, extra: &[&str]| -> Vec<Value> {
         let out = dir.join(name);
-        let mut args = vec![
-            "--trace",
-            trace.to_str().unwrap(),
-            "--warmup",
-            "60s",
-            "--no-oracle",
-            "--out",
-            out.to_str().unwrap(),
-        ];
+        let mut args = vec!["--warmup", "60s", "--no-oracle"];
         args.extend_from_slice(extra);
-        let (code, _, stderr) = simulate(&args);
-        assert_eq!(code, 0, "{stderr}");
+        simulate_into(&trace, &out, &args);
         std::fs::read_to_string(out.join("decisions.jsonl"))
             .unwrap()
             .lines()
