@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU32;
 use std::time::Duration;
 
-use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, BenchmarkId, Criterion, criterion_group, criterion_main};
 use scalecar_config::{Policy, Role};
 use scalecar_scaler::algorithm::AlgorithmRegistry;
 use scalecar_scaler::clock::ManualClock;
@@ -93,13 +94,24 @@ fn loop_of(n: usize) -> (ControlLoop, Arc<ManualClock>) {
     (l, clock)
 }
 
-fn tick(c: &mut Criterion) {
+/// A current-thread runtime and benchmark group `name` of `samples`
+/// samples over 5 s.
+fn runtime_and_group<'a>(
+    c: &'a mut Criterion,
+    name: &str,
+    samples: usize,
+) -> (tokio::runtime::Runtime, BenchmarkGroup<'a, WallTime>) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
-    let mut g = c.benchmark_group("tick");
-    g.sample_size(20);
+    let mut g = c.benchmark_group(name);
+    g.sample_size(samples);
     g.measurement_time(Duration::from_secs(5));
+    (rt, g)
+}
+
+fn tick(c: &mut Criterion) {
+    let (rt, mut g) = runtime_and_group(c, "tick", 20);
     for n in [100, 1_000] {
         let (mut l, _) = loop_of(n);
         g.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
@@ -110,12 +122,7 @@ fn tick(c: &mut Criterion) {
 }
 
 fn memory(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
-    let mut g = c.benchmark_group("memory");
-    g.sample_size(10);
-    g.measurement_time(Duration::from_secs(5));
+    let (rt, mut g) = runtime_and_group(c, "memory", 10);
     for n in [100, 1_000] {
         let (mut l, clock) = loop_of(n);
         // Half an hour of 2 s ticks: every slo target's needs are full.

@@ -1065,6 +1065,16 @@ mod tests {
         }
     }
 
+    /// slo with a 5,000 prompt tok/s prior and a 2 s TTFT target.
+    fn slo_policy() -> Policy {
+        Policy {
+            algorithm: "slo".into(),
+            target: 5000.0,
+            ttft_target: Some(Duration::from_secs(2)),
+            ..policy()
+        }
+    }
+
     /// A write guard a test turns on and off.
     #[derive(Debug, Default)]
     struct Switch(std::sync::atomic::AtomicBool);
@@ -1078,11 +1088,8 @@ mod tests {
     #[tokio::test]
     async fn the_engines_kv_cache_reaches_slo_and_the_key_overrides_it() {
         let slo = |kv_key: Option<u32>| Policy {
-            algorithm: "slo".into(),
-            target: 5000.0,
-            ttft_target: Some(Duration::from_secs(2)),
             kv_cache_tokens: kv_key,
-            ..policy()
+            ..slo_policy()
         };
         for (key, reported, shown) in [
             (None, Some(40_000), Some("KV 40000 tokens per replica")),
@@ -1121,12 +1128,7 @@ mod tests {
     #[tokio::test]
     async fn a_successor_starts_from_the_memory_its_predecessor_saved() {
         use crate::memory::{InProcessMemory, MemoryEvent};
-        let slo = Policy {
-            algorithm: "slo".into(),
-            target: 5000.0,
-            ttft_target: Some(Duration::from_secs(2)),
-            ..policy()
-        };
+        let slo = slo_policy();
         let store = Arc::new(InProcessMemory::default());
         let wall = Arc::new(Wall::default());
         wall.0.store(1_800_000_000, Ordering::SeqCst);
@@ -1293,12 +1295,7 @@ mod tests {
     #[tokio::test]
     async fn a_store_that_cannot_be_read_is_not_overwritten_and_a_late_read_is_recalled() {
         use crate::memory::MemoryEvent::{Failed, Loaded, Recalled};
-        let slo = Policy {
-            algorithm: "slo".into(),
-            target: 5000.0,
-            ttft_target: Some(Duration::from_secs(2)),
-            ..policy()
-        };
+        let slo = slo_policy();
         let store = Arc::new(Flaky::default());
         // A leader learns a burst's count and saves it.
         let target = Instant::new(1);

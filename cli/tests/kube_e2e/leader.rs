@@ -440,20 +440,18 @@ async fn a_new_leader_starts_from_what_the_last_one_learnt() {
         r.user_agent.contains(&first) && r.at >= stopping
     };
     let requests = c.sim.requests();
-    let saved_at = requests
-        .iter()
-        .filter(by_first)
-        .filter(|r| r.method == "PATCH" && r.uri.contains("/configmaps/scalecar-memory"))
-        .map(|r| r.at)
-        .max()
-        .expect("a memory write after SIGTERM");
-    let released_at = requests
-        .iter()
-        .filter(by_first)
-        .filter(|r| r.method == "PUT" && r.uri.contains("/leases/"))
-        .map(|r| r.at)
-        .max()
-        .expect("the Lease given up");
+    // When the first replica last sent `method` to a path containing `path`.
+    let last = |method: &str, path: &str| {
+        requests
+            .iter()
+            .filter(by_first)
+            .filter(|r| r.method == method && r.uri.contains(path))
+            .map(|r| r.at)
+            .max()
+    };
+    let saved_at =
+        last("PATCH", "/configmaps/scalecar-memory").expect("a memory write after SIGTERM");
+    let released_at = last("PUT", "/leases/").expect("the Lease given up");
     assert!(
         saved_at < released_at,
         "the memory was written after the Lease was given up"
